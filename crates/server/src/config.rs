@@ -1,0 +1,309 @@
+//! Layered service configuration with the `config` crate.
+//!
+//! Sources, later ones overriding earlier ones:
+//! 1. the service's built-in defaults (`Default`);
+//! 2. a TOML file — `--config <path>` (must exist) or `runnel.toml` in the working
+//!    directory (optional) — whose `[<service>]` table holds the service's settings, so one
+//!    file can configure the whole pipeline;
+//! 3. environment variables `RUNNEL_<SERVICE>__<KEY>`, with `__` between nested keys, e.g.
+//!    `RUNNEL_BROKER__SERVER__GRPC=0.0.0.0:7102`.
+//!
+//! Unknown keys are rejected, and [`ServiceConfig::validate`] runs before any port is bound.
+//! Every error is one line that names the offending key.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// The file read when no `--config` is given, if it exists.
+pub const DEFAULT_FILE: &str = "runnel.toml";
+
+/// A configuration problem, reported as one line naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value is present but not acceptable.
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid {
+        /// The full dotted key, e.g. `broker.partitions`.
+        key: String,
+        /// What is wrong, and what would be right.
+        message: String,
+    },
+    /// The sources could not be read or parsed into the service's settings.
+    #[error("invalid configuration: {0}")]
+    Load(String),
+}
+
+impl ConfigError {
+    /// An invalid value at `section.key`.
+    pub fn invalid(section: &str, key: &str, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: format!("{section}.{key}"),
+            message: message.into(),
+        }
+    }
+}
+
+/// Settings every service's servers share, under `[<service>.server]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Where the gRPC API listens. Loopback by default: nothing here is authenticated yet.
+    pub grpc: SocketAddr,
+    /// Where the admin HTTP port (`/metrics`, `/ready`, `/live`) listens.
+    pub admin: SocketAddr,
+    /// How long a stopping service waits for in-flight calls before it gives up on them.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// The longest a unary call may take before it fails with `Cancelled`/`DeadlineExceeded`.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// The largest gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl ServerConfig {
+    /// Loopback defaults on the given ports.
+    pub fn loopback(grpc_port: u16, admin_port: u16) -> Self {
+        ServerConfig {
+            grpc: SocketAddr::from(([127, 0, 0, 1], grpc_port)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            drain_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_message_bytes: 4 * 1024 * 1024,
+        }
+    }
+
+    /// Checks the shared settings; `section` is the service's table name.
+    pub fn validate(&self, section: &str) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("server.{k}");
+        if self.drain_timeout > Duration::from_secs(600) {
+            return Err(ConfigError::invalid(section, &key("drain_timeout"), "must be at most 10m"));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(ConfigError::invalid(section, &key("request_timeout"), "must be more than 0s"));
+        }
+        if !(1024..=256 * 1024 * 1024).contains(&self.max_message_bytes) {
+            return Err(ConfigError::invalid(
+                section,
+                &key("max_message_bytes"),
+                "must be between 1024 and 268435456",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig::loopback(0, 0)
+    }
+}
+
+/// The addresses a service listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddrs {
+    /// The gRPC API.
+    pub grpc: SocketAddr,
+    /// The admin HTTP port.
+    pub admin: SocketAddr,
+    /// A public HTTP API, for services that have one (the gateway).
+    pub http: Option<SocketAddr>,
+}
+
+/// What the scaffolding needs to know about a service's configuration.
+pub trait ServiceConfig: DeserializeOwned + Serialize + Default + Send + 'static {
+    /// The service's name: its table in the file and the `<SERVICE>` in its env variables.
+    const SECTION: &'static str;
+
+    /// The shared server settings.
+    fn server(&self) -> &ServerConfig;
+
+    /// The addresses to bind.
+    fn listen(&self) -> ListenAddrs {
+        ListenAddrs {
+            grpc: self.server().grpc,
+            admin: self.server().admin,
+            http: None,
+        }
+    }
+
+    /// Checks every setting; the error names the first bad key.
+    fn validate(&self) -> Result<(), ConfigError>;
+}
+
+/// Loads `C` from its defaults, then `file` (or `runnel.toml` if present), then the
+/// environment, and validates it.
+pub fn load<C: ServiceConfig>(file: Option<&Path>) -> Result<C, ConfigError> {
+    load_from(file, std::env::vars())
+}
+
+/// Like [`load`], with the environment given explicitly (for tests).
+pub fn load_from<C: ServiceConfig>(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<C, ConfigError> {
+    let section = C::SECTION;
+    let defaults = config::Config::try_from(&Wrapper {
+        inner: C::default(),
+        section,
+    })
+    .map_err(|e| ConfigError::Load(e.to_string()))?;
+    let mut builder = config::Config::builder().add_source(defaults);
+    match file {
+        Some(path) => {
+            if !path.exists() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        None => {
+            builder = builder.add_source(
+                config::File::with_name(DEFAULT_FILE)
+                    .format(config::FileFormat::Toml)
+                    .required(false),
+            );
+        }
+    }
+    let prefix = format!("RUNNEL_{}__", section.to_ascii_uppercase());
+    let env: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(&prefix))
+        .collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix("RUNNEL")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(env)),
+    );
+    let merged = builder
+        .build()
+        .map_err(|e| ConfigError::Load(e.to_string()))?;
+    let parsed: C = merged
+        .get(section)
+        .map_err(|e| ConfigError::Load(one_line(e.to_string())))?;
+    parsed.validate()?;
+    Ok(parsed)
+}
+
+fn one_line(s: String) -> String {
+    s.lines().collect::<Vec<_>>().join(" ")
+}
+
+/// Serialises the defaults under the service's table name.
+struct Wrapper<C> {
+    inner: C,
+    section: &'static str,
+}
+
+impl<C: Serialize> Serialize for Wrapper<C> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(1))?;
+        map.serialize_entry(self.section, &self.inner)?;
+        map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct Example {
+        server: ServerConfig,
+        partitions: u32,
+        data_dir: String,
+    }
+
+    impl Default for Example {
+        fn default() -> Self {
+            Example {
+                server: ServerConfig::loopback(7000, 9000),
+                partitions: 4,
+                data_dir: "data".into(),
+            }
+        }
+    }
+
+    impl ServiceConfig for Example {
+        const SECTION: &'static str = "example";
+        fn server(&self) -> &ServerConfig {
+            &self.server
+        }
+        fn validate(&self) -> Result<(), ConfigError> {
+            self.server.validate(Self::SECTION)?;
+            if self.partitions == 0 {
+                return Err(ConfigError::invalid(Self::SECTION, "partitions", "must be at least 1"));
+            }
+            Ok(())
+        }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn file(contents: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(contents.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let f = file("");
+        let c: Example = load_from(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(c, Example::default());
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_env_overrides_file() {
+        let f = file("[example]\npartitions = 8\ndata_dir = \"from-file\"\n[example.server]\ngrpc = \"127.0.0.1:7777\"\n[other]\nignored = true\n");
+        let c: Example = load_from(
+            Some(f.path()),
+            env(&[("RUNNEL_EXAMPLE__PARTITIONS", "16"), ("RUNNEL_EXAMPLE__SERVER__DRAIN_TIMEOUT", "3s"), ("RUNNEL_OTHER__X", "1")]),
+        )
+        .unwrap();
+        assert_eq!(c.partitions, 16);
+        assert_eq!(c.data_dir, "from-file");
+        assert_eq!(c.server.grpc.port(), 7777);
+        assert_eq!(c.server.admin.port(), 9000);
+        assert_eq!(c.server.drain_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn validation_error_names_the_key() {
+        let f = file("");
+        let err = load_from::<Example>(Some(f.path()), env(&[("RUNNEL_EXAMPLE__PARTITIONS", "0")])).unwrap_err();
+        assert_eq!(err.to_string(), "invalid configuration: example.partitions: must be at least 1");
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_rejected_by_name() {
+        let f = file("[example]\npartitons = 3\n");
+        let err = load_from::<Example>(Some(f.path()), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("partitons"), "{err}");
+        assert!(!err.contains('\n'));
+
+        let f = file("");
+        let err = load_from::<Example>(Some(f.path()), env(&[("RUNNEL_EXAMPLE__SERVER__GRPC", "not-an-address")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("grpc"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_explicit_file_is_an_error() {
+        let err = load_from::<Example>(Some(Path::new("/nonexistent/runnel.toml")), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("does not exist"));
+    }
+}

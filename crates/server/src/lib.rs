@@ -1,0 +1,19 @@
+//! Scaffolding that every Runnel service shares, so that the five services start, report
+//! and stop the same way:
+//!
+//! - [`config`]: layered configuration (defaults → file → `RUNNEL_<SERVICE>__…` env),
+//!   validated before any port is bound, with one-line errors that name the key;
+//! - [`Listeners`]: the service's sockets, bound up front so tests can pass port 0;
+//! - [`serve`]: a tonic server with gRPC health, reflection (v1 and v1alpha), trace-context
+//!   extraction and request limits, plus the admin HTTP port (`/metrics`, `/ready`, `/live`);
+//! - [`Shutdown`]: SIGTERM/SIGINT → stop accepting → drain within a bounded grace period;
+//! - [`main`]: the whole life of a service binary, so each `main.rs` is one line.
+
+pub mod admin;
+pub mod config;
+mod run;
+mod shutdown;
+
+pub use config::{ConfigError, ListenAddrs, ServerConfig, ServiceConfig};
+pub use run::{Listeners, ServeError, main, serve};
+pub use shutdown::{Shutdown, ShutdownTrigger};

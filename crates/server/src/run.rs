@@ -1,0 +1,255 @@
+//! Binding, serving and stopping a service.
+
+use crate::admin::{self, Readiness};
+use crate::config::{self, ConfigError, ListenAddrs, ServerConfig, ServiceConfig};
+use crate::shutdown::{self, Shutdown};
+use clap::Parser;
+use runnel_telemetry::LogFormat;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// Why a server stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why the OS refused.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The admin or HTTP server failed.
+    #[error("http server: {0}")]
+    Http(std::io::Error),
+    /// The service could not start or failed while running.
+    #[error("{0}")]
+    Service(String),
+}
+
+/// A service's sockets, bound before the service starts so that callers (tests, the
+/// all-in-one CLI) can use port 0 and read back the real ports.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC API.
+    pub grpc: TcpListener,
+    /// The admin HTTP port.
+    pub admin: TcpListener,
+    /// The public HTTP API, for services that have one.
+    pub http: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds every address.
+    pub async fn bind(addrs: ListenAddrs) -> Result<Listeners, ServeError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })
+        };
+        let http = match addrs.http {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        Ok(Listeners {
+            grpc: bind(addrs.grpc).await?,
+            admin: bind(addrs.admin).await?,
+            http,
+        })
+    }
+
+    /// The addresses actually bound.
+    pub fn local_addrs(&self) -> std::io::Result<ListenAddrs> {
+        Ok(ListenAddrs {
+            grpc: self.grpc.local_addr()?,
+            admin: self.admin.local_addr()?,
+            http: self.http.as_ref().map(|l| l.local_addr()).transpose()?,
+        })
+    }
+}
+
+/// Serves `routes` (the service's gRPC API) on `listeners.grpc`, with health, reflection
+/// and trace-context extraction, and the admin port on `listeners.admin`, until `shutdown`
+/// fires; then stops accepting and drains in-flight calls for at most
+/// `config.drain_timeout`.
+///
+/// `service_name` is the fully qualified gRPC name reported as SERVING by health checks.
+pub async fn serve(
+    service_name: &'static str,
+    routes: tonic::service::Routes,
+    grpc: TcpListener,
+    admin: TcpListener,
+    config: &ServerConfig,
+    shutdown: Shutdown,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    health
+        .set_service_status(service_name, tonic_health::ServingStatus::Serving)
+        .await;
+
+    let reflection_v1 = reflection_builder()
+        .build_v1()
+        .map_err(|e| ServeError::Service(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
+        .map_err(|e| ServeError::Service(format!("reflection: {e}")))?;
+
+    let readiness = Readiness::default();
+    let admin_app = admin::router(readiness.clone());
+    let admin_shutdown = shutdown.clone();
+    let admin_task = tokio::spawn(async move {
+        axum::serve(admin, admin_app)
+            .with_graceful_shutdown(async move { admin_shutdown.wait().await })
+            .await
+    });
+
+    let grpc_shutdown = shutdown.clone();
+    let health_on_stop = health.clone();
+    let grpc_server = tonic::transport::Server::builder()
+        .timeout(config.request_timeout)
+        .trace_fn(runnel_telemetry::propagation::server_span)
+        .add_routes(routes)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+            grpc_shutdown.wait().await;
+            health_on_stop
+                .set_service_status(service_name, tonic_health::ServingStatus::NotServing)
+                .await;
+        });
+    readiness.set(true);
+    tracing::info!(service = service_name, "serving");
+
+    let drain_timeout = config.drain_timeout;
+    let mut grpc_server = std::pin::pin!(grpc_server);
+    let result = tokio::select! {
+        result = &mut grpc_server => result.map_err(ServeError::from),
+        () = shutdown.wait() => {
+            readiness.set(false);
+            match tokio::time::timeout(drain_timeout, &mut grpc_server).await {
+                Ok(result) => result.map_err(ServeError::from),
+                Err(_) => {
+                    tracing::warn!(?drain_timeout, "drain timed out; abandoning in-flight calls");
+                    Ok(())
+                }
+            }
+        }
+    };
+    readiness.set(false);
+    admin_task.abort();
+    result
+}
+
+/// Reflection over `runnel.v1` and `grpc.health.v1`, so `grpcurl list` and `describe` work.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(runnel_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Arguments every service binary takes.
+#[derive(Debug, Parser)]
+struct ServiceArgs {
+    /// A TOML file with a table for this service (default: ./runnel.toml if present).
+    #[arg(long, env = "RUNNEL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+/// The whole life of a service binary: arguments → config (fail fast, exit 2) →
+/// telemetry → bind → print the bound addresses on stdout → run until SIGTERM/SIGINT →
+/// drain → flush telemetry → exit.
+///
+/// The one stdout line, `<binary> listening grpc=<addr> admin=<addr> [http=<addr>]`, is
+/// how supervisors and tests learn the ports when the config asks for port 0.
+pub fn main<C, F, Fut, E>(binary: &'static str, run: F) -> ExitCode
+where
+    C: ServiceConfig,
+    F: FnOnce(C, Listeners, Shutdown) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let args = ServiceArgs::parse();
+    let config: C = match config::load(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(error @ (ConfigError::Invalid { .. } | ConfigError::Load(_))) => {
+            eprintln!("{binary}: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{binary}: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let format = if args.log_json { LogFormat::Json } else { LogFormat::Human };
+        let telemetry = match runnel_telemetry::init(binary, format) {
+            Ok(guard) => guard,
+            Err(error) => {
+                eprintln!("{binary}: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let code = match run_bound(binary, config, run).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                tracing::error!(error = %message, "{binary} failed");
+                eprintln!("{binary}: {message}");
+                ExitCode::FAILURE
+            }
+        };
+        tracing::info!("stopped");
+        telemetry.shutdown();
+        code
+    })
+}
+
+async fn run_bound<C, F, Fut, E>(binary: &'static str, config: C, run: F) -> Result<(), String>
+where
+    C: ServiceConfig,
+    F: FnOnce(C, Listeners, Shutdown) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let listeners = Listeners::bind(config.listen())
+        .await
+        .map_err(|e| e.to_string())?;
+    let addrs = listeners.local_addrs().map_err(|e| e.to_string())?;
+    announce(binary, &addrs);
+    let (trigger, shutdown) = Shutdown::new();
+    tokio::spawn(async move {
+        shutdown::signal().await;
+        trigger.trigger();
+    });
+    run(config, listeners, shutdown)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn announce(binary: &str, addrs: &ListenAddrs) {
+    use std::io::Write;
+    let mut line = format!("{binary} listening grpc={} admin={}", addrs.grpc, addrs.admin);
+    if let Some(http) = addrs.http {
+        line.push_str(&format!(" http={http}"));
+    }
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{line}");
+    let _ = stdout.flush();
+    tracing::info!(grpc = %addrs.grpc, admin = %addrs.admin, http = ?addrs.http, "listening");
+}
