@@ -1,6 +1,7 @@
 //! Runnel's public gRPC contract, package `runnel.v1`: the generated tonic/prost code for
 //! everything under `proto/`, the descriptor set that servers publish through reflection,
-//! and the small conversions every service needs (event time in milliseconds).
+//! and the small conversions every service needs (event time in milliseconds, the JSON
+//! shape of results).
 //!
 //! Generated code is not committed: `build.rs` regenerates it from the `.proto` files with a
 //! vendored `protoc`, so the schemas are the single source of truth.
@@ -15,6 +16,7 @@ pub mod v1 {
     tonic::include_proto!("runnel.v1");
 }
 
+pub mod json;
 mod time;
 
 pub use time::{Millis, now_millis};
@@ -39,8 +41,8 @@ pub mod service_name {
 #[cfg(test)]
 mod tests {
     use super::v1::{Event, QueryResult};
-    use prost::Message;
     use proptest::prelude::*;
+    use prost::Message;
     use std::collections::HashMap;
 
     fn event() -> impl Strategy<Value = Event> {
@@ -95,7 +97,10 @@ mod tests {
             super::service_name::STORE,
             super::service_name::GATEWAY,
         ] {
-            assert!(services.iter().any(|s| s == name), "{name} missing from {services:?}");
+            assert!(
+                services.iter().any(|s| s == name),
+                "{name} missing from {services:?}"
+            );
         }
     }
 }

@@ -14,7 +14,11 @@ impl From<Timestamp> for Millis {
     fn from(ts: Timestamp) -> Self {
         // Normalise nanos in [0, 1e9) so that pre-epoch times round towards -infinity.
         let nanos = i64::from(ts.nanos.clamp(0, 999_999_999));
-        Millis(ts.seconds.saturating_mul(1000).saturating_add(nanos / 1_000_000))
+        Millis(
+            ts.seconds
+                .saturating_mul(1000)
+                .saturating_add(nanos / 1_000_000),
+        )
     }
 }
 

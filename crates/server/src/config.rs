@@ -80,10 +80,18 @@ impl ServerConfig {
     pub fn validate(&self, section: &str) -> Result<(), ConfigError> {
         let key = |k: &str| format!("server.{k}");
         if self.drain_timeout > Duration::from_secs(600) {
-            return Err(ConfigError::invalid(section, &key("drain_timeout"), "must be at most 10m"));
+            return Err(ConfigError::invalid(
+                section,
+                &key("drain_timeout"),
+                "must be at most 10m",
+            ));
         }
         if self.request_timeout.is_zero() {
-            return Err(ConfigError::invalid(section, &key("request_timeout"), "must be more than 0s"));
+            return Err(ConfigError::invalid(
+                section,
+                &key("request_timeout"),
+                "must be more than 0s",
+            ));
         }
         if !(1024..=256 * 1024 * 1024).contains(&self.max_message_bytes) {
             return Err(ConfigError::invalid(
@@ -185,9 +193,28 @@ pub fn load_from<C: ServiceConfig>(
     let merged = builder
         .build()
         .map_err(|e| ConfigError::Load(e.to_string()))?;
-    let parsed: C = merged
+    let table: config::Value = merged
         .get(section)
         .map_err(|e| ConfigError::Load(one_line(e.to_string())))?;
+    // Deserialising through serde_path_to_error names the nested key that failed
+    // (`broker.server.grpc`), where the config crate alone would name only the table.
+    let parsed: C = serde_path_to_error::deserialize(table).map_err(|e| {
+        let key = e.path().to_string();
+        let message = one_line(e.into_inner().to_string());
+        // The config crate appends its own (less precise) "for key …" to some messages.
+        let message = match message.split_once(" for key `") {
+            Some((message, _)) => message.to_owned(),
+            None => message,
+        };
+        if key == "." {
+            ConfigError::Load(format!("{section}: {message}"))
+        } else {
+            ConfigError::Invalid {
+                key: format!("{section}.{key}"),
+                message,
+            }
+        }
+    })?;
     parsed.validate()?;
     Ok(parsed)
 }
@@ -242,14 +269,21 @@ mod tests {
         fn validate(&self) -> Result<(), ConfigError> {
             self.server.validate(Self::SECTION)?;
             if self.partitions == 0 {
-                return Err(ConfigError::invalid(Self::SECTION, "partitions", "must be at least 1"));
+                return Err(ConfigError::invalid(
+                    Self::SECTION,
+                    "partitions",
+                    "must be at least 1",
+                ));
             }
             Ok(())
         }
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn file(contents: &str) -> tempfile::NamedTempFile {
@@ -267,10 +301,16 @@ mod tests {
 
     #[test]
     fn file_overrides_defaults_and_env_overrides_file() {
-        let f = file("[example]\npartitions = 8\ndata_dir = \"from-file\"\n[example.server]\ngrpc = \"127.0.0.1:7777\"\n[other]\nignored = true\n");
+        let f = file(
+            "[example]\npartitions = 8\ndata_dir = \"from-file\"\n[example.server]\ngrpc = \"127.0.0.1:7777\"\n[other]\nignored = true\n",
+        );
         let c: Example = load_from(
             Some(f.path()),
-            env(&[("RUNNEL_EXAMPLE__PARTITIONS", "16"), ("RUNNEL_EXAMPLE__SERVER__DRAIN_TIMEOUT", "3s"), ("RUNNEL_OTHER__X", "1")]),
+            env(&[
+                ("RUNNEL_EXAMPLE__PARTITIONS", "16"),
+                ("RUNNEL_EXAMPLE__SERVER__DRAIN_TIMEOUT", "3s"),
+                ("RUNNEL_OTHER__X", "1"),
+            ]),
         )
         .unwrap();
         assert_eq!(c.partitions, 16);
@@ -283,27 +323,49 @@ mod tests {
     #[test]
     fn validation_error_names_the_key() {
         let f = file("");
-        let err = load_from::<Example>(Some(f.path()), env(&[("RUNNEL_EXAMPLE__PARTITIONS", "0")])).unwrap_err();
-        assert_eq!(err.to_string(), "invalid configuration: example.partitions: must be at least 1");
+        let err = load_from::<Example>(Some(f.path()), env(&[("RUNNEL_EXAMPLE__PARTITIONS", "0")]))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: example.partitions: must be at least 1"
+        );
     }
 
     #[test]
     fn unknown_and_mistyped_keys_are_rejected_by_name() {
         let f = file("[example]\npartitons = 3\n");
-        let err = load_from::<Example>(Some(f.path()), env(&[])).unwrap_err().to_string();
+        let err = load_from::<Example>(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("partitons"), "{err}");
         assert!(!err.contains('\n'));
 
-        let f = file("");
-        let err = load_from::<Example>(Some(f.path()), env(&[("RUNNEL_EXAMPLE__SERVER__GRPC", "not-an-address")]))
+        let f = file("[example]\npartitions = \"many\"\n");
+        let err = load_from::<Example>(Some(f.path()), env(&[]))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("grpc"), "{err}");
+        assert!(
+            err.starts_with("invalid configuration: example.partitions: "),
+            "{err}"
+        );
+
+        let f = file("");
+        let err = load_from::<Example>(
+            Some(f.path()),
+            env(&[("RUNNEL_EXAMPLE__SERVER__GRPC", "not-an-address")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("invalid configuration: example.server.grpc: "),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_missing_explicit_file_is_an_error() {
-        let err = load_from::<Example>(Some(Path::new("/nonexistent/runnel.toml")), env(&[])).unwrap_err();
+        let err = load_from::<Example>(Some(Path::new("/nonexistent/runnel.toml")), env(&[]))
+            .unwrap_err();
         assert!(err.to_string().contains("does not exist"));
     }
 }

@@ -16,4 +16,4 @@ mod shutdown;
 
 pub use config::{ConfigError, ListenAddrs, ServerConfig, ServiceConfig};
 pub use run::{Listeners, ServeError, main, serve};
-pub use shutdown::{Shutdown, ShutdownTrigger};
+pub use shutdown::{Shutdown, ShutdownTrigger, signal as shutdown_signal};

@@ -190,7 +190,10 @@ where
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("{binary}: cannot start the async runtime: {error}");
@@ -198,7 +201,11 @@ where
         }
     };
     runtime.block_on(async move {
-        let format = if args.log_json { LogFormat::Json } else { LogFormat::Human };
+        let format = if args.log_json {
+            LogFormat::Json
+        } else {
+            LogFormat::Human
+        };
         let telemetry = match runnel_telemetry::init(binary, format) {
             Ok(guard) => guard,
             Err(error) => {
@@ -244,7 +251,10 @@ where
 
 fn announce(binary: &str, addrs: &ListenAddrs) {
     use std::io::Write;
-    let mut line = format!("{binary} listening grpc={} admin={}", addrs.grpc, addrs.admin);
+    let mut line = format!(
+        "{binary} listening grpc={} admin={}",
+        addrs.grpc, addrs.admin
+    );
     if let Some(http) = addrs.http {
         line.push_str(&format!(" http={http}"));
     }

@@ -5,6 +5,8 @@
 //! directly. Long-lived work (streams, consumers, background flushers) selects on
 //! [`Shutdown::wait`] so that it ends instead of holding the drain open.
 
+use std::future::Future;
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// Fires the shutdown of everything holding a matching [`Shutdown`].
@@ -33,6 +35,23 @@ impl Shutdown {
     pub fn is_triggered(&self) -> bool {
         *self.0.borrow()
     }
+
+    /// Runs `tick` every `period` (the first time one period from now) until shutdown.
+    /// A tick that overruns delays the next one rather than bunching them up.
+    pub async fn run_every<F, Fut>(&self, period: Duration, mut tick: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => tick().await,
+                () = self.wait() => return,
+            }
+        }
+    }
 }
 
 impl ShutdownTrigger {
@@ -48,9 +67,12 @@ impl ShutdownTrigger {
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
-pub(crate) async fn signal() {
+pub async fn signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(term), Ok(int)) => (term, int),
         _ => {
             // Without signal handlers we can still stop on Ctrl-C through tokio's helper.
@@ -78,6 +100,25 @@ mod tests {
         waiter.await.unwrap();
         assert!(first.is_triggered());
         first.wait().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn run_every_ticks_until_shutdown() {
+        let (trigger, shutdown) = Shutdown::new();
+        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = ticks.clone();
+        let runner = tokio::spawn(async move {
+            shutdown
+                .run_every(Duration::from_secs(1), || {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async {}
+                })
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        assert_eq!(ticks.load(std::sync::atomic::Ordering::SeqCst), 3);
+        trigger.trigger();
+        runner.await.unwrap();
     }
 
     #[tokio::test]

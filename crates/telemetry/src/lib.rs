@@ -61,10 +61,10 @@ impl TelemetryGuard {
 
     /// Flushes buffered spans and stops the exporter. Call it last, after the drain.
     pub fn shutdown(self) {
-        if self.exporting {
-            if let Err(error) = self.provider.force_flush() {
-                eprintln!("telemetry flush failed: {error}");
-            }
+        if self.exporting
+            && let Err(error) = self.provider.force_flush()
+        {
+            eprintln!("telemetry flush failed: {error}");
         }
         if let Err(error) = self.provider.shutdown() {
             // Shutting down twice or with nothing to export is not worth a scary log line.
@@ -83,7 +83,9 @@ pub fn init(service: &str, format: LogFormat) -> Result<TelemetryGuard, Telemetr
     let endpoint = std::env::var(OTLP_ENDPOINT_ENV)
         .ok()
         .filter(|v| !v.trim().is_empty());
-    let resource = Resource::builder().with_service_name(service.to_owned()).build();
+    let resource = Resource::builder()
+        .with_service_name(service.to_owned())
+        .build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
     if endpoint.is_some() {
         // The exporter reads the endpoint and the other standard OTEL_* variables itself.

@@ -69,10 +69,13 @@ pub fn extract_from_http_headers(headers: &http::HeaderMap) -> Context {
     global::get_text_map_propagator(|p| p.extract(&HttpHeaderExtractor(headers)))
 }
 
-/// Writes `span`'s trace context into an event's or result's headers.
+/// Writes `span`'s trace context into an event's or result's headers (an empty
+/// `tracestate` is left out: it carries nothing).
 pub fn inject_into_headers(span: &Span, headers: &mut HashMap<String, String>) {
     let cx = span.context();
-    global::get_text_map_propagator(|p| p.inject_context(&cx, headers));
+    let mut injected = HashMap::new();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut injected));
+    headers.extend(injected.into_iter().filter(|(_, value)| !value.is_empty()));
 }
 
 /// Reads the trace context an event or result carries (empty when it carries none).
@@ -103,7 +106,10 @@ pub fn server_span(request: &http::Request<()>) -> Span {
 pub struct TraceContextInterceptor;
 
 impl tonic::service::Interceptor for TraceContextInterceptor {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         inject_into_metadata(&Span::current(), request.metadata_mut());
         Ok(request)
     }
@@ -153,6 +159,7 @@ mod tests {
             let mut headers = HashMap::new();
             inject_into_headers(&producer, &mut headers);
             assert!(headers.contains_key(TRACEPARENT));
+            assert!(headers.values().all(|v| !v.is_empty()), "{headers:?}");
 
             let consumer = tracing::info_span!("process");
             continue_trace(&consumer, &headers);
