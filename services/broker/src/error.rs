@@ -1,0 +1,162 @@
+//! The broker's errors and their one mapping to gRPC status codes.
+
+use std::path::PathBuf;
+use tonic::Status;
+
+/// What can go wrong in the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The client sent something unacceptable; the message names the field and says why.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The topic does not exist (and was not auto-created).
+    #[error("topic {0:?} does not exist")]
+    TopicNotFound(String),
+    /// `CreateTopic` for a name that is taken.
+    #[error("topic {0:?} already exists")]
+    TopicExists(String),
+    /// A read asked for an offset the partition does not hold.
+    #[error(
+        "offset {offset} is out of range for topic {topic:?} partition {partition}: \
+         it holds offsets {start} to {end} (exclusive)"
+    )]
+    OffsetOutOfRange {
+        /// The topic read.
+        topic: String,
+        /// The partition read.
+        partition: u32,
+        /// The offset asked for.
+        offset: u64,
+        /// The first offset the partition holds.
+        start: u64,
+        /// The offset the next record will get.
+        end: u64,
+    },
+    /// A file or directory operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A record log or metadata file could not be opened, read or written.
+    #[error("{}: {source}", path.display())]
+    Log {
+        /// The file involved.
+        path: PathBuf,
+        /// What the log layer said.
+        source: runnel_log::Error,
+    },
+    /// A file passed its checksums but does not hold what the broker wrote there: a bug or
+    /// outside interference. The broker refuses to start rather than reissue offsets.
+    #[error("{} is corrupt at position {position}: {reason}", path.display())]
+    Corrupt {
+        /// The file involved.
+        path: PathBuf,
+        /// Where in the file the problem is.
+        position: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An append failed part-way, so the partition's file may hold records its index does
+    /// not know about; it refuses further appends until a restart recovers it from disk.
+    #[error(
+        "topic {topic:?} partition {partition} stopped taking appends after a failed write; \
+         restart the broker to recover it"
+    )]
+    PartitionFailed {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+    },
+    /// A blocking disk task panicked or was cancelled.
+    #[error("disk task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// The configuration given to [`run`](crate::run) is invalid.
+    #[error(transparent)]
+    Config(#[from] runnel_server::ConfigError),
+    /// The gRPC or admin server failed.
+    #[error(transparent)]
+    Serve(#[from] runnel_server::ServeError),
+}
+
+/// The crate's result type.
+pub(crate) type Result<T, E = BrokerError> = std::result::Result<T, E>;
+
+impl BrokerError {
+    /// An I/O error about `path`.
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> BrokerError {
+        let path = path.into();
+        move |source| BrokerError::Io { path, source }
+    }
+
+    /// A log-layer error about `path`.
+    pub(crate) fn log(path: impl Into<PathBuf>) -> impl FnOnce(runnel_log::Error) -> BrokerError {
+        let path = path.into();
+        move |source| BrokerError::Log { path, source }
+    }
+}
+
+impl From<BrokerError> for Status {
+    fn from(error: BrokerError) -> Status {
+        match error {
+            BrokerError::InvalidArgument(message) => Status::invalid_argument(message),
+            BrokerError::TopicNotFound(_) => Status::not_found(error.to_string()),
+            BrokerError::TopicExists(_) => Status::already_exists(error.to_string()),
+            BrokerError::OffsetOutOfRange { .. } => Status::out_of_range(error.to_string()),
+            BrokerError::Io { .. }
+            | BrokerError::Log { .. }
+            | BrokerError::Corrupt { .. }
+            | BrokerError::PartitionFailed { .. }
+            | BrokerError::Task(_)
+            | BrokerError::Config(_)
+            | BrokerError::Serve(_) => {
+                // The details (paths, OS errors) are for operators, not callers.
+                tracing::error!(%error, "broker failure");
+                Status::internal("broker failure; see the broker's log")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn each_kind_maps_to_its_code() {
+        let cases = [
+            (
+                BrokerError::InvalidArgument("events[0].id is empty".into()),
+                Code::InvalidArgument,
+            ),
+            (BrokerError::TopicNotFound("t".into()), Code::NotFound),
+            (BrokerError::TopicExists("t".into()), Code::AlreadyExists),
+            (
+                BrokerError::OffsetOutOfRange {
+                    topic: "t".into(),
+                    partition: 0,
+                    offset: 9,
+                    start: 0,
+                    end: 3,
+                },
+                Code::OutOfRange,
+            ),
+            (
+                BrokerError::Io {
+                    path: "/secret/path".into(),
+                    source: std::io::Error::other("disk on fire"),
+                },
+                Code::Internal,
+            ),
+        ];
+        for (error, code) in cases {
+            let status = Status::from(error);
+            assert_eq!(status.code(), code, "{status:?}");
+            assert!(!status.message().contains("/secret/path"), "{status:?}");
+        }
+    }
+}
