@@ -1,0 +1,115 @@
+//! The gateway's errors, mapped in one place to gRPC status codes and, from those, to HTTP
+//! status codes.
+
+use tonic::{Code, Status};
+
+/// What can go wrong in the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The client sent something unacceptable; the message names the field and says why.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Too many live streams are open.
+    #[error("too many live streams ({0} open); try again later")]
+    TooManyWatchers(usize),
+    /// The store could not be reached or refused the call.
+    #[error("store: {}", .0.message())]
+    Store(Status),
+    /// The store's URL does not parse.
+    #[error("store url {url:?}: {source}")]
+    StoreUrl {
+        /// The configured URL.
+        url: String,
+        /// Why it is unusable.
+        source: tonic::transport::Error,
+    },
+    /// The HTTP listener failed.
+    #[error("http server: {0}")]
+    Http(std::io::Error),
+    /// The configuration given to [`run`](crate::run) is invalid.
+    #[error(transparent)]
+    Config(#[from] runnel_server::ConfigError),
+    /// The gRPC or admin server failed.
+    #[error(transparent)]
+    Serve(#[from] runnel_server::ServeError),
+}
+
+impl From<GatewayError> for Status {
+    fn from(error: GatewayError) -> Status {
+        match error {
+            GatewayError::InvalidArgument(message) => Status::invalid_argument(message),
+            GatewayError::TooManyWatchers(_) => Status::resource_exhausted(error.to_string()),
+            GatewayError::Store(status) => match status.code() {
+                // Nothing is wrong with the call; the client may retry.
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+                    Status::unavailable(format!("store unavailable: {}", status.message()))
+                }
+                Code::InvalidArgument | Code::ResourceExhausted | Code::NotFound => {
+                    Status::new(status.code(), status.message())
+                }
+                _ => {
+                    tracing::error!(code = ?status.code(), message = status.message(), "store failed");
+                    Status::internal("store failed; see the gateway's log")
+                }
+            },
+            GatewayError::StoreUrl { .. }
+            | GatewayError::Http(_)
+            | GatewayError::Config(_)
+            | GatewayError::Serve(_) => {
+                tracing::error!(%error, "gateway failure");
+                Status::internal("gateway failure; see the gateway's log")
+            }
+        }
+    }
+}
+
+/// The HTTP status for a gRPC code, as the HTTP API answers it.
+pub(crate) fn http_status(code: Code) -> http::StatusCode {
+    use http::StatusCode;
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
+            StatusCode::BAD_REQUEST
+        }
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::ResourceExhausted | Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded | Code::Cancelled => StatusCode::GATEWAY_TIMEOUT,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_failures_map_to_what_the_client_can_do() {
+        let status = Status::from(GatewayError::Store(Status::unavailable(
+            "connection refused",
+        )));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            http_status(status.code()),
+            http::StatusCode::SERVICE_UNAVAILABLE
+        );
+        let status = Status::from(GatewayError::Store(Status::invalid_argument(
+            "results[0].query",
+        )));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(http_status(status.code()), http::StatusCode::BAD_REQUEST);
+        let status = Status::from(GatewayError::Store(Status::internal(
+            "/data/results.log: EIO",
+        )));
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("/data"));
+        let status = Status::from(GatewayError::TooManyWatchers(3));
+        assert_eq!(
+            http_status(status.code()),
+            http::StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+}
