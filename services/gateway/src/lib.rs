@@ -19,6 +19,7 @@ mod results;
 pub use config::GatewayConfig;
 pub use error::GatewayError;
 
+use axum::serve::ListenerExt;
 use runnel_proto::v1::gateway_server::GatewayServer;
 use runnel_server::{Listeners, ServeError, ServiceConfig, Shutdown};
 
@@ -46,7 +47,13 @@ pub async fn run(
     let http_shutdown = shutdown.clone();
     let app = http::router(results.clone());
     let http_server = tokio::spawn(async move {
-        axum::serve(http_listener, app)
+        // Small JSON answers and SSE events must not wait for a delayed ACK (Nagle).
+        let listener = http_listener.tap_io(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        });
+        axum::serve(listener, app)
             .with_graceful_shutdown(async move { http_shutdown.wait().await })
             .await
     });
