@@ -18,6 +18,11 @@ pub(crate) const MAX_KEY_BYTES: usize = 1024;
 /// Most attributes on one event.
 pub(crate) const MAX_ATTRIBUTES: usize = 64;
 
+/// `0001-01-01T00:00:00Z` and `9999-12-31T23:59:59Z`: the range a protobuf `Timestamp`
+/// may hold, which keeps window arithmetic downstream far from overflow.
+const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
+const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+
 /// The limits a batch is checked against.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
@@ -100,6 +105,12 @@ pub(crate) fn validate_batch(
                     field("event_time")
                 ));
             }
+            Some(ts) if !(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&ts.seconds) => {
+                return invalid(format!(
+                    "{} is outside the years 1 to 9999",
+                    field("event_time")
+                ));
+            }
             Some(_) => {}
         }
     }
@@ -166,6 +177,18 @@ mod tests {
             nanos: -5,
         });
         assert!(error_of(vec![bad_time]).starts_with("events[0].event_time"));
+        let mut far_future = event("a");
+        far_future.event_time = Some(prost_types::Timestamp {
+            seconds: MAX_TIMESTAMP_SECONDS + 1,
+            nanos: 0,
+        });
+        assert!(error_of(vec![far_future]).contains("years 1 to 9999"));
+        let mut last_second = event("a");
+        last_second.event_time = Some(prost_types::Timestamp {
+            seconds: MAX_TIMESTAMP_SECONDS,
+            nanos: 999_999_999,
+        });
+        validate_batch(&mut [last_second], LIMITS, Millis(0)).unwrap();
     }
 
     proptest! {
