@@ -65,7 +65,7 @@ impl Default for QueryConfig {
             value: "payload.value".into(),
             window: Duration::from_secs(60),
             out_of_orderness: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(10),
         }
     }
 }
