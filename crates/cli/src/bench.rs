@@ -1,0 +1,227 @@
+//! `runnel bench`: ingest throughput and ack latency through collector → broker.
+//!
+//! By default it starts a collector and a broker in this process on ephemeral loopback
+//! ports with a temporary data directory, so the figure measures Runnel and nothing else;
+//! `--collector` points it at a running pipeline instead. Each of `--concurrency` clients
+//! sends `Ingest` batches of `--batch` events with `--size`-byte payloads, one call in
+//! flight per client; latency is measured per call, from send to acknowledgement (the
+//! broker's write and fsync included).
+
+use anyhow::{Context, Result};
+use hdrhistogram::Histogram;
+use runnel_broker::BrokerConfig;
+use runnel_collector::CollectorConfig;
+use runnel_log::FsyncPolicy;
+use runnel_proto::v1::collector_client::CollectorClient;
+use runnel_proto::v1::{Event, IngestRequest};
+use runnel_server::{Listeners, ServiceConfig, Shutdown};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Arguments of `runnel bench`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BenchArgs {
+    /// Events to send in total (after the warm-up).
+    #[arg(long, default_value_t = 200_000)]
+    events: u64,
+    /// Events per `Ingest` call.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    batch: u64,
+    /// Payload bytes per event.
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Clients sending concurrently, each with one call in flight.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    concurrency: u64,
+    /// The in-process broker's fsync policy: always, never, or an interval such as 10ms.
+    #[arg(long, default_value = "always")]
+    fsync: FsyncPolicy,
+    /// Benchmark a running collector instead of an in-process one.
+    #[arg(long)]
+    collector: Option<String>,
+    /// Keys to spread events over (and so partitions).
+    #[arg(long, default_value_t = 64)]
+    keys: u64,
+}
+
+struct Totals {
+    sent: AtomicU64,
+    errors: AtomicU64,
+}
+
+pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
+    let data = tempfile_dir()?;
+    let (trigger, shutdown) = Shutdown::new();
+    let collector_url = match &args.collector {
+        Some(url) => url.clone(),
+        None => start_in_process(&args, data.path(), shutdown.clone()).await?,
+    };
+    let channel = tonic::transport::Endpoint::from_shared(collector_url.clone())?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the collector at {collector_url}"))?;
+
+    // Warm-up: connections, topic creation, page cache.
+    let warmup = (args.batch * args.concurrency * 5).min(args.events);
+    eprintln!("bench: warming up with {warmup} events");
+    drive(&args, channel.clone(), warmup, "warmup").await?;
+
+    eprintln!(
+        "bench: {} events of {} bytes, batches of {}, {} concurrent clients, fsync {}",
+        args.events, args.size, args.batch, args.concurrency, args.fsync
+    );
+    let started = Instant::now();
+    let (histogram, totals) = drive(&args, channel, args.events, "run").await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    trigger.trigger();
+
+    let sent = totals.sent.load(Ordering::Relaxed);
+    let errors = totals.errors.load(Ordering::Relaxed);
+    let rate = sent as f64 / elapsed;
+    let mb = rate * args.size as f64 / 1e6;
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    println!("events acknowledged   {sent} in {elapsed:.2}s ({errors} failed calls)");
+    println!("throughput            {rate:.0} events/s ({mb:.1} MB/s of payload)");
+    println!(
+        "ack latency per call  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        histogram.max() as f64 / 1000.0
+    );
+    println!(
+        "markdown row          | {} | {} | {} | {} | {rate:.0} | {:.2} | {:.2} |",
+        args.batch,
+        args.concurrency,
+        args.fsync,
+        args.size,
+        ms(0.5),
+        ms(0.99)
+    );
+    Ok(if errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn tempfile_dir() -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("runnel-bench-")
+        .tempdir()
+        .context("temporary data directory")
+}
+
+async fn start_in_process(
+    args: &BenchArgs,
+    data: &std::path::Path,
+    shutdown: Shutdown,
+) -> Result<String> {
+    let broker = BrokerConfig {
+        server: runnel_server::ServerConfig::loopback(0, 0),
+        data_dir: data.join("broker"),
+        fsync: args.fsync,
+        ..BrokerConfig::default()
+    };
+    broker.validate()?;
+    let broker_listeners = Listeners::bind(broker.listen()).await?;
+    let collector = CollectorConfig {
+        server: runnel_server::ServerConfig::loopback(0, 0),
+        broker: format!("http://{}", broker_listeners.grpc.local_addr()?),
+        ..CollectorConfig::default()
+    };
+    collector.validate()?;
+    let collector_listeners = Listeners::bind(collector.listen()).await?;
+    let url = format!("http://{}", collector_listeners.grpc.local_addr()?);
+    let broker_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(error) = runnel_broker::run(broker, broker_listeners, broker_shutdown).await {
+            eprintln!("bench: broker failed: {error}");
+        }
+    });
+    tokio::spawn(async move {
+        if let Err(error) = runnel_collector::run(collector, collector_listeners, shutdown).await {
+            eprintln!("bench: collector failed: {error}");
+        }
+    });
+    Ok(url)
+}
+
+/// Sends `total` events from `args.concurrency` clients; returns per-call latencies (µs).
+async fn drive(
+    args: &BenchArgs,
+    channel: tonic::transport::Channel,
+    total: u64,
+    label: &'static str,
+) -> Result<(Histogram<u64>, Arc<Totals>)> {
+    let totals = Arc::new(Totals {
+        sent: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+    });
+    let next_batch = Arc::new(AtomicU64::new(0));
+    let batches = total.div_ceil(args.batch);
+    let payload = bytes::Bytes::from(vec![b'x'; args.size]);
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..args.concurrency {
+        let mut client = CollectorClient::new(channel.clone());
+        let (totals, next_batch, payload) = (totals.clone(), next_batch.clone(), payload.clone());
+        let (batch, keys) = (args.batch, args.keys.max(1));
+        clients.spawn(async move {
+            let mut histogram =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            loop {
+                let n = next_batch.fetch_add(1, Ordering::Relaxed);
+                if n >= batches {
+                    break;
+                }
+                let events = (0..batch)
+                    .map(|i| {
+                        let seq = n * batch + i;
+                        Event {
+                            id: format!("{label}-{seq}"),
+                            key: format!("key-{}", seq % keys),
+                            r#type: "bench".into(),
+                            payload: payload.clone(),
+                            ..Default::default()
+                        }
+                    })
+                    .collect();
+                let started = Instant::now();
+                match client.ingest(IngestRequest { events }).await {
+                    Ok(_) => {
+                        let micros =
+                            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        let _ = histogram.record(micros.max(1));
+                        totals.sent.fetch_add(batch, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        totals.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            histogram
+        });
+    }
+    let progress_totals = totals.clone();
+    let progress = tokio::spawn(async move {
+        let started = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let sent = progress_totals.sent.load(Ordering::Relaxed);
+            eprintln!(
+                "bench {label}: {sent}/{total} events ({:.0}/s)",
+                sent as f64 / started.elapsed().as_secs_f64()
+            );
+        }
+    });
+    let mut merged = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    while let Some(joined) = clients.join_next().await {
+        merged.add(joined?)?;
+    }
+    progress.abort();
+    Ok((merged, totals))
+}

@@ -1,0 +1,64 @@
+//! `runnel`: the whole pipeline in one process (`runnel up`), and the client commands
+//! `send`, `get`, `watch` and `bench`.
+
+mod bench;
+mod demo;
+mod json;
+mod read;
+mod send;
+mod up;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Runnel, a real-time data pipeline: collect → queue → analyse → store → serve.
+#[derive(Debug, Parser)]
+#[command(name = "runnel", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run all five services in this process, on loopback, with local files.
+    Up(up::UpArgs),
+    /// Send events, one JSON object per line on stdin, to the collector.
+    Send(send::SendArgs),
+    /// Print the latest result of a query for a key.
+    Get(read::GetArgs),
+    /// Print results as they are produced (one JSON object per line).
+    Watch(read::WatchArgs),
+    /// Measure ingest throughput and ack latency through collector → broker.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("runnel: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) => up::run(args).await,
+            Command::Send(args) => send::run(args).await,
+            Command::Get(args) => read::get(args).await,
+            Command::Watch(args) => read::watch(args).await,
+            Command::Bench(args) => bench::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("runnel: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! `runnel up`: all five services in one process, on loopback, with local files.
+//!
+//! Each service runs exactly as its own binary would — same `run()` function, same
+//! configuration layering (`runnel.toml` or `--config`, then `RUNNEL_<SERVICE>__…`) — only
+//! the sockets are bound here and the services are wired to each other's real addresses,
+//! so port 0 works too. One Ctrl-C (or SIGTERM) drains and stops all of them.
+
+use crate::demo;
+use anyhow::{Context, Result};
+use runnel_analyzer::AnalyzerConfig;
+use runnel_broker::BrokerConfig;
+use runnel_collector::CollectorConfig;
+use runnel_gateway::GatewayConfig;
+use runnel_server::config::load;
+use runnel_server::{Listeners, ServiceConfig, Shutdown};
+use runnel_store::StoreConfig;
+use runnel_telemetry::LogFormat;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio::task::JoinSet;
+
+/// Arguments of `runnel up`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct UpArgs {
+    /// Where the broker, analyzer and store keep their files (one directory each).
+    #[arg(long, default_value = "runnel-data")]
+    data_dir: PathBuf,
+    /// A TOML file with `[collector]`, `[broker]`, … tables (default: ./runnel.toml if present).
+    #[arg(long, env = "RUNNEL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Feed a built-in demo workload (five sensors) and print the results as they arrive.
+    #[arg(long)]
+    demo: bool,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+/// The five services' configurations, wired together.
+struct Pipeline {
+    collector: CollectorConfig,
+    broker: BrokerConfig,
+    analyzer: AnalyzerConfig,
+    store: StoreConfig,
+    gateway: GatewayConfig,
+}
+
+pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
+    let file = args.config.as_deref();
+    let mut pipeline = Pipeline {
+        collector: load(file)?,
+        broker: load(file)?,
+        analyzer: load(file)?,
+        store: load(file)?,
+        gateway: load(file)?,
+    };
+    pipeline.broker.data_dir = args.data_dir.join("broker");
+    pipeline.analyzer.data_dir = args.data_dir.join("analyzer");
+    pipeline.store.data_dir = args.data_dir.join("store");
+    if args.demo {
+        demo::add_query(&mut pipeline.analyzer);
+    }
+
+    let format = if args.log_json {
+        LogFormat::Json
+    } else {
+        LogFormat::Human
+    };
+    let telemetry = runnel_telemetry::init("runnel", format)?;
+
+    let bind = |addrs| async move { Listeners::bind(addrs).await.context("binding") };
+    let collector_listeners = bind(pipeline.collector.listen()).await?;
+    let broker_listeners = bind(pipeline.broker.listen()).await?;
+    let analyzer_listeners = bind(pipeline.analyzer.listen()).await?;
+    let store_listeners = bind(pipeline.store.listen()).await?;
+    let gateway_listeners = bind(pipeline.gateway.listen()).await?;
+
+    let url = |l: &Listeners| -> Result<String> { Ok(format!("http://{}", l.grpc.local_addr()?)) };
+    pipeline.collector.broker = url(&broker_listeners)?;
+    pipeline.analyzer.broker = url(&broker_listeners)?;
+    pipeline.analyzer.store = url(&store_listeners)?;
+    pipeline.gateway.store = url(&store_listeners)?;
+
+    let rows = [
+        ("collector", &collector_listeners),
+        ("broker", &broker_listeners),
+        ("analyzer", &analyzer_listeners),
+        ("store", &store_listeners),
+        ("gateway", &gateway_listeners),
+    ];
+    eprintln!(
+        "runnel is up: five services in one process, data in {}",
+        args.data_dir.display()
+    );
+    for (name, listeners) in rows {
+        let addrs = listeners.local_addrs()?;
+        let http = addrs
+            .http
+            .map(|a| format!("   http http://{a}/v1/"))
+            .unwrap_or_default();
+        eprintln!(
+            "  {name:<9}  grpc {:<15}  metrics http://{}/metrics{http}",
+            addrs.grpc, addrs.admin
+        );
+    }
+    let collector_url = url(&collector_listeners)?;
+    let gateway_url = url(&gateway_listeners)?;
+
+    let (trigger, shutdown) = Shutdown::new();
+    let mut services = JoinSet::new();
+    spawn(
+        &mut services,
+        "collector",
+        runnel_collector::run(pipeline.collector, collector_listeners, shutdown.clone()),
+    );
+    spawn(
+        &mut services,
+        "broker",
+        runnel_broker::run(pipeline.broker, broker_listeners, shutdown.clone()),
+    );
+    spawn(
+        &mut services,
+        "analyzer",
+        runnel_analyzer::run(pipeline.analyzer, analyzer_listeners, shutdown.clone()),
+    );
+    spawn(
+        &mut services,
+        "store",
+        runnel_store::run(pipeline.store, store_listeners, shutdown.clone()),
+    );
+    spawn(
+        &mut services,
+        "gateway",
+        runnel_gateway::run(pipeline.gateway, gateway_listeners, shutdown.clone()),
+    );
+
+    let demo_task = args.demo.then(|| {
+        tokio::spawn(demo::run(
+            collector_url.clone(),
+            gateway_url.clone(),
+            shutdown.clone(),
+        ))
+    });
+    if !args.demo {
+        eprintln!(
+            "try:  echo '{{\"key\":\"sensor-1\",\"payload\":{{\"value\":21.5}}}}' | runnel send"
+        );
+        eprintln!("      runnel watch");
+    }
+    eprintln!("Ctrl-C stops.");
+
+    let mut failed = false;
+    tokio::select! {
+        () = runnel_server::shutdown_signal() => {}
+        Some(joined) = services.join_next() => {
+            failed = report(joined);
+        }
+    }
+    trigger.trigger();
+    while let Some(joined) = services.join_next().await {
+        failed |= report(joined);
+    }
+    if let Some(task) = demo_task
+        && let Ok(summary) = task.await
+    {
+        eprintln!("{summary}");
+    }
+    telemetry.shutdown();
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn spawn<E: std::fmt::Display>(
+    set: &mut JoinSet<(&'static str, Result<(), String>)>,
+    name: &'static str,
+    service: impl Future<Output = Result<(), E>> + Send + 'static,
+) {
+    set.spawn(async move { (name, service.await.map_err(|e| e.to_string())) });
+}
+
+/// Reports how a service ended; true if it failed.
+fn report(joined: Result<(&'static str, Result<(), String>), tokio::task::JoinError>) -> bool {
+    match joined {
+        Ok((name, Ok(()))) => {
+            tracing::info!(service = name, "stopped");
+            false
+        }
+        Ok((name, Err(error))) => {
+            eprintln!("runnel: {name} failed: {error}");
+            true
+        }
+        Err(error) => {
+            eprintln!("runnel: a service panicked: {error}");
+            true
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! One event's trace crosses all five services.
+
+use crate::{ANALYZER_TOML, T0, clock_events, event};
+use runnel_e2e::Pipeline;
+use runnel_e2e::otlp::OtlpReceiver;
+use runnel_proto::v1::collector_client::CollectorClient;
+use runnel_proto::v1::gateway_client::GatewayClient;
+use runnel_proto::v1::{IngestRequest, WatchRequest};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_event_yields_spans_from_all_five_services_under_one_trace() {
+    let receiver = OtlpReceiver::start().await.expect("otlp receiver");
+    let env = BTreeMap::from([
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+            format!("http://{}", receiver.addr),
+        ),
+        ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "100".to_owned()),
+    ]);
+    let pipeline = Pipeline::start(ANALYZER_TOML, env)
+        .await
+        .expect("pipeline starts");
+
+    // Watch through the gateway first, so the result is delivered (and traced) live.
+    let mut gateway = GatewayClient::connect(pipeline.gateway.url())
+        .await
+        .expect("gateway");
+    let mut watch = gateway
+        .watch(WatchRequest {
+            query: "avg_value_per_key".into(),
+            key_prefix: "traced".into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+
+    let mut collector = CollectorClient::connect(pipeline.collector.url())
+        .await
+        .expect("collector");
+    collector
+        .ingest(IngestRequest {
+            events: vec![event("traced-1", "traced", T0 + 1000, Some(42.0))],
+        })
+        .await
+        .expect("ingest");
+    // Later events on every partition close the window; they have a trace of their own.
+    collector
+        .ingest(IngestRequest {
+            events: clock_events("traced-close", T0 + 100_000),
+        })
+        .await
+        .expect("ingest");
+
+    let result = tokio::time::timeout(Duration::from_secs(60), watch.message())
+        .await
+        .unwrap_or_else(|_| panic!("no result delivered\n{}", pipeline.logs()))
+        .expect("watch stream")
+        .expect("a result");
+    assert_eq!(result.values["count"], 1.0);
+    let traceparent = result
+        .headers
+        .get("traceparent")
+        .expect("result carries its trace");
+    let trace_id = traceparent
+        .split('-')
+        .nth(1)
+        .expect("w3c traceparent")
+        .to_owned();
+
+    let wanted: BTreeSet<&str> = [
+        "runnel-collector",
+        "runnel-broker",
+        "runnel-analyzer",
+        "runnel-store",
+        "runnel-gateway",
+    ]
+    .into();
+    // Spans arrive as each service's exporter flushes; re-check after every export.
+    let complete = receiver
+        .wait_for_trace(&trace_id, Duration::from_secs(30), |spans| {
+            let services: BTreeSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
+            let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+            let orphans = spans
+                .iter()
+                .filter(|s| {
+                    !s.parent_span_id.is_empty() && !ids.contains(s.parent_span_id.as_str())
+                })
+                .count();
+            (services.is_superset(&wanted) && orphans == 0).then(|| spans.to_vec())
+        })
+        .await;
+    let Some(spans) = complete else {
+        panic!(
+            "trace {trace_id} incomplete: {:#?}\n{}",
+            receiver.trace(&trace_id),
+            pipeline.logs()
+        );
+    };
+    let roots = spans.iter().filter(|s| s.parent_span_id.is_empty()).count();
+    assert_eq!(roots, 1, "one root span: {spans:#?}");
+    // Each hop's spans hang under the previous hop's: the parent of a downstream service's
+    // span is a span of the service that called it (or that emitted what it handles).
+    let service_of = |id: &str| {
+        spans
+            .iter()
+            .find(|s| s.span_id == id)
+            .map(|s| s.service.as_str())
+    };
+    let crossings: BTreeSet<(&str, &str)> = spans
+        .iter()
+        .filter_map(|s| Some((service_of(&s.parent_span_id)?, s.service.as_str())))
+        .filter(|(from, to)| from != to)
+        .collect();
+    for hop in [
+        ("runnel-collector", "runnel-broker"),
+        ("runnel-collector", "runnel-analyzer"),
+        ("runnel-analyzer", "runnel-store"),
+        ("runnel-analyzer", "runnel-gateway"),
+    ] {
+        assert!(
+            crossings.contains(&hop),
+            "missing hop {hop:?} in {crossings:?}"
+        );
+    }
+}
