@@ -78,6 +78,7 @@ pub(crate) async fn watch(args: WatchArgs) -> Result<ExitCode> {
         .await
         .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
         .into_inner();
+    let mut stop = std::pin::pin!(runnel_server::shutdown_signal());
     let mut seen = 0u64;
     loop {
         tokio::select! {
@@ -95,7 +96,7 @@ pub(crate) async fn watch(args: WatchArgs) -> Result<ExitCode> {
                 }
                 Err(status) => anyhow::bail!("watch failed after {seen} results: {}: {}", status.code(), status.message()),
             },
-            () = runnel_server::shutdown_signal() => {
+            () = &mut stop => {
                 eprintln!("stopped after {seen} results");
                 break;
             }

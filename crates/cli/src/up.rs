@@ -148,11 +148,12 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
         );
         eprintln!("      runnel watch");
     }
+    let stop = runnel_server::shutdown_signal();
     eprintln!("Ctrl-C stops.");
 
     let mut failed = false;
     tokio::select! {
-        () = runnel_server::shutdown_signal() => {}
+        () = stop => {}
         Some(joined) = services.join_next() => {
             failed = report(joined);
         }

@@ -253,12 +253,13 @@ where
         .await
         .map_err(|e| e.to_string())?;
     let addrs = listeners.local_addrs().map_err(|e| e.to_string())?;
-    announce(binary, &addrs);
+    let signalled = shutdown::signal();
     let (trigger, shutdown) = Shutdown::new();
     tokio::spawn(async move {
-        shutdown::signal().await;
+        signalled.await;
         trigger.trigger();
     });
+    announce(binary, &addrs);
     run(config, listeners, shutdown)
         .await
         .map_err(|e| e.to_string())

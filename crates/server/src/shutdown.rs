@@ -66,23 +66,30 @@ impl ShutdownTrigger {
     }
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-pub async fn signal() {
+/// A future that resolves on the first SIGTERM or SIGINT.
+///
+/// The handlers are installed when this is called, not when the future is first polled:
+/// call it before telling anyone the process is up, so that a signal sent right after that
+/// is caught rather than killing the process with the default action.
+pub fn signal() -> impl Future<Output = ()> + Send {
     use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = match (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(term), Ok(int)) => (term, int),
-        _ => {
-            // Without signal handlers we can still stop on Ctrl-C through tokio's helper.
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    );
+    async move {
+        let (mut term, mut int) = match handlers {
+            (Ok(term), Ok(int)) => (term, int),
+            _ => {
+                // Without signal handlers we can still stop on Ctrl-C through tokio's helper.
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("received SIGTERM"),
+            _ = int.recv() => tracing::info!("received SIGINT"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("received SIGTERM"),
-        _ = int.recv() => tracing::info!("received SIGINT"),
     }
 }
 
