@@ -79,10 +79,6 @@ impl StoreService {
         }
     }
 
-    fn read_log(&self) -> Result<RwLockReadGuard<'_, ResultLog>> {
-        self.log.read().map_err(|_| StoreError::Failed)
-    }
-
     async fn serve_put(&self, request: PutRequest) -> Result<PutResponse> {
         results::validate(&request.results, self.max_batch_results)?;
         let spans: Vec<tracing::Span> = request
@@ -121,10 +117,15 @@ impl StoreService {
         })
     }
 
-    fn serve_get(&self, request: GetRequest) -> Result<GetResponse> {
-        Ok(GetResponse {
-            result: self.read_log()?.latest(&request.query, &request.key),
+    async fn serve_get(&self, request: GetRequest) -> Result<GetResponse> {
+        // On a blocking thread like every other use of the log: a `Put` holds the lock
+        // through its fsync, which must not stall a runtime worker.
+        let log = Arc::clone(&self.log);
+        let result = tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>(read_log(&log)?.latest(&request.query, &request.key))
         })
+        .await??;
+        Ok(GetResponse { result })
     }
 
     async fn serve_range(&self, request: RangeRequest) -> Result<RangeResponse> {
@@ -134,8 +135,7 @@ impl StoreService {
         };
         let log = Arc::clone(&self.log);
         let results = tokio::task::spawn_blocking(move || {
-            let log = log.read().map_err(|_| StoreError::Failed)?;
-            log.range(
+            read_log(&log)?.range(
                 &request.query,
                 &request.key,
                 request.from.map(Millis::from),
@@ -162,6 +162,10 @@ impl StoreService {
         tokio::spawn(watcher.run().in_current_span());
         Ok(ReceiverStream::new(receiver))
     }
+}
+
+fn read_log(log: &RwLock<ResultLog>) -> Result<RwLockReadGuard<'_, ResultLog>> {
+    log.read().map_err(|_| StoreError::Failed)
 }
 
 fn write_log(log: &RwLock<ResultLog>) -> Result<RwLockWriteGuard<'_, ResultLog>> {
@@ -240,7 +244,7 @@ impl Store for StoreService {
         &self,
         request: Request<GetRequest>,
     ) -> std::result::Result<Response<GetResponse>, Status> {
-        Ok(Response::new(self.serve_get(request.into_inner())?))
+        Ok(Response::new(self.serve_get(request.into_inner()).await?))
     }
 
     async fn range(
