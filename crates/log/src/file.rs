@@ -1,8 +1,9 @@
 //! [`LogFile`]: one append-only file of CRC32C-framed records.
 
 use crate::{Error, FORMAT_VERSION, FsyncPolicy, Result};
+use bytes::Bytes;
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read};
+use std::io::{BufReader, IoSlice, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -108,6 +109,25 @@ impl LogFile {
         ))
     }
 
+    /// Opens a sealed file — one no longer appended to, synced when it was sealed — without
+    /// scanning it: the header is checked and the file's length taken as it is. Reads still
+    /// check every frame they return.
+    pub fn open_sealed(path: &Path, magic: [u8; 8]) -> Result<LogFile> {
+        let file = OpenOptions::new().read(true).open(path)?;
+        let mut found = [0u8; HEADER_LEN as usize];
+        file.read_exact_at(&mut found, 0)?;
+        check_header(magic, &found)?;
+        let len = file.metadata()?.len();
+        Ok(LogFile {
+            path: path.to_owned(),
+            file,
+            len,
+            policy: FsyncPolicy::Never,
+            dirty: false,
+            last_sync: Instant::now(),
+        })
+    }
+
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -130,34 +150,69 @@ impl LogFile {
     /// (a failed sync leaves them written but not known to be durable). A failed write is
     /// cut back off so that the next append starts at a frame boundary.
     pub fn append(&mut self, payloads: &[&[u8]]) -> Result<Vec<u64>> {
-        let mut buffer = Vec::with_capacity(
-            payloads
-                .iter()
-                .map(|p| p.len() + FRAME_HEADER_LEN as usize)
-                .sum(),
-        );
-        let mut positions = Vec::with_capacity(payloads.len());
-        for payload in payloads {
-            if payload.is_empty() || payload.len() > MAX_FRAME_LEN {
-                return Err(Error::PayloadSize(payload.len()));
+        let frames: Vec<[&[u8]; 1]> = payloads.iter().map(|p| [*p]).collect();
+        let frames: Vec<&[&[u8]]> = frames.iter().map(|f| f.as_slice()).collect();
+        self.append_parts(&frames)
+    }
+
+    /// Like [`LogFile::append`], with each frame's payload given in parts that are written
+    /// back to back (a header and a body, say) with one vectored write: a body received
+    /// from the network reaches the file without being copied into a buffer first.
+    pub fn append_parts(&mut self, frames: &[&[&[u8]]]) -> Result<Vec<u64>> {
+        let mut heads = Vec::with_capacity(frames.len());
+        let mut positions = Vec::with_capacity(frames.len());
+        let mut at = self.len;
+        for parts in frames {
+            let len: usize = parts.iter().map(|p| p.len()).sum();
+            if len == 0 || len > MAX_FRAME_LEN {
+                return Err(Error::PayloadSize(len));
             }
-            positions.push(self.len + buffer.len() as u64);
+            let crc = parts
+                .iter()
+                .fold(0, |crc, part| crc32c::crc32c_append(crc, part));
+            let mut head = [0u8; FRAME_HEADER_LEN as usize];
             // Checked above: the length fits in a u32.
-            buffer.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            buffer.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
-            buffer.extend_from_slice(payload);
+            head[..4].copy_from_slice(&(len as u32).to_le_bytes());
+            head[4..].copy_from_slice(&crc.to_le_bytes());
+            heads.push(head);
+            positions.push(at);
+            at += FRAME_HEADER_LEN + len as u64;
         }
-        if let Err(error) = self.file.write_all_at(&buffer, self.len) {
+        let mut slices = Vec::with_capacity(frames.len() * 3);
+        for (head, parts) in heads.iter().zip(frames) {
+            slices.push(IoSlice::new(head));
+            slices.extend(
+                parts
+                    .iter()
+                    .filter(|p| !p.is_empty())
+                    .map(|p| IoSlice::new(p)),
+            );
+        }
+        if let Err(error) = self.write_vectored_at(&mut slices) {
             // Best effort: the next open cuts a partial frame off anyway.
             let _ = self.file.set_len(self.len);
             return Err(error.into());
         }
-        self.len += buffer.len() as u64;
+        self.len = at;
         self.dirty = true;
         if self.policy == FsyncPolicy::Always {
             self.sync()?;
         }
         Ok(positions)
+    }
+
+    /// Writes every slice at the end of the file, however many calls that takes.
+    fn write_vectored_at(&mut self, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+        (&self.file).seek(SeekFrom::Start(self.len))?;
+        while !slices.is_empty() {
+            match (&self.file).write_vectored(slices) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(written) => IoSlice::advance_slices(&mut slices, written),
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
     }
 
     /// Reads the frame at `position`: its payload and where the next frame starts.
@@ -180,6 +235,66 @@ impl LogFile {
             return Err(bad("the checksum does not match"));
         }
         Ok((payload, next))
+    }
+
+    /// Reads the whole frames that start at `position` and end within `max_bytes` of it
+    /// (at least one, however big), with one read: each frame's position and payload, the
+    /// payloads sharing one buffer. Stops early at the end of the file.
+    pub fn read_frames(&self, position: u64, max_bytes: usize) -> Result<Vec<(u64, Bytes)>> {
+        if position < HEADER_LEN || position > self.len {
+            return Err(Error::BadFrame {
+                position,
+                reason: "outside the file",
+            });
+        }
+        let available = self.len - position;
+        let want = (max_bytes as u64).clamp(FRAME_HEADER_LEN, available.max(FRAME_HEADER_LEN));
+        let mut buffer = vec![0u8; want.min(available) as usize];
+        self.file.read_exact_at(&mut buffer, position)?;
+        let buffer = Bytes::from(buffer);
+        let mut frames = Vec::new();
+        let mut at = 0usize;
+        while at + FRAME_HEADER_LEN as usize <= buffer.len() {
+            let frame_position = position + at as u64;
+            let head: [u8; FRAME_HEADER_LEN as usize] = buffer[at..at + FRAME_HEADER_LEN as usize]
+                .try_into()
+                .unwrap_or_default();
+            let (len, crc) = frame_header(head);
+            let body = at + FRAME_HEADER_LEN as usize;
+            if len == 0
+                || len > MAX_FRAME_LEN
+                || frame_position + FRAME_HEADER_LEN + len as u64 > self.len
+            {
+                return Err(Error::BadFrame {
+                    position: frame_position,
+                    reason: "the length is impossible",
+                });
+            }
+            if body + len > buffer.len() {
+                if frames.is_empty() {
+                    // The first frame is bigger than the budget: read it on its own.
+                    let (payload, _) = self.read_at(frame_position)?;
+                    frames.push((frame_position, Bytes::from(payload)));
+                }
+                break;
+            }
+            let payload = buffer.slice(body..body + len);
+            if crc32c::crc32c(&payload) != crc {
+                return Err(Error::BadFrame {
+                    position: frame_position,
+                    reason: "the checksum does not match",
+                });
+            }
+            frames.push((frame_position, payload));
+            at = body + len;
+        }
+        Ok(frames)
+    }
+
+    /// A second handle on the file that syncs it from another thread while appends go on:
+    /// what a group commit fsyncs without holding up writers.
+    pub fn sync_handle(&self) -> Result<SyncHandle> {
+        Ok(SyncHandle(self.file.try_clone()?))
     }
 
     /// Forces everything appended so far to disk.
@@ -267,6 +382,17 @@ pub(crate) fn scan(file: &File, file_len: u64, mut visit: impl FnMut(u64, &[u8])
         }
         visit(position, &payload);
         position = next;
+    }
+}
+
+/// Syncs a [`LogFile`]'s data from anywhere: see [`LogFile::sync_handle`].
+#[derive(Debug)]
+pub struct SyncHandle(File);
+
+impl SyncHandle {
+    /// `fdatasync`s everything written to the file so far, by any handle.
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.0.sync_data()
     }
 }
 
@@ -461,6 +587,71 @@ mod tests {
         assert!(!file.dirty);
     }
 
+    #[test]
+    fn frames_written_in_parts_equal_frames_written_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut whole, _, _) = open(&dir.path().join("whole.log"));
+        let (mut parts, _, _) = open(&dir.path().join("parts.log"));
+        whole.append(&[b"headerbody", b"x"]).unwrap();
+        let positions = parts
+            .append_parts(&[&[b"header", b"", b"body"], &[b"x"]])
+            .unwrap();
+        assert_eq!(positions, [HEADER_LEN, HEADER_LEN + FRAME_HEADER_LEN + 10]);
+        assert_eq!(
+            fs::read(whole.path()).unwrap(),
+            fs::read(parts.path()).unwrap()
+        );
+        assert!(matches!(
+            parts.append_parts(&[&[b"", b""]]),
+            Err(Error::PayloadSize(0))
+        ));
+    }
+
+    #[test]
+    fn read_frames_reads_whole_frames_within_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut file, _, _) = open(&dir.path().join("a.log"));
+        let big = vec![7u8; 500];
+        let positions = file.append(&[b"aaaa", b"bbbb", &big, b"cccc"]).unwrap();
+        // 12 bytes per small frame: a 30-byte budget holds two.
+        let frames = file.read_frames(positions[0], 30).unwrap();
+        let found: Vec<(u64, &[u8])> = frames.iter().map(|(p, b)| (*p, b.as_ref())).collect();
+        assert_eq!(
+            found,
+            [(positions[0], &b"aaaa"[..]), (positions[1], &b"bbbb"[..])]
+        );
+        // A frame bigger than the budget still comes, alone.
+        let frames = file.read_frames(positions[2], 30).unwrap();
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].1.as_ref(), big.as_slice());
+        // Everything to the end.
+        let frames = file.read_frames(positions[0], usize::MAX).unwrap();
+        assert_eq!(frames.len(), 4);
+        assert!(file.read_frames(file.len(), 100).unwrap().is_empty());
+        assert!(file.read_frames(positions[0] + 1, 100).is_err());
+        assert!(file.read_frames(file.len() + 1, 100).is_err());
+    }
+
+    #[test]
+    fn sealed_files_open_without_a_scan_and_still_check_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        let (mut file, _, _) = open(&path);
+        let positions = file.append(&[b"one", b"two"]).unwrap();
+        file.sync_handle().unwrap().sync().unwrap();
+        drop(file);
+        let sealed = LogFile::open_sealed(&path, MAGIC).unwrap();
+        assert_eq!(sealed.read_at(positions[1]).unwrap().0, b"two");
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        let sealed = LogFile::open_sealed(&path, MAGIC).unwrap();
+        assert!(sealed.read_at(positions[1]).is_err());
+        assert!(sealed.read_frames(positions[0], 1000).is_err());
+        assert!(LogFile::open_sealed(&path, *b"RNLOTHR1").is_err());
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -487,6 +678,31 @@ mod tests {
             for (found, expected) in frames.iter().zip(&records) {
                 prop_assert_eq!(&found.1, expected);
             }
+        }
+
+        /// Reading a file with `read_frames` under any budget yields every frame once, in
+        /// order.
+        #[test]
+        fn read_frames_under_any_budget_yields_every_frame(
+            records in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..100), 1..20),
+            budget in 1usize..400,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut file, _, _) = open(&dir.path().join("a.log"));
+            let slices: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
+            file.append(&slices).unwrap();
+            let mut found = Vec::new();
+            let mut position = HEADER_LEN;
+            while position < file.len() {
+                let frames = file.read_frames(position, budget).unwrap();
+                prop_assert!(!frames.is_empty());
+                for (at, payload) in frames {
+                    prop_assert_eq!(at, position);
+                    position = at + FRAME_HEADER_LEN + payload.len() as u64;
+                    found.push(payload.to_vec());
+                }
+            }
+            prop_assert_eq!(found, records);
         }
 
         /// Arbitrary bytes as a whole file: an error or a recovery, never a panic.

@@ -25,7 +25,7 @@ mod file;
 mod policy;
 
 pub use atomic::{read_atomic, write_atomic};
-pub use file::{FRAME_HEADER_LEN, HEADER_LEN, LogFile, MAX_FRAME_LEN, Recovery};
+pub use file::{FRAME_HEADER_LEN, HEADER_LEN, LogFile, MAX_FRAME_LEN, Recovery, SyncHandle};
 pub use policy::FsyncPolicy;
 
 /// The framing version written in every header.
