@@ -28,6 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out.join("runnel_v1_descriptor.bin"))
         // Payloads stay `Bytes` from the wire to the broker's disk: no copies.
         .bytes(".runnel.v1.Event.payload")
+        .bytes(".runnel.v1.RecordBatch.records")
         .compile_with_config(
             prost_config,
             &files,

@@ -156,6 +156,7 @@ async fn stored_ids(pipeline: &Pipeline) -> Vec<String> {
                     partition: partition.partition,
                     offset,
                     max_records: 1000,
+                    ..Default::default()
                 })
                 .await
                 .expect("fetch")

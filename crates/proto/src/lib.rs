@@ -17,6 +17,7 @@ pub mod v1 {
 }
 
 pub mod json;
+pub mod records;
 mod time;
 
 pub use time::{Millis, now_millis};

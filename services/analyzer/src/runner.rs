@@ -19,7 +19,9 @@ use crate::extract::ValuePath;
 use crate::window::{ClosedWindow, Counters, Outcome, Windows, millis};
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::store_client::StoreClient;
-use runnel_proto::v1::{ListTopicsRequest, PutRequest, QueryResult, Record, SubscribeRequest};
+use runnel_proto::v1::{
+    ListTopicsRequest, PutRequest, QueryResult, Record, SubscribeRequest, subscribe_response,
+};
 use runnel_proto::{Millis, now_millis};
 use runnel_server::Shutdown;
 use runnel_telemetry::propagation::{
@@ -369,6 +371,7 @@ async fn read_partition(
             topic: topic.clone(),
             partition,
             offset: next,
+            ..Default::default()
         };
         let subscribed = tokio::select! {
             subscribed = broker.subscribe(request) => subscribed,
@@ -383,23 +386,29 @@ async fn read_partition(
                         () = shutdown.wait() => return,
                     };
                     match message {
-                        Ok(Some(record)) => {
+                        Ok(Some(message)) => {
                             backoff.reset();
-                            if record.offset < next {
-                                continue; // already handed over
-                            }
-                            if record.offset > next {
-                                tracing::error!(
-                                    topic,
-                                    partition,
-                                    expected = next,
-                                    found = record.offset,
-                                    "the broker skipped offsets"
-                                );
-                            }
-                            next = record.offset + 1;
-                            if sink.send(record).await.is_err() {
-                                return;
+                            let Some(subscribe_response::Message::Records(chunk)) = message.message
+                            else {
+                                continue;
+                            };
+                            for record in chunk.records {
+                                if record.offset < next {
+                                    continue; // already handed over
+                                }
+                                if record.offset > next {
+                                    tracing::error!(
+                                        topic,
+                                        partition,
+                                        expected = next,
+                                        found = record.offset,
+                                        "the broker skipped offsets"
+                                    );
+                                }
+                                next = record.offset + 1;
+                                if sink.send(record).await.is_err() {
+                                    return;
+                                }
                             }
                         }
                         Ok(None) => break,
@@ -411,20 +420,26 @@ async fn read_partition(
                 }
             }
             Err(status) if status.code() == Code::OutOfRange => {
-                // The broker no longer has offsets this query had read: it lost acknowledged
-                // data (e.g. ran with fsync "never" and crashed). Nothing here can bring it
-                // back; carry on from the broker's end and say so loudly.
-                let end = end_offset(&broker, &topic, partition).await.unwrap_or(next);
+                // The broker does not hold the offset this query is at: retention deleted
+                // records before they were read, or the broker lost acknowledged data (it ran
+                // with fsync "never" and crashed). Nothing here can bring them back: carry on
+                // from what the broker has, and say so loudly.
+                let (start, end) = bounds(&broker, &topic, partition)
+                    .await
+                    .unwrap_or((next, next));
+                let resumed = next.clamp(start, end);
                 tracing::error!(
                     topic,
                     partition,
-                    checkpointed = next,
+                    wanted = next,
+                    broker_start = start,
                     broker_end = end,
-                    "the broker has fewer records than were read; continuing from its end"
+                    resumed,
+                    "the broker does not hold the next offset; records were skipped"
                 );
                 metrics::counter!("runnel_analyzer_offset_resets_total", "topic" => topic.clone())
                     .increment(1);
-                next = end.min(next);
+                next = resumed;
             }
             Err(status) => {
                 tracing::warn!(topic, partition, code = ?status.code(), error = %status.message(), "cannot subscribe; retrying");
@@ -436,7 +451,8 @@ async fn read_partition(
     }
 }
 
-async fn end_offset(broker: &Broker, topic: &str, partition: u32) -> Option<u64> {
+/// The first offset a partition holds and its end offset.
+async fn bounds(broker: &Broker, topic: &str, partition: u32) -> Option<(u64, u64)> {
     let topics = broker
         .clone()
         .list_topics(ListTopicsRequest {})
@@ -449,7 +465,7 @@ async fn end_offset(broker: &Broker, topic: &str, partition: u32) -> Option<u64>
         .partitions
         .into_iter()
         .find(|p| p.partition == partition)
-        .map(|p| p.end_offset)
+        .map(|p| (p.start_offset, p.end_offset))
 }
 
 /// The query in words, for `DescribeQuery`.

@@ -1,9 +1,11 @@
 //! The broker's settings, under `[broker]` / `RUNNEL_BROKER__…`.
 
+use crate::partition::{LogSettings, Retention};
 use runnel_log::FsyncPolicy;
 use runnel_server::{ConfigError, ServerConfig, ServiceConfig};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// The most partitions a topic may have. Each one is a directory, an open file and a
 /// subscriber channel, so the bound keeps one mistyped number from exhausting descriptors.
@@ -14,14 +16,16 @@ pub const MAX_PARTITIONS: u32 = 1024;
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
     /// Listen addresses and call limits. `max_message_bytes` also bounds the size of one
-    /// stored record (so that every record can be fetched) and of one `Fetch` answer.
+    /// stored batch (so that every batch can be fetched) and of one `Fetch` answer.
     pub server: ServerConfig,
-    /// The directory holding every topic (`<data_dir>/topics/<topic>/…`).
+    /// The directory holding every topic (`<data_dir>/topics/<topic>/…`) and the consumer
+    /// groups' offsets (`<data_dir>/offsets.log`).
     pub data_dir: PathBuf,
-    /// When appended records reach the disk: `"always"` (before `Produce` answers),
-    /// an interval such as `"100ms"` (a background task syncs each partition that often;
-    /// a crash may lose up to one interval of acknowledged records) or `"never"` (left to
-    /// the OS; for tests and benchmarks).
+    /// When appended records reach the disk, for producers that leave the acks to the
+    /// broker: `"always"` (DURABLE acks: `Produce` answers after a group-commit fsync), an
+    /// interval such as `"100ms"` (LEADER acks; a background fsync that often, so a machine
+    /// crash loses at most that much) or `"never"` (LEADER acks; left to the OS). A request
+    /// may ask for either ack itself.
     pub fsync: FsyncPolicy,
     /// Whether `Produce` to an unknown topic creates it (with `default_partitions`)
     /// instead of failing with `NotFound`.
@@ -30,6 +34,28 @@ pub struct BrokerConfig {
     pub default_partitions: u32,
     /// Events accepted in one `Produce` call.
     pub max_batch_events: usize,
+    /// A segment is sealed and the next one started once it holds this many bytes …
+    pub segment_bytes: u64,
+    /// … or once its first batch is this old (so that retention can delete it).
+    #[serde(with = "humantime_serde")]
+    pub segment_age: Duration,
+    /// Bytes of log between two entries of a segment's sparse index.
+    pub index_interval_bytes: u64,
+    /// Default retention by age, for topics that do not set their own; `0s` keeps records
+    /// forever.
+    #[serde(with = "humantime_serde")]
+    pub retention_max_age: Duration,
+    /// Default retention by size, per partition; `0` means no limit.
+    pub retention_max_bytes: u64,
+    /// How often retention runs.
+    #[serde(with = "humantime_serde")]
+    pub retention_check_interval: Duration,
+    /// An idempotent producer silent this long is forgotten.
+    #[serde(with = "humantime_serde")]
+    pub producer_expiry: Duration,
+    /// A group member's session timeout when it does not ask for one.
+    #[serde(with = "humantime_serde")]
+    pub group_session_timeout: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -41,6 +67,38 @@ impl Default for BrokerConfig {
             auto_create_topics: true,
             default_partitions: 4,
             max_batch_events: 10_000,
+            segment_bytes: 128 * 1024 * 1024,
+            segment_age: Duration::from_secs(3600),
+            index_interval_bytes: 4096,
+            retention_max_age: Duration::from_secs(7 * 24 * 3600),
+            retention_max_bytes: 0,
+            retention_check_interval: Duration::from_secs(30),
+            producer_expiry: Duration::from_secs(7 * 24 * 3600),
+            group_session_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The longest session a group member may ask for.
+pub const MAX_SESSION_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl BrokerConfig {
+    /// How partitions lay out and keep their logs.
+    pub(crate) fn log_settings(&self) -> LogSettings {
+        LogSettings {
+            policy: self.fsync,
+            segment_bytes: self.segment_bytes,
+            segment_age: self.segment_age,
+            index_interval: self.index_interval_bytes,
+            producer_expiry: self.producer_expiry,
+        }
+    }
+
+    /// Retention for topics that do not set their own.
+    pub(crate) fn default_retention(&self) -> Retention {
+        Retention {
+            max_age: (!self.retention_max_age.is_zero()).then_some(self.retention_max_age),
+            max_bytes: (self.retention_max_bytes > 0).then_some(self.retention_max_bytes),
         }
     }
 }
@@ -85,6 +143,49 @@ impl ServiceConfig for BrokerConfig {
                 "must be between 1 and 100000",
             ));
         }
+        if !(64 * 1024..=1 << 30).contains(&self.segment_bytes) {
+            return Err(ConfigError::invalid(
+                section,
+                "segment_bytes",
+                "must be between 65536 and 1073741824",
+            ));
+        }
+        if self.segment_age < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                section,
+                "segment_age",
+                "must be at least 1s",
+            ));
+        }
+        if !(64..=1 << 20).contains(&self.index_interval_bytes) {
+            return Err(ConfigError::invalid(
+                section,
+                "index_interval_bytes",
+                "must be between 64 and 1048576",
+            ));
+        }
+        if self.retention_check_interval < Duration::from_millis(10) {
+            return Err(ConfigError::invalid(
+                section,
+                "retention_check_interval",
+                "must be at least 10ms",
+            ));
+        }
+        if self.producer_expiry < Duration::from_secs(60) {
+            return Err(ConfigError::invalid(
+                section,
+                "producer_expiry",
+                "must be at least 1m",
+            ));
+        }
+        if !(Duration::from_millis(100)..=MAX_SESSION_TIMEOUT).contains(&self.group_session_timeout)
+        {
+            return Err(ConfigError::invalid(
+                section,
+                "group_session_timeout",
+                "must be between 100ms and 5m",
+            ));
+        }
         Ok(())
     }
 }
@@ -92,7 +193,6 @@ impl ServiceConfig for BrokerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn defaults_are_valid_durable_and_loopback() {
@@ -107,7 +207,17 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         type Case = (fn(&mut BrokerConfig), &'static str);
-        let cases: [Case; 6] = [
+        let cases: [Case; 10] = [
+            (|c| c.segment_bytes = 10, "broker.segment_bytes"),
+            (|c| c.segment_age = Duration::ZERO, "broker.segment_age"),
+            (
+                |c| c.index_interval_bytes = 0,
+                "broker.index_interval_bytes",
+            ),
+            (
+                |c| c.group_session_timeout = Duration::from_secs(3600),
+                "broker.group_session_timeout",
+            ),
             (|c| c.data_dir = PathBuf::new(), "broker.data_dir"),
             (
                 |c| c.fsync = FsyncPolicy::Interval(Duration::ZERO),

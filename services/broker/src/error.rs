@@ -32,6 +32,45 @@ pub enum BrokerError {
         /// The offset the next record will get.
         end: u64,
     },
+    /// A segment could not be read or written, or holds what it should not.
+    #[error(transparent)]
+    Segment(#[from] crate::segment::SegmentError),
+    /// An idempotent producer's batch does not follow its last one: an earlier batch was
+    /// lost in flight. Storing it would leave a gap in the producer's sequence.
+    #[error(
+        "producer {producer_id} is out of sequence on partition {partition}: \
+         expected sequence {expected}, got {found}"
+    )]
+    OutOfSequence {
+        /// The producer.
+        producer_id: u64,
+        /// The partition.
+        partition: u32,
+        /// The sequence the partition expects next.
+        expected: u64,
+        /// The batch's first sequence.
+        found: u64,
+    },
+    /// An idempotent producer resent a batch older than the ones the partition remembers:
+    /// it was stored, but where is no longer known.
+    #[error(
+        "producer {producer_id} already stored sequence {found} on partition {partition} \
+         (it is at {last}); the batch is too old to report its offsets again"
+    )]
+    SequenceTooOld {
+        /// The producer.
+        producer_id: u64,
+        /// The partition.
+        partition: u32,
+        /// The last sequence stored.
+        last: u64,
+        /// The batch's first sequence.
+        found: u64,
+    },
+    /// A commit or heartbeat from a member that is not (or no longer) in the group, or
+    /// from an older generation of it.
+    #[error("{0}")]
+    NotAMember(String),
     /// A file or directory operation failed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -106,7 +145,12 @@ impl From<BrokerError> for Status {
             BrokerError::TopicNotFound(_) => Status::not_found(error.to_string()),
             BrokerError::TopicExists(_) => Status::already_exists(error.to_string()),
             BrokerError::OffsetOutOfRange { .. } => Status::out_of_range(error.to_string()),
-            BrokerError::Io { .. }
+            BrokerError::OutOfSequence { .. } | BrokerError::NotAMember(_) => {
+                Status::failed_precondition(error.to_string())
+            }
+            BrokerError::SequenceTooOld { .. } => Status::already_exists(error.to_string()),
+            BrokerError::Segment(_)
+            | BrokerError::Io { .. }
             | BrokerError::Log { .. }
             | BrokerError::Corrupt { .. }
             | BrokerError::PartitionFailed { .. }

@@ -1,37 +1,59 @@
-//! The message queue tier: durable, partitioned topics on local disk.
+//! The message queue tier: durable, partitioned topics on local disk, with consumer
+//! groups and committed offsets.
 //!
-//! A topic has a fixed number of partitions; each partition is an append-only log of
-//! records numbered by offset from 0. Producers append batches of events (a keyed event
-//! always goes to the partition its key hashes to, see [`partition_for_key`], so one key's
-//! events keep their order); consumers read a partition from any offset with `Fetch`, or
-//! follow it live with `Subscribe`. Nothing is acknowledged before it is written as the
-//! fsync policy says, and an acknowledged offset is never reused, across crashes
-//! included: recovery cuts off only a torn tail that was never acknowledged.
+//! A topic has a fixed number of partitions; each partition is a log of record batches in
+//! segments, numbered by offset from 0. Producers send events (a keyed event always goes to
+//! the partition its key hashes to, see [`partition_for_key`], so one key's events keep
+//! their order) or pre-encoded batches with a producer id and sequence, which makes their
+//! retries free of duplicates. Consumers read a partition from an offset or a time with
+//! `Fetch`, follow it live with `Subscribe`, or join a consumer group that shares a topic's
+//! partitions among its members and keeps their offsets.
+//!
+//! Nothing is acknowledged before it is written — and fsync'd, for DURABLE acks, many
+//! producers sharing one fsync — and an acknowledged offset is never reused, across crashes
+//! included: recovery cuts off only a torn tail that was never acknowledged. Retention
+//! deletes whole sealed segments by age and size.
 //!
 //! [`run`] is the whole service, runnable in-process (tests, the all-in-one CLI) as well as
 //! from the `runnel-broker` binary.
 
+mod batch;
 pub mod config;
+mod durability;
 mod error;
+mod groups;
+mod index;
+mod offsets;
 mod partition;
 mod partitioner;
+mod producers;
+mod segment;
 mod service;
+mod subscribe;
 mod topic;
 mod topics;
 
 pub use config::BrokerConfig;
 pub use error::BrokerError;
 pub use partitioner::partition_for_key;
+pub use segment::SegmentError;
 
+use durability::GroupCommit;
+use groups::Coordinator;
+use offsets::OffsetStore;
 use runnel_log::FsyncPolicy;
 use runnel_proto::v1::broker_server::BrokerServer;
 use runnel_server::{Listeners, ServiceConfig, Shutdown};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use topics::Topics;
 
-/// Runs the broker on `listeners` until `shutdown` fires: recovers every topic under
-/// `config.data_dir`, serves, drains, and syncs every partition before returning.
+/// How often group members' sessions are checked.
+const SESSION_CHECK: Duration = Duration::from_millis(250);
+
+/// Runs the broker on `listeners` until `shutdown` fires: recovers every topic and the
+/// groups' offsets under `config.data_dir`, serves, drains, and syncs every partition
+/// before returning.
 pub async fn run(
     config: BrokerConfig,
     listeners: Listeners,
@@ -39,20 +61,88 @@ pub async fn run(
 ) -> Result<(), BrokerError> {
     config.validate()?;
     let data_dir = config.data_dir.clone();
-    let policy = config.fsync;
-    let topics =
-        Arc::new(tokio::task::spawn_blocking(move || Topics::open(&data_dir, policy)).await??);
+    let (settings, defaults) = (config.log_settings(), config.default_retention());
+    let topics = Arc::new(
+        tokio::task::spawn_blocking(move || Topics::open(&data_dir, settings, defaults)).await??,
+    );
+    let data_dir = config.data_dir.clone();
+    let offsets = Arc::new(
+        tokio::task::spawn_blocking(move || OffsetStore::open(&data_dir, FsyncPolicy::Always))
+            .await??,
+    );
+    let coordinator = Arc::new(Coordinator::default());
+    let group_commit = Arc::new(GroupCommit::default());
 
-    let syncer = match config.fsync {
-        FsyncPolicy::Interval(every) => Some(tokio::spawn(sync_periodically(
-            Arc::clone(&topics),
-            every,
-            shutdown.clone(),
-        ))),
-        _ => None,
-    };
+    // Background work runs until the drain is over: producers still in flight may be
+    // waiting on a group commit.
+    let (stop_background, background) = Shutdown::new();
+    let mut tasks = vec![tokio::spawn(
+        Arc::clone(&group_commit).run(background.clone()),
+    )];
+    if let FsyncPolicy::Interval(every) = config.fsync {
+        let topics = Arc::clone(&topics);
+        let background = background.clone();
+        tasks.push(tokio::spawn(async move {
+            background
+                .run_every(every, || {
+                    let topics = Arc::clone(&topics);
+                    async move {
+                        // Errors are logged where they happen; the next tick tries again.
+                        if let Err(error) =
+                            tokio::task::spawn_blocking(move || topics.sync_due()).await
+                        {
+                            tracing::error!(%error, "periodic fsync task failed");
+                        }
+                    }
+                })
+                .await;
+        }));
+    }
+    {
+        let topics = Arc::clone(&topics);
+        let background = background.clone();
+        tasks.push(tokio::spawn(async move {
+            background
+                .run_every(config.retention_check_interval, || {
+                    let topics = Arc::clone(&topics);
+                    async move {
+                        let now = runnel_proto::now_millis();
+                        match tokio::task::spawn_blocking(move || topics.enforce_retention(now))
+                            .await
+                        {
+                            Ok(deleted) if deleted > 0 => {
+                                metrics::counter!("runnel_broker_segments_deleted_total")
+                                    .increment(deleted as u64);
+                            }
+                            Ok(_) => {}
+                            Err(error) => tracing::error!(%error, "retention task failed"),
+                        }
+                    }
+                })
+                .await;
+        }));
+    }
+    {
+        let coordinator = Arc::clone(&coordinator);
+        let background = background.clone();
+        tasks.push(tokio::spawn(async move {
+            background
+                .run_every(SESSION_CHECK, || {
+                    coordinator.expire(Instant::now());
+                    async {}
+                })
+                .await;
+        }));
+    }
 
-    let service = service::BrokerService::new(Arc::clone(&topics), &config, shutdown.clone());
+    let service = service::BrokerService::new(
+        Arc::clone(&topics),
+        offsets,
+        group_commit,
+        coordinator,
+        &config,
+        shutdown.clone(),
+    );
     let max_message = config.server.max_message_bytes;
     let grpc = BrokerServer::new(service)
         .max_decoding_message_size(max_message)
@@ -63,14 +153,13 @@ pub async fn run(
         listeners.grpc,
         listeners.admin,
         &config.server,
-        shutdown.clone(),
+        shutdown,
     )
     .await;
 
-    // Shutdown has stopped it already unless `serve` failed; the final sync below covers
-    // anything it did not get to.
-    if let Some(syncer) = syncer {
-        syncer.abort();
+    stop_background.trigger();
+    for task in tasks {
+        let _ = task.await;
     }
     // Whatever the policy, a clean stop leaves everything acknowledged on disk.
     let synced = tokio::task::spawn_blocking(move || topics.sync_all()).await;
@@ -78,19 +167,4 @@ pub async fn run(
     synced??;
     tracing::info!("broker stopped; every partition synced");
     Ok(())
-}
-
-/// Syncs every partition whose interval has elapsed, every `every`, until shutdown.
-async fn sync_periodically(topics: Arc<Topics>, every: Duration, shutdown: Shutdown) {
-    shutdown
-        .run_every(every, || {
-            let topics = Arc::clone(&topics);
-            async move {
-                // Errors are logged where they happen; the next tick tries again.
-                if let Err(error) = tokio::task::spawn_blocking(move || topics.sync_due()).await {
-                    tracing::error!(%error, "periodic fsync task failed");
-                }
-            }
-        })
-        .await;
 }

@@ -1,27 +1,37 @@
-//! The `runnel.v1.Broker` gRPC service: request checks, partition choice, and the hand-off
-//! of every disk operation to blocking threads.
+//! The `runnel.v1.Broker` gRPC service: request checks, partition choice, acks, and the
+//! hand-off of every disk operation to blocking threads.
 //!
-//! `Produce` is atomic per partition, not per request: a batch is split by partition and
-//! each partition's share is appended with one write (and one fsync, per policy), all
-//! partitions in parallel. If one partition fails, the others may already hold their
-//! share; the call fails and a retry may store those events twice. Events carry ids so
-//! that consumers can recognise such duplicates.
+//! `Produce` is atomic per batch, not per request: events are stored as one batch per
+//! partition, pre-encoded batches as they come, partitions in parallel and each partition's
+//! batches in request order. If one fails, others may already be stored; the call fails,
+//! and only an idempotent producer's retry is then free of duplicates (events carry ids so
+//! that consumers can recognise them otherwise).
 
-use crate::config::BrokerConfig;
+use crate::batch::{self, StoredBatch};
+use crate::config::{BrokerConfig, MAX_SESSION_TIMEOUT};
+use crate::durability::GroupCommit;
 use crate::error::{BrokerError, Result};
-use crate::partition::{Partition, RECORD_OVERHEAD};
-use crate::topic::{self, Topic};
+use crate::groups::Coordinator;
+use crate::offsets::OffsetStore;
+use crate::partition::{Appended, Incoming};
+use crate::subscribe::{MemberStream, PartitionReader, stream_partition};
+use crate::topic::{self, RetentionOverride, Topic};
 use crate::topics::Topics;
 use prost::Message;
-use runnel_proto::now_millis;
+use runnel_log::FsyncPolicy;
 use runnel_proto::v1::broker_server::Broker;
 use runnel_proto::v1::{
-    CreateTopicRequest, CreateTopicResponse, Event, FetchRequest, FetchResponse, ListTopicsRequest,
-    ListTopicsResponse, ProduceRequest, ProduceResponse, Record, RecordPosition, SubscribeRequest,
+    Acks, BatchAck, CommitOffsetsRequest, CommitOffsetsResponse, Compression, CreateTopicRequest,
+    CreateTopicResponse, DescribeTopicRequest, Event, FetchRequest, FetchResponse, GroupMember,
+    GroupStatus, ListTopicsRequest, ListTopicsResponse, PartitionLag, PartitionOffset,
+    ProduceRequest, ProduceResponse, Record, RecordBatch, RecordPosition, SubscribeRequest,
+    SubscribeResponse, TopicDescription,
 };
+use runnel_proto::{Millis, now_millis};
 use runnel_server::Shutdown;
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -33,35 +43,71 @@ const DEFAULT_FETCH_RECORDS: usize = 500;
 const MAX_FETCH_RECORDS: usize = 10_000;
 /// Room kept in a `Fetch` answer for everything but the records.
 const FETCH_HEADROOM: usize = 64 * 1024;
-/// Records a subscriber may have in flight before its reader waits: enough to keep a
-/// healthy stream busy, small enough that a stalled client pins little memory.
-const SUBSCRIBE_BUFFER: usize = 128;
-/// Records a subscriber reads from disk at a time.
-const SUBSCRIBE_BATCH: usize = 500;
+/// Messages buffered per subscription stream.
+const SUBSCRIBE_BUFFER: usize = 16;
+/// Longest group name or member id, in bytes.
+const MAX_GROUP_NAME: usize = 249;
+/// Room left for a record's own fields (partition, offset, append time) and framing around
+/// an event when deciding whether the event is small enough to store.
+const RECORD_OVERHEAD: usize = 64;
 
 /// The broker's gRPC handlers.
 #[derive(Debug)]
 pub(crate) struct BrokerService {
     topics: Arc<Topics>,
+    coordinator: Arc<Coordinator>,
+    offsets: Arc<OffsetStore>,
+    group_commit: Arc<GroupCommit>,
     auto_create_topics: bool,
     default_partitions: u32,
     max_batch_events: usize,
-    /// The most encoded record bytes in one `Fetch` answer, and so also the most one record
-    /// may take: whatever is stored can be read back.
+    default_durable: bool,
+    session_timeout: Duration,
+    /// The most bytes of records in one `Fetch` answer, and so also the most one batch may
+    /// hold (compressed or not): whatever is stored can be read back.
     max_read_bytes: usize,
     /// Ends subscriptions when the broker stops, so they do not hold the drain open.
     shutdown: Shutdown,
 }
 
+/// One stored unit of a `Produce` request: a batch for one partition, and where its answer
+/// goes.
+struct Unit {
+    partition: u32,
+    batch: Incoming,
+    /// Check the records body first (pre-encoded batches only).
+    validate: bool,
+    origin: Origin,
+}
+
+enum Origin {
+    /// These indexes of `events`, in order.
+    Events(Vec<usize>),
+    /// This index of `batches`.
+    Batch(usize),
+}
+
 impl BrokerService {
     /// Handlers over `topics`.
-    pub(crate) fn new(topics: Arc<Topics>, config: &BrokerConfig, shutdown: Shutdown) -> Self {
+    pub(crate) fn new(
+        topics: Arc<Topics>,
+        offsets: Arc<OffsetStore>,
+        group_commit: Arc<GroupCommit>,
+        coordinator: Arc<Coordinator>,
+        config: &BrokerConfig,
+        shutdown: Shutdown,
+    ) -> Self {
         let max_message = config.server.max_message_bytes;
         BrokerService {
             topics,
+            coordinator,
+            offsets,
+            group_commit,
             auto_create_topics: config.auto_create_topics,
             default_partitions: config.default_partitions,
             max_batch_events: config.max_batch_events,
+            default_durable: config.fsync == FsyncPolicy::Always,
+            session_timeout: config.group_session_timeout,
             max_read_bytes: max_message - FETCH_HEADROOM.min(max_message / 2),
             shutdown,
         }
@@ -75,37 +121,82 @@ impl BrokerService {
             .ok_or_else(|| BrokerError::TopicNotFound(name.to_owned()))
     }
 
-    #[tracing::instrument(
-        name = "create_topic",
-        skip_all,
-        fields(topic = %request.name, partitions = request.partitions)
-    )]
+    #[tracing::instrument(name = "create_topic", skip_all, fields(topic = %request.name, partitions = request.partitions))]
     async fn serve_create_topic(&self, request: CreateTopicRequest) -> Result<CreateTopicResponse> {
         topic::validate_name(&request.name)?;
         topic::validate_partitions(request.partitions)?;
+        let retention = RetentionOverride::from_proto(request.retention.as_ref())?;
         let topic = self
             .topics
-            .create(&request.name, request.partitions)
+            .create(&request.name, request.partitions, retention)
             .await?;
         Ok(CreateTopicResponse {
-            topic: Some(topic.info()),
+            topic: Some(topic.info(self.topics.default_retention())),
         })
     }
 
-    #[tracing::instrument(name = "list_topics", skip_all)]
     fn serve_list_topics(&self) -> ListTopicsResponse {
+        let defaults = self.topics.default_retention();
         ListTopicsResponse {
-            topics: self.topics.list().iter().map(|t| t.info()).collect(),
+            topics: self
+                .topics
+                .list()
+                .iter()
+                .map(|t| t.info(defaults))
+                .collect(),
         }
     }
 
-    /// Checks a batch before anything is written.
-    fn check_batch(&self, events: &[Event]) -> Result<()> {
-        if events.is_empty() {
-            return Err(BrokerError::InvalidArgument(
-                "events is empty: send at least one event".into(),
-            ));
+    fn serve_describe_topic(&self, request: DescribeTopicRequest) -> Result<TopicDescription> {
+        let topic = self.existing_topic(&request.name)?;
+        let live = self.coordinator.describe(topic.name());
+        let mut committed = self.offsets.groups_of(topic.name());
+        for name in live.keys() {
+            committed.entry(name.clone()).or_default();
         }
+        let groups = committed
+            .into_iter()
+            .map(|(name, offsets)| {
+                let snapshot = live.get(&name);
+                GroupStatus {
+                    generation: snapshot.map_or(0, |s| s.generation),
+                    members: snapshot
+                        .map(|s| {
+                            s.members
+                                .iter()
+                                .map(|(id, partitions)| GroupMember {
+                                    member_id: id.clone(),
+                                    partitions: partitions.clone(),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    partitions: topic
+                        .partitions()
+                        .iter()
+                        .map(|p| {
+                            let committed = offsets.get(&p.id()).copied();
+                            PartitionLag {
+                                partition: p.id(),
+                                committed_offset: committed,
+                                lag: p
+                                    .end_offset()
+                                    .saturating_sub(committed.unwrap_or(p.start_offset())),
+                            }
+                        })
+                        .collect(),
+                    group: name,
+                }
+            })
+            .collect();
+        Ok(TopicDescription {
+            topic: Some(topic.info(self.topics.default_retention())),
+            groups,
+        })
+    }
+
+    /// Checks events before anything is written.
+    fn check_events(&self, events: &[Event]) -> Result<()> {
         if events.len() > self.max_batch_events {
             return Err(BrokerError::InvalidArgument(format!(
                 "events has {} events; at most {} are accepted per call",
@@ -130,19 +221,121 @@ impl BrokerService {
         Ok(())
     }
 
-    #[tracing::instrument(
-        name = "produce",
-        skip_all,
-        fields(topic = %request.topic, events = request.events.len())
-    )]
+    /// Splits a request into stored units, checking everything that can be checked cheaply.
+    fn plan(
+        &self,
+        topic: &Topic,
+        events: Vec<Event>,
+        partition: Option<u32>,
+        batches: Vec<RecordBatch>,
+    ) -> Result<Vec<Unit>> {
+        let mut units = Vec::new();
+        if !events.is_empty() {
+            self.check_events(&events)?;
+            if let Some(partition) = partition {
+                topic.partition(partition)?;
+            }
+            let mut groups: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+            for (i, event) in events.iter().enumerate() {
+                let p = partition.unwrap_or_else(|| topic.choose_partition(&event.key));
+                groups.entry(p).or_default().push(i);
+            }
+            for (p, indexes) in groups {
+                let chosen: Vec<Event> = indexes.iter().map(|&i| events[i].clone()).collect();
+                let records = runnel_proto::records::encode(&chosen);
+                if records.len() > self.max_read_bytes {
+                    return Err(BrokerError::InvalidArgument(format!(
+                        "the {} events for partition {p} take {} bytes; at most {} fit one batch",
+                        chosen.len(),
+                        records.len(),
+                        self.max_read_bytes
+                    )));
+                }
+                units.push(Unit {
+                    partition: p,
+                    batch: Incoming {
+                        compression: Compression::None,
+                        record_count: chosen.len() as u32,
+                        records,
+                        producer_id: 0,
+                        base_sequence: 0,
+                    },
+                    validate: false,
+                    origin: Origin::Events(indexes),
+                });
+            }
+        }
+        for (i, batch) in batches.into_iter().enumerate() {
+            let field = |name: &str| format!("batches[{i}].{name}");
+            topic.partition(batch.partition).map_err(|e| {
+                BrokerError::InvalidArgument(format!("{}: {e}", field("partition")))
+            })?;
+            let compression = Compression::try_from(batch.compression).map_err(|_| {
+                BrokerError::InvalidArgument(format!(
+                    "{} {} is unknown",
+                    field("compression"),
+                    batch.compression
+                ))
+            })?;
+            if batch.records.len() > self.max_read_bytes {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "{} takes {} bytes; at most {} are accepted",
+                    field("records"),
+                    batch.records.len(),
+                    self.max_read_bytes
+                )));
+            }
+            if batch.record_count == 0 || batch.record_count as usize > self.max_batch_events {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "{} must be between 1 and {}",
+                    field("record_count"),
+                    self.max_batch_events
+                )));
+            }
+            units.push(Unit {
+                partition: batch.partition,
+                batch: Incoming {
+                    compression,
+                    record_count: batch.record_count,
+                    records: batch.records,
+                    producer_id: batch.producer_id,
+                    base_sequence: batch.base_sequence,
+                },
+                validate: true,
+                origin: Origin::Batch(i),
+            });
+        }
+        Ok(units)
+    }
+
+    #[tracing::instrument(name = "produce", skip_all, fields(topic = %request.topic, events = request.events.len(), batches = request.batches.len()))]
     async fn serve_produce(&self, request: ProduceRequest) -> Result<ProduceResponse> {
         let started = Instant::now();
         let ProduceRequest {
             topic: name,
             events,
+            acks,
+            partition,
+            batches,
         } = request;
         topic::validate_name(&name)?;
-        self.check_batch(&events)?;
+        if events.is_empty() && batches.is_empty() {
+            return Err(BrokerError::InvalidArgument(
+                "events and batches are both empty: send at least one event".into(),
+            ));
+        }
+        let durable = match Acks::try_from(acks) {
+            Ok(Acks::Durable) => true,
+            Ok(Acks::Leader) => false,
+            Ok(Acks::Default) => self.default_durable,
+            Err(_) => {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "acks {acks} is unknown"
+                )));
+            }
+        };
+        let event_count = events.len();
+        let batch_count = batches.len();
         let topic = if self.auto_create_topics {
             self.topics
                 .get_or_create(&name, self.default_partitions)
@@ -150,47 +343,99 @@ impl BrokerService {
         } else {
             self.existing_topic(&name)?
         };
+        let units = self.plan(&topic, events, partition, batches)?;
 
-        // Split by partition, remembering each event's partition to answer in request order.
-        let mut chosen = Vec::with_capacity(events.len());
-        let mut groups: Vec<Vec<Event>> = vec![Vec::new(); topic.partitions().len()];
-        for event in events {
-            let partition = topic.choose_partition(&event.key);
-            chosen.push(partition);
-            groups[partition as usize].push(event);
+        // Each partition's units in request order; partitions in parallel.
+        let mut per_partition: BTreeMap<u32, Vec<Unit>> = BTreeMap::new();
+        for unit in units {
+            per_partition.entry(unit.partition).or_default().push(unit);
         }
-
-        let append_time = now_millis();
-        let appends = groups
-            .into_iter()
-            .enumerate()
-            .filter(|(_, events)| !events.is_empty())
-            .map(|(partition, events)| {
-                let partition = Arc::clone(&topic.partitions()[partition]);
-                async move {
-                    let id = partition.id();
-                    let appended =
-                        tokio::task::spawn_blocking(move || partition.append(events, append_time))
-                            .await
-                            .map_err(BrokerError::from)
-                            .and_then(|appended| appended);
-                    (id, appended)
+        let max_len = self.max_read_bytes;
+        let now = now_millis();
+        let appends = per_partition.into_iter().map(|(p, units)| {
+            let partition = Arc::clone(&topic.partitions()[p as usize]);
+            let group_commit = Arc::clone(&self.group_commit);
+            async move {
+                let writer = Arc::clone(&partition);
+                let stored = tokio::task::spawn_blocking(move || {
+                    let mut done = Vec::with_capacity(units.len());
+                    for unit in units {
+                        if unit.validate {
+                            batch::validate(
+                                unit.batch.compression,
+                                &unit.batch.records,
+                                unit.batch.record_count,
+                                max_len,
+                            )
+                            .map_err(|reason| {
+                                BrokerError::InvalidArgument(format!(
+                                    "batch for partition {}: {reason}",
+                                    unit.partition
+                                ))
+                            })?;
+                        }
+                        let count = u64::from(unit.batch.record_count);
+                        let bytes = unit.batch.records.len() as u64;
+                        let appended = writer.append(unit.batch, now)?;
+                        done.push((unit.origin, appended, count, bytes));
+                    }
+                    Ok::<_, BrokerError>(done)
+                })
+                .await
+                .map_err(BrokerError::from)
+                .and_then(|stored| stored)?;
+                if durable {
+                    let last = stored.iter().map(|(_, appended, count, _)| match appended {
+                        Appended::Stored { next_offset, .. } => *next_offset,
+                        Appended::Duplicate { base_offset } => base_offset + count,
+                    });
+                    if let Some(upto) = last.max() {
+                        group_commit.request(&partition);
+                        partition.wait_durable(upto).await?;
+                    }
                 }
-            });
+                Ok::<_, BrokerError>((p, stored))
+            }
+        });
         let results = futures::future::join_all(appends).await;
 
-        let mut next_offsets = vec![0u64; topic.partitions().len()];
-        let mut first_error = None;
-        let (mut records, mut bytes) = (0, 0);
-        for (partition, result) in results {
-            match result {
-                Ok(appended) => {
-                    next_offsets[partition as usize] = appended.base_offset;
-                    records += appended.records;
-                    bytes += appended.bytes;
-                }
+        let mut positions = vec![RecordPosition::default(); event_count];
+        let mut batch_acks = vec![BatchAck::default(); batch_count];
+        let (mut records, mut bytes, mut first_error) = (0u64, 0u64, None);
+        for result in results {
+            let (p, stored) = match result {
+                Ok(done) => done,
                 Err(error) => {
                     first_error.get_or_insert(error);
+                    continue;
+                }
+            };
+            for (origin, appended, count, size) in stored {
+                let (base_offset, duplicate) = match appended {
+                    Appended::Stored { base_offset, .. } => {
+                        records += count;
+                        bytes += size;
+                        (base_offset, false)
+                    }
+                    Appended::Duplicate { base_offset } => (base_offset, true),
+                };
+                match origin {
+                    Origin::Events(indexes) => {
+                        for (i, offset) in indexes.into_iter().zip(base_offset..) {
+                            positions[i] = RecordPosition {
+                                topic: name.clone(),
+                                partition: p,
+                                offset,
+                            };
+                        }
+                    }
+                    Origin::Batch(i) => {
+                        batch_acks[i] = BatchAck {
+                            partition: p,
+                            base_offset,
+                            duplicate,
+                        };
+                    }
                 }
             }
         }
@@ -198,41 +443,21 @@ impl BrokerService {
             .increment(records);
         metrics::counter!("runnel_broker_bytes_appended_total", "topic" => name.clone())
             .increment(bytes);
-        metrics::histogram!("runnel_broker_produce_seconds")
+        metrics::histogram!("runnel_broker_produce_seconds", "acks" => if durable { "durable" } else { "leader" })
             .record(started.elapsed().as_secs_f64());
         if let Some(error) = first_error {
             if records > 0 {
-                tracing::warn!(records, %error, "produce failed after some partitions appended");
+                tracing::warn!(records, %error, "produce failed after some partitions stored their batches");
             }
             return Err(error);
         }
-
-        let positions = chosen
-            .into_iter()
-            .map(|partition| {
-                let next = &mut next_offsets[partition as usize];
-                let offset = *next;
-                *next += 1;
-                RecordPosition {
-                    topic: name.clone(),
-                    partition,
-                    offset,
-                }
-            })
-            .collect();
-        Ok(ProduceResponse { positions })
+        Ok(ProduceResponse {
+            positions,
+            batch_acks,
+        })
     }
 
-    #[tracing::instrument(
-        name = "fetch",
-        skip_all,
-        fields(
-            topic = %request.topic,
-            partition = request.partition,
-            offset = request.offset,
-            records
-        )
-    )]
+    #[tracing::instrument(name = "fetch", skip_all, fields(topic = %request.topic, partition = request.partition, offset = request.offset))]
     async fn serve_fetch(&self, request: FetchRequest) -> Result<FetchResponse> {
         let topic = self.existing_topic(&request.topic)?;
         let partition = Arc::clone(topic.partition(request.partition)?);
@@ -240,144 +465,215 @@ impl BrokerService {
             0 => DEFAULT_FETCH_RECORDS,
             n => n.min(MAX_FETCH_RECORDS),
         };
-        let (offset, max_bytes) = (request.offset, self.max_read_bytes);
-        let (records, end_offset) =
-            tokio::task::spawn_blocking(move || partition.read(offset, max_records, max_bytes))
-                .await??;
-        tracing::Span::current().record("records", records.len());
-        metrics::counter!(
-            "runnel_broker_fetch_records_total",
-            "topic" => request.topic,
-            "rpc" => "fetch"
-        )
-        .increment(records.len() as u64);
-        Ok(FetchResponse {
-            next_offset: offset + records.len() as u64,
-            records,
-            end_offset,
+        let max_bytes = match request.max_bytes as usize {
+            0 => self.max_read_bytes,
+            n => n.min(self.max_read_bytes),
+        };
+        let (timestamp, as_batches) = (request.timestamp, request.as_batches);
+        let offset = request.offset;
+        let reader = Arc::clone(&partition);
+        let (from, read) = tokio::task::spawn_blocking(move || {
+            let from = match timestamp {
+                Some(ts) => reader.offset_for_time(Millis::from(ts).0)?,
+                None => offset,
+            };
+            reader.read(from, max_bytes).map(|read| (from, read))
         })
+        .await??;
+        let mut response = FetchResponse {
+            next_offset: from,
+            end_offset: read.end,
+            start_offset: read.start,
+            ..FetchResponse::default()
+        };
+        if as_batches {
+            response.next_offset = read.batches.last().map_or(from, |b| b.header.next_offset());
+            response.batches = read
+                .batches
+                .iter()
+                .map(|b| b.to_proto(partition.id()))
+                .collect();
+        } else {
+            let id = partition.id();
+            let records = tokio::task::spawn_blocking(move || {
+                decode_records(&read.batches, id, from, max_records, max_bytes)
+            })
+            .await??;
+            response.next_offset = records.last().map_or(from, |r| r.offset + 1);
+            response.records = records;
+        }
+        let delivered = if as_batches {
+            response.next_offset - from
+        } else {
+            response.records.len() as u64
+        };
+        metrics::counter!("runnel_broker_fetch_records_total", "topic" => request.topic, "rpc" => "fetch").increment(delivered);
+        Ok(response)
     }
 
-    #[tracing::instrument(
-        name = "subscribe",
-        skip_all,
-        fields(topic = %request.topic, partition = request.partition, offset = request.offset)
-    )]
     fn serve_subscribe(
         &self,
         request: SubscribeRequest,
-    ) -> Result<ReceiverStream<Result<Record, Status>>> {
+    ) -> Result<ReceiverStream<std::result::Result<SubscribeResponse, Status>>> {
         let topic = self.existing_topic(&request.topic)?;
-        let partition = Arc::clone(topic.partition(request.partition)?);
-        let end = partition.end_offset();
-        if request.offset > end {
-            return Err(BrokerError::OffsetOutOfRange {
-                topic: request.topic,
-                partition: request.partition,
-                offset: request.offset,
-                start: 0,
-                end,
-            });
-        }
         let (sender, receiver) = mpsc::channel(SUBSCRIBE_BUFFER);
-        let subscription = Subscription {
+        if request.group.is_empty() {
+            let partition = Arc::clone(topic.partition(request.partition)?);
+            let (start, end) = (partition.start_offset(), partition.end_offset());
+            if request.offset < start || request.offset > end {
+                return Err(BrokerError::OffsetOutOfRange {
+                    topic: request.topic,
+                    partition: request.partition,
+                    offset: request.offset,
+                    start,
+                    end,
+                });
+            }
+            let reader = PartitionReader {
+                partition,
+                next: request.offset,
+                max_bytes: self.max_read_bytes,
+                shutdown: self.shutdown.clone(),
+            };
+            tokio::spawn(stream_partition(reader, sender).in_current_span());
+            return Ok(ReceiverStream::new(receiver));
+        }
+        for (field, value) in [("group", &request.group), ("member_id", &request.member_id)] {
+            if value.is_empty() || value.len() > MAX_GROUP_NAME {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "{field} needs 1-{MAX_GROUP_NAME} bytes"
+                )));
+            }
+        }
+        let delivery = runnel_proto::v1::Delivery::try_from(request.delivery).map_err(|_| {
+            BrokerError::InvalidArgument(format!("delivery {} is unknown", request.delivery))
+        })?;
+        let start_from =
+            runnel_proto::v1::StartFrom::try_from(request.start_from).map_err(|_| {
+                BrokerError::InvalidArgument(format!(
+                    "start_from {} is unknown",
+                    request.start_from
+                ))
+            })?;
+        let session_timeout = match request.session_timeout {
+            None => self.session_timeout,
+            Some(d) => {
+                let d = Duration::try_from(d).map_err(|_| {
+                    BrokerError::InvalidArgument("session_timeout must not be negative".into())
+                })?;
+                if !(Duration::from_millis(100)..=MAX_SESSION_TIMEOUT).contains(&d) {
+                    return Err(BrokerError::InvalidArgument(
+                        "session_timeout must be between 100ms and 5m".into(),
+                    ));
+                }
+                d
+            }
+        };
+        let membership = self.coordinator.join(
+            &request.group,
+            topic.name(),
+            topic.partition_count(),
+            &request.member_id,
+            session_timeout,
+            Instant::now(),
+        );
+        let member = MemberStream {
+            membership,
+            partitions: topic.partitions().to_vec(),
+            offsets: Arc::clone(&self.offsets),
+            coordinator: Arc::clone(&self.coordinator),
+            group: request.group,
             topic: request.topic,
-            partition,
-            next: request.offset,
+            member_id: request.member_id,
+            delivery,
+            start_from,
             max_bytes: self.max_read_bytes,
-            sender,
             shutdown: self.shutdown.clone(),
         };
-        tokio::spawn(subscription.run().in_current_span());
+        tokio::spawn(member.run(sender).in_current_span());
         Ok(ReceiverStream::new(receiver))
     }
-}
 
-/// One `Subscribe` stream's reader: sends the partition's records from `next` on, then
-/// waits for more, until the client goes away or the broker stops.
-struct Subscription {
-    topic: String,
-    partition: Arc<Partition>,
-    /// The next offset to send.
-    next: u64,
-    max_bytes: usize,
-    sender: mpsc::Sender<Result<Record, Status>>,
-    shutdown: Shutdown,
-}
-
-impl Subscription {
-    async fn run(mut self) {
-        let gauge = metrics::gauge!("runnel_broker_subscribers", "topic" => self.topic.clone());
-        gauge.increment(1.0);
-        tracing::debug!("subscriber started");
-        let reason = self.deliver().await;
-        gauge.decrement(1.0);
-        tracing::debug!(reason, next_offset = self.next, "subscriber ended");
-    }
-
-    /// Runs until the subscription ends, and says why.
-    async fn deliver(&mut self) -> &'static str {
-        let delivered = metrics::counter!(
-            "runnel_broker_fetch_records_total",
-            "topic" => self.topic.clone(),
-            "rpc" => "subscribe"
-        );
-        let mut end = self.partition.watch_end();
-        loop {
-            // Mark the current end as seen before reading up to it, so an append that
-            // lands while we read wakes the wait below.
-            let available = *end.borrow_and_update();
-            if self.next < available {
-                let partition = Arc::clone(&self.partition);
-                let (next, max_bytes) = (self.next, self.max_bytes);
-                let read = tokio::task::spawn_blocking(move || {
-                    partition.read(next, SUBSCRIBE_BATCH, max_bytes)
-                })
-                .await
-                .map_err(BrokerError::from)
-                .and_then(|read| read);
-                let records = match read {
-                    Ok((records, _)) => records,
-                    Err(error) => {
-                        let _ = self.sender.send(Err(error.into())).await;
-                        return "read failed";
-                    }
-                };
-                for record in records {
-                    let offset = record.offset;
-                    tokio::select! {
-                        sent = self.sender.send(Ok(record)) => {
-                            if sent.is_err() {
-                                return "client gone";
-                            }
-                        }
-                        () = self.shutdown.wait() => return self.stopping(),
-                    }
-                    self.next = offset + 1;
-                    delivered.increment(1);
-                }
-                continue;
+    #[tracing::instrument(name = "commit_offsets", skip_all, fields(group = %request.group, topic = %request.topic, member = %request.member_id))]
+    async fn serve_commit(&self, request: CommitOffsetsRequest) -> Result<CommitOffsetsResponse> {
+        let topic = self.existing_topic(&request.topic)?;
+        let mut offsets = BTreeMap::new();
+        for (i, o) in request.offsets.iter().enumerate() {
+            let partition = topic.partition(o.partition).map_err(|e| {
+                BrokerError::InvalidArgument(format!("offsets[{i}].partition: {e}"))
+            })?;
+            if o.offset > partition.end_offset() {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "offsets[{i}].offset {} is beyond partition {}'s end offset {}",
+                    o.offset,
+                    o.partition,
+                    partition.end_offset()
+                )));
             }
-            tokio::select! {
-                changed = end.changed() => {
-                    if changed.is_err() {
-                        return "partition closed";
-                    }
-                }
-                () = self.sender.closed() => return "client gone",
-                () = self.shutdown.wait() => return self.stopping(),
+            offsets.insert(o.partition, o.offset);
+        }
+        self.coordinator.heartbeat(
+            &request.group,
+            topic.name(),
+            &request.member_id,
+            request.generation,
+            offsets.keys().copied(),
+            Instant::now(),
+        )?;
+        let committed = if offsets.is_empty() {
+            self.offsets.committed(&request.group, topic.name())
+        } else {
+            let store = Arc::clone(&self.offsets);
+            let (group, name) = (request.group.clone(), topic.name().to_owned());
+            tokio::task::spawn_blocking(move || store.commit(&group, &name, &offsets)).await??
+        };
+        for (&p, &offset) in &committed {
+            if let Ok(partition) = topic.partition(p) {
+                metrics::gauge!("runnel_broker_consumer_lag", "group" => request.group.clone(), "topic" => request.topic.clone(), "partition" => p.to_string())
+                    .set(partition.end_offset().saturating_sub(offset) as f64);
             }
         }
+        Ok(CommitOffsetsResponse {
+            committed: committed
+                .into_iter()
+                .map(|(partition, offset)| PartitionOffset { partition, offset })
+                .collect(),
+        })
     }
+}
 
-    /// Tells the client the stream ends because the broker stops (so it reconnects rather
-    /// than assume the partition ended), without waiting on a full buffer.
-    fn stopping(&self) -> &'static str {
-        let _ = self.sender.try_send(Err(Status::unavailable(
-            "the broker is shutting down; resubscribe",
-        )));
-        "shutdown"
+/// The records of `batches` from `from` on: at most `max_records`, and no more than
+/// `max_bytes` as encoded in a response unless the first one alone is bigger.
+fn decode_records(
+    batches: &[StoredBatch],
+    partition: u32,
+    from: u64,
+    max_records: usize,
+    max_bytes: usize,
+) -> Result<Vec<Record>> {
+    let mut records = Vec::new();
+    let mut bytes = 0usize;
+    for batch in batches {
+        let decoded = batch
+            .records(partition, from)
+            .map_err(|reason| BrokerError::Corrupt {
+                path: format!("partition {partition}").into(),
+                position: batch.header.base_offset,
+                reason,
+            })?;
+        for record in decoded {
+            let size = {
+                let n = record.encoded_len();
+                1 + prost::length_delimiter_len(n) + n
+            };
+            if records.len() >= max_records || (!records.is_empty() && bytes + size > max_bytes) {
+                return Ok(records);
+            }
+            bytes += size;
+            records.push(record);
+        }
     }
+    Ok(records)
 }
 
 #[tonic::async_trait]
@@ -398,6 +694,15 @@ impl Broker for BrokerService {
         Ok(Response::new(self.serve_list_topics()))
     }
 
+    async fn describe_topic(
+        &self,
+        request: Request<DescribeTopicRequest>,
+    ) -> std::result::Result<Response<TopicDescription>, Status> {
+        Ok(Response::new(
+            self.serve_describe_topic(request.into_inner())?,
+        ))
+    }
+
     async fn produce(
         &self,
         request: Request<ProduceRequest>,
@@ -414,12 +719,21 @@ impl Broker for BrokerService {
         Ok(Response::new(self.serve_fetch(request.into_inner()).await?))
     }
 
-    type SubscribeStream = ReceiverStream<Result<Record, Status>>;
+    type SubscribeStream = ReceiverStream<std::result::Result<SubscribeResponse, Status>>;
 
     async fn subscribe(
         &self,
         request: Request<SubscribeRequest>,
     ) -> std::result::Result<Response<Self::SubscribeStream>, Status> {
         Ok(Response::new(self.serve_subscribe(request.into_inner())?))
+    }
+
+    async fn commit_offsets(
+        &self,
+        request: Request<CommitOffsetsRequest>,
+    ) -> std::result::Result<Response<CommitOffsetsResponse>, Status> {
+        Ok(Response::new(
+            self.serve_commit(request.into_inner()).await?,
+        ))
     }
 }

@@ -1,8 +1,8 @@
 //! Every topic of this broker, and its on-disk layout:
 //!
 //! ```text
-//! <data_dir>/topics/<topic>/topic.meta                       name + partition count
-//! <data_dir>/topics/<topic>/<partition>/00000000000000000000.log  the partition's records
+//! <data_dir>/topics/<topic>/topic.meta                name, partition count, retention
+//! <data_dir>/topics/<topic>/<partition>/…             the partition's segments (see `partition`)
 //! <data_dir>/staging/<topic>/…                               a topic being created
 //! ```
 //!
@@ -14,9 +14,8 @@
 //! partition is damage the broker will not guess about: it refuses to start.
 
 use crate::error::{BrokerError, Result};
-use crate::partition::{Partition, PartitionLog};
-use crate::topic::{self, Topic, TopicMeta};
-use runnel_log::FsyncPolicy;
+use crate::partition::{LogSettings, Partition, PartitionLog, Retention, sync_dir};
+use crate::topic::{self, RetentionOverride, Topic, TopicMeta};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -34,7 +33,9 @@ pub(crate) struct Topics {
     root: PathBuf,
     /// `<data_dir>/staging`.
     staging: PathBuf,
-    policy: FsyncPolicy,
+    settings: LogSettings,
+    /// Retention for topics that do not set their own.
+    defaults: Retention,
     /// Sorted by name, so listing needs no sort. Held only briefly and never across an
     /// `.await`.
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
@@ -46,7 +47,11 @@ pub(crate) struct Topics {
 impl Topics {
     /// Blocking: opens `data_dir` (creating it if needed), clears unfinished creations and
     /// recovers every topic.
-    pub(crate) fn open(data_dir: &Path, policy: FsyncPolicy) -> Result<Topics> {
+    pub(crate) fn open(
+        data_dir: &Path,
+        settings: LogSettings,
+        defaults: Retention,
+    ) -> Result<Topics> {
         let root = data_dir.join("topics");
         let staging = data_dir.join("staging");
         for dir in [&root, &staging] {
@@ -83,7 +88,7 @@ impl Topics {
                 tracing::warn!(path = %path.display(), "ignoring something that is not a topic");
                 continue;
             }
-            let topic = open_topic(&path, &name, policy)?;
+            let topic = open_topic(&path, &name, &settings)?;
             records += topic
                 .partitions()
                 .iter()
@@ -102,7 +107,8 @@ impl Topics {
         Ok(Topics {
             root,
             staging,
-            policy,
+            settings,
+            defaults,
             topics: RwLock::new(topics),
             creating: tokio::sync::Mutex::new(()),
         })
@@ -111,6 +117,11 @@ impl Topics {
     /// The topic called `name`, if it exists.
     pub(crate) fn get(&self, name: &str) -> Option<Arc<Topic>> {
         self.read().get(name).cloned()
+    }
+
+    /// Retention for topics that do not set their own.
+    pub(crate) fn default_retention(&self) -> Retention {
+        self.defaults
     }
 
     /// Every topic, sorted by name.
@@ -127,6 +138,7 @@ impl Topics {
         self: &Arc<Self>,
         name: &str,
         partitions: u32,
+        retention: RetentionOverride,
     ) -> Result<Arc<Topic>> {
         let this = Arc::clone(self);
         let name = name.to_owned();
@@ -137,9 +149,10 @@ impl Topics {
             }
             let builder = Arc::clone(&this);
             let (topic_name, count) = (name.clone(), partitions);
-            let topic =
-                tokio::task::spawn_blocking(move || builder.create_on_disk(&topic_name, count))
-                    .await??;
+            let topic = tokio::task::spawn_blocking(move || {
+                builder.create_on_disk(&topic_name, count, retention)
+            })
+            .await??;
             let topic = Arc::new(topic);
             this.write().insert(name.clone(), Arc::clone(&topic));
             tracing::info!(topic = %name, partitions, "topic created");
@@ -157,7 +170,10 @@ impl Topics {
         if let Some(topic) = self.get(name) {
             return Ok(topic);
         }
-        match self.create(name, partitions).await {
+        match self
+            .create(name, partitions, RetentionOverride::default())
+            .await
+        {
             // Someone else created it between our look and our lock.
             Err(BrokerError::TopicExists(_)) => self
                 .get(name)
@@ -170,6 +186,27 @@ impl Topics {
     /// and the rest still synced; the first is returned.
     pub(crate) fn sync_due(&self) -> Result<()> {
         self.each_partition(|p| p.sync_if_due())
+    }
+
+    /// Blocking: applies each topic's retention to its partitions, logging failures and
+    /// going on with the rest. Returns how many segments were deleted.
+    pub(crate) fn enforce_retention(&self, now: runnel_proto::Millis) -> usize {
+        let mut deleted = 0;
+        for topic in self.list() {
+            let retention = topic.retention(self.defaults);
+            for partition in topic.partitions() {
+                match partition.enforce_retention(retention, now) {
+                    Ok(n) => deleted += n,
+                    Err(error) => tracing::error!(
+                        topic = topic.name(),
+                        partition = partition.id(),
+                        %error,
+                        "retention failed"
+                    ),
+                }
+            }
+        }
+        deleted
     }
 
     /// Blocking: syncs every partition now (at shutdown).
@@ -196,7 +233,12 @@ impl Topics {
     }
 
     /// Blocking: builds the topic in `staging/`, then renames it into `topics/`.
-    fn create_on_disk(&self, name: &str, partitions: u32) -> Result<Topic> {
+    fn create_on_disk(
+        &self,
+        name: &str,
+        partitions: u32,
+        retention: RetentionOverride,
+    ) -> Result<Topic> {
         let building = self.staging.join(name);
         if building.exists() {
             fs::remove_dir_all(&building).map_err(BrokerError::io(&building))?;
@@ -206,14 +248,15 @@ impl Topics {
             let dir = building.join(partition.to_string());
             fs::create_dir(&dir).map_err(BrokerError::io(&dir))?;
             // Opening creates the file with its header; the sync makes that durable.
-            let mut log = PartitionLog::open(&dir, name, partition, self.policy)?;
-            log.sync()?;
+            // Opening creates the first segment with its header, synced.
+            let log = PartitionLog::open(&dir, name, partition, self.settings.clone())?;
             drop(log);
             sync_dir(&dir)?;
         }
         let meta = TopicMeta {
             name: name.to_owned(),
             partitions,
+            retention,
         };
         let meta_path = building.join(META_FILE);
         let json = serde_json::to_vec(&meta).map_err(|error| BrokerError::Io {
@@ -232,7 +275,7 @@ impl Topics {
         fs::rename(&building, &target).map_err(BrokerError::io(&target))?;
         sync_dir(&self.root)?;
         sync_dir(&self.staging)?;
-        open_topic(&target, name, self.policy)
+        open_topic(&target, name, &self.settings)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Topic>>> {
@@ -251,7 +294,7 @@ impl Topics {
 }
 
 /// Blocking: reads `dir/topic.meta` and recovers every partition.
-fn open_topic(dir: &Path, name: &str, policy: FsyncPolicy) -> Result<Topic> {
+fn open_topic(dir: &Path, name: &str, settings: &LogSettings) -> Result<Topic> {
     let meta_path = dir.join(META_FILE);
     let corrupt = |reason: String| BrokerError::Corrupt {
         path: meta_path.clone(),
@@ -276,19 +319,12 @@ fn open_topic(dir: &Path, name: &str, policy: FsyncPolicy) -> Result<Topic> {
         if !partition_dir.is_dir() {
             return Err(corrupt(format!("partition {partition} is missing")));
         }
-        let log = PartitionLog::open(&partition_dir, name, partition, policy)?;
+        let log = PartitionLog::open(&partition_dir, name, partition, settings.clone())?;
         partitions.push(Partition::new(log));
     }
-    Ok(Topic::new(meta.name, partitions))
+    Ok(Topic::new(meta.name, partitions, meta.retention))
 }
 
 fn read_dir(dir: &Path) -> Result<fs::ReadDir> {
     fs::read_dir(dir).map_err(BrokerError::io(dir))
-}
-
-/// Makes a directory's entries (files created, renamed or removed in it) durable.
-fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(BrokerError::io(dir))
 }

@@ -5,7 +5,7 @@ use runnel_broker::{BrokerConfig, BrokerError, partition_for_key};
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::{
     CreateTopicRequest, Event, FetchRequest, ListTopicsRequest, ProduceRequest, Record,
-    SubscribeRequest,
+    SubscribeRequest, SubscribeResponse, subscribe_response,
 };
 use runnel_server::{Listeners, ShutdownTrigger};
 use std::collections::BTreeMap;
@@ -103,6 +103,7 @@ async fn create(client: &mut Client, name: &str, partitions: u32) -> Result<(), 
         .create_topic(CreateTopicRequest {
             name: name.into(),
             partitions,
+            ..Default::default()
         })
         .await
         .map(|_| ())
@@ -117,6 +118,7 @@ async fn fetch_all(client: &mut Client, topic: &str, partition: u32) -> Vec<Reco
                 partition,
                 offset: records.len() as u64,
                 max_records: 7,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -143,6 +145,7 @@ async fn create_and_list_topics() {
         .create_topic(CreateTopicRequest {
             name: "zeta".into(),
             partitions: 3,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -178,6 +181,7 @@ async fn create_and_list_topics() {
         .produce(ProduceRequest {
             topic: "alpha".into(),
             events: keyed_events(5),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -251,6 +255,7 @@ async fn bad_requests_are_invalid_arguments_naming_the_field() {
     let produce = |topic: &str, events: Vec<Event>| ProduceRequest {
         topic: topic.into(),
         events,
+        ..Default::default()
     };
     invalid(
         client.produce(produce("t", vec![])).await.unwrap_err(),
@@ -282,12 +287,14 @@ async fn bad_requests_are_invalid_arguments_naming_the_field() {
         partition,
         offset,
         max_records: 0,
+        ..Default::default()
     };
     invalid(client.fetch(fetch(2, 0)).await.unwrap_err(), "partition 2");
     let subscribe = SubscribeRequest {
         topic: "t".into(),
         partition: 9,
         offset: 0,
+        ..Default::default()
     };
     invalid(
         client.subscribe(subscribe).await.unwrap_err(),
@@ -316,6 +323,7 @@ async fn unknown_topics_are_not_found_unless_auto_created() {
         .produce(ProduceRequest {
             topic: "missing".into(),
             events: keyed_events(1),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -326,6 +334,7 @@ async fn unknown_topics_are_not_found_unless_auto_created() {
             partition: 0,
             offset: 0,
             max_records: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -338,6 +347,7 @@ async fn unknown_topics_are_not_found_unless_auto_created() {
         .produce(ProduceRequest {
             topic: "auto".into(),
             events: keyed_events(4),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -373,6 +383,7 @@ async fn produce_partitions_by_key_and_fetch_returns_every_event() {
         .produce(ProduceRequest {
             topic: "readings".into(),
             events: events.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -428,6 +439,7 @@ async fn produce_partitions_by_key_and_fetch_returns_every_event() {
             partition: 0,
             offset: end,
             max_records: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -440,6 +452,7 @@ async fn produce_partitions_by_key_and_fetch_returns_every_event() {
             partition: 0,
             offset: end + 1,
             max_records: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -464,6 +477,7 @@ async fn fetch_answers_stay_under_the_message_limit() {
             .produce(ProduceRequest {
                 topic: "big".into(),
                 events: pair.to_vec(),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -475,6 +489,7 @@ async fn fetch_answers_stay_under_the_message_limit() {
             partition: 0,
             offset: 0,
             max_records: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -493,6 +508,7 @@ async fn fetch_answers_stay_under_the_message_limit() {
         .produce(ProduceRequest {
             topic: "big".into(),
             events: vec![event("huge", "k", &[0; 70_000])],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -501,12 +517,36 @@ async fn fetch_answers_stay_under_the_message_limit() {
     stop(trigger, handle).await;
 }
 
-async fn next_record(stream: &mut tonic::Streaming<Record>) -> Record {
-    tokio::time::timeout(Duration::from_secs(5), stream.next())
-        .await
-        .expect("a record within 5s")
-        .expect("the stream is open")
-        .expect("a record, not an error")
+/// A subscription, record by record.
+struct Records {
+    stream: tonic::Streaming<SubscribeResponse>,
+    buffered: std::collections::VecDeque<Record>,
+}
+
+impl Records {
+    fn new(stream: tonic::Streaming<SubscribeResponse>) -> Records {
+        Records {
+            stream,
+            buffered: Default::default(),
+        }
+    }
+}
+
+async fn next_record(records: &mut Records) -> Record {
+    while records.buffered.is_empty() {
+        let message = tokio::time::timeout(Duration::from_secs(5), records.stream.next())
+            .await
+            .expect("a record within 5s")
+            .expect("the stream is open")
+            .expect("a record, not an error");
+        match message.message {
+            Some(subscribe_response::Message::Records(chunk)) => {
+                records.buffered.extend(chunk.records)
+            }
+            other => panic!("expected records, got {other:?}"),
+        }
+    }
+    records.buffered.pop_front().unwrap()
 }
 
 #[tokio::test]
@@ -520,6 +560,7 @@ async fn subscribe_delivers_history_then_new_records() {
         .produce(ProduceRequest {
             topic: "live".into(),
             events: history.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -529,20 +570,23 @@ async fn subscribe_delivers_history_then_new_records() {
             topic: "live".into(),
             partition: 0,
             offset: 4,
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
 
-    let mut stream = client
+    let stream = client
         .subscribe(SubscribeRequest {
             topic: "live".into(),
             partition: 0,
             offset: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
+    let mut stream = Records::new(stream);
     for (offset, event) in history.iter().enumerate() {
         let record = next_record(&mut stream).await;
         assert_eq!(record.offset, offset as u64);
@@ -555,6 +599,7 @@ async fn subscribe_delivers_history_then_new_records() {
         .produce(ProduceRequest {
             topic: "live".into(),
             events: vec![later.clone()],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -565,7 +610,7 @@ async fn subscribe_delivers_history_then_new_records() {
     // Shutdown ends the stream (with UNAVAILABLE, so the client knows to resubscribe)
     // instead of holding the drain open.
     trigger.trigger();
-    let end = tokio::time::timeout(Duration::from_secs(5), stream.next())
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.stream.next())
         .await
         .expect("the stream ends on shutdown");
     match end {
@@ -591,6 +636,7 @@ async fn a_restart_keeps_everything_acknowledged_and_never_reuses_an_offset() {
         .produce(ProduceRequest {
             topic: "durable".into(),
             events: before.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -632,6 +678,7 @@ async fn a_restart_keeps_everything_acknowledged_and_never_reuses_an_offset() {
         .produce(ProduceRequest {
             topic: "durable".into(),
             events: after,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -64,6 +64,7 @@ impl IngestService {
         let produce = ProduceRequest {
             topic: self.topic.clone(),
             events: request.events,
+            ..Default::default()
         };
         let positions = self
             .broker

@@ -113,6 +113,7 @@ async fn receipts_say_where_the_broker_wrote_each_event() {
                 partition: position.partition,
                 offset: position.offset,
                 max_records: 1,
+                ..Default::default()
             })
             .await
             .unwrap()
