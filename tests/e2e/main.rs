@@ -53,7 +53,7 @@ pub(crate) fn clock_events(tag: &str, at_ms: i64) -> Vec<Event> {
         .map(|partition| {
             let key = (0..)
                 .map(|i| format!("clock-{i}"))
-                .find(|key| runnel_broker::partition_for_key(key, PARTITIONS) == partition)
+                .find(|key| runnel_proto::partition_for_key(key, PARTITIONS) == partition)
                 .expect("some key lands on every partition");
             event(&format!("{tag}-{key}"), &key, at_ms, None)
         })

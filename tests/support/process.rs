@@ -14,7 +14,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 /// Partitions of the topics the broker creates on first use. Tests that need an event on
-/// every partition pick keys with `runnel_broker::partition_for_key`.
+/// every partition pick keys with `runnel_proto::partition_for_key`.
 pub const PARTITIONS: u32 = 4;
 
 /// How long a service may take to print its addresses and then report SERVING.

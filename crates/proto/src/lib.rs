@@ -17,9 +17,11 @@ pub mod v1 {
 }
 
 pub mod json;
+mod partitioning;
 pub mod records;
 mod time;
 
+pub use partitioning::partition_for_key;
 pub use time::{Millis, now_millis};
 
 /// The encoded `FileDescriptorSet` of `runnel.v1`, for gRPC server reflection.

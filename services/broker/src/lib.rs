@@ -3,7 +3,7 @@
 //!
 //! A topic has a fixed number of partitions; each partition is a log of record batches in
 //! segments, numbered by offset from 0. Producers send events (a keyed event always goes to
-//! the partition its key hashes to, see [`partition_for_key`], so one key's events keep
+//! the partition its key hashes to, see [`runnel_proto::partition_for_key`], so one key's events keep
 //! their order) or pre-encoded batches with a producer id and sequence, which makes their
 //! retries free of duplicates. Consumers read a partition from an offset or a time with
 //! `Fetch`, follow it live with `Subscribe`, or join a consumer group that shares a topic's
@@ -35,7 +35,6 @@ mod topics;
 
 pub use config::BrokerConfig;
 pub use error::BrokerError;
-pub use partitioner::partition_for_key;
 pub use segment::SegmentError;
 
 use durability::GroupCommit;
@@ -72,6 +71,11 @@ pub async fn run(
     );
     let coordinator = Arc::new(Coordinator::default());
     let group_commit = Arc::new(GroupCommit::default());
+    // Retention is due at start too: a broker that was down for a week must not serve a
+    // week of expired records until its first check.
+    let expired = Arc::clone(&topics);
+    let now = runnel_proto::now_millis();
+    tokio::task::spawn_blocking(move || expired.enforce_retention(now)).await?;
 
     // Background work runs until the drain is over: producers still in flight may be
     // waiting on a group commit.

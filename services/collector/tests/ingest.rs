@@ -104,7 +104,7 @@ async fn receipts_say_where_the_broker_wrote_each_event() {
         assert_eq!(position.topic, "events");
         assert_eq!(
             position.partition,
-            runnel_broker::partition_for_key(&event.key, 4)
+            runnel_proto::partition_for_key(&event.key, 4)
         );
         let stored = stack
             .broker

@@ -1,7 +1,11 @@
 //! The broker over real gRPC: `run()` in-process on ephemeral ports, driven by the
-//! generated `BrokerClient`.
+//! generated `BrokerClient` and the client SDK.
 
-use runnel_broker::{BrokerConfig, BrokerError, partition_for_key};
+mod groups;
+mod log;
+
+use runnel_broker::{BrokerConfig, BrokerError};
+use runnel_proto::partition_for_key;
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::{
     CreateTopicRequest, Event, FetchRequest, ListTopicsRequest, ProduceRequest, Record,

@@ -1,0 +1,240 @@
+//! A consumer-group member.
+//!
+//! It subscribes with the group and its member id, follows the assignments the broker
+//! sends, heartbeats in the background with the latest generation it has seen, and commits
+//! offsets under that generation. Records come in chunks tagged with the generation they
+//! were sent under; [`GroupConsumer::next`] hands on only those of the current one.
+
+use crate::ClientError;
+use runnel_proto::v1::broker_client::BrokerClient;
+use runnel_proto::v1::subscribe_response::Message;
+use runnel_proto::v1::{
+    CommitOffsetsRequest, Delivery, PartitionOffset, Record, StartFrom, SubscribeRequest,
+    SubscribeResponse,
+};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+/// How a [`GroupConsumer`] takes part in its group.
+#[derive(Debug, Clone)]
+pub struct ConsumerOptions {
+    /// This member's id; a random one if `None`.
+    pub member_id: Option<String>,
+    /// At least once (commit after processing) or at most once (the broker commits).
+    pub delivery: Delivery,
+    /// Where a partition without a committed offset starts.
+    pub start_from: StartFrom,
+    /// How long the member may go without a heartbeat; heartbeats go every third of it.
+    pub session_timeout: Duration,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        ConsumerOptions {
+            member_id: None,
+            delivery: Delivery::AtLeastOnce,
+            start_from: StartFrom::Earliest,
+            session_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the stream brought.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GroupEvent {
+    /// From now on the member owns these partitions.
+    Assigned {
+        /// The assignment's generation; commits carry it.
+        generation: u64,
+        /// The partitions owned.
+        partitions: Vec<u32>,
+    },
+    /// Records of one owned partition, in offset order.
+    Records {
+        /// The partition.
+        partition: u32,
+        /// The records.
+        records: Vec<Record>,
+    },
+}
+
+/// A member of a consumer group.
+#[derive(Debug)]
+pub struct GroupConsumer {
+    broker: BrokerClient<Channel>,
+    group: String,
+    topic: String,
+    member_id: String,
+    stream: Streaming<SubscribeResponse>,
+    generation: Arc<AtomicU64>,
+    assigned: Vec<u32>,
+    heartbeats: JoinHandle<()>,
+}
+
+impl Drop for GroupConsumer {
+    fn drop(&mut self) {
+        self.heartbeats.abort();
+    }
+}
+
+impl GroupConsumer {
+    /// Joins `group` on `topic`.
+    pub async fn join(
+        mut broker: BrokerClient<Channel>,
+        group: &str,
+        topic: &str,
+        options: ConsumerOptions,
+    ) -> Result<GroupConsumer, ClientError> {
+        let member_id = options
+            .member_id
+            .clone()
+            .unwrap_or_else(|| format!("member-{:016x}", rand::random::<u64>()));
+        let request = SubscribeRequest {
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            member_id: member_id.clone(),
+            delivery: options.delivery as i32,
+            start_from: options.start_from as i32,
+            session_timeout: Some(prost_duration(options.session_timeout)),
+            ..SubscribeRequest::default()
+        };
+        let stream = broker
+            .subscribe(request)
+            .await
+            .map_err(ClientError::Broker)?
+            .into_inner();
+        let generation = Arc::new(AtomicU64::new(0));
+        let heartbeats = tokio::spawn(heartbeat(
+            broker.clone(),
+            CommitOffsetsRequest {
+                group: group.to_owned(),
+                topic: topic.to_owned(),
+                member_id: member_id.clone(),
+                ..CommitOffsetsRequest::default()
+            },
+            Arc::clone(&generation),
+            options.session_timeout / 3,
+        ));
+        Ok(GroupConsumer {
+            broker,
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            member_id,
+            stream,
+            generation,
+            assigned: Vec::new(),
+            heartbeats,
+        })
+    }
+
+    /// This member's id.
+    pub fn member_id(&self) -> &str {
+        &self.member_id
+    }
+
+    /// The generation of the current assignment (0 before the first).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The partitions this member owns.
+    pub fn assigned(&self) -> &[u32] {
+        &self.assigned
+    }
+
+    /// The next assignment or records; `None` when the broker ended the stream. An error
+    /// is the broker's reason for ending it (ABORTED: the member was removed from the
+    /// group; UNAVAILABLE: the broker is stopping).
+    pub async fn next(&mut self) -> Result<Option<GroupEvent>, ClientError> {
+        loop {
+            let Some(message) = self.stream.message().await.map_err(ClientError::Broker)? else {
+                return Ok(None);
+            };
+            match message.message {
+                Some(Message::Assignment(assignment)) => {
+                    self.generation
+                        .store(assignment.generation, Ordering::Release);
+                    self.assigned = assignment.partitions.clone();
+                    return Ok(Some(GroupEvent::Assigned {
+                        generation: assignment.generation,
+                        partitions: assignment.partitions,
+                    }));
+                }
+                Some(Message::Records(chunk)) => {
+                    // Sent under an assignment this member has already moved past.
+                    if chunk.generation != self.generation()
+                        || !self.assigned.contains(&chunk.partition)
+                    {
+                        continue;
+                    }
+                    return Ok(Some(GroupEvent::Records {
+                        partition: chunk.partition,
+                        records: chunk.records,
+                    }));
+                }
+                None => continue,
+            }
+        }
+    }
+
+    /// Commits `offsets` (partition → the next offset to read) under the current
+    /// generation, and returns the group's committed offsets after it.
+    pub async fn commit(
+        &mut self,
+        offsets: &[(u32, u64)],
+    ) -> Result<BTreeMap<u32, u64>, ClientError> {
+        let request = CommitOffsetsRequest {
+            group: self.group.clone(),
+            topic: self.topic.clone(),
+            member_id: self.member_id.clone(),
+            generation: self.generation(),
+            offsets: offsets
+                .iter()
+                .map(|&(partition, offset)| PartitionOffset { partition, offset })
+                .collect(),
+        };
+        let committed = self
+            .broker
+            .commit_offsets(request)
+            .await
+            .map_err(ClientError::Broker)?
+            .into_inner()
+            .committed;
+        Ok(committed
+            .into_iter()
+            .map(|o| (o.partition, o.offset))
+            .collect())
+    }
+}
+
+/// Heartbeats every `every` with the latest generation, until the consumer is dropped.
+async fn heartbeat(
+    mut broker: BrokerClient<Channel>,
+    mut request: CommitOffsetsRequest,
+    generation: Arc<AtomicU64>,
+    every: Duration,
+) {
+    let mut ticker = tokio::time::interval(every.max(Duration::from_millis(10)));
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        request.generation = generation.load(Ordering::Acquire);
+        if let Err(status) = broker.commit_offsets(request.clone()).await {
+            // A rebalance the member has not read yet, or a broker restart: the next beat
+            // tries again; the stream tells the member if it was removed.
+            tracing::debug!(code = ?status.code(), error = status.message(), "heartbeat refused");
+        }
+    }
+}
+
+fn prost_duration(duration: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: duration.as_secs() as i64,
+        nanos: duration.subsec_nanos() as i32,
+    }
+}

@@ -1,0 +1,42 @@
+//! A client for Runnel's broker: an idempotent [`Producer`] that stores every event
+//! exactly once however often it has to retry, and a [`GroupConsumer`] that takes part in
+//! a consumer group — following its assignment, heartbeating, committing.
+//!
+//! Both speak the broker's gRPC API (`runnel.v1.Broker`) and nothing else; they are what
+//! the collector, the benchmarks and the tests use, and what an application embedding
+//! Runnel would.
+
+mod consumer;
+mod producer;
+
+pub use consumer::{ConsumerOptions, GroupConsumer, GroupEvent};
+pub use producer::{Producer, ProducerOptions};
+
+use tonic::Code;
+
+/// What can go wrong talking to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The broker refused the call, or could not be reached for longer than the client
+    /// retries.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Broker(tonic::Status),
+    /// The topic has a different shape than the client expects.
+    #[error("{0}")]
+    Topic(String),
+}
+
+/// Whether a call that failed with `code` may succeed if made again unchanged: the broker
+/// was unreachable, overloaded or restarting. Everything else is an answer.
+pub fn retriable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Unknown
+            | Code::ResourceExhausted
+            | Code::Internal
+            | Code::Aborted
+    )
+}

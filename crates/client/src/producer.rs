@@ -1,0 +1,239 @@
+//! The idempotent producer.
+//!
+//! It partitions events itself (by key, with the contract's hash, or round-robin without
+//! one), sends each partition's share as one batch stamped with the producer's id and the
+//! partition's next sequence number, and — when the broker cannot be reached, or a call
+//! fails in a way that may not have been final — sends the very same batches again until
+//! they are acknowledged. The broker recognises a batch it already stored and answers with
+//! its original offsets, so every event is stored exactly once, across broker crashes
+//! included. One call is in flight per producer at a time, which keeps each partition's
+//! sequence in order.
+
+use crate::{ClientError, retriable};
+use runnel_proto::v1::broker_client::BrokerClient;
+use runnel_proto::v1::{
+    Acks, BatchAck, Compression, CreateTopicRequest, DescribeTopicRequest, Event, ProduceRequest,
+    RecordBatch, RecordPosition,
+};
+use runnel_proto::{partition_for_key, records};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+/// How a [`Producer`] sends.
+#[derive(Debug, Clone)]
+pub struct ProducerOptions {
+    /// When the broker acknowledges.
+    pub acks: Acks,
+    /// How batches are compressed.
+    pub compression: Compression,
+    /// How long to keep resending a batch the broker has not acknowledged before giving up.
+    pub retry_for: Duration,
+    /// The longest one call may take.
+    pub call_timeout: Duration,
+    /// Create the topic with this many partitions if it does not exist.
+    pub create_partitions: Option<u32>,
+}
+
+impl Default for ProducerOptions {
+    fn default() -> Self {
+        ProducerOptions {
+            acks: Acks::Durable,
+            compression: Compression::None,
+            retry_for: Duration::from_secs(60),
+            call_timeout: Duration::from_secs(10),
+            create_partitions: None,
+        }
+    }
+}
+
+/// An idempotent producer for one topic.
+#[derive(Debug)]
+pub struct Producer {
+    broker: BrokerClient<Channel>,
+    topic: String,
+    partitions: u32,
+    producer_id: u64,
+    /// Per partition, the sequence of the next record.
+    next_sequence: Vec<u64>,
+    /// The next round-robin partition for events without a key.
+    round_robin: u32,
+    options: ProducerOptions,
+}
+
+impl Producer {
+    /// A producer for `topic` with a fresh random id, after learning how many partitions
+    /// the topic has (creating it if the options say so).
+    pub async fn new(
+        mut broker: BrokerClient<Channel>,
+        topic: &str,
+        options: ProducerOptions,
+    ) -> Result<Producer, ClientError> {
+        let describe = DescribeTopicRequest {
+            name: topic.to_owned(),
+        };
+        let described = match broker.describe_topic(describe.clone()).await {
+            Err(status)
+                if status.code() == Code::NotFound && options.create_partitions.is_some() =>
+            {
+                let create = CreateTopicRequest {
+                    name: topic.to_owned(),
+                    partitions: options.create_partitions.unwrap_or(1),
+                    retention: None,
+                };
+                match broker.create_topic(create).await {
+                    Ok(_) => {}
+                    Err(status) if status.code() == Code::AlreadyExists => {}
+                    Err(status) => return Err(ClientError::Broker(status)),
+                }
+                broker.describe_topic(describe).await
+            }
+            other => other,
+        }
+        .map_err(ClientError::Broker)?
+        .into_inner();
+        let partitions = described
+            .topic
+            .map(|t| t.partitions.len() as u32)
+            .filter(|n| *n > 0)
+            .ok_or_else(|| ClientError::Topic(format!("topic {topic:?} has no partitions")))?;
+        Ok(Producer {
+            broker,
+            topic: topic.to_owned(),
+            partitions,
+            // Never 0, which means "not idempotent".
+            producer_id: rand::random::<u64>().max(1),
+            next_sequence: vec![0; partitions as usize],
+            round_robin: 0,
+            options,
+        })
+    }
+
+    /// This producer's id.
+    pub fn producer_id(&self) -> u64 {
+        self.producer_id
+    }
+
+    /// The topic's partition count.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// The partition an event with `key` goes to.
+    pub fn partition_of(&mut self, key: &str) -> u32 {
+        if key.is_empty() {
+            self.round_robin = (self.round_robin + 1) % self.partitions;
+            self.round_robin
+        } else {
+            partition_for_key(key, self.partitions)
+        }
+    }
+
+    /// Stores `events` — one batch per partition, in one call — and answers with where each
+    /// one is, in order. Retries until every batch is acknowledged or `retry_for` runs out.
+    pub async fn send(&mut self, events: Vec<Event>) -> Result<Vec<RecordPosition>, ClientError> {
+        let mut shares: Vec<Vec<usize>> = vec![Vec::new(); self.partitions as usize];
+        for (i, event) in events.iter().enumerate() {
+            let partition = self.partition_of(&event.key);
+            shares[partition as usize].push(i);
+        }
+        let mut batches = Vec::new();
+        let mut indexes = Vec::new();
+        for (partition, share) in shares.into_iter().enumerate() {
+            if share.is_empty() {
+                continue;
+            }
+            let chosen: Vec<Event> = share.iter().map(|&i| events[i].clone()).collect();
+            batches.push(self.batch(partition as u32, &chosen));
+            indexes.push(share);
+        }
+        let acks = self.send_batches(batches).await?;
+        let mut positions = vec![RecordPosition::default(); events.len()];
+        for (ack, share) in acks.iter().zip(indexes) {
+            for (i, offset) in share.into_iter().zip(ack.base_offset..) {
+                positions[i] = RecordPosition {
+                    topic: self.topic.clone(),
+                    partition: ack.partition,
+                    offset,
+                };
+            }
+        }
+        Ok(positions)
+    }
+
+    /// Stores `events` as one batch in `partition`, whatever their keys.
+    pub async fn send_to(
+        &mut self,
+        partition: u32,
+        events: &[Event],
+    ) -> Result<BatchAck, ClientError> {
+        if partition >= self.partitions {
+            return Err(ClientError::Topic(format!(
+                "topic {:?} has no partition {partition}",
+                self.topic
+            )));
+        }
+        let batch = self.batch(partition, events);
+        Ok(self.send_batches(vec![batch]).await?.remove(0))
+    }
+
+    fn batch(&self, partition: u32, events: &[Event]) -> RecordBatch {
+        let plain = records::encode(events);
+        let records = match self.options.compression {
+            Compression::None => plain,
+            other => records::compress(other, &plain),
+        };
+        RecordBatch {
+            partition,
+            record_count: events.len() as u32,
+            compression: self.options.compression as i32,
+            records,
+            producer_id: self.producer_id,
+            base_sequence: self.next_sequence[partition as usize],
+            ..RecordBatch::default()
+        }
+    }
+
+    /// Sends `batches` until acknowledged; then moves each partition's sequence past them.
+    async fn send_batches(
+        &mut self,
+        batches: Vec<RecordBatch>,
+    ) -> Result<Vec<BatchAck>, ClientError> {
+        let counts: Vec<(u32, u32)> = batches
+            .iter()
+            .map(|b| (b.partition, b.record_count))
+            .collect();
+        let request = ProduceRequest {
+            topic: self.topic.clone(),
+            acks: self.options.acks as i32,
+            batches,
+            ..ProduceRequest::default()
+        };
+        let deadline = Instant::now() + self.options.retry_for;
+        let mut delay = Duration::from_millis(20);
+        let acks = loop {
+            let mut call = tonic::Request::new(request.clone());
+            call.set_timeout(self.options.call_timeout);
+            match self.broker.produce(call).await {
+                Ok(response) => break response.into_inner().batch_acks,
+                Err(status) if retriable(status.code()) && Instant::now() < deadline => {
+                    tracing::debug!(code = ?status.code(), error = status.message(), "produce failed; sending the same batches again");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(status) => return Err(ClientError::Broker(status)),
+            }
+        };
+        if acks.len() != counts.len() {
+            return Err(ClientError::Broker(Status::internal(format!(
+                "the broker acknowledged {} of {} batches",
+                acks.len(),
+                counts.len()
+            ))));
+        }
+        for (partition, count) in counts {
+            self.next_sequence[partition as usize] += u64::from(count);
+        }
+        Ok(acks)
+    }
+}

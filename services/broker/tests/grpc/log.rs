@@ -1,0 +1,397 @@
+//! The log over gRPC: pre-encoded batches, idempotent producers, acks, time lookups and
+//! retention.
+
+use super::{
+    connect, create, event, fetch_all, keyed_events, spawn_broker, spawn_broker_with, stop,
+};
+use runnel_client::{Producer, ProducerOptions};
+use runnel_proto::records;
+use runnel_proto::v1::{
+    Acks, Compression, CreateTopicRequest, DescribeTopicRequest, Event, FetchRequest,
+    ProduceRequest, RecordBatch, RetentionPolicy,
+};
+use std::collections::BTreeSet;
+use tonic::Code;
+
+fn batch(partition: u32, events: &[Event], compression: Compression) -> RecordBatch {
+    let plain = records::encode(events);
+    RecordBatch {
+        partition,
+        record_count: events.len() as u32,
+        compression: compression as i32,
+        records: if compression == Compression::None {
+            plain
+        } else {
+            records::compress(compression, &plain)
+        },
+        ..RecordBatch::default()
+    }
+}
+
+fn batches_request(topic: &str, batches: Vec<RecordBatch>) -> ProduceRequest {
+    ProduceRequest {
+        topic: topic.into(),
+        batches,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn pre_encoded_batches_are_stored_as_sent_and_read_back_either_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, trigger, handle) = spawn_broker(dir.path()).await;
+    let mut client = connect(addr).await;
+    create(&mut client, "raw", 2).await.unwrap();
+    let first = keyed_events(10);
+    let second = keyed_events(5);
+    let sent = vec![
+        batch(1, &first, Compression::Lz4),
+        batch(1, &second, Compression::None),
+    ];
+    let acks = client
+        .produce(batches_request("raw", sent.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .batch_acks;
+    assert_eq!(
+        acks.iter()
+            .map(|a| (a.partition, a.base_offset, a.duplicate))
+            .collect::<Vec<_>>(),
+        [(1, 0, false), (1, 10, false)]
+    );
+
+    let fetched = client
+        .fetch(FetchRequest {
+            topic: "raw".into(),
+            partition: 1,
+            offset: 3,
+            as_batches: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fetched.batches.len(), 2);
+    assert_eq!(fetched.next_offset, 15);
+    // Stored as sent: the compressed bytes come back untouched.
+    assert_eq!(fetched.batches[0].records, sent[0].records);
+    assert_eq!(
+        fetched.batches[0].base_offset, 0,
+        "the whole batch holding offset 3"
+    );
+    assert_eq!(
+        Compression::try_from(fetched.batches[0].compression),
+        Ok(Compression::Lz4)
+    );
+    assert!(fetched.batches[0].append_time.is_some());
+
+    let records = fetch_all(&mut client, "raw", 1).await;
+    let ids: Vec<String> = records
+        .iter()
+        .map(|r| r.event.as_ref().unwrap().id.clone())
+        .collect();
+    let expected: Vec<String> = first.iter().chain(&second).map(|e| e.id.clone()).collect();
+    assert_eq!(ids, expected);
+    assert!(fetch_all(&mut client, "raw", 0).await.is_empty());
+    stop(trigger, handle).await;
+}
+
+#[tokio::test]
+async fn batches_that_do_not_check_out_are_refused_and_nothing_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, trigger, handle) = spawn_broker(dir.path()).await;
+    let mut client = connect(addr).await;
+    create(&mut client, "strict", 1).await.unwrap();
+    let events = keyed_events(3);
+    let mut miscounted = batch(0, &events, Compression::None);
+    miscounted.record_count = 4;
+    let mut garbage = batch(0, &events, Compression::Lz4);
+    garbage.records = vec![0xff; 40].into();
+    let mut no_id = batch(0, &[Event::default()], Compression::None);
+    no_id.record_count = 1;
+    let wrong_partition = batch(7, &events, Compression::None);
+    let mut unknown_codec = batch(0, &events, Compression::None);
+    unknown_codec.compression = 9;
+    let cases = [
+        (miscounted, "record_count says 4"),
+        (garbage, "lz4"),
+        (no_id, "no event id"),
+        (wrong_partition, "batches[0].partition"),
+        (unknown_codec, "batches[0].compression"),
+    ];
+    for (bad, needle) in cases {
+        // A good batch for another partition... in the same call: the bad one fails the call.
+        let status = client
+            .produce(batches_request("strict", vec![bad]))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains(needle),
+            "{:?} should mention {needle}",
+            status.message()
+        );
+    }
+    assert!(fetch_all(&mut client, "strict", 0).await.is_empty());
+    stop(trigger, handle).await;
+}
+
+#[tokio::test]
+async fn an_idempotent_producer_stores_each_batch_once_across_retries_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, trigger, handle) = spawn_broker(dir.path()).await;
+    let mut client = connect(addr).await;
+    create(&mut client, "once", 3).await.unwrap();
+    let mut producer = Producer::new(client.clone(), "once", ProducerOptions::default())
+        .await
+        .unwrap();
+    let events = keyed_events(30);
+    let positions = producer.send(events.clone()).await.unwrap();
+    for (event, position) in events.iter().zip(&positions) {
+        assert_eq!(
+            position.partition,
+            runnel_proto::partition_for_key(&event.key, 3)
+        );
+    }
+
+    // The same batch again — a retry after a lost answer — is acknowledged, not stored.
+    let mut retry = batch(0, &events[..2], Compression::None);
+    retry.producer_id = 4242;
+    retry.base_sequence = 0;
+    let first = client
+        .produce(batches_request("once", vec![retry.clone()]))
+        .await
+        .unwrap()
+        .into_inner()
+        .batch_acks[0];
+    let again = client
+        .produce(batches_request("once", vec![retry.clone()]))
+        .await
+        .unwrap()
+        .into_inner()
+        .batch_acks[0];
+    assert!(!first.duplicate && again.duplicate);
+    assert_eq!(again.base_offset, first.base_offset);
+    stop(trigger, handle).await;
+
+    // The broker remembers across a restart.
+    let (addr, trigger, handle) = spawn_broker(dir.path()).await;
+    let mut client = connect(addr).await;
+    let after = client
+        .produce(batches_request("once", vec![retry.clone()]))
+        .await
+        .unwrap()
+        .into_inner()
+        .batch_acks[0];
+    assert!(after.duplicate);
+    assert_eq!(after.base_offset, first.base_offset);
+    // A gap in the sequence is refused: a batch in between was lost.
+    let mut gap = retry.clone();
+    gap.base_sequence = 5;
+    let status = client
+        .produce(batches_request("once", vec![gap]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("expected sequence 2"),
+        "{status:?}"
+    );
+
+    let mut stored = 0;
+    for partition in 0..3 {
+        stored += fetch_all(&mut client, "once", partition).await.len();
+    }
+    assert_eq!(stored, 30 + 2, "every event exactly once");
+    stop(trigger, handle).await;
+}
+
+#[tokio::test]
+async fn durable_acks_wait_for_an_fsync_even_on_a_broker_that_does_not_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, trigger, handle) =
+        spawn_broker_with(dir.path(), |c| c.fsync = runnel_log::FsyncPolicy::Never).await;
+    let mut client = connect(addr).await;
+    create(&mut client, "d", 1).await.unwrap();
+    // Many producers at once share group commits; each is answered only once its batch
+    // is durable.
+    let producers: Vec<_> = (0..16)
+        .map(|p| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let mut offsets = Vec::new();
+                for round in 0..20 {
+                    let events = vec![event(&format!("p{p}-r{round}"), "k", b"x")];
+                    let answer = client
+                        .produce(ProduceRequest {
+                            topic: "d".into(),
+                            events,
+                            acks: Acks::Durable as i32,
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    offsets.push(answer.positions[0].offset);
+                    let partition = describe(&mut client, "d").await.remove(0);
+                    assert!(
+                        partition.durable_offset > answer.positions[0].offset,
+                        "acknowledged before durable: {partition:?}"
+                    );
+                }
+                offsets
+            })
+        })
+        .collect();
+    let mut all = BTreeSet::new();
+    for producer in producers {
+        for offset in producer.await.unwrap() {
+            assert!(all.insert(offset), "offset {offset} handed out twice");
+        }
+    }
+    assert_eq!(
+        all.into_iter().collect::<Vec<_>>(),
+        (0..320).collect::<Vec<_>>()
+    );
+    stop(trigger, handle).await;
+}
+
+async fn describe(client: &mut super::Client, topic: &str) -> Vec<runnel_proto::v1::PartitionInfo> {
+    client
+        .describe_topic(DescribeTopicRequest { name: topic.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .topic
+        .unwrap()
+        .partitions
+}
+
+#[tokio::test]
+async fn fetch_by_time_starts_at_the_first_record_appended_at_or_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, trigger, handle) = spawn_broker(dir.path()).await;
+    let mut client = connect(addr).await;
+    create(&mut client, "timed", 1).await.unwrap();
+    let mut times = Vec::new();
+    for i in 0..5 {
+        client
+            .produce(ProduceRequest {
+                topic: "timed".into(),
+                events: vec![event(&format!("t-{i}"), "k", b"x")],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        times.push(
+            fetch_all(&mut client, "timed", 0)
+                .await
+                .last()
+                .unwrap()
+                .append_time
+                .unwrap(),
+        );
+    }
+    let at = |ts: prost_types::Timestamp| FetchRequest {
+        topic: "timed".into(),
+        partition: 0,
+        timestamp: Some(ts),
+        ..Default::default()
+    };
+    let from_third = client.fetch(at(times[2])).await.unwrap().into_inner();
+    assert_eq!(
+        from_third.records[0].offset,
+        times.iter().position(|t| *t == times[2]).unwrap() as u64
+    );
+    let future = runnel_proto::Millis::from(times[4]).0 + 60_000;
+    let nothing = client
+        .fetch(at(runnel_proto::Millis(future).into()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(nothing.records.is_empty());
+    assert_eq!(nothing.next_offset, 5);
+    stop(trigger, handle).await;
+}
+
+#[tokio::test]
+async fn retention_deletes_old_segments_and_moves_the_start_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let small_segments = |c: &mut runnel_broker::BrokerConfig| {
+        c.segment_bytes = 64 * 1024;
+        c.fsync = runnel_log::FsyncPolicy::Never;
+    };
+    let (addr, trigger, handle) = spawn_broker_with(dir.path(), small_segments).await;
+    let mut client = connect(addr).await;
+    let created = client
+        .create_topic(CreateTopicRequest {
+            name: "short".into(),
+            partitions: 1,
+            retention: Some(RetentionPolicy {
+                max_age: None,
+                max_bytes: Some(128 * 1024),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .topic
+        .unwrap();
+    let retention = created.retention.unwrap();
+    assert_eq!(retention.max_bytes, Some(128 * 1024));
+    assert_eq!(
+        retention.max_age.unwrap().seconds,
+        7 * 24 * 3600,
+        "the broker's default age"
+    );
+    for round in 0..40 {
+        let events = (0..20)
+            .map(|i| event(&format!("r{round}-{i}"), "k", &[7u8; 1000]))
+            .collect();
+        client
+            .produce(ProduceRequest {
+                topic: "short".into(),
+                events,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    stop(trigger, handle).await;
+
+    // Retention runs at start (and then periodically).
+    let (addr, trigger, handle) = spawn_broker_with(dir.path(), small_segments).await;
+    let mut client = connect(addr).await;
+    let partition = describe(&mut client, "short").await.remove(0);
+    assert_eq!(partition.end_offset, 800);
+    assert!(partition.start_offset > 0, "{partition:?}");
+    assert!(
+        partition.size_bytes <= 128 * 1024 + 70 * 1024,
+        "{partition:?}"
+    );
+    let status = client
+        .fetch(FetchRequest {
+            topic: "short".into(),
+            partition: 0,
+            offset: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange);
+    let first = client
+        .fetch(FetchRequest {
+            topic: "short".into(),
+            partition: 0,
+            offset: partition.start_offset,
+            max_records: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.records[0].offset, partition.start_offset);
+    assert_eq!(first.start_offset, partition.start_offset);
+    stop(trigger, handle).await;
+}
