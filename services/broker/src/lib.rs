@@ -25,10 +25,10 @@ mod groups;
 mod index;
 mod offsets;
 mod partition;
-mod partitioner;
 mod producers;
 mod segment;
 mod service;
+mod storage;
 mod subscribe;
 mod topic;
 mod topics;
@@ -139,14 +139,12 @@ pub async fn run(
         }));
     }
 
-    let service = service::BrokerService::new(
+    let storage = Arc::new(storage::Embedded::new(
         Arc::clone(&topics),
         offsets,
         group_commit,
-        coordinator,
-        &config,
-        shutdown.clone(),
-    );
+    ));
+    let service = service::BrokerService::new(storage, coordinator, &config, shutdown.clone());
     let max_message = config.server.max_message_bytes;
     let grpc = BrokerServer::new(service)
         .max_decoding_message_size(max_message)

@@ -9,16 +9,15 @@
 
 use crate::batch::{self, StoredBatch};
 use crate::config::{BrokerConfig, MAX_SESSION_TIMEOUT};
-use crate::durability::GroupCommit;
 use crate::error::{BrokerError, Result};
 use crate::groups::Coordinator;
-use crate::offsets::OffsetStore;
 use crate::partition::{Appended, Incoming};
-use crate::subscribe::{MemberStream, PartitionReader, stream_partition};
-use crate::topic::{self, RetentionOverride, Topic};
-use crate::topics::Topics;
+use crate::storage::Storage;
+use crate::subscribe::{MemberStream, stream_partition};
+use crate::topic::{self, RetentionOverride};
 use prost::Message;
 use runnel_log::FsyncPolicy;
+use runnel_proto::Millis;
 use runnel_proto::v1::broker_server::Broker;
 use runnel_proto::v1::{
     Acks, BatchAck, CommitOffsetsRequest, CommitOffsetsResponse, Compression, CreateTopicRequest,
@@ -27,10 +26,10 @@ use runnel_proto::v1::{
     ProduceRequest, ProduceResponse, Record, RecordBatch, RecordPosition, SubscribeRequest,
     SubscribeResponse, TopicDescription,
 };
-use runnel_proto::{Millis, now_millis};
 use runnel_server::Shutdown;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -54,10 +53,10 @@ const RECORD_OVERHEAD: usize = 64;
 /// The broker's gRPC handlers.
 #[derive(Debug)]
 pub(crate) struct BrokerService {
-    topics: Arc<Topics>,
+    storage: Arc<dyn Storage>,
     coordinator: Arc<Coordinator>,
-    offsets: Arc<OffsetStore>,
-    group_commit: Arc<GroupCommit>,
+    /// The next round-robin turn for events without a key.
+    round_robin: AtomicU32,
     auto_create_topics: bool,
     default_partitions: u32,
     max_batch_events: usize,
@@ -90,19 +89,16 @@ enum Origin {
 impl BrokerService {
     /// Handlers over `topics`.
     pub(crate) fn new(
-        topics: Arc<Topics>,
-        offsets: Arc<OffsetStore>,
-        group_commit: Arc<GroupCommit>,
+        storage: Arc<dyn Storage>,
         coordinator: Arc<Coordinator>,
         config: &BrokerConfig,
         shutdown: Shutdown,
     ) -> Self {
         let max_message = config.server.max_message_bytes;
         BrokerService {
-            topics,
+            storage,
             coordinator,
-            offsets,
-            group_commit,
+            round_robin: AtomicU32::new(0),
             auto_create_topics: config.auto_create_topics,
             default_partitions: config.default_partitions,
             max_batch_events: config.max_batch_events,
@@ -113,12 +109,24 @@ impl BrokerService {
         }
     }
 
-    /// An existing topic, checking the name first.
-    fn existing_topic(&self, name: &str) -> Result<Arc<Topic>> {
+    /// An existing topic's partition count, checking the name first.
+    async fn existing_topic(&self, name: &str) -> Result<u32> {
         topic::validate_name(name)?;
-        self.topics
-            .get(name)
+        self.storage
+            .partitions(name)
+            .await?
             .ok_or_else(|| BrokerError::TopicNotFound(name.to_owned()))
+    }
+
+    /// Checks that `partition` is one of the topic's `count` partitions.
+    fn check_partition(topic: &str, partition: u32, count: u32) -> Result<()> {
+        if partition >= count {
+            return Err(BrokerError::InvalidArgument(format!(
+                "partition {partition} does not exist: topic {topic:?} has partitions 0 to {}",
+                count.saturating_sub(1)
+            )));
+        }
+        Ok(())
     }
 
     #[tracing::instrument(name = "create_topic", skip_all, fields(topic = %request.name, partitions = request.partitions))]
@@ -127,30 +135,20 @@ impl BrokerService {
         topic::validate_partitions(request.partitions)?;
         let retention = RetentionOverride::from_proto(request.retention.as_ref())?;
         let topic = self
-            .topics
-            .create(&request.name, request.partitions, retention)
+            .storage
+            .create_topic(&request.name, request.partitions, retention)
             .await?;
-        Ok(CreateTopicResponse {
-            topic: Some(topic.info(self.topics.default_retention())),
-        })
+        Ok(CreateTopicResponse { topic: Some(topic) })
     }
 
-    fn serve_list_topics(&self) -> ListTopicsResponse {
-        let defaults = self.topics.default_retention();
-        ListTopicsResponse {
-            topics: self
-                .topics
-                .list()
-                .iter()
-                .map(|t| t.info(defaults))
-                .collect(),
-        }
-    }
-
-    fn serve_describe_topic(&self, request: DescribeTopicRequest) -> Result<TopicDescription> {
-        let topic = self.existing_topic(&request.name)?;
-        let live = self.coordinator.describe(topic.name());
-        let mut committed = self.offsets.groups_of(topic.name());
+    async fn serve_describe_topic(
+        &self,
+        request: DescribeTopicRequest,
+    ) -> Result<TopicDescription> {
+        topic::validate_name(&request.name)?;
+        let info = self.storage.topic_info(&request.name).await?;
+        let live = self.coordinator.describe(&info.name);
+        let mut committed = self.storage.groups_of(&info.name).await?;
         for name in live.keys() {
             committed.entry(name.clone()).or_default();
         }
@@ -171,17 +169,17 @@ impl BrokerService {
                                 .collect()
                         })
                         .unwrap_or_default(),
-                    partitions: topic
-                        .partitions()
+                    partitions: info
+                        .partitions
                         .iter()
                         .map(|p| {
-                            let committed = offsets.get(&p.id()).copied();
+                            let committed = offsets.get(&p.partition).copied();
                             PartitionLag {
-                                partition: p.id(),
+                                partition: p.partition,
                                 committed_offset: committed,
                                 lag: p
-                                    .end_offset()
-                                    .saturating_sub(committed.unwrap_or(p.start_offset())),
+                                    .end_offset
+                                    .saturating_sub(committed.unwrap_or(p.start_offset)),
                             }
                         })
                         .collect(),
@@ -190,9 +188,33 @@ impl BrokerService {
             })
             .collect();
         Ok(TopicDescription {
-            topic: Some(topic.info(self.topics.default_retention())),
+            topic: Some(info),
             groups,
         })
+    }
+
+    /// The topic's partition count, creating the topic if it is missing and allowed.
+    async fn produce_target(&self, name: &str) -> Result<u32> {
+        if let Some(count) = self.storage.partitions(name).await? {
+            return Ok(count);
+        }
+        if !self.auto_create_topics {
+            return Err(BrokerError::TopicNotFound(name.to_owned()));
+        }
+        match self
+            .storage
+            .create_topic(name, self.default_partitions, RetentionOverride::default())
+            .await
+        {
+            Ok(info) => Ok(info.partitions.len() as u32),
+            // Someone else created it between our look and our create.
+            Err(BrokerError::TopicExists(_)) => self
+                .storage
+                .partitions(name)
+                .await?
+                .ok_or_else(|| BrokerError::TopicNotFound(name.to_owned())),
+            Err(error) => Err(error),
+        }
     }
 
     /// Checks events before anything is written.
@@ -224,7 +246,8 @@ impl BrokerService {
     /// Splits a request into stored units, checking everything that can be checked cheaply.
     fn plan(
         &self,
-        topic: &Topic,
+        topic: &str,
+        count: u32,
         events: Vec<Event>,
         partition: Option<u32>,
         batches: Vec<RecordBatch>,
@@ -233,11 +256,17 @@ impl BrokerService {
         if !events.is_empty() {
             self.check_events(&events)?;
             if let Some(partition) = partition {
-                topic.partition(partition)?;
+                Self::check_partition(topic, partition, count)?;
             }
             let mut groups: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
             for (i, event) in events.iter().enumerate() {
-                let p = partition.unwrap_or_else(|| topic.choose_partition(&event.key));
+                let p = partition.unwrap_or_else(|| {
+                    if event.key.is_empty() {
+                        self.round_robin.fetch_add(1, Ordering::Relaxed) % count
+                    } else {
+                        runnel_proto::partition_for_key(&event.key, count)
+                    }
+                });
                 groups.entry(p).or_default().push(i);
             }
             for (p, indexes) in groups {
@@ -267,7 +296,7 @@ impl BrokerService {
         }
         for (i, batch) in batches.into_iter().enumerate() {
             let field = |name: &str| format!("batches[{i}].{name}");
-            topic.partition(batch.partition).map_err(|e| {
+            Self::check_partition(topic, batch.partition, count).map_err(|e| {
                 BrokerError::InvalidArgument(format!("{}: {e}", field("partition")))
             })?;
             let compression = Compression::try_from(batch.compression).map_err(|_| {
@@ -336,14 +365,8 @@ impl BrokerService {
         };
         let event_count = events.len();
         let batch_count = batches.len();
-        let topic = if self.auto_create_topics {
-            self.topics
-                .get_or_create(&name, self.default_partitions)
-                .await?
-        } else {
-            self.existing_topic(&name)?
-        };
-        let units = self.plan(&topic, events, partition, batches)?;
+        let count = self.produce_target(&name).await?;
+        let units = self.plan(&name, count, events, partition, batches)?;
 
         // Each partition's units in request order; partitions in parallel.
         let mut per_partition: BTreeMap<u32, Vec<Unit>> = BTreeMap::new();
@@ -351,48 +374,41 @@ impl BrokerService {
             per_partition.entry(unit.partition).or_default().push(unit);
         }
         let max_len = self.max_read_bytes;
-        let now = now_millis();
         let appends = per_partition.into_iter().map(|(p, units)| {
-            let partition = Arc::clone(&topic.partitions()[p as usize]);
-            let group_commit = Arc::clone(&self.group_commit);
+            let storage = Arc::clone(&self.storage);
+            let name = name.clone();
             async move {
-                let writer = Arc::clone(&partition);
-                let stored = tokio::task::spawn_blocking(move || {
-                    let mut done = Vec::with_capacity(units.len());
-                    for unit in units {
-                        if unit.validate {
-                            batch::validate(
-                                unit.batch.compression,
-                                &unit.batch.records,
-                                unit.batch.record_count,
-                                max_len,
-                            )
-                            .map_err(|reason| {
-                                BrokerError::InvalidArgument(format!(
-                                    "batch for partition {}: {reason}",
-                                    unit.partition
-                                ))
-                            })?;
-                        }
-                        let count = u64::from(unit.batch.record_count);
-                        let bytes = unit.batch.records.len() as u64;
-                        let appended = writer.append(unit.batch, now)?;
-                        done.push((unit.origin, appended, count, bytes));
+                // Pre-encoded bodies are decoded to be checked: CPU work, off the runtime.
+                let units = tokio::task::spawn_blocking(move || {
+                    for unit in units.iter().filter(|u| u.validate) {
+                        batch::validate(
+                            unit.batch.compression,
+                            &unit.batch.records,
+                            unit.batch.record_count,
+                            max_len,
+                        )
+                        .map_err(|reason| {
+                            BrokerError::InvalidArgument(format!(
+                                "batch for partition {}: {reason}",
+                                unit.partition
+                            ))
+                        })?;
                     }
-                    Ok::<_, BrokerError>(done)
+                    Ok::<_, BrokerError>(units)
                 })
                 .await
                 .map_err(BrokerError::from)
-                .and_then(|stored| stored)?;
-                if durable {
-                    let last = stored.iter().map(|(_, appended, count, _)| match appended {
-                        Appended::Stored { next_offset, .. } => *next_offset,
-                        Appended::Duplicate { base_offset } => base_offset + count,
-                    });
-                    if let Some(upto) = last.max() {
-                        group_commit.request(&partition);
-                        partition.wait_durable(upto).await?;
-                    }
+                .and_then(|units| units)?;
+                let last = units.len() - 1;
+                let mut stored = Vec::with_capacity(units.len());
+                for (i, unit) in units.into_iter().enumerate() {
+                    let count = u64::from(unit.batch.record_count);
+                    let bytes = unit.batch.records.len() as u64;
+                    // One durable wait per partition: the last batch's covers the others.
+                    let appended = storage
+                        .append(&name, p, unit.batch, durable && i == last)
+                        .await?;
+                    stored.push((unit.origin, appended, count, bytes));
                 }
                 Ok::<_, BrokerError>((p, stored))
             }
@@ -459,8 +475,8 @@ impl BrokerService {
 
     #[tracing::instrument(name = "fetch", skip_all, fields(topic = %request.topic, partition = request.partition, offset = request.offset))]
     async fn serve_fetch(&self, request: FetchRequest) -> Result<FetchResponse> {
-        let topic = self.existing_topic(&request.topic)?;
-        let partition = Arc::clone(topic.partition(request.partition)?);
+        let count = self.existing_topic(&request.topic).await?;
+        Self::check_partition(&request.topic, request.partition, count)?;
         let max_records = match request.max_records as usize {
             0 => DEFAULT_FETCH_RECORDS,
             n => n.min(MAX_FETCH_RECORDS),
@@ -469,57 +485,50 @@ impl BrokerService {
             0 => self.max_read_bytes,
             n => n.min(self.max_read_bytes),
         };
-        let (timestamp, as_batches) = (request.timestamp, request.as_batches);
-        let offset = request.offset;
-        let reader = Arc::clone(&partition);
-        let (from, read) = tokio::task::spawn_blocking(move || {
-            let from = match timestamp {
-                Some(ts) => reader.offset_for_time(Millis::from(ts).0)?,
-                None => offset,
-            };
-            reader.read(from, max_bytes).map(|read| (from, read))
-        })
-        .await??;
+        let (topic, partition) = (request.topic.as_str(), request.partition);
+        let from = match request.timestamp {
+            Some(ts) => {
+                self.storage
+                    .offset_for_time(topic, partition, Millis::from(ts))
+                    .await?
+            }
+            None => request.offset,
+        };
+        let read = self.storage.read(topic, partition, from, max_bytes).await?;
         let mut response = FetchResponse {
             next_offset: from,
             end_offset: read.end,
             start_offset: read.start,
             ..FetchResponse::default()
         };
-        if as_batches {
+        if request.as_batches {
             response.next_offset = read.batches.last().map_or(from, |b| b.header.next_offset());
-            response.batches = read
-                .batches
-                .iter()
-                .map(|b| b.to_proto(partition.id()))
-                .collect();
+            response.batches = read.batches.iter().map(|b| b.to_proto(partition)).collect();
         } else {
-            let id = partition.id();
             let records = tokio::task::spawn_blocking(move || {
-                decode_records(&read.batches, id, from, max_records, max_bytes)
+                decode_records(&read.batches, partition, from, max_records, max_bytes)
             })
             .await??;
             response.next_offset = records.last().map_or(from, |r| r.offset + 1);
             response.records = records;
         }
-        let delivered = if as_batches {
-            response.next_offset - from
-        } else {
-            response.records.len() as u64
-        };
-        metrics::counter!("runnel_broker_fetch_records_total", "topic" => request.topic, "rpc" => "fetch").increment(delivered);
+        let delivered = response.next_offset - from;
+        metrics::counter!("runnel_broker_fetch_records_total", "topic" => request.topic.clone(), "rpc" => "fetch").increment(delivered);
         Ok(response)
     }
 
-    fn serve_subscribe(
+    async fn serve_subscribe(
         &self,
         request: SubscribeRequest,
     ) -> Result<ReceiverStream<std::result::Result<SubscribeResponse, Status>>> {
-        let topic = self.existing_topic(&request.topic)?;
+        let count = self.existing_topic(&request.topic).await?;
         let (sender, receiver) = mpsc::channel(SUBSCRIBE_BUFFER);
         if request.group.is_empty() {
-            let partition = Arc::clone(topic.partition(request.partition)?);
-            let (start, end) = (partition.start_offset(), partition.end_offset());
+            Self::check_partition(&request.topic, request.partition, count)?;
+            let (start, end) = self
+                .storage
+                .bounds(&request.topic, request.partition)
+                .await?;
             if request.offset < start || request.offset > end {
                 return Err(BrokerError::OffsetOutOfRange {
                     topic: request.topic,
@@ -529,13 +538,26 @@ impl BrokerService {
                     end,
                 });
             }
-            let reader = PartitionReader {
-                partition,
-                next: request.offset,
-                max_bytes: self.max_read_bytes,
-                shutdown: self.shutdown.clone(),
-            };
-            tokio::spawn(stream_partition(reader, sender).in_current_span());
+            let follow = self
+                .storage
+                .follow(
+                    &request.topic,
+                    request.partition,
+                    request.offset,
+                    self.max_read_bytes,
+                    self.shutdown.clone(),
+                )
+                .await?;
+            tokio::spawn(
+                stream_partition(
+                    request.topic,
+                    request.partition,
+                    follow,
+                    sender,
+                    self.shutdown.clone(),
+                )
+                .in_current_span(),
+            );
             return Ok(ReceiverStream::new(receiver));
         }
         for (field, value) in [("group", &request.group), ("member_id", &request.member_id)] {
@@ -571,16 +593,15 @@ impl BrokerService {
         };
         let membership = self.coordinator.join(
             &request.group,
-            topic.name(),
-            topic.partition_count(),
+            &request.topic,
+            count,
             &request.member_id,
             session_timeout,
             Instant::now(),
         );
         let member = MemberStream {
             membership,
-            partitions: topic.partitions().to_vec(),
-            offsets: Arc::clone(&self.offsets),
+            storage: Arc::clone(&self.storage),
             coordinator: Arc::clone(&self.coordinator),
             group: request.group,
             topic: request.topic,
@@ -596,41 +617,44 @@ impl BrokerService {
 
     #[tracing::instrument(name = "commit_offsets", skip_all, fields(group = %request.group, topic = %request.topic, member = %request.member_id))]
     async fn serve_commit(&self, request: CommitOffsetsRequest) -> Result<CommitOffsetsResponse> {
-        let topic = self.existing_topic(&request.topic)?;
+        let count = self.existing_topic(&request.topic).await?;
         let mut offsets = BTreeMap::new();
+        let mut ends = BTreeMap::new();
         for (i, o) in request.offsets.iter().enumerate() {
-            let partition = topic.partition(o.partition).map_err(|e| {
+            Self::check_partition(&request.topic, o.partition, count).map_err(|e| {
                 BrokerError::InvalidArgument(format!("offsets[{i}].partition: {e}"))
             })?;
-            if o.offset > partition.end_offset() {
+            let (_, end) = self.storage.bounds(&request.topic, o.partition).await?;
+            if o.offset > end {
                 return Err(BrokerError::InvalidArgument(format!(
-                    "offsets[{i}].offset {} is beyond partition {}'s end offset {}",
-                    o.offset,
-                    o.partition,
-                    partition.end_offset()
+                    "offsets[{i}].offset {} is beyond partition {}'s end offset {end}",
+                    o.offset, o.partition
                 )));
             }
             offsets.insert(o.partition, o.offset);
+            ends.insert(o.partition, end);
         }
         self.coordinator.heartbeat(
             &request.group,
-            topic.name(),
+            &request.topic,
             &request.member_id,
             request.generation,
             offsets.keys().copied(),
             Instant::now(),
         )?;
         let committed = if offsets.is_empty() {
-            self.offsets.committed(&request.group, topic.name())
+            self.storage
+                .committed(&request.group, &request.topic)
+                .await?
         } else {
-            let store = Arc::clone(&self.offsets);
-            let (group, name) = (request.group.clone(), topic.name().to_owned());
-            tokio::task::spawn_blocking(move || store.commit(&group, &name, &offsets)).await??
+            self.storage
+                .commit(&request.group, &request.topic, offsets)
+                .await?
         };
-        for (&p, &offset) in &committed {
-            if let Ok(partition) = topic.partition(p) {
+        for (p, end) in ends {
+            if let Some(offset) = committed.get(&p) {
                 metrics::gauge!("runnel_broker_consumer_lag", "group" => request.group.clone(), "topic" => request.topic.clone(), "partition" => p.to_string())
-                    .set(partition.end_offset().saturating_sub(offset) as f64);
+                    .set(end.saturating_sub(*offset) as f64);
             }
         }
         Ok(CommitOffsetsResponse {
@@ -691,7 +715,8 @@ impl Broker for BrokerService {
         &self,
         _request: Request<ListTopicsRequest>,
     ) -> std::result::Result<Response<ListTopicsResponse>, Status> {
-        Ok(Response::new(self.serve_list_topics()))
+        let topics = self.storage.list_topics().await?;
+        Ok(Response::new(ListTopicsResponse { topics }))
     }
 
     async fn describe_topic(
@@ -699,7 +724,7 @@ impl Broker for BrokerService {
         request: Request<DescribeTopicRequest>,
     ) -> std::result::Result<Response<TopicDescription>, Status> {
         Ok(Response::new(
-            self.serve_describe_topic(request.into_inner())?,
+            self.serve_describe_topic(request.into_inner()).await?,
         ))
     }
 
@@ -725,7 +750,9 @@ impl Broker for BrokerService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> std::result::Result<Response<Self::SubscribeStream>, Status> {
-        Ok(Response::new(self.serve_subscribe(request.into_inner())?))
+        Ok(Response::new(
+            self.serve_subscribe(request.into_inner()).await?,
+        ))
     }
 
     async fn commit_offsets(

@@ -1,21 +1,20 @@
 //! `Subscribe`: long-lived streams of records, for one partition or for a group member.
 //!
-//! A [`PartitionReader`] follows one partition from an offset: it reads whole batches on a
-//! blocking thread, decodes the records and hands them on in chunks, then waits on the
-//! partition's end offset for more. Every hand-off is a bounded channel, so a consumer
-//! that stops reading stops the reader (HTTP/2 flow control does the rest): memory stays
-//! bounded however slow the client.
+//! A storage engine *follows* a partition ([`Storage::follow`]): records from an offset,
+//! then new ones as they come, in chunks through a bounded channel — so a consumer that
+//! stops reading stops the follower (HTTP/2 flow control does the rest) and memory stays
+//! bounded however slow the client. [`PartitionReader`] is the embedded engine's follower.
 //!
 //! A group member's stream is a [`MemberStream`]: it follows the member's assignment,
-//! sending each new assignment before any record of it, running one reader per owned
-//! partition (from the group's committed offset, or the start or end of the partition if
-//! none), stopping the readers of partitions taken away, and — for at-most-once delivery —
+//! sending each new assignment before any record of it, following each owned partition
+//! (from the group's committed offset, or the start or end of the partition if none),
+//! dropping the followers of partitions taken away, and — for at-most-once delivery —
 //! committing each chunk's offsets before sending it.
 
 use crate::error::{BrokerError, Result};
-use crate::groups::{MemberView, Membership};
-use crate::offsets::OffsetStore;
+use crate::groups::{Coordinator, MemberView, Membership};
 use crate::partition::Partition;
+use crate::storage::{Follow, Storage};
 use runnel_proto::v1::subscribe_response::Message;
 use runnel_proto::v1::{Assignment, Delivery, Record, RecordChunk, StartFrom, SubscribeResponse};
 use runnel_server::Shutdown;
@@ -28,21 +27,13 @@ use tonic::Status;
 
 /// Bytes of batches a reader takes from disk at a time.
 const READ_BYTES: usize = 1 << 20;
-/// Chunks buffered between readers and the stream: enough to keep a healthy stream busy,
-/// small enough that a stalled client pins little memory.
+/// Chunks buffered between followers and a member's stream.
 const CHUNK_BUFFER: usize = 16;
 
 /// What a stream sends.
 pub(crate) type Outgoing = mpsc::Sender<std::result::Result<SubscribeResponse, Status>>;
 
-/// Records of one partition for a stream, from reader `reader`.
-struct Chunk {
-    reader: u64,
-    partition: u32,
-    records: Vec<Record>,
-}
-
-/// Follows one partition from an offset.
+/// The embedded engine's follower of one partition.
 pub(crate) struct PartitionReader {
     pub(crate) partition: Arc<Partition>,
     pub(crate) next: u64,
@@ -51,14 +42,12 @@ pub(crate) struct PartitionReader {
 }
 
 impl PartitionReader {
-    /// Reads records and hands them to `sink` (each chunk made into a message by `wrap`)
-    /// until the receiver goes away or the broker stops; a read that fails ends it with the
-    /// error. Returns why it stopped.
-    async fn run<T>(
+    /// Reads records into `sink` until the receiver goes away or the broker stops; a read
+    /// that fails ends it with the error.
+    pub(crate) async fn run(
         mut self,
-        sink: &mpsc::Sender<T>,
-        wrap: impl Fn(Vec<Record>) -> T,
-    ) -> std::result::Result<&'static str, Status> {
+        sink: mpsc::Sender<std::result::Result<Vec<Record>, Status>>,
+    ) {
         let mut end = self.partition.watch_end();
         loop {
             let available = *end.borrow_and_update();
@@ -98,17 +87,20 @@ impl PartitionReader {
                         self.next = start;
                         continue;
                     }
-                    Err(error) => return Err(error.into()),
+                    Err(error) => {
+                        let _ = sink.send(Err(error.into())).await;
+                        return;
+                    }
                 };
                 if let Some(last) = records.last() {
                     self.next = last.offset + 1;
                     tokio::select! {
-                        sent = sink.send(wrap(records)) => {
+                        sent = sink.send(Ok(records)) => {
                             if sent.is_err() {
-                                return Ok("receiver gone");
+                                return;
                             }
                         }
-                        () = self.shutdown.wait() => return Ok("shutdown"),
+                        () = self.shutdown.wait() => return,
                     }
                 }
                 continue;
@@ -116,39 +108,13 @@ impl PartitionReader {
             tokio::select! {
                 changed = end.changed() => {
                     if changed.is_err() {
-                        return Ok("partition closed");
+                        return;
                     }
                 }
-                () = self.shutdown.wait() => return Ok("shutdown"),
+                () = sink.closed() => return,
+                () = self.shutdown.wait() => return,
             }
         }
-    }
-}
-
-/// Streams one partition straight to a client.
-pub(crate) async fn stream_partition(reader: PartitionReader, output: Outgoing) {
-    let partition = reader.partition.id();
-    let delivered = metrics::counter!("runnel_broker_fetch_records_total", "topic" => reader.partition.topic().to_owned(), "rpc" => "subscribe");
-    let wrap = |records: Vec<Record>| {
-        delivered.increment(records.len() as u64);
-        Ok(SubscribeResponse {
-            message: Some(Message::Records(RecordChunk {
-                partition,
-                records,
-                generation: 0,
-            })),
-        })
-    };
-    let ended = tokio::select! {
-        ended = reader.run(&output, wrap) => ended,
-        () = output.closed() => Ok("client gone"),
-    };
-    match ended {
-        Err(status) => {
-            let _ = output.send(Err(status)).await;
-        }
-        Ok("shutdown") => stopping(&output),
-        Ok(_) => {}
     }
 }
 
@@ -160,12 +126,63 @@ fn stopping(output: &Outgoing) {
     )));
 }
 
+/// Streams one followed partition straight to a client.
+pub(crate) async fn stream_partition(
+    topic: String,
+    partition: u32,
+    mut follow: Follow,
+    output: Outgoing,
+    shutdown: Shutdown,
+) {
+    let delivered = metrics::counter!("runnel_broker_fetch_records_total", "topic" => topic, "rpc" => "subscribe");
+    loop {
+        let next = tokio::select! {
+            next = follow.recv() => next,
+            () = output.closed() => return,
+            () = shutdown.wait() => {
+                stopping(&output);
+                return;
+            }
+        };
+        let message = match next {
+            Some(Ok(records)) => {
+                delivered.increment(records.len() as u64);
+                Ok(SubscribeResponse {
+                    message: Some(Message::Records(RecordChunk {
+                        partition,
+                        records,
+                        generation: 0,
+                    })),
+                })
+            }
+            Some(Err(status)) => Err(status),
+            None if shutdown.is_triggered() => {
+                stopping(&output);
+                return;
+            }
+            None => Err(Status::unavailable(
+                "the partition's follower stopped; subscribe again",
+            )),
+        };
+        let failed = message.is_err();
+        if output.send(message).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Records of one partition for a member's stream, from follower `reader`.
+struct Chunk {
+    reader: u64,
+    partition: u32,
+    records: std::result::Result<Vec<Record>, Status>,
+}
+
 /// A group member's stream.
 pub(crate) struct MemberStream {
     pub(crate) membership: Membership,
-    pub(crate) partitions: Vec<Arc<Partition>>,
-    pub(crate) offsets: Arc<OffsetStore>,
-    pub(crate) coordinator: Arc<crate::groups::Coordinator>,
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) coordinator: Arc<Coordinator>,
     pub(crate) group: String,
     pub(crate) topic: String,
     pub(crate) member_id: String,
@@ -175,7 +192,7 @@ pub(crate) struct MemberStream {
     pub(crate) shutdown: Shutdown,
 }
 
-/// A running reader of one owned partition.
+/// A followed, owned partition.
 struct Owned {
     reader: u64,
     task: JoinHandle<()>,
@@ -184,13 +201,53 @@ struct Owned {
 impl MemberStream {
     /// Where a newly owned partition starts: the committed offset (kept within what the
     /// partition holds), else its start or end.
-    fn start_offset(&self, partition: &Partition, committed: &BTreeMap<u32, u64>) -> u64 {
-        let (start, end) = (partition.start_offset(), partition.end_offset());
-        match committed.get(&partition.id()) {
+    async fn start_offset(&self, partition: u32, committed: &BTreeMap<u32, u64>) -> Result<u64> {
+        let (start, end) = self.storage.bounds(&self.topic, partition).await?;
+        Ok(match committed.get(&partition) {
             Some(&offset) => offset.clamp(start, end),
             None if self.start_from == StartFrom::Latest => end,
             None => start,
-        }
+        })
+    }
+
+    /// Starts following `partition` for this member.
+    async fn own(
+        &self,
+        partition: u32,
+        reader: u64,
+        committed: &BTreeMap<u32, u64>,
+        chunks: &mpsc::Sender<Chunk>,
+    ) -> Result<Owned> {
+        let from = self.start_offset(partition, committed).await?;
+        let mut follow = self
+            .storage
+            .follow(
+                &self.topic,
+                partition,
+                from,
+                self.max_bytes,
+                self.shutdown.clone(),
+            )
+            .await?;
+        let chunks = chunks.clone();
+        let task = tokio::spawn(async move {
+            while let Some(records) = follow.recv().await {
+                let failed = records.is_err();
+                if chunks
+                    .send(Chunk {
+                        reader,
+                        partition,
+                        records,
+                    })
+                    .await
+                    .is_err()
+                    || failed
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Owned { reader, task })
     }
 
     /// Runs the member's stream until the client leaves, the member is removed, or the
@@ -207,64 +264,74 @@ impl MemberStream {
                         break "membership ended".to_owned();
                     }
                     let view = self.membership.view.borrow_and_update().clone();
-                    match view {
+                    let (current, partitions) = match view {
                         MemberView::Removed(why) => {
                             let _ = output.send(Err(Status::aborted(why.clone()))).await;
                             break why;
                         }
-                        MemberView::Assigned { generation: current, partitions } => {
-                            generation = current;
-                            owned.retain(|p, reader| {
-                                let keep = partitions.contains(p);
-                                if !keep {
-                                    reader.task.abort();
-                                }
-                                keep
-                            });
-                            let message = SubscribeResponse {
-                                message: Some(Message::Assignment(Assignment { generation, partitions: partitions.clone() })),
-                            };
-                            if output.send(Ok(message)).await.is_err() {
-                                break "client gone".to_owned();
+                        MemberView::Assigned { generation, partitions } => (generation, partitions),
+                    };
+                    generation = current;
+                    owned.retain(|p, followed| {
+                        let keep = partitions.contains(p);
+                        if !keep {
+                            followed.task.abort();
+                        }
+                        keep
+                    });
+                    let message = SubscribeResponse {
+                        message: Some(Message::Assignment(Assignment { generation, partitions: partitions.clone() })),
+                    };
+                    if output.send(Ok(message)).await.is_err() {
+                        break "client gone".to_owned();
+                    }
+                    let committed = match self.storage.committed(&self.group, &self.topic).await {
+                        Ok(committed) => committed,
+                        Err(error) => {
+                            let _ = output.send(Err(error.into())).await;
+                            break "offsets unreadable".to_owned();
+                        }
+                    };
+                    let mut failure = None;
+                    for p in partitions {
+                        if owned.contains_key(&p) {
+                            continue;
+                        }
+                        next_reader += 1;
+                        match self.own(p, next_reader, &committed, &chunks).await {
+                            Ok(followed) => {
+                                owned.insert(p, followed);
                             }
-                            let committed = self.offsets.committed(&self.group, &self.topic);
-                            for p in partitions {
-                                if owned.contains_key(&p) {
-                                    continue;
-                                }
-                                let Some(partition) = self.partitions.get(p as usize).cloned() else {
-                                    continue;
-                                };
-                                next_reader += 1;
-                                let reader = PartitionReader {
-                                    next: self.start_offset(&partition, &committed),
-                                    partition,
-                                    max_bytes: self.max_bytes,
-                                    shutdown: self.shutdown.clone(),
-                                };
-                                let (chunks, id) = (chunks.clone(), next_reader);
-                                let task = tokio::spawn(async move {
-                                    let wrap = |records| Chunk { reader: id, partition: p, records };
-                                    if let Err(status) = reader.run(&chunks, wrap).await {
-                                        tracing::error!(partition = p, error = %status.message(), "group member's partition reader failed");
-                                    }
-                                });
-                                owned.insert(p, Owned { reader: id, task });
+                            Err(error) => {
+                                failure = Some(error);
+                                break;
                             }
                         }
                     }
+                    if let Some(error) = failure {
+                        let _ = output.send(Err(error.into())).await;
+                        break "follow failed".to_owned();
+                    }
                 }
                 Some(chunk) = incoming.recv() => {
-                    // Chunks from a reader that was stopped (its partition taken away) are
-                    // dropped: the partition's new owner starts from the committed offset.
+                    // Chunks from a follower that was dropped (its partition taken away)
+                    // are dropped too: the partition's new owner starts from the committed
+                    // offset.
                     if owned.get(&chunk.partition).is_none_or(|o| o.reader != chunk.reader) {
                         continue;
                     }
-                    if self.delivery == Delivery::AtMostOnce && !self.commit_before_delivery(&chunk, generation).await {
+                    let records = match chunk.records {
+                        Ok(records) => records,
+                        Err(status) => {
+                            let _ = output.send(Err(status)).await;
+                            break "follower failed".to_owned();
+                        }
+                    };
+                    if self.delivery == Delivery::AtMostOnce && !self.commit_before_delivery(chunk.partition, &records, generation).await {
                         continue;
                     }
                     let message = SubscribeResponse {
-                        message: Some(Message::Records(RecordChunk { partition: chunk.partition, records: chunk.records, generation })),
+                        message: Some(Message::Records(RecordChunk { partition: chunk.partition, records, generation })),
                     };
                     if output.send(Ok(message)).await.is_err() {
                         break "client gone".to_owned();
@@ -277,15 +344,20 @@ impl MemberStream {
                 }
             }
         };
-        for reader in owned.values() {
-            reader.task.abort();
+        for followed in owned.values() {
+            followed.task.abort();
         }
         tracing::debug!(group = %self.group, topic = %self.topic, member = %self.member_id, reason, "member stream ended");
     }
 
-    /// At most once: the group's offset moves past the chunk before the member sees it.
-    async fn commit_before_delivery(&self, chunk: &Chunk, generation: u64) -> bool {
-        let Some(last) = chunk.records.last() else {
+    /// At most once: the group's offset moves past the records before the member sees them.
+    async fn commit_before_delivery(
+        &self,
+        partition: u32,
+        records: &[Record],
+        generation: u64,
+    ) -> bool {
+        let Some(last) = records.last() else {
             return false;
         };
         if let Err(error) = self.coordinator.heartbeat(
@@ -293,23 +365,17 @@ impl MemberStream {
             &self.topic,
             &self.member_id,
             generation,
-            [chunk.partition],
+            [partition],
             Instant::now(),
         ) {
             tracing::debug!(%error, "not delivering: the partition moved");
             return false;
         }
-        let offsets = Arc::clone(&self.offsets);
-        let (group, topic) = (self.group.clone(), self.topic.clone());
-        let next = BTreeMap::from([(chunk.partition, last.offset + 1)]);
-        match tokio::task::spawn_blocking(move || offsets.commit(&group, &topic, &next)).await {
-            Ok(Ok(_)) => true,
-            Ok(Err(error)) => {
-                tracing::error!(%error, "at-most-once commit failed; not delivering");
-                false
-            }
+        let next = BTreeMap::from([(partition, last.offset + 1)]);
+        match self.storage.commit(&self.group, &self.topic, next).await {
+            Ok(_) => true,
             Err(error) => {
-                tracing::error!(%error, "at-most-once commit task failed; not delivering");
+                tracing::error!(%error, "at-most-once commit failed; not delivering");
                 false
             }
         }

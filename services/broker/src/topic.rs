@@ -4,7 +4,6 @@ use crate::config::MAX_PARTITIONS;
 use crate::error::{BrokerError, Result};
 use crate::partition::Partition;
 use crate::partition::Retention;
-use crate::partitioner::Partitioner;
 use runnel_proto::v1::{PartitionInfo, RetentionPolicy, TopicInfo};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -119,7 +118,6 @@ pub(crate) fn retention_proto(retention: Retention) -> RetentionPolicy {
 pub(crate) struct Topic {
     name: String,
     partitions: Vec<Arc<Partition>>,
-    partitioner: Partitioner,
     retention: RetentionOverride,
 }
 
@@ -133,7 +131,6 @@ impl Topic {
         Topic {
             name,
             partitions: partitions.into_iter().map(Arc::new).collect(),
-            partitioner: Partitioner::default(),
             retention,
         }
     }
@@ -167,11 +164,6 @@ impl Topic {
     /// Every partition, in order.
     pub(crate) fn partitions(&self) -> &[Arc<Partition>] {
         &self.partitions
-    }
-
-    /// The partition an event with `key` goes to.
-    pub(crate) fn choose_partition(&self, key: &str) -> u32 {
-        self.partitioner.choose(key, self.partition_count())
     }
 
     /// The topic as `ListTopics` and `CreateTopic` report it.

@@ -161,27 +161,6 @@ impl Topics {
         .await?
     }
 
-    /// The topic called `name`, created with `partitions` partitions if it does not exist.
-    pub(crate) async fn get_or_create(
-        self: &Arc<Self>,
-        name: &str,
-        partitions: u32,
-    ) -> Result<Arc<Topic>> {
-        if let Some(topic) = self.get(name) {
-            return Ok(topic);
-        }
-        match self
-            .create(name, partitions, RetentionOverride::default())
-            .await
-        {
-            // Someone else created it between our look and our lock.
-            Err(BrokerError::TopicExists(_)) => self
-                .get(name)
-                .ok_or_else(|| BrokerError::TopicNotFound(name.to_owned())),
-            result => result,
-        }
-    }
-
     /// Blocking: syncs every partition whose interval has elapsed. Failures are logged
     /// and the rest still synced; the first is returned.
     pub(crate) fn sync_due(&self) -> Result<()> {

@@ -1,0 +1,231 @@
+//! Where topics live: the one interface the gRPC service needs from a storage engine, and
+//! the embedded engine behind it.
+//!
+//! Two engines implement [`Storage`] with the same semantics — dense per-partition
+//! offsets from 0, batches idempotent per producer and sequence, retention from the front,
+//! committed offsets per group — so the API and its tests do not change with the engine:
+//!
+//! - [`Embedded`]: this broker's own segmented log on local disk (the default);
+//! - [`JetStream`](crate::jetstream::JetStream): NATS JetStream, for deployments that
+//!   outgrow one machine (replicated streams, any number of broker replicas in front).
+//!
+//! Consumer-group *membership* is not here: it lives in the broker process that serves the
+//! group ([`crate::groups`]); only the committed offsets are storage.
+
+use crate::durability::GroupCommit;
+use crate::error::{BrokerError, Result};
+use crate::offsets::OffsetStore;
+use crate::partition::{Appended, Incoming, Partition, Read, Retention};
+use crate::subscribe::PartitionReader;
+use crate::topic::{self, RetentionOverride, Topic};
+use crate::topics::Topics;
+use runnel_proto::Millis;
+use runnel_proto::v1::{Record, TopicInfo};
+use runnel_server::Shutdown;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+/// Chunks of records as a follower hands them on; an error ends the stream.
+pub(crate) type Follow = mpsc::Receiver<std::result::Result<Vec<Record>, Status>>;
+
+/// Chunks buffered between a follower and its reader.
+pub(crate) const FOLLOW_BUFFER: usize = 16;
+
+/// What the broker's service needs from a storage engine.
+#[tonic::async_trait]
+pub(crate) trait Storage: Send + Sync + std::fmt::Debug + 'static {
+    /// Creates a topic; `AlreadyExists` if it exists.
+    async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        retention: RetentionOverride,
+    ) -> Result<TopicInfo>;
+    /// A topic's partition count, or `None` if it does not exist.
+    async fn partitions(&self, topic: &str) -> Result<Option<u32>>;
+    /// Every topic, sorted by name.
+    async fn list_topics(&self) -> Result<Vec<TopicInfo>>;
+    /// One topic.
+    async fn topic_info(&self, topic: &str) -> Result<TopicInfo>;
+    /// Stores a batch (or recognises a retry), and makes it durable first if asked.
+    async fn append(
+        &self,
+        topic: &str,
+        partition: u32,
+        batch: Incoming,
+        durable: bool,
+    ) -> Result<Appended>;
+    /// The batches holding offsets from `from` on, about `max_bytes` of them.
+    async fn read(&self, topic: &str, partition: u32, from: u64, max_bytes: usize) -> Result<Read>;
+    /// The offset of the first record appended at or after `time`, or the end offset.
+    async fn offset_for_time(&self, topic: &str, partition: u32, time: Millis) -> Result<u64>;
+    /// The partition's first stored offset and its end offset.
+    async fn bounds(&self, topic: &str, partition: u32) -> Result<(u64, u64)>;
+    /// Follows a partition from `from`: its records now and as they come, until the
+    /// receiver is dropped or `shutdown` fires. Records deleted by retention before they
+    /// were read are skipped (and counted).
+    async fn follow(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max_bytes: usize,
+        shutdown: Shutdown,
+    ) -> Result<Follow>;
+    /// Durably records a group's offsets on a topic; returns them all after the commit.
+    async fn commit(
+        &self,
+        group: &str,
+        topic: &str,
+        offsets: BTreeMap<u32, u64>,
+    ) -> Result<BTreeMap<u32, u64>>;
+    /// A group's committed offsets on a topic.
+    async fn committed(&self, group: &str, topic: &str) -> Result<BTreeMap<u32, u64>>;
+    /// Every group with committed offsets on a topic.
+    async fn groups_of(&self, topic: &str) -> Result<BTreeMap<String, BTreeMap<u32, u64>>>;
+}
+
+/// The embedded engine: topics in segmented logs under the data directory.
+#[derive(Debug)]
+pub(crate) struct Embedded {
+    topics: Arc<Topics>,
+    offsets: Arc<OffsetStore>,
+    group_commit: Arc<GroupCommit>,
+}
+
+impl Embedded {
+    pub(crate) fn new(
+        topics: Arc<Topics>,
+        offsets: Arc<OffsetStore>,
+        group_commit: Arc<GroupCommit>,
+    ) -> Embedded {
+        Embedded {
+            topics,
+            offsets,
+            group_commit,
+        }
+    }
+
+    fn topic(&self, name: &str) -> Result<Arc<Topic>> {
+        topic::validate_name(name)?;
+        self.topics
+            .get(name)
+            .ok_or_else(|| BrokerError::TopicNotFound(name.to_owned()))
+    }
+
+    fn partition(&self, topic: &str, partition: u32) -> Result<Arc<Partition>> {
+        Ok(Arc::clone(self.topic(topic)?.partition(partition)?))
+    }
+
+    fn defaults(&self) -> Retention {
+        self.topics.default_retention()
+    }
+}
+
+#[tonic::async_trait]
+impl Storage for Embedded {
+    async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        retention: RetentionOverride,
+    ) -> Result<TopicInfo> {
+        let topic = self.topics.create(name, partitions, retention).await?;
+        Ok(topic.info(self.defaults()))
+    }
+
+    async fn partitions(&self, topic: &str) -> Result<Option<u32>> {
+        Ok(self.topics.get(topic).map(|t| t.partition_count()))
+    }
+
+    async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
+        Ok(self
+            .topics
+            .list()
+            .iter()
+            .map(|t| t.info(self.defaults()))
+            .collect())
+    }
+
+    async fn topic_info(&self, topic: &str) -> Result<TopicInfo> {
+        Ok(self.topic(topic)?.info(self.defaults()))
+    }
+
+    async fn append(
+        &self,
+        topic: &str,
+        partition: u32,
+        batch: Incoming,
+        durable: bool,
+    ) -> Result<Appended> {
+        let partition = self.partition(topic, partition)?;
+        let count = u64::from(batch.record_count);
+        let writer = Arc::clone(&partition);
+        let now = runnel_proto::now_millis();
+        let appended = tokio::task::spawn_blocking(move || writer.append(batch, now)).await??;
+        if durable {
+            let upto = match appended {
+                Appended::Stored { next_offset, .. } => next_offset,
+                Appended::Duplicate { base_offset } => base_offset + count,
+            };
+            self.group_commit.request(&partition);
+            partition.wait_durable(upto).await?;
+        }
+        Ok(appended)
+    }
+
+    async fn read(&self, topic: &str, partition: u32, from: u64, max_bytes: usize) -> Result<Read> {
+        let partition = self.partition(topic, partition)?;
+        tokio::task::spawn_blocking(move || partition.read(from, max_bytes)).await?
+    }
+
+    async fn offset_for_time(&self, topic: &str, partition: u32, time: Millis) -> Result<u64> {
+        let partition = self.partition(topic, partition)?;
+        tokio::task::spawn_blocking(move || partition.offset_for_time(time.0)).await?
+    }
+
+    async fn bounds(&self, topic: &str, partition: u32) -> Result<(u64, u64)> {
+        let partition = self.partition(topic, partition)?;
+        Ok((partition.start_offset(), partition.end_offset()))
+    }
+
+    async fn follow(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max_bytes: usize,
+        shutdown: Shutdown,
+    ) -> Result<Follow> {
+        let reader = PartitionReader {
+            partition: self.partition(topic, partition)?,
+            next: from,
+            max_bytes,
+            shutdown,
+        };
+        let (sender, receiver) = mpsc::channel(FOLLOW_BUFFER);
+        tokio::spawn(reader.run(sender));
+        Ok(receiver)
+    }
+
+    async fn commit(
+        &self,
+        group: &str,
+        topic: &str,
+        offsets: BTreeMap<u32, u64>,
+    ) -> Result<BTreeMap<u32, u64>> {
+        let store = Arc::clone(&self.offsets);
+        let (group, topic) = (group.to_owned(), topic.to_owned());
+        tokio::task::spawn_blocking(move || store.commit(&group, &topic, &offsets)).await?
+    }
+
+    async fn committed(&self, group: &str, topic: &str) -> Result<BTreeMap<u32, u64>> {
+        Ok(self.offsets.committed(group, topic))
+    }
+
+    async fn groups_of(&self, topic: &str) -> Result<BTreeMap<String, BTreeMap<u32, u64>>> {
+        Ok(self.offsets.groups_of(topic))
+    }
+}
