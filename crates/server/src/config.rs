@@ -126,6 +126,10 @@ pub trait ServiceConfig: DeserializeOwned + Serialize + Default + Send + 'static
     /// The service's name: its table in the file and the `<SERVICE>` in its env variables.
     const SECTION: &'static str;
 
+    /// Keys (below the service's table, dotted) whose environment variable is a
+    /// comma-separated list, e.g. `jetstream.servers`.
+    const LIST_KEYS: &'static [&'static str] = &[];
+
     /// The shared server settings.
     fn server(&self) -> &ServerConfig;
 
@@ -183,13 +187,18 @@ pub fn load_from<C: ServiceConfig>(
         .into_iter()
         .filter(|(k, _)| k.starts_with(&prefix))
         .collect();
-    builder = builder.add_source(
-        config::Environment::with_prefix("RUNNEL")
-            .prefix_separator("_")
-            .separator("__")
-            .try_parsing(true)
-            .source(Some(env)),
-    );
+    let mut environment = config::Environment::with_prefix("RUNNEL")
+        .prefix_separator("_")
+        .separator("__")
+        .try_parsing(true)
+        .source(Some(env));
+    if !C::LIST_KEYS.is_empty() {
+        environment = environment.list_separator(",");
+        for key in C::LIST_KEYS {
+            environment = environment.with_list_parse_key(&format!("{section}.{key}"));
+        }
+    }
+    builder = builder.add_source(environment);
     let merged = builder
         .build()
         .map_err(|e| ConfigError::Load(e.to_string()))?;
@@ -249,6 +258,7 @@ mod tests {
         server: ServerConfig,
         partitions: u32,
         data_dir: String,
+        peers: Vec<String>,
     }
 
     impl Default for Example {
@@ -257,12 +267,14 @@ mod tests {
                 server: ServerConfig::loopback(7000, 9000),
                 partitions: 4,
                 data_dir: "data".into(),
+                peers: vec!["a".into()],
             }
         }
     }
 
     impl ServiceConfig for Example {
         const SECTION: &'static str = "example";
+        const LIST_KEYS: &'static [&'static str] = &["peers"];
         fn server(&self) -> &ServerConfig {
             &self.server
         }
@@ -318,6 +330,21 @@ mod tests {
         assert_eq!(c.server.grpc.port(), 7777);
         assert_eq!(c.server.admin.port(), 9000);
         assert_eq!(c.server.drain_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn list_keys_split_on_commas_and_other_strings_do_not() {
+        let f = file("");
+        let c: Example = load_from(
+            Some(f.path()),
+            env(&[
+                ("RUNNEL_EXAMPLE__PEERS", "nats://a:1,nats://b:2"),
+                ("RUNNEL_EXAMPLE__DATA_DIR", "x,y"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.peers, ["nats://a:1", "nats://b:2"]);
+        assert_eq!(c.data_dir, "x,y");
     }
 
     #[test]

@@ -56,6 +56,67 @@ pub struct BrokerConfig {
     /// A group member's session timeout when it does not ask for one.
     #[serde(with = "humantime_serde")]
     pub group_session_timeout: Duration,
+    /// Where topics live: `"embedded"` (this broker's own log under `data_dir`) or
+    /// `"jetstream"` (a NATS JetStream cluster, see `jetstream`).
+    pub storage: StorageEngine,
+    /// The JetStream cluster, when `storage = "jetstream"`.
+    pub jetstream: JetStreamConfig,
+}
+
+/// Which storage engine holds the topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageEngine {
+    /// The broker's own segmented log on local disk.
+    #[default]
+    Embedded,
+    /// NATS JetStream: replicated streams, any number of brokers in front.
+    Jetstream,
+}
+
+/// Where JetStream keeps a topic's messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JetStreamStorage {
+    /// On disk.
+    #[default]
+    File,
+    /// In memory (lost when a server restarts).
+    Memory,
+}
+
+/// How to reach and use a JetStream cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JetStreamConfig {
+    /// NATS server URLs; any reachable one will do, the client learns the rest.
+    pub servers: Vec<String>,
+    /// Replicas of each partition's stream (1, 3 or 5 in practice).
+    pub replicas: usize,
+    /// File or memory storage.
+    pub storage: JetStreamStorage,
+    /// How long JetStream remembers message ids to drop an idempotent producer's retries.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// How long to wait to connect.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long one JetStream request may take.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        JetStreamConfig {
+            servers: vec!["nats://127.0.0.1:4222".into()],
+            replicas: 1,
+            storage: JetStreamStorage::File,
+            duplicate_window: Duration::from_secs(120),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Default for BrokerConfig {
@@ -75,6 +136,8 @@ impl Default for BrokerConfig {
             retention_check_interval: Duration::from_secs(30),
             producer_expiry: Duration::from_secs(7 * 24 * 3600),
             group_session_timeout: Duration::from_secs(10),
+            storage: StorageEngine::Embedded,
+            jetstream: JetStreamConfig::default(),
         }
     }
 }
@@ -105,6 +168,7 @@ impl BrokerConfig {
 
 impl ServiceConfig for BrokerConfig {
     const SECTION: &'static str = "broker";
+    const LIST_KEYS: &'static [&'static str] = &["jetstream.servers"];
 
     fn server(&self) -> &ServerConfig {
         &self.server

@@ -71,6 +71,10 @@ pub enum BrokerError {
     /// from an older generation of it.
     #[error("{0}")]
     NotAMember(String),
+    /// The storage engine behind the broker (JetStream) failed or could not be reached;
+    /// the call may succeed if made again.
+    #[error("{0}")]
+    Engine(String),
     /// A file or directory operation failed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -149,6 +153,10 @@ impl From<BrokerError> for Status {
                 Status::failed_precondition(error.to_string())
             }
             BrokerError::SequenceTooOld { .. } => Status::already_exists(error.to_string()),
+            BrokerError::Engine(message) => {
+                tracing::warn!(%message, "storage engine unavailable");
+                Status::unavailable("the storage engine is unavailable; retry")
+            }
             BrokerError::Segment(_)
             | BrokerError::Io { .. }
             | BrokerError::Log { .. }

@@ -23,6 +23,7 @@ mod durability;
 mod error;
 mod groups;
 mod index;
+mod jetstream;
 mod offsets;
 mod partition;
 mod producers;
@@ -33,7 +34,7 @@ mod subscribe;
 mod topic;
 mod topics;
 
-pub use config::BrokerConfig;
+pub use config::{BrokerConfig, JetStreamConfig, JetStreamStorage, StorageEngine};
 pub use error::BrokerError;
 pub use segment::SegmentError;
 
@@ -50,8 +51,9 @@ use topics::Topics;
 /// How often group members' sessions are checked.
 const SESSION_CHECK: Duration = Duration::from_millis(250);
 
-/// Runs the broker on `listeners` until `shutdown` fires: recovers every topic and the
-/// groups' offsets under `config.data_dir`, serves, drains, and syncs every partition
+/// Runs the broker on `listeners` until `shutdown` fires: opens its storage engine
+/// (recovering every topic and the groups' offsets under `config.data_dir`, or connecting
+/// to JetStream), serves, drains, and — for the embedded engine — syncs every partition
 /// before returning.
 pub async fn run(
     config: BrokerConfig,
@@ -59,6 +61,76 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), BrokerError> {
     config.validate()?;
+    // Background work runs until the drain is over: producers still in flight may be
+    // waiting on a group commit.
+    let (stop_background, background) = Shutdown::new();
+    let mut tasks = Vec::new();
+    let (storage, embedded): (Arc<dyn storage::Storage>, Option<Arc<Topics>>) = match config.storage
+    {
+        StorageEngine::Embedded => {
+            let (storage, topics) = open_embedded(&config, &background, &mut tasks).await?;
+            (storage, Some(topics))
+        }
+        StorageEngine::Jetstream => {
+            let engine =
+                jetstream::JetStream::connect(config.jetstream.clone(), config.default_retention())
+                    .await?;
+            (Arc::new(engine), None)
+        }
+    };
+    let coordinator = Arc::new(Coordinator::default());
+    {
+        let coordinator = Arc::clone(&coordinator);
+        let background = background.clone();
+        tasks.push(tokio::spawn(async move {
+            background
+                .run_every(SESSION_CHECK, || {
+                    coordinator.expire(Instant::now());
+                    async {}
+                })
+                .await;
+        }));
+    }
+
+    let service = service::BrokerService::new(storage, coordinator, &config, shutdown.clone());
+    let max_message = config.server.max_message_bytes;
+    let grpc = BrokerServer::new(service)
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let served = runnel_server::serve(
+        runnel_proto::service_name::BROKER,
+        tonic::service::Routes::new(grpc),
+        listeners.grpc,
+        listeners.admin,
+        &config.server,
+        shutdown,
+    )
+    .await;
+
+    stop_background.trigger();
+    for task in tasks {
+        let _ = task.await;
+    }
+    if let Some(topics) = embedded {
+        // Whatever the policy, a clean stop leaves everything acknowledged on disk.
+        let synced = tokio::task::spawn_blocking(move || topics.sync_all()).await;
+        served?;
+        synced??;
+        tracing::info!("broker stopped; every partition synced");
+    } else {
+        served?;
+        tracing::info!("broker stopped");
+    }
+    Ok(())
+}
+
+/// Opens the embedded engine — topics, offsets, group commit — and starts its background
+/// work (group commits, interval fsyncs, retention) on `background`.
+async fn open_embedded(
+    config: &BrokerConfig,
+    background: &Shutdown,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<(Arc<dyn storage::Storage>, Arc<Topics>), BrokerError> {
     let data_dir = config.data_dir.clone();
     let (settings, defaults) = (config.log_settings(), config.default_retention());
     let topics = Arc::new(
@@ -69,20 +141,16 @@ pub async fn run(
         tokio::task::spawn_blocking(move || OffsetStore::open(&data_dir, FsyncPolicy::Always))
             .await??,
     );
-    let coordinator = Arc::new(Coordinator::default());
-    let group_commit = Arc::new(GroupCommit::default());
     // Retention is due at start too: a broker that was down for a week must not serve a
     // week of expired records until its first check.
     let expired = Arc::clone(&topics);
     let now = runnel_proto::now_millis();
     tokio::task::spawn_blocking(move || expired.enforce_retention(now)).await?;
 
-    // Background work runs until the drain is over: producers still in flight may be
-    // waiting on a group commit.
-    let (stop_background, background) = Shutdown::new();
-    let mut tasks = vec![tokio::spawn(
+    let group_commit = Arc::new(GroupCommit::default());
+    tasks.push(tokio::spawn(
         Arc::clone(&group_commit).run(background.clone()),
-    )];
+    ));
     if let FsyncPolicy::Interval(every) = config.fsync {
         let topics = Arc::clone(&topics);
         let background = background.clone();
@@ -105,9 +173,10 @@ pub async fn run(
     {
         let topics = Arc::clone(&topics);
         let background = background.clone();
+        let every = config.retention_check_interval;
         tasks.push(tokio::spawn(async move {
             background
-                .run_every(config.retention_check_interval, || {
+                .run_every(every, || {
                     let topics = Arc::clone(&topics);
                     async move {
                         let now = runnel_proto::now_millis();
@@ -126,47 +195,6 @@ pub async fn run(
                 .await;
         }));
     }
-    {
-        let coordinator = Arc::clone(&coordinator);
-        let background = background.clone();
-        tasks.push(tokio::spawn(async move {
-            background
-                .run_every(SESSION_CHECK, || {
-                    coordinator.expire(Instant::now());
-                    async {}
-                })
-                .await;
-        }));
-    }
-
-    let storage = Arc::new(storage::Embedded::new(
-        Arc::clone(&topics),
-        offsets,
-        group_commit,
-    ));
-    let service = service::BrokerService::new(storage, coordinator, &config, shutdown.clone());
-    let max_message = config.server.max_message_bytes;
-    let grpc = BrokerServer::new(service)
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
-    let served = runnel_server::serve(
-        runnel_proto::service_name::BROKER,
-        tonic::service::Routes::new(grpc),
-        listeners.grpc,
-        listeners.admin,
-        &config.server,
-        shutdown,
-    )
-    .await;
-
-    stop_background.trigger();
-    for task in tasks {
-        let _ = task.await;
-    }
-    // Whatever the policy, a clean stop leaves everything acknowledged on disk.
-    let synced = tokio::task::spawn_blocking(move || topics.sync_all()).await;
-    served?;
-    synced??;
-    tracing::info!("broker stopped; every partition synced");
-    Ok(())
+    let storage = storage::Embedded::new(Arc::clone(&topics), offsets, group_commit);
+    Ok((Arc::new(storage), topics))
 }

@@ -64,10 +64,15 @@ pub(crate) struct Incoming {
 }
 
 /// What an append did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Appended {
-    /// Stored, with offsets `[base_offset, next_offset)`.
-    Stored { base_offset: u64, next_offset: u64 },
+    /// Stored at offsets `[base_offset, next_offset)` — or, when `scattered` is set (an
+    /// engine that could not keep the batch together), at exactly those offsets.
+    Stored {
+        base_offset: u64,
+        next_offset: u64,
+        scattered: Option<Vec<u64>>,
+    },
     /// A retry of a batch stored before at `base_offset`: nothing written.
     Duplicate { base_offset: u64 },
 }
@@ -334,6 +339,7 @@ impl PartitionLog {
         Ok(Appended::Stored {
             base_offset,
             next_offset: header.next_offset(),
+            scattered: None,
         })
     }
 
@@ -767,7 +773,8 @@ mod tests {
                 appended,
                 Appended::Stored {
                     base_offset: i * 10,
-                    next_offset: i * 10 + 10
+                    next_offset: i * 10 + 10,
+                    scattered: None,
                 }
             );
         }
@@ -960,7 +967,7 @@ mod tests {
             prop_assert_eq!(log.end_offset(), kept);
             prop_assert_eq!(ids_from(&log, 0), expected_ids(0..kept));
             let appended = log.append(incoming(kept, 3), Millis(0)).unwrap();
-            prop_assert_eq!(appended, Appended::Stored { base_offset: kept, next_offset: kept + 3 });
+            prop_assert_eq!(appended, Appended::Stored { base_offset: kept, next_offset: kept + 3, scattered: None });
         }
     }
 }

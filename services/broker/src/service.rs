@@ -427,17 +427,23 @@ impl BrokerService {
                 }
             };
             for (origin, appended, count, size) in stored {
-                let (base_offset, duplicate) = match appended {
-                    Appended::Stored { base_offset, .. } => {
+                let (base_offset, duplicate, scattered) = match appended {
+                    Appended::Stored {
+                        base_offset,
+                        scattered,
+                        ..
+                    } => {
                         records += count;
                         bytes += size;
-                        (base_offset, false)
+                        (base_offset, false, scattered)
                     }
-                    Appended::Duplicate { base_offset } => (base_offset, true),
+                    Appended::Duplicate { base_offset } => (base_offset, true, None),
                 };
                 match origin {
                     Origin::Events(indexes) => {
-                        for (i, offset) in indexes.into_iter().zip(base_offset..) {
+                        let offsets = scattered
+                            .unwrap_or_else(|| (base_offset..base_offset + count).collect());
+                        for (i, offset) in indexes.into_iter().zip(offsets) {
                             positions[i] = RecordPosition {
                                 topic: name.clone(),
                                 partition: p,

@@ -166,8 +166,8 @@ impl Storage for Embedded {
         let now = runnel_proto::now_millis();
         let appended = tokio::task::spawn_blocking(move || writer.append(batch, now)).await??;
         if durable {
-            let upto = match appended {
-                Appended::Stored { next_offset, .. } => next_offset,
+            let upto = match &appended {
+                Appended::Stored { next_offset, .. } => *next_offset,
                 Appended::Duplicate { base_offset } => base_offset + count,
             };
             self.group_commit.request(&partition);

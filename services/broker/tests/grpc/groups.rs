@@ -1,6 +1,6 @@
 //! Consumer groups over gRPC: assignment, rebalance, eviction, fencing, delivery modes.
 
-use super::{connect, create, event, spawn_broker, stop};
+use super::{Engine, Harness, connect, create, event, stop};
 use runnel_client::{ConsumerOptions, GroupConsumer, GroupEvent, Producer, ProducerOptions};
 use runnel_proto::v1::{
     CommitOffsetsRequest, Delivery, DescribeTopicRequest, Event, PartitionOffset, Record,
@@ -67,10 +67,14 @@ fn options(member: &str) -> ConsumerOptions {
     }
 }
 
-#[tokio::test]
-async fn members_split_the_partitions_and_a_leaver_hands_over_from_the_committed_offsets() {
-    let dir = tempfile::tempdir().unwrap();
-    let (addr, trigger, handle) = spawn_broker(dir.path()).await;
+both_engines!(members_split_the_partitions_and_a_leaver_hands_over_from_the_committed_offsets);
+async fn members_split_the_partitions_and_a_leaver_hands_over_from_the_committed_offsets(
+    engine: Engine,
+) {
+    let Some(harness) = Harness::new(engine).await else {
+        return;
+    };
+    let (addr, trigger, handle) = harness.spawn().await;
     let client = connect(addr).await;
     create(&mut client.clone(), "work", 4).await.unwrap();
     let mut producer = Producer::new(client.clone(), "work", ProducerOptions::default())
@@ -141,10 +145,12 @@ async fn members_split_the_partitions_and_a_leaver_hands_over_from_the_committed
     stop(trigger, handle).await;
 }
 
-#[tokio::test]
-async fn a_member_that_stops_heartbeating_is_evicted_and_its_partitions_move() {
-    let dir = tempfile::tempdir().unwrap();
-    let (addr, trigger, handle) = spawn_broker(dir.path()).await;
+both_engines!(a_member_that_stops_heartbeating_is_evicted_and_its_partitions_move);
+async fn a_member_that_stops_heartbeating_is_evicted_and_its_partitions_move(engine: Engine) {
+    let Some(harness) = Harness::new(engine).await else {
+        return;
+    };
+    let (addr, trigger, handle) = harness.spawn().await;
     let mut client = connect(addr).await;
     create(&mut client, "hb", 2).await.unwrap();
     let mut steady = GroupConsumer::join(client.clone(), "g", "hb", options("steady"))
@@ -188,10 +194,12 @@ async fn a_member_that_stops_heartbeating_is_evicted_and_its_partitions_move() {
     stop(trigger, handle).await;
 }
 
-#[tokio::test]
-async fn commits_are_fenced_by_generation_and_ownership() {
-    let dir = tempfile::tempdir().unwrap();
-    let (addr, trigger, handle) = spawn_broker(dir.path()).await;
+both_engines!(commits_are_fenced_by_generation_and_ownership);
+async fn commits_are_fenced_by_generation_and_ownership(engine: Engine) {
+    let Some(harness) = Harness::new(engine).await else {
+        return;
+    };
+    let (addr, trigger, handle) = harness.spawn().await;
     let mut client = connect(addr).await;
     create(&mut client, "fence", 2).await.unwrap();
     Producer::new(client.clone(), "fence", ProducerOptions::default())
@@ -249,10 +257,12 @@ async fn commits_are_fenced_by_generation_and_ownership() {
     stop(trigger, handle).await;
 }
 
-#[tokio::test]
-async fn at_most_once_members_find_their_offsets_committed_before_delivery() {
-    let dir = tempfile::tempdir().unwrap();
-    let (addr, trigger, handle) = spawn_broker(dir.path()).await;
+both_engines!(at_most_once_members_find_their_offsets_committed_before_delivery);
+async fn at_most_once_members_find_their_offsets_committed_before_delivery(engine: Engine) {
+    let Some(harness) = Harness::new(engine).await else {
+        return;
+    };
+    let (addr, trigger, handle) = harness.spawn().await;
     let mut client = connect(addr).await;
     create(&mut client, "amo", 1).await.unwrap();
     let mut producer = Producer::new(client.clone(), "amo", ProducerOptions::default())
@@ -297,10 +307,12 @@ async fn at_most_once_members_find_their_offsets_committed_before_delivery() {
     stop(trigger, handle).await;
 }
 
-#[tokio::test]
-async fn describe_topic_shows_members_committed_offsets_and_lag() {
-    let dir = tempfile::tempdir().unwrap();
-    let (addr, trigger, handle) = spawn_broker(dir.path()).await;
+both_engines!(describe_topic_shows_members_committed_offsets_and_lag);
+async fn describe_topic_shows_members_committed_offsets_and_lag(engine: Engine) {
+    let Some(harness) = Harness::new(engine).await else {
+        return;
+    };
+    let (addr, trigger, handle) = harness.spawn().await;
     let mut client = connect(addr).await;
     create(&mut client, "lag", 4).await.unwrap();
     Producer::new(client.clone(), "lag", ProducerOptions::default())

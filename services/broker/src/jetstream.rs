@@ -1,0 +1,805 @@
+//! The NATS JetStream engine: topics as replicated JetStream streams, for deployments that
+//! outgrow one machine.
+//!
+//! | Runnel | JetStream |
+//! |---|---|
+//! | partition `p` of topic `t` | stream `RUNNEL_<t>_<p>` bound to subject `runnel.<t>.<p>` (`.` in a topic name becomes `_d`, `_` becomes `__`) |
+//! | record at offset `o` | the message at stream sequence `o + 1`, payload the encoded `Event` |
+//! | append time | the message's stream timestamp |
+//! | idempotent producer `id`, sequence `s` | `Nats-Msg-Id: <id>-<s>`: JetStream drops the copy within its duplicate window |
+//! | retention | the stream's `max_age` and `max_bytes` (set when the topic is created) |
+//! | topic metadata | subject `runnel.meta.topics.<t>` of stream `RUNNEL_META` (written last: the commit point) |
+//! | committed offsets | subject `runnel.meta.offsets.<group>.<t>` of `RUNNEL_META`, updated by compare-and-set |
+//!
+//! `RUNNEL_META` keeps the last message per subject and is read with direct gets and
+//! written with `Nats-Expected-Last-Subject-Sequence` — the mechanism JetStream's own
+//! key-value buckets are built on, used directly because it works the same on every
+//! server version.
+//!
+//! Any number of brokers can stand in front of one JetStream cluster: everything durable
+//! is in JetStream. A record is acknowledged once JetStream has stored it (on a quorum of
+//! replicas for replicated streams), whatever the acks asked for. What differs from the
+//! embedded engine: a batch is published record by record (a broker keeps its own batches
+//! contiguous, but two brokers writing one partition can interleave them, and a batch
+//! interrupted half-way is half stored until retried), duplicates are recognised within
+//! the duplicate window only, and retention settings are fixed when the topic is created.
+
+use crate::batch::{BatchHeader, StoredBatch};
+use crate::config::{JetStreamConfig, JetStreamStorage};
+use crate::error::{BrokerError, Result};
+use crate::partition::{Appended, Incoming, Read, Retention};
+use crate::storage::{FOLLOW_BUFFER, Follow, Storage};
+use crate::topic::{RetentionOverride, TopicMeta, retention_proto};
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, stream};
+use bytes::{Buf, Bytes};
+use futures::StreamExt;
+use prost::Message as _;
+use runnel_proto::v1::{Compression, Event, PartitionInfo, Record, TopicInfo};
+use runnel_proto::{Millis, records};
+use runnel_server::Shutdown;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+const META_STREAM: &str = "RUNNEL_META";
+const META_SUBJECTS: &str = "runnel.meta.>";
+const TOPICS_PREFIX: &str = "runnel.meta.topics.";
+const OFFSETS_PREFIX: &str = "runnel.meta.offsets.";
+/// Direct gets in flight at once when reading.
+const READ_CONCURRENCY: usize = 64;
+/// Most records a follower hands on in one chunk.
+const FOLLOW_CHUNK: usize = 512;
+
+/// A name made safe for stream names, subjects and KV keys: reversible, and free of `.`.
+fn encode(name: &str) -> String {
+    name.replace('_', "__").replace('.', "_d")
+}
+
+fn decode(encoded: &str) -> String {
+    let mut out = String::with_capacity(encoded.len());
+    let mut chars = encoded.chars();
+    while let Some(c) = chars.next() {
+        match (c, chars.clone().next()) {
+            ('_', Some('_')) => {
+                chars.next();
+                out.push('_');
+            }
+            ('_', Some('d')) => {
+                chars.next();
+                out.push('.');
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+fn stream_name(topic: &str, partition: u32) -> String {
+    format!("RUNNEL_{}_{partition}", encode(topic))
+}
+
+fn subject(topic: &str, partition: u32) -> String {
+    format!("runnel.{}.{partition}", encode(topic))
+}
+
+fn topic_key(topic: &str) -> String {
+    format!("{TOPICS_PREFIX}{}", encode(topic))
+}
+
+fn offsets_key(group: &str, topic: &str) -> String {
+    format!("{OFFSETS_PREFIX}{}.{}", encode(group), encode(topic))
+}
+
+/// Unix milliseconds of a JetStream timestamp.
+fn millis(time: time::OffsetDateTime) -> Millis {
+    Millis(i64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
+}
+
+/// An error from NATS, as the broker reports it: the cluster may be electing a leader or
+/// be out of reach, which the client can retry.
+fn unavailable(what: &str, error: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Engine(format!("jetstream {what}: {error}"))
+}
+
+/// One broker's turn to publish a batch to a partition.
+type PartitionTurn = Arc<tokio::sync::Mutex<()>>;
+
+/// The JetStream engine.
+#[derive(Debug)]
+pub(crate) struct JetStream {
+    context: jetstream::Context,
+    meta: MetaStore,
+    config: JetStreamConfig,
+    defaults: Retention,
+    /// Topic metadata, cached: a topic's partitions never change.
+    known: Mutex<HashMap<String, TopicMeta>>,
+    /// Serialises this broker's appends to a partition, so each of its batches gets
+    /// consecutive sequences.
+    writers: Mutex<HashMap<(String, u32), PartitionTurn>>,
+}
+
+impl JetStream {
+    /// Connects to the cluster and opens (creating if needed) the metadata buckets.
+    pub(crate) async fn connect(config: JetStreamConfig, defaults: Retention) -> Result<JetStream> {
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(config.connect_timeout)
+            .request_timeout(Some(config.request_timeout))
+            .retry_on_initial_connect()
+            .connect(config.servers.clone())
+            .await
+            .map_err(|e| unavailable("connect", e))?;
+        let mut context = jetstream::new(client);
+        context.set_timeout(config.request_timeout);
+        let meta = MetaStore::open(&context, &config).await?;
+        tracing::info!(servers = ?config.servers, replicas = config.replicas, "jetstream engine connected");
+        Ok(JetStream {
+            context,
+            meta,
+            config,
+            defaults,
+            known: Mutex::default(),
+            writers: Mutex::default(),
+        })
+    }
+
+    async fn meta(&self, topic: &str) -> Result<Option<TopicMeta>> {
+        if let Some(meta) = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(topic)
+        {
+            return Ok(Some(meta.clone()));
+        }
+        let Some((bytes, _)) = self.meta.get(&topic_key(topic)).await? else {
+            return Ok(None);
+        };
+        let meta: TopicMeta = serde_json::from_slice(&bytes).map_err(|e| {
+            BrokerError::Engine(format!("topic {topic:?} metadata does not parse: {e}"))
+        })?;
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(topic.to_owned(), meta.clone());
+        Ok(Some(meta))
+    }
+
+    async fn existing(&self, topic: &str) -> Result<TopicMeta> {
+        self.meta(topic)
+            .await?
+            .ok_or_else(|| BrokerError::TopicNotFound(topic.to_owned()))
+    }
+
+    async fn stream(&self, topic: &str, partition: u32) -> Result<stream::Stream<()>> {
+        let meta = self.existing(topic).await?;
+        if partition >= meta.partitions {
+            return Err(BrokerError::InvalidArgument(format!(
+                "partition {partition} does not exist: topic {topic:?} has partitions 0 to {}",
+                meta.partitions.saturating_sub(1)
+            )));
+        }
+        self.context
+            .get_stream_no_info(stream_name(topic, partition))
+            .await
+            .map_err(|e| unavailable("stream lookup", e))
+    }
+
+    async fn state(&self, topic: &str, partition: u32) -> Result<stream::State> {
+        let stream = self.stream(topic, partition).await?;
+        Ok(stream
+            .get_info()
+            .await
+            .map_err(|e| unavailable("stream info", e))?
+            .state)
+    }
+
+    fn writer(&self, topic: &str, partition: u32) -> PartitionTurn {
+        let mut writers = self
+            .writers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(writers.entry((topic.to_owned(), partition)).or_default())
+    }
+
+    async fn info(&self, meta: &TopicMeta) -> Result<TopicInfo> {
+        let mut partitions = Vec::with_capacity(meta.partitions as usize);
+        for partition in 0..meta.partitions {
+            let state = self.state(&meta.name, partition).await?;
+            // An empty stream's first sequence is one past its last.
+            let start = state
+                .first_sequence
+                .saturating_sub(1)
+                .min(state.last_sequence);
+            partitions.push(PartitionInfo {
+                partition,
+                start_offset: start,
+                end_offset: state.last_sequence,
+                size_bytes: state.bytes,
+                segments: 0,
+                durable_offset: state.last_sequence,
+            });
+        }
+        Ok(TopicInfo {
+            name: meta.name.clone(),
+            partitions,
+            retention: Some(retention_proto(meta.retention.resolve(self.defaults))),
+        })
+    }
+}
+
+/// Small values by key, last write wins per key, compare-and-set by revision: a stream
+/// that keeps one message per subject.
+#[derive(Debug)]
+struct MetaStore {
+    context: jetstream::Context,
+    stream: stream::Stream<()>,
+}
+
+/// Why a conditional write did not happen.
+enum Conflict {
+    /// Someone wrote the key first (or it already existed).
+    Lost,
+    Failed(BrokerError),
+}
+
+impl MetaStore {
+    async fn open(context: &jetstream::Context, config: &JetStreamConfig) -> Result<MetaStore> {
+        let stream_config = stream::Config {
+            name: META_STREAM.to_owned(),
+            subjects: vec![META_SUBJECTS.to_owned()],
+            max_messages_per_subject: 1,
+            storage: match config.storage {
+                JetStreamStorage::File => stream::StorageType::File,
+                JetStreamStorage::Memory => stream::StorageType::Memory,
+            },
+            num_replicas: config.replicas,
+            allow_direct: true,
+            ..stream::Config::default()
+        };
+        context
+            .get_or_create_stream(stream_config)
+            .await
+            .map_err(|e| unavailable("metadata stream", e))?;
+        let stream = context
+            .get_stream_no_info(META_STREAM)
+            .await
+            .map_err(|e| unavailable("metadata stream", e))?;
+        Ok(MetaStore {
+            context: context.clone(),
+            stream,
+        })
+    }
+
+    /// The value at `key` and its revision.
+    async fn get(&self, key: &str) -> Result<Option<(Bytes, u64)>> {
+        match self.stream.direct_get_last_for_subject(key).await {
+            Ok(message) => Ok(Some((message.payload, message.sequence))),
+            Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(error) => Err(unavailable("metadata read", error)),
+        }
+    }
+
+    /// Writes `value` at `key` if the key's last revision is `revision` (0: it must not
+    /// exist yet).
+    async fn put_if(
+        &self,
+        key: &str,
+        value: Bytes,
+        revision: u64,
+    ) -> std::result::Result<(), Conflict> {
+        let message = PublishMessage::build()
+            .payload(value)
+            .expected_last_subject_sequence(revision);
+        let ack = self
+            .context
+            .send_publish(key.to_owned(), message)
+            .await
+            .map_err(|e| Conflict::Failed(unavailable("metadata write", e)))?;
+        match ack.await {
+            Ok(_) => Ok(()),
+            Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
+                Err(Conflict::Lost)
+            }
+            Err(error) => Err(Conflict::Failed(unavailable("metadata write", error))),
+        }
+    }
+
+    /// Every key below `prefix` (which ends with a dot).
+    async fn keys(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut subjects = self
+            .stream
+            .info_with_subjects(format!("{prefix}>"))
+            .await
+            .map_err(|e| unavailable("metadata keys", e))?;
+        let mut keys = Vec::new();
+        while let Some(subject) = subjects.next().await {
+            let (subject, _) = subject.map_err(|e| unavailable("metadata keys", e))?;
+            keys.push(subject);
+        }
+        keys.sort();
+        Ok(keys)
+    }
+}
+
+/// Splits a records body into its records' encoded events, without decoding them.
+fn split_records(batch: &Incoming, max_len: usize) -> Result<Vec<Bytes>> {
+    let plain = match batch.compression {
+        Compression::None => batch.records.clone(),
+        compressed => {
+            let events = records::decode(compressed, &batch.records, max_len)
+                .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+            return Ok(events
+                .iter()
+                .map(|e| Bytes::from(e.encode_to_vec()))
+                .collect());
+        }
+    };
+    let mut buf = plain.clone();
+    let mut out = Vec::with_capacity(batch.record_count as usize);
+    while buf.has_remaining() {
+        let len = prost::decode_length_delimiter(&mut buf)
+            .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+        if len > buf.remaining() {
+            return Err(BrokerError::InvalidArgument(
+                "a record runs past the end of the batch".into(),
+            ));
+        }
+        out.push(buf.split_to(len));
+    }
+    Ok(out)
+}
+
+/// A stored message as a one-record batch.
+fn as_batch(sequence: u64, time: Millis, payload: &[u8]) -> StoredBatch {
+    let mut body = Vec::with_capacity(payload.len() + 5);
+    prost::encode_length_delimiter(payload.len(), &mut body).unwrap_or_default();
+    body.extend_from_slice(payload);
+    StoredBatch {
+        header: BatchHeader {
+            compression: Compression::None,
+            record_count: 1,
+            base_offset: sequence - 1,
+            append_time: time,
+            producer_id: 0,
+            base_sequence: 0,
+        },
+        records: Bytes::from(body),
+    }
+}
+
+#[tonic::async_trait]
+impl Storage for JetStream {
+    async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        retention: RetentionOverride,
+    ) -> Result<TopicInfo> {
+        if self.meta(name).await?.is_some() {
+            return Err(BrokerError::TopicExists(name.to_owned()));
+        }
+        let resolved = retention.resolve(self.defaults);
+        for partition in 0..partitions {
+            let config = stream::Config {
+                name: stream_name(name, partition),
+                subjects: vec![subject(name, partition)],
+                max_age: resolved.max_age.unwrap_or(Duration::ZERO),
+                max_bytes: resolved
+                    .max_bytes
+                    .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+                storage: match self.config.storage {
+                    JetStreamStorage::File => stream::StorageType::File,
+                    JetStreamStorage::Memory => stream::StorageType::Memory,
+                },
+                num_replicas: self.config.replicas,
+                duplicate_window: self.config.duplicate_window,
+                allow_direct: true,
+                ..stream::Config::default()
+            };
+            // Idempotent: a creation that died half-way left empty streams behind.
+            self.context
+                .get_or_create_stream(config)
+                .await
+                .map_err(|e| unavailable("create stream", e))?;
+        }
+        let meta = TopicMeta {
+            name: name.to_owned(),
+            partitions,
+            retention,
+        };
+        let json = serde_json::to_vec(&meta).map_err(|e| BrokerError::Engine(e.to_string()))?;
+        match self
+            .meta
+            .put_if(&topic_key(name), Bytes::from(json), 0)
+            .await
+        {
+            Ok(()) => {}
+            Err(Conflict::Lost) => return Err(BrokerError::TopicExists(name.to_owned())),
+            Err(Conflict::Failed(error)) => return Err(error),
+        }
+        tracing::info!(
+            topic = name,
+            partitions,
+            replicas = self.config.replicas,
+            "topic created in jetstream"
+        );
+        self.info(&meta).await
+    }
+
+    async fn partitions(&self, topic: &str) -> Result<Option<u32>> {
+        Ok(self.meta(topic).await?.map(|m| m.partitions))
+    }
+
+    async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
+        let names: Vec<String> = self
+            .meta
+            .keys(TOPICS_PREFIX)
+            .await?
+            .iter()
+            .filter_map(|key| key.strip_prefix(TOPICS_PREFIX).map(decode))
+            .collect();
+        let mut topics = Vec::with_capacity(names.len());
+        for name in names {
+            topics.push(self.info(&self.existing(&name).await?).await?);
+        }
+        Ok(topics)
+    }
+
+    async fn topic_info(&self, topic: &str) -> Result<TopicInfo> {
+        self.info(&self.existing(topic).await?).await
+    }
+
+    async fn append(
+        &self,
+        topic: &str,
+        partition: u32,
+        batch: Incoming,
+        _durable: bool,
+    ) -> Result<Appended> {
+        self.stream(topic, partition).await?;
+        let records = split_records(&batch, usize::MAX)?;
+        let subject = subject(topic, partition);
+        let writer = self.writer(topic, partition);
+        let _turn = writer.lock().await;
+        let mut pending = Vec::with_capacity(records.len());
+        for (i, record) in records.into_iter().enumerate() {
+            let mut message = PublishMessage::build().payload(record);
+            if batch.producer_id != 0 {
+                message = message.message_id(format!(
+                    "{:016x}-{}",
+                    batch.producer_id,
+                    batch.base_sequence + i as u64
+                ));
+            }
+            let ack = self
+                .context
+                .send_publish(subject.clone(), message)
+                .await
+                .map_err(|e| unavailable("publish", e))?;
+            pending.push(ack);
+        }
+        let mut sequences = Vec::with_capacity(pending.len());
+        let mut duplicates = 0;
+        for ack in pending {
+            let ack = ack.await.map_err(|e| unavailable("publish ack", e))?;
+            duplicates += usize::from(ack.duplicate);
+            sequences.push(ack.sequence);
+        }
+        let base_offset = sequences.first().map_or(0, |s| s - 1);
+        if duplicates == sequences.len() {
+            return Ok(Appended::Duplicate { base_offset });
+        }
+        let contiguous = sequences.windows(2).all(|w| w[1] == w[0] + 1);
+        Ok(Appended::Stored {
+            base_offset,
+            next_offset: sequences.last().copied().unwrap_or(base_offset),
+            scattered: (!contiguous).then(|| sequences.iter().map(|s| s - 1).collect()),
+        })
+    }
+
+    async fn read(&self, topic: &str, partition: u32, from: u64, max_bytes: usize) -> Result<Read> {
+        let stream = self.stream(topic, partition).await?;
+        let state = stream
+            .get_info()
+            .await
+            .map_err(|e| unavailable("stream info", e))?
+            .state;
+        let (start, end) = (
+            state
+                .first_sequence
+                .saturating_sub(1)
+                .min(state.last_sequence),
+            state.last_sequence,
+        );
+        if from < start || from > end {
+            return Err(BrokerError::OffsetOutOfRange {
+                topic: topic.to_owned(),
+                partition,
+                offset: from,
+                start,
+                end,
+            });
+        }
+        let mut batches = Vec::new();
+        let mut taken = 0usize;
+        let mut next = from + 1;
+        while next <= end && (batches.is_empty() || taken < max_bytes) {
+            let upto = (next + READ_CONCURRENCY as u64).min(end + 1);
+            let gets = (next..upto).map(|sequence| {
+                let stream = &stream;
+                async move { (sequence, stream.direct_get(sequence).await) }
+            });
+            for (sequence, got) in futures::future::join_all(gets).await {
+                match got {
+                    Ok(message) => {
+                        taken += message.payload.len();
+                        batches.push(as_batch(sequence, millis(message.time), &message.payload));
+                    }
+                    // Deleted since the state was read (retention): nothing to return.
+                    Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => {}
+                    Err(error) => return Err(unavailable("read", error)),
+                }
+                if taken >= max_bytes {
+                    break;
+                }
+            }
+            next = upto;
+        }
+        Ok(Read {
+            batches,
+            start,
+            end,
+        })
+    }
+
+    async fn offset_for_time(&self, topic: &str, partition: u32, time: Millis) -> Result<u64> {
+        let stream = self.stream(topic, partition).await?;
+        let start_time =
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(time.0) * 1_000_000)
+                .map_err(|_| BrokerError::InvalidArgument("timestamp is out of range".into()))?;
+        let consumer = stream
+            .create_consumer(pull::Config {
+                deliver_policy: DeliverPolicy::ByStartTime { start_time },
+                ack_policy: jetstream::consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                ..pull::Config::default()
+            })
+            .await
+            .map_err(|e| unavailable("time lookup", e))?;
+        let mut first = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_millis(200))
+            .messages()
+            .await
+            .map_err(|e| unavailable("time lookup", e))?;
+        let found = match first.next().await {
+            Some(Ok(message)) => Some(
+                message
+                    .info()
+                    .map_err(|e| unavailable("time lookup", e))?
+                    .stream_sequence
+                    - 1,
+            ),
+            _ => None,
+        };
+        match found {
+            Some(offset) => Ok(offset),
+            None => Ok(stream
+                .get_info()
+                .await
+                .map_err(|e| unavailable("stream info", e))?
+                .state
+                .last_sequence),
+        }
+    }
+
+    async fn bounds(&self, topic: &str, partition: u32) -> Result<(u64, u64)> {
+        let state = self.state(topic, partition).await?;
+        Ok((
+            state
+                .first_sequence
+                .saturating_sub(1)
+                .min(state.last_sequence),
+            state.last_sequence,
+        ))
+    }
+
+    async fn follow(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        _max_bytes: usize,
+        shutdown: Shutdown,
+    ) -> Result<Follow> {
+        let stream = self.stream(topic, partition).await?;
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from + 1,
+                },
+                ..pull::OrderedConfig::default()
+            })
+            .await
+            .map_err(|e| unavailable("follow", e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| unavailable("follow", e))?;
+        let (sender, receiver) = mpsc::channel(FOLLOW_BUFFER);
+        let topic = topic.to_owned();
+        tokio::spawn(async move {
+            let mut chunks = messages.ready_chunks(FOLLOW_CHUNK);
+            let mut expected = from;
+            loop {
+                let chunk = tokio::select! {
+                    chunk = chunks.next() => chunk,
+                    () = sender.closed() => return,
+                    () = shutdown.wait() => return,
+                };
+                let Some(chunk) = chunk else {
+                    return;
+                };
+                let mut records = Vec::with_capacity(chunk.len());
+                for message in chunk {
+                    let converted = message
+                        .map_err(|e| Status::unavailable(format!("jetstream follow: {e}")))
+                        .and_then(|message| {
+                            let info = message.info().map_err(|e| {
+                                Status::internal(format!("jetstream message info: {e}"))
+                            })?;
+                            let (offset, time) = (info.stream_sequence - 1, millis(info.published));
+                            let event = Event::decode(message.payload.clone()).map_err(|e| {
+                                Status::internal(format!("record {offset} does not decode: {e}"))
+                            })?;
+                            Ok(Record {
+                                partition,
+                                offset,
+                                append_time: Some(time.into()),
+                                event: Some(event),
+                            })
+                        });
+                    match converted {
+                        Ok(record) => {
+                            if record.offset > expected {
+                                tracing::warn!(
+                                    topic,
+                                    partition,
+                                    from = expected,
+                                    to = record.offset,
+                                    "skipping records deleted by retention"
+                                );
+                            }
+                            expected = record.offset + 1;
+                            records.push(record);
+                        }
+                        Err(status) => {
+                            let _ = sender.send(Err(status)).await;
+                            return;
+                        }
+                    }
+                }
+                if sender.send(Ok(records)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(receiver)
+    }
+
+    async fn commit(
+        &self,
+        group: &str,
+        topic: &str,
+        offsets: BTreeMap<u32, u64>,
+    ) -> Result<BTreeMap<u32, u64>> {
+        let key = offsets_key(group, topic);
+        // Compare-and-set: brokers serving the same group in front of one cluster never
+        // overwrite each other's commits.
+        loop {
+            let (mut merged, revision) = match self.meta.get(&key).await? {
+                Some((bytes, revision)) => (parse_offsets(group, &bytes)?, revision),
+                None => (BTreeMap::new(), 0),
+            };
+            merged.extend(&offsets);
+            let json = Bytes::from(
+                serde_json::to_vec(&merged).map_err(|e| BrokerError::Engine(e.to_string()))?,
+            );
+            match self.meta.put_if(&key, json, revision).await {
+                Ok(()) => return Ok(merged),
+                Err(Conflict::Lost) => continue,
+                Err(Conflict::Failed(error)) => return Err(error),
+            }
+        }
+    }
+
+    async fn committed(&self, group: &str, topic: &str) -> Result<BTreeMap<u32, u64>> {
+        match self.meta.get(&offsets_key(group, topic)).await? {
+            Some((bytes, _)) => parse_offsets(group, &bytes),
+            None => Ok(BTreeMap::new()),
+        }
+    }
+
+    async fn groups_of(&self, topic: &str) -> Result<BTreeMap<String, BTreeMap<u32, u64>>> {
+        let suffix = format!(".{}", encode(topic));
+        let mut groups = BTreeMap::new();
+        for key in self.meta.keys(OFFSETS_PREFIX).await? {
+            let Some(group) = key
+                .strip_prefix(OFFSETS_PREFIX)
+                .and_then(|rest| rest.strip_suffix(&suffix))
+                .filter(|group| !group.contains('.'))
+            else {
+                continue;
+            };
+            let group = decode(group);
+            let offsets = self.committed(&group, topic).await?;
+            groups.insert(group, offsets);
+        }
+        Ok(groups)
+    }
+}
+
+fn parse_offsets(group: &str, bytes: &[u8]) -> Result<BTreeMap<u32, u64>> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| BrokerError::Engine(format!("offsets of group {group:?} do not parse: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn names_are_safe_and_reversible() {
+        assert_eq!(stream_name("events", 3), "RUNNEL_events_3");
+        assert_eq!(stream_name("a.b_c", 0), "RUNNEL_a_db__c_0");
+        assert_eq!(subject("a.b", 1), "runnel.a_db.1");
+        assert_eq!(offsets_key("g.1", "t"), "runnel.meta.offsets.g_d1.t");
+        assert_eq!(topic_key("a.b"), "runnel.meta.topics.a_db");
+        assert_ne!(stream_name("a.b", 0), stream_name("a_db", 0));
+    }
+
+    proptest! {
+        #[test]
+        fn encoding_round_trips_without_dots(name in "[a-zA-Z0-9._-]{1,40}") {
+            let encoded = encode(&name);
+            prop_assert!(!encoded.contains('.'));
+            prop_assert_eq!(decode(&encoded), name);
+        }
+    }
+
+    #[test]
+    fn records_split_without_decoding() {
+        let events: Vec<Event> = (0..3)
+            .map(|i| Event {
+                id: format!("e{i}"),
+                ..Event::default()
+            })
+            .collect();
+        let incoming = Incoming {
+            compression: Compression::None,
+            record_count: 3,
+            records: records::encode(&events),
+            producer_id: 0,
+            base_sequence: 0,
+        };
+        let split = split_records(&incoming, usize::MAX).unwrap();
+        let decoded: Vec<Event> = split
+            .iter()
+            .map(|b| Event::decode(b.clone()).unwrap())
+            .collect();
+        assert_eq!(decoded, events);
+        let lz4 = Incoming {
+            compression: Compression::Lz4,
+            records: records::compress(Compression::Lz4, &records::encode(&events)),
+            ..incoming
+        };
+        assert_eq!(split_records(&lz4, 1 << 20).unwrap(), split);
+    }
+}

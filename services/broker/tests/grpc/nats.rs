@@ -1,0 +1,145 @@
+//! Real `nats-server` processes for the JetStream engine's tests: one node, or a cluster
+//! of three on loopback.
+//!
+//! Tests that need one are skipped with a printed reason when `nats-server` is not
+//! installed — unless `RUNNEL_REQUIRE_NATS=1` (as `.ci/run` sets, after installing it), in
+//! which case a missing server fails them.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStderr, Command};
+
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether `nats-server` can be run here; `false` (after saying why) if tests may skip.
+pub(crate) fn available() -> bool {
+    let found = std::process::Command::new("nats-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        if std::env::var("RUNNEL_REQUIRE_NATS").is_ok_and(|v| v == "1") {
+            panic!(
+                "nats-server is required (RUNNEL_REQUIRE_NATS=1) but not installed: apt install nats-server"
+            );
+        }
+        eprintln!("skipped: nats-server is not installed (apt install nats-server; .ci/run does)");
+    }
+    found
+}
+
+/// One running `nats-server` with JetStream.
+pub(crate) struct NatsNode {
+    /// The client URL, e.g. `nats://127.0.0.1:42447`.
+    pub(crate) url: String,
+    child: Child,
+    log: Lines<BufReader<ChildStderr>>,
+}
+
+impl NatsNode {
+    /// Starts a node storing under `dir` with `args` (cluster settings, say), and waits for
+    /// "Server is ready" in its log.
+    pub(crate) async fn start(dir: &Path, args: &[String]) -> NatsNode {
+        let mut child = Command::new("nats-server")
+            .arg("-js")
+            .arg("-sd")
+            .arg(dir)
+            .args(["-a", "127.0.0.1", "-p", "-1"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn nats-server");
+        let mut log = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let mut url = None;
+        let ready = tokio::time::timeout(START_TIMEOUT, async {
+            while let Some(line) = log.next_line().await.expect("nats-server log") {
+                if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
+                    url = Some(format!("nats://{}", addr.trim()));
+                }
+                if line.contains("Server is ready") {
+                    return;
+                }
+            }
+            panic!("nats-server exited before it was ready");
+        })
+        .await;
+        assert!(
+            ready.is_ok(),
+            "nats-server not ready within {START_TIMEOUT:?}"
+        );
+        NatsNode {
+            url: url.expect("nats-server printed its client address"),
+            child,
+            log,
+        }
+    }
+
+    /// Reads the node's log until a line contains `needle`.
+    pub(crate) async fn wait_for_log(&mut self, needle: &str) {
+        let found = tokio::time::timeout(START_TIMEOUT, async {
+            while let Some(line) = self.log.next_line().await.expect("nats-server log") {
+                if line.contains(needle) {
+                    return;
+                }
+            }
+            panic!("nats-server exited before logging {needle:?}");
+        })
+        .await;
+        assert!(
+            found.is_ok(),
+            "nats-server did not log {needle:?} within {START_TIMEOUT:?}"
+        );
+    }
+
+    /// Kills the node with SIGKILL.
+    pub(crate) async fn kill(&mut self) {
+        self.child.kill().await.expect("kill nats-server");
+    }
+}
+
+/// A free port on loopback, for a cluster route that every node must know in advance.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Three JetStream nodes clustered on loopback; returns them once a metadata leader is
+/// elected.
+pub(crate) async fn cluster(root: &Path) -> Vec<NatsNode> {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let routes = ports
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut nodes = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let dir: PathBuf = root.join(format!("n{i}"));
+        std::fs::create_dir_all(&dir).expect("node dir");
+        let args = vec![
+            "--name".to_owned(),
+            format!("n{i}"),
+            "--cluster_name".to_owned(),
+            "runnel".to_owned(),
+            "--cluster".to_owned(),
+            format!("nats://127.0.0.1:{port}"),
+            "--routes".to_owned(),
+            routes.clone(),
+        ];
+        nodes.push(NatsNode::start(&dir, &args).await);
+    }
+    // Any node logs the election of the JetStream metadata leader once the cluster formed.
+    nodes[0]
+        .wait_for_log("JetStream cluster new metadata leader")
+        .await;
+    nodes
+}
