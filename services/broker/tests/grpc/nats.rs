@@ -139,7 +139,7 @@ pub(crate) async fn cluster(root: &Path) -> Vec<NatsNode> {
     }
     // Any node logs the election of the JetStream metadata leader once the cluster formed.
     nodes[0]
-        .wait_for_log("JetStream cluster new metadata leader")
+        .wait_for_log("metadata leader")
         .await;
     nodes
 }
