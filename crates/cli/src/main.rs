@@ -29,8 +29,12 @@ enum Command {
     Get(read::GetArgs),
     /// Print results as they are produced (one JSON object per line).
     Watch(read::WatchArgs),
-    /// Measure ingest throughput and ack latency through collector → broker.
-    Bench(bench::BenchArgs),
+    /// Measure throughput and latency: ingest through collector → broker, or the broker
+    /// alone (side by side with NATS JetStream).
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,7 +55,7 @@ fn main() -> ExitCode {
             Command::Send(args) => send::run(args).await,
             Command::Get(args) => read::get(args).await,
             Command::Watch(args) => read::watch(args).await,
-            Command::Bench(args) => bench::run(args).await,
+            Command::Bench { what } => bench::run(what).await,
         }
     });
     match result {

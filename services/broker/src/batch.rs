@@ -120,14 +120,29 @@ impl StoredBatch {
     }
 
     /// The batch's records from offset `from` on, decoded.
-    pub(crate) fn records(&self, partition: u32, from: u64) -> Result<Vec<Record>, String> {
-        let events = records::decode(self.header.compression, &self.records, usize::MAX)
-            .map_err(|e| e.to_string())?;
+    /// The batch's records from offset `from` on, at most `max` of them, decoded (the
+    /// ones before `from` are stepped over, not decoded).
+    pub(crate) fn records(
+        &self,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Record>, String> {
+        let skip = from.saturating_sub(self.header.base_offset);
+        let first = self.header.base_offset + skip;
+        let skip = usize::try_from(skip).unwrap_or(usize::MAX);
+        let events = records::decode_range(
+            self.header.compression,
+            &self.records,
+            usize::MAX,
+            skip,
+            max,
+        )
+        .map_err(|e| e.to_string())?;
         let append_time = Some(self.header.append_time.into());
         Ok(events
             .into_iter()
-            .zip(self.header.base_offset..)
-            .filter(|(_, offset)| *offset >= from)
+            .zip(first..)
             .map(|(event, offset)| Record {
                 partition,
                 offset,
@@ -255,7 +270,16 @@ mod tests {
         let mut frame = header.encode().to_vec();
         frame.extend_from_slice(&body);
         let stored = StoredBatch::parse(Bytes::from(frame)).unwrap();
-        let records = stored.records(3, 102).unwrap();
+        let records = stored.records(3, 102, usize::MAX).unwrap();
+        assert_eq!(
+            stored
+                .records(3, 101, 2)
+                .unwrap()
+                .iter()
+                .map(|r| r.offset)
+                .collect::<Vec<_>>(),
+            [101, 102]
+        );
         assert_eq!(
             records.iter().map(|r| r.offset).collect::<Vec<_>>(),
             [102, 103, 104]

@@ -52,6 +52,11 @@ const TOPICS_PREFIX: &str = "runnel.meta.topics.";
 const OFFSETS_PREFIX: &str = "runnel.meta.offsets.";
 /// Direct gets in flight at once when reading.
 const READ_CONCURRENCY: usize = 64;
+/// Acks one batch may have pending at once while it publishes.
+const WINDOW: usize = 256;
+/// Batches publishing at once; `APPENDS * WINDOW` stays under the client's limit of
+/// pending acks (5000 by default).
+const APPENDS: usize = 16;
 /// Most records a follower hands on in one chunk.
 const FOLLOW_CHUNK: usize = 512;
 
@@ -121,6 +126,8 @@ pub(crate) struct JetStream {
     /// Serialises this broker's appends to a partition, so each of its batches gets
     /// consecutive sequences.
     writers: Mutex<HashMap<(String, u32), PartitionTurn>>,
+    /// Batches publishing at once (see [`APPENDS`]).
+    appends: tokio::sync::Semaphore,
 }
 
 impl JetStream {
@@ -144,6 +151,7 @@ impl JetStream {
             defaults,
             known: Mutex::default(),
             writers: Mutex::default(),
+            appends: tokio::sync::Semaphore::new(APPENDS),
         })
     }
 
@@ -465,9 +473,29 @@ impl Storage for JetStream {
         let records = split_records(&batch, usize::MAX)?;
         let subject = subject(topic, partition);
         let writer = self.writer(topic, partition);
+        // At most APPENDS batches publish at once, each with at most WINDOW acks pending:
+        // the client's own limit on pending acks (it waits when reached) is never hit by
+        // tasks that all hold un-awaited acks, which would deadlock.
+        let _slot = self
+            .appends
+            .acquire()
+            .await
+            .map_err(|e| unavailable("publish", e))?;
         let _turn = writer.lock().await;
-        let mut pending = Vec::with_capacity(records.len());
+        let mut pending: std::collections::VecDeque<jetstream::context::PublishAckFuture> =
+            std::collections::VecDeque::with_capacity(WINDOW);
+        let mut sequences = Vec::with_capacity(records.len());
+        let mut duplicates = 0;
+        let mut settle = |ack: async_nats::jetstream::publish::PublishAck| {
+            duplicates += usize::from(ack.duplicate);
+            sequences.push(ack.sequence);
+        };
         for (i, record) in records.into_iter().enumerate() {
+            if pending.len() == WINDOW
+                && let Some(oldest) = pending.pop_front()
+            {
+                settle(oldest.await.map_err(|e| unavailable("publish ack", e))?);
+            }
             let mut message = PublishMessage::build().payload(record);
             if batch.producer_id != 0 {
                 message = message.message_id(format!(
@@ -481,14 +509,10 @@ impl Storage for JetStream {
                 .send_publish(subject.clone(), message)
                 .await
                 .map_err(|e| unavailable("publish", e))?;
-            pending.push(ack);
+            pending.push_back(ack);
         }
-        let mut sequences = Vec::with_capacity(pending.len());
-        let mut duplicates = 0;
         for ack in pending {
-            let ack = ack.await.map_err(|e| unavailable("publish ack", e))?;
-            duplicates += usize::from(ack.duplicate);
-            sequences.push(ack.sequence);
+            settle(ack.await.map_err(|e| unavailable("publish ack", e))?);
         }
         let base_offset = sequences.first().map_or(0, |s| s - 1);
         if duplicates == sequences.len() {

@@ -50,6 +50,38 @@ use topics::Topics;
 
 /// How often group members' sessions are checked.
 const SESSION_CHECK: Duration = Duration::from_millis(250);
+/// How often consumer lag is recomputed for the metrics (commits update it too).
+const LAG_REFRESH: Duration = Duration::from_secs(10);
+
+/// Sets `runnel_broker_consumer_lag{group, topic, partition}` for every group with
+/// committed offsets: the partition's end offset minus the group's committed offset.
+async fn publish_lag(storage: Arc<dyn storage::Storage>) {
+    let topics = match storage.list_topics().await {
+        Ok(topics) => topics,
+        Err(error) => {
+            tracing::debug!(%error, "consumer lag not refreshed");
+            return;
+        }
+    };
+    for topic in topics {
+        let Ok(groups) = storage.groups_of(&topic.name).await else {
+            continue;
+        };
+        for (group, offsets) in groups {
+            for partition in &topic.partitions {
+                if let Some(committed) = offsets.get(&partition.partition) {
+                    metrics::gauge!(
+                        "runnel_broker_consumer_lag",
+                        "group" => group.clone(),
+                        "topic" => topic.name.clone(),
+                        "partition" => partition.partition.to_string()
+                    )
+                    .set(partition.end_offset.saturating_sub(*committed) as f64);
+                }
+            }
+        }
+    }
+}
 
 /// Runs the broker on `listeners` until `shutdown` fires: opens its storage engine
 /// (recovering every topic and the groups' offsets under `config.data_dir`, or connecting
@@ -79,6 +111,15 @@ pub async fn run(
         }
     };
     let coordinator = Arc::new(Coordinator::default());
+    {
+        let storage = Arc::clone(&storage);
+        let background = background.clone();
+        tasks.push(tokio::spawn(async move {
+            background
+                .run_every(LAG_REFRESH, || publish_lag(Arc::clone(&storage)))
+                .await;
+        }));
+    }
     {
         let coordinator = Arc::clone(&coordinator);
         let background = background.clone();

@@ -46,6 +46,21 @@ pub(crate) struct LogSettings {
     pub(crate) producer_expiry: Duration,
 }
 
+impl LogSettings {
+    /// What segment files do on their own: sync on an interval if the broker's policy is
+    /// one. Never on every append — DURABLE acks are made durable by the group commit,
+    /// which shares one fsync among every producer waiting.
+    pub(crate) fn segment_policy(&self) -> FsyncPolicy {
+        match self.policy {
+            FsyncPolicy::Interval(every) => FsyncPolicy::Interval(every),
+            FsyncPolicy::Always | FsyncPolicy::Never => FsyncPolicy::Never,
+        }
+    }
+}
+
+/// Bytes of records a batch may have to be appended on the calling (async) thread.
+const INLINE_APPEND_BYTES: usize = 16 * 1024;
+
 /// How long a partition keeps its sealed segments; `None`: no limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Retention {
@@ -175,17 +190,19 @@ impl PartitionLog {
                 }
                 segments.push(segment);
             }
-            let mut segment = Segment::recover(dir, active, settings.policy, interval, |header| {
-                record(&mut producers, header)
-            })
-            .map_err(BrokerError::Segment)?;
+            let mut segment =
+                Segment::recover(dir, active, settings.segment_policy(), interval, |header| {
+                    record(&mut producers, header)
+                })
+                .map_err(BrokerError::Segment)?;
             // What a crash left in the page cache is on disk from here on, so the durable
             // offset can start at the end.
             segment.sync().map_err(BrokerError::Segment)?;
             segments.push(segment);
         } else {
             segments.push(
-                Segment::create(dir, 0, settings.policy, interval).map_err(BrokerError::Segment)?,
+                Segment::create(dir, 0, settings.segment_policy(), interval)
+                    .map_err(BrokerError::Segment)?,
             );
         }
         for pair in segments.windows(2) {
@@ -305,13 +322,7 @@ impl PartitionLog {
             }
         }
         let time = now.0.max(self.last_time);
-        let segment_age = i64::try_from(self.settings.segment_age.as_millis()).unwrap_or(i64::MAX);
-        let active = &self.segments[self.segments.len() - 1];
-        let full = active.size_bytes() >= self.settings.segment_bytes;
-        let aged = active
-            .first_time()
-            .is_some_and(|first| time.saturating_sub(first) >= segment_age);
-        if full || aged {
+        if self.needs_roll(time) {
             self.roll(time).map_err(|e| self.fail(e))?;
         }
         let base_offset = self.end_offset();
@@ -343,6 +354,17 @@ impl PartitionLog {
         })
     }
 
+    /// Whether the active segment is full or old enough to be sealed before an append at
+    /// `time`.
+    fn needs_roll(&self, time: i64) -> bool {
+        let segment_age = i64::try_from(self.settings.segment_age.as_millis()).unwrap_or(i64::MAX);
+        let active = &self.segments[self.segments.len() - 1];
+        active.size_bytes() >= self.settings.segment_bytes
+            || active
+                .first_time()
+                .is_some_and(|first| time.saturating_sub(first) >= segment_age)
+    }
+
     /// Blocking: seals the active segment and starts the next one. The producer table is
     /// saved as of the boundary first, so recovery never replays more than one segment.
     fn roll(&mut self, now: i64) -> Result<()> {
@@ -363,7 +385,7 @@ impl PartitionLog {
         let next = Segment::create(
             &self.dir,
             end,
-            self.settings.policy,
+            self.settings.segment_policy(),
             self.settings.index_interval,
         )
         .map_err(BrokerError::Segment)?;
@@ -602,6 +624,29 @@ impl Partition {
         appended
     }
 
+    /// Appends on the calling thread when that is cheap — a small batch, no segment to seal
+    /// first (sealing fsyncs), and nobody else holding the partition — and gives the batch
+    /// back otherwise, for [`Partition::append`] on a blocking thread. Handing a small
+    /// batch to a blocking thread costs more than writing it to the page cache.
+    pub(crate) fn try_append_inline(
+        &self,
+        batch: Incoming,
+        now: Millis,
+    ) -> std::result::Result<Result<Appended>, Incoming> {
+        if batch.records.len() > INLINE_APPEND_BYTES {
+            return Err(batch);
+        }
+        let Ok(mut log) = self.log.try_write() else {
+            return Err(batch);
+        };
+        if log.needs_roll(now.0.max(log.last_time)) {
+            return Err(batch);
+        }
+        let appended = log.append(batch, now);
+        self.publish(&log);
+        Ok(appended)
+    }
+
     /// Blocking: see [`PartitionLog::read`].
     pub(crate) fn read(&self, from: u64, max_bytes: usize) -> Result<Read> {
         self.read_lock()?.read(from, max_bytes)
@@ -749,7 +794,7 @@ mod tests {
         while next < log.end_offset() {
             let read = log.read(next, 4096).unwrap();
             for batch in &read.batches {
-                for record in batch.records(0, next).unwrap() {
+                for record in batch.records(0, next, usize::MAX).unwrap() {
                     assert_eq!(record.offset, next, "offsets are dense");
                     next += 1;
                     ids.push(record.event.unwrap().id);

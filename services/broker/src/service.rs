@@ -44,6 +44,8 @@ const MAX_FETCH_RECORDS: usize = 10_000;
 const FETCH_HEADROOM: usize = 64 * 1024;
 /// Messages buffered per subscription stream.
 const SUBSCRIBE_BUFFER: usize = 16;
+/// Pre-encoded batches up to this many bytes are checked on the runtime thread.
+const INLINE_CHECK_BYTES: usize = 16 * 1024;
 /// Longest group name or member id, in bytes.
 const MAX_GROUP_NAME: usize = 249;
 /// Room left for a record's own fields (partition, offset, append time) and framing around
@@ -378,27 +380,24 @@ impl BrokerService {
             let storage = Arc::clone(&self.storage);
             let name = name.clone();
             async move {
-                // Pre-encoded bodies are decoded to be checked: CPU work, off the runtime.
-                let units = tokio::task::spawn_blocking(move || {
-                    for unit in units.iter().filter(|u| u.validate) {
-                        batch::validate(
-                            unit.batch.compression,
-                            &unit.batch.records,
-                            unit.batch.record_count,
-                            max_len,
-                        )
-                        .map_err(|reason| {
-                            BrokerError::InvalidArgument(format!(
-                                "batch for partition {}: {reason}",
-                                unit.partition
-                            ))
-                        })?;
-                    }
-                    Ok::<_, BrokerError>(units)
-                })
-                .await
-                .map_err(BrokerError::from)
-                .and_then(|units| units)?;
+                // Pre-encoded bodies are decoded to be checked: CPU work, off the runtime
+                // unless there is little of it (a hand-off costs more than a few records).
+                let checked: usize = units
+                    .iter()
+                    .filter(|u| u.validate)
+                    .map(|u| u.batch.records.len())
+                    .sum();
+                let units = if checked <= INLINE_CHECK_BYTES {
+                    validate_units(&units, max_len)?;
+                    units
+                } else {
+                    tokio::task::spawn_blocking(move || {
+                        validate_units(&units, max_len).map(|()| units)
+                    })
+                    .await
+                    .map_err(BrokerError::from)
+                    .and_then(|units| units)?
+                };
                 let last = units.len() - 1;
                 let mut stored = Vec::with_capacity(units.len());
                 for (i, unit) in units.into_iter().enumerate() {
@@ -672,6 +671,25 @@ impl BrokerService {
     }
 }
 
+/// Checks every pre-encoded batch of `units`.
+fn validate_units(units: &[Unit], max_len: usize) -> Result<()> {
+    for unit in units.iter().filter(|u| u.validate) {
+        batch::validate(
+            unit.batch.compression,
+            &unit.batch.records,
+            unit.batch.record_count,
+            max_len,
+        )
+        .map_err(|reason| {
+            BrokerError::InvalidArgument(format!(
+                "batch for partition {}: {reason}",
+                unit.partition
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 /// The records of `batches` from `from` on: at most `max_records`, and no more than
 /// `max_bytes` as encoded in a response unless the first one alone is bigger.
 fn decode_records(
@@ -684,8 +702,11 @@ fn decode_records(
     let mut records = Vec::new();
     let mut bytes = 0usize;
     for batch in batches {
+        if records.len() >= max_records {
+            break;
+        }
         let decoded = batch
-            .records(partition, from)
+            .records(partition, from, max_records - records.len())
             .map_err(|reason| BrokerError::Corrupt {
                 path: format!("partition {partition}").into(),
                 position: batch.header.base_offset,

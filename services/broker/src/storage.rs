@@ -164,7 +164,10 @@ impl Storage for Embedded {
         let count = u64::from(batch.record_count);
         let writer = Arc::clone(&partition);
         let now = runnel_proto::now_millis();
-        let appended = tokio::task::spawn_blocking(move || writer.append(batch, now)).await??;
+        let appended = match partition.try_append_inline(batch, now) {
+            Ok(appended) => appended?,
+            Err(batch) => tokio::task::spawn_blocking(move || writer.append(batch, now)).await??,
+        };
         if durable {
             let upto = match &appended {
                 Appended::Stored { next_offset, .. } => *next_offset,

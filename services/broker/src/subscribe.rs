@@ -58,13 +58,13 @@ impl PartitionReader {
                     let read = partition.read(from, max_bytes)?;
                     let mut records = Vec::new();
                     for batch in read.batches {
-                        records.extend(batch.records(partition.id(), from).map_err(|reason| {
-                            BrokerError::Corrupt {
+                        records.extend(batch.records(partition.id(), from, usize::MAX).map_err(
+                            |reason| BrokerError::Corrupt {
                                 path: partition.topic().into(),
                                 position: batch.header.base_offset,
                                 reason,
-                            }
-                        })?);
+                            },
+                        )?);
                     }
                     Ok(records)
                 })

@@ -422,3 +422,47 @@ async fn retention_deletes_old_segments_and_moves_the_start_offset() {
     assert_eq!(first.start_offset, partition.start_offset);
     stop(trigger, handle).await;
 }
+
+both_engines!(a_batch_larger_than_any_publish_window_is_stored_whole);
+async fn a_batch_larger_than_any_publish_window_is_stored_whole(engine: Engine) {
+    let Some(harness) = Harness::new(engine).await else {
+        return;
+    };
+    let (addr, trigger, handle) = harness.spawn().await;
+    let mut client = connect(addr).await;
+    create(&mut client, "wide", 1).await.unwrap();
+    // More records in one call than JetStream's client allows acks pending at once (5000).
+    let events: Vec<Event> = (0..6000)
+        .map(|i| event(&format!("w{i}"), "k", b"x"))
+        .collect();
+    let positions = client
+        .produce(ProduceRequest {
+            topic: "wide".into(),
+            events,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .positions;
+    assert_eq!(
+        positions.iter().map(|p| p.offset).collect::<Vec<_>>(),
+        (0..6000).collect::<Vec<_>>()
+    );
+    let fetched = client
+        .fetch(FetchRequest {
+            topic: "wide".into(),
+            partition: 0,
+            offset: 5990,
+            max_records: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let offsets: Vec<u64> = fetched.records.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, [5990, 5991, 5992, 5993, 5994]);
+    assert_eq!(fetched.records[0].event.as_ref().unwrap().id, "w5990");
+    assert_eq!(fetched.end_offset, 6000);
+    stop(trigger, handle).await;
+}

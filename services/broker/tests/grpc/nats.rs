@@ -138,8 +138,6 @@ pub(crate) async fn cluster(root: &Path) -> Vec<NatsNode> {
         nodes.push(NatsNode::start(&dir, &args).await);
     }
     // Any node logs the election of the JetStream metadata leader once the cluster formed.
-    nodes[0]
-        .wait_for_log("metadata leader")
-        .await;
+    nodes[0].wait_for_log("metadata leader").await;
     nodes
 }

@@ -1,4 +1,4 @@
-//! `runnel bench`: ingest throughput and ack latency through collector → broker.
+//! `runnel bench ingest`: ingest throughput and ack latency through collector → broker.
 //!
 //! By default it starts a collector and a broker in this process on ephemeral loopback
 //! ports with a temporary data directory, so the figure measures Runnel and nothing else;
@@ -20,9 +20,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Arguments of `runnel bench`.
+/// Arguments of `runnel bench ingest`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct BenchArgs {
+pub(crate) struct IngestArgs {
     /// Events to send in total (after the warm-up).
     #[arg(long, default_value_t = 200_000)]
     events: u64,
@@ -51,7 +51,7 @@ struct Totals {
     errors: AtomicU64,
 }
 
-pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
+pub(crate) async fn run(args: IngestArgs) -> Result<ExitCode> {
     let data = tempfile_dir()?;
     let (trigger, shutdown) = Shutdown::new();
     let collector_url = match &args.collector {
@@ -115,7 +115,7 @@ fn tempfile_dir() -> Result<tempfile::TempDir> {
 }
 
 async fn start_in_process(
-    args: &BenchArgs,
+    args: &IngestArgs,
     data: &std::path::Path,
     shutdown: Shutdown,
 ) -> Result<String> {
@@ -151,7 +151,7 @@ async fn start_in_process(
 
 /// Sends `total` events from `args.concurrency` clients; returns per-call latencies (µs).
 async fn drive(
-    args: &BenchArgs,
+    args: &IngestArgs,
     channel: tonic::transport::Channel,
     total: u64,
     label: &'static str,

@@ -1,0 +1,604 @@
+//! `runnel bench broker`: the broker's produce and consume throughput and produce-ack
+//! latency, and NATS JetStream's through the same load generator, in the same run.
+//!
+//! The broker runs in this process (embedded engine, data in `--data-dir`); JetStream is a
+//! `nats-server` this command starts (file storage, one replica) when `--jetstream` is
+//! given. Each producer keeps `--in-flight` batches of `--batch` messages of `--size`
+//! payload bytes in flight, spread over the topic's partitions; a batch is acknowledged as
+//! `--acks` says. The records body is encoded once and resent, so the generator spends its
+//! time sending, not encoding. Latency is per batch, from send to acknowledgement. Consume
+//! reads every partition from the start as fast as it can (raw batches for the broker, an
+//! ordered consumer for JetStream). Before the runs, `dd … conv=fdatasync` measures what
+//! the disk under `--data-dir` does on its own.
+
+use anyhow::{Context, Result, bail};
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use runnel_broker::BrokerConfig;
+use runnel_proto::v1::broker_client::BrokerClient;
+use runnel_proto::v1::{
+    Acks, CreateTopicRequest, Event, FetchRequest, ProduceRequest, RecordBatch,
+};
+use runnel_server::{Listeners, ServiceConfig, Shutdown};
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tonic::transport::Channel;
+
+/// The largest message either side sends: a batch of 10 000 1 KiB messages fits, and so
+/// do fetch answers that carry several.
+const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// When a batch is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum AckMode {
+    /// Written (page cache / JetStream's store).
+    Leader,
+    /// fsync'd (group commit). JetStream has no equivalent before server 2.10; its rows
+    /// say so.
+    Durable,
+}
+
+/// Arguments of `runnel bench broker`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BrokerArgs {
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Messages per produce call.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    batch: u32,
+    /// Producers, each on its own connection.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    producers: u32,
+    /// Batches each producer keeps in flight.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    in_flight: u32,
+    /// When a batch is acknowledged.
+    #[arg(long, value_enum, default_value_t = AckMode::Leader)]
+    acks: AckMode,
+    /// Messages to produce (then consume) per run.
+    #[arg(long, default_value_t = 2_000_000)]
+    messages: u64,
+    /// Partitions of the benchmark topic.
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    /// Also run the same load against NATS JetStream (starts `nats-server`).
+    #[arg(long)]
+    jetstream: bool,
+    /// Run the whole matrix (100 B and 1 KiB; batches of 1, 100, 1000; 1 and 2 producers;
+    /// LEADER and DURABLE) instead of one run, and print a markdown table.
+    #[arg(long)]
+    matrix: bool,
+    /// Where the broker and nats-server keep their files (default: a temporary directory
+    /// under the current one, so the disk measured is the one the repository is on).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+/// One run's shape.
+#[derive(Debug, Clone, Copy)]
+struct Spec {
+    size: usize,
+    batch: u32,
+    producers: u32,
+    in_flight: u32,
+    acks: AckMode,
+    messages: u64,
+    partitions: u32,
+}
+
+/// One run's figures.
+struct Figures {
+    produced: u64,
+    produce_secs: f64,
+    latency: Histogram<u64>,
+    consumed: u64,
+    consume_secs: f64,
+}
+
+impl Figures {
+    fn produce_rate(&self) -> f64 {
+        self.produced as f64 / self.produce_secs
+    }
+
+    fn consume_rate(&self) -> f64 {
+        self.consumed as f64 / self.consume_secs
+    }
+
+    fn ms(&self, quantile: f64) -> f64 {
+        self.latency.value_at_quantile(quantile) as f64 / 1000.0
+    }
+}
+
+/// What a benchmark drives.
+enum Target {
+    Runnel { url: String },
+    JetStream { context: jetstream::Context },
+}
+
+impl Target {
+    fn name(&self) -> &'static str {
+        match self {
+            Target::Runnel { .. } => "runnel",
+            Target::JetStream { .. } => "jetstream",
+        }
+    }
+}
+
+pub(crate) async fn run(args: BrokerArgs) -> Result<ExitCode> {
+    let base = args.data_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&base).with_context(|| format!("create {}", base.display()))?;
+    let dir = tempfile::Builder::new()
+        .prefix("runnel-bench-")
+        .tempdir_in(&base)?;
+    eprintln!("bench: data in {}", dir.path().display());
+    match disk_fdatasync_mb_s(dir.path()).await {
+        Ok(mb) => println!("disk: dd bs=1M count=512 conv=fdatasync: {mb:.0} MB/s"),
+        Err(error) => eprintln!("bench: dd failed: {error:#}"),
+    }
+
+    let (trigger, shutdown) = Shutdown::new();
+    let url = start_broker(&dir.path().join("broker"), shutdown).await?;
+    let mut targets = vec![Target::Runnel { url }];
+    let _nats = if args.jetstream {
+        let (process, url) = start_nats(&dir.path().join("nats")).await?;
+        let client = async_nats::connect(&url)
+            .await
+            .context("connect to nats-server")?;
+        targets.push(Target::JetStream {
+            context: jetstream::new(client),
+        });
+        Some(process)
+    } else {
+        None
+    };
+
+    let specs: Vec<Spec> = if args.matrix {
+        let mut specs = Vec::new();
+        for size in [100, 1024] {
+            for batch in [1, 100, 1000] {
+                for producers in [1, 2] {
+                    for acks in [AckMode::Leader, AckMode::Durable] {
+                        // Per-call overhead dominates small batches: fewer messages do.
+                        let messages = match batch {
+                            1 => 20_000,
+                            100 => 500_000,
+                            _ => args.messages,
+                        };
+                        specs.push(Spec {
+                            size,
+                            batch,
+                            producers,
+                            in_flight: args.in_flight,
+                            acks,
+                            messages,
+                            partitions: args.partitions,
+                        });
+                    }
+                }
+            }
+        }
+        // The burst: 1 GiB of 1 KiB messages.
+        specs.push(Spec {
+            size: 1024,
+            batch: 1000,
+            producers: 2,
+            in_flight: args.in_flight,
+            acks: AckMode::Leader,
+            messages: 1 << 20,
+            partitions: args.partitions,
+        });
+        specs
+    } else {
+        vec![Spec {
+            size: args.size,
+            batch: args.batch,
+            producers: args.producers,
+            in_flight: args.in_flight,
+            acks: args.acks,
+            messages: args.messages,
+            partitions: args.partitions,
+        }]
+    };
+
+    println!(
+        "| size B | batch | producers | acks | target | produce msgs/s | produce MB/s | p50 ms | p99 ms | p999 ms | consume msgs/s | consume MB/s | vs jetstream |"
+    );
+    println!("|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, spec) in specs.iter().enumerate() {
+        let mut runnel_rate = None;
+        for target in &targets {
+            if matches!(target, Target::JetStream { .. }) && spec.acks == AckMode::Durable {
+                // JetStream 2.9 acknowledges before its (interval) fsync: no like for like.
+                println!(
+                    "| {} | {} | {} | durable | jetstream | n/a: no per-write fsync | | | | | | | |",
+                    spec.size, spec.batch, spec.producers
+                );
+                continue;
+            }
+            let topic = format!("bench-{i}-{}", target.name());
+            let figures = measure(target, &topic, *spec)
+                .await
+                .with_context(|| format!("{} run {i}", target.name()))?;
+            let ratio = match (target, runnel_rate) {
+                (Target::JetStream { .. }, Some(ours)) => {
+                    format!("{:.1}×", ours / figures.produce_rate())
+                }
+                _ => String::new(),
+            };
+            if let Target::Runnel { .. } = target {
+                runnel_rate = Some(figures.produce_rate());
+            }
+            let mb = |rate: f64| rate * spec.size as f64 / 1e6;
+            println!(
+                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {} |",
+                spec.size,
+                spec.batch,
+                spec.producers,
+                match spec.acks {
+                    AckMode::Leader => "leader",
+                    AckMode::Durable => "durable",
+                },
+                target.name(),
+                figures.produce_rate(),
+                mb(figures.produce_rate()),
+                figures.ms(0.5),
+                figures.ms(0.99),
+                figures.ms(0.999),
+                figures.consume_rate(),
+                mb(figures.consume_rate()),
+                ratio
+            );
+        }
+    }
+    trigger.trigger();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the broker in this process on an ephemeral port; returns its URL.
+async fn start_broker(data_dir: &Path, shutdown: Shutdown) -> Result<String> {
+    let config = BrokerConfig {
+        server: runnel_server::ServerConfig {
+            max_message_bytes: MAX_MESSAGE,
+            ..runnel_server::ServerConfig::loopback(0, 0)
+        },
+        data_dir: data_dir.to_owned(),
+        // LEADER runs write to the page cache only; DURABLE runs ask for fsyncs themselves.
+        fsync: runnel_log::FsyncPolicy::Never,
+        max_batch_events: 10_000,
+        ..BrokerConfig::default()
+    };
+    config.validate()?;
+    let listeners = Listeners::bind(config.listen()).await?;
+    let url = format!("http://{}", listeners.grpc.local_addr()?);
+    tokio::spawn(async move {
+        if let Err(error) = runnel_broker::run(config, listeners, shutdown).await {
+            eprintln!("bench: broker failed: {error}");
+        }
+    });
+    Ok(url)
+}
+
+/// Starts `nats-server` with JetStream on an ephemeral port; returns it and its URL.
+async fn start_nats(dir: &Path) -> Result<(tokio::process::Child, String)> {
+    std::fs::create_dir_all(dir)?;
+    let mut child = tokio::process::Command::new("nats-server")
+        .arg("-js")
+        .arg("-sd")
+        .arg(dir)
+        .args(["-a", "127.0.0.1", "-p", "-1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start nats-server (apt install nats-server)")?;
+    let mut lines = BufReader::new(child.stderr.take().context("nats-server stderr")?).lines();
+    let mut url = None;
+    while let Some(line) = lines.next_line().await? {
+        if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
+            url = Some(format!("nats://{}", addr.trim()));
+        }
+        if line.contains("Server is ready") {
+            break;
+        }
+    }
+    let url = url.context("nats-server did not say where it listens")?;
+    // Keep draining its log so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, url))
+}
+
+/// What `dd` says the disk under `dir` writes with one fdatasync at the end.
+async fn disk_fdatasync_mb_s(dir: &Path) -> Result<f64> {
+    let file = dir.join("dd.test");
+    let output = tokio::process::Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", file.display()))
+        .args(["bs=1M", "count=512", "conv=fdatasync"])
+        .output()
+        .await
+        .context("run dd")?;
+    let _ = std::fs::remove_file(&file);
+    let text = String::from_utf8_lossy(&output.stderr);
+    // "536870912 bytes (537 MB, 512 MiB) copied, 1.7 s, 316 MB/s"
+    let secs: f64 = text
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" s"))
+        .and_then(|s| s.trim().parse().ok())
+        .with_context(|| format!("dd said {text:?}"))?;
+    Ok(536_870_912.0 / secs / 1e6)
+}
+
+/// The records body of `batch` messages of `size` payload bytes, encoded once.
+fn runnel_body(batch: u32, size: usize) -> Bytes {
+    let events: Vec<Event> = (0..batch)
+        .map(|i| Event {
+            id: format!("b{i}"),
+            payload: Bytes::from(vec![b'x'; size]),
+            ..Event::default()
+        })
+        .collect();
+    runnel_proto::records::encode(&events)
+}
+
+async fn measure(target: &Target, topic: &str, spec: Spec) -> Result<Figures> {
+    match target {
+        Target::Runnel { url } => {
+            let mut admin = BrokerClient::connect(url.clone()).await?;
+            admin
+                .create_topic(CreateTopicRequest {
+                    name: topic.to_owned(),
+                    partitions: spec.partitions,
+                    retention: None,
+                })
+                .await?;
+        }
+        Target::JetStream { context } => {
+            for p in 0..spec.partitions {
+                context
+                    .create_stream(jetstream::stream::Config {
+                        name: format!("{topic}-{p}"),
+                        subjects: vec![format!("{topic}.{p}")],
+                        storage: jetstream::stream::StorageType::File,
+                        allow_direct: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| anyhow::anyhow!("create stream: {e}"))?;
+            }
+        }
+    }
+    let batches = spec.messages.div_ceil(u64::from(spec.batch));
+    let next = Arc::new(AtomicU64::new(0));
+    let progress = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut producers = tokio::task::JoinSet::new();
+    for _ in 0..spec.producers {
+        let connection = match target {
+            Target::Runnel { url } => Some(BrokerClient::new(
+                tonic::transport::Endpoint::from_shared(url.clone())?
+                    .connect()
+                    .await?,
+            )),
+            Target::JetStream { .. } => None,
+        };
+        let context = match target {
+            Target::JetStream { context } => Some(context.clone()),
+            Target::Runnel { .. } => None,
+        };
+        for _ in 0..spec.in_flight {
+            let (next, progress, topic) = (next.clone(), progress.clone(), topic.to_owned());
+            let (connection, context) = (connection.clone(), context.clone());
+            let body = runnel_body(spec.batch, spec.size);
+            let payload = Bytes::from(vec![b'x'; spec.size]);
+            producers.spawn(async move {
+                let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= batches {
+                        return anyhow::Ok(latency);
+                    }
+                    let partition = (n % u64::from(spec.partitions)) as u32;
+                    let sent = Instant::now();
+                    if let Some(client) = &connection {
+                        send_runnel(client.clone(), &topic, partition, spec, body.clone()).await?;
+                    } else if let Some(context) = &context {
+                        send_jetstream(context, &topic, partition, spec.batch, &payload).await?;
+                    }
+                    latency.record(
+                        u64::try_from(sent.elapsed().as_micros())
+                            .unwrap_or(u64::MAX)
+                            .max(1),
+                    )?;
+                    progress.fetch_add(u64::from(spec.batch), Ordering::Relaxed);
+                }
+            });
+        }
+    }
+    let reporter = tokio::spawn(report(
+        progress.clone(),
+        batches * u64::from(spec.batch),
+        target.name(),
+    ));
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    while let Some(joined) = producers.join_next().await {
+        latency.add(joined??)?;
+    }
+    let produce_secs = started.elapsed().as_secs_f64();
+    reporter.abort();
+    let produced = batches * u64::from(spec.batch);
+
+    let started = Instant::now();
+    let consumed = match target {
+        Target::Runnel { url } => consume_runnel(url, topic, spec.partitions).await?,
+        Target::JetStream { context } => {
+            consume_jetstream(context, topic, spec.partitions, produced).await?
+        }
+    };
+    let consume_secs = started.elapsed().as_secs_f64();
+    if consumed != produced {
+        bail!(
+            "{}: produced {produced} but consumed {consumed}",
+            target.name()
+        );
+    }
+    Ok(Figures {
+        produced,
+        produce_secs,
+        latency,
+        consumed,
+        consume_secs,
+    })
+}
+
+async fn report(progress: Arc<AtomicU64>, total: u64, name: &'static str) {
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let done = progress.load(Ordering::Relaxed);
+        eprintln!(
+            "bench {name}: {done}/{total} messages ({:.0}/s)",
+            done as f64 / started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+async fn send_runnel(
+    mut client: BrokerClient<Channel>,
+    topic: &str,
+    partition: u32,
+    spec: Spec,
+    body: Bytes,
+) -> Result<()> {
+    let request = ProduceRequest {
+        topic: topic.to_owned(),
+        acks: match spec.acks {
+            AckMode::Leader => Acks::Leader,
+            AckMode::Durable => Acks::Durable,
+        } as i32,
+        batches: vec![RecordBatch {
+            partition,
+            record_count: spec.batch,
+            records: body,
+            ..RecordBatch::default()
+        }],
+        ..ProduceRequest::default()
+    };
+    client.produce(request).await?;
+    Ok(())
+}
+
+async fn send_jetstream(
+    context: &jetstream::Context,
+    topic: &str,
+    partition: u32,
+    batch: u32,
+    payload: &Bytes,
+) -> Result<()> {
+    let subject = format!("{topic}.{partition}");
+    let mut acks = Vec::with_capacity(batch as usize);
+    for _ in 0..batch {
+        acks.push(
+            context
+                .publish(subject.clone(), payload.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("publish: {e}"))?,
+        );
+    }
+    for ack in acks {
+        ack.await.map_err(|e| anyhow::anyhow!("publish ack: {e}"))?;
+    }
+    Ok(())
+}
+
+async fn consume_runnel(url: &str, topic: &str, partitions: u32) -> Result<u64> {
+    let mut readers = tokio::task::JoinSet::new();
+    for partition in 0..partitions {
+        let (url, topic) = (url.to_owned(), topic.to_owned());
+        readers.spawn(async move {
+            let mut client = BrokerClient::connect(url)
+                .await?
+                .max_decoding_message_size(MAX_MESSAGE);
+            let (mut offset, mut count) = (0u64, 0u64);
+            loop {
+                let page = client
+                    .fetch(FetchRequest {
+                        topic: topic.clone(),
+                        partition,
+                        offset,
+                        as_batches: true,
+                        ..FetchRequest::default()
+                    })
+                    .await?
+                    .into_inner();
+                if page.batches.is_empty() {
+                    return anyhow::Ok(count);
+                }
+                count += page
+                    .batches
+                    .iter()
+                    .map(|b| u64::from(b.record_count))
+                    .sum::<u64>();
+                offset = page.next_offset;
+            }
+        });
+    }
+    let mut total = 0;
+    while let Some(joined) = readers.join_next().await {
+        total += joined??;
+    }
+    Ok(total)
+}
+
+async fn consume_jetstream(
+    context: &jetstream::Context,
+    topic: &str,
+    partitions: u32,
+    expected: u64,
+) -> Result<u64> {
+    let per_partition = expected / u64::from(partitions);
+    let mut readers = tokio::task::JoinSet::new();
+    for partition in 0..partitions {
+        let context = context.clone();
+        let name = format!("{topic}-{partition}");
+        let want =
+            per_partition + u64::from(u64::from(partition) < expected % u64::from(partitions));
+        readers.spawn(async move {
+            let stream = context
+                .get_stream(&name)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let consumer = stream
+                .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut messages = consumer
+                .messages()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut count = 0u64;
+            while count < want {
+                match messages.next().await {
+                    Some(Ok(_)) => count += 1,
+                    Some(Err(error)) => bail!("jetstream consume: {error}"),
+                    None => break,
+                }
+            }
+            anyhow::Ok(count)
+        });
+    }
+    let mut total = 0;
+    while let Some(joined) = readers.join_next().await {
+        total += joined??;
+    }
+    Ok(total)
+}
