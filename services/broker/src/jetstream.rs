@@ -552,7 +552,7 @@ impl Storage for JetStream {
         let mut batches = Vec::new();
         let mut taken = 0usize;
         let mut next = from + 1;
-        while next <= end && (batches.is_empty() || taken < max_bytes) {
+        'reading: while next <= end {
             let upto = (next + READ_CONCURRENCY as u64).min(end + 1);
             let gets = (next..upto).map(|sequence| {
                 let stream = &stream;
@@ -561,15 +561,16 @@ impl Storage for JetStream {
             for (sequence, got) in futures::future::join_all(gets).await {
                 match got {
                     Ok(message) => {
+                        // Within the budget, but the first record whatever its size.
+                        if !batches.is_empty() && taken + message.payload.len() > max_bytes {
+                            break 'reading;
+                        }
                         taken += message.payload.len();
                         batches.push(as_batch(sequence, millis(message.time), &message.payload));
                     }
                     // Deleted since the state was read (retention): nothing to return.
                     Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => {}
                     Err(error) => return Err(unavailable("read", error)),
-                }
-                if taken >= max_bytes {
-                    break;
                 }
             }
             next = upto;

@@ -182,7 +182,7 @@ impl PartitionLog {
                     Segment::open_sealed(dir, base, interval).map_err(BrokerError::Segment)?;
                 if segment.next_offset() > replay_from {
                     for batch in segment
-                        .read(replay_from.max(base), usize::MAX)
+                        .read(replay_from.max(base), usize::MAX, true)
                         .map_err(BrokerError::Segment)?
                     {
                         record(&mut producers, &batch.header);
@@ -419,7 +419,7 @@ impl PartitionLog {
                 break;
             }
             let found = segment
-                .read(from, max_bytes.saturating_sub(taken))
+                .read(from, max_bytes.saturating_sub(taken), batches.is_empty())
                 .map_err(BrokerError::Segment)?;
             taken += found.iter().map(|b| b.records.len()).sum::<usize>();
             batches.extend(found);

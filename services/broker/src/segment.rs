@@ -251,12 +251,14 @@ impl Segment {
         Ok(())
     }
 
-    /// Blocking: the batches holding offsets from `from` on, whole, until about
-    /// `max_bytes` of them (at least one if there is one) or the segment's end.
+    /// Blocking: the batches holding offsets from `from` on, whole, whose records add up to
+    /// at most `max_bytes` — except that the first is taken whatever its size when
+    /// `at_least_one` — until the segment's end.
     pub(crate) fn read(
         &self,
         from: u64,
         max_bytes: usize,
+        at_least_one: bool,
     ) -> Result<Vec<StoredBatch>, SegmentError> {
         let mut batches = Vec::new();
         if from >= self.next_offset {
@@ -264,20 +266,20 @@ impl Segment {
         }
         let mut position = self.index.position_for_offset(from).unwrap_or(HEADER_LEN);
         let mut taken = 0usize;
-        while position < self.file.len() && (batches.is_empty() || taken < max_bytes) {
+        while position < self.file.len() {
             let chunk = (max_bytes - taken.min(max_bytes)).clamp(64 * 1024, SCAN_CHUNK);
-            let frames = self.frames(position, chunk)?;
-            for (at, payload) in frames {
+            for (at, payload) in self.frames(position, chunk)? {
                 position = at + FRAME_HEADER_LEN + payload.len() as u64;
                 let batch = self.parse(at, payload)?;
                 if batch.header.next_offset() <= from {
                     continue;
                 }
+                let first = batches.is_empty() && at_least_one;
+                if !first && taken + batch.records.len() > max_bytes {
+                    return Ok(batches);
+                }
                 taken += batch.records.len();
                 batches.push(batch);
-                if taken >= max_bytes {
-                    break;
-                }
             }
         }
         Ok(batches)
@@ -436,12 +438,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let segment = filled(dir.path(), 20);
         assert_eq!(segment.next_offset(), 1200);
-        assert_eq!(bases(&segment.read(1000, 1).unwrap()), [1000]);
-        assert_eq!(bases(&segment.read(1055, 250).unwrap()), [1050, 1060, 1070]);
-        assert_eq!(segment.read(1199, usize::MAX).unwrap().len(), 1);
-        assert!(segment.read(1200, usize::MAX).unwrap().is_empty());
-        assert_eq!(segment.read(0, usize::MAX).unwrap().len(), 20);
-        let batch = &segment.read(1130, 1).unwrap()[0];
+        assert_eq!(bases(&segment.read(1000, 1, true).unwrap()), [1000]);
+        // Whole batches within the budget: 350 bytes hold three 100-byte batches.
+        assert_eq!(
+            bases(&segment.read(1055, 350, true).unwrap()),
+            [1050, 1060, 1070]
+        );
+        assert_eq!(bases(&segment.read(1055, 299, true).unwrap()), [1050, 1060]);
+        // Past the first segment of a read, nothing is forced.
+        assert!(segment.read(1055, 50, false).unwrap().is_empty());
+        assert_eq!(segment.read(1199, usize::MAX, true).unwrap().len(), 1);
+        assert!(segment.read(1200, usize::MAX, true).unwrap().is_empty());
+        assert_eq!(segment.read(0, usize::MAX, true).unwrap().len(), 20);
+        let batch = &segment.read(1130, 1, true).unwrap()[0];
         assert_eq!(batch.records.as_ref(), &[13u8; 100][..]);
     }
 
@@ -461,7 +470,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut segment = filled(dir.path(), 20);
         segment.seal().unwrap();
-        let expected = segment.read(1000, usize::MAX).unwrap();
+        let expected = segment.read(1000, usize::MAX, true).unwrap();
         drop(segment);
         let reopened = Segment::open_sealed(dir.path(), 1000, 256).unwrap();
         assert_eq!(
@@ -472,7 +481,7 @@ mod tests {
             ),
             (1200, Some(0), Some(190))
         );
-        assert_eq!(reopened.read(1000, usize::MAX).unwrap(), expected);
+        assert_eq!(reopened.read(1000, usize::MAX, true).unwrap(), expected);
         // Without its index: read once, index written again.
         let (_, index_path) = Segment::paths(dir.path(), 1000);
         std::fs::remove_file(&index_path).unwrap();

@@ -466,3 +466,42 @@ async fn a_batch_larger_than_any_publish_window_is_stored_whole(engine: Engine) 
     assert_eq!(fetched.end_offset, 6000);
     stop(trigger, handle).await;
 }
+
+both_engines!(fetched_batches_stay_within_the_byte_budget);
+async fn fetched_batches_stay_within_the_byte_budget(engine: Engine) {
+    let Some(harness) = Harness::new(engine).await else {
+        return;
+    };
+    let (addr, trigger, handle) = harness.spawn().await;
+    let mut client = connect(addr).await;
+    create(&mut client, "budget", 1).await.unwrap();
+    for round in 0..5 {
+        client
+            .produce(ProduceRequest {
+                topic: "budget".into(),
+                events: vec![event(&format!("big-{round}"), "k", &[1u8; 1000])],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let fetch = |max_bytes| FetchRequest {
+        topic: "budget".into(),
+        partition: 0,
+        offset: 0,
+        as_batches: true,
+        max_bytes,
+        ..Default::default()
+    };
+    let two = client.fetch(fetch(2500)).await.unwrap().into_inner();
+    assert_eq!(
+        two.batches.len(),
+        2,
+        "two ~1 KB records fit 2500 bytes, three do not"
+    );
+    assert_eq!(two.next_offset, 2);
+    // A budget smaller than one batch still returns that batch: progress is always made.
+    let one = client.fetch(fetch(10)).await.unwrap().into_inner();
+    assert_eq!(one.batches.len(), 1);
+    stop(trigger, handle).await;
+}
