@@ -123,8 +123,13 @@ impl Figures {
 
 /// What a benchmark drives.
 enum Target {
-    Runnel { url: String },
-    JetStream { context: jetstream::Context },
+    /// A broker started for each run in a directory of its own, removed after the run.
+    Runnel {
+        data_dir: PathBuf,
+    },
+    JetStream {
+        context: jetstream::Context,
+    },
 }
 
 impl Target {
@@ -148,17 +153,20 @@ pub(crate) async fn run(args: BrokerArgs) -> Result<ExitCode> {
         Err(error) => eprintln!("bench: dd failed: {error:#}"),
     }
 
-    let (trigger, shutdown) = Shutdown::new();
-    let url = start_broker(&dir.path().join("broker"), shutdown).await?;
-    let mut targets = vec![Target::Runnel { url }];
+    let mut targets = vec![Target::Runnel {
+        data_dir: dir.path().join("broker"),
+    }];
     let _nats = if args.jetstream {
         let (process, url) = start_nats(&dir.path().join("nats")).await?;
         let client = async_nats::connect(&url)
             .await
             .context("connect to nats-server")?;
-        targets.push(Target::JetStream {
-            context: jetstream::new(client),
-        });
+        // Producer tasks hold up to a window of acks each; keep the client's limit on
+        // pending acks out of the way.
+        let context = jetstream::context::ContextBuilder::new()
+            .max_ack_inflight(1 << 20)
+            .build(client);
+        targets.push(Target::JetStream { context });
         Some(process)
     } else {
         None
@@ -262,12 +270,15 @@ pub(crate) async fn run(args: BrokerArgs) -> Result<ExitCode> {
             );
         }
     }
-    trigger.trigger();
     Ok(ExitCode::SUCCESS)
 }
 
-/// Starts the broker in this process on an ephemeral port; returns its URL.
-async fn start_broker(data_dir: &Path, shutdown: Shutdown) -> Result<String> {
+/// Starts a broker in this process on an ephemeral port; returns its URL and the task
+/// that runs it until `shutdown`.
+async fn start_broker(
+    data_dir: &Path,
+    shutdown: Shutdown,
+) -> Result<(String, tokio::task::JoinHandle<()>)> {
     let config = BrokerConfig {
         server: runnel_server::ServerConfig {
             max_message_bytes: MAX_MESSAGE,
@@ -282,12 +293,12 @@ async fn start_broker(data_dir: &Path, shutdown: Shutdown) -> Result<String> {
     config.validate()?;
     let listeners = Listeners::bind(config.listen()).await?;
     let url = format!("http://{}", listeners.grpc.local_addr()?);
-    tokio::spawn(async move {
+    let handle = tokio::spawn(async move {
         if let Err(error) = runnel_broker::run(config, listeners, shutdown).await {
             eprintln!("bench: broker failed: {error}");
         }
     });
-    Ok(url)
+    Ok((url, handle))
 }
 
 /// Starts `nats-server` with JetStream on an ephemeral port; returns it and its URL.
@@ -354,8 +365,15 @@ fn runnel_body(batch: u32, size: usize) -> Bytes {
 }
 
 async fn measure(target: &Target, topic: &str, spec: Spec) -> Result<Figures> {
-    match target {
-        Target::Runnel { url } => {
+    // A fresh broker per run, its files removed afterwards: runs do not share a page cache
+    // or a disk full of earlier runs' segments.
+    let (trigger, shutdown) = Shutdown::new();
+    let mut broker = None;
+    let url = match target {
+        Target::Runnel { data_dir } => {
+            let dir = data_dir.join(topic);
+            let (url, handle) = start_broker(&dir, shutdown).await?;
+            broker = Some((handle, dir));
             let mut admin = BrokerClient::connect(url.clone()).await?;
             admin
                 .create_topic(CreateTopicRequest {
@@ -364,6 +382,7 @@ async fn measure(target: &Target, topic: &str, spec: Spec) -> Result<Figures> {
                     retention: None,
                 })
                 .await?;
+            Some(url)
         }
         Target::JetStream { context } => {
             for p in 0..spec.partitions {
@@ -378,21 +397,26 @@ async fn measure(target: &Target, topic: &str, spec: Spec) -> Result<Figures> {
                     .await
                     .map_err(|e| anyhow::anyhow!("create stream: {e}"))?;
             }
+            None
         }
-    }
+    };
     let batches = spec.messages.div_ceil(u64::from(spec.batch));
     let next = Arc::new(AtomicU64::new(0));
     let progress = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut producers = tokio::task::JoinSet::new();
     for _ in 0..spec.producers {
-        let connection = match target {
-            Target::Runnel { url } => Some(BrokerClient::new(
-                tonic::transport::Endpoint::from_shared(url.clone())?
-                    .connect()
-                    .await?,
-            )),
-            Target::JetStream { .. } => None,
+        let connection = match &url {
+            Some(url) => Some(
+                BrokerClient::new(
+                    tonic::transport::Endpoint::from_shared(url.clone())?
+                        .connect()
+                        .await?,
+                )
+                .max_encoding_message_size(MAX_MESSAGE)
+                .max_decoding_message_size(MAX_MESSAGE),
+            ),
+            None => None,
         };
         let context = match target {
             Target::JetStream { context } => Some(context.clone()),
@@ -441,11 +465,12 @@ async fn measure(target: &Target, topic: &str, spec: Spec) -> Result<Figures> {
     let produced = batches * u64::from(spec.batch);
 
     let started = Instant::now();
-    let consumed = match target {
-        Target::Runnel { url } => consume_runnel(url, topic, spec.partitions).await?,
-        Target::JetStream { context } => {
-            consume_jetstream(context, topic, spec.partitions, produced).await?
+    let consumed = match (target, &url) {
+        (Target::Runnel { .. }, Some(url)) => consume_runnel(url, topic, spec.partitions).await?,
+        (Target::JetStream { context }, _) => {
+            consume_jetstream(context, topic, spec, batches).await?
         }
+        (Target::Runnel { .. }, None) => bail!("no broker to read from"),
     };
     let consume_secs = started.elapsed().as_secs_f64();
     if consumed != produced {
@@ -453,6 +478,20 @@ async fn measure(target: &Target, topic: &str, spec: Spec) -> Result<Figures> {
             "{}: produced {produced} but consumed {consumed}",
             target.name()
         );
+    }
+
+    trigger.trigger();
+    if let Some((handle, dir)) = broker {
+        handle.await?;
+        std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+    }
+    if let Target::JetStream { context } = target {
+        for p in 0..spec.partitions {
+            context
+                .delete_stream(format!("{topic}-{p}"))
+                .await
+                .map_err(|e| anyhow::anyhow!("delete stream: {e}"))?;
+        }
     }
     Ok(Figures {
         produced,
@@ -577,16 +616,17 @@ async fn consume_runnel(url: &str, topic: &str, partitions: u32) -> Result<u64> 
 async fn consume_jetstream(
     context: &jetstream::Context,
     topic: &str,
-    partitions: u32,
-    expected: u64,
+    spec: Spec,
+    batches: u64,
 ) -> Result<u64> {
-    let per_partition = expected / u64::from(partitions);
+    let partitions = u64::from(spec.partitions);
     let mut readers = tokio::task::JoinSet::new();
-    for partition in 0..partitions {
+    for partition in 0..spec.partitions {
         let context = context.clone();
         let name = format!("{topic}-{partition}");
-        let want =
-            per_partition + u64::from(u64::from(partition) < expected % u64::from(partitions));
+        // Batch n went to partition n % partitions.
+        let landed = batches / partitions + u64::from(u64::from(partition) < batches % partitions);
+        let want = landed * u64::from(spec.batch);
         readers.spawn(async move {
             let stream = context
                 .get_stream(&name)
