@@ -5,12 +5,18 @@
 use crate::v1::{Compression, Event};
 use bytes::{Buf, Bytes};
 use prost::Message;
-use std::borrow::Cow;
 
 /// Why a records body cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct RecordsError(String);
+
+impl From<String> for RecordsError {
+    /// A reader's own reason to refuse a record, such as a missing field.
+    fn from(reason: String) -> Self {
+        RecordsError(reason)
+    }
+}
 
 /// Encodes events as an uncompressed records body.
 pub fn encode(events: &[Event]) -> Bytes {
@@ -38,14 +44,15 @@ pub fn compress(compression: Compression, plain: &[u8]) -> Bytes {
     }
 }
 
-/// The uncompressed body, refusing anything that would grow past `max_len` bytes.
+/// The uncompressed body, refusing anything that would grow past `max_len` bytes. An
+/// uncompressed body is returned as is (a reference count, not a copy).
 fn decompressed(
     compression: Compression,
-    records: &[u8],
+    records: &Bytes,
     max_len: usize,
-) -> Result<Cow<'_, [u8]>, RecordsError> {
+) -> Result<Bytes, RecordsError> {
     match compression {
-        Compression::None => Ok(Cow::Borrowed(records)),
+        Compression::None => Ok(records.clone()),
         Compression::Lz4 => {
             let Some(size) = records.first_chunk::<4>() else {
                 return Err(RecordsError(
@@ -60,7 +67,7 @@ fn decompressed(
                 )));
             }
             lz4_flex::block::decompress(&records[4..], size)
-                .map(Cow::Owned)
+                .map(Bytes::from)
                 .map_err(|e| RecordsError(format!("lz4 body does not decompress: {e}")))
         }
     }
@@ -69,7 +76,7 @@ fn decompressed(
 /// Decodes every record of a body that uncompresses to at most `max_len` bytes.
 pub fn decode(
     compression: Compression,
-    records: &[u8],
+    records: &Bytes,
     max_len: usize,
 ) -> Result<Vec<Event>, RecordsError> {
     decode_range(compression, records, max_len, 0, usize::MAX)
@@ -80,33 +87,49 @@ pub fn decode(
 /// large batch pays for those few.
 pub fn decode_range(
     compression: Compression,
-    records: &[u8],
+    records: &Bytes,
     max_len: usize,
     skip: usize,
     take: usize,
 ) -> Result<Vec<Event>, RecordsError> {
-    let body = decompressed(compression, records, max_len)?;
-    let mut buf: &[u8] = &body;
     let mut events = Vec::new();
+    visit(compression, records, max_len, skip, take, |_, event| {
+        events.push(event);
+        Ok(())
+    })?;
+    Ok(events)
+}
+
+/// Hands each decoded record (from the `skip`th on, at most `take` of them) to `each`
+/// with its index, and returns how many records the body holds up to the last one
+/// handed over. Payloads are slices of the (decompressed) body, not copies.
+pub fn visit(
+    compression: Compression,
+    records: &Bytes,
+    max_len: usize,
+    skip: usize,
+    take: usize,
+    mut each: impl FnMut(usize, Event) -> Result<(), RecordsError>,
+) -> Result<usize, RecordsError> {
+    let mut buf = decompressed(compression, records, max_len)?;
     let mut index = 0usize;
-    while buf.has_remaining() && events.len() < take {
-        if index < skip {
-            let len = prost::decode_length_delimiter(&mut buf)
-                .map_err(|e| RecordsError(format!("record {index} has no length: {e}")))?;
-            if len > buf.remaining() {
-                return Err(RecordsError(format!(
-                    "record {index} runs past the end of the body"
-                )));
-            }
-            buf.advance(len);
-        } else {
-            let event = Event::decode_length_delimited(&mut buf)
+    while buf.has_remaining() && index < skip.saturating_add(take) {
+        let len = prost::decode_length_delimiter(&mut buf)
+            .map_err(|e| RecordsError(format!("record {index} has no length: {e}")))?;
+        if len > buf.remaining() {
+            return Err(RecordsError(format!(
+                "record {index} runs past the end of the body"
+            )));
+        }
+        let record = buf.split_to(len);
+        if index >= skip {
+            let event = Event::decode(record)
                 .map_err(|e| RecordsError(format!("record {index} does not decode: {e}")))?;
-            events.push(event);
+            each(index, event)?;
         }
         index += 1;
     }
-    Ok(events)
+    Ok(index)
 }
 
 #[cfg(test)]
@@ -131,12 +154,12 @@ mod tests {
         let mut forged = body.to_vec();
         forged[..4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(
-            decode(Compression::Lz4, &forged, 1 << 20)
+            decode(Compression::Lz4, &Bytes::from(forged), 1 << 20)
                 .unwrap_err()
                 .0
                 .contains("claims")
         );
-        assert!(decode(Compression::Lz4, &[1, 2], 1 << 20).is_err());
+        assert!(decode(Compression::Lz4, &Bytes::from_static(&[1, 2]), 1 << 20).is_err());
     }
 
     proptest! {
@@ -162,9 +185,19 @@ mod tests {
         }
 
         #[test]
+        fn uncompressed_payloads_are_slices_of_the_body_not_copies(count in 1usize..20, len in 1usize..100) {
+            let events: Vec<Event> = (0..count).map(|i| Event { id: format!("e{i}"), payload: vec![i as u8; len].into(), ..Event::default() }).collect();
+            let body = encode(&events);
+            let span = body.as_ptr_range();
+            for event in decode(Compression::None, &body, 1 << 20).unwrap() {
+                prop_assert!(span.contains(&event.payload.as_ptr()));
+            }
+        }
+
+        #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300), lz4 in any::<bool>()) {
             let codec = if lz4 { Compression::Lz4 } else { Compression::None };
-            let _ = decode(codec, &bytes, 1 << 16);
+            let _ = decode(codec, &Bytes::from(bytes), 1 << 16);
         }
     }
 }

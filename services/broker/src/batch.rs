@@ -22,8 +22,9 @@
 //! append time.
 
 use bytes::Bytes;
+use runnel_proto::Millis;
+use runnel_proto::records::{self, RecordsError};
 use runnel_proto::v1::{Compression, Record, RecordBatch};
-use runnel_proto::{Millis, records};
 
 /// Bytes of the stored header.
 pub(crate) const HEADER_LEN: usize = 40;
@@ -159,22 +160,24 @@ impl StoredBatch {
 /// the partition at its offset.
 pub(crate) fn validate(
     compression: Compression,
-    records: &[u8],
+    records: &Bytes,
     count: u32,
     max_len: usize,
 ) -> Result<(), String> {
     if count == 0 {
         return Err("record_count is 0: a batch needs at least one record".into());
     }
-    let events = records::decode(compression, records, max_len).map_err(|e| e.to_string())?;
-    if events.len() != count as usize {
+    let held = records::visit(compression, records, max_len, 0, usize::MAX, |i, event| {
+        if event.id.is_empty() {
+            return Err(RecordsError::from(format!("record {i} has no event id")));
+        }
+        Ok(())
+    })
+    .map_err(|e| e.to_string())?;
+    if held != count as usize {
         return Err(format!(
-            "record_count says {count} records, the body holds {}",
-            events.len()
+            "record_count says {count} records, the body holds {held}"
         ));
-    }
-    if let Some(i) = events.iter().position(|e| e.id.is_empty()) {
-        return Err(format!("record {i} has no event id"));
     }
     Ok(())
 }
@@ -235,7 +238,7 @@ mod tests {
                 .contains("record_count is 0")
         );
         assert!(
-            validate(Compression::None, &body[..body.len() - 1], 2, 1 << 20)
+            validate(Compression::None, &body.slice(..body.len() - 1), 2, 1 << 20)
                 .unwrap_err()
                 .contains("record 1")
         );
@@ -252,7 +255,7 @@ mod tests {
                 .unwrap_err()
                 .contains("limit is 10")
         );
-        assert!(validate(Compression::Lz4, &[1, 2], 2, 1 << 20).is_err());
+        assert!(validate(Compression::Lz4, &Bytes::from_static(&[1, 2]), 2, 1 << 20).is_err());
     }
 
     #[test]
@@ -299,9 +302,10 @@ mod tests {
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300), count in 0u32..10, lz4 in any::<bool>()) {
             let codec = if lz4 { Compression::Lz4 } else { Compression::None };
+            let bytes = Bytes::from(bytes);
             let _ = validate(codec, &bytes, count, 1 << 16);
             let _ = BatchHeader::decode(&bytes);
-            let _ = StoredBatch::parse(Bytes::from(bytes));
+            let _ = StoredBatch::parse(bytes);
         }
     }
 }
