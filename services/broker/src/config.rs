@@ -27,6 +27,11 @@ pub struct BrokerConfig {
     /// crash loses at most that much) or `"never"` (LEADER acks; left to the OS). A request
     /// may ask for either ack itself.
     pub fsync: FsyncPolicy,
+    /// With LEADER acks, a partition that has taken this many bytes since its last fsync
+    /// is fsync'd in the background (the ack does not wait). This keeps the dirty page
+    /// cache — what a power cut would lose, and what the kernel would otherwise flush in
+    /// one go, stalling every writer — bounded. `0` leaves writeback to the kernel.
+    pub writeback_bytes: u64,
     /// Whether `Produce` to an unknown topic creates it (with `default_partitions`)
     /// instead of failing with `NotFound`.
     pub auto_create_topics: bool,
@@ -125,6 +130,7 @@ impl Default for BrokerConfig {
             server: ServerConfig::loopback(7102, 9102),
             data_dir: PathBuf::from("runnel-data/broker"),
             fsync: FsyncPolicy::Always,
+            writeback_bytes: 8 * 1024 * 1024,
             auto_create_topics: true,
             default_partitions: 4,
             max_batch_events: 10_000,

@@ -236,6 +236,11 @@ async fn open_embedded(
                 .await;
         }));
     }
-    let storage = storage::Embedded::new(Arc::clone(&topics), offsets, group_commit);
+    let storage = storage::Embedded::new(
+        Arc::clone(&topics),
+        offsets,
+        group_commit,
+        config.writeback_bytes,
+    );
     Ok((Arc::new(storage), topics))
 }

@@ -542,6 +542,8 @@ pub(crate) struct Partition {
     start: AtomicU64,
     size_bytes: AtomicU64,
     segments: AtomicU64,
+    /// Bytes appended since a background writeback was last asked for.
+    unsynced: AtomicU64,
 }
 
 impl Partition {
@@ -560,6 +562,7 @@ impl Partition {
             start: AtomicU64::new(log.start_offset()),
             size_bytes: AtomicU64::new(log.size_bytes()),
             segments: AtomicU64::new(log.segment_count() as u64),
+            unsynced: AtomicU64::new(0),
             log: RwLock::new(log),
         }
     }
@@ -597,6 +600,20 @@ impl Partition {
     /// Segment files.
     pub(crate) fn segment_count(&self) -> u64 {
         self.segments.load(Ordering::Acquire)
+    }
+
+    /// Counts `bytes` more appended without a durable ack, and says whether they bring
+    /// the partition to `writeback_bytes` since the last writeback: then (and for only
+    /// one of the appenders that get there) it is time to ask for one.
+    pub(crate) fn writeback_due(&self, bytes: u64, writeback_bytes: u64) -> bool {
+        let before = self
+            .unsynced
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |unsynced| {
+                let total = unsynced.saturating_add(bytes);
+                Some(if total >= writeback_bytes { 0 } else { total })
+            })
+            .unwrap_or_default();
+        before.saturating_add(bytes) >= writeback_bytes
     }
 
     /// A receiver that sees every new end offset.

@@ -93,6 +93,7 @@ pub(crate) struct Embedded {
     topics: Arc<Topics>,
     offsets: Arc<OffsetStore>,
     group_commit: Arc<GroupCommit>,
+    writeback_bytes: u64,
 }
 
 impl Embedded {
@@ -100,11 +101,13 @@ impl Embedded {
         topics: Arc<Topics>,
         offsets: Arc<OffsetStore>,
         group_commit: Arc<GroupCommit>,
+        writeback_bytes: u64,
     ) -> Embedded {
         Embedded {
             topics,
             offsets,
             group_commit,
+            writeback_bytes,
         }
     }
 
@@ -162,6 +165,7 @@ impl Storage for Embedded {
     ) -> Result<Appended> {
         let partition = self.partition(topic, partition)?;
         let count = u64::from(batch.record_count);
+        let bytes = batch.records.len() as u64;
         let writer = Arc::clone(&partition);
         let now = runnel_proto::now_millis();
         let appended = match partition.try_append_inline(batch, now) {
@@ -175,6 +179,9 @@ impl Storage for Embedded {
             };
             self.group_commit.request(&partition);
             partition.wait_durable(upto).await?;
+        } else if self.writeback_bytes > 0 && partition.writeback_due(bytes, self.writeback_bytes) {
+            // Not waited for: it keeps the dirty pages (and what a power cut loses) bounded.
+            self.group_commit.request(&partition);
         }
         Ok(appended)
     }
@@ -230,5 +237,98 @@ impl Storage for Embedded {
 
     async fn groups_of(&self, topic: &str) -> Result<BTreeMap<String, BTreeMap<u32, u64>>> {
         Ok(self.offsets.groups_of(topic))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::partition::LogSettings;
+    use runnel_log::FsyncPolicy;
+    use runnel_proto::v1::{Compression, Event};
+    use std::time::Duration;
+
+    fn batch(i: u64) -> Incoming {
+        let events = [Event {
+            id: format!("e-{i}"),
+            payload: vec![7; 1000].into(),
+            ..Event::default()
+        }];
+        Incoming {
+            compression: Compression::None,
+            record_count: 1,
+            records: runnel_proto::records::encode(&events),
+            producer_id: 0,
+            base_sequence: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn leader_appends_are_fsynced_in_the_background_every_writeback_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = LogSettings {
+            // No interval fsyncs: only writeback can move the durable offset.
+            policy: FsyncPolicy::Never,
+            segment_bytes: 1 << 30,
+            segment_age: Duration::from_secs(3600),
+            index_interval: 4096,
+            producer_expiry: Duration::from_secs(3600),
+        };
+        let topics = Arc::new(Topics::open(dir.path(), settings, Retention::default()).unwrap());
+        let offsets = Arc::new(OffsetStore::open(dir.path(), FsyncPolicy::Always).unwrap());
+        let group_commit = Arc::new(GroupCommit::default());
+        let (stop, stopped) = runnel_server::Shutdown::new();
+        let committer = tokio::spawn(Arc::clone(&group_commit).run(stopped));
+        let size = batch(0).records.len() as u64;
+        let storage = Embedded::new(Arc::clone(&topics), offsets, group_commit, 3 * size);
+        storage
+            .create_topic("t", 1, RetentionOverride::default())
+            .await
+            .unwrap();
+        let partition = storage.partition("t", 0).unwrap();
+
+        for i in 0..2 {
+            storage.append("t", 0, batch(i), false).await.unwrap();
+        }
+        assert_eq!(
+            partition.durable_offset(),
+            0,
+            "two batches are below writeback_bytes: nothing asks for an fsync"
+        );
+        storage.append("t", 0, batch(2), false).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(30), partition.wait_durable(3))
+            .await
+            .expect("the third batch reaches writeback_bytes and is fsync'd without a DURABLE ack")
+            .unwrap();
+
+        stop.trigger();
+        committer.await.unwrap();
+    }
+
+    #[test]
+    fn writeback_is_due_once_per_writeback_bytes_however_appenders_race() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = LogSettings {
+            policy: FsyncPolicy::Never,
+            segment_bytes: 1 << 30,
+            segment_age: Duration::from_secs(3600),
+            index_interval: 4096,
+            producer_expiry: Duration::from_secs(3600),
+        };
+        let log = crate::partition::PartitionLog::open(dir.path(), "t", 0, settings).unwrap();
+        let partition = Partition::new(log);
+        let due = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..10_000 {
+                        if partition.writeback_due(1, 100) {
+                            due.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(due.into_inner(), 40_000 / 100);
     }
 }
