@@ -17,3 +17,10 @@ mod shutdown;
 pub use config::{ConfigError, ListenAddrs, ServerConfig, ServiceConfig};
 pub use run::{Listeners, ServeError, main, serve};
 pub use shutdown::{Shutdown, ShutdownTrigger, signal as shutdown_signal};
+
+/// Every Runnel binary links this crate, so the allocator is chosen once, here. The gRPC
+/// path allocates per call (frames, headers, buffers); glibc's arenas contend between the
+/// runtime's threads on it, and mimalloc gave +45 % single-message produces in the broker
+/// benchmark (`docs/benchmarks.md`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
