@@ -448,3 +448,325 @@ fn event_time(field: Option<&FieldRef>, event: &EventView<'_>, record: &RawRecor
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Windowing and watermark semantics against hand-computed expectations, through the
+    //! whole per-partition path: encoded events in, results out.
+
+    use super::*;
+    use crate::config::QueryConfig;
+    use prost::Message;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    const S: i64 = 1000;
+
+    fn plan(toml_text: &str) -> Plan {
+        let query: QueryConfig = toml::from_str(toml_text).expect("query toml");
+        query.compile(0).expect("valid query")
+    }
+
+    /// A source partition fed one event at a time, flushed after each as the runner does.
+    struct Feed {
+        plan: Plan,
+        task: Task,
+        results: Vec<Emission>,
+        late: Vec<Bytes>,
+        keyed: Vec<Event>,
+        offset: u64,
+        /// The firing watermark the runner would pass (`None`: the task's own).
+        fire: Option<i64>,
+    }
+
+    impl Feed {
+        fn new(toml_text: &str) -> Feed {
+            let plan = plan(toml_text);
+            let task = Task::new(&plan, 0, None, Instant::now());
+            Feed { plan, task, results: Vec::new(), late: Vec::new(), keyed: Vec::new(), offset: 0, fire: None }
+        }
+
+        fn send(&mut self, event: Event) {
+            let record = RawRecord {
+                partition: 0,
+                offset: self.offset,
+                append_time: None,
+                event: event.encode_to_vec().into(),
+            };
+            self.offset += 1;
+            let mut out = Outputs::default();
+            let mut inputs = Vec::new();
+            self.task.observe_source(&self.plan, &record, &mut inputs, &mut out, Instant::now());
+            self.task.flush(&self.plan, self.fire, &mut out);
+            self.results.extend(out.results);
+            self.late.extend(out.late);
+            self.keyed.extend(out.keyed);
+        }
+
+        fn at(&mut self, key: &str, ms: i64, value: f64) {
+            self.send(reading(key, ms, Some(value)));
+        }
+
+        /// (key, start s, end s, count) of every result so far, in emission order.
+        fn emitted(&self) -> Vec<(String, i64, i64, f64)> {
+            self.results.iter().map(|r| (r.key.clone(), r.start / S, r.end / S, r.values["count"])).collect()
+        }
+
+        fn take(&mut self) -> Vec<(String, i64, i64, f64)> {
+            let e = self.emitted();
+            self.results.clear();
+            e
+        }
+    }
+
+    fn reading(key: &str, ms: i64, value: Option<f64>) -> Event {
+        let payload = match value {
+            Some(v) => serde_json::json!({ "value": v }),
+            None => serde_json::json!({}),
+        };
+        Event {
+            id: format!("{key}-{ms}"),
+            key: key.into(),
+            r#type: "reading".into(),
+            event_time: Some(Millis(ms).into()),
+            payload: serde_json::to_vec(&payload).unwrap().into(),
+            ..Event::default()
+        }
+    }
+
+    fn row(key: &str, start: i64, end: i64, count: f64) -> (String, i64, i64, f64) {
+        (key.to_owned(), start, end, count)
+    }
+
+    const TUMBLING: &str = "name = \"q\"\nwindow = \"10s\"\nout_of_orderness = \"2s\"\n";
+
+    #[test]
+    fn tumbling_windows_close_when_the_watermark_passes_and_later_events_are_late() {
+        let mut feed = Feed::new(TUMBLING);
+        feed.at("a", 5 * S, 10.0);
+        feed.at("a", S, 20.0);
+        feed.at("b", 9 * S, 1.0);
+        // The watermark is 11 - 2 = 9 s: [0, 10 s) stays open.
+        feed.at("a", 11 * S, 5.0);
+        assert!(feed.emitted().is_empty());
+        // 8 s behind the newest event, but within the watermark: still counts.
+        feed.at("a", 3 * S, 30.0);
+        // 12 - 2 = 10 s closes [0, 10 s) for both keys.
+        feed.send(reading("c", 12 * S, None));
+        assert_eq!(feed.take(), [row("a", 0, 10, 3.0), row("b", 0, 10, 1.0)]);
+        // Now [0, 10 s) is closed: an event for it is late, goes to the side output and
+        // changes nothing.
+        feed.at("a", 9 * S, 1000.0);
+        assert!(feed.emitted().is_empty());
+        assert_eq!(feed.late.len(), 1);
+        let c = feed.task.counters;
+        assert_eq!((c.processed, c.applied, c.late), (7, 6, 1));
+        // c's value-less event still opened a window (count of events), a's 11 s one too.
+        assert_eq!(feed.task.windows.open(), 2);
+    }
+
+    #[test]
+    fn aggregates_of_a_closed_window_are_exact() {
+        let mut feed = Feed::new(TUMBLING);
+        for (ms, v) in [(S, 4.0), (2 * S, 1.0), (3 * S, 7.0), (4 * S, 4.0)] {
+            feed.at("a", ms, v);
+        }
+        feed.send(reading("z", 30 * S, None));
+        let a = &feed.results[0].values;
+        assert_eq!((a["count"], a["sum"], a["avg"], a["min"], a["max"]), (4.0, 16.0, 4.0, 1.0, 7.0));
+        // The value-less window of z has no sum of values but its count.
+        feed.send(reading("y", 60 * S, None));
+        let z = &feed.results[1].values;
+        assert_eq!((z["count"], z["sum"], z.get("avg")), (1.0, 0.0, None));
+    }
+
+    #[test]
+    fn allowed_lateness_updates_a_closed_window_until_the_watermark_passes_it() {
+        let mut feed = Feed::new(&format!("{TUMBLING}allowed_lateness = \"5s\"\n"));
+        feed.at("a", S, 1.0);
+        feed.at("a", 12 * S, 1.0); // watermark 10 s: [0, 10) fires
+        assert_eq!(feed.take(), [row("a", 0, 10, 1.0)]);
+        // Late but allowed (10 + 5 > 10): the window is updated and emitted again.
+        feed.at("a", 9 * S, 1.0);
+        assert_eq!(feed.take(), [row("a", 0, 10, 2.0)]);
+        feed.at("a", 17 * S, 1.0); // watermark 15 s: [0, 10) is dropped now
+        assert!(feed.take().is_empty());
+        feed.at("a", 2 * S, 1.0);
+        assert!(feed.take().is_empty(), "past the allowed lateness");
+        assert_eq!(feed.task.counters.late, 1);
+    }
+
+    #[test]
+    fn sliding_windows_count_each_event_in_every_window_it_falls_in() {
+        let mut feed = Feed::new("name = \"q\"\nwindow = { type = \"sliding\", size = \"10s\", slide = \"5s\" }\nout_of_orderness = \"0s\"\n");
+        feed.at("a", 7 * S, 1.0); // in [0, 10) and [5, 15)
+        feed.at("a", 12 * S, 1.0); // in [5, 15) and [10, 20); watermark 12 closes [0, 10)
+        assert_eq!(feed.take(), [row("a", 0, 10, 1.0)]);
+        feed.at("a", 3 * S, 1.0); // every window holding 3 s is closed: late
+        assert_eq!(feed.task.counters.late, 1);
+        feed.at("a", 25 * S, 1.0); // closes [5, 15) and [10, 20)
+        assert_eq!(feed.take(), [row("a", 5, 15, 2.0), row("a", 10, 20, 1.0)]);
+    }
+
+    #[test]
+    fn sessions_grow_and_merge_and_close_a_gap_after_their_last_event() {
+        let mut feed = Feed::new("name = \"q\"\nwindow = { type = \"session\", gap = \"5s\" }\nout_of_orderness = \"100s\"\n");
+        for ms in [S, 3 * S, 10 * S, 30 * S] {
+            feed.at("k", ms, 1.0);
+        }
+        feed.at("other", 2 * S, 1.0);
+        // 6 s bridges [1, 8) and [10, 15) into one session [1, 15).
+        feed.at("k", 6 * S, 1.0);
+        assert_eq!(feed.task.windows.open(), 3);
+        feed.send(reading("flush", 1000 * S, None));
+        let mut closed = feed.take();
+        closed.sort_by_key(|r| r.1);
+        assert_eq!(
+            closed,
+            [row("k", 1, 15, 4.0), row("other", 2, 7, 1.0), row("k", 30, 35, 1.0)]
+        );
+        // An event more than the allowed lateness (0) behind the watermark is late.
+        feed.at("k", 800 * S, 1.0);
+        assert_eq!(feed.task.counters.late, 1);
+    }
+
+    #[test]
+    fn emit_on_update_writes_each_change_and_having_holds_results_back() {
+        let mut feed = Feed::new("name = \"q\"\nwindow = \"1m\"\nemit = \"on_update\"\naggregates = [{ fn = \"max\" }, { fn = \"count\" }]\nhaving = [{ field = \"max\", gt = 120 }]\n");
+        feed.at("p1", S, 100.0);
+        assert!(feed.take().is_empty(), "max 100 is no alert");
+        feed.at("p1", 2 * S, 130.0);
+        assert_eq!(feed.take(), [row("p1", 0, 60, 2.0)]);
+        feed.at("p1", 3 * S, 90.0);
+        assert_eq!(feed.take(), [row("p1", 0, 60, 3.0)], "still above: updated");
+    }
+
+    #[test]
+    fn a_partition_that_fires_early_re_emits_what_its_own_watermark_still_accepts() {
+        // The runner fires an idle partition's windows at the other partitions' watermark
+        // (here 100 s); the partition's own watermark (7 - 2 = 5 s) still takes 8 s.
+        let mut feed = Feed::new(TUMBLING);
+        feed.fire = Some(100 * S);
+        feed.at("a", 7 * S, 1.0);
+        assert_eq!(feed.take(), [row("a", 0, 10, 1.0)]);
+        feed.at("a", 8 * S, 1.0);
+        assert_eq!(feed.take(), [row("a", 0, 10, 2.0)]);
+        assert_eq!(feed.task.counters.late, 0);
+    }
+
+    #[test]
+    fn one_to_many_keys_go_through_the_keyed_stage_once_each() {
+        let fixture = include_str!("../../../../shared/fixtures/meetup_rsvp_sample.json");
+        let query = "name = \"topics\"\ntopic = \"meetup\"\nkey = \"payload.group.group_topics[].topic_name\"\nwindow = \"1m\"\nout_of_orderness = \"0s\"\naggregates = [{ fn = \"count\" }, { fn = \"distinct\", of = \"payload.member.member_id\", name = \"members\" }]\n";
+        let mut source = Feed::new(query);
+        let rsvp = |id: &str, ms: i64| Event {
+            id: id.into(),
+            key: "rsvp-key".into(),
+            event_time: Some(Millis(ms).into()),
+            payload: fixture.as_bytes().to_vec().into(),
+            ..Event::default()
+        };
+        source.send(rsvp("r1", 5 * S));
+        source.send(rsvp("r2", 7 * S));
+        assert_eq!(source.keyed.len(), 24, "12 topics per RSVP");
+        assert!(source.results.is_empty(), "no windows in the source stage");
+        // The keyed stage, as if the source stage's run was replayed once (a crash).
+        let plan = source.plan.clone();
+        let mut keyed = Task::new(&plan, 0, Some(1), Instant::now());
+        let mut records: Vec<Event> = source.keyed.clone();
+        records.extend(source.keyed[..13].iter().cloned());
+        records.push(rekey::mark(0, 2, 61 * S));
+        for (offset, event) in records.into_iter().enumerate() {
+            let record = RawRecord { partition: 0, offset: offset as u64, append_time: None, event: event.encode_to_vec().into() };
+            keyed.observe_keyed(&plan, &record, Instant::now());
+        }
+        assert_eq!(keyed.counters.duplicates, 13);
+        let mut out = Outputs::default();
+        keyed.flush(&plan, None, &mut out);
+        let counts: BTreeMap<String, (f64, f64)> = out.results.iter().map(|r| (r.key.clone(), (r.values["count"], r.values["members"]))).collect();
+        assert_eq!(counts.len(), 12);
+        assert_eq!(counts["Social"], (2.0, 1.0));
+        assert_eq!(counts["Cultural Activities"], (2.0, 1.0));
+    }
+
+    /// Events as `(key, ms, value)`: keys in one partition, each event at most 1.9 s behind
+    /// the newest, so that none is late under 2 s of allowed disorder.
+    fn disordered() -> impl Strategy<Value = Vec<(String, i64, i32)>> {
+        proptest::collection::vec((0u8..4, 0i64..60, -100i32..100, 0i64..1900), 1..120).prop_map(|raw| {
+            let mut clock = 0i64;
+            raw.into_iter()
+                .map(|(key, step, value, jitter)| {
+                    clock += step * 100;
+                    (format!("k{key}"), (clock - jitter).max(0), value)
+                })
+                .collect()
+        })
+    }
+
+    fn last_per_window(results: &[Emission]) -> BTreeMap<(String, i64), Vec<(String, u64)>> {
+        let mut last = BTreeMap::new();
+        for r in results {
+            let mut values: Vec<(String, u64)> = r.values.iter().map(|(k, v)| (k.clone(), v.to_bits())).collect();
+            values.sort();
+            last.insert((r.key.clone(), r.start), values);
+        }
+        last
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// With disorder within the allowed bound, every window's count and sum are
+        /// exactly those of a batch group-by.
+        #[test]
+        fn results_equal_a_batch_group_by(events in disordered()) {
+            let mut feed = Feed::new(TUMBLING);
+            for (key, ms, v) in &events {
+                feed.at(key, *ms, f64::from(*v));
+            }
+            feed.send(reading("flush", 1_000_000 * S, None));
+            prop_assert_eq!(feed.task.counters.late, 0);
+            let mut exact: BTreeMap<(String, i64), (f64, f64)> = BTreeMap::new();
+            for (key, ms, v) in &events {
+                let e = exact.entry((key.clone(), ms.div_euclid(10 * S) * 10 * S)).or_default();
+                e.0 += 1.0;
+                e.1 += f64::from(*v);
+            }
+            let found: BTreeMap<(String, i64), (f64, f64)> = feed.results.iter().filter(|r| r.key != "flush").map(|r| ((r.key.clone(), r.start), (r.values["count"], r.values["sum"]))).collect();
+            prop_assert_eq!(found, exact);
+        }
+
+        /// Stopping after any record, saving the task through its checkpoint form and
+        /// resuming gives the same final results, bit for bit, as never stopping — for
+        /// every window kind, with lateness and sketches in the state.
+        #[test]
+        fn a_checkpoint_at_any_point_changes_nothing(events in disordered(), cut in any::<prop::sample::Index>(), kind in 0usize..3) {
+            let window = ["\"10s\"", "{ type = \"sliding\", size = \"10s\", slide = \"5s\" }", "{ type = \"session\", gap = \"3s\" }"][kind];
+            let query = format!("name = \"q\"\nwindow = {window}\nout_of_orderness = \"1s\"\nallowed_lateness = \"1s\"\naggregates = [{{ fn = \"count\" }}, {{ fn = \"sum\" }}, {{ fn = \"distinct\", of = \"id\" }}, {{ fn = \"percentiles\" }}, {{ fn = \"new_items\", of = \"payload.value\" }}, {{ fn = \"sample\", of = \"id\", size = 3 }}]\n");
+            let mut whole = Feed::new(&query);
+            for (key, ms, v) in &events {
+                whole.at(key, *ms, f64::from(*v));
+            }
+            whole.send(reading("flush", 1_000_000 * S, None));
+
+            let cut = cut.index(events.len() + 1);
+            let mut first = Feed::new(&query);
+            for (key, ms, v) in &events[..cut] {
+                first.at(key, *ms, f64::from(*v));
+            }
+            let json = serde_json::to_vec(&first.task.state()).unwrap();
+            let state: TaskState = serde_json::from_slice(&json).unwrap();
+            let mut second = Feed::new(&query);
+            second.task = Task::restore(&second.plan, 0, None, state, Instant::now()).unwrap();
+            second.offset = first.offset;
+            for (key, ms, v) in &events[cut..] {
+                second.at(key, *ms, f64::from(*v));
+            }
+            second.send(reading("flush", 1_000_000 * S, None));
+            let mut resumed = first.results.clone();
+            resumed.extend(second.results.clone());
+            prop_assert_eq!(last_per_window(&resumed), last_per_window(&whole.results));
+            prop_assert_eq!(second.task.counters, whole.task.counters);
+        }
+    }
+}
