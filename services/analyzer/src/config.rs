@@ -179,7 +179,7 @@ pub struct QueryConfig {
     /// windows back from firing.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// What is computed per key and window (default: count, sum, avg, min and max of
+    /// What is computed per key and window (none given: count, sum, avg, min and max of
     /// `value`).
     pub aggregates: Vec<AggregateConfig>,
     /// When results are emitted.
@@ -196,12 +196,13 @@ pub struct QueryConfig {
     pub max_open_windows: usize,
 }
 
-fn count_sum_avg_min_max() -> Vec<AggregateConfig> {
+/// `count`, `sum`, `avg`, `min` and `max` of `of`.
+fn count_sum_avg_min_max(of: Option<&str>) -> Vec<AggregateConfig> {
     [Function::Count, Function::Sum, Function::Avg, Function::Min, Function::Max]
         .into_iter()
         .map(|function| AggregateConfig {
             function,
-            of: None,
+            of: of.map(str::to_owned),
             name: None,
             k: None,
             counters: None,
@@ -232,7 +233,7 @@ impl Default for QueryConfig {
             out_of_orderness: Duration::from_secs(5),
             allowed_lateness: Duration::ZERO,
             idle_timeout: Duration::from_secs(10),
-            aggregates: count_sum_avg_min_max(),
+            aggregates: Vec::new(),
             emit: EmitMode::OnClose,
             having: Vec::new(),
             output_topic: None,
@@ -252,6 +253,9 @@ pub(crate) struct Plan {
     pub(crate) key: Option<FieldRef>,
     pub(crate) time: Option<FieldRef>,
     pub(crate) filter: EventFilter,
+    /// Whether an aggregate counts events themselves; if none does, an event with none of
+    /// the aggregates' inputs contributes nothing and opens no window.
+    pub(crate) counts_events: bool,
     pub(crate) out_of_orderness: i64,
     pub(crate) idle_timeout: Duration,
     pub(crate) rules: WindowRules,
@@ -383,12 +387,22 @@ impl QueryConfig {
         if self.idle_timeout < Duration::from_millis(100) {
             return Err(fail("idle_timeout", "must be at least 100ms".into()));
         }
-        if self.aggregates.is_empty() || self.aggregates.len() > 32 {
-            return Err(fail("aggregates", "give 1-32 aggregates".into()));
+        let configured = match (&self.aggregates[..], &self.value) {
+            ([], Some(value)) => count_sum_avg_min_max(Some(value)),
+            ([], None) => {
+                return Err(fail(
+                    "aggregates",
+                    "give at least one (or a value, for its count, sum, avg, min and max)".into(),
+                ));
+            }
+            (list, _) => list.to_vec(),
+        };
+        if configured.len() > 32 {
+            return Err(fail("aggregates", "give at most 32 aggregates".into()));
         }
         let mut aggregates: Vec<Aggregate> = Vec::new();
         let mut names = HashSet::new();
-        for (j, a) in self.aggregates.iter().enumerate() {
+        for (j, a) in configured.iter().enumerate() {
             let at = format!("aggregates[{j}]");
             let compiled = a.compile(&at, self.value.as_deref()).map_err(fail_at)?;
             for name in compiled.output_names() {
@@ -430,7 +444,9 @@ impl QueryConfig {
             &self.aggregates,
         ))
         .unwrap_or_default();
+        let counts_events = aggregates.iter().any(|a| a.input.is_none());
         Ok(Plan {
+            counts_events,
             name: self.name.clone(),
             topic: self.topic.clone(),
             key: (key_field != FieldRef::Key).then_some(key_field),
@@ -449,14 +465,13 @@ impl QueryConfig {
             output_topic: self.output_topic.clone(),
             late_topic: self.late_topic.clone(),
             fingerprint,
-            definition: self.definition(),
+            definition: self.definition(&configured),
         })
     }
 
     /// The query in words, for `DescribeQuery`.
-    fn definition(&self) -> String {
-        let aggregates: Vec<String> = self
-            .aggregates
+    fn definition(&self, configured: &[AggregateConfig]) -> String {
+        let aggregates: Vec<String> = configured
             .iter()
             .map(|a| {
                 let f = serde_json::to_value(a.function)
@@ -505,7 +520,7 @@ fn aggregates(list: &[(Function, Option<&str>, Option<&str>)]) -> Vec<AggregateC
             function: *function,
             of: of.map(str::to_owned),
             name: name.map(str::to_owned),
-            ..count_sum_avg_min_max()[0].clone()
+            ..count_sum_avg_min_max(None)[0].clone()
         })
         .collect()
 }
@@ -711,7 +726,7 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         type Case = (fn(&mut AnalyzerConfig), &'static str);
-        let cases: [Case; 14] = [
+        let cases: [Case; 15] = [
             (|c| c.broker = "localhost:7102".into(), "analyzer.broker"),
             (|c| c.store = String::new(), "analyzer.store"),
             (|c| c.queries[0].name = "has space".into(), "analyzer.queries[0].name"),
@@ -738,6 +753,10 @@ mod tests {
             (|c| c.queries.push(QueryConfig::default()), "analyzer.queries[5].name"),
             (|c| c.queries[1].key = "payload.a[0]".into(), "analyzer.queries[1].key"),
             (|c| c.queries[1].aggregates.clear(), "analyzer.queries[1].aggregates"),
+            (
+                |c| c.queries[0].aggregates = vec![count_sum_avg_min_max(None)[0].clone(); 33],
+                "analyzer.queries[0].aggregates",
+            ),
             (|c| c.queries[3].having[0].field = Some("min".into()), "analyzer.queries[3].having[0].field"),
             (|c| c.queries[0].output_topic = Some("events".into()), "analyzer.queries[0].output_topic"),
         ];
@@ -767,7 +786,10 @@ mod tests {
         assert_eq!(query.window, WindowConfig::Tumbling { size: Duration::from_secs(10) });
         // Unset fields take the query defaults.
         assert_eq!(query.out_of_orderness, Duration::from_secs(5));
-        assert_eq!(query.aggregates.len(), 5);
+        assert!(query.aggregates.is_empty());
+        let plan = query.compile(0).unwrap();
+        assert_eq!(plan.rules.aggregates.len(), 5, "count, sum, avg, min, max of the value");
+        assert!(!plan.counts_events, "the count is of values");
     }
 
     #[test]

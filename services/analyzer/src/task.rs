@@ -43,6 +43,9 @@ pub(crate) struct Counters {
     pub(crate) filtered: u64,
     /// Events without a key (or only keys too long to store).
     pub(crate) no_key: u64,
+    /// Events without any of the aggregates' inputs (when no aggregate counts events).
+    #[serde(default)]
+    pub(crate) no_value: u64,
     /// Records that did not decode.
     pub(crate) malformed: u64,
     /// Re-keyed records already applied (a source task's replay after a crash).
@@ -268,6 +271,10 @@ impl Task {
             if let Some(field) = &agg.input {
                 field.each(&event, |v| inputs.push((i, v)));
             }
+        }
+        if inputs.is_empty() && !plan.counts_events {
+            self.counters.no_value += 1;
+            return;
         }
         let rank = position_rank(self.partition, record.offset, 0);
         let trace = event.header(TRACEPARENT);
@@ -560,9 +567,9 @@ mod tests {
         assert!(feed.emitted().is_empty());
         assert_eq!(feed.late.len(), 1);
         let c = feed.task.counters;
-        assert_eq!((c.processed, c.applied, c.late), (7, 6, 1));
-        // c's value-less event still opened a window (count of events), a's 11 s one too.
-        assert_eq!(feed.task.windows.open(), 2);
+        assert_eq!((c.processed, c.applied, c.late, c.no_value), (7, 5, 1, 1));
+        // c's value-less event moved the clock but opened no window; a's 11 s one is open.
+        assert_eq!(feed.task.windows.open(), 1);
     }
 
     #[test]
@@ -574,10 +581,13 @@ mod tests {
         feed.send(reading("z", 30 * S, None));
         let a = &feed.results[0].values;
         assert_eq!((a["count"], a["sum"], a["avg"], a["min"], a["max"]), (4.0, 16.0, 4.0, 1.0, 7.0));
-        // The value-less window of z has no sum of values but its count.
+        assert_eq!(feed.results.len(), 1, "the value-less z has no window");
+        // With a count of events, a value-less event has a window: its count, no average.
+        let mut feed = Feed::new(&format!("{TUMBLING}aggregates = [{{ fn = \"count\" }}, {{ fn = \"avg\" }}]\n"));
+        feed.send(reading("z", S, None));
         feed.send(reading("y", 60 * S, None));
-        let z = &feed.results[1].values;
-        assert_eq!((z["count"], z["sum"], z.get("avg")), (1.0, 0.0, None));
+        let z = &feed.results[0].values;
+        assert_eq!((z["count"], z.get("avg")), (1.0, None));
     }
 
     #[test]
