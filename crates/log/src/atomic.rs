@@ -16,7 +16,12 @@ pub fn write_atomic(path: &Path, magic: [u8; 8], payload: &[u8]) -> Result<()> {
 /// [`write_atomic`] through the temporary file `temporary` (in the same directory), for
 /// writers that may race on one `path` — several processes replacing a shared checkpoint:
 /// each writes its own temporary, and the last rename wins whole.
-pub fn write_atomic_via(path: &Path, temporary: &Path, magic: [u8; 8], payload: &[u8]) -> Result<()> {
+pub fn write_atomic_via(
+    path: &Path,
+    temporary: &Path,
+    magic: [u8; 8],
+    payload: &[u8],
+) -> Result<()> {
     if payload.is_empty() || payload.len() > MAX_FRAME_LEN {
         return Err(Error::PayloadSize(payload.len()));
     }

@@ -119,7 +119,11 @@ mod tests {
                 .collect(),
         };
         let result = QueryResult {
-            items: [("top_k".to_owned(), ranked(&[("/home", 9.0), ("/cart", 4.0)]))].into(),
+            items: [(
+                "top_k".to_owned(),
+                ranked(&[("/home", 9.0), ("/cart", 4.0)]),
+            )]
+            .into(),
             ..Default::default()
         };
         let json = result_json(&result);

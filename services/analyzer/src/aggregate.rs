@@ -140,12 +140,27 @@ pub struct AggregateConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Params {
     Plain,
-    Distinct { precision: u8 },
-    TopK { k: usize, counters: usize },
-    Percentiles { quantiles: Vec<(f64, String)>, alpha: f64 },
-    Sample { size: usize },
-    NewItems { capacity: usize, fpp: f64 },
-    Score { weights: HashMap<String, f64> },
+    Distinct {
+        precision: u8,
+    },
+    TopK {
+        k: usize,
+        counters: usize,
+    },
+    Percentiles {
+        quantiles: Vec<(f64, String)>,
+        alpha: f64,
+    },
+    Sample {
+        size: usize,
+    },
+    NewItems {
+        capacity: usize,
+        fpp: f64,
+    },
+    Score {
+        weights: HashMap<String, f64>,
+    },
 }
 
 /// A checked aggregate.
@@ -161,7 +176,11 @@ pub(crate) struct Aggregate {
 impl AggregateConfig {
     /// Checks the aggregate; `key` names it in errors, `value` is the query's default
     /// number.
-    pub(crate) fn compile(&self, key: &str, value: Option<&str>) -> Result<Aggregate, (String, String)> {
+    pub(crate) fn compile(
+        &self,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<Aggregate, (String, String)> {
         let f = self.function;
         let err = |field: &str, why: &str| Err((format!("{key}.{field}"), why.to_owned()));
         let allowed: &[&str] = match f {
@@ -185,7 +204,10 @@ impl AggregateConfig {
             ("weights", self.weights.is_some()),
         ];
         if let Some((option, _)) = given.iter().find(|(o, set)| *set && !allowed.contains(o)) {
-            return err(option, &format!("does not apply to fn = {:?}", f.default_name_or_kind()));
+            return err(
+                option,
+                &format!("does not apply to fn = {:?}", f.default_name_or_kind()),
+            );
         }
         let of = match (&self.of, f) {
             (Some(of), _) => Some(of.as_str()),
@@ -221,11 +243,18 @@ impl AggregateConfig {
                 Params::TopK { k, counters }
             }
             Function::Percentiles => {
-                let quantiles = self.quantiles.clone().unwrap_or_else(|| vec![0.5, 0.9, 0.99]);
+                let quantiles = self
+                    .quantiles
+                    .clone()
+                    .unwrap_or_else(|| vec![0.5, 0.9, 0.99]);
                 if quantiles.is_empty() || quantiles.len() > 16 {
                     return err("quantiles", "give 1-16 quantiles");
                 }
-                let prefix = self.name.as_ref().map(|n| format!("{n}_")).unwrap_or_default();
+                let prefix = self
+                    .name
+                    .as_ref()
+                    .map(|n| format!("{n}_"))
+                    .unwrap_or_default();
                 let mut named = Vec::new();
                 for q in quantiles {
                     if !(q > 0.0 && q < 1.0) {
@@ -237,7 +266,10 @@ impl AggregateConfig {
                 if !(0.0001..=0.5).contains(&alpha) {
                     return err("relative_accuracy", "must be between 0.0001 and 0.5");
                 }
-                Params::Percentiles { quantiles: named, alpha }
+                Params::Percentiles {
+                    quantiles: named,
+                    alpha,
+                }
             }
             Function::Sample => {
                 let size = self.size.unwrap_or(10);
@@ -262,7 +294,10 @@ impl AggregateConfig {
                     return err("weights", "is required: the weight of each value");
                 };
                 if weights.is_empty() || weights.values().any(|w| !(w.is_finite() && *w >= 0.0)) {
-                    return err("weights", "give at least one weight, each a finite number >= 0");
+                    return err(
+                        "weights",
+                        "give at least one weight, each a finite number >= 0",
+                    );
                 }
                 Params::Score {
                     weights: weights.iter().map(|(k, v)| (k.clone(), *v)).collect(),
@@ -272,7 +307,10 @@ impl AggregateConfig {
         };
         Ok(Aggregate {
             function: f,
-            name: self.name.clone().unwrap_or_else(|| f.default_name().to_owned()),
+            name: self
+                .name
+                .clone()
+                .unwrap_or_else(|| f.default_name().to_owned()),
             input,
             params,
         })
@@ -292,7 +330,9 @@ impl Aggregate {
     /// The value and item names this aggregate writes in results.
     pub(crate) fn output_names(&self) -> Vec<String> {
         match &self.params {
-            Params::Percentiles { quantiles, .. } => quantiles.iter().map(|(_, n)| n.clone()).collect(),
+            Params::Percentiles { quantiles, .. } => {
+                quantiles.iter().map(|(_, n)| n.clone()).collect()
+            }
             _ => vec![self.name.clone()],
         }
     }
@@ -395,11 +435,17 @@ impl Moments {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum AggState {
     Count(u64),
-    Sum { sum: f64, n: u64 },
+    Sum {
+        sum: f64,
+        n: u64,
+    },
     Min(Option<f64>),
     Max(Option<f64>),
     Moments(Moments),
-    Zscore { moments: Moments, newest: Option<f64> },
+    Zscore {
+        moments: Moments,
+        newest: Option<f64>,
+    },
     Distinct(Box<HyperLogLogPlus<String, FixedHasher>>),
     TopK(SpaceSaving),
     Percentiles(Box<Quantiles>),
@@ -609,13 +655,22 @@ mod tests {
     }
 
     fn compile(toml_text: &str) -> Aggregate {
-        config(toml_text).compile("aggregates[0]", Some("payload.value")).unwrap()
+        config(toml_text)
+            .compile("aggregates[0]", Some("payload.value"))
+            .unwrap()
     }
 
-    fn run(spec: &Aggregate, values: &[Scalar<'_>]) -> (HashMap<String, f64>, HashMap<String, RankedItems>) {
+    fn run(
+        spec: &Aggregate,
+        values: &[Scalar<'_>],
+    ) -> (HashMap<String, f64>, HashMap<String, RankedItems>) {
         let mut state = spec.state();
         for (i, v) in values.iter().enumerate() {
-            state.add(spec, v, xxhash_rust::xxh3::xxh3_64(&(i as u64).to_le_bytes()));
+            state.add(
+                spec,
+                v,
+                xxhash_rust::xxh3::xxh3_64(&(i as u64).to_le_bytes()),
+            );
         }
         let (mut values, mut items) = (HashMap::new(), HashMap::new());
         state.report(spec, &mut values, &mut items);
@@ -627,7 +682,9 @@ mod tests {
     }
 
     fn texts(xs: &[&str]) -> Vec<Scalar<'static>> {
-        xs.iter().map(|x| Scalar::Text(Cow::Owned((*x).to_owned()))).collect()
+        xs.iter()
+            .map(|x| Scalar::Text(Cow::Owned((*x).to_owned())))
+            .collect()
     }
 
     #[test]
@@ -643,12 +700,18 @@ mod tests {
         ] {
             let spec = compile(text);
             let (values, _) = run(&spec, &xs);
-            assert!((values[&spec.name] - expected).abs() < 1e-12, "{text}: {values:?}");
+            assert!(
+                (values[&spec.name] - expected).abs() < 1e-12,
+                "{text}: {values:?}"
+            );
         }
         // The z-score of 10 against 1, 2, 3 (mean 2, population sd 0.8165).
         let spec = compile("fn = \"zscore\"");
         let (values, _) = run(&spec, &nums(&[1.0, 2.0, 3.0, 10.0]));
-        assert!((values["zscore"] - 8.0 / (2.0f64 / 3.0).sqrt()).abs() < 1e-9, "{values:?}");
+        assert!(
+            (values["zscore"] - 8.0 / (2.0f64 / 3.0).sqrt()).abs() < 1e-9,
+            "{values:?}"
+        );
         let spec = compile("fn = \"score\"\nweights = { click = 0.1, cart = 1.0, purchase = 3.0 }");
         let (values, _) = run(&spec, &texts(&["click", "cart", "view"]));
         assert!((values["score"] - (1.0 - (-1.1f64).exp())).abs() < 1e-12);
@@ -660,17 +723,30 @@ mod tests {
             ("fn = \"sum\"\nk = 3", "aggregates[0].k"),
             ("fn = \"top_k\"\nof = \"key\"\nk = 0", "aggregates[0].k"),
             ("fn = \"distinct\"", "aggregates[0].of"),
-            ("fn = \"distinct\"\nof = \"key\"\nprecision = 30", "aggregates[0].precision"),
-            ("fn = \"percentiles\"\nquantiles = [1.5]", "aggregates[0].quantiles"),
+            (
+                "fn = \"distinct\"\nof = \"key\"\nprecision = 30",
+                "aggregates[0].precision",
+            ),
+            (
+                "fn = \"percentiles\"\nquantiles = [1.5]",
+                "aggregates[0].quantiles",
+            ),
             ("fn = \"score\"", "aggregates[0].weights"),
-            ("fn = \"score\"\nweights = { a = -1 }", "aggregates[0].weights"),
+            (
+                "fn = \"score\"\nweights = { a = -1 }",
+                "aggregates[0].weights",
+            ),
             ("fn = \"max\"\nof = \"nope\"", "aggregates[0].of"),
         ];
         for (text, key) in cases {
-            let (found, why) = config(text).compile("aggregates[0]", Some("payload.value")).unwrap_err();
+            let (found, why) = config(text)
+                .compile("aggregates[0]", Some("payload.value"))
+                .unwrap_err();
             assert_eq!(found, key, "{text}: {why}");
         }
-        let (found, _) = config("fn = \"max\"").compile("aggregates[0]", None).unwrap_err();
+        let (found, _) = config("fn = \"max\"")
+            .compile("aggregates[0]", None)
+            .unwrap_err();
         assert_eq!(found, "aggregates[0].of");
         assert!(toml::from_str::<AggregateConfig>("fn = \"median\"").is_err());
     }
@@ -679,7 +755,10 @@ mod tests {
     fn percentiles_are_named_by_quantile() {
         let spec = compile("fn = \"percentiles\"\nname = \"latency\"\nquantiles = [0.5, 0.999]");
         assert_eq!(spec.output_names(), ["latency_p50", "latency_p99.9"]);
-        assert_eq!(compile("fn = \"percentiles\"").output_names(), ["p50", "p90", "p99"]);
+        assert_eq!(
+            compile("fn = \"percentiles\"").output_names(),
+            ["p50", "p90", "p99"]
+        );
     }
 
     proptest! {

@@ -78,7 +78,13 @@ pub(crate) struct Checkpoints {
 }
 
 impl Checkpoints {
-    pub(crate) fn new(data_dir: &Path, query: &str, stage: Stage, fingerprint: &str, writer: &str) -> Checkpoints {
+    pub(crate) fn new(
+        data_dir: &Path,
+        query: &str,
+        stage: Stage,
+        fingerprint: &str,
+        writer: &str,
+    ) -> Checkpoints {
         Checkpoints {
             dir: data_dir.join(query).join(stage.name()),
             query: query.to_owned(),
@@ -86,7 +92,13 @@ impl Checkpoints {
             fingerprint: fingerprint.to_owned(),
             writer: writer
                 .bytes()
-                .map(|b| if b.is_ascii_alphanumeric() { b as char } else { '_' })
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() {
+                        b as char
+                    } else {
+                        '_'
+                    }
+                })
                 .collect(),
         }
     }
@@ -105,14 +117,17 @@ impl Checkpoints {
     /// Blocking: the partition's last checkpoint, if there is one, checked to belong here.
     pub(crate) fn load(&self, partition: u32) -> Result<Option<TaskState>, AnalyzerError> {
         let path = self.path(partition);
-        let Some(bytes) =
-            runnel_log::read_atomic(&path, MAGIC).map_err(|e| self.fail(partition, e.to_string()))?
+        let Some(bytes) = runnel_log::read_atomic(&path, MAGIC)
+            .map_err(|e| self.fail(partition, e.to_string()))?
         else {
             return Ok(None);
         };
         let checkpoint: Checkpoint = serde_json::from_slice(&bytes)
             .map_err(|e| self.fail(partition, format!("it does not parse: {e}")))?;
-        if checkpoint.query != self.query || checkpoint.stage != self.stage || checkpoint.partition != partition {
+        if checkpoint.query != self.query
+            || checkpoint.stage != self.stage
+            || checkpoint.partition != partition
+        {
             return Err(self.fail(
                 partition,
                 format!(
@@ -147,7 +162,9 @@ impl Checkpoints {
             state,
         };
         let json = serde_json::to_vec(&checkpoint).map_err(|e| io(std::io::Error::other(e)))?;
-        let temporary = self.dir.join(format!("{partition}.checkpoint.{}.tmp", self.writer));
+        let temporary = self
+            .dir
+            .join(format!("{partition}.checkpoint.{}.tmp", self.writer));
         runnel_log::write_atomic_via(&self.path(partition), &temporary, MAGIC, &json).map_err(|e| {
             io(match e {
                 runnel_log::Error::Io(io) => io,

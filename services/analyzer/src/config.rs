@@ -109,19 +109,25 @@ impl<'de> Deserialize<'de> for WindowConfig {
 
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<WindowConfig, A::Error> {
                 use serde::de::Error;
-                let t = WindowTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                let t =
+                    WindowTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
                 let need = |d: Option<Duration>, name: &str| {
                     d.ok_or_else(|| A::Error::custom(format!("a {} window needs {name}", t.kind)))
                 };
                 let unused = |d: Option<Duration>, name: &str| match d {
-                    Some(_) => Err(A::Error::custom(format!("a {} window has no {name}", t.kind))),
+                    Some(_) => Err(A::Error::custom(format!(
+                        "a {} window has no {name}",
+                        t.kind
+                    ))),
                     None => Ok(()),
                 };
                 match t.kind.as_str() {
                     "tumbling" => {
                         unused(t.slide, "slide")?;
                         unused(t.gap, "gap")?;
-                        Ok(WindowConfig::Tumbling { size: need(t.size, "size")? })
+                        Ok(WindowConfig::Tumbling {
+                            size: need(t.size, "size")?,
+                        })
                     }
                     "sliding" | "hopping" => {
                         unused(t.gap, "gap")?;
@@ -133,7 +139,9 @@ impl<'de> Deserialize<'de> for WindowConfig {
                     "session" => {
                         unused(t.size, "size")?;
                         unused(t.slide, "slide")?;
-                        Ok(WindowConfig::Session { gap: need(t.gap, "gap")? })
+                        Ok(WindowConfig::Session {
+                            gap: need(t.gap, "gap")?,
+                        })
                     }
                     other => Err(A::Error::custom(format!(
                         "unknown window type {other:?}: use tumbling, sliding or session"
@@ -198,23 +206,29 @@ pub struct QueryConfig {
 
 /// `count`, `sum`, `avg`, `min` and `max` of `of`.
 fn count_sum_avg_min_max(of: Option<&str>) -> Vec<AggregateConfig> {
-    [Function::Count, Function::Sum, Function::Avg, Function::Min, Function::Max]
-        .into_iter()
-        .map(|function| AggregateConfig {
-            function,
-            of: of.map(str::to_owned),
-            name: None,
-            k: None,
-            counters: None,
-            precision: None,
-            quantiles: None,
-            relative_accuracy: None,
-            size: None,
-            capacity: None,
-            false_positive_rate: None,
-            weights: None,
-        })
-        .collect()
+    [
+        Function::Count,
+        Function::Sum,
+        Function::Avg,
+        Function::Min,
+        Function::Max,
+    ]
+    .into_iter()
+    .map(|function| AggregateConfig {
+        function,
+        of: of.map(str::to_owned),
+        name: None,
+        k: None,
+        counters: None,
+        precision: None,
+        quantiles: None,
+        relative_accuracy: None,
+        size: None,
+        capacity: None,
+        false_positive_rate: None,
+        weights: None,
+    })
+    .collect()
 }
 
 impl Default for QueryConfig {
@@ -296,7 +310,8 @@ impl QueryConfig {
     pub(crate) fn compile(&self, i: usize) -> Result<Plan, ConfigError> {
         let section = AnalyzerConfig::SECTION;
         let key = |field: &str| format!("queries[{i}].{field}");
-        let fail = |field: &str, message: String| ConfigError::invalid(section, &key(field), message);
+        let fail =
+            |field: &str, message: String| ConfigError::invalid(section, &key(field), message);
         let fail_at = |(at, message): (String, String)| {
             ConfigError::invalid(section, &format!("queries[{i}].{at}"), message)
         };
@@ -320,10 +335,16 @@ impl QueryConfig {
                 format!("{:?}: use 1-200 characters from [a-zA-Z0-9._-]", self.topic),
             ));
         }
-        for (field, topic) in [("output_topic", &self.output_topic), ("late_topic", &self.late_topic)] {
+        for (field, topic) in [
+            ("output_topic", &self.output_topic),
+            ("late_topic", &self.late_topic),
+        ] {
             if let Some(topic) = topic {
                 if !topic_ok(topic) {
-                    return Err(fail(field, format!("{topic:?}: use 1-200 characters from [a-zA-Z0-9._-]")));
+                    return Err(fail(
+                        field,
+                        format!("{topic:?}: use 1-200 characters from [a-zA-Z0-9._-]"),
+                    ));
                 }
                 if *topic == self.topic {
                     return Err(fail(field, "must not be the topic the query reads".into()));
@@ -349,14 +370,23 @@ impl QueryConfig {
             );
         }
         for (j, p) in self.filter.iter().enumerate() {
-            filter.push(p.compile(&format!("filter[{j}]"), &field).map_err(fail_at)?);
+            filter.push(
+                p.compile(&format!("filter[{j}]"), &field)
+                    .map_err(fail_at)?,
+            );
         }
         if let Some(value) = &self.value {
             FieldRef::parse(value).map_err(|why| fail("value", why))?;
         }
         let ms = |d: Duration, name: &str, min: Duration| -> Result<i64, ConfigError> {
             if d < min || d > MAX_SPAN {
-                return Err(fail(name, format!("must be between {} and 7days", humantime::format_duration(min))));
+                return Err(fail(
+                    name,
+                    format!(
+                        "must be between {} and 7days",
+                        humantime::format_duration(min)
+                    ),
+                ));
             }
             if !d.subsec_nanos().is_multiple_of(1_000_000) {
                 return Err(fail(name, "must be a whole number of milliseconds".into()));
@@ -369,7 +399,10 @@ impl QueryConfig {
                 size: ms(size, "window.size", one_ms)?,
             },
             WindowConfig::Sliding { size, slide } => {
-                let (size, slide) = (ms(size, "window.size", one_ms)?, ms(slide, "window.slide", one_ms)?);
+                let (size, slide) = (
+                    ms(size, "window.size", one_ms)?,
+                    ms(slide, "window.slide", one_ms)?,
+                );
                 if slide > size || size / slide > 100 {
                     return Err(fail(
                         "window.slide",
@@ -409,7 +442,9 @@ impl QueryConfig {
                 if name.is_empty() || name.len() > 128 || !names.insert(name.clone()) {
                     return Err(fail(
                         &format!("{at}.name"),
-                        format!("{name:?} is empty, too long or used by an earlier aggregate: give each a distinct name"),
+                        format!(
+                            "{name:?} is empty, too long or used by an earlier aggregate: give each a distinct name"
+                        ),
                     ));
                 }
             }
@@ -421,17 +456,26 @@ impl QueryConfig {
                 if names.contains(name) {
                     Ok(name.to_owned())
                 } else {
-                    Err(format!("{name:?} is not a value of this query (it has {:?})", {
-                        let mut n: Vec<_> = names.iter().cloned().collect();
-                        n.sort();
-                        n
-                    }))
+                    Err(format!(
+                        "{name:?} is not a value of this query (it has {:?})",
+                        {
+                            let mut n: Vec<_> = names.iter().cloned().collect();
+                            n.sort();
+                            n
+                        }
+                    ))
                 }
             };
-            having.push(p.compile(&format!("having[{j}]"), &known).map_err(fail_at)?);
+            having.push(
+                p.compile(&format!("having[{j}]"), &known)
+                    .map_err(fail_at)?,
+            );
         }
         if !(1..=100_000_000).contains(&self.max_open_windows) {
-            return Err(fail("max_open_windows", "must be between 1 and 100000000".into()));
+            return Err(fail(
+                "max_open_windows",
+                "must be between 1 and 100000000".into(),
+            ));
         }
         let fingerprint = serde_json::to_string(&(
             &self.topic,
@@ -486,13 +530,17 @@ impl QueryConfig {
             })
             .collect();
         let window = match self.window {
-            WindowConfig::Tumbling { size } => format!("tumbling {}", humantime::format_duration(size)),
+            WindowConfig::Tumbling { size } => {
+                format!("tumbling {}", humantime::format_duration(size))
+            }
             WindowConfig::Sliding { size, slide } => format!(
                 "sliding {} every {}",
                 humantime::format_duration(size),
                 humantime::format_duration(slide)
             ),
-            WindowConfig::Session { gap } => format!("session gap {}", humantime::format_duration(gap)),
+            WindowConfig::Session { gap } => {
+                format!("session gap {}", humantime::format_duration(gap))
+            }
         };
         let filter = if self.filter.is_empty() && self.event_type.is_none() {
             String::new()
@@ -548,7 +596,11 @@ pub fn default_queries() -> Vec<QueryConfig> {
             window: WindowConfig::Tumbling { size: minutes(1) },
             aggregates: aggregates(&[
                 (Function::Count, None, None),
-                (Function::Distinct, Some("payload.group.group_id"), Some("groups")),
+                (
+                    Function::Distinct,
+                    Some("payload.group.group_id"),
+                    Some("groups"),
+                ),
             ]),
             ..QueryConfig::default()
         },
@@ -669,24 +721,50 @@ impl ServiceConfig for AnalyzerConfig {
             }
         }
         if self.data_dir.as_os_str().is_empty() {
-            return Err(ConfigError::invalid(section, "data_dir", "must not be empty"));
+            return Err(ConfigError::invalid(
+                section,
+                "data_dir",
+                "must not be empty",
+            ));
         }
         if self.checkpoint_interval < Duration::from_millis(10) {
-            return Err(ConfigError::invalid(section, "checkpoint_interval", "must be at least 10ms"));
+            return Err(ConfigError::invalid(
+                section,
+                "checkpoint_interval",
+                "must be at least 10ms",
+            ));
         }
-        if self.session_timeout < Duration::from_millis(300) || self.session_timeout > Duration::from_secs(3600) {
-            return Err(ConfigError::invalid(section, "session_timeout", "must be between 300ms and 1h"));
+        if self.session_timeout < Duration::from_millis(300)
+            || self.session_timeout > Duration::from_secs(3600)
+        {
+            return Err(ConfigError::invalid(
+                section,
+                "session_timeout",
+                "must be between 300ms and 1h",
+            ));
         }
         if !topic_ok(&self.group) {
-            return Err(ConfigError::invalid(section, "group", "use 1-200 characters from [a-zA-Z0-9._-]"));
+            return Err(ConfigError::invalid(
+                section,
+                "group",
+                "use 1-200 characters from [a-zA-Z0-9._-]",
+            ));
         }
         if let Some(id) = &self.member_id
             && (id.is_empty() || id.len() > 200)
         {
-            return Err(ConfigError::invalid(section, "member_id", "use 1-200 characters"));
+            return Err(ConfigError::invalid(
+                section,
+                "member_id",
+                "use 1-200 characters",
+            ));
         }
         if self.queries.len() > 256 {
-            return Err(ConfigError::invalid(section, "queries", "at most 256 queries"));
+            return Err(ConfigError::invalid(
+                section,
+                "queries",
+                "at most 256 queries",
+            ));
         }
         let mut names = HashSet::new();
         for (i, query) in self.queries.iter().enumerate() {
@@ -714,12 +792,21 @@ mod tests {
         let names: Vec<&str> = config.queries.iter().map(|q| q.name.as_str()).collect();
         assert_eq!(
             names,
-            ["avg_value_per_key", "meetup_topics", "purchase_propensity", "heart_rate_alert", "heart_rate_anomaly"]
+            [
+                "avg_value_per_key",
+                "meetup_topics",
+                "purchase_propensity",
+                "heart_rate_alert",
+                "heart_rate_anomaly"
+            ]
         );
         assert!(config.server.grpc.ip().is_loopback());
         let plans = config.plans().unwrap();
         assert!(plans[0].key.is_none(), "keyed by the event key");
-        assert!(plans[1].key.as_ref().is_some_and(FieldRef::is_multi), "one-to-many");
+        assert!(
+            plans[1].key.as_ref().is_some_and(FieldRef::is_multi),
+            "one-to-many"
+        );
         assert_eq!(plans[2].rules.emit, EmitMode::OnUpdate);
     }
 
@@ -729,16 +816,36 @@ mod tests {
         let cases: [Case; 15] = [
             (|c| c.broker = "localhost:7102".into(), "analyzer.broker"),
             (|c| c.store = String::new(), "analyzer.store"),
-            (|c| c.queries[0].name = "has space".into(), "analyzer.queries[0].name"),
-            (|c| c.queries[0].name = "../escape".into(), "analyzer.queries[0].name"),
-            (|c| c.queries[0].topic = "a/b".into(), "analyzer.queries[0].topic"),
-            (|c| c.queries[0].value = Some("body.value".into()), "analyzer.queries[0].value"),
             (
-                |c| c.queries[0].window = WindowConfig::Tumbling { size: Duration::ZERO },
+                |c| c.queries[0].name = "has space".into(),
+                "analyzer.queries[0].name",
+            ),
+            (
+                |c| c.queries[0].name = "../escape".into(),
+                "analyzer.queries[0].name",
+            ),
+            (
+                |c| c.queries[0].topic = "a/b".into(),
+                "analyzer.queries[0].topic",
+            ),
+            (
+                |c| c.queries[0].value = Some("body.value".into()),
+                "analyzer.queries[0].value",
+            ),
+            (
+                |c| {
+                    c.queries[0].window = WindowConfig::Tumbling {
+                        size: Duration::ZERO,
+                    }
+                },
                 "analyzer.queries[0].window.size",
             ),
             (
-                |c| c.queries[0].window = WindowConfig::Tumbling { size: Duration::from_micros(1500) },
+                |c| {
+                    c.queries[0].window = WindowConfig::Tumbling {
+                        size: Duration::from_micros(1500),
+                    }
+                },
                 "analyzer.queries[0].window.size",
             ),
             (
@@ -750,15 +857,30 @@ mod tests {
                 },
                 "analyzer.queries[0].window.slide",
             ),
-            (|c| c.queries.push(QueryConfig::default()), "analyzer.queries[5].name"),
-            (|c| c.queries[1].key = "payload.a[0]".into(), "analyzer.queries[1].key"),
-            (|c| c.queries[1].aggregates.clear(), "analyzer.queries[1].aggregates"),
+            (
+                |c| c.queries.push(QueryConfig::default()),
+                "analyzer.queries[5].name",
+            ),
+            (
+                |c| c.queries[1].key = "payload.a[0]".into(),
+                "analyzer.queries[1].key",
+            ),
+            (
+                |c| c.queries[1].aggregates.clear(),
+                "analyzer.queries[1].aggregates",
+            ),
             (
                 |c| c.queries[0].aggregates = vec![count_sum_avg_min_max(None)[0].clone(); 33],
                 "analyzer.queries[0].aggregates",
             ),
-            (|c| c.queries[3].having[0].field = Some("min".into()), "analyzer.queries[3].having[0].field"),
-            (|c| c.queries[0].output_topic = Some("events".into()), "analyzer.queries[0].output_topic"),
+            (
+                |c| c.queries[3].having[0].field = Some("min".into()),
+                "analyzer.queries[3].having[0].field",
+            ),
+            (
+                |c| c.queries[0].output_topic = Some("events".into()),
+                "analyzer.queries[0].output_topic",
+            ),
         ];
         for (mutate, key) in cases {
             let mut config = AnalyzerConfig::default();
@@ -783,12 +905,21 @@ mod tests {
         assert_eq!(config.queries.len(), 1, "{:?}", config.queries);
         let query = &config.queries[0];
         assert_eq!(query.name, "hr");
-        assert_eq!(query.window, WindowConfig::Tumbling { size: Duration::from_secs(10) });
+        assert_eq!(
+            query.window,
+            WindowConfig::Tumbling {
+                size: Duration::from_secs(10)
+            }
+        );
         // Unset fields take the query defaults.
         assert_eq!(query.out_of_orderness, Duration::from_secs(5));
         assert!(query.aggregates.is_empty());
         let plan = query.compile(0).unwrap();
-        assert_eq!(plan.rules.aggregates.len(), 5, "count, sum, avg, min, max of the value");
+        assert_eq!(
+            plan.rules.aggregates.len(),
+            5,
+            "count, sum, avg, min, max of the value"
+        );
         assert!(!plan.counts_events, "the count is of values");
     }
 
@@ -812,13 +943,27 @@ filter = [{ field = "type", in = ["click", "cart"] }]
         config.validate().unwrap();
         assert_eq!(
             config.queries[1].window,
-            WindowConfig::Session { gap: Duration::from_secs(1800) }
+            WindowConfig::Session {
+                gap: Duration::from_secs(1800)
+            }
         );
         for (text, needle) in [
-            ("window = { type = \"session\", size = \"1m\" }", "has no size"),
-            ("window = { type = \"sliding\", size = \"1m\" }", "needs slide"),
-            ("window = { type = \"weekly\", size = \"1m\" }", "unknown window type"),
-            ("window = { type = \"tumbling\", size = \"1m\", every = \"1m\" }", "every"),
+            (
+                "window = { type = \"session\", size = \"1m\" }",
+                "has no size",
+            ),
+            (
+                "window = { type = \"sliding\", size = \"1m\" }",
+                "needs slide",
+            ),
+            (
+                "window = { type = \"weekly\", size = \"1m\" }",
+                "unknown window type",
+            ),
+            (
+                "window = { type = \"tumbling\", size = \"1m\", every = \"1m\" }",
+                "every",
+            ),
             ("aggregates = [{ fn = \"count\", bogus = 1 }]", "bogus"),
             ("emit = \"sometimes\"", "sometimes"),
             ("frobnicate = true", "frobnicate"),

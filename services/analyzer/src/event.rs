@@ -235,8 +235,8 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::Message;
     use proptest::prelude::*;
+    use prost::Message;
     use runnel_proto::Millis;
     use runnel_proto::v1::{Event, Record, RecordChunk, SubscribeResponse, subscribe_response};
     use std::collections::HashMap;
@@ -334,6 +334,9 @@ mod tests {
             Some("y")
         );
         // Field 4 (key) as two bytes that are not UTF-8.
-        assert_eq!(EventView::parse(&[0x22, 2, 0xff, 0xfe]).unwrap_err(), Malformed);
+        assert_eq!(
+            EventView::parse(&[0x22, 2, 0xff, 0xfe]).unwrap_err(),
+            Malformed
+        );
     }
 }

@@ -200,7 +200,9 @@ impl Test {
             Test::Ge(n) => values.any(|v| v.number().is_some_and(|x| x >= *n)),
             Test::Lt(n) => values.any(|v| v.number().is_some_and(|x| x < *n)),
             Test::Le(n) => values.any(|v| v.number().is_some_and(|x| x <= *n)),
-            Test::Prefix(p) => values.any(|v| matches!(&v, Scalar::Text(t) if t.starts_with(p.as_str()))),
+            Test::Prefix(p) => {
+                values.any(|v| matches!(&v, Scalar::Text(t) if t.starts_with(p.as_str())))
+            }
             Test::Exists(wanted) => values.next().is_some() == *wanted,
         }
     }
@@ -268,8 +270,12 @@ mod tests {
         let cart = event("cart", r#"{"amount": 30, "tags": ["a", "b"], "ok": true}"#);
         let view = event("view", r#"{"amount": 5}"#);
         let cases = [
-            (r#"field = "type"
-in = ["click", "cart", "purchase"]"#, true, false),
+            (
+                r#"field = "type"
+in = ["click", "cart", "purchase"]"#,
+                true,
+                false,
+            ),
             ("field = \"payload.amount\"\ngt = 10", true, false),
             ("field = \"payload.amount\"\nle = 5", false, true),
             ("field = \"attributes.n\"\neq = 12", true, true),
@@ -302,7 +308,10 @@ in = ["click", "cart", "purchase"]"#, true, false),
             ("field = \"body\"\neq = 1", "filter[0].field"),
             ("field = \"type\"\nin = []", "filter[0].in"),
             ("any = []", "filter[0].any"),
-            ("any = [{ field = \"nope\", eq = 1 }]", "filter[0].any[0].field"),
+            (
+                "any = [{ field = \"nope\", eq = 1 }]",
+                "filter[0].any[0].field",
+            ),
             ("field = \"payload.x\"\ngt = nan", "filter[0].gt"),
         ];
         for (text, key) in cases {

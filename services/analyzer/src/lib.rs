@@ -32,8 +32,6 @@ mod sketch;
 mod task;
 mod window;
 
-
-
 pub use aggregate::{AggregateConfig, Function};
 pub use config::{AnalyzerConfig, QueryConfig, WindowConfig, default_queries};
 pub use error::AnalyzerError;

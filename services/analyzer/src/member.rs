@@ -6,7 +6,9 @@
 //! it arrived as until [`crate::event::EventView`] reads it.
 
 use crate::event::{RawMessage, RawRecordChunk, RawSubscribeResponse};
-use runnel_proto::v1::{CommitOffsetsRequest, Delivery, PartitionOffset, StartFrom, SubscribeRequest};
+use runnel_proto::v1::{
+    CommitOffsetsRequest, Delivery, PartitionOffset, StartFrom, SubscribeRequest,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -65,7 +67,8 @@ impl Member {
             }),
             ..SubscribeRequest::default()
         };
-        let mut grpc = tonic::client::Grpc::new(channel.clone()).max_decoding_message_size(max_message);
+        let mut grpc =
+            tonic::client::Grpc::new(channel.clone()).max_decoding_message_size(max_message);
         grpc.ready()
             .await
             .map_err(|e| Status::unavailable(format!("broker not ready: {e}")))?;
@@ -108,7 +111,8 @@ impl Member {
             };
             match message.message {
                 Some(RawMessage::Assignment(assignment)) => {
-                    self.generation.store(assignment.generation, Ordering::Release);
+                    self.generation
+                        .store(assignment.generation, Ordering::Release);
                     self.assigned = assignment.partitions.clone();
                     return Ok(Some(GroupEvent::Assigned(assignment.partitions)));
                 }

@@ -335,8 +335,8 @@ impl<'de> Visitor<'de> for Walk<'_, '_, 'de> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::Message;
     use proptest::prelude::*;
+    use prost::Message;
     use runnel_proto::v1::Event;
 
     fn values(field: &str, event: &Event) -> Vec<Scalar<'static>> {
@@ -411,7 +411,10 @@ mod tests {
             values("payload.group.group_topics.1.urlkey", &event),
             [text("adventure")]
         );
-        assert_eq!(values("payload.venue.lat", &event), [Scalar::Num(52.342258)]);
+        assert_eq!(
+            values("payload.venue.lat", &event),
+            [Scalar::Num(52.342258)]
+        );
     }
 
     #[test]
@@ -422,7 +425,10 @@ mod tests {
             [Scalar::Num(1.0), text("x\"y"), Scalar::Bool(true)]
         );
         assert!(values("payload.n", &e).is_empty());
-        assert!(values("payload.o", &e).is_empty(), "objects are not scalars");
+        assert!(
+            values("payload.o", &e).is_empty(),
+            "objects are not scalars"
+        );
         assert!(values("payload.a.b", &e).is_empty(), "arrays need []");
         assert!(values("payload.a.b.9", &e).is_empty());
         assert!(values("payload.missing[].x", &e).is_empty());

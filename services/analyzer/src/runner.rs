@@ -36,7 +36,9 @@ use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{CreateTopicRequest, Event, ListTopicsRequest, PutRequest, QueryResult};
 use runnel_proto::{Millis, now_millis};
 use runnel_server::Shutdown;
-use runnel_telemetry::propagation::{TRACEPARENT, TraceContextInterceptor, continue_trace, inject_into_headers};
+use runnel_telemetry::propagation::{
+    TRACEPARENT, TraceContextInterceptor, continue_trace, inject_into_headers,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -127,7 +129,8 @@ enum Flow {
 
 impl StageRunner {
     fn broker(&self) -> BrokerClient<Channel> {
-        BrokerClient::new(self.context.broker.clone()).max_decoding_message_size(self.context.max_message)
+        BrokerClient::new(self.context.broker.clone())
+            .max_decoding_message_size(self.context.max_message)
     }
 
     /// The topic this stage reads.
@@ -184,7 +187,11 @@ impl StageRunner {
                 }
             };
             tracing::info!(query = %self.plan.name, stage = self.stage.name(), %group, member = %self.context.member_id, "joined the group");
-            let mut ticker = tokio::time::interval(self.context.checkpoint_interval.min(Duration::from_millis(500)));
+            let mut ticker = tokio::time::interval(
+                self.context
+                    .checkpoint_interval
+                    .min(Duration::from_millis(500)),
+            );
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let next = tokio::select! {
@@ -297,12 +304,12 @@ impl StageRunner {
             let task = match saved {
                 None => Task::new(&self.plan, partition, sources, now),
                 Some(saved) => {
-                    let task = Task::restore(&self.plan, partition, sources, saved, now).map_err(|reason| {
-                        AnalyzerError::Checkpoint {
+                    let task = Task::restore(&self.plan, partition, sources, saved, now).map_err(
+                        |reason| AnalyzerError::Checkpoint {
                             path: checkpoints.path(partition),
                             reason,
-                        }
-                    })?;
+                        },
+                    )?;
                     tracing::info!(query = %self.plan.name, stage = self.stage.name(), partition, offset = task.next_offset, open_windows = task.windows.open(), "resuming from checkpoint");
                     task
                 }
@@ -339,7 +346,9 @@ impl StageRunner {
                 metrics::counter!("runnel_analyzer_offset_gaps_total", "query" => self.plan.name.clone()).increment(1);
             }
             match self.stage {
-                Stage::Source => task.observe_source(&self.plan, record, &mut inputs, &mut out, now),
+                Stage::Source => {
+                    task.observe_source(&self.plan, record, &mut inputs, &mut out, now)
+                }
                 Stage::Keyed => task.observe_keyed(&self.plan, record, now),
             }
         }
@@ -394,18 +403,34 @@ impl StageRunner {
             .map(|t| t.own_watermark(&self.plan))
             .peekable();
         if active.peek().is_none() {
-            return state.tasks.values().filter_map(|t| t.own_watermark(&self.plan)).max();
+            return state
+                .tasks
+                .values()
+                .filter_map(|t| t.own_watermark(&self.plan))
+                .max();
         }
         active.try_fold(i64::MAX, |min, w| w.map(|w| min.min(w)))
     }
 
     /// Writes a batch's outputs, retrying until taken; false if shutdown came first (the
     /// last checkpoints stay, and the records behind the outputs are read again).
-    async fn write(&self, state: &mut Running, out: Outputs, marks: Vec<Event>) -> Result<bool, AnalyzerError> {
+    async fn write(
+        &self,
+        state: &mut Running,
+        out: Outputs,
+        marks: Vec<Event>,
+    ) -> Result<bool, AnalyzerError> {
         let shutdown = &self.context.shutdown;
         if !out.keyed.is_empty() || !marks.is_empty() {
             let partitions = state.sources;
-            let Some(producer) = self.producer(&mut state.producers.keyed, &self.plan.keyed_topic(), partitions).await else {
+            let Some(producer) = self
+                .producer(
+                    &mut state.producers.keyed,
+                    &self.plan.keyed_topic(),
+                    partitions,
+                )
+                .await
+            else {
                 return Ok(false);
             };
             if !out.keyed.is_empty() && !send(producer, out.keyed, shutdown).await {
@@ -427,7 +452,10 @@ impl StageRunner {
                 .iter()
                 .filter_map(|bytes| prost::Message::decode(bytes.clone()).ok())
                 .collect();
-            let Some(producer) = self.producer(&mut state.producers.late, topic, state.sources).await else {
+            let Some(producer) = self
+                .producer(&mut state.producers.late, topic, state.sources)
+                .await
+            else {
                 return Ok(false);
             };
             if !send(producer, late, shutdown).await {
@@ -439,7 +467,10 @@ impl StageRunner {
             let results = self.results(out.results);
             if let Some(topic) = &self.plan.output_topic {
                 let events: Vec<Event> = results.iter().map(result_event).collect();
-                let Some(producer) = self.producer(&mut state.producers.output, topic, state.sources).await else {
+                let Some(producer) = self
+                    .producer(&mut state.producers.output, topic, state.sources)
+                    .await
+                else {
                     return Ok(false);
                 };
                 if !send(producer, events, shutdown).await {
@@ -450,13 +481,19 @@ impl StageRunner {
                 return Ok(false);
             }
             state.emitted += count;
-            metrics::counter!("runnel_analyzer_results_total", "query" => self.plan.name.clone()).increment(count);
+            metrics::counter!("runnel_analyzer_results_total", "query" => self.plan.name.clone())
+                .increment(count);
         }
         Ok(true)
     }
 
     /// A producer for `topic`, made (and the topic created) on first use.
-    async fn producer<'p>(&self, slot: &'p mut Option<Producer>, topic: &str, partitions: u32) -> Option<&'p mut Producer> {
+    async fn producer<'p>(
+        &self,
+        slot: &'p mut Option<Producer>,
+        topic: &str,
+        partitions: u32,
+    ) -> Option<&'p mut Producer> {
         let mut backoff = Backoff::new(Duration::from_secs(2));
         while slot.is_none() {
             let options = ProducerOptions {
@@ -509,7 +546,9 @@ impl StageRunner {
         for chunk in results.chunks(PUT_CHUNK) {
             let mut backoff = Backoff::new(Duration::from_secs(2));
             loop {
-                let request = PutRequest { results: chunk.to_vec() };
+                let request = PutRequest {
+                    results: chunk.to_vec(),
+                };
                 match self.context.store.clone().put(request).await {
                     Ok(_) => break,
                     Err(status) if status.code() == Code::InvalidArgument => {
@@ -533,7 +572,12 @@ impl StageRunner {
 
     /// Saves every task that moved since its last checkpoint, then commits their offsets
     /// to the group. Everything they produced has been written by now.
-    async fn checkpoint(&self, state: &mut Running, checkpoints: &Checkpoints, member: &mut Member) -> Result<(), AnalyzerError> {
+    async fn checkpoint(
+        &self,
+        state: &mut Running,
+        checkpoints: &Checkpoints,
+        member: &mut Member,
+    ) -> Result<(), AnalyzerError> {
         state.last_checkpoint = Instant::now();
         let changed: Vec<(u32, crate::task::TaskState)> = state
             .tasks
@@ -546,16 +590,17 @@ impl StageRunner {
         }
         let started = Instant::now();
         let saver = checkpoints.clone();
-        let saved = tokio::task::spawn_blocking(move || -> Result<Vec<(u32, u64)>, AnalyzerError> {
-            let mut offsets = Vec::new();
-            for (partition, task) in changed {
-                let offset = task.next_offset;
-                saver.save(partition, task)?;
-                offsets.push((partition, offset));
-            }
-            Ok(offsets)
-        })
-        .await??;
+        let saved =
+            tokio::task::spawn_blocking(move || -> Result<Vec<(u32, u64)>, AnalyzerError> {
+                let mut offsets = Vec::new();
+                for (partition, task) in changed {
+                    let offset = task.next_offset;
+                    saver.save(partition, task)?;
+                    offsets.push((partition, offset));
+                }
+                Ok(offsets)
+            })
+            .await??;
         metrics::histogram!("runnel_analyzer_checkpoint_seconds", "query" => self.plan.name.clone())
             .record(started.elapsed().as_secs_f64());
         for (partition, offset) in &saved {
@@ -623,7 +668,10 @@ fn result_event(result: &QueryResult) -> Event {
         r#type: "result".into(),
         key: result.key.clone(),
         event_time: result.window_end,
-        payload: runnel_proto::json::result_json(result).to_string().into_bytes().into(),
+        payload: runnel_proto::json::result_json(result)
+            .to_string()
+            .into_bytes()
+            .into(),
         ..Event::default()
     }
 }
@@ -645,7 +693,12 @@ async fn send(producer: &mut Producer, events: Vec<Event>, shutdown: &Shutdown) 
 }
 
 /// Sends events to one partition until acknowledged; false at shutdown.
-async fn send_to(producer: &mut Producer, partition: u32, events: &[Event], shutdown: &Shutdown) -> bool {
+async fn send_to(
+    producer: &mut Producer,
+    partition: u32,
+    events: &[Event],
+    shutdown: &Shutdown,
+) -> bool {
     let mut backoff = Backoff::new(Duration::from_secs(2));
     loop {
         match producer.send_to(partition, events).await {

@@ -37,7 +37,8 @@ impl QueryView {
             watermark: windows.watermark.map(|w| Millis(w).into()),
             events_processed: source.counters.processed,
             results_emitted: windows.emitted,
-            late_events: source.counters.late + self.keyed.as_ref().map_or(0, |k| k.borrow().counters.late),
+            late_events: source.counters.late
+                + self.keyed.as_ref().map_or(0, |k| k.borrow().counters.late),
             open_windows: windows.open_windows as u64,
             partitions: source.partitions,
             events_filtered: source.counters.filtered,

@@ -185,19 +185,35 @@ mod tests {
         counts
     }
 
-    fn check_bounds(summary: &SpaceSaving, stream: &[String], capacity: usize) -> Result<(), TestCaseError> {
+    fn check_bounds(
+        summary: &SpaceSaving,
+        stream: &[String],
+        capacity: usize,
+    ) -> Result<(), TestCaseError> {
         let counts = exact(stream);
         let n = stream.len() as u64;
         let bound = n / capacity as u64;
         for counter in &summary.counters {
             let truth = counts.get(counter.item.as_str()).copied().unwrap_or(0);
-            prop_assert!(counter.count >= truth, "{} over-estimates, never under", counter.item);
+            prop_assert!(
+                counter.count >= truth,
+                "{} over-estimates, never under",
+                counter.item
+            );
             prop_assert!(counter.count - truth <= counter.error);
-            prop_assert!(counter.error <= bound, "error {} > n/m {}", counter.error, bound);
+            prop_assert!(
+                counter.error <= bound,
+                "error {} > n/m {}",
+                counter.error,
+                bound
+            );
         }
         for (item, count) in counts {
             if count > bound {
-                prop_assert!(summary.counters.iter().any(|c| c.item == item), "heavy {item} ({count}) missing");
+                prop_assert!(
+                    summary.counters.iter().any(|c| c.item == item),
+                    "heavy {item} ({count}) missing"
+                );
             }
         }
         Ok(())

@@ -61,7 +61,11 @@ impl WindowSpec {
         } else {
             0
         };
-        let count = if slide > 0 { (size + slide - 1) / slide } else { 0 };
+        let count = if slide > 0 {
+            (size + slide - 1) / slide
+        } else {
+            0
+        };
         (0..count).rev().filter_map(move |i| {
             let start = last.checked_sub(i * slide)?;
             let end = start.saturating_add(size);
@@ -73,7 +77,9 @@ impl WindowSpec {
 /// The end of the newest window of length `size`, starting at multiples of `slide`, that
 /// contains `t`.
 fn last_end(t: i64, size: i64, slide: i64) -> i64 {
-    t.div_euclid(slide).saturating_mul(slide).saturating_add(size)
+    t.div_euclid(slide)
+        .saturating_mul(slide)
+        .saturating_add(size)
 }
 
 /// When a window's result is emitted.
@@ -98,7 +104,15 @@ pub(crate) struct Window {
     dirty: bool,
     /// The `traceparent` of its first event: the result continues that trace.
     trace: Option<Box<str>>,
+    /// Sessions only: the starts it was written under before it grew backwards or merged.
+    /// The store has no deletes, so those results are written again with the session's
+    /// current values: a reader of any of them sees the whole session.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    written: Vec<i64>,
 }
+
+/// At most this many earlier starts are kept per session.
+const MAX_ALIASES: usize = 16;
 
 /// A result ready to be written.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,6 +132,10 @@ pub(crate) struct Contribution<'c, 'a> {
     pub(crate) inputs: &'c [(usize, Scalar<'a>)],
     pub(crate) rank: u64,
     pub(crate) trace: Option<&'a str>,
+    /// The partition's own watermark: windows it has passed by the allowed lateness are
+    /// closed for good — dropped already or about to be, depending only on when the runner
+    /// last flushed — and take nothing more.
+    pub(crate) watermark: Option<i64>,
 }
 
 /// Everything a query's windows need, fixed for the query.
@@ -177,6 +195,7 @@ impl KeyedWindows {
             fired: false,
             dirty: false,
             trace: event.trace.map(Into::into),
+            written: Vec::new(),
         };
         // Windows whose end is new or moved: they need a place in the schedules.
         let mut scheduled: Vec<i64> = Vec::new();
@@ -188,6 +207,12 @@ impl KeyedWindows {
         match rules.spec {
             WindowSpec::Tumbling { .. } | WindowSpec::Sliding { .. } => {
                 for (start, end) in rules.spec.starts(event.time) {
+                    if event
+                        .watermark
+                        .is_some_and(|w| end.saturating_add(rules.lateness) <= w)
+                    {
+                        continue; // a sliding window the event is too late for
+                    }
                     let at = match windows.binary_search_by_key(&start, |w| w.start) {
                         Ok(at) => at,
                         Err(at) => {
@@ -216,6 +241,7 @@ impl KeyedWindows {
                             }
                             earliest.end = earliest.end.max(other.end);
                             earliest.fired |= other.fired;
+                            earliest.written.extend(other.written);
                         }
                         earliest
                     }
@@ -263,9 +289,21 @@ impl KeyedWindows {
         own: Option<i64>,
         out: &mut Vec<Emission>,
     ) {
+        let sessions = matches!(rules.spec, WindowSpec::Session { .. });
         let emit = |key: &str, w: &mut Window, out: &mut Vec<Emission>| {
             w.dirty = false;
             if let Some(e) = report(rules, key, w) {
+                if sessions {
+                    if !w.written.contains(&w.start) {
+                        w.written.push(w.start);
+                        if w.written.len() > MAX_ALIASES {
+                            w.written.remove(0);
+                        }
+                    }
+                    for &start in w.written.iter().filter(|s| **s != w.start) {
+                        out.push(Emission { start, ..e.clone() });
+                    }
+                }
                 out.push(e);
             }
         };
@@ -358,13 +396,19 @@ impl KeyedWindows {
     }
 
     /// Windows as a checkpoint left them.
-    pub(crate) fn restore(state: WindowsState, rules: &WindowRules) -> Result<KeyedWindows, String> {
+    pub(crate) fn restore(
+        state: WindowsState,
+        rules: &WindowRules,
+    ) -> Result<KeyedWindows, String> {
         let mut windows = KeyedWindows {
             forced: state.forced,
             ..KeyedWindows::default()
         };
         for (key, list) in state.keys {
-            if list.iter().any(|w| w.aggs.len() != rules.aggregates.len() || w.end <= w.start) {
+            if list
+                .iter()
+                .any(|w| w.aggs.len() != rules.aggregates.len() || w.end <= w.start)
+            {
                 return Err(format!("it holds a malformed window for key {key:?}"));
             }
             for w in &list {
