@@ -147,8 +147,8 @@ impl Checkpoints {
         Ok(Some(checkpoint.state))
     }
 
-    /// Blocking: durably replaces the partition's checkpoint.
-    pub(crate) fn save(&self, partition: u32, state: TaskState) -> Result<(), AnalyzerError> {
+    /// Blocking: durably replaces the partition's checkpoint; answers its size.
+    pub(crate) fn save(&self, partition: u32, state: TaskState) -> Result<usize, AnalyzerError> {
         let io = |source: std::io::Error| AnalyzerError::Io {
             path: self.path(partition),
             source,
@@ -170,6 +170,7 @@ impl Checkpoints {
                 runnel_log::Error::Io(io) => io,
                 other => std::io::Error::other(other),
             })
-        })
+        })?;
+        Ok(json.len())
     }
 }

@@ -32,6 +32,7 @@ mod sketch;
 mod task;
 mod window;
 
+pub mod bench;
 pub use aggregate::{AggregateConfig, Function};
 pub use config::{AnalyzerConfig, QueryConfig, WindowConfig, default_queries};
 pub use error::AnalyzerError;
