@@ -199,7 +199,6 @@ impl KeyedWindows {
         };
         // Windows whose end is new or moved: they need a place in the schedules.
         let mut scheduled: Vec<i64> = Vec::new();
-        let mut touched: Vec<i64> = Vec::new();
         let windows = match self.keys.get_mut(key) {
             Some(windows) => windows,
             None => self.keys.entry(key.into()).or_default(),
@@ -223,7 +222,7 @@ impl KeyedWindows {
                         }
                     };
                     add(&mut windows[at], rules, event);
-                    touched.push(start);
+                    mark_dirty(&mut self.dirty, rules, key, &mut windows[at]);
                 }
             }
             WindowSpec::Session { gap } => {
@@ -257,24 +256,15 @@ impl KeyedWindows {
                 if overlapping != 1 || before != (session.start, session.end) {
                     scheduled.push(session.end);
                 }
-                // Re-marked below, under its (possibly new) start.
+                // Marked again under its (possibly new) start.
                 session.dirty = false;
-                touched.push(session.start);
+                mark_dirty(&mut self.dirty, rules, key, &mut session);
                 windows.insert(first, session);
                 self.open = self.open + 1 - overlapping;
             }
         }
         for end in scheduled {
             self.schedule(key, end, rules.lateness);
-        }
-        if let Some(windows) = self.keys.get_mut(key) {
-            for start in touched {
-                if let Ok(at) = windows.binary_search_by_key(&start, |w| w.start)
-                    && !std::mem::replace(&mut windows[at].dirty, true)
-                {
-                    self.dirty.push((key.into(), start));
-                }
-            }
         }
     }
 
@@ -421,6 +411,15 @@ impl KeyedWindows {
             windows.keys.insert(key.into(), list);
         }
         Ok(windows)
+    }
+}
+
+/// Notes that `w` changed, if that matters before it fires: with `on_update` always, with
+/// `on_close` once it has fired (a late update to emit again). Unfired `on_close` windows
+/// are emitted when they fire anyway, so the hot path keeps no list of them.
+fn mark_dirty(dirty: &mut Vec<(Box<str>, i64)>, rules: &WindowRules, key: &str, w: &mut Window) {
+    if (rules.emit == EmitMode::OnUpdate || w.fired) && !std::mem::replace(&mut w.dirty, true) {
+        dirty.push((key.into(), w.start));
     }
 }
 
