@@ -165,12 +165,14 @@ impl Checkpoints {
         let temporary = self
             .dir
             .join(format!("{partition}.checkpoint.{}.tmp", self.writer));
-        runnel_log::write_atomic_via(&self.path(partition), &temporary, MAGIC, &json).map_err(|e| {
-            io(match e {
-                runnel_log::Error::Io(io) => io,
-                other => std::io::Error::other(other),
-            })
-        })?;
+        runnel_log::write_atomic_via(&self.path(partition), &temporary, MAGIC, &json).map_err(
+            |e| {
+                io(match e {
+                    runnel_log::Error::Io(io) => io,
+                    other => std::io::Error::other(other),
+                })
+            },
+        )?;
         Ok(json.len())
     }
 }

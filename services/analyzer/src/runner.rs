@@ -380,10 +380,8 @@ impl StageRunner {
                 task.flush(&self.plan, fire, &mut out);
             }
         }
-        if !out.is_empty() || !marks.is_empty() {
-            if !self.write(state, out, marks).await? {
-                return Ok(Flow::Stop);
-            }
+        if (!out.is_empty() || !marks.is_empty()) && !self.write(state, out, marks).await? {
+            return Ok(Flow::Stop);
         }
         if state.last_checkpoint.elapsed() >= self.context.checkpoint_interval {
             self.checkpoint(state, checkpoints, member).await?;

@@ -702,29 +702,44 @@ mod tests {
     #[test]
     fn the_documented_examples_hold() {
         let docs = include_str!("../../../docs/queries.md");
-        let start = docs.find("aggregates = [\n  { fn = \"count\" },").expect("the example is in the docs");
+        let start = docs
+            .find("aggregates = [\n  { fn = \"count\" },")
+            .expect("the example is in the docs");
         let end = start + docs[start..].find("\n]").expect("its end") + 2;
-        let mut feed = Feed::new(&format!("name = \"q\"\nwindow = \"1m\"\nout_of_orderness = \"0s\"\n{}\n", &docs[start..end]));
+        let mut feed = Feed::new(&format!(
+            "name = \"q\"\nwindow = \"1m\"\nout_of_orderness = \"0s\"\n{}\n",
+            &docs[start..end]
+        ));
         for (v, user, page) in [(4, "ann", "/a"), (1, "bob", "/a"), (7, "ann", "/b")] {
             feed.send(Event {
                 key: "k".into(),
                 r#type: "cart".into(),
                 event_time: Some(Millis(S).into()),
-                payload: serde_json::to_vec(&serde_json::json!({ "v": v, "user": user, "page": page })).unwrap().into(),
+                payload: serde_json::to_vec(
+                    &serde_json::json!({ "v": v, "user": user, "page": page }),
+                )
+                .unwrap()
+                .into(),
                 ..Event::default()
             });
         }
         feed.send(reading("z", 120 * S, None));
         let r = &feed.results[0];
         let v = |name: &str| r.values[name];
-        assert_eq!((v("count"), v("sum"), v("avg"), v("min"), v("max")), (3.0, 12.0, 4.0, 1.0, 7.0));
+        assert_eq!(
+            (v("count"), v("sum"), v("avg"), v("min"), v("max")),
+            (3.0, 12.0, 4.0, 1.0, 7.0)
+        );
         assert!((v("stddev") - 6f64.sqrt()).abs() < 1e-12);
         assert!((v("zscore") - 3.0).abs() < 1e-12);
         assert_eq!((v("users"), v("new_pages")), (2.0, 2.0));
         assert!((v("p50") - 4.0).abs() <= 0.04);
         assert!((v("score") - (1.0 - (-1.5f64).exp())).abs() < 1e-12);
         let top = &r.items["top_k"].items;
-        assert_eq!((top.len(), top[0].item.as_str(), top[0].value), (1, "/a", 2.0));
+        assert_eq!(
+            (top.len(), top[0].item.as_str(), top[0].value),
+            (1, "/a", 2.0)
+        );
         assert_eq!(r.items["sample"].items.len(), 2);
     }
 

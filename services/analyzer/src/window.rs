@@ -329,10 +329,7 @@ impl KeyedWindows {
             }
         }
         let mut drop_until = own;
-        loop {
-            let Some(entry) = self.drop_at.first_entry() else {
-                break;
-            };
+        while let Some(entry) = self.drop_at.first_entry() {
             let due = drop_until.is_some_and(|w| *entry.key() <= w);
             let forced = !due && self.open > rules.max_open_windows;
             if !due && !forced {

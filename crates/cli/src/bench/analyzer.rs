@@ -52,10 +52,17 @@ pub(crate) struct AnalyzerArgs {
 }
 
 pub(crate) async fn run(args: AnalyzerArgs) -> Result<ExitCode> {
-    let dir = tempfile::Builder::new().prefix("runnel-bench-").tempdir_in(".")?;
-    eprintln!("bench: encoding {} events over {} keys", args.events, args.keys);
+    let dir = tempfile::Builder::new()
+        .prefix("runnel-bench-")
+        .tempdir_in(".")?;
+    eprintln!(
+        "bench: encoding {} events over {} keys",
+        args.events, args.keys
+    );
     let stream: Arc<Vec<Bytes>> = Arc::new(encode_stream(args.events, args.keys));
-    println!("| operator | events/s, no checkpoints | events/s, checkpoint every 1 s | overhead | checkpoint size |");
+    println!(
+        "| operator | events/s, no checkpoints | events/s, checkpoint every 1 s | overhead | checkpoint size |"
+    );
     println!("|---|---:|---:|---:|---:|");
     for operator in Operator::ALL {
         let (plain, checkpointed) = {
@@ -79,7 +86,10 @@ pub(crate) async fn run(args: AnalyzerArgs) -> Result<ExitCode> {
             checkpointed.checkpoint_bytes / 1024
         );
         if plain.results == 0 {
-            bail!("{} emitted no results: the benchmark is broken", operator.name());
+            bail!(
+                "{} emitted no results: the benchmark is broken",
+                operator.name()
+            );
         }
     }
     if args.e2e_events > 0 {
@@ -138,9 +148,19 @@ async fn end_to_end(args: &AnalyzerArgs, dir: &std::path::Path) -> Result<()> {
     analyzer.broker = broker_url.clone();
     analyzer.store = store_url.clone();
     let services = [
-        tokio::spawn(runnel_broker::run(broker, broker_listeners, shutdown.clone())).abort_handle(),
+        tokio::spawn(runnel_broker::run(
+            broker,
+            broker_listeners,
+            shutdown.clone(),
+        ))
+        .abort_handle(),
         tokio::spawn(runnel_store::run(store, store_listeners, shutdown.clone())).abort_handle(),
-        tokio::spawn(runnel_analyzer::run(analyzer, analyzer_listeners, shutdown.clone())).abort_handle(),
+        tokio::spawn(runnel_analyzer::run(
+            analyzer,
+            analyzer_listeners,
+            shutdown.clone(),
+        ))
+        .abort_handle(),
     ];
     let channel = tonic::transport::Endpoint::from_shared(broker_url)?.connect_lazy();
     let options = ProducerOptions {
@@ -184,7 +204,11 @@ async fn end_to_end(args: &AnalyzerArgs, dir: &std::path::Path) -> Result<()> {
             break;
         }
         if started.elapsed() > Duration::from_secs(600) {
-            bail!("the analyzer read {} of {} events in 10 minutes", described.events_processed, args.e2e_events);
+            bail!(
+                "the analyzer read {} of {} events in 10 minutes",
+                described.events_processed,
+                args.e2e_events
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -258,7 +282,9 @@ async fn connect_analyzer(url: &str) -> Result<AnalyzerClient<tonic::transport::
     loop {
         match AnalyzerClient::connect(url.to_owned()).await {
             Ok(client) => return Ok(client),
-            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
             Err(error) => return Err(error.into()),
         }
     }
