@@ -1,7 +1,7 @@
 //! The built-in demo workload for `runnel up --demo`: five sensors reporting a reading
 //! every 100 ms, and the results of a 10-second average printed as windows close.
 
-use runnel_analyzer::{AnalyzerConfig, QueryConfig};
+use runnel_analyzer::{AnalyzerConfig, QueryConfig, WindowConfig};
 use runnel_proto::json::result_json;
 use runnel_proto::v1::collector_client::CollectorClient;
 use runnel_proto::v1::gateway_client::GatewayClient;
@@ -19,7 +19,9 @@ pub(crate) fn add_query(analyzer: &mut AnalyzerConfig) {
     analyzer.queries.push(QueryConfig {
         name: DEMO_QUERY.into(),
         event_type: Some(DEMO_TYPE.into()),
-        window: Duration::from_secs(10),
+        window: WindowConfig::Tumbling {
+            size: Duration::from_secs(10),
+        },
         out_of_orderness: Duration::from_secs(1),
         // Five sensors may not cover every partition; the others must not hold results back.
         idle_timeout: Duration::from_secs(2),

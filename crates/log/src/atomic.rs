@@ -10,21 +10,32 @@ use std::path::{Path, PathBuf};
 /// Durably replaces `path` with `payload` framed under `magic`: writes `<path>.tmp`,
 /// fsyncs it, renames it over `path` and fsyncs the directory.
 pub fn write_atomic(path: &Path, magic: [u8; 8], payload: &[u8]) -> Result<()> {
+    write_atomic_via(path, &temporary_path(path), magic, payload)
+}
+
+/// [`write_atomic`] through the temporary file `temporary` (in the same directory), for
+/// writers that may race on one `path` — several processes replacing a shared checkpoint:
+/// each writes its own temporary, and the last rename wins whole.
+pub fn write_atomic_via(
+    path: &Path,
+    temporary: &Path,
+    magic: [u8; 8],
+    payload: &[u8],
+) -> Result<()> {
     if payload.is_empty() || payload.len() > MAX_FRAME_LEN {
         return Err(Error::PayloadSize(payload.len()));
     }
-    let temporary = temporary_path(path);
     let mut bytes =
         Vec::with_capacity(HEADER_LEN as usize + FRAME_HEADER_LEN as usize + payload.len());
     bytes.extend_from_slice(&header(magic));
     bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     bytes.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     bytes.extend_from_slice(payload);
-    let mut file = File::create(&temporary)?;
+    let mut file = File::create(temporary)?;
     file.write_all(&bytes)?;
     file.sync_all()?;
     drop(file);
-    fs::rename(&temporary, path)?;
+    fs::rename(temporary, path)?;
     sync_parent(path)
 }
 

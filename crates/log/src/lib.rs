@@ -24,7 +24,7 @@ mod atomic;
 mod file;
 mod policy;
 
-pub use atomic::{read_atomic, write_atomic};
+pub use atomic::{read_atomic, write_atomic, write_atomic_via};
 pub use file::{FRAME_HEADER_LEN, HEADER_LEN, LogFile, MAX_FRAME_LEN, Recovery, SyncHandle};
 pub use policy::FsyncPolicy;
 

@@ -11,6 +11,9 @@
 //!  "values": {"count": 3.0, "sum": 61.5, "avg": 20.5},
 //!  "emitted_at": "2024-05-01T12:01:05.120Z"}
 //! ```
+//!
+//! Results of list-valued aggregates (top-k, samples) also have
+//! `"items": {"<name>": [{"item": "/home", "value": 9.0}, …]}`.
 
 use crate::Millis;
 use crate::v1::QueryResult;
@@ -53,7 +56,7 @@ pub fn result_json(result: &QueryResult) -> serde_json::Value {
         .iter()
         .map(|(name, value)| (name.clone(), serde_json::json!(value)))
         .collect();
-    serde_json::json!({
+    let mut json = serde_json::json!({
         "query": result.query,
         "key": result.key,
         "window_start": rfc3339(start),
@@ -62,7 +65,24 @@ pub fn result_json(result: &QueryResult) -> serde_json::Value {
         "window_end_ms": end.0,
         "values": values,
         "emitted_at": rfc3339(ms(result.emitted_at)),
-    })
+    });
+    // Only results of list-valued aggregates (top-k, samples) carry items.
+    if !result.items.is_empty() {
+        let items: serde_json::Map<String, serde_json::Value> = result
+            .items
+            .iter()
+            .map(|(name, list)| {
+                let ranked: Vec<serde_json::Value> = list
+                    .items
+                    .iter()
+                    .map(|i| serde_json::json!({ "item": i.item, "value": i.value }))
+                    .collect();
+                (name.clone(), serde_json::Value::Array(ranked))
+            })
+            .collect();
+        json["items"] = serde_json::Value::Object(items);
+    }
+    json
 }
 
 #[cfg(test)]
@@ -83,6 +103,32 @@ mod tests {
         assert_eq!(json["window_start"], "2024-05-01T12:00:00.000Z");
         assert_eq!(json["window_end_ms"], 1_714_564_860_000i64);
         assert_eq!(json["values"]["count"], 3.0);
+        assert!(json.get("items").is_none(), "no lists, no items: {json}");
+    }
+
+    #[test]
+    fn list_valued_results_carry_their_items_in_rank_order() {
+        use crate::v1::{RankedItem, RankedItems};
+        let ranked = |pairs: &[(&str, f64)]| RankedItems {
+            items: pairs
+                .iter()
+                .map(|(item, value)| RankedItem {
+                    item: (*item).to_owned(),
+                    value: *value,
+                })
+                .collect(),
+        };
+        let result = QueryResult {
+            items: [(
+                "top_k".to_owned(),
+                ranked(&[("/home", 9.0), ("/cart", 4.0)]),
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let json = result_json(&result);
+        assert_eq!(json["items"]["top_k"][0]["item"], "/home");
+        assert_eq!(json["items"]["top_k"][1]["value"], 4.0);
     }
 
     #[test]

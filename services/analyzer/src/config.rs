@@ -1,10 +1,21 @@
 //! The analyzer's settings, under `[analyzer]` / `RUNNEL_ANALYZER__…`, and the continuous
-//! queries it runs (`[[analyzer.queries]]`).
+//! queries it runs (`[[analyzer.queries]]`): the query configuration language, documented
+//! with a worked example of every window and aggregate in `docs/queries.md`.
+//!
+//! A query is checked as a whole at start-up ([`QueryConfig::compile`]) into a
+//! [`Plan`]; a bad definition stops the analyzer before it binds a port, with the query's
+//! index and the field at fault (`analyzer.queries[2].aggregates[0].k: must be between 1
+//! and 1000`).
 
-use crate::extract::ValuePath;
+use crate::aggregate::{Aggregate, AggregateConfig, Function};
+use crate::filter::{EventFilter, Predicate, ResultFilter};
+use crate::path::FieldRef;
+use crate::window::{EmitMode, WindowRules, WindowSpec};
 use runnel_server::{ConfigError, ServerConfig, ServiceConfig};
-use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -14,23 +25,135 @@ use std::time::Duration;
 pub struct AnalyzerConfig {
     /// Listen addresses and call limits.
     pub server: ServerConfig,
-    /// The broker's gRPC URL (events are read from it).
+    /// The broker's gRPC URL (events are read from it; re-keyed queries also write to it).
     pub broker: String,
     /// The store's gRPC URL (results are written to it).
     pub store: String,
-    /// Where each query keeps its checkpoint (`<data_dir>/<query>.checkpoint`).
+    /// Where checkpoints live: `<data_dir>/<query>/<stage>/<partition>.checkpoint`. Every
+    /// instance of one consumer group must see the same directory (one machine, or a
+    /// shared volume), since a partition's state moves with the partition.
     pub data_dir: PathBuf,
-    /// How often a query checkpoints its progress when no window has closed (a closed
-    /// window is always checkpointed as soon as the store has its result). Bounds how much
-    /// is read again after a crash.
+    /// How often each partition's state is checkpointed. Bounds what is read again after
+    /// a crash.
     #[serde(with = "humantime_serde")]
     pub checkpoint_interval: Duration,
+    /// The consumer-group prefix: query `q` reads as group `<group>.q` (and, re-keyed,
+    /// `<group>.q.keyed`). Instances with the same prefix share the work.
+    pub group: String,
+    /// This instance's member id in the groups (default: random per start).
+    pub member_id: Option<String>,
+    /// How long the broker waits for a silent instance before giving its partitions to
+    /// the others. A killed instance's connection drops at once; this covers a hung one.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
     /// The continuous queries.
     pub queries: Vec<QueryConfig>,
 }
 
-/// One continuous query: per key, the count, sum, average, minimum and maximum of a
-/// numeric field in tumbling event-time windows.
+/// How a query groups events in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WindowConfig {
+    /// Fixed, non-overlapping windows of `size`, aligned to the Unix epoch.
+    Tumbling {
+        /// The window length.
+        #[serde(with = "humantime_serde")]
+        size: Duration,
+    },
+    /// Windows of `size` starting every `slide` (hopping windows).
+    Sliding {
+        /// The window length.
+        #[serde(with = "humantime_serde")]
+        size: Duration,
+        /// How far apart window starts are.
+        #[serde(with = "humantime_serde")]
+        slide: Duration,
+    },
+    /// Per key, events less than `gap` apart.
+    Session {
+        /// The inactivity that ends a session.
+        #[serde(with = "humantime_serde")]
+        gap: Duration,
+    },
+}
+
+/// The table form of a window, as written in TOML.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WindowTable {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default, with = "humantime_serde")]
+    size: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    slide: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    gap: Option<Duration>,
+}
+
+impl<'de> Deserialize<'de> for WindowConfig {
+    /// `"1m"` (tumbling) or `{ type = "tumbling" | "sliding" | "session", size, slide, gap }`.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Form;
+        impl<'de> Visitor<'de> for Form {
+            type Value = WindowConfig;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as \"1m\" (tumbling) or a table with type = \"tumbling\", \"sliding\" or \"session\"")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<WindowConfig, E> {
+                let size = humantime::parse_duration(text).map_err(E::custom)?;
+                Ok(WindowConfig::Tumbling { size })
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<WindowConfig, A::Error> {
+                use serde::de::Error;
+                let t =
+                    WindowTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                let need = |d: Option<Duration>, name: &str| {
+                    d.ok_or_else(|| A::Error::custom(format!("a {} window needs {name}", t.kind)))
+                };
+                let unused = |d: Option<Duration>, name: &str| match d {
+                    Some(_) => Err(A::Error::custom(format!(
+                        "a {} window has no {name}",
+                        t.kind
+                    ))),
+                    None => Ok(()),
+                };
+                match t.kind.as_str() {
+                    "tumbling" => {
+                        unused(t.slide, "slide")?;
+                        unused(t.gap, "gap")?;
+                        Ok(WindowConfig::Tumbling {
+                            size: need(t.size, "size")?,
+                        })
+                    }
+                    "sliding" | "hopping" => {
+                        unused(t.gap, "gap")?;
+                        Ok(WindowConfig::Sliding {
+                            size: need(t.size, "size")?,
+                            slide: need(t.slide, "slide")?,
+                        })
+                    }
+                    "session" => {
+                        unused(t.size, "size")?;
+                        unused(t.slide, "slide")?;
+                        Ok(WindowConfig::Session {
+                            gap: need(t.gap, "gap")?,
+                        })
+                    }
+                    other => Err(A::Error::custom(format!(
+                        "unknown window type {other:?}: use tumbling, sliding or session"
+                    ))),
+                }
+            }
+        }
+        deserializer.deserialize_any(Form)
+    }
+}
+
+/// One continuous query.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueryConfig {
@@ -38,22 +161,74 @@ pub struct QueryConfig {
     pub name: String,
     /// The topic the query reads.
     pub topic: String,
-    /// Only events of this type, when set.
+    /// What results are grouped by: `key` (the event key, the default) or any field —
+    /// with `[]`, one event counts for every value (one-to-many).
+    pub key: String,
+    /// The event time: `event_time` (the default; the broker's append time if an event
+    /// has none), or a field holding Unix milliseconds or RFC 3339 text.
+    pub time: String,
+    /// Shorthand for a filter on the event type.
     pub event_type: Option<String>,
-    /// The number to aggregate: `payload.<json path>` (dot-separated) or
-    /// `attributes.<name>`. Events without it are skipped (and counted).
-    pub value: String,
-    /// The window length; windows are aligned to the Unix epoch.
-    #[serde(with = "humantime_serde")]
-    pub window: Duration,
-    /// How far behind the newest event time seen an event may be and still count: the
-    /// watermark trails the event time by this much.
+    /// Conditions every event must meet (see `docs/queries.md`).
+    pub filter: Vec<Predicate>,
+    /// The number that numeric aggregates without `of` read.
+    pub value: Option<String>,
+    /// How events are grouped in time.
+    pub window: WindowConfig,
+    /// How far behind the newest event time of its partition an event may be and still
+    /// be on time: the watermark trails the partition's event time by this much.
     #[serde(with = "humantime_serde")]
     pub out_of_orderness: Duration,
-    /// A partition with no new event for this long (processing time) stops holding the
-    /// watermark back.
+    /// How long after the watermark passed a window's end it still takes late events
+    /// (and is emitted again for each); later events are counted and sent to `late_topic`.
+    #[serde(with = "humantime_serde")]
+    pub allowed_lateness: Duration,
+    /// A partition with no new event for this long (processing time) no longer holds
+    /// windows back from firing.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// What is computed per key and window (none given: count, sum, avg, min and max of
+    /// `value`).
+    pub aggregates: Vec<AggregateConfig>,
+    /// When results are emitted.
+    pub emit: EmitMode,
+    /// Conditions over a result's values; results that do not meet them are not emitted
+    /// (alerts: `having = [{ field = "max", gt = 120 }]`).
+    pub having: Vec<Predicate>,
+    /// Also publish every result to this topic (JSON, keyed by the result's key).
+    pub output_topic: Option<String>,
+    /// Publish events that came too late to this topic (as they were).
+    pub late_topic: Option<String>,
+    /// Open windows one partition may hold; beyond it the oldest are emitted and dropped
+    /// early (counted). Bounds memory when keys or disorder explode.
+    pub max_open_windows: usize,
+}
+
+/// `count`, `sum`, `avg`, `min` and `max` of `of`.
+fn count_sum_avg_min_max(of: Option<&str>) -> Vec<AggregateConfig> {
+    [
+        Function::Count,
+        Function::Sum,
+        Function::Avg,
+        Function::Min,
+        Function::Max,
+    ]
+    .into_iter()
+    .map(|function| AggregateConfig {
+        function,
+        of: of.map(str::to_owned),
+        name: None,
+        k: None,
+        counters: None,
+        precision: None,
+        quantiles: None,
+        relative_accuracy: None,
+        size: None,
+        capacity: None,
+        false_positive_rate: None,
+        weights: None,
+    })
+    .collect()
 }
 
 impl Default for QueryConfig {
@@ -61,13 +236,442 @@ impl Default for QueryConfig {
         QueryConfig {
             name: "avg_value_per_key".into(),
             topic: "events".into(),
+            key: "key".into(),
+            time: "event_time".into(),
             event_type: None,
-            value: "payload.value".into(),
-            window: Duration::from_secs(60),
+            filter: Vec::new(),
+            value: Some("payload.value".into()),
+            window: WindowConfig::Tumbling {
+                size: Duration::from_secs(60),
+            },
             out_of_orderness: Duration::from_secs(5),
+            allowed_lateness: Duration::ZERO,
             idle_timeout: Duration::from_secs(10),
+            aggregates: Vec::new(),
+            emit: EmitMode::OnClose,
+            having: Vec::new(),
+            output_topic: None,
+            late_topic: None,
+            max_open_windows: 1_000_000,
         }
     }
+}
+
+/// A checked query, ready to run.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub(crate) name: String,
+    pub(crate) topic: String,
+    /// `None`: the event key, so that a key's windows live with its partition.
+    /// Otherwise results are re-keyed through an internal topic (see [`crate::rekey`]).
+    pub(crate) key: Option<FieldRef>,
+    pub(crate) time: Option<FieldRef>,
+    pub(crate) filter: EventFilter,
+    /// Whether an aggregate counts events themselves; if none does, an event with none of
+    /// the aggregates' inputs contributes nothing and opens no window.
+    pub(crate) counts_events: bool,
+    pub(crate) out_of_orderness: i64,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) rules: WindowRules,
+    pub(crate) output_topic: Option<String>,
+    pub(crate) late_topic: Option<String>,
+    /// What a checkpoint must have been taken with to be usable.
+    pub(crate) fingerprint: String,
+    pub(crate) definition: String,
+}
+
+impl Plan {
+    /// The internal topic a re-keyed query's events go through.
+    pub(crate) fn keyed_topic(&self) -> String {
+        format!("{}.{}.keyed", crate::rekey::TOPIC_PREFIX, self.name)
+    }
+}
+
+/// Whole milliseconds of `duration`, saturating.
+pub(crate) fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The longest window, lateness or disorder: a week, so that window arithmetic stays far
+/// from overflow and a typo (`"1y"`) does not hold results back for a year.
+const MAX_SPAN: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn topic_ok(topic: &str) -> bool {
+    !topic.is_empty()
+        && topic.len() <= 200
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+impl QueryConfig {
+    /// Checks the query — `i` is its index in `queries`, for the error's key — and turns
+    /// it into a plan.
+    pub(crate) fn compile(&self, i: usize) -> Result<Plan, ConfigError> {
+        let section = AnalyzerConfig::SECTION;
+        let key = |field: &str| format!("queries[{i}].{field}");
+        let fail =
+            |field: &str, message: String| ConfigError::invalid(section, &key(field), message);
+        let fail_at = |(at, message): (String, String)| {
+            ConfigError::invalid(section, &format!("queries[{i}].{at}"), message)
+        };
+        let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_.-".contains(&b);
+        if self.name.is_empty()
+            || self.name.len() > 128
+            || !self.name.bytes().all(allowed)
+            || self.name.starts_with('.')
+        {
+            return Err(fail(
+                "name",
+                format!(
+                    "{:?}: use 1-128 characters from [a-zA-Z0-9_.-], not starting with '.'",
+                    self.name
+                ),
+            ));
+        }
+        if !topic_ok(&self.topic) {
+            return Err(fail(
+                "topic",
+                format!("{:?}: use 1-200 characters from [a-zA-Z0-9._-]", self.topic),
+            ));
+        }
+        for (field, topic) in [
+            ("output_topic", &self.output_topic),
+            ("late_topic", &self.late_topic),
+        ] {
+            if let Some(topic) = topic {
+                if !topic_ok(topic) {
+                    return Err(fail(
+                        field,
+                        format!("{topic:?}: use 1-200 characters from [a-zA-Z0-9._-]"),
+                    ));
+                }
+                if *topic == self.topic {
+                    return Err(fail(field, "must not be the topic the query reads".into()));
+                }
+            }
+        }
+        let key_field = FieldRef::parse(&self.key).map_err(|why| fail("key", why))?;
+        let time = match self.time.as_str() {
+            "event_time" => None,
+            other => Some(FieldRef::parse(other).map_err(|why| fail("time", why))?),
+        };
+        let field = |name: &str| FieldRef::parse(name);
+        let mut filter: EventFilter = Vec::new();
+        if let Some(kind) = &self.event_type {
+            filter.push(
+                Predicate {
+                    field: Some("type".into()),
+                    eq: Some(crate::filter::Literal::Text(kind.clone())),
+                    ..Predicate::default()
+                }
+                .compile("event_type", &field)
+                .map_err(fail_at)?,
+            );
+        }
+        for (j, p) in self.filter.iter().enumerate() {
+            filter.push(
+                p.compile(&format!("filter[{j}]"), &field)
+                    .map_err(fail_at)?,
+            );
+        }
+        if let Some(value) = &self.value {
+            FieldRef::parse(value).map_err(|why| fail("value", why))?;
+        }
+        let ms = |d: Duration, name: &str, min: Duration| -> Result<i64, ConfigError> {
+            if d < min || d > MAX_SPAN {
+                return Err(fail(
+                    name,
+                    format!(
+                        "must be between {} and 7days",
+                        humantime::format_duration(min)
+                    ),
+                ));
+            }
+            if !d.subsec_nanos().is_multiple_of(1_000_000) {
+                return Err(fail(name, "must be a whole number of milliseconds".into()));
+            }
+            Ok(millis(d))
+        };
+        let one_ms = Duration::from_millis(1);
+        let spec = match self.window {
+            WindowConfig::Tumbling { size } => WindowSpec::Tumbling {
+                size: ms(size, "window.size", one_ms)?,
+            },
+            WindowConfig::Sliding { size, slide } => {
+                let (size, slide) = (
+                    ms(size, "window.size", one_ms)?,
+                    ms(slide, "window.slide", one_ms)?,
+                );
+                if slide > size || size / slide > 100 {
+                    return Err(fail(
+                        "window.slide",
+                        "must be at most the size, and at least a hundredth of it".into(),
+                    ));
+                }
+                WindowSpec::Sliding { size, slide }
+            }
+            WindowConfig::Session { gap } => WindowSpec::Session {
+                gap: ms(gap, "window.gap", one_ms)?,
+            },
+        };
+        let out_of_orderness = ms(self.out_of_orderness, "out_of_orderness", Duration::ZERO)?;
+        let lateness = ms(self.allowed_lateness, "allowed_lateness", Duration::ZERO)?;
+        if self.idle_timeout < Duration::from_millis(100) {
+            return Err(fail("idle_timeout", "must be at least 100ms".into()));
+        }
+        let configured = match (&self.aggregates[..], &self.value) {
+            ([], Some(value)) => count_sum_avg_min_max(Some(value)),
+            ([], None) => {
+                return Err(fail(
+                    "aggregates",
+                    "give at least one (or a value, for its count, sum, avg, min and max)".into(),
+                ));
+            }
+            (list, _) => list.to_vec(),
+        };
+        if configured.len() > 32 {
+            return Err(fail("aggregates", "give at most 32 aggregates".into()));
+        }
+        let mut aggregates: Vec<Aggregate> = Vec::new();
+        let mut names = HashSet::new();
+        for (j, a) in configured.iter().enumerate() {
+            let at = format!("aggregates[{j}]");
+            let compiled = a.compile(&at, self.value.as_deref()).map_err(fail_at)?;
+            for name in compiled.output_names() {
+                if name.is_empty() || name.len() > 128 || !names.insert(name.clone()) {
+                    return Err(fail(
+                        &format!("{at}.name"),
+                        format!(
+                            "{name:?} is empty, too long or used by an earlier aggregate: give each a distinct name"
+                        ),
+                    ));
+                }
+            }
+            aggregates.push(compiled);
+        }
+        let mut having: ResultFilter = Vec::new();
+        for (j, p) in self.having.iter().enumerate() {
+            let known = |name: &str| {
+                if names.contains(name) {
+                    Ok(name.to_owned())
+                } else {
+                    Err(format!(
+                        "{name:?} is not a value of this query (it has {:?})",
+                        {
+                            let mut n: Vec<_> = names.iter().cloned().collect();
+                            n.sort();
+                            n
+                        }
+                    ))
+                }
+            };
+            having.push(
+                p.compile(&format!("having[{j}]"), &known)
+                    .map_err(fail_at)?,
+            );
+        }
+        if !(1..=100_000_000).contains(&self.max_open_windows) {
+            return Err(fail(
+                "max_open_windows",
+                "must be between 1 and 100000000".into(),
+            ));
+        }
+        let fingerprint = serde_json::to_string(&(
+            &self.topic,
+            &self.key,
+            &self.time,
+            &self.event_type,
+            &self.filter,
+            &self.value,
+            &self.window,
+            &self.aggregates,
+        ))
+        .unwrap_or_default();
+        let counts_events = aggregates.iter().any(|a| a.input.is_none());
+        Ok(Plan {
+            counts_events,
+            name: self.name.clone(),
+            topic: self.topic.clone(),
+            key: (key_field != FieldRef::Key).then_some(key_field),
+            time,
+            filter,
+            out_of_orderness,
+            idle_timeout: self.idle_timeout,
+            rules: WindowRules {
+                spec,
+                lateness,
+                emit: self.emit,
+                aggregates,
+                having,
+                max_open_windows: self.max_open_windows,
+            },
+            output_topic: self.output_topic.clone(),
+            late_topic: self.late_topic.clone(),
+            fingerprint,
+            definition: self.definition(&configured),
+        })
+    }
+
+    /// The query in words, for `DescribeQuery`.
+    fn definition(&self, configured: &[AggregateConfig]) -> String {
+        let aggregates: Vec<String> = configured
+            .iter()
+            .map(|a| {
+                let f = serde_json::to_value(a.function)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                match &a.of {
+                    Some(of) => format!("{f}({of})"),
+                    None if matches!(a.function, Function::Count) => f,
+                    None => format!("{f}({})", self.value.as_deref().unwrap_or("?")),
+                }
+            })
+            .collect();
+        let window = match self.window {
+            WindowConfig::Tumbling { size } => {
+                format!("tumbling {}", humantime::format_duration(size))
+            }
+            WindowConfig::Sliding { size, slide } => format!(
+                "sliding {} every {}",
+                humantime::format_duration(size),
+                humantime::format_duration(slide)
+            ),
+            WindowConfig::Session { gap } => {
+                format!("session gap {}", humantime::format_duration(gap))
+            }
+        };
+        let filter = if self.filter.is_empty() && self.event_type.is_none() {
+            String::new()
+        } else {
+            " of filtered events".into()
+        };
+        format!(
+            "{} per {}{filter} in {window} event-time windows, {} out-of-orderness, {} allowed lateness, emitted {}",
+            aggregates.join(", "),
+            self.key,
+            humantime::format_duration(self.out_of_orderness),
+            humantime::format_duration(self.allowed_lateness),
+            match self.emit {
+                EmitMode::OnClose => "on close",
+                EmitMode::OnUpdate => "on every update",
+            }
+        )
+    }
+}
+
+/// A query's aggregates from a compact table, for the default queries below.
+fn aggregates(list: &[(Function, Option<&str>, Option<&str>)]) -> Vec<AggregateConfig> {
+    list.iter()
+        .map(|(function, of, name)| AggregateConfig {
+            function: *function,
+            of: of.map(str::to_owned),
+            name: name.map(str::to_owned),
+            ..count_sum_avg_min_max(None)[0].clone()
+        })
+        .collect()
+}
+
+/// The queries the rest of the pipeline relies on (see `docs/queries.md`).
+pub fn default_queries() -> Vec<QueryConfig> {
+    let minutes = |m: u64| Duration::from_secs(60 * m);
+    let weights = BTreeMap::from([
+        ("click".to_owned(), 0.05),
+        ("cart".to_owned(), 0.5),
+        ("purchase".to_owned(), 2.0),
+    ]);
+    let mut propensity_aggregates = aggregates(&[
+        (Function::Score, Some("type"), Some("score")),
+        (Function::Count, None, Some("events")),
+    ]);
+    propensity_aggregates[0].weights = Some(weights);
+    vec![
+        QueryConfig::default(),
+        QueryConfig {
+            name: "meetup_topics".into(),
+            topic: "meetup".into(),
+            key: "payload.group.group_topics[].topic_name".into(),
+            value: None,
+            window: WindowConfig::Tumbling { size: minutes(1) },
+            aggregates: aggregates(&[
+                (Function::Count, None, None),
+                (
+                    Function::Distinct,
+                    Some("payload.group.group_id"),
+                    Some("groups"),
+                ),
+            ]),
+            ..QueryConfig::default()
+        },
+        QueryConfig {
+            name: "purchase_propensity".into(),
+            topic: "events".into(),
+            filter: vec![Predicate {
+                field: Some("type".into()),
+                one_of: Some(
+                    ["click", "cart", "purchase"]
+                        .map(|t| crate::filter::Literal::Text(t.into()))
+                        .to_vec(),
+                ),
+                ..Predicate::default()
+            }],
+            value: None,
+            window: WindowConfig::Session { gap: minutes(30) },
+            aggregates: propensity_aggregates,
+            emit: EmitMode::OnUpdate,
+            ..QueryConfig::default()
+        },
+        QueryConfig {
+            name: "heart_rate_alert".into(),
+            topic: "vitals".into(),
+            value: Some("payload.bpm".into()),
+            window: WindowConfig::Sliding {
+                size: minutes(5),
+                slide: minutes(1),
+            },
+            aggregates: aggregates(&[(Function::Max, None, None), (Function::Count, None, None)]),
+            having: vec![Predicate {
+                field: Some("max".into()),
+                gt: Some(120.0),
+                ..Predicate::default()
+            }],
+            emit: EmitMode::OnUpdate,
+            ..QueryConfig::default()
+        },
+        QueryConfig {
+            name: "heart_rate_anomaly".into(),
+            topic: "vitals".into(),
+            value: Some("payload.bpm".into()),
+            window: WindowConfig::Sliding {
+                size: minutes(10),
+                slide: minutes(1),
+            },
+            aggregates: aggregates(&[
+                (Function::Zscore, None, None),
+                (Function::Avg, None, None),
+                (Function::Stddev, None, None),
+                (Function::Count, None, None),
+            ]),
+            having: vec![Predicate {
+                any: Some(vec![
+                    Predicate {
+                        field: Some("zscore".into()),
+                        gt: Some(3.0),
+                        ..Predicate::default()
+                    },
+                    Predicate {
+                        field: Some("zscore".into()),
+                        lt: Some(-3.0),
+                        ..Predicate::default()
+                    },
+                ]),
+                ..Predicate::default()
+            }],
+            emit: EmitMode::OnUpdate,
+            ..QueryConfig::default()
+        },
+    ]
 }
 
 impl Default for AnalyzerConfig {
@@ -78,79 +682,22 @@ impl Default for AnalyzerConfig {
             store: "http://127.0.0.1:7104".into(),
             data_dir: PathBuf::from("runnel-data/analyzer"),
             checkpoint_interval: Duration::from_secs(1),
-            queries: vec![QueryConfig::default()],
+            group: "runnel-analyzer".into(),
+            member_id: None,
+            session_timeout: Duration::from_secs(10),
+            queries: default_queries(),
         }
     }
 }
 
-/// The longest window: a week, so that window arithmetic stays far from overflow and a
-/// typo (`"1y"`) does not hold results back for a year.
-const MAX_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
-
-impl QueryConfig {
-    /// Checks the query; `i` is its index in `queries`, for the error's key.
-    fn validate(&self, i: usize) -> Result<(), ConfigError> {
-        let section = AnalyzerConfig::SECTION;
-        let key = |field: &str| format!("queries[{i}].{field}");
-        let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_.-".contains(&b);
-        if self.name.is_empty()
-            || self.name.len() > 128
-            || !self.name.bytes().all(allowed)
-            || self.name.starts_with('.')
-        {
-            return Err(ConfigError::invalid(
-                section,
-                &key("name"),
-                format!(
-                    "{:?}: use 1-128 characters from [a-zA-Z0-9_.-], not starting with '.'",
-                    self.name
-                ),
-            ));
-        }
-        let topic_ok = !self.topic.is_empty()
-            && self.topic.len() <= 249
-            && self
-                .topic
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-        if !topic_ok {
-            return Err(ConfigError::invalid(
-                section,
-                &key("topic"),
-                format!("{:?}: use 1-249 characters from [a-zA-Z0-9._-]", self.topic),
-            ));
-        }
-        ValuePath::parse(&self.value)
-            .map_err(|message| ConfigError::invalid(section, &key("value"), message))?;
-        if self.window < Duration::from_millis(1) || self.window > MAX_WINDOW {
-            return Err(ConfigError::invalid(
-                section,
-                &key("window"),
-                "must be between 1ms and 7days",
-            ));
-        }
-        if !self.window.subsec_nanos().is_multiple_of(1_000_000) {
-            return Err(ConfigError::invalid(
-                section,
-                &key("window"),
-                "must be a whole number of milliseconds",
-            ));
-        }
-        if self.out_of_orderness > MAX_WINDOW {
-            return Err(ConfigError::invalid(
-                section,
-                &key("out_of_orderness"),
-                "must be at most 7days",
-            ));
-        }
-        if self.idle_timeout < Duration::from_millis(100) {
-            return Err(ConfigError::invalid(
-                section,
-                &key("idle_timeout"),
-                "must be at least 100ms",
-            ));
-        }
-        Ok(())
+impl AnalyzerConfig {
+    /// Every query, checked.
+    pub(crate) fn plans(&self) -> Result<Vec<Plan>, ConfigError> {
+        self.queries
+            .iter()
+            .enumerate()
+            .map(|(i, q)| q.compile(i))
+            .collect()
     }
 }
 
@@ -187,6 +734,31 @@ impl ServiceConfig for AnalyzerConfig {
                 "must be at least 10ms",
             ));
         }
+        if self.session_timeout < Duration::from_millis(300)
+            || self.session_timeout > Duration::from_secs(3600)
+        {
+            return Err(ConfigError::invalid(
+                section,
+                "session_timeout",
+                "must be between 300ms and 1h",
+            ));
+        }
+        if !topic_ok(&self.group) {
+            return Err(ConfigError::invalid(
+                section,
+                "group",
+                "use 1-200 characters from [a-zA-Z0-9._-]",
+            ));
+        }
+        if let Some(id) = &self.member_id
+            && (id.is_empty() || id.len() > 200)
+        {
+            return Err(ConfigError::invalid(
+                section,
+                "member_id",
+                "use 1-200 characters",
+            ));
+        }
         if self.queries.len() > 256 {
             return Err(ConfigError::invalid(
                 section,
@@ -196,7 +768,7 @@ impl ServiceConfig for AnalyzerConfig {
         }
         let mut names = HashSet::new();
         for (i, query) in self.queries.iter().enumerate() {
-            query.validate(i)?;
+            query.compile(i)?;
             if !names.insert(query.name.as_str()) {
                 return Err(ConfigError::invalid(
                     section,
@@ -214,18 +786,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_valid_and_run_the_average_query() {
+    fn defaults_are_valid_and_ship_the_pipeline_s_queries() {
         let config = AnalyzerConfig::default();
         config.validate().unwrap();
-        assert_eq!(config.queries.len(), 1);
-        assert_eq!(config.queries[0].name, "avg_value_per_key");
+        let names: Vec<&str> = config.queries.iter().map(|q| q.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "avg_value_per_key",
+                "meetup_topics",
+                "purchase_propensity",
+                "heart_rate_alert",
+                "heart_rate_anomaly"
+            ]
+        );
         assert!(config.server.grpc.ip().is_loopback());
+        let plans = config.plans().unwrap();
+        assert!(plans[0].key.is_none(), "keyed by the event key");
+        assert!(
+            plans[1].key.as_ref().is_some_and(FieldRef::is_multi),
+            "one-to-many"
+        );
+        assert_eq!(plans[2].rules.emit, EmitMode::OnUpdate);
     }
 
     #[test]
     fn bad_values_name_their_key() {
         type Case = (fn(&mut AnalyzerConfig), &'static str);
-        let cases: [Case; 9] = [
+        let cases: [Case; 15] = [
             (|c| c.broker = "localhost:7102".into(), "analyzer.broker"),
             (|c| c.store = String::new(), "analyzer.store"),
             (
@@ -241,20 +829,57 @@ mod tests {
                 "analyzer.queries[0].topic",
             ),
             (
-                |c| c.queries[0].value = "body.value".into(),
+                |c| c.queries[0].value = Some("body.value".into()),
                 "analyzer.queries[0].value",
             ),
             (
-                |c| c.queries[0].window = Duration::ZERO,
-                "analyzer.queries[0].window",
+                |c| {
+                    c.queries[0].window = WindowConfig::Tumbling {
+                        size: Duration::ZERO,
+                    }
+                },
+                "analyzer.queries[0].window.size",
             ),
             (
-                |c| c.queries[0].window = Duration::from_micros(1500),
-                "analyzer.queries[0].window",
+                |c| {
+                    c.queries[0].window = WindowConfig::Tumbling {
+                        size: Duration::from_micros(1500),
+                    }
+                },
+                "analyzer.queries[0].window.size",
+            ),
+            (
+                |c| {
+                    c.queries[0].window = WindowConfig::Sliding {
+                        size: Duration::from_secs(10),
+                        slide: Duration::from_secs(20),
+                    }
+                },
+                "analyzer.queries[0].window.slide",
             ),
             (
                 |c| c.queries.push(QueryConfig::default()),
-                "analyzer.queries[1].name",
+                "analyzer.queries[5].name",
+            ),
+            (
+                |c| c.queries[1].key = "payload.a[0]".into(),
+                "analyzer.queries[1].key",
+            ),
+            (
+                |c| c.queries[1].aggregates.clear(),
+                "analyzer.queries[1].aggregates",
+            ),
+            (
+                |c| c.queries[0].aggregates = vec![count_sum_avg_min_max(None)[0].clone(); 33],
+                "analyzer.queries[0].aggregates",
+            ),
+            (
+                |c| c.queries[3].having[0].field = Some("min".into()),
+                "analyzer.queries[3].having[0].field",
+            ),
+            (
+                |c| c.queries[0].output_topic = Some("events".into()),
+                "analyzer.queries[0].output_topic",
             ),
         ];
         for (mutate, key) in cases {
@@ -265,21 +890,88 @@ mod tests {
         }
     }
 
+    fn load(toml_text: &str) -> Result<AnalyzerConfig, ConfigError> {
+        let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        std::fs::write(file.path(), toml_text).unwrap();
+        runnel_server::config::load_from(Some(file.path()), Vec::new())
+    }
+
     #[test]
     fn queries_in_a_file_replace_the_default_ones() {
-        let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-        std::fs::write(
-            file.path(),
+        let config = load(
             "[[analyzer.queries]]\nname = \"hr\"\ntopic = \"vitals\"\nvalue = \"attributes.bpm\"\nwindow = \"10s\"\n",
         )
         .unwrap();
-        let config: AnalyzerConfig =
-            runnel_server::config::load_from(Some(file.path()), Vec::new()).unwrap();
         assert_eq!(config.queries.len(), 1, "{:?}", config.queries);
         let query = &config.queries[0];
         assert_eq!(query.name, "hr");
-        assert_eq!(query.window, Duration::from_secs(10));
+        assert_eq!(
+            query.window,
+            WindowConfig::Tumbling {
+                size: Duration::from_secs(10)
+            }
+        );
         // Unset fields take the query defaults.
         assert_eq!(query.out_of_orderness, Duration::from_secs(5));
+        assert!(query.aggregates.is_empty());
+        let plan = query.compile(0).unwrap();
+        assert_eq!(
+            plan.rules.aggregates.len(),
+            5,
+            "count, sum, avg, min, max of the value"
+        );
+        assert!(!plan.counts_events, "the count is of values");
+    }
+
+    #[test]
+    fn every_window_form_parses_and_wrong_ones_say_why() {
+        let config = load(
+            r#"
+[[analyzer.queries]]
+name = "a"
+window = { type = "sliding", size = "5m", slide = "1m" }
+aggregates = [{ fn = "max" }]
+[[analyzer.queries]]
+name = "b"
+window = { type = "session", gap = "30m" }
+aggregates = [{ fn = "count" }, { fn = "top_k", of = "payload.url", k = 3 }]
+emit = "on_update"
+filter = [{ field = "type", in = ["click", "cart"] }]
+"#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.queries[1].window,
+            WindowConfig::Session {
+                gap: Duration::from_secs(1800)
+            }
+        );
+        for (text, needle) in [
+            (
+                "window = { type = \"session\", size = \"1m\" }",
+                "has no size",
+            ),
+            (
+                "window = { type = \"sliding\", size = \"1m\" }",
+                "needs slide",
+            ),
+            (
+                "window = { type = \"weekly\", size = \"1m\" }",
+                "unknown window type",
+            ),
+            (
+                "window = { type = \"tumbling\", size = \"1m\", every = \"1m\" }",
+                "every",
+            ),
+            ("aggregates = [{ fn = \"count\", bogus = 1 }]", "bogus"),
+            ("emit = \"sometimes\"", "sometimes"),
+            ("frobnicate = true", "frobnicate"),
+        ] {
+            let error = load(&format!("[[analyzer.queries]]\nname = \"q\"\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(needle), "{text}: {error}");
+        }
     }
 }

@@ -1,35 +1,52 @@
-//! The analysis tier: continuous queries over event-time windows, with checkpointed state
-//! that makes their results exactly-once across crashes.
+//! The analysis tier: continuous queries defined in configuration — filters, one-to-many
+//! keys, tumbling, sliding and session windows on event time with watermarks and allowed
+//! lateness, exact aggregates and stream summaries (HyperLogLog, Space-Saving, DDSketch,
+//! bottom-k samples, Bloom filters) — with per-partition state checkpointed so that
+//! results are exactly-once across crashes, and shared out over instances as a consumer
+//! group.
 //!
-//! Each query in the configuration reads every partition of its topic from the broker,
-//! groups events by key into tumbling event-time windows, and — once the watermark passes
-//! a window's end — writes the window's count, sum, average, minimum and maximum to the
-//! store. Its input offsets are checkpointed together with its open windows, and only after
-//! the store has acknowledged the results the checkpoint no longer holds, so a restart
-//! re-emits at most the same results, which the store writes over.
+//! ```text
+//!             ┌────────────── one query ────────────────┐
+//! topic ──► source stage ─(re-keyed queries only)─► _analyzer.<query>.keyed ──► keyed stage
+//!             │ filter, keys, time, lateness                                     │ windows
+//!             └ windows (keyed by the event key) ──────────────────────────────► store / topic
+//! ```
 //!
-//! [`run`] is the whole service, runnable in-process (tests, the all-in-one CLI) as well as
-//! from the `runnel-analyzer` binary.
+//! Each stage is a member of a consumer group and runs one [`task`] per partition it owns;
+//! see [`runner`] for the loop and [`checkpoint`] for where state lives. [`run`] is the
+//! whole service, runnable in-process (tests, the all-in-one CLI, the benchmarks) as well
+//! as from the `runnel-analyzer` binary.
 
+mod aggregate;
 mod checkpoint;
 pub mod config;
 mod error;
-mod extract;
+mod event;
+mod filter;
+mod member;
+mod path;
+mod rekey;
 mod runner;
 mod service;
+mod sketch;
+mod task;
 mod window;
 
-pub use config::{AnalyzerConfig, QueryConfig};
+pub mod bench;
+pub use aggregate::{AggregateConfig, Function};
+pub use config::{AnalyzerConfig, QueryConfig, WindowConfig, default_queries};
 pub use error::AnalyzerError;
+pub use filter::{Literal, Predicate};
+pub use window::EmitMode;
 
-use extract::ValuePath;
+use checkpoint::Stage;
 use runnel_proto::v1::analyzer_server::AnalyzerServer;
-use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_server::{Listeners, ServiceConfig, Shutdown};
 use runnel_telemetry::propagation::TraceContextInterceptor;
-use runner::{QueryRunner, QueryStatus};
+use runner::{Context, StageRunner, StageStatus};
 use service::{AnalyzerService, QueryView};
+use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
@@ -48,21 +65,20 @@ fn channel(key: &'static str, url: &str) -> Result<Channel, AnalyzerError> {
 /// Runs every configured query and serves `ListQueries`/`DescribeQuery` on `listeners`
 /// until `shutdown` fires, or until a query fails in a way retrying cannot fix (a
 /// checkpoint that does not fit, results the store rejects), which stops the analyzer with
-/// that error. On shutdown each query checkpoints what the store has acknowledged.
+/// that error. On shutdown each stage checkpoints what has been written downstream.
 pub async fn run(
     config: AnalyzerConfig,
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<(), AnalyzerError> {
     config.validate()?;
+    let plans = config.plans()?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| AnalyzerError::Io {
         path: config.data_dir.clone(),
         source,
     })?;
     let max_message = config.server.max_message_bytes;
-    let broker =
-        BrokerClient::with_interceptor(channel("broker", &config.broker)?, TraceContextInterceptor)
-            .max_decoding_message_size(max_message);
+    let broker = channel("broker", &config.broker)?;
     let store =
         StoreClient::with_interceptor(channel("store", &config.store)?, TraceContextInterceptor)
             .max_encoding_message_size(max_message);
@@ -76,32 +92,47 @@ pub async fn run(
             stop.trigger();
         })
     };
+    let member_id = config
+        .member_id
+        .clone()
+        .unwrap_or_else(|| format!("analyzer-{:016x}", rand::random::<u64>()));
+    let context = Context {
+        broker,
+        store,
+        data_dir: config.data_dir.clone(),
+        checkpoint_interval: config.checkpoint_interval,
+        group: config.group.clone(),
+        member_id,
+        session_timeout: config.session_timeout,
+        max_message,
+        shutdown: local.clone(),
+    };
 
     let mut runners = JoinSet::new();
     let mut views = Vec::new();
-    for query in &config.queries {
-        let (status, receiver) = watch::channel(QueryStatus::default());
-        let value = ValuePath::parse(&query.value).map_err(|message| {
-            AnalyzerError::Config(runnel_server::ConfigError::invalid(
-                "analyzer",
-                "queries.value",
-                message,
-            ))
-        })?;
-        let runner = QueryRunner {
-            query: query.clone(),
-            value,
-            broker: broker.clone(),
-            store: store.clone(),
-            checkpoint_path: checkpoint::path(&config.data_dir, &query.name),
-            checkpoint_interval: config.checkpoint_interval,
-            status,
-            shutdown: local.clone(),
+    for plan in plans {
+        let plan = Arc::new(plan);
+        let mut stage = |stage: Stage| {
+            let (status, receiver) = watch::channel(StageStatus::default());
+            runners.spawn(
+                StageRunner {
+                    plan: Arc::clone(&plan),
+                    stage,
+                    context: context.clone(),
+                    status,
+                }
+                .run(),
+            );
+            receiver
         };
-        runners.spawn(runner.run());
+        let source = stage(Stage::Source);
+        let keyed = plan.key.is_some().then(|| stage(Stage::Keyed));
         views.push(QueryView {
-            query: query.clone(),
-            status: receiver,
+            name: plan.name.clone(),
+            topic: plan.topic.clone(),
+            definition: plan.definition.clone(),
+            source,
+            keyed,
         });
     }
 

@@ -1,8 +1,8 @@
-//! The `runnel.v1.Analyzer` gRPC service: what each query is and how far it has got.
+//! The `runnel.v1.Analyzer` gRPC service: what each query is and how far this instance
+//! has got with the partitions it owns.
 
-use crate::config::QueryConfig;
 use crate::error::AnalyzerError;
-use crate::runner::{QueryStatus, definition};
+use crate::runner::StageStatus;
 use runnel_proto::Millis;
 use runnel_proto::v1::analyzer_server::Analyzer;
 use runnel_proto::v1::{
@@ -11,25 +11,39 @@ use runnel_proto::v1::{
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-/// One query as the service sees it: its definition and its runner's latest status.
+/// One query as the service sees it: its definition and its stages' latest status
+/// (the source stage first; a re-keyed query also has its keyed stage).
 #[derive(Debug)]
 pub(crate) struct QueryView {
-    pub(crate) query: QueryConfig,
-    pub(crate) status: watch::Receiver<QueryStatus>,
+    pub(crate) name: String,
+    pub(crate) topic: String,
+    pub(crate) definition: String,
+    pub(crate) source: watch::Receiver<StageStatus>,
+    pub(crate) keyed: Option<watch::Receiver<StageStatus>>,
 }
 
 impl QueryView {
     fn describe(&self) -> QueryDescription {
-        let status = self.status.borrow().clone();
+        let source = self.source.borrow().clone();
+        // Windows live in the keyed stage of a re-keyed query, in the source stage else.
+        let windows = match &self.keyed {
+            Some(keyed) => keyed.borrow().clone(),
+            None => source.clone(),
+        };
         QueryDescription {
-            name: self.query.name.clone(),
-            source_topic: self.query.topic.clone(),
-            definition: definition(&self.query),
-            watermark: status.watermark.map(|w| Millis(w).into()),
-            events_processed: status.counters.processed,
-            results_emitted: status.counters.emitted,
-            late_events: status.counters.late,
-            open_windows: status.open_windows as u64,
+            name: self.name.clone(),
+            source_topic: self.topic.clone(),
+            definition: self.definition.clone(),
+            watermark: windows.watermark.map(|w| Millis(w).into()),
+            events_processed: source.counters.processed,
+            results_emitted: windows.emitted,
+            late_events: source.counters.late
+                + self.keyed.as_ref().map_or(0, |k| k.borrow().counters.late),
+            open_windows: windows.open_windows as u64,
+            partitions: source.partitions,
+            events_filtered: source.counters.filtered,
+            events_without_key: source.counters.no_key,
+            events_malformed: source.counters.malformed,
         }
     }
 }
@@ -65,7 +79,7 @@ impl Analyzer for AnalyzerService {
         let view = self
             .queries
             .iter()
-            .find(|v| v.query.name == name)
+            .find(|v| v.name == name)
             .ok_or(AnalyzerError::QueryNotFound(name))?;
         Ok(Response::new(view.describe()))
     }

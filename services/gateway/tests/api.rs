@@ -110,6 +110,7 @@ fn result(key: &str, start: i64, count: f64) -> QueryResult {
         values: [("count".to_owned(), count)].into(),
         emitted_at: Some(Millis(start + 12_000).into()),
         headers: Default::default(),
+        items: Default::default(),
     }
 }
 

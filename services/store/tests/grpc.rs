@@ -60,6 +60,7 @@ fn result(query: &str, key: &str, start: i64, count: f64) -> QueryResult {
         window_end: Some(Millis(start + 1000).into()),
         values: [("count".to_owned(), count), ("avg".to_owned(), count / 2.0)].into(),
         emitted_at: Some(Millis(start + 2000).into()),
+        items: Default::default(),
         headers: [(
             "traceparent".to_owned(),
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned(),

@@ -1,5 +1,6 @@
 //! `runnel bench`: the benchmark harnesses whose figures go in `docs/benchmarks.md`.
 
+mod analyzer;
 mod broker;
 mod ingest;
 
@@ -14,11 +15,15 @@ pub(crate) enum BenchCommand {
     /// Produce and consume throughput and produce-ack latency of the broker alone, and of
     /// NATS JetStream through the same load generator.
     Broker(broker::BrokerArgs),
+    /// The analyzer's operators per core (with and without checkpoints), and its
+    /// end-to-end throughput and latency over a broker and a store.
+    Analyzer(analyzer::AnalyzerArgs),
 }
 
 pub(crate) async fn run(what: BenchCommand) -> Result<ExitCode> {
     match what {
         BenchCommand::Ingest(args) => ingest::run(args).await,
         BenchCommand::Broker(args) => broker::run(args).await,
+        BenchCommand::Analyzer(args) => analyzer::run(args).await,
     }
 }

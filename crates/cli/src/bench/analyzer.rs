@@ -1,0 +1,291 @@
+//! `runnel bench analyzer`: the analysis tier's throughput per core and its latency.
+//!
+//! 1. **Operators**, one thread each (so the rate is per core): a partition's task fed the
+//!    encoded `Subscribe` messages the broker would send — decode, filter, window,
+//!    aggregate, fire — for a keyed tumbling count, a sliding average, top-k and a
+//!    distinct count; each without checkpoints and with a checkpoint every second
+//!    (serialised, written and fsync'd), which gives the checkpointing overhead.
+//! 2. **End to end**: a broker, a store and an analyzer in this process on loopback with a
+//!    temporary data directory. A flood of `--e2e-events` events measures the analyzer's
+//!    throughput through the broker; then events are produced at `--rate` for
+//!    `--seconds`, stamped with the wall clock, into 1 s tumbling counts, and each
+//!    result's latency is the time from its window's end — when the event that closes the
+//!    window is produced — to the result arriving from the store's `Watch`: event in,
+//!    result in the store.
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use runnel_analyzer::bench::{Operator, encode_stream, run_operator};
+use runnel_analyzer::{AggregateConfig, AnalyzerConfig, QueryConfig, WindowConfig};
+use runnel_broker::BrokerConfig;
+use runnel_client::{Producer, ProducerOptions};
+use runnel_proto::v1::analyzer_client::AnalyzerClient;
+use runnel_proto::v1::broker_client::BrokerClient;
+use runnel_proto::v1::store_client::StoreClient;
+use runnel_proto::v1::{Acks, DescribeQueryRequest, Event, WatchRequest};
+use runnel_proto::{Millis, now_millis};
+use runnel_server::{Listeners, ServiceConfig, Shutdown};
+use runnel_store::StoreConfig;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Arguments of `runnel bench analyzer`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct AnalyzerArgs {
+    /// Events per operator run.
+    #[arg(long, default_value_t = 2_000_000)]
+    events: u64,
+    /// Keys the events are spread over.
+    #[arg(long, default_value_t = 1000)]
+    keys: u64,
+    /// Events of the end-to-end throughput run (0: skip the end-to-end runs).
+    #[arg(long, default_value_t = 500_000)]
+    e2e_events: u64,
+    /// Events per second of the latency run.
+    #[arg(long, default_value_t = 20_000)]
+    rate: u64,
+    /// Seconds of the latency run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+}
+
+pub(crate) async fn run(args: AnalyzerArgs) -> Result<ExitCode> {
+    let dir = tempfile::Builder::new()
+        .prefix("runnel-bench-")
+        .tempdir_in(".")?;
+    eprintln!(
+        "bench: encoding {} events over {} keys",
+        args.events, args.keys
+    );
+    let stream: Arc<Vec<Bytes>> = Arc::new(encode_stream(args.events, args.keys));
+    println!(
+        "| operator | events/s, no checkpoints | events/s, checkpoint every 1 s | overhead | checkpoint size |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for operator in Operator::ALL {
+        let (plain, checkpointed) = {
+            let (stream, path) = (Arc::clone(&stream), dir.path().to_owned());
+            tokio::task::spawn_blocking(move || {
+                let plain = run_operator(operator, &stream, None, &path)?;
+                let every = Some(Duration::from_secs(1));
+                let checkpointed = run_operator(operator, &stream, every, &path)?;
+                Ok::<_, String>((plain, checkpointed))
+            })
+            .await?
+            .map_err(anyhow::Error::msg)?
+        };
+        let overhead = 100.0 * (1.0 - checkpointed.rate() / plain.rate());
+        println!(
+            "| {} | {:.0} | {:.0} ({} checkpoints) | {overhead:.1} % | {} KiB |",
+            operator.name(),
+            plain.rate(),
+            checkpointed.rate(),
+            checkpointed.checkpoints,
+            checkpointed.checkpoint_bytes / 1024
+        );
+        if plain.results == 0 {
+            bail!(
+                "{} emitted no results: the benchmark is broken",
+                operator.name()
+            );
+        }
+    }
+    if args.e2e_events > 0 {
+        end_to_end(&args, dir.path()).await?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The 1 s tumbling count the end-to-end runs measure.
+fn query() -> Result<QueryConfig> {
+    let count: AggregateConfig = toml::from_str("fn = \"count\"")?;
+    Ok(QueryConfig {
+        name: "bench_count".into(),
+        topic: "bench".into(),
+        value: None,
+        window: WindowConfig::Tumbling {
+            size: Duration::from_secs(1),
+        },
+        out_of_orderness: Duration::ZERO,
+        idle_timeout: Duration::from_secs(1),
+        aggregates: vec![count],
+        ..QueryConfig::default()
+    })
+}
+
+async fn end_to_end(args: &AnalyzerArgs, dir: &std::path::Path) -> Result<()> {
+    let (trigger, shutdown) = Shutdown::new();
+    let broker = BrokerConfig {
+        data_dir: dir.join("broker"),
+        fsync: runnel_log::FsyncPolicy::Never,
+        ..BrokerConfig::default()
+    };
+    let store = StoreConfig {
+        data_dir: dir.join("store"),
+        ..StoreConfig::default()
+    };
+    let mut analyzer = AnalyzerConfig {
+        data_dir: dir.join("analyzer"),
+        queries: vec![query()?],
+        ..AnalyzerConfig::default()
+    };
+    let loopback = |config: &mut runnel_server::ServerConfig| {
+        config.grpc = "127.0.0.1:0".parse().expect("address");
+        config.admin = "127.0.0.1:0".parse().expect("address");
+    };
+    let (mut broker, mut store) = (broker, store);
+    loopback(&mut broker.server);
+    loopback(&mut store.server);
+    loopback(&mut analyzer.server);
+    let broker_listeners = Listeners::bind(broker.listen()).await?;
+    let store_listeners = Listeners::bind(store.listen()).await?;
+    let analyzer_listeners = Listeners::bind(analyzer.listen()).await?;
+    let broker_url = format!("http://{}", broker_listeners.grpc.local_addr()?);
+    let store_url = format!("http://{}", store_listeners.grpc.local_addr()?);
+    let analyzer_url = format!("http://{}", analyzer_listeners.grpc.local_addr()?);
+    analyzer.broker = broker_url.clone();
+    analyzer.store = store_url.clone();
+    let services = [
+        tokio::spawn(runnel_broker::run(
+            broker,
+            broker_listeners,
+            shutdown.clone(),
+        ))
+        .abort_handle(),
+        tokio::spawn(runnel_store::run(store, store_listeners, shutdown.clone())).abort_handle(),
+        tokio::spawn(runnel_analyzer::run(
+            analyzer,
+            analyzer_listeners,
+            shutdown.clone(),
+        ))
+        .abort_handle(),
+    ];
+    let channel = tonic::transport::Endpoint::from_shared(broker_url)?.connect_lazy();
+    let options = ProducerOptions {
+        acks: Acks::Leader,
+        create_partitions: Some(4),
+        ..ProducerOptions::default()
+    };
+    let mut producer = Producer::new(BrokerClient::new(channel), "bench", options)
+        .await
+        .context("producer")?;
+    let batch = |from: u64, n: u64, at: i64| -> Vec<Event> {
+        (from..from + n)
+            .map(|i| Event {
+                id: format!("b{i}"),
+                key: format!("key-{}", i % args.keys),
+                event_time: Some(Millis(at).into()),
+                payload: Bytes::from_static(b"{}"),
+                ..Event::default()
+            })
+            .collect()
+    };
+
+    // Throughput: a flood, then wait until the analyzer has read all of it.
+    let mut analyzer_client = connect_analyzer(&analyzer_url).await?;
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < args.e2e_events {
+        let n = (args.e2e_events - sent).min(1000);
+        producer.send(batch(sent, n, now_millis().0)).await?;
+        sent += n;
+    }
+    let produced = started.elapsed();
+    loop {
+        let described = analyzer_client
+            .describe_query(DescribeQueryRequest {
+                name: "bench_count".into(),
+            })
+            .await?
+            .into_inner();
+        if described.events_processed >= args.e2e_events {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!(
+                "the analyzer read {} of {} events in 10 minutes",
+                described.events_processed,
+                args.e2e_events
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let read = started.elapsed();
+    println!();
+    println!(
+        "end to end, {} events over {} keys, 4 partitions: produced in {:.2} s, analysed in {:.2} s: {:.0} events/s through broker → analyzer",
+        args.e2e_events,
+        args.keys,
+        produced.as_secs_f64(),
+        read.as_secs_f64(),
+        args.e2e_events as f64 / read.as_secs_f64()
+    );
+
+    // Latency: a steady rate, results timed from the store's Watch.
+    let mut store_client = StoreClient::connect(store_url).await?;
+    let mut watch = store_client
+        .watch(WatchRequest {
+            query: "bench_count".into(),
+            key_prefix: String::new(),
+        })
+        .await?
+        .into_inner();
+    let measure_from = now_millis().0 + 1000;
+    let collector = tokio::spawn(async move {
+        let mut latency = Histogram::<u64>::new(3).expect("histogram");
+        while let Ok(Some(result)) = watch.message().await {
+            let end = result.window_end.map(Millis::from).unwrap_or_default().0;
+            if end > measure_from {
+                let _ = latency.record(now_millis().0.saturating_sub(end).max(0) as u64);
+            }
+        }
+        latency
+    });
+    let per_tick = (args.rate / 100).max(1);
+    let mut ticker = tokio::time::interval(Duration::from_millis(10));
+    let until = Instant::now() + Duration::from_secs(args.seconds);
+    while Instant::now() < until {
+        ticker.tick().await;
+        producer.send(batch(sent, per_tick, now_millis().0)).await?;
+        sent += per_tick;
+    }
+    // One more second of events closes the last measured windows.
+    let closing = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < closing {
+        ticker.tick().await;
+        producer.send(batch(sent, per_tick, now_millis().0)).await?;
+        sent += per_tick;
+    }
+    trigger.trigger();
+    let latency = tokio::time::timeout(Duration::from_secs(30), collector).await??;
+    println!(
+        "latency at {} events/s over {} keys, 1 s tumbling count: window end → result in the store: p50 {} ms, p99 {} ms, max {} ms ({} results)",
+        args.rate,
+        args.keys,
+        latency.value_at_quantile(0.5),
+        latency.value_at_quantile(0.99),
+        latency.max(),
+        latency.len()
+    );
+    for service in services {
+        // They stop on the trigger; the abort is for one that would not.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        service.abort();
+    }
+    Ok(())
+}
+
+async fn connect_analyzer(url: &str) -> Result<AnalyzerClient<tonic::transport::Channel>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match AnalyzerClient::connect(url.to_owned()).await {
+            Ok(client) => return Ok(client),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}

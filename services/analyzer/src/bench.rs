@@ -1,0 +1,191 @@
+//! The operator benchmark behind `runnel bench analyzer`: one partition's task on one
+//! thread, fed the bytes a `Subscribe` stream carries, so that the figure is events per
+//! second per core of everything the analyzer does per event — decoding the stream's
+//! chunks, reading each event's fields, filtering, windowing, aggregating, firing — and
+//! optionally checkpointing, but not the broker or the store.
+//!
+//! Events are encoded before the clock starts, as `SubscribeResponse` messages of 1000
+//! records (what the broker sends); the timed loop decodes each message, feeds its
+//! records, and flushes once per message as the runner does.
+
+use crate::checkpoint::{Checkpoints, Stage};
+use crate::config::{Plan, QueryConfig};
+use crate::event::{RawMessage, RawSubscribeResponse};
+use crate::task::{Outputs, Task};
+use bytes::Bytes;
+use prost::Message;
+use runnel_proto::Millis;
+use runnel_proto::v1::{Event, Record, RecordChunk, SubscribeResponse, subscribe_response};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The operators measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operator {
+    /// Count per key in 1 s tumbling windows.
+    TumblingCount,
+    /// Average of a payload number per key in 10 s windows sliding every 1 s.
+    SlidingAverage,
+    /// The 10 heaviest payload items per key in 1 s tumbling windows (Space-Saving).
+    TopK,
+    /// Distinct payload items per key in 1 s tumbling windows (HyperLogLog++).
+    DistinctCount,
+}
+
+impl Operator {
+    /// Every operator, in the order the report lists them.
+    pub const ALL: [Operator; 4] = [
+        Operator::TumblingCount,
+        Operator::SlidingAverage,
+        Operator::TopK,
+        Operator::DistinctCount,
+    ];
+
+    /// A short name for tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Operator::TumblingCount => "keyed tumbling count",
+            Operator::SlidingAverage => "sliding average (10 s / 1 s)",
+            Operator::TopK => "top-k (k = 10)",
+            Operator::DistinctCount => "distinct count (HLL p14)",
+        }
+    }
+
+    fn query(self) -> &'static str {
+        match self {
+            Operator::TumblingCount => "window = \"1s\"\naggregates = [{ fn = \"count\" }]\n",
+            Operator::SlidingAverage => {
+                "window = { type = \"sliding\", size = \"10s\", slide = \"1s\" }\naggregates = [{ fn = \"avg\", of = \"payload.value\" }]\n"
+            }
+            Operator::TopK => {
+                "window = \"1s\"\naggregates = [{ fn = \"top_k\", of = \"payload.item\", k = 10 }]\n"
+            }
+            Operator::DistinctCount => {
+                "window = \"1s\"\naggregates = [{ fn = \"distinct\", of = \"payload.item\" }]\n"
+            }
+        }
+    }
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct OperatorFigures {
+    /// Events fed.
+    pub events: u64,
+    /// Wall time of the timed loop.
+    pub elapsed: Duration,
+    /// Results the windows emitted.
+    pub results: u64,
+    /// Checkpoints written.
+    pub checkpoints: u64,
+    /// Time spent serialising and writing checkpoints.
+    pub checkpoint_time: Duration,
+    /// The size of the last checkpoint, in bytes of JSON.
+    pub checkpoint_bytes: usize,
+}
+
+impl OperatorFigures {
+    /// Events per second.
+    pub fn rate(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Encodes `events` events over `keys` keys, 1 ms of event time apart, as the broker's
+/// `Subscribe` messages of 1000 records.
+pub fn encode_stream(events: u64, keys: u64) -> Vec<Bytes> {
+    let t0 = 1_700_000_000_000i64;
+    let mut messages = Vec::new();
+    let mut records = Vec::with_capacity(1000);
+    for i in 0..events {
+        let payload = format!(
+            "{{\"value\":{},\"item\":\"item-{}\"}}",
+            (i % 97) as f64 / 4.0,
+            (i * 7919) % 5000
+        );
+        records.push(Record {
+            partition: 0,
+            offset: i,
+            append_time: Some(Millis(t0).into()),
+            event: Some(Event {
+                id: format!("e{i}"),
+                source: "bench".into(),
+                r#type: "reading".into(),
+                key: format!("key-{}", i % keys),
+                event_time: Some(Millis(t0 + i as i64).into()),
+                payload: payload.into_bytes().into(),
+                ..Event::default()
+            }),
+        });
+        if records.len() == 1000 || i + 1 == events {
+            let message = SubscribeResponse {
+                message: Some(subscribe_response::Message::Records(RecordChunk {
+                    partition: 0,
+                    records: std::mem::take(&mut records),
+                    generation: 1,
+                })),
+            };
+            messages.push(Bytes::from(message.encode_to_vec()));
+        }
+    }
+    messages
+}
+
+/// Runs `operator` over `stream` (from [`encode_stream`]) on this thread, checkpointing
+/// into `dir` every `checkpoint_every` if given.
+pub fn run_operator(
+    operator: Operator,
+    stream: &[Bytes],
+    checkpoint_every: Option<Duration>,
+    dir: &Path,
+) -> Result<OperatorFigures, String> {
+    let query: QueryConfig = toml::from_str(&format!(
+        "name = \"bench\"\nout_of_orderness = \"0s\"\n{}",
+        operator.query()
+    ))
+    .map_err(|e| e.to_string())?;
+    let plan: Plan = query.compile(0).map_err(|e| e.to_string())?;
+    let checkpoints = Checkpoints::new(dir, "bench", Stage::Source, &plan.fingerprint, "bench");
+    let mut task = Task::new(&plan, 0, None, Instant::now());
+    let mut figures = OperatorFigures {
+        events: 0,
+        elapsed: Duration::ZERO,
+        results: 0,
+        checkpoints: 0,
+        checkpoint_time: Duration::ZERO,
+        checkpoint_bytes: 0,
+    };
+    let started = Instant::now();
+    let mut last_checkpoint = started;
+    let mut out = Outputs::default();
+    for bytes in stream {
+        let Ok(RawSubscribeResponse {
+            message: Some(RawMessage::Records(chunk)),
+        }) = RawSubscribeResponse::decode(bytes.clone())
+        else {
+            continue;
+        };
+        let now = Instant::now();
+        let mut inputs = Vec::new();
+        for record in &chunk.records {
+            task.observe_source(&plan, record, &mut inputs, &mut out, now);
+        }
+        figures.events += chunk.records.len() as u64;
+        task.flush(&plan, None, &mut out);
+        figures.results += out.results.len() as u64;
+        out.results.clear();
+        if let Some(every) = checkpoint_every
+            && last_checkpoint.elapsed() >= every
+        {
+            let at = Instant::now();
+            figures.checkpoint_bytes = checkpoints
+                .save(0, task.state())
+                .map_err(|e| e.to_string())?;
+            figures.checkpoints += 1;
+            figures.checkpoint_time += at.elapsed();
+            last_checkpoint = Instant::now();
+        }
+    }
+    figures.elapsed = started.elapsed();
+    Ok(figures)
+}

@@ -1,0 +1,531 @@
+//! The analyzer's exactly-once promise, over real processes: the same events give the
+//! same store contents — every window of every query, bit for bit — whether the analyzer
+//! ran undisturbed, was SIGKILLed at random moments twenty times, or ran as two instances
+//! of one consumer group one of which was killed.
+//!
+//! The workload mixes what makes this hard: keys on every partition, events out of order
+//! within the allowed disorder, events beyond it (late, counted, sent to a side output),
+//! events inside the allowed lateness (updates of closed windows), sliding and session
+//! windows, sketches (HyperLogLog, Space-Saving, DDSketch, bottom-k samples) and a
+//! one-to-many query that goes through the re-keying stage.
+
+use runnel_client::{Producer, ProducerOptions};
+use runnel_e2e::{PARTITIONS, ServiceProcess};
+use runnel_proto::Millis;
+use runnel_proto::v1::analyzer_client::AnalyzerClient;
+use runnel_proto::v1::broker_client::BrokerClient;
+use runnel_proto::v1::store_client::StoreClient;
+use runnel_proto::v1::{Acks, Event, ListQueriesRequest, RangeRequest};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+use tokio::sync::OnceCell;
+
+const T0: i64 = 1_700_000_000_000;
+const S: i64 = 1000;
+const ROUNDS: usize = 20;
+const QUERIES: [&str; 4] = ["counts", "sliding", "sessions", "topics"];
+const TAGS: [&str; 5] = ["rust", "go", "music", "hiking", "food"];
+
+/// Four queries over two topics; time is event time only (no idleness), so that the
+/// results are a function of the input alone.
+const QUERIES_TOML: &str = r#"
+checkpoint_interval = "50ms"
+session_timeout = "2s"
+
+[[analyzer.queries]]
+name = "counts"
+topic = "events"
+event_type = "reading"
+window = "10s"
+out_of_orderness = "2s"
+allowed_lateness = "3s"
+idle_timeout = "1h"
+late_topic = "late-readings"
+aggregates = [{ fn = "count" }, { fn = "sum", of = "payload.value" }, { fn = "avg", of = "payload.value" }, { fn = "max", of = "payload.value" }]
+
+[[analyzer.queries]]
+name = "sliding"
+topic = "events"
+event_type = "reading"
+value = "payload.value"
+window = { type = "sliding", size = "10s", slide = "5s" }
+out_of_orderness = "2s"
+idle_timeout = "1h"
+emit = "on_update"
+aggregates = [{ fn = "avg" }, { fn = "min" }, { fn = "stddev" }]
+
+[[analyzer.queries]]
+name = "sessions"
+topic = "events"
+event_type = "reading"
+window = { type = "session", gap = "3s" }
+out_of_orderness = "2s"
+idle_timeout = "1h"
+aggregates = [{ fn = "count" }, { fn = "distinct", of = "payload.user", name = "users" }, { fn = "top_k", of = "payload.page", k = 2 }, { fn = "percentiles", of = "payload.value", quantiles = [0.5, 0.9] }, { fn = "new_items", of = "payload.page", name = "new_pages" }]
+
+[[analyzer.queries]]
+name = "topics"
+topic = "meetup"
+event_type = "rsvp"
+key = "payload.tags[]"
+window = "10s"
+out_of_orderness = "2s"
+idle_timeout = "1h"
+aggregates = [{ fn = "count" }, { fn = "sample", of = "id", size = 3 }]
+"#;
+
+/// The workload, identical for every run: (topic, event).
+fn workload() -> Vec<(&'static str, Event)> {
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let mut events = Vec::new();
+    for i in 0..1500i64 {
+        let base = T0 + i * 60; // 90 s of event time
+        let key = format!("k{}", next(12));
+        let (kind, at) = match next(50) {
+            0 => ("reading", base - 25 * S), // far beyond the disorder: late
+            1 => ("reading", base - 4 * S),  // late, but within the allowed lateness
+            _ => ("reading", base - next(1500) as i64),
+        };
+        let value = next(200) as f64 / 4.0; // exact in binary: sums do not depend on rounding
+        let payload = serde_json::json!({
+            "value": value,
+            "user": format!("u{}", next(30)),
+            "page": format!("/p{}", next(5) * next(3)),
+        });
+        events.push(("events", event(format!("e{i}"), &key, kind, at, payload)));
+        if i % 3 == 0 {
+            let tags: Vec<&str> = TAGS.iter().copied().filter(|_| next(2) == 0).collect();
+            let payload = serde_json::json!({ "tags": tags, "group": next(4) });
+            let at = base - next(1500) as i64;
+            events.push((
+                "meetup",
+                event(
+                    format!("m{i}"),
+                    &format!("g{}", next(7)),
+                    "rsvp",
+                    at,
+                    payload,
+                ),
+            ));
+        }
+    }
+    // Move every partition's clock far ahead: every window closes and is dropped.
+    for topic in ["events", "meetup"] {
+        for partition in 0..PARTITIONS {
+            let key = (0..)
+                .map(|i| format!("clock-{i}"))
+                .find(|k| runnel_proto::partition_for_key(k, PARTITIONS) == partition)
+                .expect("a key for every partition");
+            let payload = serde_json::json!({});
+            events.push((
+                topic,
+                event(
+                    format!("{topic}-end-{partition}"),
+                    &key,
+                    "clock",
+                    T0 + 1000 * S,
+                    payload,
+                ),
+            ));
+        }
+    }
+    events
+}
+
+fn event(id: String, key: &str, kind: &str, at: i64, payload: serde_json::Value) -> Event {
+    Event {
+        id,
+        source: "e2e".into(),
+        r#type: kind.into(),
+        key: key.into(),
+        event_time: Some(Millis(at).into()),
+        payload: serde_json::to_vec(&payload).expect("json").into(),
+        ..Event::default()
+    }
+}
+
+/// (query, key, window start) → (values as bits, items).
+type Snapshot =
+    BTreeMap<(String, String, i64), (Vec<(String, u64)>, Vec<(String, Vec<(String, u64)>)>)>;
+
+/// Broker, store and the analyzer config file, in one temporary directory.
+struct Cluster {
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    broker: ServiceProcess,
+    store: ServiceProcess,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().display();
+        let server =
+            r#"server = { grpc = "127.0.0.1:0", admin = "127.0.0.1:0", drain_timeout = "5s" }"#;
+        let config = dir.path().join("runnel.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[broker]\n{server}\ndata_dir = \"{d}/broker\"\ndefault_partitions = {PARTITIONS}\nfsync = \"never\"\n[store]\n{server}\ndata_dir = \"{d}/store\"\nfsync = \"never\"\n[analyzer]\n{server}\ndata_dir = \"{d}/analyzer\"\n{QUERIES_TOML}"
+            ),
+        )
+        .expect("config");
+        let env = BTreeMap::new();
+        let broker = ServiceProcess::start("runnel-broker", &config, &env, dir.path())
+            .await
+            .expect("broker starts");
+        let store = ServiceProcess::start("runnel-store", &config, &env, dir.path())
+            .await
+            .expect("store starts");
+        Cluster {
+            dir,
+            config,
+            broker,
+            store,
+        }
+    }
+
+    async fn analyzer(&self, member: &str) -> ServiceProcess {
+        let env = BTreeMap::from([
+            ("RUNNEL_ANALYZER__BROKER".to_owned(), self.broker.url()),
+            ("RUNNEL_ANALYZER__STORE".to_owned(), self.store.url()),
+            ("RUNNEL_ANALYZER__MEMBER_ID".to_owned(), member.to_owned()),
+        ]);
+        ServiceProcess::start("runnel-analyzer", &self.config, &env, self.dir.path())
+            .await
+            .unwrap_or_else(|e| panic!("analyzer {member} starts: {e:#}\n{}", self.logs()))
+    }
+
+    async fn producer(&self, topic: &str) -> Producer {
+        let channel = tonic::transport::Endpoint::from_shared(self.broker.url())
+            .expect("url")
+            .connect_lazy();
+        let options = ProducerOptions {
+            acks: Acks::Leader,
+            create_partitions: Some(PARTITIONS),
+            ..ProducerOptions::default()
+        };
+        Producer::new(BrokerClient::new(channel), topic, options)
+            .await
+            .expect("producer")
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for entry in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                out.push_str(&format!(
+                    "===== {} =====\n{}\n",
+                    path.display(),
+                    std::fs::read_to_string(&path).unwrap_or_default()
+                ));
+            }
+        }
+        out
+    }
+
+    /// Every result of the test's queries, through the store's `Range`.
+    async fn snapshot(&self, keys: &BTreeMap<&str, BTreeSet<String>>) -> Snapshot {
+        let mut store = StoreClient::connect(self.store.url()).await.expect("store");
+        let mut all = Snapshot::new();
+        for (query, keys) in keys {
+            for key in keys {
+                let results = store
+                    .range(RangeRequest {
+                        query: (*query).into(),
+                        key: key.clone(),
+                        limit: 10_000,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("range")
+                    .into_inner()
+                    .results;
+                for r in results {
+                    let mut values: Vec<(String, u64)> = r
+                        .values
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.to_bits()))
+                        .collect();
+                    values.sort();
+                    let mut items: Vec<(String, Vec<(String, u64)>)> = r
+                        .items
+                        .iter()
+                        .map(|(k, list)| {
+                            (
+                                k.clone(),
+                                list.items
+                                    .iter()
+                                    .map(|i| (i.item.clone(), i.value.to_bits()))
+                                    .collect(),
+                            )
+                        })
+                        .collect();
+                    items.sort();
+                    let start = Millis::from(r.window_start.expect("start")).0;
+                    all.insert(((*query).to_owned(), r.key, start), (values, items));
+                }
+            }
+        }
+        all
+    }
+}
+
+/// The keys each query can have results for.
+fn keys(events: &[(&str, Event)]) -> BTreeMap<&'static str, BTreeSet<String>> {
+    let readings: BTreeSet<String> = events
+        .iter()
+        .filter(|(t, _)| *t == "events")
+        .map(|(_, e)| e.key.clone())
+        .collect();
+    let tags: BTreeSet<String> = TAGS.iter().map(|t| (*t).to_owned()).collect();
+    BTreeMap::from([
+        ("counts", readings.clone()),
+        ("sliding", readings.clone()),
+        ("sessions", readings),
+        ("topics", tags),
+    ])
+}
+
+async fn produce(
+    producers: &mut HashMap<&'static str, Producer>,
+    events: &[(&'static str, Event)],
+) {
+    for topic in ["events", "meetup"] {
+        let batch: Vec<Event> = events
+            .iter()
+            .filter(|(t, _)| *t == topic)
+            .map(|(_, e)| e.clone())
+            .collect();
+        if !batch.is_empty() {
+            producers
+                .get_mut(topic)
+                .expect("producer")
+                .send(batch)
+                .await
+                .expect("produced");
+        }
+    }
+}
+
+/// Every query of `analyzer` has read `expected` events and holds no window.
+async fn settled(analyzers: &[&ServiceProcess], expected: &HashMap<&str, u64>) -> bool {
+    let mut processed: HashMap<String, u64> = HashMap::new();
+    let mut open = 0;
+    for analyzer in analyzers {
+        let Ok(mut client) = AnalyzerClient::connect(analyzer.url()).await else {
+            return false;
+        };
+        let Ok(listed) = client.list_queries(ListQueriesRequest {}).await else {
+            return false;
+        };
+        for q in listed.into_inner().queries {
+            *processed
+                .entry(q.source_topic.clone() + "/" + &q.name)
+                .or_default() += q.events_processed;
+            open += q.open_windows;
+        }
+    }
+    open == 0
+        && QUERIES.iter().all(|q| {
+            let topic = if *q == "topics" { "meetup" } else { "events" };
+            processed.get(&format!("{topic}/{q}")) == Some(&expected[topic])
+        })
+}
+
+fn counts(events: &[(&str, Event)]) -> HashMap<&'static str, u64> {
+    let mut counts = HashMap::new();
+    for topic in ["events", "meetup"] {
+        counts.insert(
+            topic,
+            events.iter().filter(|(t, _)| *t == topic).count() as u64,
+        );
+    }
+    counts
+}
+
+/// Waits until `done` holds, checking every 200 ms, for at most `limit`.
+async fn eventually<F: std::future::Future<Output = bool>>(
+    limit: Duration,
+    mut done: impl FnMut() -> F,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if done().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+/// The results of a run without failures, computed once for the tests that compare.
+async fn reference() -> &'static Snapshot {
+    static REFERENCE: OnceCell<Snapshot> = OnceCell::const_new();
+    REFERENCE
+        .get_or_init(|| async {
+            let events = workload();
+            let cluster = Cluster::start().await;
+            let analyzer = cluster.analyzer("reference").await;
+            let mut producers = HashMap::from([
+                ("events", cluster.producer("events").await),
+                ("meetup", cluster.producer("meetup").await),
+            ]);
+            for chunk in events.chunks(200) {
+                produce(&mut producers, chunk).await;
+            }
+            let expected = counts(&events);
+            let analyzers = [&analyzer];
+            let done =
+                eventually(Duration::from_secs(180), || settled(&analyzers, &expected)).await;
+            assert!(done, "the reference run never settled\n{}", cluster.logs());
+            let snapshot = cluster.snapshot(&keys(&events)).await;
+            for query in QUERIES {
+                assert!(
+                    snapshot.keys().any(|(q, _, _)| q == query),
+                    "no results for {query}\n{}",
+                    cluster.logs()
+                );
+            }
+            snapshot
+        })
+        .await
+}
+
+fn diff(found: &Snapshot, expected: &Snapshot) -> String {
+    let mut lines = Vec::new();
+    for (k, v) in expected {
+        match found.get(k) {
+            None => lines.push(format!("missing {k:?}")),
+            Some(f) if f != v => lines.push(format!("differs {k:?}: {f:?} vs {v:?}")),
+            _ => {}
+        }
+    }
+    for k in found.keys().filter(|k| !expected.contains_key(*k)) {
+        lines.push(format!("extra {k:?}"));
+    }
+    lines.truncate(20);
+    lines.join("\n")
+}
+
+async fn check_against_reference(
+    cluster: &Cluster,
+    analyzers: &[&ServiceProcess],
+    events: &[(&'static str, Event)],
+) {
+    let expected = reference().await;
+    let keys = keys(events);
+    let counts = counts(events);
+    let matched = eventually(Duration::from_secs(180), || async {
+        settled(analyzers, &counts).await && cluster.snapshot(&keys).await == *expected
+    })
+    .await;
+    if !matched {
+        let found = cluster.snapshot(&keys).await;
+        panic!(
+            "results differ from the crash-free run:\n{}\n{}",
+            diff(&found, expected),
+            cluster.logs()
+        );
+    }
+    assert!(
+        expected.len() > 100,
+        "a workload worth the name: {} windows",
+        expected.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_twenty_times_the_analyzer_ends_with_the_crash_free_results() {
+    let events = workload();
+    let cluster = Cluster::start().await;
+    let mut analyzer = cluster.analyzer("crashy").await;
+    let mut producers = HashMap::from([
+        ("events", cluster.producer("events").await),
+        ("meetup", cluster.producer("meetup").await),
+    ]);
+    let chunks: Vec<&[(&str, Event)]> = events.chunks(events.len() / ROUNDS + 1).collect();
+    for (round, chunk) in chunks.iter().enumerate() {
+        produce(&mut producers, chunk).await;
+        // Strike at a random moment: while reading, writing results or checkpointing.
+        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 400)).await;
+        analyzer.kill().await.expect("SIGKILL");
+        analyzer = analyzer
+            .restart()
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: restart: {e:#}\n{}", cluster.logs()));
+    }
+    assert!(chunks.len() >= ROUNDS, "{} rounds", chunks.len());
+    check_against_reference(&cluster, &[&analyzer], &events).await;
+    // The late events went to the side output.
+    let late = count_records(&cluster, "late-readings").await;
+    assert!(late > 0, "late events reach the side output");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_partitions_and_survive_losing_one() {
+    let events = workload();
+    let cluster = Cluster::start().await;
+    let first = cluster.analyzer("instance-a").await;
+    let mut second = cluster.analyzer("instance-b").await;
+    let mut producers = HashMap::from([
+        ("events", cluster.producer("events").await),
+        ("meetup", cluster.producer("meetup").await),
+    ]);
+    let (before, after) = events.split_at(events.len() / 2);
+    produce(&mut producers, before).await;
+    // Both take part: each owns some partitions of the query.
+    let shared = eventually(Duration::from_secs(60), || async {
+        let mut owned = Vec::new();
+        for a in [&first, &second] {
+            let Ok(mut client) = AnalyzerClient::connect(a.url()).await else {
+                return false;
+            };
+            let Ok(q) = client.list_queries(ListQueriesRequest {}).await else {
+                return false;
+            };
+            owned.push(q.into_inner().queries[0].partitions.clone());
+        }
+        !owned[0].is_empty()
+            && !owned[1].is_empty()
+            && owned[0].len() + owned[1].len() == PARTITIONS as usize
+    })
+    .await;
+    assert!(
+        shared,
+        "the partitions were never shared out\n{}",
+        cluster.logs()
+    );
+    second.kill().await.expect("SIGKILL");
+    produce(&mut producers, after).await;
+    // The survivor takes over the dead instance's partitions from their checkpoints.
+    check_against_reference(&cluster, &[&first], &events).await;
+}
+
+async fn count_records(cluster: &Cluster, topic: &str) -> u64 {
+    let mut broker = BrokerClient::connect(cluster.broker.url())
+        .await
+        .expect("broker");
+    let topics = broker
+        .list_topics(runnel_proto::v1::ListTopicsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .topics;
+    topics
+        .iter()
+        .find(|t| t.name == topic)
+        .map(|t| t.partitions.iter().map(|p| p.end_offset).sum())
+        .unwrap_or(0)
+}
