@@ -6,6 +6,7 @@
 //! each bounded by a timeout that fails the test with every service's log.
 
 mod cli;
+mod collector;
 mod crash;
 mod pipeline;
 mod tracing;

@@ -63,6 +63,8 @@ pub async fn serve(
     udp: Option<UdpSocket>,
     shutdown: Shutdown,
 ) -> Result<(), CollectorError> {
+    // The recorder first, so that what recovery counts is exported.
+    runnel_server::admin::metrics_handle();
     // Lazy: the broker and the store may start after us or restart; tonic reconnects.
     let endpoint = |url: &str| Endpoint::from_shared(url.to_owned()).map(|e| e.connect_lazy());
     let channel = endpoint(&config.broker).map_err(|source| CollectorError::BrokerUrl {

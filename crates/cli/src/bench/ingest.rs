@@ -130,6 +130,8 @@ async fn start_in_process(
     let collector = CollectorConfig {
         server: runnel_server::ServerConfig::loopback(0, 0),
         broker: format!("http://{}", broker_listeners.grpc.local_addr()?),
+        data_dir: data.join("collector"),
+        udp: None,
         ..CollectorConfig::default()
     };
     collector.validate()?;
@@ -189,7 +191,10 @@ async fn drive(
                     })
                     .collect();
                 let started = Instant::now();
-                match client.ingest(IngestRequest { events }).await {
+                match client.ingest(IngestRequest {
+            events,
+            ..Default::default()
+        }).await {
                     Ok(_) => {
                         let micros =
                             u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
