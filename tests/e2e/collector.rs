@@ -227,7 +227,10 @@ async fn logged_events_survive_twenty_sigkills_of_the_collector_exactly_once() {
         .await
         .expect("client stops")
         .expect("client");
-    assert!(streams > ROUNDS as u64, "the client reconnected after every kill");
+    assert!(
+        streams > ROUNDS as u64,
+        "the client reconnected after every kill"
+    );
     let acknowledged = acknowledged.lock().unwrap().clone();
     assert!(acknowledged.len() >= ROUNDS * BATCH * 5);
     assert_exactly_once(&broker.url(), &acknowledged, || {
@@ -317,7 +320,11 @@ async fn everything_logged_during_a_broker_outage_is_delivered_once_it_returns()
     wait_for(at_return + BATCH * 5).await;
     stop.send(true).expect("stop");
     client.await.expect("client");
-    assert!(refused.lock().unwrap().is_empty(), "{:?}", refused.lock().unwrap());
+    assert!(
+        refused.lock().unwrap().is_empty(),
+        "{:?}",
+        refused.lock().unwrap()
+    );
     let acknowledged = acknowledged.lock().unwrap().clone();
     assert_exactly_once(&broker.url(), &acknowledged, || {
         format!("{}\n{}", collector.log(), broker.log())
@@ -331,7 +338,8 @@ async fn everything_logged_during_a_broker_outage_is_delivered_once_it_returns()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_log_answers_resource_exhausted_and_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut broker, collector) = start(dir.path(), "[collector.msglog]\nmax_bytes = 65536\n").await;
+    let (mut broker, collector) =
+        start(dir.path(), "[collector.msglog]\nmax_bytes = 65536\n").await;
     let mut client = CollectorClient::connect(collector.url())
         .await
         .expect("collector");
@@ -373,7 +381,11 @@ async fn a_full_log_answers_resource_exhausted_and_loses_nothing() {
     }
     let status = status.expect("the log fills up");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(acknowledged.len() > BATCH * 5, "{} acknowledged", acknowledged.len());
+    assert!(
+        acknowledged.len() > BATCH * 5,
+        "{} acknowledged",
+        acknowledged.len()
+    );
     broker = broker.restart().await.expect("broker restarts");
     assert_exactly_once(&broker.url(), &acknowledged, || {
         format!("{}\n{}", collector.log(), broker.log())

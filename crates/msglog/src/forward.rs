@@ -397,9 +397,10 @@ impl<D: Downstream> Forwarder<D> {
                 break;
             };
             for waiter in &outbound.waiters {
-                waiter
-                    .ticket
-                    .part_done(waiter.part, offset.map(|base| base + u64::from(waiter.offset)));
+                waiter.ticket.part_done(
+                    waiter.part,
+                    offset.map(|base| base + u64::from(waiter.offset)),
+                );
             }
             messages += u64::from(outbound.entry.count);
             self.budget.release(outbound.reserved);
@@ -427,7 +428,11 @@ impl<D: Downstream> Forwarder<D> {
                 ),
                 Mode::Sbml => {
                     self.log_unlogged(count, state).await;
-                    tracing::warn!(shard = self.shard, messages, "stopping with messages not delivered; they stay in the log");
+                    tracing::warn!(
+                        shard = self.shard,
+                        messages,
+                        "stopping with messages not delivered; they stay in the log"
+                    );
                 }
                 Mode::Rbml | Mode::Hml => tracing::warn!(
                     shard = self.shard,
@@ -437,7 +442,11 @@ impl<D: Downstream> Forwarder<D> {
             }
         }
         let closed = || Err(Error::Closed);
-        for (_, waiters) in state.when_delivered.drain(..).chain(state.when_logged.drain(..)) {
+        for (_, waiters) in state
+            .when_delivered
+            .drain(..)
+            .chain(state.when_logged.drain(..))
+        {
             for waiter in waiters {
                 let _ = waiter.send(closed());
             }

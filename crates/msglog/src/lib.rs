@@ -92,7 +92,9 @@ impl std::str::FromStr for Mode {
             "rbml" => Ok(Mode::Rbml),
             "sbml" => Ok(Mode::Sbml),
             "hml" => Ok(Mode::Hml),
-            other => Err(format!("{other:?} is not a mode: use none, rbml, sbml or hml")),
+            other => Err(format!(
+                "{other:?} is not a mode: use none, rbml, sbml or hml"
+            )),
         }
     }
 }
@@ -550,7 +552,9 @@ impl MessageLog {
             return Err(Error::NotLogging);
         }
         if parts.is_empty() {
-            return Err(Error::Invalid("a submission needs at least one part".into()));
+            return Err(Error::Invalid(
+                "a submission needs at least one part".into(),
+            ));
         }
         let mut per_shard: Vec<Vec<(usize, Part)>> = vec![Vec::new(); self.shards.len()];
         let mut reserved = vec![0u64; self.shards.len()];

@@ -123,14 +123,18 @@ impl Segments {
                     }
                     Ok(Record::Skipped { first, last }) => {
                         if first != next {
-                            problem = Some(format!("skipped {first}..={last} where {next} was expected"));
+                            problem = Some(format!(
+                                "skipped {first}..={last} where {next} was expected"
+                            ));
                         } else {
                             next = last + 1;
                         }
                     }
                     Ok(Record::Released { through }) => {
                         if through >= next {
-                            problem = Some(format!("released through {through}, but only {next} ids were written"));
+                            problem = Some(format!(
+                                "released through {through}, but only {next} ids were written"
+                            ));
                         } else if through > recovered.released_through {
                             recovered.released_through = through;
                             while recovered
@@ -211,7 +215,8 @@ impl Segments {
         }
         self.sync()?;
         let path = segment_path(&self.dir, next_id);
-        let (file, _) = LogFile::open(&path, MAGIC, FsyncPolicy::Never, |_, _| {}).map_err(io(&path))?;
+        let (file, _) =
+            LogFile::open(&path, MAGIC, FsyncPolicy::Never, |_, _| {}).map_err(io(&path))?;
         let sync = Arc::new(file.sync_handle().map_err(io(&path))?);
         let old = std::mem::replace(&mut self.active, file);
         self.active_sync = sync;
@@ -306,7 +311,11 @@ mod tests {
         // The oldest segments, wholly released, were deleted; the one holding 13 was not.
         let names: Vec<u64> = std::fs::read_dir(dir.path())
             .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy()[..20].parse().unwrap())
+            .map(|e| {
+                e.unwrap().file_name().to_string_lossy()[..20]
+                    .parse()
+                    .unwrap()
+            })
             .collect();
         assert!(names.iter().all(|&first| first > 1), "{names:?}");
         assert!(names.iter().any(|&first| first <= 13), "{names:?}");

@@ -198,7 +198,9 @@ pub(crate) fn start<D: Downstream>(
     let shared = Arc::new(Shared::default());
     if let Some(segments) = &segments {
         shared.disk_bytes.store(segments.bytes(), Ordering::Relaxed);
-        shared.segments.store(segments.count() as u64, Ordering::Relaxed);
+        shared
+            .segments
+            .store(segments.count() as u64, Ordering::Relaxed);
     }
     let (to_forwarder, from_writer) = tokio_mpsc::unbounded_channel();
     let (deadline_tx, deadline_rx) = watch::channel(None);
@@ -418,8 +420,7 @@ impl Writer {
                     if work {
                         break;
                     }
-                    if self.unwritten.is_some() || self.budget.is_failing.load(Ordering::Acquire)
-                    {
+                    if self.unwritten.is_some() || self.budget.is_failing.load(Ordering::Acquire) {
                         // Writes failed: try again now and then, so that the log accepts
                         // submissions again as soon as the disk takes writes.
                         let (guard, timeout) = self
@@ -432,7 +433,11 @@ impl Writer {
                             break;
                         }
                     } else {
-                        inbox = self.shared.wake.wait(inbox).unwrap_or_else(|e| e.into_inner());
+                        inbox = self
+                            .shared
+                            .wake
+                            .wait(inbox)
+                            .unwrap_or_else(|e| e.into_inner());
                     }
                 }
                 (
@@ -520,7 +525,10 @@ impl Writer {
         let mut outbound = Vec::with_capacity(closed.len());
         let mut kept = 0u64;
         for mut building in closed {
-            let sequence = self.sequences.entry(building.destination.clone()).or_insert(0);
+            let sequence = self
+                .sequences
+                .entry(building.destination.clone())
+                .or_insert(0);
             let entry = Entry {
                 id: self.next_id,
                 destination: building.destination.clone(),
@@ -531,7 +539,8 @@ impl Writer {
             };
             self.next_id += 1;
             *sequence += u64::from(building.count);
-            let entry_reserved = record::entry_frame_len(&entry.destination.topic, entry.body.len());
+            let entry_reserved =
+                record::entry_frame_len(&entry.destination.topic, entry.body.len());
             kept += entry_reserved;
             outbound.push(Outbound {
                 entry,
@@ -606,12 +615,21 @@ impl Writer {
 
     /// Writes entries `first..=through` (after a `Skipped` record for earlier failures),
     /// rolling the segment if it is full. On failure the ids are remembered as unwritten.
-    fn write(&mut self, kind: EntryKind, entries: &[Entry], first: u64, through: u64) -> Result<(), ()> {
+    fn write(
+        &mut self,
+        kind: EntryKind,
+        entries: &[Entry],
+        first: u64,
+        through: u64,
+    ) -> Result<(), ()> {
         let Some(segments) = &mut self.segments else {
             return Ok(());
         };
         let skipped = self.unwritten.map(|(a, b)| record::skipped(a, b));
-        let heads: Vec<Vec<u8>> = entries.iter().map(|e| record::entry_head(kind, e)).collect();
+        let heads: Vec<Vec<u8>> = entries
+            .iter()
+            .map(|e| record::entry_head(kind, e))
+            .collect();
         let mut frames: Vec<(&[u8], &[u8])> = Vec::with_capacity(entries.len() + 1);
         if let Some(skipped) = &skipped {
             frames.push((skipped, &[]));
@@ -629,8 +647,12 @@ impl Writer {
                 if let Err(error) = segments.roll_if_full(self.next_written) {
                     tracing::error!(%error, "cannot roll the message log's segment");
                 }
-                self.shared.disk_bytes.store(segments.bytes(), Ordering::Relaxed);
-                self.shared.segments.store(segments.count() as u64, Ordering::Relaxed);
+                self.shared
+                    .disk_bytes
+                    .store(segments.bytes(), Ordering::Relaxed);
+                self.shared
+                    .segments
+                    .store(segments.count() as u64, Ordering::Relaxed);
                 self.budget.set_failing(None);
                 Ok(())
             }
@@ -722,7 +744,11 @@ impl Writer {
             }
         }
         segments.delete_released(through);
-        self.shared.disk_bytes.store(segments.bytes(), Ordering::Relaxed);
-        self.shared.segments.store(segments.count() as u64, Ordering::Relaxed);
+        self.shared
+            .disk_bytes
+            .store(segments.bytes(), Ordering::Relaxed);
+        self.shared
+            .segments
+            .store(segments.count() as u64, Ordering::Relaxed);
     }
 }

@@ -52,7 +52,11 @@ impl FakeBroker {
         store
             .messages
             .get(destination)
-            .map(|m| m.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect())
+            .map(|m| {
+                m.iter()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -64,14 +68,22 @@ impl FakeBroker {
             .map(|(d, m)| {
                 (
                     format!("{}/{}", d.topic, d.partition),
-                    m.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect(),
+                    m.iter()
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .collect(),
                 )
             })
             .collect()
     }
 
     fn total(&self) -> usize {
-        self.store.lock().unwrap().messages.values().map(Vec::len).sum()
+        self.store
+            .lock()
+            .unwrap()
+            .messages
+            .values()
+            .map(Vec::len)
+            .sum()
     }
 }
 
@@ -119,7 +131,11 @@ impl Downstream for FakeBroker {
                 continue;
             }
             let messages = split(&batch.body);
-            assert_eq!(messages.len(), batch.count as usize, "count matches the body");
+            assert_eq!(
+                messages.len(),
+                batch.count as usize,
+                "count matches the body"
+            );
             let key = (batch.producer_id, batch.destination.clone());
             let runs = store.producers.entry(key.clone()).or_default();
             if let Some(&(_, _, offset)) = runs
@@ -150,7 +166,8 @@ impl Downstream for FakeBroker {
             if runs.recent.len() == 5 {
                 runs.recent.pop_front();
             }
-            runs.recent.push_back((batch.base_sequence, batch.count, offset));
+            runs.recent
+                .push_back((batch.base_sequence, batch.count, offset));
             offsets.push(offset);
         }
         if too_old {
@@ -202,7 +219,10 @@ fn submission(tag: &str, partitions: u32, per_part: usize, level: AckLevel) -> S
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -221,11 +241,17 @@ async fn every_mode_delivers_everything_once_in_order_with_offsets() {
                 (1, _) => AckLevel::Logged,
                 _ => unreachable!(),
             };
-            tickets.push(log.submit(submission(&format!("s{i}"), 4, 3, level)).unwrap());
+            tickets.push(
+                log.submit(submission(&format!("s{i}"), 4, 3, level))
+                    .unwrap(),
+            );
         }
         let mut stored_offsets = Vec::new();
         for (i, ticket) in tickets.into_iter().enumerate() {
-            let answer = tokio::time::timeout(WAIT, ticket.wait()).await.unwrap().unwrap();
+            let answer = tokio::time::timeout(WAIT, ticket.wait())
+                .await
+                .unwrap()
+                .unwrap();
             if i % 3 == 0 {
                 stored_offsets.push((i, answer.expect("offsets at Stored")));
             }
@@ -280,26 +306,43 @@ async fn a_replay_of_delivered_entries_stores_nothing_twice() {
         let (log, _) = MessageLog::open(config.clone(), dir.path(), broker.clone()).unwrap();
         let mut tickets = Vec::new();
         for i in 0..30 {
-            tickets.push(log.submit(submission(&format!("r{i}"), 3, 2, AckLevel::Stored)).unwrap());
+            tickets.push(
+                log.submit(submission(&format!("r{i}"), 3, 2, AckLevel::Stored))
+                    .unwrap(),
+            );
         }
         for ticket in tickets {
-            tokio::time::timeout(WAIT, ticket.wait()).await.unwrap().unwrap();
+            tokio::time::timeout(WAIT, ticket.wait())
+                .await
+                .unwrap()
+                .unwrap();
         }
         let calls = broker.store.lock().unwrap().calls;
-        assert!(calls < 30, "{mode}: entries were merged into fewer calls ({calls})");
+        assert!(
+            calls < 30,
+            "{mode}: entries were merged into fewer calls ({calls})"
+        );
         log.close(Duration::from_secs(5)).await;
         drop(log);
         forget_releases(dir.path());
 
         broker.delay_ms.store(0, Ordering::Relaxed);
         let (log, recovery) = MessageLog::open(config.clone(), dir.path(), broker.clone()).unwrap();
-        assert_eq!(recovery.messages, 30 * 3 * 2, "{mode}: everything is replayed");
+        assert_eq!(
+            recovery.messages,
+            30 * 3 * 2,
+            "{mode}: everything is replayed"
+        );
         wait_for("the replay to finish", || log.stats().pending_bytes == 0).await;
         for p in 0..3 {
             let expected: Vec<String> = (0..30)
                 .flat_map(|i| (0..2).map(move |j| format!("r{i}-p{p}-{j}")))
                 .collect();
-            assert_eq!(broker.messages(&destination(p)), expected, "{mode}: once, in order");
+            assert_eq!(
+                broker.messages(&destination(p)),
+                expected,
+                "{mode}: once, in order"
+            );
         }
         log.close(Duration::from_secs(5)).await;
         drop(log);
@@ -363,7 +406,8 @@ async fn a_full_log_refuses_and_loses_nothing() {
         broker.down.store(false, Ordering::Relaxed);
         wait_for("the backlog to drain", || broker.total() == accepted * 10).await;
         wait_for("the budget to free", || log.stats().pending_bytes == 0).await;
-        log.submit(submission("after", 2, 5, AckLevel::Accepted)).unwrap();
+        log.submit(submission("after", 2, 5, AckLevel::Accepted))
+            .unwrap();
         wait_for("a new submission", || broker.total() == accepted * 10 + 10).await;
         log.close(Duration::from_secs(5)).await;
     }
@@ -473,11 +517,17 @@ async fn a_full_disk_refuses_and_recovers() {
     let mut accepted = 0usize;
     let mut refusal = None;
     for i in 0..10_000 {
-        match log.submit(submission(&format!("{i:05}-{}", "x".repeat(100)), 2, 4, AckLevel::Logged)) {
+        match log.submit(submission(
+            &format!("{i:05}-{}", "x".repeat(100)),
+            2,
+            4,
+            AckLevel::Logged,
+        )) {
             Ok(ticket) => {
                 // Logged, or (the write having failed) answered once delivered: either way
                 // never an error, and never lost.
-                let answered = tokio::time::timeout(Duration::from_millis(500), ticket.wait()).await;
+                let answered =
+                    tokio::time::timeout(Duration::from_millis(500), ticket.wait()).await;
                 if let Ok(result) = answered {
                     result.unwrap();
                 }
@@ -494,7 +544,8 @@ async fn a_full_disk_refuses_and_recovers() {
     broker.down.store(false, Ordering::Relaxed);
     wait_for("the backlog to drain", || broker.total() == accepted * 8).await;
     wait_for("submissions to be taken again", || {
-        log.submit(submission("again", 2, 1, AckLevel::Accepted)).is_ok()
+        log.submit(submission("again", 2, 1, AckLevel::Accepted))
+            .is_ok()
     })
     .await;
     log.close(Duration::from_secs(5)).await;

@@ -216,7 +216,11 @@ impl ServiceConfig for CollectorConfig {
             ));
         }
         if self.data_dir.as_os_str().is_empty() {
-            return Err(ConfigError::invalid(section, "data_dir", "must not be empty"));
+            return Err(ConfigError::invalid(
+                section,
+                "data_dir",
+                "must not be empty",
+            ));
         }
         if !(1..=1024).contains(&self.topic_partitions) {
             return Err(ConfigError::invalid(
@@ -233,14 +237,22 @@ impl ServiceConfig for CollectorConfig {
             ));
         }
         if !(1..=10_000).contains(&self.max_taps) {
-            return Err(ConfigError::invalid(section, "max_taps", "must be between 1 and 10000"));
+            return Err(ConfigError::invalid(
+                section,
+                "max_taps",
+                "must be between 1 and 10000",
+            ));
         }
         self.validate_msglog(section)?;
         let track = &self.track;
         if track.query.is_empty() || track.value.is_empty() {
             return Err(ConfigError::invalid(
                 section,
-                if track.query.is_empty() { "track.query" } else { "track.value" },
+                if track.query.is_empty() {
+                    "track.query"
+                } else {
+                    "track.value"
+                },
                 "must not be empty",
             ));
         }
@@ -266,7 +278,11 @@ impl CollectorConfig {
     fn validate_msglog(&self, section: &str) -> Result<(), ConfigError> {
         let log = &self.msglog;
         if log.shards > 256 {
-            return Err(ConfigError::invalid(section, "msglog.shards", "must be at most 256"));
+            return Err(ConfigError::invalid(
+                section,
+                "msglog.shards",
+                "must be at most 256",
+            ));
         }
         if !(1 << 16..=1 << 40).contains(&log.max_bytes) {
             return Err(ConfigError::invalid(
@@ -344,7 +360,10 @@ mod tests {
             (|c| c.store = "nowhere".into(), "collector.store"),
             (|c| c.stream_window = 0, "collector.stream_window"),
             (|c| c.msglog.max_bytes = 10, "collector.msglog.max_bytes"),
-            (|c| c.msglog.batch_bytes = 100, "collector.msglog.batch_bytes"),
+            (
+                |c| c.msglog.batch_bytes = 100,
+                "collector.msglog.batch_bytes",
+            ),
             (|c| c.track.query = String::new(), "collector.track.query"),
             (|c| c.topic = "no spaces".into(), "collector.topic"),
             (|c| c.max_batch_events = 0, "collector.max_batch_events"),

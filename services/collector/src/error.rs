@@ -83,9 +83,7 @@ impl From<CollectorError> for Status {
                     LogError::NotLogging => Status::failed_precondition(error.to_string()),
                     LogError::Invalid(message) => Status::invalid_argument(message),
                     LogError::Closed => Status::unavailable("the collector is stopping; retry"),
-                    LogError::Io { .. }
-                    | LogError::Corrupt { .. }
-                    | LogError::Gap { .. } => {
+                    LogError::Io { .. } | LogError::Corrupt { .. } | LogError::Gap { .. } => {
                         tracing::error!(%error, "message log failure");
                         Status::internal("message log failure; see the collector's log")
                     }

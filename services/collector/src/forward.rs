@@ -24,7 +24,10 @@ impl Downstream for BrokerDownstream {
         // One request per topic, each holding its batches in log order.
         let mut topics: Vec<(std::sync::Arc<str>, Vec<usize>)> = Vec::new();
         for (index, batch) in batches.iter().enumerate() {
-            match topics.iter_mut().find(|(t, _)| *t == batch.destination.topic) {
+            match topics
+                .iter_mut()
+                .find(|(t, _)| *t == batch.destination.topic)
+            {
                 Some((_, indexes)) => indexes.push(index),
                 None => topics.push((batch.destination.topic.clone(), vec![index])),
             }

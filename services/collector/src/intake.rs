@@ -53,11 +53,15 @@ impl Accepted {
             .zip(self.placement)
             .map(|(id, (part, index))| {
                 let position = offsets.as_ref().and_then(|offsets| {
-                    offsets.get(part).copied().flatten().map(|base| RecordPosition {
-                        topic: topic.clone(),
-                        partition: self.partitions[part],
-                        offset: base + u64::from(index),
-                    })
+                    offsets
+                        .get(part)
+                        .copied()
+                        .flatten()
+                        .map(|base| RecordPosition {
+                            topic: topic.clone(),
+                            partition: self.partitions[part],
+                            offset: base + u64::from(index),
+                        })
                 });
                 EventReceipt { id, position }
             })

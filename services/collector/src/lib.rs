@@ -46,10 +46,14 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), CollectorError> {
     let udp = match config.udp {
-        Some(addr) => Some(UdpSocket::bind(addr).await.map_err(|source| CollectorError::Io {
-            what: format!("bind udp {addr}"),
-            source,
-        })?),
+        Some(addr) => Some(
+            UdpSocket::bind(addr)
+                .await
+                .map_err(|source| CollectorError::Io {
+                    what: format!("bind udp {addr}"),
+                    source,
+                })?,
+        ),
         None => None,
     };
     serve(config, listeners, udp, shutdown).await
@@ -90,7 +94,10 @@ pub async fn serve(
         max_batch_bytes: config.msglog.batch_bytes,
         max_batch_messages: config.msglog.batch_events,
         max_call_bytes: config.msglog.batch_bytes * 2,
-        call_timeout: config.server.request_timeout.min(std::time::Duration::from_secs(10)),
+        call_timeout: config
+            .server
+            .request_timeout
+            .min(std::time::Duration::from_secs(10)),
     };
     let topics = topics::Topics::open(&config.data_dir, broker.clone(), config.topic_partitions)?;
     let downstream = forward::BrokerDownstream {
@@ -134,7 +141,8 @@ pub async fn serve(
         gauge_shutdown
             .run_every(std::time::Duration::from_secs(2), || {
                 let stats = gauges.stats();
-                metrics::gauge!("runnel_collector_log_pending_bytes").set(stats.pending_bytes as f64);
+                metrics::gauge!("runnel_collector_log_pending_bytes")
+                    .set(stats.pending_bytes as f64);
                 metrics::gauge!("runnel_collector_log_disk_bytes").set(stats.disk_bytes as f64);
                 metrics::gauge!("runnel_collector_log_segments").set(stats.segments as f64);
                 async {}

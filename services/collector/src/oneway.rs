@@ -54,7 +54,10 @@ pub(crate) async fn send(
             Ok(None) | Err(_) => break,
         };
         let count = events.len();
-        match intake.submit(None, events, AckLevel::Accepted, "send").await {
+        match intake
+            .submit(None, events, AckLevel::Accepted, "send")
+            .await
+        {
             Ok(_) => response.accepted += count as u64,
             Err(error) => {
                 let why = reason(&error);
@@ -102,7 +105,11 @@ pub(crate) fn parse_datagram(bytes: &[u8]) -> Result<Event, String> {
         let event_time = match json.time {
             None => None,
             Some(serde_json::Value::Number(ms)) => Some(
-                Millis(ms.as_i64().ok_or("time: not a whole number of milliseconds")?).into(),
+                Millis(
+                    ms.as_i64()
+                        .ok_or("time: not a whole number of milliseconds")?,
+                )
+                .into(),
             ),
             Some(serde_json::Value::String(text)) => {
                 let at = humantime::parse_rfc3339(&text).map_err(|e| format!("time: {e}"))?;
@@ -202,20 +209,38 @@ mod tests {
         let json = br#"{"id":"hr-1","key":"athlete-7","type":"heart_rate","time":1714564805000,"payload":{"bpm":142}}"#;
         let event = parse_datagram(json).unwrap();
         assert_eq!(event.key, "athlete-7");
-        assert_eq!(Millis::from(event.event_time.unwrap()), Millis(1_714_564_805_000));
+        assert_eq!(
+            Millis::from(event.event_time.unwrap()),
+            Millis(1_714_564_805_000)
+        );
         assert_eq!(event.payload.as_ref(), br#"{"bpm":142}"#);
         let again = parse_datagram(&event.encode_to_vec()).unwrap();
         assert_eq!(again, event);
         let rfc = parse_datagram(br#"{"key":"k","time":"2024-05-01T12:00:05Z"}"#).unwrap();
-        assert_eq!(Millis::from(rfc.event_time.unwrap()), Millis(1_714_564_805_000));
+        assert_eq!(
+            Millis::from(rfc.event_time.unwrap()),
+            Millis(1_714_564_805_000)
+        );
     }
 
     #[test]
     fn bad_datagrams_say_why() {
-        assert!(parse_datagram(b"{not json").unwrap_err().contains("not an event object"));
+        assert!(
+            parse_datagram(b"{not json")
+                .unwrap_err()
+                .contains("not an event object")
+        );
         assert!(parse_datagram(br#"{"key":"k","colour":"red"}"#).is_err());
-        assert!(parse_datagram(br#"{"key":"k","time":true}"#).unwrap_err().starts_with("time"));
-        assert!(parse_datagram(&[0xff, 0xff, 0xff]).unwrap_err().contains("protobuf"));
+        assert!(
+            parse_datagram(br#"{"key":"k","time":true}"#)
+                .unwrap_err()
+                .starts_with("time")
+        );
+        assert!(
+            parse_datagram(&[0xff, 0xff, 0xff])
+                .unwrap_err()
+                .contains("protobuf")
+        );
     }
 
     proptest! {

@@ -13,8 +13,7 @@ use crate::track::Tracker;
 use runnel_proto::v1::collector_server::Collector;
 use runnel_proto::v1::{
     AckLevel, IngestRequest, IngestResponse, PublishRequest, PublishResponse, SendRequest,
-    SendResponse, StreamRequest, StreamResponse, TapEvent, TapRequest, TrackRequest,
-    TrackResponse,
+    SendResponse, StreamRequest, StreamResponse, TapEvent, TapRequest, TrackRequest, TrackResponse,
 };
 use runnel_server::Shutdown;
 use std::pin::Pin;

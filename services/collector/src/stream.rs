@@ -98,7 +98,7 @@ async fn run(
                         Ok(level) => intake
                             .submit(None, batch.events, level, "stream")
                             .await
-                            .map_err(|e| Status::from(e)),
+                            .map_err(Status::from),
                         Err(error) => Err(Status::from(error)),
                     }
                 };

@@ -11,8 +11,7 @@ use crate::validate::validate_topic;
 use futures::StreamExt;
 use runnel_proto::v1::subscribe_response::Message;
 use runnel_proto::v1::{
-    DescribeTopicRequest, Event, RecordPosition, SubscribeRequest, TapEvent, TapFilter,
-    TapRequest,
+    DescribeTopicRequest, Event, RecordPosition, SubscribeRequest, TapEvent, TapFilter, TapRequest,
 };
 use runnel_server::Shutdown;
 use std::pin::Pin;
@@ -72,10 +71,14 @@ impl Taps {
         let slot = Slot(Arc::clone(&self.open));
         let mut broker = self.broker.clone();
         let described = broker
-            .describe_topic(DescribeTopicRequest { name: topic.clone() })
+            .describe_topic(DescribeTopicRequest {
+                name: topic.clone(),
+            })
             .await
             .map_err(|status| match status.code() {
-                Code::NotFound => CollectorError::TopicNotFound(format!("topic {topic:?} does not exist")),
+                Code::NotFound => {
+                    CollectorError::TopicNotFound(format!("topic {topic:?} does not exist"))
+                }
                 _ => CollectorError::Broker(status),
             })?
             .into_inner();
@@ -116,7 +119,10 @@ impl Taps {
                     },
                     Some(Err(status)) => {
                         let _ = sender
-                            .send(Err(Status::unavailable(format!("broker: {}", status.message()))))
+                            .send(Err(Status::unavailable(format!(
+                                "broker: {}",
+                                status.message()
+                            ))))
                             .await;
                         break;
                     }

@@ -67,7 +67,11 @@ impl Topics {
 
     /// The partition count of `topic`: known, or asked of the broker — which creates the
     /// topic first if `create` and it does not exist.
-    pub(crate) async fn partitions(&self, topic: &str, create: bool) -> Result<u32, CollectorError> {
+    pub(crate) async fn partitions(
+        &self,
+        topic: &str,
+        create: bool,
+    ) -> Result<u32, CollectorError> {
         if let Some(count) = self.known(topic) {
             return Ok(count);
         }
@@ -102,7 +106,9 @@ impl Topics {
             .topic
             .map(|t| t.partitions.len() as u32)
             .filter(|&n| n > 0)
-            .ok_or_else(|| CollectorError::TopicNotFound(format!("topic {topic:?} has no partitions")))?;
+            .ok_or_else(|| {
+                CollectorError::TopicNotFound(format!("topic {topic:?} has no partitions"))
+            })?;
         self.remember(topic, count)?;
         Ok(count)
     }

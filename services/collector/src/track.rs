@@ -49,10 +49,7 @@ impl std::fmt::Debug for Tracker {
 }
 
 impl Tracker {
-    pub(crate) fn new(
-        store: StoreClient<Channel>,
-        config: &crate::config::TrackConfig,
-    ) -> Tracker {
+    pub(crate) fn new(store: StoreClient<Channel>, config: &crate::config::TrackConfig) -> Tracker {
         let entries = NonZeroUsize::new(config.cache_entries).unwrap_or(NonZeroUsize::MIN);
         Tracker {
             store,
@@ -109,7 +106,11 @@ impl Tracker {
             .done()
             .await?;
         // A token issued just now has no history to score.
-        let result = if issued { None } else { self.lookup(&token).await };
+        let result = if issued {
+            None
+        } else {
+            self.lookup(&token).await
+        };
         let score = result
             .as_ref()
             .and_then(|result| result.values.get(&self.value).copied());
@@ -143,16 +144,13 @@ impl Tracker {
                 let result = response.into_inner().result;
                 metrics::counter!("runnel_collector_track_lookups_total", "outcome" => "read")
                     .increment(1);
-                self.cache
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .put(
-                        token.to_owned(),
-                        Cached {
-                            at: Instant::now(),
-                            result: result.clone(),
-                        },
-                    );
+                self.cache.lock().unwrap_or_else(|e| e.into_inner()).put(
+                    token.to_owned(),
+                    Cached {
+                        at: Instant::now(),
+                        result: result.clone(),
+                    },
+                );
                 result
             }
             Ok(Err(status)) => {

@@ -80,7 +80,11 @@ pub(crate) async fn run(args: StreamArgs) -> Result<ExitCode> {
         args.batch,
         args.concurrency,
         args.window,
-        if args.rate == 0 { "unlimited".to_owned() } else { args.rate.to_string() },
+        if args.rate == 0 {
+            "unlimited".to_owned()
+        } else {
+            args.rate.to_string()
+        },
         args.fsync,
         args.log.mode,
         args.log.fsync,
@@ -176,7 +180,8 @@ async fn drive(
                         let mut sent = sent.lock().expect("sent");
                         while sent.front().is_some_and(|(s, _)| *s <= ack.acknowledged) {
                             if let Some((_, at)) = sent.pop_front() {
-                                let micros = u64::try_from((now - at).as_micros()).unwrap_or(u64::MAX);
+                                let micros =
+                                    u64::try_from((now - at).as_micros()).unwrap_or(u64::MAX);
                                 let _ = histogram.record(micros.max(1));
                                 acked.fetch_add(batch, Ordering::Relaxed);
                                 permits.add_permits(1);
@@ -199,7 +204,9 @@ async fn drive(
                 }
                 permits.acquire().await?.forget();
                 sequence += 1;
-                sent.lock().expect("sent").push_back((sequence, Instant::now()));
+                sent.lock()
+                    .expect("sent")
+                    .push_back((sequence, Instant::now()));
                 let request = StreamRequest {
                     sequence,
                     events: template.clone(),

@@ -66,14 +66,22 @@ pub(crate) async fn start(configure: impl FnOnce(&mut CollectorConfig)) -> Stack
         ..BrokerConfig::default()
     };
     let (broker_trigger, broker_shutdown) = Shutdown::new();
-    tokio::spawn(runnel_broker::run(broker_config, broker_listeners, broker_shutdown));
+    tokio::spawn(runnel_broker::run(
+        broker_config,
+        broker_listeners,
+        broker_shutdown,
+    ));
     let store_listeners = listeners().await;
     let store_url = format!("http://{}", store_listeners.grpc.local_addr().unwrap());
     let store_config = StoreConfig {
         data_dir: dir.path().join("store"),
         ..StoreConfig::default()
     };
-    tokio::spawn(runnel_store::run(store_config, store_listeners, shutdown.clone()));
+    tokio::spawn(runnel_store::run(
+        store_config,
+        store_listeners,
+        shutdown.clone(),
+    ));
     let collector_listeners = listeners().await;
     let collector_url = format!("http://{}", collector_listeners.grpc.local_addr().unwrap());
     let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();

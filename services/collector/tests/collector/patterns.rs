@@ -36,7 +36,9 @@ async fn read_records(consumer: &mut GroupConsumer, want: usize) -> Vec<String> 
 async fn publish_works_without_a_subscriber_and_a_subscriber_without_a_publisher() {
     let mut stack = start(|_| {}).await;
     // A producer with no subscriber: the topic is created on demand and keeps the events.
-    let events: Vec<Event> = (0..5).map(|i| event(&format!("o-{i}"), "order-1")).collect();
+    let events: Vec<Event> = (0..5)
+        .map(|i| event(&format!("o-{i}"), "order-1"))
+        .collect();
     let receipts = stack
         .collector
         .publish(PublishRequest {
@@ -48,10 +50,19 @@ async fn publish_works_without_a_subscriber_and_a_subscriber_without_a_publisher
         .unwrap()
         .into_inner()
         .receipts;
-    assert!(receipts.iter().all(|r| r.position.as_ref().unwrap().topic == "orders"));
-    let mut late = GroupConsumer::join(stack.broker.clone(), "billing", "orders", ConsumerOptions::default())
-        .await
-        .unwrap();
+    assert!(
+        receipts
+            .iter()
+            .all(|r| r.position.as_ref().unwrap().topic == "orders")
+    );
+    let mut late = GroupConsumer::join(
+        stack.broker.clone(),
+        "billing",
+        "orders",
+        ConsumerOptions::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(read_records(&mut late, 5).await.len(), 5);
 
     // A subscriber with no producer: it waits, and gets what is published later.
@@ -64,15 +75,22 @@ async fn publish_works_without_a_subscriber_and_a_subscriber_without_a_publisher
         })
         .await
         .unwrap();
-    let mut early = GroupConsumer::join(stack.broker.clone(), "pager", "alerts", ConsumerOptions::default())
-        .await
-        .unwrap();
+    let mut early = GroupConsumer::join(
+        stack.broker.clone(),
+        "pager",
+        "alerts",
+        ConsumerOptions::default(),
+    )
+    .await
+    .unwrap();
     match tokio::time::timeout(WAIT, early.next()).await {
         Ok(Ok(Some(GroupEvent::Assigned { partitions, .. }))) => assert_eq!(partitions.len(), 2),
         other => panic!("{other:?}"),
     }
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), early.next()).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(300), early.next())
+            .await
+            .is_err(),
         "nothing to read yet"
     );
     stack
@@ -102,7 +120,10 @@ async fn publish_to_a_missing_topic_is_refused_when_creation_is_off() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
-    assert!(status.message().contains("auto_create_topics"), "{status:?}");
+    assert!(
+        status.message().contains("auto_create_topics"),
+        "{status:?}"
+    );
     let status = stack
         .collector
         .publish(PublishRequest {
@@ -132,8 +153,14 @@ async fn send_counts_what_it_took_and_what_it_refused() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((response.accepted, response.invalid, response.dropped), (20, 1, 0));
-    assert!(response.first_invalid.contains("id is required"), "{response:?}");
+    assert_eq!(
+        (response.accepted, response.invalid, response.dropped),
+        (20, 1, 0)
+    );
+    assert!(
+        response.first_invalid.contains("id is required"),
+        "{response:?}"
+    );
     let stored = stored_ids(&mut stack.broker, "events", 4, 20).await;
     assert_eq!(stored.iter().map(Vec::len).sum::<usize>(), 20);
 }
@@ -164,7 +191,10 @@ async fn send_sheds_load_instead_of_slowing_the_sender() {
         .unwrap()
         .into_inner();
     assert_eq!(response.accepted + response.dropped, 500, "{response:?}");
-    assert!(response.dropped > 0 && response.accepted > 0, "{response:?}");
+    assert!(
+        response.dropped > 0 && response.accepted > 0,
+        "{response:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,7 +202,10 @@ async fn udp_datagrams_of_json_or_protobuf_reach_the_broker() {
     let mut stack = start(|_| {}).await;
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     for i in 0..10 {
-        let json = format!(r#"{{"id":"u-json-{i}","key":"athlete-{i}","type":"heart_rate","payload":{{"bpm":{}}}}}"#, 120 + i);
+        let json = format!(
+            r#"{{"id":"u-json-{i}","key":"athlete-{i}","type":"heart_rate","payload":{{"bpm":{}}}}}"#,
+            120 + i
+        );
         socket.send_to(json.as_bytes(), stack.udp).await.unwrap();
         let proto = event(&format!("u-proto-{i}"), "athlete-x").encode_to_vec();
         socket.send_to(&proto, stack.udp).await.unwrap();
@@ -224,7 +257,10 @@ async fn stream_acknowledges_cumulatively_within_its_window() {
             .unwrap()
             .unwrap()
             .unwrap();
-        assert!(ack.acknowledged >= acknowledged && ack.acknowledged <= sent, "{ack:?}");
+        assert!(
+            ack.acknowledged >= acknowledged && ack.acknowledged <= sent,
+            "{ack:?}"
+        );
         acknowledged = ack.acknowledged;
     }
     // A batch out of sequence ends the stream, after a last acknowledgement.
@@ -272,7 +308,10 @@ async fn tap_streams_live_events_through_its_filter() {
         .into_inner();
     let events: Vec<Event> = (0..12)
         .map(|i| {
-            let mut e = event(&format!("t-{i}"), if i % 2 == 0 { "tap-a" } else { "other" });
+            let mut e = event(
+                &format!("t-{i}"),
+                if i % 2 == 0 { "tap-a" } else { "other" },
+            );
             e.r#type = if i % 3 == 0 { "view" } else { "click" }.into();
             e
         })
@@ -350,8 +389,16 @@ async fn track_issues_a_token_and_answers_with_its_latest_score() {
         ack_level: AckLevel::Logged as i32,
         ..Default::default()
     };
-    let unscored = stack.collector.track(track("click")).await.unwrap().into_inner();
-    assert_eq!((unscored.token.as_str(), unscored.score), (token.as_str(), None));
+    let unscored = stack
+        .collector
+        .track(track("click"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (unscored.token.as_str(), unscored.score),
+        (token.as_str(), None)
+    );
 
     stack
         .store
@@ -364,7 +411,12 @@ async fn track_issues_a_token_and_answers_with_its_latest_score() {
     tokio::time::sleep(Duration::from_millis(60)).await;
     let mut scores = Vec::new();
     for kind in ["cart", "purchase", "cart"] {
-        let answer = stack.collector.track(track(kind)).await.unwrap().into_inner();
+        let answer = stack
+            .collector
+            .track(track(kind))
+            .await
+            .unwrap()
+            .into_inner();
         scores.push(answer.score);
         if kind == "purchase" {
             stack
