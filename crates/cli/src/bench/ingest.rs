@@ -56,10 +56,10 @@ pub(crate) struct IngestArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct LogArgs {
     /// The collector's message log: none, rbml, sbml or hml.
-    #[arg(long = "log", default_value = "hml")]
+    #[arg(id = "log_mode", long = "log", default_value = "hml")]
     pub(crate) mode: Mode,
     /// The message log's fsync policy: always (per group commit), never, or an interval.
-    #[arg(long = "log-fsync", default_value = "always")]
+    #[arg(id = "log_fsync", long = "log-fsync", default_value = "always")]
     pub(crate) fsync: FsyncPolicy,
 }
 
