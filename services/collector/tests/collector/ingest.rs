@@ -205,3 +205,28 @@ async fn a_full_log_refuses_with_resource_exhausted() {
     assert!(status.message().contains("full"), "{status:?}");
     assert!(accepted >= 5, "accepted {accepted} batches before filling");
 }
+
+/// One connection, many calls in flight: each is answered on its own, none waits for the
+/// others to finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_keeps_many_calls_in_flight() {
+    let stack = start(|_| {}).await;
+    let calls = (0..64).map(|i| {
+        let mut client = stack.collector.clone();
+        async move {
+            client
+                .ingest(IngestRequest {
+                    events: vec![event(&format!("par-{i}"), &format!("k-{i}"))],
+                    ack_level: AckLevel::Stored as i32,
+                })
+                .await
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let mut offsets = std::collections::HashSet::new();
+    for answer in answers {
+        let position = answer.unwrap().into_inner().receipts[0].position.clone().unwrap();
+        assert!(offsets.insert((position.partition, position.offset)), "{position:?}");
+    }
+    assert_eq!(offsets.len(), 64);
+}
