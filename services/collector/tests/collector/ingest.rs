@@ -225,8 +225,14 @@ async fn one_connection_keeps_many_calls_in_flight() {
     let answers = futures::future::join_all(calls).await;
     let mut offsets = std::collections::HashSet::new();
     for answer in answers {
-        let position = answer.unwrap().into_inner().receipts[0].position.clone().unwrap();
-        assert!(offsets.insert((position.partition, position.offset)), "{position:?}");
+        let position = answer.unwrap().into_inner().receipts[0]
+            .position
+            .clone()
+            .unwrap();
+        assert!(
+            offsets.insert((position.partition, position.offset)),
+            "{position:?}"
+        );
     }
     assert_eq!(offsets.len(), 64);
 }
