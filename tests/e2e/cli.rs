@@ -16,7 +16,8 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// `runnel up`'s own config: every port ephemeral, 10 s windows, no idleness.
 fn up_config() -> String {
-    let mut toml = String::from("[gateway]\nhttp = \"127.0.0.1:0\"\n");
+    let mut toml =
+        String::from("[gateway]\nhttp = \"127.0.0.1:0\"\n[collector]\nudp = \"127.0.0.1:0\"\n");
     for service in ["collector", "broker", "analyzer", "store", "gateway"] {
         toml.push_str(&format!(
             "[{service}.server]\ngrpc = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n"

@@ -7,6 +7,7 @@
 
 mod analyzer;
 mod cli;
+mod collector;
 mod crash;
 mod pipeline;
 mod tracing;

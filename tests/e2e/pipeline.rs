@@ -43,7 +43,10 @@ async fn ingest(pipeline: &Pipeline, events: Vec<Event>, acked: &mut Vec<String>
         .expect("collector");
     let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
     let response = collector
-        .ingest(IngestRequest { events })
+        .ingest(IngestRequest {
+            events,
+            ..Default::default()
+        })
         .await
         .unwrap_or_else(|status| panic!("ingest failed: {status}\n{}", pipeline.logs()))
         .into_inner();
@@ -396,13 +399,17 @@ async fn ingest_fails_retryably_while_the_broker_is_down() {
     let status = collector
         .ingest(IngestRequest {
             events: events.clone(),
+            ..Default::default()
         })
         .await
         .expect_err("no broker, no acknowledgement");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     pipeline.broker = pipeline.broker.restart().await.expect("broker restarts");
     let receipts = collector
-        .ingest(IngestRequest { events })
+        .ingest(IngestRequest {
+            events,
+            ..Default::default()
+        })
         .await
         .unwrap_or_else(|status| panic!("retry failed: {status}\n{}", pipeline.logs()))
         .into_inner()

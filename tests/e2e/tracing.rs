@@ -42,6 +42,7 @@ async fn one_event_yields_spans_from_all_five_services_under_one_trace() {
     collector
         .ingest(IngestRequest {
             events: vec![event("traced-1", "traced", T0 + 1000, Some(42.0))],
+            ..Default::default()
         })
         .await
         .expect("ingest");
@@ -49,6 +50,7 @@ async fn one_event_yields_spans_from_all_five_services_under_one_trace() {
     collector
         .ingest(IngestRequest {
             events: clock_events("traced-close", T0 + 100_000),
+            ..Default::default()
         })
         .await
         .expect("ingest");

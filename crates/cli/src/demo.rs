@@ -69,7 +69,13 @@ pub(crate) async fn run(collector_url: String, gateway_url: String, shutdown: Sh
                 ..Default::default()
             })
             .collect();
-        match collector.ingest(IngestRequest { events }).await {
+        match collector
+            .ingest(IngestRequest {
+                events,
+                ..Default::default()
+            })
+            .await
+        {
             Ok(_) => sent += SENSORS,
             Err(status) => {
                 failures += 1;

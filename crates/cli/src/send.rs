@@ -101,7 +101,10 @@ async fn flush(
     let events = std::mem::take(batch);
     let count = events.len() as u64;
     collector
-        .ingest(IngestRequest { events })
+        .ingest(IngestRequest {
+            events,
+            ..Default::default()
+        })
         .await
         .map_err(|s| {
             anyhow::anyhow!(

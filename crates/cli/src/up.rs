@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 /// Arguments of `runnel up`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct UpArgs {
-    /// Where the broker, analyzer and store keep their files (one directory each).
+    /// Where the collector, broker, analyzer and store keep their files (one directory each).
     #[arg(long, default_value = "runnel-data")]
     data_dir: PathBuf,
     /// A TOML file with `[collector]`, `[broker]`, … tables (default: ./runnel.toml if present).
@@ -55,6 +55,7 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
         store: load(file)?,
         gateway: load(file)?,
     };
+    pipeline.collector.data_dir = args.data_dir.join("collector");
     pipeline.broker.data_dir = args.data_dir.join("broker");
     pipeline.analyzer.data_dir = args.data_dir.join("analyzer");
     pipeline.store.data_dir = args.data_dir.join("store");
@@ -81,6 +82,7 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
     pipeline.analyzer.broker = url(&broker_listeners)?;
     pipeline.analyzer.store = url(&store_listeners)?;
     pipeline.gateway.store = url(&store_listeners)?;
+    pipeline.collector.store = url(&store_listeners)?;
 
     let rows = [
         ("collector", &collector_listeners),

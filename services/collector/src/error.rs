@@ -19,6 +19,32 @@ pub enum CollectorError {
         /// Why it is unusable.
         source: tonic::transport::Error,
     },
+    /// The message log refused a submission (full, not logging, closing) or could not be
+    /// opened.
+    #[error("message log: {0}")]
+    Log(#[from] runnel_msglog::Error),
+    /// `Publish` or `Tap` named a topic that does not exist (and may not be created).
+    #[error("{0}")]
+    TopicNotFound(String),
+    /// The store's URL does not parse.
+    #[error("store url {url:?}: {source}")]
+    StoreUrl {
+        /// The configured URL.
+        url: String,
+        /// Why it is unusable.
+        source: tonic::transport::Error,
+    },
+    /// Too many streams of one kind are open.
+    #[error("{0}")]
+    TooMany(String),
+    /// A file of the collector's own (its topic table, the UDP socket) failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
     /// The gRPC server failed.
     #[error(transparent)]
     Serve(#[from] runnel_server::ServeError),
@@ -46,7 +72,29 @@ impl From<CollectorError> for Status {
                     Status::internal("broker failed; see the collector's log")
                 }
             },
-            CollectorError::BrokerUrl { .. } | CollectorError::Serve(_) => {
+            CollectorError::Log(error) => {
+                use runnel_msglog::Error as LogError;
+                match error {
+                    LogError::Full { .. } | LogError::DiskFull(_) => {
+                        metrics::counter!("runnel_collector_refused_total", "reason" => "log_full")
+                            .increment(1);
+                        Status::resource_exhausted(error.to_string())
+                    }
+                    LogError::NotLogging => Status::failed_precondition(error.to_string()),
+                    LogError::Invalid(message) => Status::invalid_argument(message),
+                    LogError::Closed => Status::unavailable("the collector is stopping; retry"),
+                    LogError::Io { .. } | LogError::Corrupt { .. } | LogError::Gap { .. } => {
+                        tracing::error!(%error, "message log failure");
+                        Status::internal("message log failure; see the collector's log")
+                    }
+                }
+            }
+            CollectorError::TopicNotFound(message) => Status::not_found(message),
+            CollectorError::TooMany(message) => Status::resource_exhausted(message),
+            CollectorError::BrokerUrl { .. }
+            | CollectorError::StoreUrl { .. }
+            | CollectorError::Io { .. }
+            | CollectorError::Serve(_) => {
                 tracing::error!(%error, "collector failure");
                 Status::internal("collector failure; see the collector's log")
             }

@@ -117,6 +117,22 @@ pub(crate) fn validate_batch(
     Ok(())
 }
 
+/// Checks a topic name as the broker does: 1-249 characters from `[a-zA-Z0-9._-]`.
+pub(crate) fn validate_topic(name: &str) -> Result<(), CollectorError> {
+    let fine = !name.is_empty()
+        && name.len() <= 249
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if fine {
+        Ok(())
+    } else {
+        Err(CollectorError::InvalidEvent(format!(
+            "topic {name:?}: use 1-249 characters from [a-zA-Z0-9._-]"
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +205,14 @@ mod tests {
             nanos: 999_999_999,
         });
         validate_batch(&mut [last_second], LIMITS, Millis(0)).unwrap();
+    }
+
+    #[test]
+    fn topic_names_are_checked() {
+        validate_topic("orders.v1-eu_2").unwrap();
+        for bad in ["", "with space", "ünï", &"t".repeat(250)] {
+            assert!(validate_topic(bad).is_err(), "{bad:?}");
+        }
     }
 
     proptest! {

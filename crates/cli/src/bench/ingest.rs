@@ -4,16 +4,17 @@
 //! ports with a temporary data directory, so the figure measures Runnel and nothing else;
 //! `--collector` points it at a running pipeline instead. Each of `--concurrency` clients
 //! sends `Ingest` batches of `--batch` events with `--size`-byte payloads, one call in
-//! flight per client; latency is measured per call, from send to acknowledgement (the
-//! broker's write and fsync included).
+//! flight per client, answered at `--ack`; latency is measured per call, from send to
+//! acknowledgement. `--log` and `--log-fsync` choose the collector's message log.
 
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use runnel_broker::BrokerConfig;
 use runnel_collector::CollectorConfig;
 use runnel_log::FsyncPolicy;
+use runnel_msglog::Mode;
 use runnel_proto::v1::collector_client::CollectorClient;
-use runnel_proto::v1::{Event, IngestRequest};
+use runnel_proto::v1::{AckLevel, Event, IngestRequest};
 use runnel_server::{Listeners, ServiceConfig, Shutdown};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -44,6 +45,51 @@ pub(crate) struct IngestArgs {
     /// Keys to spread events over (and so partitions).
     #[arg(long, default_value_t = 64)]
     keys: u64,
+    /// When calls are answered.
+    #[arg(long, value_enum, default_value_t = Ack::Stored)]
+    ack: Ack,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+/// The in-process collector's message log.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct LogArgs {
+    /// The collector's message log: none, rbml, sbml or hml.
+    #[arg(id = "log_mode", long = "log", default_value = "hml")]
+    pub(crate) mode: Mode,
+    /// The message log's fsync policy: always (per group commit), never, or an interval.
+    #[arg(id = "log_fsync", long = "log-fsync", default_value = "always")]
+    pub(crate) fsync: FsyncPolicy,
+}
+
+/// The ack level asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Ack {
+    /// In the collector's memory.
+    Accepted,
+    /// In the collector's message log.
+    Logged,
+    /// Acknowledged by the broker.
+    Stored,
+}
+
+impl Ack {
+    pub(crate) fn level(self) -> AckLevel {
+        match self {
+            Ack::Accepted => AckLevel::Accepted,
+            Ack::Logged => AckLevel::Logged,
+            Ack::Stored => AckLevel::Stored,
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Ack::Accepted => "accepted",
+            Ack::Logged => "logged",
+            Ack::Stored => "stored",
+        }
+    }
 }
 
 struct Totals {
@@ -56,7 +102,7 @@ pub(crate) async fn run(args: IngestArgs) -> Result<ExitCode> {
     let (trigger, shutdown) = Shutdown::new();
     let collector_url = match &args.collector {
         Some(url) => url.clone(),
-        None => start_in_process(&args, data.path(), shutdown.clone()).await?,
+        None => start_in_process(args.fsync, &args.log, data.path(), shutdown.clone()).await?,
     };
     let channel = tonic::transport::Endpoint::from_shared(collector_url.clone())?
         .connect()
@@ -69,8 +115,15 @@ pub(crate) async fn run(args: IngestArgs) -> Result<ExitCode> {
     drive(&args, channel.clone(), warmup, "warmup").await?;
 
     eprintln!(
-        "bench: {} events of {} bytes, batches of {}, {} concurrent clients, fsync {}",
-        args.events, args.size, args.batch, args.concurrency, args.fsync
+        "bench: {} events of {} bytes, batches of {}, {} concurrent clients, broker fsync {}, log {} (fsync {}), ack {}",
+        args.events,
+        args.size,
+        args.batch,
+        args.concurrency,
+        args.fsync,
+        args.log.mode,
+        args.log.fsync,
+        args.ack.name()
     );
     let started = Instant::now();
     let (histogram, totals) = drive(&args, channel, args.events, "run").await?;
@@ -85,20 +138,25 @@ pub(crate) async fn run(args: IngestArgs) -> Result<ExitCode> {
     println!("events acknowledged   {sent} in {elapsed:.2}s ({errors} failed calls)");
     println!("throughput            {rate:.0} events/s ({mb:.1} MB/s of payload)");
     println!(
-        "ack latency per call  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        "ack latency per call  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p999 {:.2} ms  max {:.2} ms",
         ms(0.5),
         ms(0.9),
         ms(0.99),
+        ms(0.999),
         histogram.max() as f64 / 1000.0
     );
     println!(
-        "markdown row          | {} | {} | {} | {} | {rate:.0} | {:.2} | {:.2} |",
+        "markdown row          | ingest | {} | {} | {} | {} | {} | {} | {} | {rate:.0} | {:.2} | {:.2} | {:.2} |",
+        args.log.mode,
+        args.log.fsync,
+        args.ack.name(),
         args.batch,
         args.concurrency,
         args.fsync,
         args.size,
         ms(0.5),
-        ms(0.99)
+        ms(0.99),
+        ms(0.999)
     );
     Ok(if errors == 0 {
         ExitCode::SUCCESS
@@ -107,31 +165,37 @@ pub(crate) async fn run(args: IngestArgs) -> Result<ExitCode> {
     })
 }
 
-fn tempfile_dir() -> Result<tempfile::TempDir> {
+pub(crate) fn tempfile_dir() -> Result<tempfile::TempDir> {
     tempfile::Builder::new()
         .prefix("runnel-bench-")
         .tempdir()
         .context("temporary data directory")
 }
 
-async fn start_in_process(
-    args: &IngestArgs,
+/// A broker and a collector in this process, on ephemeral ports; the collector's URL.
+pub(crate) async fn start_in_process(
+    broker_fsync: FsyncPolicy,
+    log: &LogArgs,
     data: &std::path::Path,
     shutdown: Shutdown,
 ) -> Result<String> {
     let broker = BrokerConfig {
         server: runnel_server::ServerConfig::loopback(0, 0),
         data_dir: data.join("broker"),
-        fsync: args.fsync,
+        fsync: broker_fsync,
         ..BrokerConfig::default()
     };
     broker.validate()?;
     let broker_listeners = Listeners::bind(broker.listen()).await?;
-    let collector = CollectorConfig {
+    let mut collector = CollectorConfig {
         server: runnel_server::ServerConfig::loopback(0, 0),
         broker: format!("http://{}", broker_listeners.grpc.local_addr()?),
+        data_dir: data.join("collector"),
+        udp: None,
         ..CollectorConfig::default()
     };
+    collector.msglog.mode = log.mode;
+    collector.msglog.fsync = log.fsync;
     collector.validate()?;
     let collector_listeners = Listeners::bind(collector.listen()).await?;
     let url = format!("http://{}", collector_listeners.grpc.local_addr()?);
@@ -168,6 +232,7 @@ async fn drive(
         let mut client = CollectorClient::new(channel.clone());
         let (totals, next_batch, payload) = (totals.clone(), next_batch.clone(), payload.clone());
         let (batch, keys) = (args.batch, args.keys.max(1));
+        let ack_level = args.ack.level() as i32;
         clients.spawn(async move {
             let mut histogram =
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
@@ -189,7 +254,7 @@ async fn drive(
                     })
                     .collect();
                 let started = Instant::now();
-                match client.ingest(IngestRequest { events }).await {
+                match client.ingest(IngestRequest { events, ack_level }).await {
                     Ok(_) => {
                         let micros =
                             u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);

@@ -3,6 +3,7 @@
 mod analyzer;
 mod broker;
 mod ingest;
+mod stream;
 
 use anyhow::Result;
 use std::process::ExitCode;
@@ -12,6 +13,8 @@ use std::process::ExitCode;
 pub(crate) enum BenchCommand {
     /// Ingest throughput and ack latency through collector → broker.
     Ingest(ingest::IngestArgs),
+    /// Stream throughput and ack latency through collector → broker.
+    Stream(stream::StreamArgs),
     /// Produce and consume throughput and produce-ack latency of the broker alone, and of
     /// NATS JetStream through the same load generator.
     Broker(broker::BrokerArgs),
@@ -23,6 +26,7 @@ pub(crate) enum BenchCommand {
 pub(crate) async fn run(what: BenchCommand) -> Result<ExitCode> {
     match what {
         BenchCommand::Ingest(args) => ingest::run(args).await,
+        BenchCommand::Stream(args) => stream::run(args).await,
         BenchCommand::Broker(args) => broker::run(args).await,
         BenchCommand::Analyzer(args) => analyzer::run(args).await,
     }

@@ -1,0 +1,393 @@
+//! One shard's segment files: appending, rolling, deleting what is released, and the
+//! recovery scan.
+//!
+//! ```text
+//! <dir>/<first id, 20 digits>.log    a segment: a runnel-log file of records (see record.rs)
+//! ```
+//!
+//! The last segment is the active one; the others are sealed (fsync'd when they were
+//! rolled, never written again). A sealed segment is deleted once every entry in it is
+//! released, oldest first, so the segments always hold a run of consecutive ids.
+
+use crate::record::{self, EntryKind, MAGIC, Record};
+use crate::{Entry, Error};
+use runnel_log::{FsyncPolicy, LogFile, SyncHandle};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A sealed segment, as far as deleting it is concerned.
+#[derive(Debug)]
+struct Sealed {
+    path: PathBuf,
+    /// Its last entry id (the id before its first when it holds none).
+    last: u64,
+    bytes: u64,
+}
+
+/// What the recovery scan found in a shard.
+#[derive(Debug, Default)]
+pub(crate) struct Recovered {
+    /// Entries not released, in id order.
+    pub(crate) pending: VecDeque<(EntryKind, Entry)>,
+    /// The id the next entry gets.
+    pub(crate) next_id: u64,
+    /// Every entry up to this id was released.
+    pub(crate) released_through: u64,
+    /// Bytes cut from a torn tail.
+    pub(crate) truncated_bytes: u64,
+}
+
+/// A shard's segments.
+#[derive(Debug)]
+pub(crate) struct Segments {
+    dir: PathBuf,
+    sealed: VecDeque<Sealed>,
+    active: LogFile,
+    /// The sync handle of the active segment, shared with the syncer thread.
+    active_sync: Arc<SyncHandle>,
+    segment_bytes: u64,
+}
+
+fn segment_path(dir: &Path, first_id: u64) -> PathBuf {
+    dir.join(format!("{first_id:020}.log"))
+}
+
+fn io(path: &Path) -> impl FnOnce(runnel_log::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Segments {
+    /// Opens (or creates) the shard directory `dir` and scans every segment: checks that
+    /// ids run on without a gap, cuts a torn tail off the active segment, and returns the
+    /// entries not yet released. Sealed segments that are wholly released are deleted.
+    pub(crate) fn open(dir: &Path, segment_bytes: u64) -> Result<(Segments, Recovered), Error> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io {
+            path: dir.to_owned(),
+            source: e.into(),
+        })?;
+        let mut firsts = Vec::new();
+        let entries = std::fs::read_dir(dir).map_err(|e| Error::Io {
+            path: dir.to_owned(),
+            source: e.into(),
+        })?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::Io {
+                path: dir.to_owned(),
+                source: e.into(),
+            })?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if let Some(stem) = name.strip_suffix(".log")
+                && let Ok(first) = stem.parse::<u64>()
+            {
+                firsts.push(first);
+            }
+        }
+        firsts.sort_unstable();
+
+        let mut recovered = Recovered::default();
+        let mut expected: Option<u64> = None;
+        let mut sealed = VecDeque::new();
+        let mut active = None;
+        for (i, &first) in firsts.iter().enumerate() {
+            let path = segment_path(dir, first);
+            if let Some(expected) = expected
+                && first != expected
+            {
+                return Err(Error::Gap {
+                    path,
+                    expected,
+                    found: first,
+                });
+            }
+            let mut next = first;
+            let mut problem: Option<String> = None;
+            let (file, recovery) = LogFile::open(&path, MAGIC, FsyncPolicy::Never, |_, payload| {
+                if problem.is_some() {
+                    return;
+                }
+                match record::decode(payload) {
+                    Ok(Record::Entry(kind, entry)) => {
+                        if entry.id != next {
+                            problem = Some(format!("entry {} where {next} was expected", entry.id));
+                        } else {
+                            next += 1;
+                            if entry.id > recovered.released_through {
+                                recovered.pending.push_back((kind, entry));
+                            }
+                        }
+                    }
+                    Ok(Record::Skipped { first, last }) => {
+                        if first != next {
+                            problem = Some(format!(
+                                "skipped {first}..={last} where {next} was expected"
+                            ));
+                        } else {
+                            next = last + 1;
+                        }
+                    }
+                    Ok(Record::Released { through }) => {
+                        if through >= next {
+                            problem = Some(format!(
+                                "released through {through}, but only {next} ids were written"
+                            ));
+                        } else if through > recovered.released_through {
+                            recovered.released_through = through;
+                            while recovered
+                                .pending
+                                .front()
+                                .is_some_and(|(_, e)| e.id <= through)
+                            {
+                                recovered.pending.pop_front();
+                            }
+                        }
+                    }
+                    Err(reason) => problem = Some(reason),
+                }
+            })
+            .map_err(io(&path))?;
+            if let Some(reason) = problem {
+                return Err(Error::Corrupt { path, reason });
+            }
+            recovered.truncated_bytes += recovery.truncated_bytes;
+            expected = Some(next);
+            if i + 1 == firsts.len() {
+                active = Some(file);
+            } else {
+                sealed.push_back(Sealed {
+                    path,
+                    last: next - 1,
+                    bytes: file.len(),
+                });
+            }
+        }
+        // Ids start at 1, so that "released through 0" means nothing was.
+        recovered.next_id = expected.unwrap_or(1);
+        let active = match active {
+            Some(file) => file,
+            None => {
+                let path = segment_path(dir, recovered.next_id);
+                LogFile::open(&path, MAGIC, FsyncPolicy::Never, |_, _| {})
+                    .map_err(io(&path))?
+                    .0
+            }
+        };
+        let active_sync = Arc::new(active.sync_handle().map_err(io(active.path()))?);
+        let mut segments = Segments {
+            dir: dir.to_owned(),
+            sealed,
+            active,
+            active_sync,
+            segment_bytes,
+        };
+        segments.delete_released(recovered.released_through);
+        Ok((segments, recovered))
+    }
+
+    /// Appends frames, each given as a head and a body, with one vectored write.
+    pub(crate) fn append(&mut self, frames: &[(&[u8], &[u8])]) -> Result<(), Error> {
+        let parts: Vec<[&[u8]; 2]> = frames.iter().map(|(h, b)| [*h, *b]).collect();
+        let parts: Vec<&[&[u8]]> = parts.iter().map(|p| p.as_slice()).collect();
+        let path = self.active.path().to_owned();
+        self.active.append_parts(&parts).map_err(io(&path))?;
+        Ok(())
+    }
+
+    /// The sync handle of the active segment.
+    pub(crate) fn sync_handle(&self) -> Arc<SyncHandle> {
+        Arc::clone(&self.active_sync)
+    }
+
+    /// Forces the active segment to disk, here and now.
+    pub(crate) fn sync(&mut self) -> Result<(), Error> {
+        let path = self.active.path().to_owned();
+        self.active.sync().map_err(io(&path))
+    }
+
+    /// Seals the active segment if it is full and starts the next one at `next_id`.
+    pub(crate) fn roll_if_full(&mut self, next_id: u64) -> Result<(), Error> {
+        if self.active.len() < self.segment_bytes {
+            return Ok(());
+        }
+        self.sync()?;
+        let path = segment_path(&self.dir, next_id);
+        let (file, _) =
+            LogFile::open(&path, MAGIC, FsyncPolicy::Never, |_, _| {}).map_err(io(&path))?;
+        let sync = Arc::new(file.sync_handle().map_err(io(&path))?);
+        let old = std::mem::replace(&mut self.active, file);
+        self.active_sync = sync;
+        self.sealed.push_back(Sealed {
+            path: old.path().to_owned(),
+            last: next_id - 1,
+            bytes: old.len(),
+        });
+        Ok(())
+    }
+
+    /// Deletes the sealed segments, oldest first, whose entries are all released.
+    pub(crate) fn delete_released(&mut self, through: u64) {
+        while self.sealed.front().is_some_and(|s| s.last <= through) {
+            let Some(segment) = self.sealed.pop_front() else {
+                break;
+            };
+            match std::fs::remove_file(&segment.path) {
+                Ok(()) => {
+                    tracing::debug!(path = %segment.path.display(), bytes = segment.bytes, "deleted a released segment");
+                }
+                Err(error) => {
+                    // It is retried at the next start, whose scan finds it wholly released.
+                    tracing::warn!(path = %segment.path.display(), %error, "cannot delete a released segment");
+                }
+            }
+        }
+    }
+
+    /// Bytes on disk.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.sealed.iter().map(|s| s.bytes).sum::<u64>() + self.active.len()
+    }
+
+    /// Segment files.
+    pub(crate) fn count(&self) -> usize {
+        self.sealed.len() + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Destination;
+    use bytes::Bytes;
+
+    fn entry(id: u64) -> Entry {
+        Entry {
+            id,
+            destination: Destination {
+                topic: Arc::from("t"),
+                partition: 0,
+            },
+            producer_id: 1,
+            base_sequence: id,
+            count: 1,
+            body: Bytes::from(format!("message {id}")),
+        }
+    }
+
+    fn write(segments: &mut Segments, ids: std::ops::RangeInclusive<u64>) {
+        for id in ids {
+            let e = entry(id);
+            let head = record::entry_head(EntryKind::Received, &e);
+            segments.append(&[(&head, &e.body)]).unwrap();
+            segments.roll_if_full(id + 1).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_new_shard_starts_at_id_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (segments, recovered) = Segments::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(recovered.next_id, 1);
+        assert!(recovered.pending.is_empty());
+        assert_eq!(segments.count(), 1);
+    }
+
+    #[test]
+    fn pending_entries_survive_a_reopen_and_released_segments_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut segments, _) = Segments::open(dir.path(), 200).unwrap();
+        write(&mut segments, 1..=20);
+        assert!(segments.count() > 3, "small segments roll");
+        segments.append(&[(&record::released(12), &[])]).unwrap();
+        drop(segments);
+        let (segments, recovered) = Segments::open(dir.path(), 200).unwrap();
+        let ids: Vec<u64> = recovered.pending.iter().map(|(_, e)| e.id).collect();
+        assert_eq!(ids, (13..=20).collect::<Vec<_>>());
+        assert_eq!(recovered.next_id, 21);
+        assert_eq!(recovered.released_through, 12);
+        // The oldest segments, wholly released, were deleted; the one holding 13 was not.
+        let names: Vec<u64> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| {
+                e.unwrap().file_name().to_string_lossy()[..20]
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        assert!(names.iter().all(|&first| first > 1), "{names:?}");
+        assert!(names.iter().any(|&first| first <= 13), "{names:?}");
+        assert_eq!(segments.count(), names.len());
+    }
+
+    #[test]
+    fn a_missing_segment_is_a_gap_not_a_silent_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut segments, _) = Segments::open(dir.path(), 200).unwrap();
+        write(&mut segments, 1..=20);
+        drop(segments);
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        std::fs::remove_file(&files[1]).unwrap();
+        let error = Segments::open(dir.path(), 200).unwrap_err();
+        assert!(matches!(error, Error::Gap { .. }), "{error}");
+    }
+
+    #[test]
+    fn a_frame_that_checks_out_but_is_not_a_record_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut segments, _) = Segments::open(dir.path(), 1 << 20).unwrap();
+        write(&mut segments, 1..=2);
+        segments.append(&[(b"\x09nonsense", &[])]).unwrap();
+        drop(segments);
+        let error = Segments::open(dir.path(), 1 << 20).unwrap_err();
+        assert!(matches!(error, Error::Corrupt { .. }), "{error}");
+    }
+
+    #[test]
+    fn skipped_ids_are_accounted_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut segments, _) = Segments::open(dir.path(), 1 << 20).unwrap();
+        write(&mut segments, 1..=2);
+        segments.append(&[(&record::skipped(3, 5), &[])]).unwrap();
+        write(&mut segments, 6..=6);
+        drop(segments);
+        let (_, recovered) = Segments::open(dir.path(), 1 << 20).unwrap();
+        let ids: Vec<u64> = recovered.pending.iter().map(|(_, e)| e.id).collect();
+        assert_eq!(ids, [1, 2, 6]);
+        assert_eq!(recovered.next_id, 7);
+    }
+
+    /// A crash can tear the active segment at any byte: every cut recovers exactly the
+    /// entries that were whole, and the next entry is numbered right after them.
+    #[test]
+    fn a_segment_torn_at_every_byte_recovers_its_whole_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut segments, _) = Segments::open(dir.path(), 1 << 20).unwrap();
+        write(&mut segments, 1..=4);
+        drop(segments);
+        let path = segment_path(dir.path(), 1);
+        let original = std::fs::read(&path).unwrap();
+        let mut ends = Vec::new();
+        let mut at = runnel_log::HEADER_LEN as usize;
+        for id in 1..=4 {
+            let e = entry(id);
+            at += record::entry_frame_len(&e.destination.topic, e.body.len()) as usize;
+            ends.push(at);
+        }
+        assert_eq!(at, original.len());
+        for cut in 0..=original.len() {
+            std::fs::write(&path, &original[..cut]).unwrap();
+            let (_, recovered) = Segments::open(dir.path(), 1 << 20).unwrap();
+            let whole = ends.iter().filter(|&&end| end <= cut).count() as u64;
+            let ids: Vec<u64> = recovered.pending.iter().map(|(_, e)| e.id).collect();
+            assert_eq!(ids, (1..=whole).collect::<Vec<_>>(), "cut at {cut}");
+            assert_eq!(recovered.next_id, whole + 1, "cut at {cut}");
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! What every interaction pattern shares: validate a batch, stamp each event with the
+//! trace of the call that brought it, partition it, encode it once (as the broker's
+//! records body), hand it to the message log, and await the ack level asked for.
+
+use crate::error::CollectorError;
+use crate::topics::Topics;
+use crate::validate::{Limits, validate_batch};
+use bytes::BytesMut;
+use prost::Message;
+use runnel_msglog::{AckLevel as LogLevel, Destination, MessageLog, Part, Submission, Ticket};
+use runnel_proto::v1::{AckLevel, Event, EventReceipt, RecordPosition};
+use runnel_telemetry::propagation::inject_into_headers;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The collector's way into the message log.
+#[derive(Debug)]
+pub(crate) struct Intake {
+    log: Arc<MessageLog>,
+    topics: Topics,
+    limits: Limits,
+    /// The topic of `Ingest`, `Track`, `Send` and `Stream`.
+    pub(crate) default_topic: Arc<str>,
+    auto_create_topics: bool,
+    max_part_bytes: usize,
+    max_part_events: u32,
+    round_robin: AtomicU32,
+}
+
+/// A batch taken in: await it with [`Accepted::receipts`].
+#[derive(Debug)]
+pub(crate) struct Accepted {
+    ticket: Ticket,
+    topic: Arc<str>,
+    ids: Vec<String>,
+    /// Per event: its part in the submission and its place in that part.
+    placement: Vec<(usize, u32)>,
+    /// Per part: its partition.
+    partitions: Vec<u32>,
+    level: LogLevel,
+}
+
+impl Accepted {
+    /// Waits for the ack level and answers with one receipt per event (with positions at
+    /// `STORED`).
+    pub(crate) async fn receipts(self) -> Result<Vec<EventReceipt>, CollectorError> {
+        let offsets = self.ticket.wait().await?;
+        let topic = self.topic.to_string();
+        let receipts = self
+            .ids
+            .into_iter()
+            .zip(self.placement)
+            .map(|(id, (part, index))| {
+                let position = offsets.as_ref().and_then(|offsets| {
+                    offsets
+                        .get(part)
+                        .copied()
+                        .flatten()
+                        .map(|base| RecordPosition {
+                            topic: topic.clone(),
+                            partition: self.partitions[part],
+                            offset: base + u64::from(index),
+                        })
+                });
+                EventReceipt { id, position }
+            })
+            .collect();
+        if self.level == LogLevel::Stored {
+            metrics::counter!("runnel_collector_stored_batches_total").increment(1);
+        }
+        Ok(receipts)
+    }
+
+    /// Waits for the ack level without building receipts.
+    pub(crate) async fn done(self) -> Result<(), CollectorError> {
+        self.ticket.wait().await?;
+        Ok(())
+    }
+}
+
+/// The message log's level for a request's ack level.
+pub(crate) fn log_level(level: i32) -> Result<LogLevel, CollectorError> {
+    match AckLevel::try_from(level) {
+        Ok(AckLevel::Default | AckLevel::Stored) => Ok(LogLevel::Stored),
+        Ok(AckLevel::Logged) => Ok(LogLevel::Logged),
+        Ok(AckLevel::Accepted) => Ok(LogLevel::Accepted),
+        Err(_) => Err(CollectorError::InvalidEvent(format!(
+            "ack_level {level} is unknown"
+        ))),
+    }
+}
+
+impl Intake {
+    pub(crate) fn new(
+        log: Arc<MessageLog>,
+        topics: Topics,
+        limits: Limits,
+        default_topic: &str,
+        auto_create_topics: bool,
+        max_part_bytes: usize,
+        max_part_events: u32,
+    ) -> Intake {
+        Intake {
+            log,
+            topics,
+            limits,
+            default_topic: Arc::from(default_topic),
+            auto_create_topics,
+            max_part_bytes,
+            max_part_events,
+            round_robin: AtomicU32::new(0),
+        }
+    }
+
+    /// The limits every event is checked against.
+    pub(crate) fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Takes `events` in for `topic` (the default topic when `None`), or refuses them all.
+    /// `pattern` labels the metrics.
+    pub(crate) async fn submit(
+        &self,
+        topic: Option<&str>,
+        mut events: Vec<Event>,
+        level: LogLevel,
+        pattern: &'static str,
+    ) -> Result<Accepted, CollectorError> {
+        if let Err(error) = validate_batch(&mut events, self.limits, runnel_proto::now_millis()) {
+            metrics::counter!("runnel_collector_batches_total", "pattern" => pattern, "outcome" => "invalid")
+                .increment(1);
+            return Err(error);
+        }
+        let topic: Arc<str> = match topic {
+            None => Arc::clone(&self.default_topic),
+            Some(name) => {
+                crate::validate::validate_topic(name)?;
+                Arc::from(name)
+            }
+        };
+        let create = self.auto_create_topics || topic == self.default_topic;
+        let partitions = self.topics.partitions(&topic, create).await?;
+
+        // Every event carries the trace of the call that took it in, so that the broker,
+        // the analyzer, the store and the gateway continue that trace.
+        let mut trace = HashMap::new();
+        inject_into_headers(&tracing::Span::current(), &mut trace);
+
+        let mut parts: Vec<(u32, BytesMut, u32)> = Vec::new();
+        let mut open: HashMap<u32, usize> = HashMap::new();
+        let mut placement = Vec::with_capacity(events.len());
+        let mut ids = Vec::with_capacity(events.len());
+        for mut event in events {
+            let partition = if event.key.is_empty() {
+                self.round_robin.fetch_add(1, Ordering::Relaxed) % partitions
+            } else {
+                runnel_proto::partition_for_key(&event.key, partitions)
+            };
+            event
+                .headers
+                .extend(trace.iter().map(|(k, v)| (k.clone(), v.clone())));
+            let len = event.encoded_len();
+            let framed = prost::length_delimiter_len(len) + len;
+            let index = match open.get(&partition) {
+                Some(&i)
+                    if parts[i].2 < self.max_part_events
+                        && parts[i].1.len() + framed <= self.max_part_bytes =>
+                {
+                    i
+                }
+                _ => {
+                    parts.push((partition, BytesMut::with_capacity(framed), 0));
+                    open.insert(partition, parts.len() - 1);
+                    parts.len() - 1
+                }
+            };
+            let part = &mut parts[index];
+            // Writing into a BytesMut cannot fail.
+            let _ = event.encode_length_delimited(&mut part.1);
+            placement.push((index, part.2));
+            part.2 += 1;
+            ids.push(event.id);
+        }
+        let count = ids.len() as u64;
+        let partitions_of: Vec<u32> = parts.iter().map(|p| p.0).collect();
+        let submission = Submission {
+            parts: parts
+                .into_iter()
+                .map(|(partition, body, count)| Part {
+                    destination: Destination {
+                        topic: Arc::clone(&topic),
+                        partition,
+                    },
+                    body: body.freeze(),
+                    count,
+                })
+                .collect(),
+            level,
+            trace: Some(Arc::new(trace)),
+        };
+        let ticket = match self.log.submit(submission) {
+            Ok(ticket) => ticket,
+            Err(error) => {
+                metrics::counter!("runnel_collector_batches_total", "pattern" => pattern, "outcome" => "refused")
+                    .increment(1);
+                return Err(error.into());
+            }
+        };
+        metrics::counter!("runnel_collector_batches_total", "pattern" => pattern, "outcome" => "accepted")
+            .increment(1);
+        metrics::counter!("runnel_collector_events_total", "pattern" => pattern).increment(count);
+        Ok(Accepted {
+            ticket,
+            topic,
+            ids,
+            placement,
+            partitions: partitions_of,
+            level,
+        })
+    }
+}

@@ -1,0 +1,167 @@
+//! The collector against a real broker (and, for `Track`, a real store), all in-process on
+//! ephemeral ports: every interaction pattern, its ack levels and its limits.
+
+mod ingest;
+mod patterns;
+
+use runnel_broker::BrokerConfig;
+use runnel_collector::CollectorConfig;
+use runnel_proto::Millis;
+use runnel_proto::v1::broker_client::BrokerClient;
+use runnel_proto::v1::collector_client::CollectorClient;
+use runnel_proto::v1::store_client::StoreClient;
+use runnel_proto::v1::{Event, FetchRequest};
+use runnel_server::{Listeners, Shutdown, ShutdownTrigger};
+use runnel_store::StoreConfig;
+use std::net::SocketAddr;
+use tokio::net::{TcpListener, UdpSocket};
+use tonic::transport::Channel;
+
+pub(crate) struct Stack {
+    _dir: tempfile::TempDir,
+    pub(crate) collector: CollectorClient<Channel>,
+    pub(crate) broker: BrokerClient<Channel>,
+    pub(crate) store: StoreClient<Channel>,
+    pub(crate) udp: SocketAddr,
+    pub(crate) trigger: ShutdownTrigger,
+    /// Stops the broker alone.
+    pub(crate) broker_trigger: ShutdownTrigger,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.trigger.trigger();
+        self.broker_trigger.trigger();
+    }
+}
+
+async fn listeners() -> Listeners {
+    Listeners {
+        grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        http: None,
+    }
+}
+
+/// Tracing as the binaries set it up, so that spans carry OpenTelemetry context.
+fn telemetry() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let guard = runnel_telemetry::init("collector-test", runnel_telemetry::LogFormat::Human)
+            .expect("telemetry");
+        // Kept for the whole test binary; nothing is exported, so nothing needs flushing.
+        Box::leak(Box::new(guard));
+    });
+}
+
+/// A broker, a store and a collector configured by `configure`.
+pub(crate) async fn start(configure: impl FnOnce(&mut CollectorConfig)) -> Stack {
+    telemetry();
+    let dir = tempfile::tempdir().unwrap();
+    let (trigger, shutdown) = Shutdown::new();
+    let broker_listeners = listeners().await;
+    let broker_url = format!("http://{}", broker_listeners.grpc.local_addr().unwrap());
+    let broker_config = BrokerConfig {
+        data_dir: dir.path().join("broker"),
+        ..BrokerConfig::default()
+    };
+    let (broker_trigger, broker_shutdown) = Shutdown::new();
+    tokio::spawn(runnel_broker::run(
+        broker_config,
+        broker_listeners,
+        broker_shutdown,
+    ));
+    let store_listeners = listeners().await;
+    let store_url = format!("http://{}", store_listeners.grpc.local_addr().unwrap());
+    let store_config = StoreConfig {
+        data_dir: dir.path().join("store"),
+        ..StoreConfig::default()
+    };
+    tokio::spawn(runnel_store::run(
+        store_config,
+        store_listeners,
+        shutdown.clone(),
+    ));
+    let collector_listeners = listeners().await;
+    let collector_url = format!("http://{}", collector_listeners.grpc.local_addr().unwrap());
+    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let udp_addr = udp.local_addr().unwrap();
+    let mut config = CollectorConfig {
+        broker: broker_url.clone(),
+        store: store_url.clone(),
+        data_dir: dir.path().join("collector"),
+        udp: None,
+        ..CollectorConfig::default()
+    };
+    config.msglog.shards = 2;
+    configure(&mut config);
+    tokio::spawn(runnel_collector::serve(
+        config,
+        collector_listeners,
+        Some(udp),
+        shutdown,
+    ));
+    Stack {
+        _dir: dir,
+        collector: CollectorClient::connect(collector_url).await.unwrap(),
+        broker: BrokerClient::connect(broker_url).await.unwrap(),
+        store: StoreClient::connect(store_url).await.unwrap(),
+        udp: udp_addr,
+        trigger,
+        broker_trigger,
+    }
+}
+
+pub(crate) fn event(id: &str, key: &str) -> Event {
+    Event {
+        id: id.into(),
+        key: key.into(),
+        payload: br#"{"value": 1}"#.to_vec().into(),
+        event_time: Some(Millis(1_714_564_805_000).into()),
+        ..Default::default()
+    }
+}
+
+/// Every event id the broker holds in `topic`, per partition in offset order, waiting
+/// until there are `expected` in all.
+pub(crate) async fn stored_ids(
+    broker: &mut BrokerClient<Channel>,
+    topic: &str,
+    partitions: u32,
+    expected: usize,
+) -> Vec<Vec<String>> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut all = Vec::new();
+        for partition in 0..partitions {
+            let mut ids = Vec::new();
+            let mut offset = 0;
+            loop {
+                let page = match broker
+                    .fetch(FetchRequest {
+                        topic: topic.into(),
+                        partition,
+                        offset,
+                        max_records: 5000,
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Ok(page) => page.into_inner(),
+                    Err(_) => break,
+                };
+                if page.records.is_empty() {
+                    break;
+                }
+                offset = page.next_offset;
+                ids.extend(page.records.into_iter().map(|r| r.event.unwrap().id));
+            }
+            all.push(ids);
+        }
+        let total: usize = all.iter().map(Vec::len).sum();
+        if total >= expected || tokio::time::Instant::now() > deadline {
+            return all;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
