@@ -11,6 +11,7 @@ mod collector;
 mod crash;
 mod pipeline;
 mod tracing;
+mod track;
 
 use runnel_e2e::PARTITIONS;
 use runnel_proto::Millis;

@@ -361,6 +361,7 @@ fn result(token: &str, window_start_ms: i64, score: f64) -> QueryResult {
         values: HashMap::from([("score".to_owned(), score)]),
         emitted_at: Some(runnel_proto::now_millis().into()),
         headers: HashMap::new(),
+        ..QueryResult::default()
     }
 }
 
