@@ -9,8 +9,11 @@
 //!  "window_start": "2024-05-01T12:00:00.000Z", "window_start_ms": 1714564800000,
 //!  "window_end": "2024-05-01T12:01:00.000Z", "window_end_ms": 1714564860000,
 //!  "values": {"count": 3.0, "sum": 61.5, "avg": 20.5},
-//!  "emitted_at": "2024-05-01T12:01:05.120Z"}
+//!  "emitted_at": "2024-05-01T12:01:05.120Z", "sequence": 42}
 //! ```
+//!
+//! `sequence` is the store's position of the write in its change feed (0 before the result
+//! is stored): the cursor live clients resume after.
 
 use crate::Millis;
 use crate::v1::QueryResult;
@@ -62,6 +65,7 @@ pub fn result_json(result: &QueryResult) -> serde_json::Value {
         "window_end_ms": end.0,
         "values": values,
         "emitted_at": rfc3339(ms(result.emitted_at)),
+        "sequence": result.sequence,
     })
 }
 
@@ -77,9 +81,11 @@ mod tests {
             window_start: Some(Millis(1_714_564_800_000).into()),
             window_end: Some(Millis(1_714_564_860_000).into()),
             values: [("count".to_owned(), 3.0)].into(),
+            sequence: 42,
             ..Default::default()
         };
         let json = result_json(&result);
+        assert_eq!(json["sequence"], 42);
         assert_eq!(json["window_start"], "2024-05-01T12:00:00.000Z");
         assert_eq!(json["window_end_ms"], 1_714_564_860_000i64);
         assert_eq!(json["values"]["count"], 3.0);

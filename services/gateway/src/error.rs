@@ -26,6 +26,9 @@ pub enum GatewayError {
     /// The HTTP listener failed.
     #[error("http server: {0}")]
     Http(std::io::Error),
+    /// Webhook registrations could not be read or written.
+    #[error("webhooks: {0}")]
+    Webhooks(String),
     /// The configuration given to [`run`](crate::run) is invalid.
     #[error(transparent)]
     Config(#[from] runnel_server::ConfigError),
@@ -44,9 +47,10 @@ impl From<GatewayError> for Status {
                 Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
                     Status::unavailable(format!("store unavailable: {}", status.message()))
                 }
-                Code::InvalidArgument | Code::ResourceExhausted | Code::NotFound => {
-                    Status::new(status.code(), status.message())
-                }
+                Code::InvalidArgument
+                | Code::ResourceExhausted
+                | Code::NotFound
+                | Code::OutOfRange => Status::new(status.code(), status.message()),
                 _ => {
                     tracing::error!(code = ?status.code(), message = status.message(), "store failed");
                     Status::internal("store failed; see the gateway's log")
@@ -54,6 +58,7 @@ impl From<GatewayError> for Status {
             },
             GatewayError::StoreUrl { .. }
             | GatewayError::Http(_)
+            | GatewayError::Webhooks(_)
             | GatewayError::Config(_)
             | GatewayError::Serve(_) => {
                 tracing::error!(%error, "gateway failure");
