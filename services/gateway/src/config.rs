@@ -69,7 +69,8 @@ pub struct GatewayConfig {
     /// once; more are refused with `RESOURCE_EXHAUSTED` / HTTP 503.
     pub max_watchers: usize,
     /// Results (of any query) a live client may fall behind the newest before
-    /// `slow_clients` applies to it.
+    /// `slow_clients` applies to it. Results are shared, not copied per client; this must
+    /// be more than the largest burst (one `Put`'s results) a client should absorb.
     pub live_buffer: usize,
     /// What happens to a live client that falls `live_buffer` behind (gRPC `Watch`, which
     /// cannot carry a gap marker, is always disconnected).
@@ -95,9 +96,9 @@ impl Default for GatewayConfig {
             http: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("runnel-data/gateway"),
             max_watchers: 20_000,
-            live_buffer: 4096,
+            live_buffer: 65_536,
             slow_clients: SlowClientPolicy::DropOldest,
-            resume_buffer: 16_384,
+            resume_buffer: 65_536,
             max_poll_wait: Duration::from_secs(60),
             pipeline: BTreeMap::new(),
             webhooks: WebhookConfig::default(),
