@@ -66,6 +66,7 @@ async fn watch(pipeline: &Pipeline) -> Streaming<QueryResult> {
         .watch(WatchRequest {
             query: QUERY.into(),
             key_prefix: "k".into(),
+            ..Default::default()
         })
         .await
         .expect("watch")

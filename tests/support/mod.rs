@@ -6,6 +6,7 @@
 //! The binaries are the ones `cargo build --workspace --bins` put next to the test
 //! executable; `cargo xtask test` builds them before running the tests.
 
+pub mod browser;
 pub mod otlp;
 pub mod process;
 pub mod redis;

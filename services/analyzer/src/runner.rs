@@ -293,6 +293,8 @@ impl QueryRunner {
                     values: window.values,
                     emitted_at,
                     headers,
+                    // Assigned by the store.
+                    sequence: 0,
                 }
             })
             .collect();
