@@ -58,6 +58,7 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
     pipeline.broker.data_dir = args.data_dir.join("broker");
     pipeline.analyzer.data_dir = args.data_dir.join("analyzer");
     pipeline.store.data_dir = args.data_dir.join("store");
+    pipeline.gateway.data_dir = args.data_dir.join("gateway");
     if args.demo {
         demo::add_query(&mut pipeline.analyzer);
     }
@@ -81,6 +82,14 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
     pipeline.analyzer.broker = url(&broker_listeners)?;
     pipeline.analyzer.store = url(&store_listeners)?;
     pipeline.gateway.store = url(&store_listeners)?;
+    // The dashboard's health table shows every service of the pipeline.
+    for (name, listeners) in [
+        ("collector", &collector_listeners),
+        ("broker", &broker_listeners),
+        ("analyzer", &analyzer_listeners),
+    ] {
+        pipeline.gateway.pipeline.insert(name.into(), url(listeners)?);
+    }
 
     let rows = [
         ("collector", &collector_listeners),
@@ -97,7 +106,7 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
         let addrs = listeners.local_addrs()?;
         let http = addrs
             .http
-            .map(|a| format!("   http http://{a}/v1/"))
+            .map(|a| format!("   http http://{a}/v1/  dashboard http://{a}/dashboard/"))
             .unwrap_or_default();
         eprintln!(
             "  {name:<9}  grpc {:<15}  metrics http://{}/metrics{http}",

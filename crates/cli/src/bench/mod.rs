@@ -1,6 +1,7 @@
 //! `runnel bench`: the benchmark harnesses whose figures go in `docs/benchmarks.md`.
 
 mod broker;
+mod gateway;
 mod ingest;
 
 use anyhow::Result;
@@ -14,11 +15,15 @@ pub(crate) enum BenchCommand {
     /// Produce and consume throughput and produce-ack latency of the broker alone, and of
     /// NATS JetStream through the same load generator.
     Broker(broker::BrokerArgs),
+    /// Get throughput and latency over gRPC and HTTP, and live fan-out: how many watchers
+    /// the gateway holds and how fast a write reaches them.
+    Gateway(gateway::GatewayArgs),
 }
 
 pub(crate) async fn run(what: BenchCommand) -> Result<ExitCode> {
     match what {
         BenchCommand::Ingest(args) => ingest::run(args).await,
         BenchCommand::Broker(args) => broker::run(args).await,
+        BenchCommand::Gateway(args) => gateway::run(args).await,
     }
 }
