@@ -88,7 +88,10 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
         ("broker", &broker_listeners),
         ("analyzer", &analyzer_listeners),
     ] {
-        pipeline.gateway.pipeline.insert(name.into(), url(listeners)?);
+        pipeline
+            .gateway
+            .pipeline
+            .insert(name.into(), url(listeners)?);
     }
 
     let rows = [

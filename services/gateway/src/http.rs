@@ -423,11 +423,8 @@ async fn poll(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Respons
         .await?;
     let mut results = Vec::new();
     let mut gap = None;
-    let first = tokio::time::timeout(wait, subscription.next()).await;
-    let mut next = match first {
-        Ok(item) => Some(item),
-        Err(_) => None,
-    };
+    // Nothing within the wait is an empty answer, not an error.
+    let mut next = tokio::time::timeout(wait, subscription.next()).await.ok();
     while let Some(item) = next.take() {
         match item {
             Ok(LiveItem::Result(result)) => results.push(result_json(&result)),

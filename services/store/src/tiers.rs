@@ -97,23 +97,23 @@ impl<H: HotTier> Tiers<H> {
             }
         }
         // Rankings, window by window in time order, so the newest window ends up ranked.
-        let mut windows: BTreeMap<(&str, i64), (i64, Vec<(String, f64)>)> = BTreeMap::new();
+        let mut windows: BTreeMap<(&str, i64), Scores> = BTreeMap::new();
         for result in &written.results {
             let Some(&value) = result.values.get(self.config.rank_by(&result.query)) else {
                 continue;
             };
+            let start = start_of(result);
             let end = result.window_end.map(Millis::from).unwrap_or_default().0;
             windows
-                .entry((result.query.as_str(), start_of(result)))
-                .or_insert_with(|| (end, Vec::new()))
-                .1
+                .entry((result.query.as_str(), start))
+                .or_insert_with(|| Scores {
+                    window: (start, end),
+                    keys: Vec::new(),
+                })
+                .keys
                 .push((result.key.clone(), value));
         }
-        for ((query, start), (end, keys)) in windows {
-            let scores = Scores {
-                window: (start, end),
-                keys,
-            };
+        for ((query, _), scores) in windows {
             if let Err(error) = self.hot.rank(query, scores, self.config.top_keys).await {
                 hot_failed(&error);
             }

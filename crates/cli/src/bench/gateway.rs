@@ -359,7 +359,10 @@ async fn fan_out(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let open = opened.load(Ordering::Relaxed);
-    eprintln!("bench: {open} watchers subscribed in {:.1}s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "bench: {open} watchers subscribed in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     let _ = all_open.send(true);
     if open == 0 {
         bail!("no watcher could subscribe");
@@ -368,7 +371,12 @@ async fn fan_out(
         tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
         let sent_at = now_micros();
         let values = vec![(SENT_AT.to_owned(), sent_at as f64)];
-        let results = vec![result(FANOUT_QUERY, "k".into(), i64::try_from(event)? * 60_000, values)];
+        let results = vec![result(
+            FANOUT_QUERY,
+            "k".into(),
+            i64::try_from(event)? * 60_000,
+            values,
+        )];
         store.put(PutRequest { results }).await?;
     }
     let mut delays = histogram();
@@ -526,6 +534,9 @@ data: {"values":{"sent_at_us":1764619000000001}}"#;
         assert_eq!(first, 1_764_619_000_000_000);
         let (second, _) = stamp(text, end).unwrap();
         assert_eq!(second, 1_764_619_000_000_001);
-        assert!(stamp(br#"{"sent_at_us":12"#, 0).is_none(), "an unfinished number waits");
+        assert!(
+            stamp(br#"{"sent_at_us":12"#, 0).is_none(),
+            "an unfinished number waits"
+        );
     }
 }

@@ -20,7 +20,7 @@ use tonic::transport::Channel;
 /// One hot-tier backend to run a test on.
 enum Backend {
     Memory,
-    Redis(RedisServer),
+    Redis(Box<RedisServer>),
 }
 
 impl Backend {
@@ -43,9 +43,9 @@ impl Backend {
 async fn backends() -> Vec<Backend> {
     let mut backends = vec![Backend::Memory];
     if redis::available() {
-        backends.push(Backend::Redis(
+        backends.push(Backend::Redis(Box::new(
             RedisServer::start().await.expect("redis-server"),
-        ));
+        )));
     }
     backends
 }
@@ -553,7 +553,7 @@ async fn replicas_over_one_redis_share_the_hot_data() {
         return;
     }
     let server = RedisServer::start().await.unwrap();
-    let backend = Backend::Redis(server);
+    let backend = Backend::Redis(Box::new(server));
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut a = spawn_store(dir_a.path(), &backend, |_| {}).await;
     let mut b = spawn_store(dir_b.path(), &backend, |_| {}).await;
