@@ -26,6 +26,9 @@ pub enum GatewayError {
     /// The HTTP listener failed.
     #[error("http server: {0}")]
     Http(std::io::Error),
+    /// A bug: a lock poisoned by a panic, say.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
     /// Webhook registrations could not be read or written.
     #[error("webhooks: {0}")]
     Webhooks(String),
@@ -59,6 +62,7 @@ impl From<GatewayError> for Status {
             GatewayError::StoreUrl { .. }
             | GatewayError::Http(_)
             | GatewayError::Webhooks(_)
+            | GatewayError::Internal(_)
             | GatewayError::Config(_)
             | GatewayError::Serve(_) => {
                 tracing::error!(%error, "gateway failure");

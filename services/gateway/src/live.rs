@@ -159,9 +159,10 @@ impl Hub {
                     }
                 }
                 Err(status) if status.code() == tonic::Code::OutOfRange => {
-                    // The store trimmed its feed past our cursor while we were away: say so
-                    // loudly and go on from now. Clients resuming across it are refused by
-                    // the store the same way, so none is told a false "no gap".
+                    // The store trimmed its feed past our cursor while we were away, or its
+                    // history was reset: say so loudly and go on from now. Clients resuming
+                    // across it are refused by the store the same way, so none is told a
+                    // false "no gap".
                     metrics::counter!("runnel_gateway_hub_gaps_total").increment(1);
                     tracing::error!(
                         last,

@@ -347,12 +347,16 @@ impl Durable {
     }
 
     /// Up to `limit` current results written after sequence `after`. A cursor older than
-    /// the feed keeps is an error rather than a silent gap.
+    /// the feed keeps, or newer than the last write, is an error rather than a silent gap.
     pub(crate) fn feed(&self, after: u64, limit: usize) -> Result<FeedPage> {
-        let (encoded, through, oldest) = self.read(|txn| {
+        let (encoded, through, oldest, last) = self.read(|txn| {
             let feed = txn.open_table(FEED)?;
             let results = txn.open_table(RESULTS)?;
             let oldest = feed.first()?.map(|(k, _)| k.value());
+            let last = txn
+                .open_table(META)?
+                .get(NEXT_SEQUENCE)?
+                .map_or(0, |v| v.value() - 1);
             let mut through = after;
             let mut out = Vec::new();
             for entry in feed.range(after.saturating_add(1)..)?.take(limit) {
@@ -364,8 +368,11 @@ impl Durable {
                     out.push((sequence, bytes.value().to_vec()));
                 }
             }
-            Ok((out, through, oldest))
+            Ok((out, through, oldest, last))
         })?;
+        if after > last {
+            return Err(StoreError::CursorAhead { after, last });
+        }
         if let Some(oldest) = oldest
             && after.saturating_add(1) < oldest
         {
@@ -588,6 +595,14 @@ mod tests {
         }
         let page = store.feed(500, 10).unwrap();
         assert_eq!(page.results[0].sequence, 501);
+        assert!(store.feed(1500, 10).unwrap().results.is_empty());
+        match store.feed(1501, 10) {
+            Err(StoreError::CursorAhead {
+                after: 1501,
+                last: 1500,
+            }) => {}
+            other => panic!("expected a cursor ahead of the store, got {other:?}"),
+        }
     }
 
     proptest! {

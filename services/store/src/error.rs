@@ -19,6 +19,17 @@ pub enum StoreError {
         /// The oldest sequence the feed still holds.
         oldest: u64,
     },
+    /// A `Watch` asked to resume after a sequence this store has not written: its history
+    /// was reset, or the cursor is from another store.
+    #[error(
+        "after_sequence {after} is ahead of this store, whose last write is {last}; its history was reset or the cursor is from another store: re-read with Range and watch again"
+    )]
+    CursorAhead {
+        /// The cursor asked for.
+        after: u64,
+        /// The last sequence written.
+        last: u64,
+    },
     /// Long-term storage could not be opened, read or written.
     #[error("{}: {source}", path.display())]
     Db {
@@ -84,7 +95,9 @@ impl From<StoreError> for Status {
     fn from(error: StoreError) -> Status {
         match error {
             StoreError::InvalidArgument(message) => Status::invalid_argument(message),
-            StoreError::CursorExpired { .. } => Status::out_of_range(error.to_string()),
+            StoreError::CursorExpired { .. } | StoreError::CursorAhead { .. } => {
+                Status::out_of_range(error.to_string())
+            }
             StoreError::Hot(_) => {
                 tracing::error!(%error, "hot tier failure");
                 Status::unavailable("the store's in-memory data store is unavailable")

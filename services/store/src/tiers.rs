@@ -310,3 +310,106 @@ impl<H: HotTier> Tiers<H> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hot::Memory;
+    use runnel_log::FsyncPolicy;
+
+    fn result(key: &str, start: i64, count: f64) -> QueryResult {
+        QueryResult {
+            query: "q".into(),
+            key: key.into(),
+            window_start: Some(Millis(start).into()),
+            window_end: Some(Millis(start + 10).into()),
+            values: [("count".to_owned(), count)].into(),
+            ..Default::default()
+        }
+    }
+
+    fn tiers(dir: &std::path::Path, configure: impl FnOnce(&mut HotConfig)) -> Arc<Tiers<Memory>> {
+        let durable = Arc::new(Durable::open(dir, FsyncPolicy::Never, 1000).unwrap());
+        let mut config = HotConfig::default();
+        configure(&mut config);
+        Tiers::new(durable, Memory::new(1 << 20), config)
+    }
+
+    async fn lookup(tiers: &Tiers<Memory>, key: &str) -> Lookup {
+        tiers.hot.series("q", key).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn write_through_puts_land_in_the_hot_tier() {
+        let dir = tempfile::tempdir().unwrap();
+        let tiers = tiers(dir.path(), |_| {});
+        tiers.put(vec![result("k", 0, 1.0)]).await.unwrap();
+        match lookup(&tiers, "k").await {
+            Lookup::Hit(cached) => {
+                assert_eq!(cached.series.latest().unwrap().values["count"], 1.0);
+                assert_eq!(
+                    cached.expires_in, None,
+                    "write-through entries do not expire"
+                );
+            }
+            other => panic!("expected a hit, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn read_through_loads_on_the_first_read_and_keeps_it_for_the_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let tiers = tiers(dir.path(), |c| c.strategy = CacheStrategy::ReadThrough);
+        tiers.put(vec![result("k", 0, 1.0)]).await.unwrap();
+        assert!(matches!(lookup(&tiers, "k").await, Lookup::Stale));
+        let latest = tiers.latest("q", "k").await.unwrap().unwrap();
+        assert_eq!(latest.values["count"], 1.0);
+        match lookup(&tiers, "k").await {
+            Lookup::Hit(cached) => assert!(cached.expires_in.unwrap() <= tiers.config.ttl),
+            other => panic!("expected a hit after the read, got {other:?}"),
+        }
+        // A write makes the hot copy stale again; the next read sees the write.
+        tiers.put(vec![result("k", 10, 2.0)]).await.unwrap();
+        assert!(matches!(lookup(&tiers, "k").await, Lookup::Stale));
+        assert_eq!(
+            tiers.latest("q", "k").await.unwrap().unwrap().values["count"],
+            2.0
+        );
+    }
+
+    #[tokio::test]
+    async fn refresh_ahead_reloads_a_key_read_near_its_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let tiers = tiers(dir.path(), |c| {
+            c.strategy = CacheStrategy::RefreshAhead;
+            c.ttl = Duration::from_secs(60);
+            // Every read is "near expiry": the test needs no clock.
+            c.refresh_ahead = 0.999_999;
+        });
+        tiers.put(vec![result("k", 0, 1.0)]).await.unwrap();
+        assert_eq!(
+            tiers.latest("q", "k").await.unwrap().unwrap().values["count"],
+            1.0
+        );
+        // A write the hot tier does not hear of (as from another replica's long-term
+        // storage): only a reload can bring it in.
+        tiers.durable.put(vec![result("k", 0, 2.0)], 16).unwrap();
+        // The read is served from the hot tier (the old value) and reloads it behind.
+        assert_eq!(
+            tiers.latest("q", "k").await.unwrap().unwrap().values["count"],
+            1.0
+        );
+        let refreshed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Lookup::Hit(cached) = lookup(&tiers, "k").await
+                    && cached.series.latest().unwrap().values["count"] == 2.0
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(refreshed.is_ok(), "the entry was never refreshed");
+    }
+}
