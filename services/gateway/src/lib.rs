@@ -85,7 +85,7 @@ pub async fn run(
     let app = http::router(http::Api {
         results: results.clone(),
         hub: Arc::clone(&hub),
-        webhooks,
+        webhooks: Arc::clone(&webhooks),
         max_poll_wait: config.max_poll_wait,
         pipeline: Arc::new(pipeline),
     });
@@ -117,6 +117,8 @@ pub async fn run(
     // Live HTTP streams end on shutdown, so the HTTP drain is bounded like the gRPC one.
     let drained = tokio::time::timeout(config.server.drain_timeout, http_server).await;
     follower.abort();
+    webhooks.stop().await;
+    drop(webhooks);
     served?;
     match drained {
         Ok(Ok(Ok(()))) => {}

@@ -339,6 +339,23 @@ impl Webhooks {
         Ok(true)
     }
 
+    /// Stops every delivery task and waits until they are gone, so that the database is
+    /// closed once the last handle to `Webhooks` goes (a restart in the same process
+    /// reopens it).
+    pub(crate) async fn stop(&self) {
+        let tasks: Vec<JoinHandle<()>> = match self.hooks() {
+            Ok(hooks) => hooks
+                .values()
+                .filter_map(|hook| hook.task.lock().ok().and_then(|mut task| task.take()))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        for task in tasks {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
     /// Webhooks failing right now, for the dashboard.
     pub(crate) fn failing(&self) -> usize {
         self.hooks().map_or(0, |hooks| {
