@@ -49,12 +49,13 @@ pub(crate) enum LiveItem {
 struct Recent {
     results: VecDeque<Arc<QueryResult>>,
     capacity: usize,
+    sender: broadcast::Sender<Arc<QueryResult>>,
 }
 
 /// The shared live stream.
 pub(crate) struct Hub {
     recent: Mutex<Recent>,
-    sender: broadcast::Sender<Arc<QueryResult>>,
+    live_buffer: usize,
     /// The last sequence received from the store.
     last: AtomicU64,
     connected: AtomicBool,
@@ -96,8 +97,9 @@ impl Hub {
             recent: Mutex::new(Recent {
                 results: VecDeque::with_capacity(resume_buffer.min(65_536)),
                 capacity: resume_buffer,
+                sender: broadcast::Sender::new(live_buffer),
             }),
-            sender: broadcast::Sender::new(live_buffer),
+            live_buffer,
             last: AtomicU64::new(0),
             connected: AtomicBool::new(false),
             store,
@@ -169,9 +171,13 @@ impl Hub {
                         message = status.message(),
                         "the store's change feed no longer reaches the hub's cursor; following from now"
                     );
-                    self.last.store(0, Ordering::Release);
+                    // Sequences start again: every live client's cursor is meaningless now.
+                    // A new broadcast ends their streams (the old sender goes), and they
+                    // are refused the same way when they resume.
                     if let Ok(mut recent) = self.recent.lock() {
                         recent.results.clear();
+                        recent.sender = broadcast::Sender::new(self.live_buffer);
+                        self.last.store(0, Ordering::Release);
                     }
                 }
                 Err(status) => {
@@ -206,7 +212,7 @@ impl Hub {
         recent.results.push_back(Arc::clone(&result));
         self.last.store(sequence, Ordering::Release);
         // No subscribers is not an error.
-        let _ = self.sender.send(result);
+        let _ = recent.sender.send(result);
         drop(recent);
         metrics::gauge!("runnel_gateway_last_sequence").set(sequence as f64);
         metrics::counter!("runnel_gateway_results_received_total").increment(1);
@@ -242,10 +248,10 @@ impl Hub {
         let after = match start {
             Start::Now => {
                 // Under the lock, so that `last` and the subscription agree.
-                let _recent = self.recent.lock().map_err(|_| poisoned())?;
+                let recent = self.recent.lock().map_err(|_| poisoned())?;
                 return Ok(Source::Hub {
                     backlog: VecDeque::new(),
-                    live: self.sender.subscribe(),
+                    live: recent.sender.subscribe(),
                     last: self.last_sequence(),
                 });
             }
@@ -267,7 +273,7 @@ impl Hub {
                     .collect();
                 return Ok(Source::Hub {
                     backlog,
-                    live: self.sender.subscribe(),
+                    live: recent.sender.subscribe(),
                     last: after,
                 });
             }
@@ -376,7 +382,7 @@ impl Subscription {
                             }
                             Err(broadcast::error::RecvError::Closed) => {
                                 return Err(Status::unavailable(
-                                    "the gateway is shutting down; watch again",
+                                    "the gateway's stream from the store started over; watch again",
                                 ));
                             }
                         },
