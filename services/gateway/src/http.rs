@@ -321,13 +321,13 @@ async fn watch(
     let events = futures::stream::unfold(Some(subscription), |state| async move {
         let mut subscription = state?;
         let event = match subscription.next().await {
-            Ok(item) => {
-                let (name, json) = live_json(&item);
-                let event = Event::default().event(name).data(json.to_string());
-                match item {
-                    LiveItem::Result(result) => event.id(result.sequence.to_string()),
-                    LiveItem::Gap { .. } => event,
-                }
+            Ok(LiveItem::Result(result)) => Event::default()
+                .event("result")
+                .id(result.sequence.to_string())
+                .data(&result.json),
+            Ok(gap @ LiveItem::Gap { .. }) => {
+                let (name, json) = live_json(&gap);
+                Event::default().event(name).data(json.to_string())
             }
             Err(status) => {
                 let data = serde_json::json!({
@@ -365,30 +365,30 @@ async fn relay_websocket(socket: WebSocket, mut subscription: Subscription) {
         tokio::select! {
             item = subscription.next() => {
                 let (message, last) = match item {
-                    Ok(item) => {
-                        let (kind, json) = live_json(&item);
-                        let message = match &item {
-                            LiveItem::Result(result) => serde_json::json!({
-                                "type": kind, "sequence": result.sequence, "result": json,
-                            }),
-                            LiveItem::Gap { .. } => {
-                                let mut json = json;
-                                json["type"] = kind.into();
-                                json
-                            }
-                        };
-                        (message, false)
+                    // The result's JSON is shared: splice it in rather than build it again.
+                    Ok(LiveItem::Result(result)) => (
+                        format!(
+                            r#"{{"type":"result","sequence":{},"result":{}}}"#,
+                            result.sequence, result.json
+                        ),
+                        false,
+                    ),
+                    Ok(gap @ LiveItem::Gap { .. }) => {
+                        let (kind, mut json) = live_json(&gap);
+                        json["type"] = kind.into();
+                        (json.to_string(), false)
                     }
                     Err(status) => (
                         serde_json::json!({
                             "type": "error",
                             "error": status.message(),
                             "after_sequence": subscription.last_sequence(),
-                        }),
+                        })
+                        .to_string(),
                         true,
                     ),
                 };
-                if outgoing.send(Message::Text(message.to_string().into())).await.is_err() || last {
+                if outgoing.send(Message::Text(message.into())).await.is_err() || last {
                     break;
                 }
             }

@@ -29,11 +29,35 @@ use tonic::Status;
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
+/// A result as the hub shares it: the result, and its JSON, made once for every client
+/// (serialising per client per result was most of the cost of fanning out to thousands).
+#[derive(Debug)]
+pub(crate) struct Published {
+    result: QueryResult,
+    /// [`runnel_proto::json::result_json`] of the result, as text.
+    pub(crate) json: String,
+}
+
+impl Published {
+    fn new(result: QueryResult) -> Published {
+        let json = runnel_proto::json::result_json(&result).to_string();
+        Published { result, json }
+    }
+}
+
+impl std::ops::Deref for Published {
+    type Target = QueryResult;
+
+    fn deref(&self) -> &QueryResult {
+        &self.result
+    }
+}
+
 /// What a live client receives.
 #[derive(Debug, Clone)]
 pub(crate) enum LiveItem {
     /// A result that passed the client's filter.
-    Result(Arc<QueryResult>),
+    Result(Arc<Published>),
     /// The client fell behind and `missed` results (of any query) were dropped after
     /// sequence `after`; re-read them, or resume after `after`.
     Gap {
@@ -47,9 +71,9 @@ pub(crate) enum LiveItem {
 /// The recent results and the broadcast, under one lock so that a subscriber's backlog
 /// and its live stream meet without a gap or an overlap.
 struct Recent {
-    results: VecDeque<Arc<QueryResult>>,
+    results: VecDeque<Arc<Published>>,
     capacity: usize,
-    sender: broadcast::Sender<Arc<QueryResult>>,
+    sender: broadcast::Sender<Arc<Published>>,
 }
 
 /// The shared live stream.
@@ -202,7 +226,7 @@ impl Hub {
         let span = tracing::info_span!("gateway.deliver", query = %result.query, key = %result.key, sequence);
         runnel_telemetry::propagation::continue_trace(&span, &result.headers);
         let _entered = span.enter();
-        let result = Arc::new(result);
+        let result = Arc::new(Published::new(result));
         let Ok(mut recent) = self.recent.lock() else {
             return;
         };
@@ -300,8 +324,8 @@ impl Hub {
 
 enum Source {
     Hub {
-        backlog: VecDeque<Arc<QueryResult>>,
-        live: broadcast::Receiver<Arc<QueryResult>>,
+        backlog: VecDeque<Arc<Published>>,
+        live: broadcast::Receiver<Arc<Published>>,
         /// The last sequence seen (delivered or filtered out).
         last: u64,
     },
@@ -401,7 +425,7 @@ impl Subscription {
                         // The store filtered already; the check is cheap and keeps one
                         // meaning of a filter whatever the source.
                         if self.filter.matches(&result) {
-                            return Ok(LiveItem::Result(Arc::new(result)));
+                            return Ok(LiveItem::Result(Arc::new(Published::new(result))));
                         }
                     }
                     Ok(None) => {

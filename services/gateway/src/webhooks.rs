@@ -21,13 +21,13 @@
 
 use crate::config::{SlowClientPolicy, WebhookConfig};
 use crate::error::GatewayError;
-use crate::live::{Hub, LiveItem, Start};
+use crate::live::{Hub, LiveItem, Published, Start};
 use futures::FutureExt;
 use hmac::{Hmac, Mac};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use runnel_proto::filter::{ResultFilter, parse_predicate};
 use runnel_proto::json::result_json;
-use runnel_proto::v1::{QueryResult, WatchRequest};
+use runnel_proto::v1::WatchRequest;
 use runnel_server::Shutdown;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -385,7 +385,7 @@ impl Webhooks {
                 }
             };
             loop {
-                let mut batch: Vec<Arc<QueryResult>> = Vec::new();
+                let mut batch: Vec<Arc<Published>> = Vec::new();
                 let mut resubscribe = false;
                 match subscription.next().await {
                     Ok(LiveItem::Result(result)) => batch.push(result),
@@ -419,7 +419,7 @@ impl Webhooks {
         &self,
         hook: &Hook,
         id: u64,
-        batch: &[Arc<QueryResult>],
+        batch: &[Arc<Published>],
         through: u64,
     ) -> bool {
         let results: Vec<serde_json::Value> = batch.iter().map(|r| result_json(r)).collect();
