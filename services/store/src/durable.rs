@@ -39,6 +39,8 @@ use std::sync::{Arc, RwLock};
 
 /// The database's file name inside the data directory.
 pub(crate) const DATABASE_FILE: &str = "results.redb";
+/// The result log of the store's first version, which this one does not read.
+const OLD_RESULT_LOG: &str = "results.log";
 
 const RESULTS: TableDefinition<(&str, &str, i64), &[u8]> = TableDefinition::new("results");
 const WINDOWS: TableDefinition<(&str, i64, &str), u64> = TableDefinition::new("windows");
@@ -140,6 +142,14 @@ impl Durable {
             path: dir.to_owned(),
             source,
         })?;
+        let old_log = dir.join(OLD_RESULT_LOG);
+        if old_log.exists() {
+            // The walking skeleton's format; nothing here reads it any more.
+            tracing::warn!(
+                path = %old_log.display(),
+                "this result log from an earlier version of the store is not read; results are in results.redb"
+            );
+        }
         let path = dir.join(DATABASE_FILE);
         let db = Database::create(&path).map_err(|e| StoreError::db(&path, e))?;
         let durable = Durable {
