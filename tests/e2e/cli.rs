@@ -91,6 +91,7 @@ async fn runnel_up_send_and_get_work_as_the_readme_says() {
         .watch(WatchRequest {
             query: "avg_value_per_key".into(),
             key_prefix: "sensor".into(),
+            ..Default::default()
         })
         .await
         .expect("watch")

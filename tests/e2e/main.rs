@@ -5,6 +5,7 @@
 //! results are awaited on live streams (a gateway `Watch`, the OTLP receiver's exports),
 //! each bounded by a timeout that fails the test with every service's log.
 
+mod access;
 mod analyzer;
 mod cli;
 mod collector;

@@ -69,6 +69,7 @@ async fn watch(pipeline: &Pipeline) -> Streaming<QueryResult> {
         .watch(WatchRequest {
             query: QUERY.into(),
             key_prefix: "k".into(),
+            ..Default::default()
         })
         .await
         .expect("watch")
@@ -348,11 +349,28 @@ async fn windows_are_exact_through_every_tier_and_survive_kills() {
     let mut analyzer = AnalyzerClient::connect(pipeline.analyzer.url())
         .await
         .expect("analyzer");
-    let described = analyzer
-        .describe_query(DescribeQueryRequest { name: QUERY.into() })
-        .await
-        .expect("describe")
-        .into_inner();
+    // A result reaches watchers once the store has it, which can be before the analyzer's
+    // counters take in the events behind it: wait for them, within a generous bound.
+    let described = tokio::time::timeout(WAIT, async {
+        loop {
+            let described = analyzer
+                .describe_query(DescribeQueryRequest { name: QUERY.into() })
+                .await
+                .expect("describe")
+                .into_inner();
+            if described.events_processed >= acked.len() as u64 {
+                return described;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "the analyzer never counted every event\n{}",
+            pipeline.logs()
+        )
+    });
     assert_eq!(described.late_events, 1, "{described:?}");
     assert_eq!(
         described.events_processed,

@@ -31,6 +31,7 @@ async fn one_event_yields_spans_from_all_five_services_under_one_trace() {
         .watch(WatchRequest {
             query: "avg_value_per_key".into(),
             key_prefix: "traced".into(),
+            ..Default::default()
         })
         .await
         .expect("watch")

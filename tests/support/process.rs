@@ -275,7 +275,7 @@ impl Pipeline {
         let d = data.display();
         let server = "[{s}.server]\ngrpc = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ndrain_timeout = \"5s\"\n";
         let mut out = format!(
-            "[collector]\ndata_dir = \"{d}/collector\"\nudp = \"127.0.0.1:0\"\n[broker]\ndata_dir = \"{d}/broker\"\ndefault_partitions = {PARTITIONS}\n[store]\ndata_dir = \"{d}/store\"\n[analyzer]\ndata_dir = \"{d}/analyzer\"\n[gateway]\nhttp = \"127.0.0.1:0\"\n"
+            "[collector]\ndata_dir = \"{d}/collector\"\nudp = \"127.0.0.1:0\"\n[broker]\ndata_dir = \"{d}/broker\"\ndefault_partitions = {PARTITIONS}\n[store]\ndata_dir = \"{d}/store\"\n[analyzer]\ndata_dir = \"{d}/analyzer\"\n[gateway]\nhttp = \"127.0.0.1:0\"\ndata_dir = \"{d}/gateway\"\n"
         );
         for s in ["collector", "broker", "analyzer", "store", "gateway"] {
             out.push_str(&server.replace("{s}", s));

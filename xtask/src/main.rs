@@ -4,7 +4,8 @@
 //!   integration and the end-to-end tests that start the real binaries);
 //! - `cargo xtask lint`  — `cargo fmt --check` and `cargo clippy -D warnings`;
 //! - `cargo xtask fmt`   — format everything;
-//! - `cargo xtask bench <ingest|broker|analyzer> [args]` — `runnel bench` in release mode;
+//! - `cargo xtask bench <ingest|stream|broker|analyzer|gateway> [args]` — `runnel bench` in
+//!   release mode;
 //! - `cargo xtask ci`    — lint, then test: what `.ci/run` calls.
 
 use std::process::{Command, ExitCode};

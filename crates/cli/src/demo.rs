@@ -101,6 +101,7 @@ async fn print_results(gateway_url: String, shutdown: Shutdown) -> u64 {
     let request = WatchRequest {
         query: DEMO_QUERY.into(),
         key_prefix: String::new(),
+        ..Default::default()
     };
     let mut stream = match gateway.watch(request).await {
         Ok(response) => response.into_inner(),

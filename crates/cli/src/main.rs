@@ -29,8 +29,9 @@ enum Command {
     Get(read::GetArgs),
     /// Print results as they are produced (one JSON object per line).
     Watch(read::WatchArgs),
-    /// Measure throughput and latency: ingest or stream through collector → broker, or
-    /// the broker alone (side by side with NATS JetStream).
+    /// Measure throughput and latency: ingest or stream through collector → broker, the
+    /// broker alone (side by side with NATS JetStream), the analyzer's operators, or the
+    /// gateway's reads and fan-out.
     Bench {
         #[command(subcommand)]
         what: bench::BenchCommand,

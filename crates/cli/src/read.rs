@@ -74,6 +74,7 @@ pub(crate) async fn watch(args: WatchArgs) -> Result<ExitCode> {
         .watch(WatchRequest {
             query: args.query,
             key_prefix: args.key_prefix,
+            ..Default::default()
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?

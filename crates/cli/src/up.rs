@@ -59,6 +59,7 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
     pipeline.broker.data_dir = args.data_dir.join("broker");
     pipeline.analyzer.data_dir = args.data_dir.join("analyzer");
     pipeline.store.data_dir = args.data_dir.join("store");
+    pipeline.gateway.data_dir = args.data_dir.join("gateway");
     if args.demo {
         demo::add_query(&mut pipeline.analyzer);
     }
@@ -83,6 +84,17 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
     pipeline.analyzer.store = url(&store_listeners)?;
     pipeline.gateway.store = url(&store_listeners)?;
     pipeline.collector.store = url(&store_listeners)?;
+    // The dashboard's health table shows every service of the pipeline.
+    for (name, listeners) in [
+        ("collector", &collector_listeners),
+        ("broker", &broker_listeners),
+        ("analyzer", &analyzer_listeners),
+    ] {
+        pipeline
+            .gateway
+            .pipeline
+            .insert(name.into(), url(listeners)?);
+    }
 
     let rows = [
         ("collector", &collector_listeners),
@@ -99,7 +111,7 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
         let addrs = listeners.local_addrs()?;
         let http = addrs
             .http
-            .map(|a| format!("   http http://{a}/v1/"))
+            .map(|a| format!("   http http://{a}/v1/  dashboard http://{a}/dashboard/"))
             .unwrap_or_default();
         eprintln!(
             "  {name:<9}  grpc {:<15}  metrics http://{}/metrics{http}",

@@ -9,11 +9,13 @@
 //!  "window_start": "2024-05-01T12:00:00.000Z", "window_start_ms": 1714564800000,
 //!  "window_end": "2024-05-01T12:01:00.000Z", "window_end_ms": 1714564860000,
 //!  "values": {"count": 3.0, "sum": 61.5, "avg": 20.5},
-//!  "emitted_at": "2024-05-01T12:01:05.120Z"}
+//!  "emitted_at": "2024-05-01T12:01:05.120Z", "sequence": 42}
 //! ```
 //!
 //! Results of list-valued aggregates (top-k, samples) also have
 //! `"items": {"<name>": [{"item": "/home", "value": 9.0}, …]}`.
+//! `sequence` is the store's position of the write in its change feed (0 before the result
+//! is stored): the cursor live clients resume after.
 
 use crate::Millis;
 use crate::v1::QueryResult;
@@ -65,6 +67,7 @@ pub fn result_json(result: &QueryResult) -> serde_json::Value {
         "window_end_ms": end.0,
         "values": values,
         "emitted_at": rfc3339(ms(result.emitted_at)),
+        "sequence": result.sequence,
     });
     // Only results of list-valued aggregates (top-k, samples) carry items.
     if !result.items.is_empty() {
@@ -97,9 +100,11 @@ mod tests {
             window_start: Some(Millis(1_714_564_800_000).into()),
             window_end: Some(Millis(1_714_564_860_000).into()),
             values: [("count".to_owned(), 3.0)].into(),
+            sequence: 42,
             ..Default::default()
         };
         let json = result_json(&result);
+        assert_eq!(json["sequence"], 42);
         assert_eq!(json["window_start"], "2024-05-01T12:00:00.000Z");
         assert_eq!(json["window_end_ms"], 1_714_564_860_000i64);
         assert_eq!(json["values"]["count"], 3.0);

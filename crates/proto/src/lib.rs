@@ -1,7 +1,7 @@
 //! Runnel's public gRPC contract, package `runnel.v1`: the generated tonic/prost code for
 //! everything under `proto/`, the descriptor set that servers publish through reflection,
 //! and the small conversions every service needs (event time in milliseconds, the JSON
-//! shape of results).
+//! shape of results, result filters).
 //!
 //! Generated code is not committed: `build.rs` regenerates it from the `.proto` files with a
 //! vendored `protoc`, so the schemas are the single source of truth.
@@ -16,6 +16,7 @@ pub mod v1 {
     tonic::include_proto!("runnel.v1");
 }
 
+pub mod filter;
 pub mod json;
 mod partitioning;
 pub mod records;

@@ -533,6 +533,8 @@ impl StageRunner {
                     emitted_at,
                     headers,
                     items: window.items,
+                    // Assigned by the store.
+                    sequence: 0,
                 }
             })
             .collect()

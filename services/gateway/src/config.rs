@@ -2,9 +2,56 @@
 
 use runnel_server::{ConfigError, ListenAddrs, ServerConfig, ServiceConfig};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
-/// Where the gateway listens, where it reads results, and how many live clients it serves.
+/// What happens to a live client that falls too far behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlowClientPolicy {
+    /// Skip what it missed and tell it: a `gap` event names the last sequence it got, so
+    /// it can re-read the rest (`Range`, or reconnect with `Last-Event-ID`).
+    DropOldest,
+    /// End its stream with an error naming the last sequence it got; it resumes from there
+    /// without a gap.
+    Disconnect,
+}
+
+/// Webhook delivery settings, under `[gateway.webhooks]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// Registrations accepted at once.
+    pub max_hooks: usize,
+    /// Results sent in one delivery (a JSON array).
+    pub max_batch: usize,
+    /// How long a receiver may take to answer a delivery.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// The first retry's delay; each further retry doubles it, up to `max_backoff`.
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// The longest delay between retries. Deliveries are retried until they succeed or the
+    /// webhook is deleted: at least once.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            max_hooks: 1000,
+            max_batch: 100,
+            timeout: Duration::from_secs(10),
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where the gateway listens, where it reads results, and how it serves live clients.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
@@ -12,12 +59,33 @@ pub struct GatewayConfig {
     pub server: ServerConfig,
     /// The store's gRPC URL.
     pub store: String,
-    /// Where the HTTP/JSON and server-sent-events API listens. Loopback by default:
-    /// nothing is authenticated yet.
+    /// Where the HTTP API (JSON, server-sent events, WebSockets, long polling, webhooks,
+    /// the dashboard) listens. Loopback by default: nothing is authenticated yet.
     pub http: SocketAddr,
-    /// Live streams (gRPC `Watch` and server-sent events together) served at once; more
-    /// are refused with `RESOURCE_EXHAUSTED` / HTTP 503 rather than slow everyone down.
+    /// Where webhook registrations and their delivery cursors are kept
+    /// (`<data_dir>/webhooks.redb`).
+    pub data_dir: PathBuf,
+    /// Live streams (gRPC `Watch`, server-sent events, WebSockets, long polls) served at
+    /// once; more are refused with `RESOURCE_EXHAUSTED` / HTTP 503.
     pub max_watchers: usize,
+    /// Results (of any query) a live client may fall behind the newest before
+    /// `slow_clients` applies to it. Results are shared, not copied per client; this must
+    /// be more than the largest burst (one `Put`'s results) a client should absorb.
+    pub live_buffer: usize,
+    /// What happens to a live client that falls `live_buffer` behind (gRPC `Watch`, which
+    /// cannot carry a gap marker, is always disconnected).
+    pub slow_clients: SlowClientPolicy,
+    /// Recent results kept for clients that reconnect with a cursor; one that resumes from
+    /// further back is served from the store's change feed.
+    pub resume_buffer: usize,
+    /// The longest a long poll may wait (`timeout=` is capped to it).
+    #[serde(with = "humantime_serde")]
+    pub max_poll_wait: Duration,
+    /// Other services whose gRPC health the dashboard shows, by name, e.g.
+    /// `{ collector = "http://127.0.0.1:7101" }` (the store is always shown).
+    pub pipeline: BTreeMap<String, String>,
+    /// Webhook delivery.
+    pub webhooks: WebhookConfig,
 }
 
 impl Default for GatewayConfig {
@@ -26,9 +94,20 @@ impl Default for GatewayConfig {
             server: ServerConfig::loopback(7105, 9105),
             store: "http://127.0.0.1:7104".into(),
             http: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            max_watchers: 1024,
+            data_dir: PathBuf::from("runnel-data/gateway"),
+            max_watchers: 20_000,
+            live_buffer: 65_536,
+            slow_clients: SlowClientPolicy::DropOldest,
+            resume_buffer: 65_536,
+            max_poll_wait: Duration::from_secs(60),
+            pipeline: BTreeMap::new(),
+            webhooks: WebhookConfig::default(),
         }
     }
+}
+
+fn is_url(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
 }
 
 impl ServiceConfig for GatewayConfig {
@@ -48,20 +127,50 @@ impl ServiceConfig for GatewayConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let section = Self::SECTION;
+        let invalid = |key: &str, message: String| Err(ConfigError::invalid(section, key, message));
         self.server.validate(section)?;
-        if !(self.store.starts_with("http://") || self.store.starts_with("https://")) {
-            return Err(ConfigError::invalid(
-                section,
+        if !is_url(&self.store) {
+            return invalid(
                 "store",
                 format!("{:?} is not an http:// or https:// URL", self.store),
-            ));
+            );
         }
-        if !(1..=100_000).contains(&self.max_watchers) {
-            return Err(ConfigError::invalid(
-                section,
-                "max_watchers",
-                "must be between 1 and 100000",
-            ));
+        if self.data_dir.as_os_str().is_empty() {
+            return invalid("data_dir", "must not be empty".into());
+        }
+        if !(1..=1_000_000).contains(&self.max_watchers) {
+            return invalid("max_watchers", "must be between 1 and 1000000".into());
+        }
+        if !(16..=1_000_000).contains(&self.live_buffer) {
+            return invalid("live_buffer", "must be between 16 and 1000000".into());
+        }
+        if !(16..=10_000_000).contains(&self.resume_buffer) {
+            return invalid("resume_buffer", "must be between 16 and 10000000".into());
+        }
+        if self.max_poll_wait.is_zero() || self.max_poll_wait > Duration::from_secs(600) {
+            return invalid("max_poll_wait", "must be between 1ms and 10m".into());
+        }
+        if let Some((name, url)) = self.pipeline.iter().find(|(_, url)| !is_url(url)) {
+            return invalid(
+                &format!("pipeline.{name}"),
+                format!("{url:?} is not an http:// or https:// URL"),
+            );
+        }
+        let hooks = &self.webhooks;
+        if !(1..=100_000).contains(&hooks.max_hooks) {
+            return invalid("webhooks.max_hooks", "must be between 1 and 100000".into());
+        }
+        if !(1..=10_000).contains(&hooks.max_batch) {
+            return invalid("webhooks.max_batch", "must be between 1 and 10000".into());
+        }
+        if hooks.timeout.is_zero() {
+            return invalid("webhooks.timeout", "must be more than 0s".into());
+        }
+        if hooks.initial_backoff.is_zero() || hooks.initial_backoff > hooks.max_backoff {
+            return invalid(
+                "webhooks.initial_backoff",
+                "must be more than 0s and at most webhooks.max_backoff".into(),
+            );
         }
         Ok(())
     }
@@ -77,14 +186,27 @@ mod tests {
         config.validate().unwrap();
         assert!(config.http.ip().is_loopback());
         assert_eq!(config.listen().http, Some(config.http));
+        assert_eq!(config.slow_clients, SlowClientPolicy::DropOldest);
     }
 
     #[test]
     fn bad_values_name_their_key() {
         type Case = (fn(&mut GatewayConfig), &'static str);
-        let cases: [Case; 2] = [
+        let cases: [Case; 6] = [
             (|c| c.store = "127.0.0.1:7104".into(), "gateway.store"),
             (|c| c.max_watchers = 0, "gateway.max_watchers"),
+            (|c| c.live_buffer = 1, "gateway.live_buffer"),
+            (
+                |c| {
+                    c.pipeline.insert("broker".into(), "localhost:7102".into());
+                },
+                "gateway.pipeline.broker",
+            ),
+            (|c| c.webhooks.max_batch = 0, "gateway.webhooks.max_batch"),
+            (
+                |c| c.webhooks.initial_backoff = Duration::from_secs(600),
+                "gateway.webhooks.initial_backoff",
+            ),
         ];
         for (mutate, key) in cases {
             let mut config = GatewayConfig::default();

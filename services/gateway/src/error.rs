@@ -26,6 +26,12 @@ pub enum GatewayError {
     /// The HTTP listener failed.
     #[error("http server: {0}")]
     Http(std::io::Error),
+    /// A bug: a lock poisoned by a panic, say.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+    /// Webhook registrations could not be read or written.
+    #[error("webhooks: {0}")]
+    Webhooks(String),
     /// The configuration given to [`run`](crate::run) is invalid.
     #[error(transparent)]
     Config(#[from] runnel_server::ConfigError),
@@ -44,9 +50,10 @@ impl From<GatewayError> for Status {
                 Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
                     Status::unavailable(format!("store unavailable: {}", status.message()))
                 }
-                Code::InvalidArgument | Code::ResourceExhausted | Code::NotFound => {
-                    Status::new(status.code(), status.message())
-                }
+                Code::InvalidArgument
+                | Code::ResourceExhausted
+                | Code::NotFound
+                | Code::OutOfRange => Status::new(status.code(), status.message()),
                 _ => {
                     tracing::error!(code = ?status.code(), message = status.message(), "store failed");
                     Status::internal("store failed; see the gateway's log")
@@ -54,6 +61,8 @@ impl From<GatewayError> for Status {
             },
             GatewayError::StoreUrl { .. }
             | GatewayError::Http(_)
+            | GatewayError::Webhooks(_)
+            | GatewayError::Internal(_)
             | GatewayError::Config(_)
             | GatewayError::Serve(_) => {
                 tracing::error!(%error, "gateway failure");

@@ -1,52 +1,111 @@
-//! The HTTP/JSON API and its server-sent-events stream:
+//! The HTTP API: the same reads as gRPC as JSON, live results as server-sent events,
+//! WebSocket messages and long polls, webhook registration, pipeline health, the OpenAPI
+//! document and the dashboard.
 //!
 //! | route | answer |
 //! |---|---|
 //! | `GET /v1/results/{query}/{key}` | the latest result (404 if none) |
-//! | `GET /v1/results/{query}/{key}/range?from=&to=&limit=` | `{"results": [...]}`, oldest first; `from`/`to` bound the window start (RFC 3339 or Unix ms; `from` inclusive, `to` exclusive) |
-//! | `GET /v1/watch?query=&key_prefix=` | `text/event-stream`: one `result` event per result, JSON data; an `error` event before the stream ends abnormally |
+//! | `GET /v1/results/{query}/{key}/range?from=&to=&limit=` | `{"results": [...]}`, oldest first |
+//! | `GET /v1/topk/{query}?k=` | the query's top keys in its most recent window |
+//! | `GET /v1/watch?<filter>` | `text/event-stream`: `result` events (`id:` the sequence), `gap` and `error` events; resumes after `Last-Event-ID` |
+//! | `GET /v1/ws?<filter>` | a WebSocket of `{"type": "result" \| "gap" \| "error", …}` messages |
+//! | `GET /v1/poll?<filter>&timeout=&limit=` | long poll: `{"results": [...], "next_after": n}` once something matches or the timeout passes |
+//! | `POST /v1/webhooks`, `GET /v1/webhooks`, `GET`/`DELETE /v1/webhooks/{id}` | webhooks and their delivery status |
+//! | `GET /v1/pipeline` | the health of the store (and configured services) and of this gateway's live streams |
+//! | `GET /openapi.json` | this API, described in OpenAPI 3.1 |
+//! | `GET /dashboard/` | the live dashboard |
 //!
+//! A `<filter>` is `query=`, `key=` (repeatable) or `keys=a,b`, `key_prefix=`, `where=`
+//! (repeatable, e.g. `where=count>=10`) and `after=<sequence>` (resume after it).
 //! Results have the JSON shape of [`runnel_proto::json::result_json`]; errors are
 //! `{"error": "<what is wrong>"}` with the HTTP status that matches the gRPC code.
 
+use crate::dashboard;
 use crate::error::{GatewayError, http_status};
+use crate::live::{Hub, LiveItem, Start, Subscription};
 use crate::results::Results;
+use crate::webhooks::{Registration, Webhooks};
 use axum::Router;
-use axum::extract::{Path, Query, Request, State};
-use axum::http::StatusCode;
+use axum::body::Bytes;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Json, Response};
+use axum::response::{IntoResponse, Json, Redirect, Response};
 use axum::routing::get;
-use futures::Stream;
+use futures::{FutureExt, SinkExt, Stream, StreamExt};
+use runnel_proto::filter::parse_predicate;
 use runnel_proto::json::{parse_time, result_json};
-use runnel_proto::v1::{GetRequest, RangeRequest, WatchRequest};
+use runnel_proto::v1::{GetRequest, RangeRequest, TopKRequest, WatchRequest};
+use runnel_proto::{Millis, filter};
 use runnel_telemetry::propagation::extract_from_http_headers;
-use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::convert::Infallible;
-use tokio_stream::StreamExt;
+use std::sync::Arc;
+use std::time::Duration;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// The HTTP routes over `results`.
-pub(crate) fn router(results: Results) -> Router {
+/// The OpenAPI document, served at `/openapi.json`.
+pub(crate) const OPENAPI: &str = include_str!("openapi.json");
+/// The largest request body accepted (webhook registrations).
+const MAX_BODY_BYTES: usize = 64 * 1024;
+/// A long poll waits this long when it does not say.
+const DEFAULT_POLL_WAIT: Duration = Duration::from_secs(25);
+/// A long poll answers at most this many results when it does not say.
+const DEFAULT_POLL_LIMIT: usize = 100;
+/// The most results a long poll answers.
+const MAX_POLL_LIMIT: usize = 10_000;
+
+/// What the HTTP handlers share.
+#[derive(Debug, Clone)]
+pub(crate) struct Api {
+    pub(crate) results: Results,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) webhooks: Arc<Webhooks>,
+    pub(crate) max_poll_wait: Duration,
+    /// Services whose health `/v1/pipeline` reports, by name.
+    pub(crate) pipeline: Arc<BTreeMap<String, tonic::transport::Channel>>,
+}
+
+/// The HTTP routes.
+pub(crate) fn router(api: Api) -> Router {
     Router::new()
         .route("/v1/results/{query}/{key}", get(latest))
         .route("/v1/results/{query}/{key}/range", get(range))
+        .route("/v1/topk/{query}", get(top_k))
         .route("/v1/watch", get(watch))
+        .route("/v1/ws", get(websocket))
+        .route("/v1/poll", get(poll))
+        .route("/v1/webhooks", get(list_webhooks).post(register_webhook))
+        .route("/v1/webhooks/{id}", get(webhook).delete(delete_webhook))
+        .route("/v1/pipeline", get(pipeline))
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
+        .route("/", get(|| async { Redirect::temporary("/dashboard/") }))
+        .route(
+            "/dashboard",
+            get(|| async { Redirect::permanent("/dashboard/") }),
+        )
+        .route("/dashboard/", get(dashboard::index))
+        .route("/dashboard/{file}", get(dashboard::asset))
         .fallback(|| async {
             ApiError(
                 StatusCode::NOT_FOUND,
-                "no such route; see /v1/results and /v1/watch".into(),
+                "no such route; see /openapi.json".into(),
             )
         })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(traced))
-        .with_state(results)
+        .with_state(api)
 }
 
 /// An error as the HTTP API answers it.
 #[derive(Debug)]
-struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(StatusCode, String);
 
 impl From<GatewayError> for ApiError {
     fn from(error: GatewayError) -> Self {
@@ -59,6 +118,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
     }
+}
+
+fn bad(message: String) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, message)
 }
 
 /// Runs each request in a span that continues the caller's W3C trace, if it sent one.
@@ -76,11 +139,72 @@ async fn traced(request: Request, next: Next) -> Response {
     response
 }
 
+/// The query string as name/value pairs (names may repeat).
+fn pairs(raw: Option<String>) -> Result<Vec<(String, String)>, ApiError> {
+    serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
+        .map_err(|e| bad(format!("the query string does not parse: {e}")))
+}
+
+fn number<T: std::str::FromStr>(name: &str, text: &str) -> Result<T, ApiError> {
+    text.parse()
+        .map_err(|_| bad(format!("{name}: {text:?} is not a whole number")))
+}
+
+/// A live filter and cursor from the query string, plus the endpoint's own parameters.
+struct LiveParams {
+    request: WatchRequest,
+    extra: BTreeMap<&'static str, String>,
+}
+
+impl LiveParams {
+    fn parse(raw: Option<String>, extra_names: &[&'static str]) -> Result<LiveParams, ApiError> {
+        let mut request = WatchRequest::default();
+        let mut extra = BTreeMap::new();
+        for (name, value) in pairs(raw)? {
+            match name.as_str() {
+                "query" => request.query = value,
+                "key" => request.keys.push(value),
+                "keys" => request.keys.extend(
+                    value
+                        .split(',')
+                        .filter(|k| !k.is_empty())
+                        .map(str::to_owned),
+                ),
+                "key_prefix" => request.key_prefix = value,
+                "where" => request
+                    .predicates
+                    .push(parse_predicate(&value).map_err(|e| bad(e.0))?),
+                "after" => request.after_sequence = Some(number("after", &value)?),
+                other => match extra_names.iter().find(|n| **n == other) {
+                    Some(name) => {
+                        extra.insert(*name, value);
+                    }
+                    None => {
+                        return Err(bad(format!(
+                            "unknown parameter {other:?}; filters are query, key, keys, key_prefix, where, after"
+                        )));
+                    }
+                },
+            }
+        }
+        if !request.query.is_empty() {
+            crate::results::check_query(&request.query)?;
+        }
+        filter::ResultFilter::new(&request).map_err(|e| bad(e.0))?;
+        Ok(LiveParams { request, extra })
+    }
+
+    fn start(&self) -> Start {
+        self.request.after_sequence.map_or(Start::Now, Start::After)
+    }
+}
+
 async fn latest(
-    State(results): State<Results>,
+    State(api): State<Api>,
     Path((query, key)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    match results
+    match api
+        .results
         .get(GetRequest {
             query: query.clone(),
             key: key.clone(),
@@ -95,34 +219,27 @@ async fn latest(
     }
 }
 
-/// `?from=&to=&limit=`, all optional.
-#[derive(Debug, Deserialize)]
-struct RangeParams {
-    from: Option<String>,
-    to: Option<String>,
-    limit: Option<String>,
-}
-
 async fn range(
-    State(results): State<Results>,
+    State(api): State<Api>,
     Path((query, key)): Path<(String, String)>,
-    Query(params): Query<RangeParams>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let bad = |message: String| ApiError(StatusCode::BAD_REQUEST, message);
-    let time = |name: &str, value: Option<String>| {
-        value
-            .map(|text| parse_time(&text).map_err(|e| bad(format!("{name}: {e}"))))
-            .transpose()
-    };
-    let from = time("from", params.from)?;
-    let to = time("to", params.to)?;
-    let limit = match params.limit {
-        None => 0,
-        Some(text) => text
-            .parse::<u32>()
-            .map_err(|_| bad(format!("limit: {text:?} is not a whole number")))?,
-    };
-    let found = results
+    let (mut from, mut to, mut limit) = (None, None, 0);
+    for (name, value) in pairs(raw)? {
+        let time = |text: &str| parse_time(text).map_err(|e| bad(format!("{name}: {e}")));
+        match name.as_str() {
+            "from" => from = Some(time(&value)?),
+            "to" => to = Some(time(&value)?),
+            "limit" => limit = number("limit", &value)?,
+            other => {
+                return Err(bad(format!(
+                    "unknown parameter {other:?}; use from, to, limit"
+                )));
+            }
+        }
+    }
+    let found = api
+        .results
         .range(RangeRequest {
             query,
             key,
@@ -135,32 +252,324 @@ async fn range(
     Ok(Json(serde_json::json!({ "results": json })).into_response())
 }
 
-/// `?query=&key_prefix=`, both optional.
-#[derive(Debug, Deserialize)]
-struct WatchParams {
-    #[serde(default)]
-    query: String,
-    #[serde(default)]
-    key_prefix: String,
-}
-
-async fn watch(
-    State(results): State<Results>,
-    Query(params): Query<WatchParams>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let live = results
-        .watch(WatchRequest {
-            query: params.query,
-            key_prefix: params.key_prefix,
+async fn top_k(
+    State(api): State<Api>,
+    Path(query): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let mut k = 0;
+    for (name, value) in pairs(raw)? {
+        match name.as_str() {
+            "k" => k = number("k", &value)?,
+            other => return Err(bad(format!("unknown parameter {other:?}; use k"))),
+        }
+    }
+    let top = api
+        .results
+        .top_k(TopKRequest {
+            query: query.clone(),
+            k,
         })
         .await?;
-    let events = live.map(|item| {
-        Ok(match item {
-            Ok(result) => Event::default()
+    let time = |ts: Option<prost_types::Timestamp>| {
+        ts.map(|ts| runnel_proto::json::rfc3339(Millis::from(ts)))
+    };
+    let results: Vec<serde_json::Value> = top.results.iter().map(result_json).collect();
+    Ok(Json(serde_json::json!({
+        "query": query,
+        "window_start": time(top.window_start),
+        "window_start_ms": top.window_start.map(|t| Millis::from(t).0),
+        "window_end": time(top.window_end),
+        "ranked_by": top.ranked_by,
+        "results": results,
+    }))
+    .into_response())
+}
+
+/// The JSON of a live item, and its SSE event name.
+fn live_json(item: &LiveItem) -> (&'static str, serde_json::Value) {
+    match item {
+        LiveItem::Result(result) => ("result", result_json(result)),
+        LiveItem::Gap { after, missed } => (
+            "gap",
+            serde_json::json!({
+                "after_sequence": after,
+                "missed": missed,
+                "message": "this client fell behind and results were dropped; re-read them with range, or reconnect after after_sequence",
+            }),
+        ),
+    }
+}
+
+/// Server-sent events; a reconnecting `EventSource` sends `Last-Event-ID` and resumes.
+async fn watch(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let mut params = LiveParams::parse(raw, &[])?;
+    if let Some(id) = headers.get("last-event-id") {
+        let text = id
+            .to_str()
+            .map_err(|_| bad("Last-Event-ID is not text".into()))?;
+        params.request.after_sequence = Some(number("Last-Event-ID", text.trim())?);
+    }
+    let subscription = api
+        .hub
+        .subscribe(&params.request, params.start(), "sse")
+        .await?;
+    let events = futures::stream::unfold(Some(subscription), |state| async move {
+        let mut subscription = state?;
+        let event = match subscription.next().await {
+            Ok(LiveItem::Result(result)) => Event::default()
                 .event("result")
-                .data(result_json(&result).to_string()),
-            Err(status) => Event::default().event("error").data(status.message()),
-        })
+                .id(result.sequence.to_string())
+                .data(&result.json),
+            Ok(gap @ LiveItem::Gap { .. }) => {
+                let (name, json) = live_json(&gap);
+                Event::default().event(name).data(json.to_string())
+            }
+            Err(status) => {
+                let data = serde_json::json!({
+                    "error": status.message(),
+                    "after_sequence": subscription.last_sequence(),
+                });
+                let event = Event::default().event("error").data(data.to_string());
+                return Some((Ok(event), None));
+            }
+        };
+        Some((Ok(event), Some(subscription)))
     });
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+async fn websocket(
+    State(api): State<Api>,
+    RawQuery(raw): RawQuery,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let params = LiveParams::parse(raw, &[])?;
+    // Subscribe before the upgrade, so a refusal is an HTTP status the client can see.
+    let subscription = api
+        .hub
+        .subscribe(&params.request, params.start(), "websocket")
+        .await?;
+    Ok(upgrade
+        .max_message_size(MAX_BODY_BYTES)
+        .on_upgrade(move |socket| relay_websocket(socket, subscription)))
+}
+
+async fn relay_websocket(socket: WebSocket, mut subscription: Subscription) {
+    let (mut outgoing, mut incoming) = socket.split();
+    loop {
+        tokio::select! {
+            item = subscription.next() => {
+                let (message, last) = match item {
+                    // The result's JSON is shared: splice it in rather than build it again.
+                    Ok(LiveItem::Result(result)) => (
+                        format!(
+                            r#"{{"type":"result","sequence":{},"result":{}}}"#,
+                            result.sequence, result.json
+                        ),
+                        false,
+                    ),
+                    Ok(gap @ LiveItem::Gap { .. }) => {
+                        let (kind, mut json) = live_json(&gap);
+                        json["type"] = kind.into();
+                        (json.to_string(), false)
+                    }
+                    Err(status) => (
+                        serde_json::json!({
+                            "type": "error",
+                            "error": status.message(),
+                            "after_sequence": subscription.last_sequence(),
+                        })
+                        .to_string(),
+                        true,
+                    ),
+                };
+                if outgoing.send(Message::Text(message.into())).await.is_err() || last {
+                    break;
+                }
+            }
+            incoming = incoming.next() => match incoming {
+                // Pings are answered by the socket itself; text from the client is ignored.
+                Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    let _ = outgoing.close().await;
+}
+
+/// Long polling: waits for the first matching result after `after` (or from now), then
+/// answers it with whatever else is already there.
+async fn poll(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let params = LiveParams::parse(raw, &["timeout", "limit"])?;
+    let wait = match params.extra.get("timeout") {
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|_| bad(format!("timeout: {text:?} is not a duration such as 30s")))?,
+        None => DEFAULT_POLL_WAIT,
+    }
+    .min(api.max_poll_wait);
+    let limit = match params.extra.get("limit") {
+        Some(text) => number::<usize>("limit", text)?.clamp(1, MAX_POLL_LIMIT),
+        None => DEFAULT_POLL_LIMIT,
+    };
+    let after = params.request.after_sequence;
+    let mut subscription = api
+        .hub
+        .subscribe(&params.request, params.start(), "poll")
+        .await?;
+    let mut results = Vec::new();
+    let mut gap = None;
+    // Nothing within the wait is an empty answer, not an error.
+    let mut next = tokio::time::timeout(wait, subscription.next()).await.ok();
+    while let Some(item) = next.take() {
+        match item {
+            Ok(LiveItem::Result(result)) => results.push(result_json(&result)),
+            Ok(LiveItem::Gap { after, missed }) => {
+                gap = Some(serde_json::json!({ "after_sequence": after, "missed": missed }));
+                break;
+            }
+            Err(status) => {
+                if results.is_empty() {
+                    return Err(ApiError(
+                        http_status(status.code()),
+                        status.message().to_owned(),
+                    ));
+                }
+                break;
+            }
+        }
+        if results.len() < limit {
+            next = subscription.next().now_or_never();
+        }
+    }
+    let next_after = subscription.last_sequence().max(after.unwrap_or_default());
+    Ok(Json(serde_json::json!({
+        "results": results,
+        "next_after": next_after,
+        "gap": gap,
+    }))
+    .into_response())
+}
+
+async fn register_webhook(State(api): State<Api>, body: Bytes) -> Result<Response, ApiError> {
+    let registration: Registration = serde_json::from_slice(&body)
+        .map_err(|e| bad(format!("the body is not a webhook registration: {e}")))?;
+    let created = api.webhooks.register(registration)?;
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+async fn list_webhooks(State(api): State<Api>) -> Result<Response, ApiError> {
+    Ok(Json(serde_json::json!({ "webhooks": api.webhooks.list()? })).into_response())
+}
+
+async fn webhook(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id: u64 = number("id", &id)?;
+    match api.webhooks.get(id)? {
+        Some(hook) => Ok(Json(hook).into_response()),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no webhook {id}"))),
+    }
+}
+
+async fn delete_webhook(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id: u64 = number("id", &id)?;
+    if api.webhooks.delete(id)? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError(StatusCode::NOT_FOUND, format!("no webhook {id}")))
+    }
+}
+
+/// The health of every service the gateway knows, and of its own live streams.
+async fn pipeline(State(api): State<Api>) -> Response {
+    let checks = api.pipeline.iter().map(|(name, channel)| {
+        let channel = channel.clone();
+        async move {
+            let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+            let asked = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                }),
+            )
+            .await;
+            let status = match asked {
+                Ok(Ok(answer)) => answer.into_inner().status().as_str_name().to_owned(),
+                Ok(Err(status)) => format!("UNREACHABLE: {}", status.message()),
+                Err(_) => "UNREACHABLE: no answer within 2s".to_owned(),
+            };
+            serde_json::json!({ "name": name, "status": status })
+        }
+    });
+    let services = futures::future::join_all(checks).await;
+    Json(serde_json::json!({
+        "services": services,
+        "gateway": {
+            "store_stream": if api.hub.connected() { "connected" } else { "reconnecting" },
+            "last_sequence": api.hub.last_sequence(),
+            "watchers": api.hub.watchers(),
+            "webhooks_failing": api.webhooks.failing(),
+        },
+    }))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_parameters_build_a_filter() {
+        let params = LiveParams::parse(
+            Some(
+                "query=q&key=a&keys=b,c&key_prefix=s&where=count%3E%3D3&after=7&timeout=1s".into(),
+            ),
+            &["timeout"],
+        )
+        .unwrap();
+        assert_eq!(params.request.query, "q");
+        assert_eq!(params.request.keys, ["a", "b", "c"]);
+        assert_eq!(params.request.key_prefix, "s");
+        assert_eq!(params.request.predicates.len(), 1);
+        assert_eq!(params.request.after_sequence, Some(7));
+        assert_eq!(params.extra["timeout"], "1s");
+        let error = |raw: &str| match LiveParams::parse(Some(raw.into()), &[]) {
+            Err(ApiError(StatusCode::BAD_REQUEST, message)) => message,
+            other => panic!("expected a 400, got {:?}", other.map(|p| p.request)),
+        };
+        assert!(error("timeout=1s").contains("unknown parameter"));
+        assert!(error("after=soon").starts_with("after:"));
+        assert!(error("where=count").starts_with("where:"));
+    }
+
+    #[test]
+    fn the_openapi_document_describes_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("valid JSON");
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+        let paths: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        for route in [
+            "/v1/results/{query}/{key}",
+            "/v1/results/{query}/{key}/range",
+            "/v1/topk/{query}",
+            "/v1/watch",
+            "/v1/ws",
+            "/v1/poll",
+            "/v1/webhooks",
+            "/v1/webhooks/{id}",
+            "/v1/pipeline",
+        ] {
+            assert!(paths.contains(&route), "{route} missing from {paths:?}");
+        }
+    }
 }

@@ -1,27 +1,39 @@
 //! The data access tier: the client-facing read API for query results.
 //!
 //! The same reads — the latest result for a key (`Get`), a key's history by window
-//! (`Range`) and live results filtered by query and key prefix (`Watch`) — are served over
-//! gRPC (`runnel.v1.Gateway`), over HTTP/JSON, and as server-sent events. The gateway keeps
-//! no state of its own: it reads from the store, so any number of gateways can serve one
-//! store. Live streams are bounded in number (`max_watchers`) and in buffer, so a slow
-//! client is cut off with a clear error instead of slowing the pipeline.
+//! (`Range`), a query's top keys in its most recent window (`TopK`) and live results
+//! filtered by query, keys or key prefix and values (`Watch`) — are served over gRPC
+//! (`runnel.v1.Gateway`) and over HTTP: JSON, server-sent events, WebSockets and long
+//! polling, described by an OpenAPI document at `/openapi.json`. Webhooks push matching
+//! results to registered URLs, signed and retried until accepted. A dashboard at
+//! `/dashboard/` shows the pipeline's live results and health.
+//!
+//! Reads go to the store; live results come from one stream from the store that every
+//! live client of this gateway shares ([`live`]), so any number of gateways can serve one
+//! store, a client resumes after the last sequence it saw without a gap, and a slow client
+//! is bounded and told (or cut off) instead of slowing the pipeline or anyone else.
 //!
 //! [`run`] is the whole service, runnable in-process (tests, the all-in-one CLI) as well as
 //! from the `runnel-gateway` binary.
 
 pub mod config;
+mod dashboard;
 mod error;
 mod grpc;
 mod http;
+mod live;
 mod results;
+mod webhooks;
 
-pub use config::GatewayConfig;
+pub use config::{GatewayConfig, SlowClientPolicy, WebhookConfig};
 pub use error::GatewayError;
 
 use axum::serve::ListenerExt;
 use runnel_proto::v1::gateway_server::GatewayServer;
 use runnel_server::{Listeners, ServeError, ServiceConfig, Shutdown};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tonic::transport::Endpoint;
 
 /// Runs the gateway on `listeners` (its `http` listener serves the HTTP API) until
 /// `shutdown` fires, then drains both APIs within the drain timeout.
@@ -36,18 +48,49 @@ pub async fn run(
             "the gateway needs an http listener".into(),
         )));
     };
-    let results = results::Results::new(
-        &config.store,
-        config.server.max_message_bytes,
-        config.server.request_timeout,
+    let store = results::connect(&config.store, config.server.max_message_bytes)?;
+    let results = results::Results::new(store.clone(), config.server.request_timeout);
+    let hub = live::Hub::new(
+        store,
+        config.live_buffer,
+        config.resume_buffer,
         config.max_watchers,
+        config.slow_clients,
         shutdown.clone(),
-    )?;
+    );
+    let follower = tokio::spawn(Arc::clone(&hub).follow());
+    let webhooks = {
+        let (dir, hub, hooks, shutdown) = (
+            config.data_dir.clone(),
+            Arc::clone(&hub),
+            config.webhooks.clone(),
+            shutdown.clone(),
+        );
+        webhooks::Webhooks::open(&dir, hub, hooks, shutdown)?
+    };
+    let mut pipeline = BTreeMap::new();
+    for (name, url) in std::iter::once(("store", &config.store))
+        .chain(config.pipeline.iter().map(|(n, u)| (n.as_str(), u)))
+    {
+        let channel = Endpoint::from_shared(url.clone())
+            .map_err(|source| GatewayError::StoreUrl {
+                url: url.clone(),
+                source,
+            })?
+            .connect_lazy();
+        pipeline.insert(name.to_owned(), channel);
+    }
 
     let http_shutdown = shutdown.clone();
-    let app = http::router(results.clone());
+    let app = http::router(http::Api {
+        results: results.clone(),
+        hub: Arc::clone(&hub),
+        webhooks: Arc::clone(&webhooks),
+        max_poll_wait: config.max_poll_wait,
+        pipeline: Arc::new(pipeline),
+    });
     let http_server = tokio::spawn(async move {
-        // Small JSON answers and SSE events must not wait for a delayed ACK (Nagle).
+        // Small JSON answers and live events must not wait for a delayed ACK (Nagle).
         let listener = http_listener.tap_io(|stream| {
             if let Err(error) = stream.set_nodelay(true) {
                 tracing::debug!(%error, "cannot set TCP_NODELAY");
@@ -59,7 +102,7 @@ pub async fn run(
     });
 
     let max_message = config.server.max_message_bytes;
-    let grpc = GatewayServer::new(grpc::GatewayService::new(results))
+    let grpc = GatewayServer::new(grpc::GatewayService::new(results, hub))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
     let served = runnel_server::serve(
@@ -73,6 +116,9 @@ pub async fn run(
     .await;
     // Live HTTP streams end on shutdown, so the HTTP drain is bounded like the gRPC one.
     let drained = tokio::time::timeout(config.server.drain_timeout, http_server).await;
+    follower.abort();
+    webhooks.stop().await;
+    drop(webhooks);
     served?;
     match drained {
         Ok(Ok(Ok(()))) => {}

@@ -1,23 +1,28 @@
 //! The gateway over real gRPC and HTTP, in front of a real store, all in-process on
-//! ephemeral ports.
+//! ephemeral ports: every read and live protocol, resumption, slow clients and webhooks.
 
 use futures::StreamExt;
-use runnel_gateway::GatewayConfig;
+use runnel_gateway::{GatewayConfig, SlowClientPolicy};
 use runnel_proto::Millis;
 use runnel_proto::v1::gateway_client::GatewayClient;
 use runnel_proto::v1::store_client::StoreClient;
-use runnel_proto::v1::{GetRequest, PutRequest, QueryResult, RangeRequest, WatchRequest};
+use runnel_proto::v1::{
+    GetRequest, PutRequest, QueryResult, RangeRequest, TopKRequest, WatchRequest,
+};
 use runnel_server::{Listeners, Shutdown, ShutdownTrigger};
 use runnel_store::StoreConfig;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::Code;
 use tonic::transport::Channel;
 
+const WAIT: Duration = Duration::from_secs(30);
+
 struct Stack {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     store: StoreClient<Channel>,
     gateway: GatewayClient<Channel>,
     http: SocketAddr,
@@ -29,8 +34,12 @@ async fn listener() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").await.unwrap()
 }
 
-async fn start(max_watchers: usize) -> Stack {
+async fn start(configure: impl FnOnce(&mut GatewayConfig)) -> Stack {
     let dir = tempfile::tempdir().unwrap();
+    start_in(dir, configure).await
+}
+
+async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut GatewayConfig)) -> Stack {
     let (trigger, shutdown) = Shutdown::new();
     let store_listeners = Listeners {
         grpc: listener().await,
@@ -39,7 +48,8 @@ async fn start(max_watchers: usize) -> Stack {
     };
     let store_addr = store_listeners.grpc.local_addr().unwrap();
     let store_config = StoreConfig {
-        data_dir: dir.path().to_path_buf(),
+        data_dir: dir.path().join("store"),
+        fsync: runnel_log::FsyncPolicy::Never,
         ..StoreConfig::default()
     };
     let gateway_listeners = Listeners {
@@ -54,11 +64,12 @@ async fn start(max_watchers: usize) -> Stack {
         .unwrap()
         .local_addr()
         .unwrap();
-    let gateway_config = GatewayConfig {
+    let mut gateway_config = GatewayConfig {
         store: format!("http://{store_addr}"),
-        max_watchers,
+        data_dir: dir.path().join("gateway"),
         ..GatewayConfig::default()
     };
+    configure(&mut gateway_config);
     let tasks = vec![
         tokio::spawn({
             let shutdown = shutdown.clone();
@@ -74,8 +85,8 @@ async fn start(max_watchers: usize) -> Stack {
                 .map_err(|e| e.to_string())
         }),
     ];
-    Stack {
-        _dir: dir,
+    let stack = Stack {
+        dir,
         store: StoreClient::connect(format!("http://{store_addr}"))
             .await
             .unwrap(),
@@ -85,11 +96,13 @@ async fn start(max_watchers: usize) -> Stack {
         http,
         trigger,
         tasks,
-    }
+    };
+    stack.wait_for_hub().await;
+    stack
 }
 
 impl Stack {
-    async fn stop(self) {
+    async fn stop(self) -> tempfile::TempDir {
         self.trigger.trigger();
         for task in self.tasks {
             tokio::time::timeout(Duration::from_secs(15), task)
@@ -98,38 +111,69 @@ impl Stack {
                 .unwrap()
                 .unwrap();
         }
+        self.dir
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    async fn json(&self, path: &str) -> serde_json::Value {
+        let response = reqwest::get(self.url(path)).await.unwrap();
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
+        response.json().await.unwrap()
+    }
+
+    /// Waits until the gateway's shared stream from the store is up, so that a live client
+    /// subscribed "from now" sees the next write.
+    async fn wait_for_hub(&self) {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Ok(response) = reqwest::get(self.url("/v1/pipeline")).await
+                    && let Ok(json) = response.json::<serde_json::Value>().await
+                    && json["gateway"]["store_stream"] == "connected"
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the gateway follows the store");
+    }
+
+    async fn put(&mut self, results: Vec<QueryResult>) {
+        self.store.put(PutRequest { results }).await.unwrap();
     }
 }
 
-fn result(key: &str, start: i64, count: f64) -> QueryResult {
+fn result(query: &str, key: &str, start: i64, count: f64) -> QueryResult {
     QueryResult {
-        query: "q".into(),
+        query: query.into(),
         key: key.into(),
         window_start: Some(Millis(start).into()),
         window_end: Some(Millis(start + 10_000).into()),
         values: [("count".to_owned(), count)].into(),
         emitted_at: Some(Millis(start + 12_000).into()),
-        headers: Default::default(),
-        items: Default::default(),
+        ..Default::default()
     }
 }
 
 #[tokio::test]
-async fn get_and_range_over_grpc_and_http() {
-    let mut stack = start(8).await;
+async fn get_range_and_top_k_over_grpc_and_http() {
+    let mut stack = start(|_| {}).await;
     let t0 = 1_714_564_800_000;
-    let written = vec![
-        result("sensor/1", t0, 1.0),
-        result("sensor/1", t0 + 10_000, 2.0),
-        result("sensor/1", t0 + 20_000, 3.0),
-    ];
     stack
-        .store
-        .put(PutRequest {
-            results: written.clone(),
-        })
-        .await
-        .unwrap();
+        .put(vec![
+            result("q", "sensor/1", t0, 1.0),
+            result("q", "sensor/1", t0 + 10_000, 2.0),
+            result("q", "sensor/1", t0 + 20_000, 3.0),
+        ])
+        .await;
 
     let latest = stack
         .gateway
@@ -140,8 +184,9 @@ async fn get_and_range_over_grpc_and_http() {
         .await
         .unwrap()
         .into_inner()
-        .result;
-    assert_eq!(latest.as_ref(), written.last());
+        .result
+        .unwrap();
+    assert_eq!((latest.values["count"], latest.sequence), (3.0, 3));
     let ranged = stack
         .gateway
         .range(RangeRequest {
@@ -154,7 +199,8 @@ async fn get_and_range_over_grpc_and_http() {
         .unwrap()
         .into_inner()
         .results;
-    assert_eq!(ranged, written[1..]);
+    let counts: Vec<f64> = ranged.iter().map(|r| r.values["count"]).collect();
+    assert_eq!(counts, [2.0, 3.0]);
     let status = stack
         .gateway
         .get(GetRequest {
@@ -167,21 +213,18 @@ async fn get_and_range_over_grpc_and_http() {
     assert!(status.message().starts_with("query"), "{status:?}");
 
     // The same over HTTP; a key with a slash is percent-encoded in the path.
-    let base = format!("http://{}/v1/results/q/sensor%2F1", stack.http);
-    let json: serde_json::Value = reqwest::get(&base).await.unwrap().json().await.unwrap();
+    let json = stack.json("/v1/results/q/sensor%2F1").await;
     assert_eq!(json["key"], "sensor/1");
     assert_eq!(json["window_start"], "2024-05-01T12:00:20.000Z");
     assert_eq!(json["window_start_ms"], t0 + 20_000);
     assert_eq!(json["values"]["count"], 3.0);
-    let json: serde_json::Value = reqwest::get(format!(
-        "{base}/range?from=2024-05-01T12:00:00Z&to={}&limit=5",
-        t0 + 20_000
-    ))
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    assert_eq!(json["sequence"], 3);
+    let json = stack
+        .json(&format!(
+            "/v1/results/q/sensor%2F1/range?from=2024-05-01T12:00:00Z&to={}&limit=5",
+            t0 + 20_000
+        ))
+        .await;
     let counts: Vec<f64> = json["results"]
         .as_array()
         .unwrap()
@@ -190,13 +233,38 @@ async fn get_and_range_over_grpc_and_http() {
         .collect();
     assert_eq!(counts, [1.0, 2.0]);
 
-    let missing = reqwest::get(format!("http://{}/v1/results/q/nobody", stack.http))
+    // Top keys of the most recent window, over both.
+    stack
+        .put(vec![
+            result("meetup_topics", "Rust", t0, 4.0),
+            result("meetup_topics", "Go", t0, 6.0),
+            result("meetup_topics", "Jazz", t0, 1.0),
+        ])
+        .await;
+    let top = stack
+        .gateway
+        .top_k(TopKRequest {
+            query: "meetup_topics".into(),
+            k: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let keys: Vec<&str> = top.results.iter().map(|r| r.key.as_str()).collect();
+    assert_eq!(keys, ["Go", "Rust"]);
+    let json = stack.json("/v1/topk/meetup_topics?k=2").await;
+    assert_eq!(json["ranked_by"], "count");
+    assert_eq!(json["results"][0]["key"], "Go");
+    assert_eq!(json["results"][1]["values"]["count"], 4.0);
+    assert_eq!(json["window_start_ms"], t0);
+
+    let missing = reqwest::get(stack.url("/v1/results/q/nobody"))
         .await
         .unwrap();
     assert_eq!(missing.status(), 404);
     let body: serde_json::Value = missing.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("nobody"), "{body}");
-    let bad = reqwest::get(format!("{base}/range?from=yesterday"))
+    let bad = reqwest::get(stack.url("/v1/results/q/k/range?from=yesterday"))
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
@@ -205,79 +273,487 @@ async fn get_and_range_over_grpc_and_http() {
         body["error"].as_str().unwrap().starts_with("from:"),
         "{body}"
     );
-    let nowhere = reqwest::get(format!("http://{}/v2/anything", stack.http))
+    let bad = reqwest::get(stack.url("/v1/topk/meetup_topics?k=100000"))
         .await
         .unwrap();
+    assert_eq!(bad.status(), 400);
+    let nowhere = reqwest::get(stack.url("/v2/anything")).await.unwrap();
     assert_eq!(nowhere.status(), 404);
+    let openapi = stack.json("/openapi.json").await;
+    assert!(openapi["paths"]["/v1/topk/{query}"].is_object());
     stack.stop().await;
 }
 
-/// Reads server-sent events until `n` `result` events have arrived.
-async fn sse_results(response: reqwest::Response, n: usize) -> Vec<serde_json::Value> {
-    let mut body = response.bytes_stream();
-    let mut text = String::new();
-    let mut results = Vec::new();
-    while results.len() < n {
-        let chunk = body.next().await.expect("the stream stays open").unwrap();
-        text.push_str(std::str::from_utf8(&chunk).unwrap());
-        while let Some(end) = text.find("\n\n") {
-            let event: String = text.drain(..end + 2).collect();
-            if event.lines().any(|l| l == "event: result") {
-                let data = event
-                    .lines()
-                    .find_map(|l| l.strip_prefix("data: "))
-                    .unwrap();
-                results.push(serde_json::from_str(data).unwrap());
-            }
+/// One server-sent event.
+#[derive(Debug)]
+struct SseEvent {
+    name: String,
+    id: Option<String>,
+    data: serde_json::Value,
+}
+
+/// Reads server-sent events from `response` as they arrive.
+struct SseReader {
+    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    text: String,
+}
+
+impl SseReader {
+    fn new(response: reqwest::Response) -> SseReader {
+        SseReader {
+            body: response.bytes_stream().boxed(),
+            text: String::new(),
         }
     }
-    results
+
+    async fn next(&mut self) -> SseEvent {
+        loop {
+            while let Some(end) = self.text.find("\n\n") {
+                let block: String = self.text.drain(..end + 2).collect();
+                let field = |name: &str| {
+                    block
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name).map(|v| v.trim_start().to_owned()))
+                };
+                if let (Some(name), Some(data)) = (field("event:"), field("data:")) {
+                    return SseEvent {
+                        name,
+                        id: field("id:"),
+                        data: serde_json::from_str(&data).unwrap(),
+                    };
+                }
+            }
+            let chunk = tokio::time::timeout(WAIT, self.body.next())
+                .await
+                .expect("an event in time")
+                .expect("the stream stays open")
+                .unwrap();
+            self.text.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
 }
 
 #[tokio::test]
-async fn live_results_over_grpc_watch_and_server_sent_events() {
-    let mut stack = start(8).await;
-    let mut watch = stack
+async fn live_results_over_grpc_sse_websocket_and_long_polling() {
+    let mut stack = start(|_| {}).await;
+    let filter = "query=q&key_prefix=sensor-&where=count%3E%3D2";
+    let mut grpc = stack
         .gateway
         .watch(WatchRequest {
             query: "q".into(),
             key_prefix: "sensor-".into(),
+            predicates: vec![runnel_proto::filter::parse_predicate("count>=2").unwrap()],
+            ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
-    let sse = reqwest::get(format!(
-        "http://{}/v1/watch?query=q&key_prefix=sensor-",
-        stack.http
-    ))
-    .await
-    .unwrap();
-    assert_eq!(sse.status(), 200);
-    assert_eq!(sse.headers()["content-type"], "text/event-stream");
-    // The SSE handler has subscribed by the time its headers arrive.
-    let batch = vec![
-        result("sensor-1", 0, 1.0),
-        result("other", 0, 2.0),
-        result("sensor-2", 0, 3.0),
-    ];
-    stack
-        .store
-        .put(PutRequest {
-            results: batch.clone(),
-        })
+    let sse = reqwest::get(stack.url(&format!("/v1/watch?{filter}")))
         .await
         .unwrap();
-    assert_eq!(watch.message().await.unwrap().as_ref(), Some(&batch[0]));
-    assert_eq!(watch.message().await.unwrap().as_ref(), Some(&batch[2]));
-    let events = sse_results(sse, 2).await;
-    let keys: Vec<&str> = events.iter().map(|e| e["key"].as_str().unwrap()).collect();
-    assert_eq!(keys, ["sensor-1", "sensor-2"]);
+    assert_eq!(sse.status(), 200);
+    assert_eq!(sse.headers()["content-type"], "text/event-stream");
+    let mut sse = SseReader::new(sse);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/v1/ws?{filter}", stack.http))
+            .await
+            .unwrap();
+    // A long poll after sequence 0: it waits for the first matching write.
+    let poll_url = stack.url(&format!("/v1/poll?{filter}&after=0&timeout=20s"));
+    let poll = tokio::spawn(async move {
+        reqwest::get(poll_url)
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    });
+    stack
+        .put(vec![
+            result("q", "sensor-1", 0, 1.0),
+            result("q", "other", 0, 5.0),
+            result("q", "sensor-2", 0, 3.0),
+            result("q2", "sensor-3", 0, 4.0),
+            result("q", "sensor-4", 0, 2.0),
+        ])
+        .await;
+    let wanted = [("sensor-2", 3), ("sensor-4", 5)];
+    for (key, sequence) in wanted {
+        let got = grpc.message().await.unwrap().unwrap();
+        assert_eq!((got.key.as_str(), got.sequence), (key, sequence));
+        let event = sse.next().await;
+        assert_eq!(event.name, "result");
+        assert_eq!(event.id.as_deref(), Some(sequence.to_string().as_str()));
+        assert_eq!(event.data["key"], key);
+        let message = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_str(message.to_text().unwrap()).unwrap();
+        assert_eq!(json["type"], "result");
+        assert_eq!(json["sequence"], sequence);
+        assert_eq!(json["result"]["key"], key);
+    }
+    let polled = tokio::time::timeout(WAIT, poll).await.unwrap().unwrap();
+    let keys: Vec<&str> = polled["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["sensor-2", "sensor-4"]);
+    assert_eq!(polled["next_after"], 5);
+    // Polling on from the cursor waits for what comes next; a timeout answers empty.
+    let empty = stack
+        .json(&format!("/v1/poll?{filter}&after=5&timeout=50ms"))
+        .await;
+    assert_eq!(empty["results"].as_array().unwrap().len(), 0);
+    assert_eq!(empty["next_after"], 5);
+    ws.close(None).await.unwrap();
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn live_clients_resume_after_their_cursor_without_a_gap() {
+    let mut stack = start(|c| c.resume_buffer = 16).await;
+    let sse = reqwest::get(stack.url("/v1/watch?query=q")).await.unwrap();
+    let mut sse = SseReader::new(sse);
+    stack
+        .put(vec![result("q", "a", 0, 1.0), result("q", "b", 0, 2.0)])
+        .await;
+    assert_eq!(sse.next().await.id.as_deref(), Some("1"));
+    assert_eq!(sse.next().await.id.as_deref(), Some("2"));
+    drop(sse);
+    // Written while the client was away: some within the gateway's memory, and (with a
+    // resume buffer of 16) many more that only the store's change feed still has.
+    for chunk in 0..5 {
+        let batch = (0..10)
+            .map(|i| result("q", &format!("k{i}"), chunk * 10_000, 1.0))
+            .collect();
+        stack.put(batch).await;
+    }
+    let client = reqwest::Client::new();
+    for (protocol, after) in [
+        ("sse", 2u64),
+        ("sse-recent", 45),
+        ("websocket", 2),
+        ("grpc", 2),
+    ] {
+        let expected: Vec<u64> = (after + 1..=52).collect();
+        let got: Vec<u64> = match protocol {
+            "sse" | "sse-recent" => {
+                let response = client
+                    .get(stack.url("/v1/watch?query=q"))
+                    .header("Last-Event-ID", after.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                let mut sse = SseReader::new(response);
+                let mut got = Vec::new();
+                for _ in &expected {
+                    got.push(sse.next().await.id.unwrap().parse().unwrap());
+                }
+                got
+            }
+            "websocket" => {
+                let url = format!("ws://{}/v1/ws?query=q&after={after}", stack.http);
+                let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+                let mut got = Vec::new();
+                for _ in &expected {
+                    let message = tokio::time::timeout(WAIT, ws.next())
+                        .await
+                        .unwrap()
+                        .unwrap()
+                        .unwrap();
+                    let json: serde_json::Value =
+                        serde_json::from_str(message.to_text().unwrap()).unwrap();
+                    got.push(json["sequence"].as_u64().unwrap());
+                }
+                got
+            }
+            _ => {
+                let mut watch = stack
+                    .gateway
+                    .watch(WatchRequest {
+                        query: "q".into(),
+                        after_sequence: Some(after),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let mut got = Vec::new();
+                for _ in &expected {
+                    got.push(watch.message().await.unwrap().unwrap().sequence);
+                }
+                got
+            }
+        };
+        assert_eq!(got, expected, "{protocol} resumed after {after}");
+    }
+    // Long polling resumes the same way.
+    let polled = stack.json("/v1/poll?query=q&after=50&timeout=1s").await;
+    let sequences: Vec<u64> = polled["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["sequence"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sequences, [51, 52]);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_client_is_bounded_and_told_while_others_keep_up() {
+    for policy in [SlowClientPolicy::DropOldest, SlowClientPolicy::Disconnect] {
+        let mut stack = start(|c| {
+            c.live_buffer = 256;
+            c.slow_clients = policy;
+        })
+        .await;
+        // A slow client: subscribed, never reading while the writes go on.
+        let slow = reqwest::get(stack.url("/v1/watch?query=q")).await.unwrap();
+        let mut fast = SseReader::new(reqwest::get(stack.url("/v1/watch?query=q")).await.unwrap());
+        // Enough that the socket buffers between the gateway and the slow client fill up.
+        let total = 20_000u64;
+        let mut seen = 0;
+        for chunk in 0..(total / 100) {
+            let batch = (0..100)
+                .map(|i| {
+                    result(
+                        "q",
+                        &format!("key-{i}-{}", "x".repeat(900)),
+                        chunk as i64 * 1000,
+                        1.0,
+                    )
+                })
+                .collect();
+            stack.put(batch).await;
+            // The fast client keeps up with every write, whatever the slow one does.
+            while seen < (chunk + 1) * 100 {
+                let event = fast.next().await;
+                assert_eq!(event.name, "result", "{policy:?}: {event:?}");
+                seen += 1;
+                assert_eq!(event.id.as_deref(), Some(seen.to_string().as_str()));
+            }
+        }
+        // The slow client finally reads: a prefix of results, then what its policy says.
+        let mut slow = SseReader::new(slow);
+        let mut delivered = 0u64;
+        let told = loop {
+            let event = slow.next().await;
+            match event.name.as_str() {
+                "result" => delivered += 1,
+                _ => break event,
+            }
+        };
+        assert!(
+            delivered < total,
+            "{policy:?}: a slow client got everything?"
+        );
+        match policy {
+            SlowClientPolicy::DropOldest => {
+                assert_eq!(told.name, "gap", "{told:?}");
+                assert_eq!(told.data["after_sequence"], delivered);
+                assert!(told.data["missed"].as_u64().unwrap() > 0);
+                // ...and the stream goes on with newer results.
+                let after_gap = slow.next().await;
+                assert_eq!(after_gap.name, "result");
+                assert!(after_gap.id.unwrap().parse::<u64>().unwrap() > delivered + 1);
+            }
+            SlowClientPolicy::Disconnect => {
+                assert_eq!(told.name, "error", "{told:?}");
+                assert_eq!(told.data["after_sequence"], delivered);
+                assert!(
+                    told.data["error"]
+                        .as_str()
+                        .unwrap()
+                        .contains("resume after")
+                );
+            }
+        }
+        stack.stop().await;
+    }
+}
+
+/// A webhook receiver that fails the first `failures` deliveries, and records the rest.
+struct Receiver {
+    url: String,
+    deliveries: Arc<Mutex<Vec<(axum::http::HeaderMap, serde_json::Value)>>>,
+    attempts: Arc<Mutex<u32>>,
+}
+
+async fn receiver(failures: u32) -> Receiver {
+    use axum::routing::post;
+    let deliveries = Arc::new(Mutex::new(Vec::new()));
+    let attempts = Arc::new(Mutex::new(0u32));
+    let (d, a) = (Arc::clone(&deliveries), Arc::clone(&attempts));
+    let app = axum::Router::new().route(
+        "/hook",
+        post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let (d, a) = (Arc::clone(&d), Arc::clone(&a));
+                async move {
+                    let attempt = {
+                        let mut a = a.lock().unwrap();
+                        *a += 1;
+                        *a
+                    };
+                    if attempt <= failures {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    // Check the signature as a receiver would: HMAC-SHA256 of "<ts>.<body>".
+                    let ts = headers["x-runnel-timestamp"].to_str().unwrap().to_owned();
+                    let mut signed = ts.into_bytes();
+                    signed.push(b'.');
+                    signed.extend_from_slice(&body);
+                    d.lock().unwrap().push((
+                        headers,
+                        serde_json::json!({"body": json, "signed": hex_of(&signed)}),
+                    ));
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            },
+        ),
+    );
+    let listener = listener().await;
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Receiver {
+        url,
+        deliveries,
+        attempts,
+    }
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn webhooks_retry_until_accepted_and_survive_a_restart() {
+    let hook = receiver(2).await;
+    let mut stack = start(|c| c.webhooks.initial_backoff = Duration::from_millis(20)).await;
+    let client = reqwest::Client::new();
+    let secret = "0123456789abcdef-secret";
+    let created: serde_json::Value = client
+        .post(stack.url("/v1/webhooks"))
+        .json(&serde_json::json!({
+            "url": hook.url, "query": "q", "where": ["count>1"], "secret": secret,
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_u64().unwrap();
+    assert_eq!(created["secret"], secret);
+    let bad = client
+        .post(stack.url("/v1/webhooks"))
+        .json(&serde_json::json!({ "url": "ftp://example" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
+    stack
+        .put(vec![
+            result("q", "a", 0, 5.0),
+            result("q", "b", 0, 1.0),
+            result("q", "c", 0, 7.0),
+        ])
+        .await;
+    let delivered = tokio::time::timeout(WAIT, async {
+        loop {
+            let status = stack.json(&format!("/v1/webhooks/{id}")).await;
+            if status["status"]["delivered"] == 2 {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("delivered despite the failures");
+    assert_eq!(delivered["status"]["failures"], 2);
+    assert_eq!(delivered["status"]["retrying"], 0);
+    assert_eq!(delivered["status"]["last_status"], 204);
+    assert_eq!(delivered["status"]["cursor"], 3);
+    assert!(
+        delivered.get("secret").is_none(),
+        "secrets are shown only once"
+    );
+    assert_eq!(*hook.attempts.lock().unwrap(), 3);
+    {
+        let deliveries = hook.deliveries.lock().unwrap();
+        let (headers, body) = &deliveries[0];
+        let keys: Vec<&str> = body["body"]["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["key"].as_str().unwrap())
+            .collect();
+        assert_eq!(keys, ["a", "c"], "filtered: count > 1");
+        // The signature is HMAC-SHA256 over what the receiver got.
+        let expected = {
+            use hmac::Mac;
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+            let signed: Vec<u8> = (0..body["signed"].as_str().unwrap().len() / 2)
+                .map(|i| {
+                    u8::from_str_radix(&body["signed"].as_str().unwrap()[2 * i..2 * i + 2], 16)
+                        .unwrap()
+                })
+                .collect();
+            mac.update(&signed);
+            format!("sha256={}", hex_of(&mac.finalize().into_bytes()))
+        };
+        assert_eq!(headers["x-runnel-signature"].to_str().unwrap(), expected);
+        assert_eq!(
+            headers["x-runnel-webhook"].to_str().unwrap(),
+            id.to_string()
+        );
+    }
+
+    // The registration and its cursor survive a restart of the gateway; what was written
+    // meanwhile is delivered once it is back.
+    let dir = stack.stop().await;
+    let mut stack = start_in(dir, |c| {
+        c.webhooks.initial_backoff = Duration::from_millis(20)
+    })
+    .await;
+    stack.put(vec![result("q", "d", 0, 9.0)]).await;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if hook.deliveries.lock().unwrap().len() == 2 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("delivered after the restart");
+    let second = hook.deliveries.lock().unwrap()[1].1.clone();
+    assert_eq!(second["body"]["results"][0]["key"], "d");
+    let listed = stack.json("/v1/webhooks").await;
+    assert_eq!(listed["webhooks"].as_array().unwrap().len(), 1);
+    let deleted = client
+        .delete(stack.url(&format!("/v1/webhooks/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    let gone = reqwest::get(stack.url(&format!("/v1/webhooks/{id}")))
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
     stack.stop().await;
 }
 
 #[tokio::test]
 async fn live_streams_are_bounded() {
-    let mut stack = start(1).await;
+    let mut stack = start(|c| c.max_watchers = 1).await;
     let _first = stack
         .gateway
         .watch(WatchRequest::default())
@@ -290,9 +766,40 @@ async fn live_streams_are_bounded() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    let refused = reqwest::get(format!("http://{}/v1/watch", stack.http))
+    let refused = reqwest::get(stack.url("/v1/watch")).await.unwrap();
+    assert_eq!(refused.status(), 503);
+    let refused = reqwest::get(stack.url("/v1/poll?timeout=1s"))
         .await
         .unwrap();
     assert_eq!(refused.status(), 503);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn the_dashboard_and_its_assets_are_served() {
+    let stack = start(|_| {}).await;
+    let page = reqwest::get(stack.url("/dashboard/")).await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    assert!(page.text().await.unwrap().contains("/dashboard/app.js"));
+    let script = reqwest::get(stack.url("/dashboard/app.js")).await.unwrap();
+    assert!(script.text().await.unwrap().contains("EventSource"));
+    let root = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(stack.url("/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(root.headers()["location"], "/dashboard/");
+    let health = stack.json("/v1/pipeline").await;
+    assert_eq!(health["services"][0]["name"], "store");
+    assert_eq!(health["services"][0]["status"], "SERVING");
     stack.stop().await;
 }

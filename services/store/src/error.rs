@@ -1,6 +1,6 @@
 //! The store's errors and their one mapping to gRPC status codes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tonic::Status;
 
 /// What can go wrong in the store.
@@ -9,14 +9,38 @@ pub enum StoreError {
     /// The client sent something unacceptable; the message names the field and says why.
     #[error("{0}")]
     InvalidArgument(String),
-    /// The result log could not be opened, read or written.
-    #[error("{}: {source}", path.display())]
-    Log {
-        /// The file involved.
-        path: PathBuf,
-        /// What the log layer said.
-        source: runnel_log::Error,
+    /// A `Watch` asked to resume after a sequence the change feed no longer holds.
+    #[error(
+        "after_sequence {after} is older than the change feed, which starts at {oldest}; re-read with Range and watch again"
+    )]
+    CursorExpired {
+        /// The cursor asked for.
+        after: u64,
+        /// The oldest sequence the feed still holds.
+        oldest: u64,
     },
+    /// A `Watch` asked to resume after a sequence this store has not written: its history
+    /// was reset, or the cursor is from another store.
+    #[error(
+        "after_sequence {after} is ahead of this store, whose last write is {last}; its history was reset or the cursor is from another store: re-read with Range and watch again"
+    )]
+    CursorAhead {
+        /// The cursor asked for.
+        after: u64,
+        /// The last sequence written.
+        last: u64,
+    },
+    /// Long-term storage could not be opened, read or written.
+    #[error("{}: {source}", path.display())]
+    Db {
+        /// The database file.
+        path: PathBuf,
+        /// What redb said.
+        source: redb::Error,
+    },
+    /// The in-memory data store (Redis) failed.
+    #[error("hot tier: {0}")]
+    Hot(String),
     /// The data directory could not be created.
     #[error("{}: {source}", path.display())]
     Io {
@@ -25,20 +49,17 @@ pub enum StoreError {
         /// What the OS said.
         source: std::io::Error,
     },
-    /// A frame passed its checksum but does not hold a result: a bug or outside
-    /// interference. The store refuses to start rather than serve a partial history.
-    #[error("{} is corrupt at position {position}: {reason}", path.display())]
+    /// A stored record passed redb's checks but does not hold a result: a bug or outside
+    /// interference. The store refuses to serve it rather than guess.
+    #[error("{} is corrupt: {reason}", path.display())]
     Corrupt {
         /// The file involved.
         path: PathBuf,
-        /// Where in the file the problem is.
-        position: u64,
         /// What is wrong.
         reason: String,
     },
-    /// A write failed part-way; the store takes no more writes until a restart recovers
-    /// the log from disk.
-    #[error("the result log stopped taking writes after a failed write; restart the store")]
+    /// A lock was poisoned by a panicking thread; the store must be restarted.
+    #[error("the store stopped taking requests after an internal panic; restart it")]
     Failed,
     /// A blocking disk task panicked or was cancelled.
     #[error("disk task failed: {0}")]
@@ -51,6 +72,22 @@ pub enum StoreError {
     Serve(#[from] runnel_server::ServeError),
 }
 
+impl StoreError {
+    /// A redb failure on the database at `path`.
+    pub(crate) fn db(path: &Path, source: impl Into<redb::Error>) -> StoreError {
+        StoreError::Db {
+            path: path.to_owned(),
+            source: source.into(),
+        }
+    }
+}
+
+impl From<runnel_proto::filter::FilterError> for StoreError {
+    fn from(error: runnel_proto::filter::FilterError) -> Self {
+        StoreError::InvalidArgument(error.0)
+    }
+}
+
 /// The crate's result type.
 pub(crate) type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -58,7 +95,14 @@ impl From<StoreError> for Status {
     fn from(error: StoreError) -> Status {
         match error {
             StoreError::InvalidArgument(message) => Status::invalid_argument(message),
-            StoreError::Log { .. }
+            StoreError::CursorExpired { .. } | StoreError::CursorAhead { .. } => {
+                Status::out_of_range(error.to_string())
+            }
+            StoreError::Hot(_) => {
+                tracing::error!(%error, "hot tier failure");
+                Status::unavailable("the store's in-memory data store is unavailable")
+            }
+            StoreError::Db { .. }
             | StoreError::Io { .. }
             | StoreError::Corrupt { .. }
             | StoreError::Failed
@@ -91,5 +135,13 @@ mod tests {
         });
         assert_eq!(internal.code(), Code::Internal);
         assert!(!internal.message().contains("/secret"));
+        let expired = Status::from(StoreError::CursorExpired {
+            after: 3,
+            oldest: 10,
+        });
+        assert_eq!(expired.code(), Code::OutOfRange);
+        assert!(expired.message().contains("Range"));
+        let hot = Status::from(StoreError::Hot("connection refused".into()));
+        assert_eq!(hot.code(), Code::Unavailable);
     }
 }

@@ -1,65 +1,132 @@
-//! The storage tier: every query result durable on local disk, the latest per key in
-//! memory.
+//! The storage tier: an in-memory data store over long-term storage.
 //!
-//! `Put` appends results to the result log (CRC32C-framed, fsync'd per policy) before it
-//! answers, so an acknowledged result survives `kill -9`; writing a result again replaces
-//! it. `Get` serves the latest result per `(query, key)` from memory, `Range` reads a
-//! key's history by window start, and `Watch` streams results as they become durable.
+//! - **Long-term storage** ([`durable`]): every result in an embedded redb database,
+//!   committed (and fsync'd, per policy) before `Put` answers, so an acknowledged result
+//!   survives `kill -9`; range scans by key and window time; retention by window age and
+//!   compaction; and a change feed of every write in sequence order.
+//! - **The in-memory data store** ([`hot`]): per `(query, key)` the latest result and a
+//!   bounded recent history, per query the ranking of its keys in the most recent window
+//!   (`TopK`); in this process (bounded by bytes, LRU eviction) or in a Redis server shared
+//!   by every store replica.
+//! - **Caching strategies** ([`tiers`]): write-through, read-through or refresh-ahead, per
+//!   query.
+//!
+//! Writing `(query, key, window_start)` again replaces the result. `Watch` streams results
+//! once they are durable, filtered, and resumes after a sequence without a gap.
 //!
 //! [`run`] is the whole service, runnable in-process (tests, the all-in-one CLI) as well as
 //! from the `runnel-store` binary.
 
 pub mod config;
+mod durable;
 mod error;
-mod results;
+mod hot;
 mod service;
+mod tiers;
+mod validate;
 
-pub use config::StoreConfig;
+pub use config::{CacheStrategy, HotBackend, HotConfig, StoreConfig};
 pub use error::StoreError;
 
-use results::ResultLog;
+use durable::Durable;
+use hot::{HotTier, Memory, Redis};
 use runnel_log::FsyncPolicy;
 use runnel_proto::v1::store_server::StoreServer;
 use runnel_server::{Listeners, ServiceConfig, Shutdown};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::time::Duration;
+use tiers::Tiers;
 
-/// Runs the store on `listeners` until `shutdown` fires: recovers the result log, serves,
-/// drains, and syncs the log before returning.
+/// How often the Redis backend's memory and eviction figures are exported.
+const REDIS_STATS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Runs the store on `listeners` until `shutdown` fires: opens (recovering) long-term
+/// storage, connects the hot tier, serves, drains, and syncs before returning.
 pub async fn run(
     config: StoreConfig,
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<(), StoreError> {
     config.validate()?;
-    let (data_dir, policy) = (config.data_dir.clone(), config.fsync);
-    let log = tokio::task::spawn_blocking(move || ResultLog::open(&data_dir, policy)).await??;
-    let log = Arc::new(RwLock::new(log));
-
-    let syncer = match config.fsync {
-        FsyncPolicy::Interval(every) => {
-            let (log, shutdown) = (Arc::clone(&log), shutdown.clone());
-            Some(tokio::spawn(async move {
-                shutdown
-                    .run_every(every, || {
-                        let log = Arc::clone(&log);
-                        async move {
-                            let synced = tokio::task::spawn_blocking(move || match log.write() {
-                                Ok(mut log) => log.sync_if_due(),
-                                Err(_) => Err(StoreError::Failed),
-                            })
-                            .await;
-                            if let Ok(Err(error)) = synced {
-                                tracing::error!(%error, "periodic fsync failed");
-                            }
-                        }
-                    })
-                    .await;
-            }))
+    let (data_dir, policy, feed) = (config.data_dir.clone(), config.fsync, config.feed_entries);
+    let durable = Arc::new(
+        tokio::task::spawn_blocking(move || Durable::open(&data_dir, policy, feed)).await??,
+    );
+    let served = match config.hot.backend {
+        HotBackend::Memory => {
+            let hot = Memory::new(config.hot.max_bytes);
+            serve(config, listeners, shutdown, Arc::clone(&durable), hot).await
         }
-        FsyncPolicy::Always | FsyncPolicy::Never => None,
+        HotBackend::Redis => {
+            let hot = Redis::connect(&config.hot.redis_url, &config.hot.redis_prefix).await?;
+            let stats = {
+                let (hot, shutdown) = (hot.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    shutdown
+                        .run_every(REDIS_STATS_INTERVAL, || async {
+                            if let Err(error) = hot.publish_stats().await {
+                                tracing::debug!(%error, "cannot read redis stats");
+                            }
+                        })
+                        .await;
+                })
+            };
+            let served = serve(config, listeners, shutdown, Arc::clone(&durable), hot).await;
+            stats.abort();
+            served
+        }
+    };
+    // Whatever the policy, a clean stop leaves every acknowledged result on disk.
+    let synced = tokio::task::spawn_blocking(move || durable.sync()).await;
+    served?;
+    synced??;
+    tracing::info!("store stopped; long-term storage synced");
+    Ok(())
+}
+
+async fn serve<H: HotTier>(
+    config: StoreConfig,
+    listeners: Listeners,
+    shutdown: Shutdown,
+    durable: Arc<Durable>,
+    hot: H,
+) -> Result<(), StoreError> {
+    let tiers = Tiers::new(Arc::clone(&durable), hot, config.hot.clone());
+    tiers.rank_from_disk().await?;
+    let last_sequence = {
+        let durable = Arc::clone(&durable);
+        tokio::task::spawn_blocking(move || durable.last_sequence()).await??
     };
 
-    let service = service::StoreService::new(Arc::clone(&log), &config, shutdown.clone());
+    let mut background = Vec::new();
+    if let FsyncPolicy::Interval(every) = config.fsync {
+        let (durable, shutdown) = (Arc::clone(&durable), shutdown.clone());
+        background.push(tokio::spawn(async move {
+            shutdown
+                .run_every(every, || {
+                    let durable = Arc::clone(&durable);
+                    async move {
+                        let synced = tokio::task::spawn_blocking(move || durable.sync()).await;
+                        if let Ok(Err(error)) = synced {
+                            tracing::error!(%error, "periodic fsync failed");
+                        }
+                    }
+                })
+                .await;
+        }));
+    }
+    if !config.retention.is_zero() {
+        let (tiers, shutdown, retention) = (Arc::clone(&tiers), shutdown.clone(), config.retention);
+        background.push(tokio::spawn(async move {
+            shutdown
+                .run_every(config.retention_interval, || {
+                    enforce_retention(&tiers, retention)
+                })
+                .await;
+        }));
+    }
+
+    let service = service::StoreService::new(tiers, last_sequence, &config, shutdown.clone());
     let max_message = config.server.max_message_bytes;
     let grpc = StoreServer::new(service)
         .max_decoding_message_size(max_message)
@@ -73,17 +140,33 @@ pub async fn run(
         shutdown,
     )
     .await;
-    if let Some(syncer) = syncer {
-        syncer.abort();
+    for task in background {
+        task.abort();
     }
-    // Whatever the policy, a clean stop leaves every acknowledged result on disk.
-    let synced = tokio::task::spawn_blocking(move || match log.write() {
-        Ok(mut log) => log.sync(),
-        Err(_) => Err(StoreError::Failed),
-    })
-    .await;
-    served?;
-    synced??;
-    tracing::info!("store stopped; result log synced");
-    Ok(())
+    Ok(served?)
+}
+
+/// One retention pass: delete results whose window started more than `retention` ago,
+/// forget them in the hot tier, and compact the file if anything went.
+async fn enforce_retention<H: HotTier>(tiers: &Arc<Tiers<H>>, retention: Duration) {
+    let cutoff = runnel_proto::now_millis()
+        .0
+        .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+    let durable = Arc::clone(tiers.durable());
+    let expired = match tokio::task::spawn_blocking(move || durable.expire(cutoff)).await {
+        Ok(Ok(expired)) => expired,
+        Ok(Err(error)) => return tracing::error!(%error, "retention failed"),
+        Err(error) => return tracing::error!(%error, "retention task failed"),
+    };
+    if expired.results == 0 {
+        return;
+    }
+    metrics::counter!("runnel_store_results_expired_total").increment(expired.results);
+    tiers.forget_expired(expired.series).await;
+    let durable = Arc::clone(tiers.durable());
+    match tokio::task::spawn_blocking(move || durable.compact()).await {
+        Ok(Ok(_)) => tracing::info!(deleted = expired.results, "retention and compaction done"),
+        Ok(Err(error)) => tracing::warn!(%error, "compaction failed"),
+        Err(error) => tracing::warn!(%error, "compaction task failed"),
+    }
 }

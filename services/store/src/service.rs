@@ -1,86 +1,93 @@
-//! The `runnel.v1.Store` gRPC service: checks, the hand-off of disk work to blocking
-//! threads, and the fan-out of written results to watchers.
+//! The `runnel.v1.Store` gRPC service: checks, writes serialised in sequence order, reads
+//! through the two tiers, and the change feed that watchers follow.
 //!
 //! A result is announced to watchers only after it is durable, so a watcher never sees a
-//! result that a crash could take back. Each result continues the trace it carries in its
-//! headers (the analyzer's span that emitted it): the store's span for it is that span's
-//! child, whichever `Put` call brought it.
+//! result that a crash could take back. Watchers follow live writes through a broadcast
+//! channel; one that falls `watch_buffer` results behind, or that resumes after a sequence,
+//! reads the change feed on disk until it has caught up, so a watcher sees every write after
+//! its cursor, in order, whatever its speed. Each result continues the trace it carries in
+//! its headers (the analyzer's span that emitted it).
 
 use crate::config::StoreConfig;
+use crate::durable::Durable;
 use crate::error::{Result, StoreError};
-use crate::results::{
-    self, DEFAULT_RANGE_LIMIT, MAX_KEY_BYTES, MAX_QUERY_BYTES, MAX_RANGE_LIMIT, ResultLog,
-};
+use crate::hot::HotTier;
+use crate::tiers::Tiers;
+use crate::validate::{self, DEFAULT_RANGE_LIMIT, MAX_KEY_BYTES, MAX_QUERY_BYTES, MAX_RANGE_LIMIT};
 use runnel_proto::Millis;
+use runnel_proto::filter::ResultFilter;
 use runnel_proto::v1::store_server::Store;
 use runnel_proto::v1::{
     GetRequest, GetResponse, PutRequest, PutResponse, QueryResult, RangeRequest, RangeResponse,
-    WatchRequest,
+    TopKRequest, TopKResponse, WatchRequest,
 };
 use runnel_server::Shutdown;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use tokio::sync::{broadcast, mpsc};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::{Mutex, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 /// Results queued between a watcher's task and its gRPC stream.
 const WATCH_STREAM_BUFFER: usize = 64;
-
-/// Which results a watcher wants.
-#[derive(Debug, Clone)]
-pub(crate) struct WatchFilter {
-    query: String,
-    key_prefix: String,
-}
-
-impl WatchFilter {
-    /// Checks a `WatchRequest`.
-    pub(crate) fn new(request: WatchRequest) -> Result<WatchFilter> {
-        if request.query.len() > MAX_QUERY_BYTES || request.key_prefix.len() > MAX_KEY_BYTES {
-            return Err(StoreError::InvalidArgument(format!(
-                "query may have at most {MAX_QUERY_BYTES} bytes and key_prefix {MAX_KEY_BYTES}"
-            )));
-        }
-        Ok(WatchFilter {
-            query: request.query,
-            key_prefix: request.key_prefix,
-        })
-    }
-
-    /// Whether `result` passes: an empty query or prefix lets everything through.
-    pub(crate) fn matches(&self, result: &QueryResult) -> bool {
-        (self.query.is_empty() || self.query == result.query)
-            && result.key.starts_with(&self.key_prefix)
-    }
-}
+/// Feed entries read per catch-up step.
+const FEED_PAGE: usize = 1000;
+/// `TopK` answers this many keys when the request does not say.
+const DEFAULT_TOP_K: usize = 10;
+/// `TopK` never answers more than this many keys.
+const MAX_TOP_K: usize = 1000;
 
 /// The store's gRPC handlers.
-#[derive(Debug)]
-pub(crate) struct StoreService {
-    log: Arc<RwLock<ResultLog>>,
-    /// Every durable result, for watchers. Its capacity is how far a watcher may lag.
+pub(crate) struct StoreService<H> {
+    tiers: Arc<Tiers<H>>,
+    /// Held across a write and its announcement, so that sequences are announced in order.
+    writer: Mutex<()>,
+    /// Every durable result, for watchers. Its capacity is how far a watcher may lag
+    /// before it catches up from disk.
     written: broadcast::Sender<Arc<QueryResult>>,
+    /// The last sequence announced on `written`.
+    announced: Arc<AtomicU64>,
     max_batch_results: usize,
     shutdown: Shutdown,
 }
 
-impl StoreService {
+fn check_names(query: &str, key: &str) -> Result<()> {
+    if query.is_empty() || query.len() > MAX_QUERY_BYTES {
+        return Err(StoreError::InvalidArgument(format!(
+            "query needs 1-{MAX_QUERY_BYTES} bytes, got {}",
+            query.len()
+        )));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(StoreError::InvalidArgument(format!(
+            "key may have at most {MAX_KEY_BYTES} bytes, got {}",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+impl<H: HotTier> StoreService<H> {
     pub(crate) fn new(
-        log: Arc<RwLock<ResultLog>>,
+        tiers: Arc<Tiers<H>>,
+        last_sequence: u64,
         config: &StoreConfig,
         shutdown: Shutdown,
     ) -> Self {
+        metrics::gauge!("runnel_store_last_sequence").set(last_sequence as f64);
         StoreService {
-            log,
+            tiers,
+            writer: Mutex::new(()),
             written: broadcast::Sender::new(config.watch_buffer),
+            announced: Arc::new(AtomicU64::new(last_sequence)),
             max_batch_results: config.max_batch_results,
             shutdown,
         }
     }
 
     async fn serve_put(&self, request: PutRequest) -> Result<PutResponse> {
-        results::validate(&request.results, self.max_batch_results)?;
+        validate::validate(&request.results, self.max_batch_results)?;
         let spans: Vec<tracing::Span> = request
             .results
             .iter()
@@ -94,23 +101,17 @@ impl StoreService {
                 span
             })
             .collect();
-        let written: Vec<Arc<QueryResult>> =
-            request.results.iter().cloned().map(Arc::new).collect();
-        let count = written.len();
-        let log = Arc::clone(&self.log);
-        let counts = tokio::task::spawn_blocking(move || {
-            let mut log = write_log(&log)?;
-            log.put(request.results)?;
-            Ok::<_, StoreError>(log.counts())
-        })
-        .await??;
-        metrics::counter!("runnel_store_results_written_total").increment(count as u64);
-        metrics::gauge!("runnel_store_results").set(counts.0 as f64);
-        metrics::gauge!("runnel_store_series").set(counts.1 as f64);
-        for result in written {
+        let count = request.results.len();
+        let writer = self.writer.lock().await;
+        let written = self.tiers.put(request.results).await?;
+        for result in written.results {
+            self.announced.store(result.sequence, Ordering::Release);
+            metrics::gauge!("runnel_store_last_sequence").set(result.sequence as f64);
             // No watchers is not an error.
             let _ = self.written.send(result);
         }
+        drop(writer);
+        metrics::counter!("runnel_store_results_written_total").increment(count as u64);
         drop(spans);
         Ok(PutResponse {
             written: count as u32,
@@ -118,112 +119,173 @@ impl StoreService {
     }
 
     async fn serve_get(&self, request: GetRequest) -> Result<GetResponse> {
-        // On a blocking thread like every other use of the log: a `Put` holds the lock
-        // through its fsync, which must not stall a runtime worker.
-        let log = Arc::clone(&self.log);
-        let result = tokio::task::spawn_blocking(move || {
-            Ok::<_, StoreError>(read_log(&log)?.latest(&request.query, &request.key))
-        })
-        .await??;
+        check_names(&request.query, &request.key)?;
+        let result = self.tiers.latest(&request.query, &request.key).await?;
         Ok(GetResponse { result })
     }
 
     async fn serve_range(&self, request: RangeRequest) -> Result<RangeResponse> {
+        check_names(&request.query, &request.key)?;
         let limit = match request.limit as usize {
             0 => DEFAULT_RANGE_LIMIT,
             n => n.min(MAX_RANGE_LIMIT),
         };
-        let log = Arc::clone(&self.log);
-        let results = tokio::task::spawn_blocking(move || {
-            read_log(&log)?.range(
-                &request.query,
-                &request.key,
-                request.from.map(Millis::from),
-                request.to.map(Millis::from),
-                limit,
-            )
-        })
-        .await??;
+        let from = request.from.map_or(i64::MIN, |t| Millis::from(t).0);
+        let to = request.to.map_or(i64::MAX, |t| Millis::from(t).0);
+        let results = self
+            .tiers
+            .range(&request.query, &request.key, from, to, limit)
+            .await?;
         Ok(RangeResponse { results })
     }
 
-    fn serve_watch(
+    async fn serve_top_k(&self, request: TopKRequest) -> Result<TopKResponse> {
+        check_names(&request.query, "")?;
+        let k = match request.k as usize {
+            0 => DEFAULT_TOP_K,
+            k if k > MAX_TOP_K => {
+                return Err(StoreError::InvalidArgument(format!(
+                    "k may be at most {MAX_TOP_K}, got {k}"
+                )));
+            }
+            k => k,
+        };
+        Ok(match self.tiers.top_k(&request.query, k).await? {
+            Some(top) => TopKResponse {
+                window_start: Some(Millis(top.window.0).into()),
+                window_end: Some(Millis(top.window.1).into()),
+                ranked_by: top.ranked_by,
+                results: top.results,
+            },
+            None => TopKResponse::default(),
+        })
+    }
+
+    async fn serve_watch(
         &self,
         request: WatchRequest,
     ) -> Result<ReceiverStream<Result<QueryResult, Status>>> {
-        let filter = WatchFilter::new(request)?;
+        let filter = ResultFilter::new(&request)?;
+        // Subscribe before reading where the feed is, so nothing falls between the two.
+        let live = self.written.subscribe();
+        let durable = Arc::clone(self.tiers.durable());
+        let cursor = match request.after_sequence {
+            Some(after) => {
+                // Refuse an expired cursor now, as the call's status, not mid-stream.
+                let check = Arc::clone(&durable);
+                tokio::task::spawn_blocking(move || check.feed(after, 0)).await??;
+                Cursor::Resume(after)
+            }
+            None => Cursor::From(self.announced.load(Ordering::Acquire)),
+        };
         let (sender, receiver) = mpsc::channel(WATCH_STREAM_BUFFER);
         let watcher = Watcher {
             filter,
-            written: self.written.subscribe(),
+            live,
+            durable,
             sender,
             shutdown: self.shutdown.clone(),
         };
-        tokio::spawn(watcher.run().in_current_span());
+        tokio::spawn(watcher.run(cursor).in_current_span());
         Ok(ReceiverStream::new(receiver))
     }
 }
 
-fn read_log(log: &RwLock<ResultLog>) -> Result<RwLockReadGuard<'_, ResultLog>> {
-    log.read().map_err(|_| StoreError::Failed)
+/// Where a watcher starts.
+enum Cursor {
+    /// Live writes after this sequence (those announced later).
+    From(u64),
+    /// Every retained write after this sequence, from the feed, then live ones.
+    Resume(u64),
 }
 
-fn write_log(log: &RwLock<ResultLog>) -> Result<RwLockWriteGuard<'_, ResultLog>> {
-    log.write().map_err(|_| StoreError::Failed)
-}
-
-/// One `Watch` stream: relays matching results until the client leaves, falls too far
-/// behind, or the store stops.
+/// One `Watch` stream: relays matching results until the client leaves or the store stops.
 struct Watcher {
-    filter: WatchFilter,
-    written: broadcast::Receiver<Arc<QueryResult>>,
+    filter: ResultFilter,
+    live: broadcast::Receiver<Arc<QueryResult>>,
+    durable: Arc<Durable>,
     sender: mpsc::Sender<Result<QueryResult, Status>>,
     shutdown: Shutdown,
 }
 
+/// Why a watcher ended.
+type Ended = &'static str;
+
 impl Watcher {
-    async fn run(mut self) {
+    async fn run(mut self, cursor: Cursor) {
         let gauge = metrics::gauge!("runnel_store_watchers");
         gauge.increment(1.0);
-        let reason = self.relay().await;
+        let reason = match self.relay(cursor).await {
+            Ok(reason) | Err(reason) => reason,
+        };
         gauge.decrement(1.0);
         tracing::debug!(reason, "watcher ended");
     }
 
-    async fn relay(&mut self) -> &'static str {
+    async fn relay(&mut self, cursor: Cursor) -> Result<Ended, Ended> {
+        let mut last = match cursor {
+            Cursor::From(sequence) => sequence,
+            Cursor::Resume(after) => self.catch_up(after).await?,
+        };
         loop {
             let next = tokio::select! {
-                next = self.written.recv() => next,
-                () = self.sender.closed() => return "client gone",
-                () = self.shutdown.wait() => return self.stopping(),
+                next = self.live.recv() => next,
+                () = self.sender.closed() => return Ok("client gone"),
+                () = self.shutdown.wait() => return Err(self.stopping()),
             };
-            let result = match next {
-                Ok(result) => result,
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    metrics::counter!("runnel_store_watchers_dropped_total").increment(1);
-                    // A gap must not go unnoticed: end the stream and say how to recover.
-                    let _ = self.sender.try_send(Err(Status::resource_exhausted(format!(
-                        "this watcher fell {missed} results behind; read them with Range and watch again"
-                    ))));
-                    return "lagged";
-                }
-                Err(broadcast::error::RecvError::Closed) => return "store closed",
-            };
-            if !self.filter.matches(&result) {
-                continue;
-            }
-            tokio::select! {
-                sent = self.sender.send(Ok(QueryResult::clone(&result))) => {
-                    if sent.is_err() {
-                        return "client gone";
+            match next {
+                Ok(result) => {
+                    if result.sequence <= last {
+                        continue;
                     }
+                    last = result.sequence;
+                    self.deliver(&result).await?;
                 }
-                () = self.shutdown.wait() => return self.stopping(),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    metrics::counter!("runnel_store_watch_catch_ups_total").increment(1);
+                    tracing::debug!(missed, "watcher fell behind; catching up from the feed");
+                    last = self.catch_up(last).await?;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok("store closed"),
             }
         }
     }
 
-    fn stopping(&self) -> &'static str {
+    /// Reads the feed from `after` until it has delivered everything committed; returns the
+    /// last sequence read.
+    async fn catch_up(&mut self, mut after: u64) -> Result<u64, Ended> {
+        loop {
+            let durable = Arc::clone(&self.durable);
+            let page = tokio::task::spawn_blocking(move || durable.feed(after, FEED_PAGE)).await;
+            let page = match page {
+                Ok(Ok(page)) => page,
+                Ok(Err(error)) => {
+                    let _ = self.sender.send(Err(Status::from(error))).await;
+                    return Err("feed read failed");
+                }
+                Err(_) => return Err("feed read task failed"),
+            };
+            if page.through == after {
+                return Ok(after);
+            }
+            after = page.through;
+            for result in &page.results {
+                self.deliver(result).await?;
+            }
+        }
+    }
+
+    async fn deliver(&mut self, result: &QueryResult) -> Result<(), Ended> {
+        if !self.filter.matches(result) {
+            return Ok(());
+        }
+        tokio::select! {
+            sent = self.sender.send(Ok(result.clone())) => sent.map_err(|_| "client gone"),
+            () = self.shutdown.wait() => Err(self.stopping()),
+        }
+    }
+
+    fn stopping(&self) -> Ended {
         let _ = self.sender.try_send(Err(Status::unavailable(
             "the store is shutting down; watch again",
         )));
@@ -232,7 +294,7 @@ impl Watcher {
 }
 
 #[tonic::async_trait]
-impl Store for StoreService {
+impl<H: HotTier> Store for StoreService<H> {
     async fn put(
         &self,
         request: Request<PutRequest>,
@@ -260,41 +322,13 @@ impl Store for StoreService {
         &self,
         request: Request<WatchRequest>,
     ) -> std::result::Result<Response<Self::WatchStream>, Status> {
-        Ok(Response::new(self.serve_watch(request.into_inner())?))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn result(query: &str, key: &str) -> QueryResult {
-        QueryResult {
-            query: query.into(),
-            key: key.into(),
-            ..Default::default()
-        }
+        Ok(Response::new(self.serve_watch(request.into_inner()).await?))
     }
 
-    #[test]
-    fn filters_match_query_exactly_and_key_by_prefix() {
-        let filter = |query: &str, key_prefix: &str| {
-            WatchFilter::new(WatchRequest {
-                query: query.into(),
-                key_prefix: key_prefix.into(),
-            })
-            .unwrap()
-        };
-        assert!(filter("", "").matches(&result("q", "k")));
-        assert!(filter("q", "").matches(&result("q", "k")));
-        assert!(!filter("q", "").matches(&result("q2", "k")));
-        assert!(filter("q", "sensor-").matches(&result("q", "sensor-1")));
-        assert!(!filter("q", "sensor-").matches(&result("q", "sensor")));
-        assert!(!filter("", "b").matches(&result("q", "a")));
-        let long = WatchFilter::new(WatchRequest {
-            query: "q".repeat(MAX_QUERY_BYTES + 1),
-            key_prefix: String::new(),
-        });
-        assert!(matches!(long, Err(StoreError::InvalidArgument(_))));
+    async fn top_k(
+        &self,
+        request: Request<TopKRequest>,
+    ) -> std::result::Result<Response<TopKResponse>, Status> {
+        Ok(Response::new(self.serve_top_k(request.into_inner()).await?))
     }
 }

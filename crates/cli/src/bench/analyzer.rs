@@ -228,7 +228,7 @@ async fn end_to_end(args: &AnalyzerArgs, dir: &std::path::Path) -> Result<()> {
     let mut watch = store_client
         .watch(WatchRequest {
             query: "bench_count".into(),
-            key_prefix: String::new(),
+            ..WatchRequest::default()
         })
         .await?
         .into_inner();

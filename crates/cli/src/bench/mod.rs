@@ -2,6 +2,7 @@
 
 mod analyzer;
 mod broker;
+mod gateway;
 mod ingest;
 mod stream;
 
@@ -21,6 +22,9 @@ pub(crate) enum BenchCommand {
     /// The analyzer's operators per core (with and without checkpoints), and its
     /// end-to-end throughput and latency over a broker and a store.
     Analyzer(analyzer::AnalyzerArgs),
+    /// Get throughput and latency over gRPC and HTTP, and live fan-out: how many watchers
+    /// the gateway holds and how fast a write reaches them.
+    Gateway(gateway::GatewayArgs),
 }
 
 pub(crate) async fn run(what: BenchCommand) -> Result<ExitCode> {
@@ -29,5 +33,6 @@ pub(crate) async fn run(what: BenchCommand) -> Result<ExitCode> {
         BenchCommand::Stream(args) => stream::run(args).await,
         BenchCommand::Broker(args) => broker::run(args).await,
         BenchCommand::Analyzer(args) => analyzer::run(args).await,
+        BenchCommand::Gateway(args) => gateway::run(args).await,
     }
 }

@@ -1,0 +1,665 @@
+//! Long-term storage: every result in one [redb](https://docs.rs/redb) database file,
+//! `<data_dir>/results.redb`.
+//!
+//! redb is an embedded, copy-on-write B-tree store with ACID transactions: a commit with
+//! `Durability::Immediate` is fsync'd before it returns and a crash at any point leaves the
+//! file at the last durable commit (it checks and repairs itself on open), so an
+//! acknowledged `Put` survives `kill -9`. Its B-trees keep keys in order, which is what a
+//! store of windowed results needs: every read here is a range scan by key and time.
+//!
+//! Tables (keys in order):
+//!
+//! | table | key | value | serves |
+//! |---|---|---|---|
+//! | `results` | `(query, key, window_start)` | the protobuf `QueryResult` | `Get`, `Range`, a key's recent history |
+//! | `windows` | `(query, window_start, key)` | sequence | a query's most recent window (`TopK` after a restart), retention |
+//! | `feed` | sequence | `(query, key, window_start)` | the change feed: `Watch` resumes after a sequence |
+//! | `series` | `(query, key)` | sequence of the series' last write | versions for the hot tier |
+//! | `queries` | query | its greatest window start | the queries there are |
+//! | `meta` | name | u64 | the next sequence |
+//!
+//! Every write gets the next sequence; writing `(query, key, window_start)` again replaces
+//! the result and gives it a new sequence. The feed keeps the last `feed_entries` writes; an
+//! entry whose result was rewritten since (or deleted by retention) is skipped when read, as
+//! the later write has its own entry.
+//!
+//! [`Durable`] is synchronous and does disk I/O: call it from blocking threads only.
+
+use crate::error::{Result, StoreError};
+use prost::Message;
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
+use runnel_log::FsyncPolicy;
+use runnel_proto::Millis;
+use runnel_proto::v1::QueryResult;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+/// The database's file name inside the data directory.
+pub(crate) const DATABASE_FILE: &str = "results.redb";
+/// The result log of the store's first version, which this one does not read.
+const OLD_RESULT_LOG: &str = "results.log";
+
+const RESULTS: TableDefinition<(&str, &str, i64), &[u8]> = TableDefinition::new("results");
+const WINDOWS: TableDefinition<(&str, i64, &str), u64> = TableDefinition::new("windows");
+const FEED: TableDefinition<u64, (&str, &str, i64)> = TableDefinition::new("feed");
+const SERIES: TableDefinition<(&str, &str), u64> = TableDefinition::new("series");
+const QUERIES: TableDefinition<&str, i64> = TableDefinition::new("queries");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const NEXT_SEQUENCE: &str = "next_sequence";
+
+/// Results deleted by retention in one transaction, so that a large backlog does not make
+/// one huge commit.
+const RETENTION_BATCH: usize = 10_000;
+
+/// The recent windows of one `(query, key)`, as the hot tier holds them.
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct Series {
+    /// The sequence of the series' last write: a hot copy is replaced only by a newer one.
+    #[prost(uint64, tag = "1")]
+    pub(crate) version: u64,
+    /// Every window of the series that starts at or after this is in `results`
+    /// (`i64::MIN`: the whole series is).
+    #[prost(int64, tag = "2")]
+    pub(crate) complete_from: i64,
+    /// The most recent windows, oldest first.
+    #[prost(message, repeated, tag = "3")]
+    pub(crate) results: Vec<QueryResult>,
+}
+
+impl Series {
+    /// The result with the greatest window start.
+    pub(crate) fn latest(&self) -> Option<&QueryResult> {
+        self.results.last()
+    }
+
+    /// Results whose window starts in `[from, to)`, if the series holds all of them.
+    pub(crate) fn range(&self, from: i64, to: i64, limit: usize) -> Option<Vec<QueryResult>> {
+        (from >= self.complete_from).then(|| {
+            self.results
+                .iter()
+                .filter(|r| (from..to).contains(&start_of(r)))
+                .take(limit)
+                .cloned()
+                .collect()
+        })
+    }
+
+    /// Bytes held, for the hot tier's memory bound.
+    pub(crate) fn weight(&self) -> u32 {
+        u32::try_from(self.encoded_len()).unwrap_or(u32::MAX)
+    }
+}
+
+/// What one `Put` wrote.
+#[derive(Debug)]
+pub(crate) struct Written {
+    /// The results as stored, sequences set, in write order.
+    pub(crate) results: Vec<Arc<QueryResult>>,
+    /// The new state of every series the write touched.
+    pub(crate) series: Vec<Series>,
+}
+
+/// What a retention pass deleted.
+#[derive(Debug, Default)]
+pub(crate) struct Expired {
+    /// Results deleted.
+    pub(crate) results: u64,
+    /// The series they belonged to, for the hot tier to forget.
+    pub(crate) series: BTreeSet<(String, String)>,
+}
+
+/// A page of the change feed.
+#[derive(Debug)]
+pub(crate) struct FeedPage {
+    /// Results written after the cursor, in sequence order, still current.
+    pub(crate) results: Vec<Arc<QueryResult>>,
+    /// The last sequence this page covers (the cursor to read on from).
+    pub(crate) through: u64,
+}
+
+/// The database.
+#[derive(Debug)]
+pub(crate) struct Durable {
+    path: PathBuf,
+    /// A read lock for every transaction; the write lock only for compaction, which needs
+    /// the database to itself.
+    db: RwLock<Database>,
+    durability: Durability,
+    feed_entries: u64,
+}
+
+pub(crate) fn start_of(result: &QueryResult) -> i64 {
+    result.window_start.map(Millis::from).unwrap_or_default().0
+}
+
+impl Durable {
+    /// Opens (creating if needed) `dir/results.redb`, recovering it after a crash.
+    pub(crate) fn open(dir: &Path, policy: FsyncPolicy, feed_entries: u64) -> Result<Durable> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let old_log = dir.join(OLD_RESULT_LOG);
+        if old_log.exists() {
+            // The walking skeleton's format; nothing here reads it any more.
+            tracing::warn!(
+                path = %old_log.display(),
+                "this result log from an earlier version of the store is not read; results are in results.redb"
+            );
+        }
+        let path = dir.join(DATABASE_FILE);
+        let db = Database::create(&path).map_err(|e| StoreError::db(&path, e))?;
+        let durable = Durable {
+            path,
+            db: RwLock::new(db),
+            durability: match policy {
+                FsyncPolicy::Always => Durability::Immediate,
+                // An interval policy commits without fsync and a background task makes them
+                // durable with `sync`; `never` leaves it to the clean shutdown.
+                FsyncPolicy::Interval(_) | FsyncPolicy::Never => Durability::None,
+            },
+            feed_entries,
+        };
+        // Create every table, so that readers never meet a missing one.
+        durable.write(Durability::Immediate, |txn| {
+            txn.open_table(RESULTS)?;
+            txn.open_table(WINDOWS)?;
+            txn.open_table(FEED)?;
+            txn.open_table(SERIES)?;
+            txn.open_table(QUERIES)?;
+            txn.open_table(META)?;
+            Ok(())
+        })?;
+        let (results, next) = durable.read(|txn| {
+            let results = txn.open_table(RESULTS)?.len()?;
+            let next = txn.open_table(META)?.get(NEXT_SEQUENCE)?.map(|v| v.value());
+            Ok((results, next.unwrap_or(1)))
+        })?;
+        tracing::info!(path = %durable.path.display(), results, next_sequence = next, "long-term storage open");
+        Ok(durable)
+    }
+
+    fn database(&self) -> Result<std::sync::RwLockReadGuard<'_, Database>> {
+        self.db.read().map_err(|_| StoreError::Failed)
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> std::result::Result<T, redb::Error>,
+    ) -> Result<T> {
+        let db = self.database()?;
+        let txn = db.begin_read().map_err(|e| StoreError::db(&self.path, e))?;
+        f(&txn).map_err(|e| StoreError::db(&self.path, e))
+    }
+
+    fn write<T>(
+        &self,
+        durability: Durability,
+        f: impl FnOnce(&redb::WriteTransaction) -> std::result::Result<T, redb::Error>,
+    ) -> Result<T> {
+        let db = self.database()?;
+        let mut txn = db
+            .begin_write()
+            .map_err(|e| StoreError::db(&self.path, e))?;
+        txn.set_durability(durability)
+            .map_err(|e| StoreError::db(&self.path, e))?;
+        let value = f(&txn).map_err(|e| StoreError::db(&self.path, e))?;
+        txn.commit().map_err(|e| StoreError::db(&self.path, e))?;
+        Ok(value)
+    }
+
+    /// Writes `results` (validated) in one transaction, committed per the fsync policy, and
+    /// returns them with their sequences and the new state of each series they touched,
+    /// with at most `history` windows each.
+    pub(crate) fn put(&self, mut results: Vec<QueryResult>, history: usize) -> Result<Written> {
+        let feed_entries = self.feed_entries;
+        self.write(self.durability, move |txn| {
+            let mut meta = txn.open_table(META)?;
+            let mut next = meta.get(NEXT_SEQUENCE)?.map_or(1, |v| v.value());
+            let mut stored = txn.open_table(RESULTS)?;
+            let mut windows = txn.open_table(WINDOWS)?;
+            let mut feed = txn.open_table(FEED)?;
+            let mut series = txn.open_table(SERIES)?;
+            let mut queries = txn.open_table(QUERIES)?;
+            let mut touched: BTreeMap<(String, String), u64> = BTreeMap::new();
+            for result in &mut results {
+                let sequence = next;
+                next += 1;
+                result.sequence = sequence;
+                let start = start_of(result);
+                let (query, key) = (result.query.as_str(), result.key.as_str());
+                stored.insert((query, key, start), result.encode_to_vec().as_slice())?;
+                windows.insert((query, start, key), sequence)?;
+                feed.insert(sequence, (query, key, start))?;
+                series.insert((query, key), sequence)?;
+                let newest = queries.get(query)?.map(|v| v.value());
+                if newest.is_none_or(|newest| start > newest) {
+                    queries.insert(query, start)?;
+                }
+                touched.insert((query.to_owned(), key.to_owned()), sequence);
+            }
+            meta.insert(NEXT_SEQUENCE, next)?;
+            // Trim the feed to its last `feed_entries` writes.
+            let keep_from = next.saturating_sub(feed_entries);
+            loop {
+                let first = feed.first()?.map(|(sequence, _)| sequence.value());
+                match first {
+                    Some(first) if first < keep_from => drop(feed.pop_first()?),
+                    _ => break,
+                }
+            }
+            let series = touched
+                .into_iter()
+                .map(|((query, key), version)| series_of(&stored, &query, &key, version, history))
+                .collect::<std::result::Result<Vec<_>, redb::Error>>()?;
+            Ok(Written {
+                results: results.into_iter().map(Arc::new).collect(),
+                series,
+            })
+        })
+    }
+
+    /// Forces every commit so far to disk (the interval policy's tick, and shutdown).
+    pub(crate) fn sync(&self) -> Result<()> {
+        // An empty durable commit makes every earlier non-durable one durable too.
+        self.write(Durability::Immediate, |_| Ok(()))
+    }
+
+    /// The recent windows of `query` and `key` (at most `history`), for the hot tier.
+    pub(crate) fn series(&self, query: &str, key: &str, history: usize) -> Result<Series> {
+        self.read(|txn| {
+            let version = txn
+                .open_table(SERIES)?
+                .get((query, key))?
+                .map_or(0, |v| v.value());
+            series_of(&txn.open_table(RESULTS)?, query, key, version, history)
+        })
+    }
+
+    /// Results for `query` and `key` whose window starts in `[from, to)`, oldest first, at
+    /// most `limit`.
+    pub(crate) fn range(
+        &self,
+        query: &str,
+        key: &str,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> Result<Vec<QueryResult>> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let encoded = self.read(|txn| {
+            let results = txn.open_table(RESULTS)?;
+            let mut out = Vec::new();
+            for entry in results
+                .range((query, key, from)..(query, key, to))?
+                .take(limit)
+            {
+                out.push(entry?.1.value().to_vec());
+            }
+            Ok(out)
+        })?;
+        encoded.iter().map(|bytes| self.decode(bytes)).collect()
+    }
+
+    /// Every result of `query`'s most recent window, and that window's start.
+    pub(crate) fn newest_window(&self, query: &str) -> Result<Option<(i64, Vec<QueryResult>)>> {
+        let found = self.read(|txn| {
+            let Some(start) = txn.open_table(QUERIES)?.get(query)?.map(|v| v.value()) else {
+                return Ok(None);
+            };
+            let windows = txn.open_table(WINDOWS)?;
+            let results = txn.open_table(RESULTS)?;
+            let mut out = Vec::new();
+            for entry in windows.range((query, start, "")..(query, start.saturating_add(1), ""))? {
+                let (window, _) = entry?;
+                let (_, _, key) = window.value();
+                if let Some(bytes) = results.get((query, key, start))? {
+                    out.push(bytes.value().to_vec());
+                }
+            }
+            Ok(Some((start, out)))
+        })?;
+        found
+            .map(|(start, encoded)| {
+                let results = encoded
+                    .iter()
+                    .map(|bytes| self.decode(bytes))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((start, results))
+            })
+            .transpose()
+    }
+
+    /// The queries that have results.
+    pub(crate) fn queries(&self) -> Result<Vec<String>> {
+        self.read(|txn| {
+            let mut out = Vec::new();
+            for entry in txn.open_table(QUERIES)?.iter()? {
+                out.push(entry?.0.value().to_owned());
+            }
+            Ok(out)
+        })
+    }
+
+    /// The last sequence written (0 before the first write).
+    pub(crate) fn last_sequence(&self) -> Result<u64> {
+        self.read(|txn| {
+            Ok(txn
+                .open_table(META)?
+                .get(NEXT_SEQUENCE)?
+                .map_or(0, |v| v.value() - 1))
+        })
+    }
+
+    /// Up to `limit` current results written after sequence `after`. A cursor older than
+    /// the feed keeps, or newer than the last write, is an error rather than a silent gap.
+    pub(crate) fn feed(&self, after: u64, limit: usize) -> Result<FeedPage> {
+        let (encoded, through, oldest, last) = self.read(|txn| {
+            let feed = txn.open_table(FEED)?;
+            let results = txn.open_table(RESULTS)?;
+            let oldest = feed.first()?.map(|(k, _)| k.value());
+            let last = txn
+                .open_table(META)?
+                .get(NEXT_SEQUENCE)?
+                .map_or(0, |v| v.value() - 1);
+            let mut through = after;
+            let mut out = Vec::new();
+            for entry in feed.range(after.saturating_add(1)..)?.take(limit) {
+                let (sequence, identity) = entry?;
+                let sequence = sequence.value();
+                through = sequence;
+                let (query, key, start) = identity.value();
+                if let Some(bytes) = results.get((query, key, start))? {
+                    out.push((sequence, bytes.value().to_vec()));
+                }
+            }
+            Ok((out, through, oldest, last))
+        })?;
+        if after > last {
+            return Err(StoreError::CursorAhead { after, last });
+        }
+        if let Some(oldest) = oldest
+            && after.saturating_add(1) < oldest
+        {
+            return Err(StoreError::CursorExpired { after, oldest });
+        }
+        let mut results = Vec::with_capacity(encoded.len());
+        for (sequence, bytes) in encoded {
+            let result = self.decode(&bytes)?;
+            // Rewritten since: its later entry delivers it.
+            if result.sequence == sequence {
+                results.push(Arc::new(result));
+            }
+        }
+        Ok(FeedPage { results, through })
+    }
+
+    /// Deletes every result whose window started before `cutoff`.
+    pub(crate) fn expire(&self, cutoff: i64) -> Result<Expired> {
+        let mut expired = Expired::default();
+        for query in self.queries()? {
+            loop {
+                let deleted = self.write(self.durability, |txn| {
+                    let mut windows = txn.open_table(WINDOWS)?;
+                    let mut results = txn.open_table(RESULTS)?;
+                    let mut doomed = Vec::new();
+                    for entry in windows
+                        .range((query.as_str(), i64::MIN, "")..(query.as_str(), cutoff, ""))?
+                        .take(RETENTION_BATCH)
+                    {
+                        let (window, _) = entry?;
+                        let (_, start, key) = window.value();
+                        doomed.push((start, key.to_owned()));
+                    }
+                    for (start, key) in &doomed {
+                        windows.remove((query.as_str(), *start, key.as_str()))?;
+                        results.remove((query.as_str(), key.as_str(), *start))?;
+                    }
+                    Ok(doomed)
+                })?;
+                expired.results += deleted.len() as u64;
+                let done = deleted.len() < RETENTION_BATCH;
+                expired
+                    .series
+                    .extend(deleted.into_iter().map(|(_, key)| (query.clone(), key)));
+                if done {
+                    break;
+                }
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Gives the space of deleted results back to the file system. Waits for running
+    /// transactions and holds off new ones while it runs.
+    pub(crate) fn compact(&self) -> Result<bool> {
+        let mut db = self.db.write().map_err(|_| StoreError::Failed)?;
+        db.compact().map_err(|e| StoreError::db(&self.path, e))
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<QueryResult> {
+        QueryResult::decode(bytes).map_err(|error| StoreError::Corrupt {
+            path: self.path.clone(),
+            reason: format!("a stored result does not decode: {error}"),
+        })
+    }
+}
+
+/// The last `history` windows of a series, from inside a transaction.
+fn series_of(
+    results: &impl ReadableTable<(&'static str, &'static str, i64), &'static [u8]>,
+    query: &str,
+    key: &str,
+    version: u64,
+    history: usize,
+) -> std::result::Result<Series, redb::Error> {
+    let mut newest_first = Vec::with_capacity(history);
+    let mut more = false;
+    let mut range = results.range((query, key, i64::MIN)..=(query, key, i64::MAX))?;
+    while let Some(entry) = range.next_back() {
+        if newest_first.len() == history {
+            more = true;
+            break;
+        }
+        let bytes = entry?.1.value().to_vec();
+        let result = QueryResult::decode(bytes.as_slice())
+            .map_err(|e| redb::Error::Corrupted(format!("a stored result does not decode: {e}")))?;
+        newest_first.push(result);
+    }
+    newest_first.reverse();
+    let complete_from = match (more, newest_first.first()) {
+        (true, Some(oldest)) => start_of(oldest),
+        _ => i64::MIN,
+    };
+    Ok(Series {
+        version,
+        complete_from,
+        results: newest_first,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn result(query: &str, key: &str, start: i64, count: f64) -> QueryResult {
+        QueryResult {
+            query: query.into(),
+            key: key.into(),
+            window_start: Some(Millis(start).into()),
+            window_end: Some(Millis(start + 10).into()),
+            values: [("count".to_owned(), count)].into(),
+            ..Default::default()
+        }
+    }
+
+    fn open(dir: &Path) -> Durable {
+        Durable::open(dir, FsyncPolicy::Never, 1000).unwrap()
+    }
+
+    fn starts(results: &[QueryResult]) -> Vec<i64> {
+        results.iter().map(start_of).collect()
+    }
+
+    #[test]
+    fn writes_get_sequences_and_rewrites_replace() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let written = store
+            .put(vec![result("q", "a", 0, 1.0), result("q", "a", 10, 2.0)], 8)
+            .unwrap();
+        let sequences: Vec<u64> = written.results.iter().map(|r| r.sequence).collect();
+        assert_eq!(sequences, [1, 2]);
+        assert_eq!(written.series.len(), 1);
+        assert_eq!(written.series[0].version, 2);
+        assert_eq!(written.series[0].complete_from, i64::MIN);
+        let rewritten = store.put(vec![result("q", "a", 0, 5.0)], 8).unwrap();
+        assert_eq!(rewritten.results[0].sequence, 3);
+        let all = store.range("q", "a", i64::MIN, i64::MAX, 10).unwrap();
+        assert_eq!(starts(&all), [0, 10]);
+        assert_eq!(all[0].values["count"], 5.0);
+        assert_eq!(
+            store.series("q", "a", 1).unwrap().latest().unwrap().values["count"],
+            2.0
+        );
+        assert_eq!(store.series("q", "nobody", 1).unwrap().latest(), None);
+        // The feed skips the write that was replaced.
+        let page = store.feed(0, 10).unwrap();
+        let fed: Vec<u64> = page.results.iter().map(|r| r.sequence).collect();
+        assert_eq!(fed, [2, 3]);
+        assert_eq!(page.through, 3);
+        assert!(store.feed(3, 10).unwrap().results.is_empty());
+    }
+
+    #[test]
+    fn series_keep_the_most_recent_windows_and_say_from_where() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let batch = (0..5).map(|i| result("q", "k", i * 10, 1.0)).collect();
+        let written = store.put(batch, 3).unwrap();
+        let series = &written.series[0];
+        assert_eq!(starts(&series.results), [20, 30, 40]);
+        assert_eq!(series.complete_from, 20);
+        assert_eq!(
+            series.range(20, i64::MAX, 10).map(|r| starts(&r)),
+            Some(vec![20, 30, 40])
+        );
+        assert_eq!(
+            series.range(0, i64::MAX, 10),
+            None,
+            "older windows are not held"
+        );
+        assert_eq!(store.series("q", "k", 3).unwrap(), *series);
+    }
+
+    #[test]
+    fn newest_window_and_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store
+            .put(
+                vec![
+                    result("q", "a", 0, 1.0),
+                    result("q", "b", 10, 2.0),
+                    result("q", "c", 10, 3.0),
+                    result("r", "a", 5, 1.0),
+                ],
+                4,
+            )
+            .unwrap();
+        let (start, newest) = store.newest_window("q").unwrap().unwrap();
+        assert_eq!(start, 10);
+        let keys: Vec<&str> = newest.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["b", "c"]);
+        assert_eq!(store.newest_window("nothing").unwrap(), None);
+        let expired = store.expire(6).unwrap();
+        assert_eq!(expired.results, 2);
+        assert!(expired.series.contains(&("q".into(), "a".into())));
+        assert!(expired.series.contains(&("r".into(), "a".into())));
+        assert_eq!(store.series("q", "a", 1).unwrap().latest(), None);
+        assert!(store.series("q", "b", 1).unwrap().latest().is_some());
+        store.compact().unwrap();
+        assert!(store.series("q", "c", 1).unwrap().latest().is_some());
+    }
+
+    #[test]
+    fn a_cursor_older_than_the_feed_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        for chunk in 0..3 {
+            let batch = (0..500)
+                .map(|i| result("q", "k", (chunk * 500 + i) * 10, 1.0))
+                .collect();
+            store.put(batch, 1).unwrap();
+        }
+        assert_eq!(store.last_sequence().unwrap(), 1500);
+        match store.feed(10, 10) {
+            Err(StoreError::CursorExpired { after: 10, oldest }) => assert_eq!(oldest, 501),
+            other => panic!("expected an expired cursor, got {other:?}"),
+        }
+        let page = store.feed(500, 10).unwrap();
+        assert_eq!(page.results[0].sequence, 501);
+        assert!(store.feed(1500, 10).unwrap().results.is_empty());
+        match store.feed(1501, 10) {
+            Err(StoreError::CursorAhead {
+                after: 1501,
+                last: 1500,
+            }) => {}
+            other => panic!("expected a cursor ahead of the store, got {other:?}"),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Whatever is written, in whatever order and with whatever rewrites, a reopen
+        /// serves exactly the newest write of every window, and the feed delivers each
+        /// window's newest write exactly once, in sequence order.
+        #[test]
+        fn the_newest_write_of_every_window_survives_a_reopen(
+            writes in proptest::collection::vec((0u8..3, 0i64..6, -1e6f64..1e6), 1..40),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(dir.path());
+            let mut expected: BTreeMap<(String, i64), f64> = BTreeMap::new();
+            for chunk in writes.chunks(4) {
+                let batch: Vec<QueryResult> = chunk
+                    .iter()
+                    .map(|&(key, window, count)| result("q", &format!("k{key}"), window * 10, count))
+                    .collect();
+                for &(key, window, count) in chunk {
+                    expected.insert((format!("k{key}"), window * 10), count);
+                }
+                store.put(batch, 4).unwrap();
+            }
+            store.sync().unwrap();
+            drop(store);
+            let store = open(dir.path());
+            for key in ["k0", "k1", "k2"] {
+                let found: Vec<(i64, f64)> = store
+                    .range("q", key, i64::MIN, i64::MAX, 100)
+                    .unwrap()
+                    .iter()
+                    .map(|r| (start_of(r), r.values["count"]))
+                    .collect();
+                let wanted: Vec<(i64, f64)> = expected
+                    .iter()
+                    .filter(|((k, _), _)| k == key)
+                    .map(|((_, start), count)| (*start, *count))
+                    .collect();
+                prop_assert_eq!(&found, &wanted);
+                let latest = store.series("q", key, 1).unwrap().latest().map(|r| r.values["count"]);
+                prop_assert_eq!(latest, wanted.last().map(|(_, c)| *c));
+            }
+            let fed = store.feed(0, 1000).unwrap().results;
+            prop_assert_eq!(fed.len(), expected.len());
+            prop_assert!(fed.windows(2).all(|w| w[0].sequence < w[1].sequence));
+        }
+    }
+}

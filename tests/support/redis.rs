@@ -1,0 +1,100 @@
+//! A real `redis-server` for the tests of the Redis hot tier, on a Unix socket in a
+//! temporary directory (no TCP port at all, so nothing can collide).
+//!
+//! Tests that need one are skipped with a printed reason when `redis-server` is not
+//! installed — unless `RUNNEL_REQUIRE_REDIS=1` (as `.ci/run` sets, after installing it), in
+//! which case a missing server fails them.
+
+use anyhow::{Context, Result, bail};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether `redis-server` can be run here; `false` (after saying why) if tests may skip.
+pub fn available() -> bool {
+    let found = std::process::Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        if std::env::var("RUNNEL_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
+            panic!(
+                "redis-server is required (RUNNEL_REQUIRE_REDIS=1) but not installed: apt install redis-server"
+            );
+        }
+        eprintln!(
+            "skipped: redis-server is not installed (apt install redis-server; .ci/run does)"
+        );
+    }
+    found
+}
+
+/// A running `redis-server`, stopped (SIGKILL) when dropped.
+pub struct RedisServer {
+    /// `redis+unix:///…/redis.sock`, for `store.hot.redis_url`.
+    pub url: String,
+    _dir: tempfile::TempDir,
+    _child: Child,
+}
+
+impl RedisServer {
+    /// Starts a server with no persistence and a 64 MiB LRU memory bound, and waits until
+    /// it accepts connections.
+    pub async fn start() -> Result<RedisServer> {
+        let dir = tempfile::tempdir()?;
+        let socket: PathBuf = dir.path().join("redis.sock");
+        let mut child = Command::new("redis-server")
+            .args(["--port", "0", "--unixsocket"])
+            .arg(&socket)
+            .args([
+                "--unixsocketperm",
+                "700",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawn redis-server")?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(START_TIMEOUT, async {
+            while let Some(line) = lines.next_line().await? {
+                if line
+                    .to_ascii_lowercase()
+                    .contains("ready to accept connections")
+                {
+                    return anyhow::Ok(true);
+                }
+            }
+            anyhow::Ok(false)
+        })
+        .await;
+        match ready {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => bail!("redis-server exited before it was ready"),
+            Ok(Err(error)) => bail!("reading redis-server's output: {error}"),
+            Err(_) => bail!("redis-server not ready within {START_TIMEOUT:?}"),
+        }
+        // Keep draining its output so that it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(RedisServer {
+            url: format!("redis+unix://{}", socket.display()),
+            _dir: dir,
+            _child: child,
+        })
+    }
+}
