@@ -7,6 +7,7 @@
 
 mod cli;
 mod crash;
+mod healthcheck;
 mod pipeline;
 mod tracing;
 
