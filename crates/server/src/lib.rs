@@ -8,9 +8,11 @@
 //!   extraction and request limits, plus the admin HTTP port (`/metrics`, `/ready`, `/live`);
 //! - [`Shutdown`]: SIGTERM/SIGINT → stop accepting → drain within a bounded grace period;
 //! - [`main`]: the whole life of a service binary, so each `main.rs` is one line;
-//! - [`healthcheck`]: the binary's `healthcheck` subcommand, for containers without a shell.
+//! - [`healthcheck`]: the binary's `healthcheck` subcommand, for containers without a shell;
+//! - [`client`]: channels to peer services, with keepalive.
 
 pub mod admin;
+pub mod client;
 pub mod config;
 pub mod healthcheck;
 mod run;

@@ -117,6 +117,10 @@ pub async fn serve(
     let health_on_stop = health.clone();
     let grpc_server = tonic::transport::Server::builder()
         .timeout(config.request_timeout)
+        // Callers that vanished (a network cut) are noticed and their streams ended, rather
+        // than kept, with whatever they hold, until TCP gives up many minutes later.
+        .http2_keepalive_interval(Some(crate::client::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(crate::client::KEEPALIVE_TIMEOUT))
         .trace_fn(runnel_telemetry::propagation::server_span)
         .add_routes(routes)
         .add_service(health_service)

@@ -9,7 +9,7 @@ use runnel_proto::v1::{EventReceipt, IngestRequest, IngestResponse, ProduceReque
 use runnel_telemetry::propagation::{TraceContextInterceptor, inject_into_headers};
 use std::time::Instant;
 use tonic::codegen::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -25,12 +25,12 @@ pub(crate) struct IngestService {
 impl IngestService {
     pub(crate) fn new(config: &CollectorConfig) -> Result<Self, CollectorError> {
         // Lazy: the broker may start after us or restart; tonic reconnects on its own.
-        let channel = Endpoint::from_shared(config.broker.clone())
-            .map_err(|source| CollectorError::BrokerUrl {
+        let channel = runnel_server::client::channel(&config.broker).map_err(|source| {
+            CollectorError::BrokerUrl {
                 url: config.broker.clone(),
                 source,
-            })?
-            .connect_lazy();
+            }
+        })?;
         let broker = BrokerClient::with_interceptor(channel, TraceContextInterceptor)
             .max_decoding_message_size(config.server.max_message_bytes)
             .max_encoding_message_size(config.server.max_message_bytes);

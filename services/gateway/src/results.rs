@@ -15,7 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::codegen::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::Instrument;
 
 /// Longest query name, in bytes (as the store accepts).
@@ -70,12 +70,11 @@ impl Results {
         max_watchers: usize,
         shutdown: Shutdown,
     ) -> Result<Results, GatewayError> {
-        let channel = Endpoint::from_shared(url.to_owned())
-            .map_err(|source| GatewayError::StoreUrl {
+        let channel =
+            runnel_server::client::channel(url).map_err(|source| GatewayError::StoreUrl {
                 url: url.to_owned(),
                 source,
-            })?
-            .connect_lazy();
+            })?;
         let store = StoreClient::with_interceptor(channel, TraceContextInterceptor)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);
