@@ -1,10 +1,12 @@
 //! Support for Runnel's end-to-end tests: start the five real service binaries as separate
 //! processes on ephemeral ports, wait for them on their health checks, kill and restart
-//! them, and receive their OpenTelemetry spans.
+//! them, receive their OpenTelemetry spans — and the same for the containers of a Docker
+//! Compose project ([`compose`]).
 //!
 //! The binaries are the ones `cargo build --workspace --bins` put next to the test
 //! executable; `cargo xtask test` builds them before running the tests.
 
+pub mod compose;
 pub mod otlp;
 pub mod process;
 
