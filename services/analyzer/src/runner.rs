@@ -143,6 +143,9 @@ impl QueryRunner {
             // Time passes even without records: idle partitions release the watermark.
             closed.extend(windows.advance(Instant::now()));
             if !closed.is_empty() {
+                // Progress first: whoever sees these results (a Watch on the gateway) and
+                // then asks DescribeQuery must find the events that closed them counted.
+                self.publish(&windows);
                 if !self.emit(closed).await? {
                     // Shutdown while the store was unreachable: the closed windows are not
                     // in the store, so the last checkpoint must stay; they are read again.
