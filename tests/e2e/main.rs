@@ -10,6 +10,7 @@ mod analyzer;
 mod cli;
 mod collector;
 mod crash;
+mod healthcheck;
 mod pipeline;
 mod tracing;
 mod track;

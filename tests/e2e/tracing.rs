@@ -2,11 +2,11 @@
 
 use crate::{ANALYZER_TOML, T0, clock_events, event};
 use runnel_e2e::Pipeline;
-use runnel_e2e::otlp::OtlpReceiver;
+use runnel_e2e::otlp::{OtlpReceiver, check_trace_hops, trace_is_complete};
 use runnel_proto::v1::collector_client::CollectorClient;
 use runnel_proto::v1::gateway_client::GatewayClient;
 use runnel_proto::v1::{IngestRequest, WatchRequest};
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,26 +72,10 @@ async fn one_event_yields_spans_from_all_five_services_under_one_trace() {
         .expect("w3c traceparent")
         .to_owned();
 
-    let wanted: BTreeSet<&str> = [
-        "runnel-collector",
-        "runnel-broker",
-        "runnel-analyzer",
-        "runnel-store",
-        "runnel-gateway",
-    ]
-    .into();
     // Spans arrive as each service's exporter flushes; re-check after every export.
     let complete = receiver
         .wait_for_trace(&trace_id, Duration::from_secs(30), |spans| {
-            let services: BTreeSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
-            let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
-            let orphans = spans
-                .iter()
-                .filter(|s| {
-                    !s.parent_span_id.is_empty() && !ids.contains(s.parent_span_id.as_str())
-                })
-                .count();
-            (services.is_superset(&wanted) && orphans == 0).then(|| spans.to_vec())
+            trace_is_complete(spans).then(|| spans.to_vec())
         })
         .await;
     let Some(spans) = complete else {
@@ -101,30 +85,7 @@ async fn one_event_yields_spans_from_all_five_services_under_one_trace() {
             pipeline.logs()
         );
     };
-    let roots = spans.iter().filter(|s| s.parent_span_id.is_empty()).count();
-    assert_eq!(roots, 1, "one root span: {spans:#?}");
-    // Each hop's spans hang under the previous hop's: the parent of a downstream service's
-    // span is a span of the service that called it (or that emitted what it handles).
-    let service_of = |id: &str| {
-        spans
-            .iter()
-            .find(|s| s.span_id == id)
-            .map(|s| s.service.as_str())
-    };
-    let crossings: BTreeSet<(&str, &str)> = spans
-        .iter()
-        .filter_map(|s| Some((service_of(&s.parent_span_id)?, s.service.as_str())))
-        .filter(|(from, to)| from != to)
-        .collect();
-    for hop in [
-        ("runnel-collector", "runnel-broker"),
-        ("runnel-collector", "runnel-analyzer"),
-        ("runnel-analyzer", "runnel-store"),
-        ("runnel-analyzer", "runnel-gateway"),
-    ] {
-        assert!(
-            crossings.contains(&hop),
-            "missing hop {hop:?} in {crossings:?}"
-        );
+    if let Err(problem) = check_trace_hops(&spans) {
+        panic!("trace {trace_id}: {problem}");
     }
 }

@@ -8,6 +8,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
@@ -48,37 +49,70 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+impl ReceivedSpan {
+    /// The span as one line of JSON, as `runnel-otlp-sink` prints it.
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "service": self.service,
+            "name": self.name,
+            "trace_id": self.trace_id,
+            "span_id": self.span_id,
+            "parent_span_id": self.parent_span_id,
+        })
+        .to_string()
+    }
+
+    /// Reads a line [`ReceivedSpan::to_json`] wrote; `None` for anything else.
+    pub fn from_json(line: &str) -> Option<ReceivedSpan> {
+        let value: serde_json::Value = serde_json::from_str(line).ok()?;
+        let field = |name: &str| Some(value.get(name)?.as_str()?.to_owned());
+        Some(ReceivedSpan {
+            service: field("service")?,
+            name: field("name")?,
+            trace_id: field("trace_id")?,
+            span_id: field("span_id")?,
+            parent_span_id: field("parent_span_id")?,
+        })
+    }
+}
+
+/// Every span of an OTLP export, flattened.
+pub fn received_spans(request: ExportTraceServiceRequest) -> Vec<ReceivedSpan> {
+    let mut received = Vec::new();
+    for resource_spans in request.resource_spans {
+        let service = resource_spans
+            .resource
+            .iter()
+            .flat_map(|r| r.attributes.iter())
+            .find(|kv| kv.key == "service.name")
+            .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+            .map(|v| match v {
+                Value::StringValue(s) => s.clone(),
+                other => format!("{other:?}"),
+            })
+            .unwrap_or_default();
+        for scope in resource_spans.scope_spans {
+            for span in scope.spans {
+                received.push(ReceivedSpan {
+                    service: service.clone(),
+                    name: span.name,
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent_span_id: hex(&span.parent_span_id),
+                });
+            }
+        }
+    }
+    received
+}
+
 #[tonic::async_trait]
 impl TraceService for Sink {
     async fn export(
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut received = Vec::new();
-        for resource_spans in request.into_inner().resource_spans {
-            let service = resource_spans
-                .resource
-                .iter()
-                .flat_map(|r| r.attributes.iter())
-                .find(|kv| kv.key == "service.name")
-                .and_then(|kv| kv.value.as_ref()?.value.as_ref())
-                .map(|v| match v {
-                    Value::StringValue(s) => s.clone(),
-                    other => format!("{other:?}"),
-                })
-                .unwrap_or_default();
-            for scope in resource_spans.scope_spans {
-                for span in scope.spans {
-                    received.push(ReceivedSpan {
-                        service: service.clone(),
-                        name: span.name,
-                        trace_id: hex(&span.trace_id),
-                        span_id: hex(&span.span_id),
-                        parent_span_id: hex(&span.parent_span_id),
-                    });
-                }
-            }
-        }
+        let received = received_spans(request.into_inner());
         self.spans.lock().expect("span sink lock").extend(received);
         self.exports.send_modify(|n| *n += 1);
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
@@ -148,5 +182,61 @@ impl OtlpReceiver {
 impl Drop for OtlpReceiver {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// The services one event's trace crosses, as their spans name them (`service.name`).
+pub const PIPELINE_SERVICES: [&str; 5] = [
+    "runnel-collector",
+    "runnel-broker",
+    "runnel-analyzer",
+    "runnel-store",
+    "runnel-gateway",
+];
+
+/// The hops whose spans must link up: (caller, callee), where a span of the callee has a
+/// span of the caller as its parent. The analyzer continues the trace that the collector
+/// put into the event (through the broker), and the gateway the one the analyzer put into
+/// the result (through the store).
+pub const PIPELINE_HOPS: [(&str, &str); 4] = [
+    ("runnel-collector", "runnel-broker"),
+    ("runnel-collector", "runnel-analyzer"),
+    ("runnel-analyzer", "runnel-store"),
+    ("runnel-analyzer", "runnel-gateway"),
+];
+
+/// Whether one trace's `spans` have all arrived: a span from every pipeline service, and
+/// none whose parent is still missing. (Each service exports on its own schedule.)
+pub fn trace_is_complete(spans: &[ReceivedSpan]) -> bool {
+    let services: BTreeSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
+    let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+    let orphans = spans
+        .iter()
+        .filter(|s| !s.parent_span_id.is_empty() && !ids.contains(s.parent_span_id.as_str()))
+        .count();
+    PIPELINE_SERVICES.iter().all(|s| services.contains(s)) && orphans == 0
+}
+
+/// Checks a complete trace's shape: exactly one root span, and a parent/child link across
+/// every one of [`PIPELINE_HOPS`]. The error says what is missing.
+pub fn check_trace_hops(spans: &[ReceivedSpan]) -> Result<(), String> {
+    let roots = spans.iter().filter(|s| s.parent_span_id.is_empty()).count();
+    if roots != 1 {
+        return Err(format!("{roots} root spans, not one: {spans:#?}"));
+    }
+    let service_of = |id: &str| {
+        spans
+            .iter()
+            .find(|s| s.span_id == id)
+            .map(|s| s.service.as_str())
+    };
+    let crossings: BTreeSet<(&str, &str)> = spans
+        .iter()
+        .filter_map(|s| Some((service_of(&s.parent_span_id)?, s.service.as_str())))
+        .filter(|(from, to)| from != to)
+        .collect();
+    match PIPELINE_HOPS.iter().find(|hop| !crossings.contains(hop)) {
+        Some(hop) => Err(format!("missing hop {hop:?} in {crossings:?}")),
+        None => Ok(()),
     }
 }

@@ -6,8 +6,13 @@
 //! - `cargo xtask fmt`   — format everything;
 //! - `cargo xtask bench <ingest|stream|broker|analyzer|gateway> [args]` — `runnel bench` in
 //!   release mode;
+//! - `cargo xtask images [--tag <tag>]` — the service images, built offline: statically
+//!   linked release binaries copied into images `FROM scratch` (nothing is pulled);
+//! - `cargo xtask compose-test` — `images`, then the compose end-to-end test
+//!   (`tests/compose`) against them;
 //! - `cargo xtask ci`    — lint, then test: what `.ci/run` calls.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 fn main() -> ExitCode {
@@ -19,10 +24,12 @@ fn main() -> ExitCode {
         "lint" => lint(),
         "fmt" => cargo(&["fmt", "--all"]),
         "bench" => bench(rest),
+        "images" => images(rest),
+        "compose-test" => images(&[]).and_then(|()| compose_test(rest)),
         "ci" => lint().and_then(|()| test(rest)),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|lint|fmt|bench|ci> [extra args for the test runner]"
+                "usage: cargo xtask <test|lint|fmt|bench|images|compose-test|ci> [extra args]"
             );
             return ExitCode::from(2);
         }
@@ -37,10 +44,16 @@ fn main() -> ExitCode {
 }
 
 fn cargo(args: &[&str]) -> Result<(), String> {
+    cargo_with(args, &[])
+}
+
+fn cargo_with(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("$ cargo {}", args.join(" "));
+    let shown: String = env.iter().map(|(k, v)| format!("{k}='{v}' ")).collect();
+    eprintln!("$ {shown}cargo {}", args.join(" "));
     let status = Command::new(&cargo)
         .args(args)
+        .envs(env.iter().copied())
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     if status.success() {
@@ -75,4 +88,143 @@ fn bench(extra: &[String]) -> Result<(), String> {
     let mut args = vec!["run", "--release", "--package", "runnel-cli", "--", "bench"];
     args.extend(extra.iter().map(String::as_str));
     cargo(&args)
+}
+
+/// The images `cargo xtask images` builds: the `deploy/scratch.Dockerfile` target, and the
+/// binary it holds. The image is `runnel-<target>`.
+const IMAGES: [(&str, &str); 6] = [
+    ("collector", "runnel-collector"),
+    ("broker", "runnel-broker"),
+    ("analyzer", "runnel-analyzer"),
+    ("store", "runnel-store"),
+    ("gateway", "runnel-gateway"),
+    // Test support: the OTLP receiver the compose test points the services at.
+    ("otlp-sink", "runnel-otlp-sink"),
+];
+
+/// The packages that hold those binaries.
+const IMAGE_PACKAGES: [&str; 6] = [
+    "runnel-collector",
+    "runnel-broker",
+    "runnel-analyzer",
+    "runnel-store",
+    "runnel-gateway",
+    "runnel-e2e",
+];
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// The target triple rustc builds for by default (the host's).
+fn host_triple() -> Result<String, String> {
+    let output = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .map_err(|e| format!("cannot run rustc: {e}"))?;
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("host: "))
+        .map(str::to_owned)
+        .ok_or_else(|| "rustc -vV printed no host triple".into())
+}
+
+/// `cargo xtask images [--tag <tag>]`: one static release build of every service binary
+/// (in its own target directory, so the flags do not invalidate the normal build), then one
+/// `docker build` per image from a context holding only those binaries. Each image is tagged
+/// `<tag>` (default `latest`) and the workspace version.
+fn images(args: &[String]) -> Result<(), String> {
+    let tag = match args {
+        [] => "latest".to_owned(),
+        [flag, tag] if flag == "--tag" => tag.clone(),
+        _ => return Err("usage: cargo xtask images [--tag <tag>]".into()),
+    };
+    let root = workspace_root();
+    let triple = host_triple()?;
+    let target_dir = root.join("target/static");
+    let target_dir_arg = target_dir.display().to_string();
+    let mut build = vec![
+        "build",
+        "--release",
+        "--target",
+        &triple,
+        "--target-dir",
+        &target_dir_arg,
+        "--bins",
+    ];
+    for package in IMAGE_PACKAGES {
+        build.extend(["-p", package]);
+    }
+    // glibc, linked statically: the binaries need nothing from the image they run in.
+    let mut rustflags = std::env::var("RUSTFLAGS").unwrap_or_default();
+    rustflags.push_str(" -C target-feature=+crt-static");
+    cargo_with(&build, &[("RUSTFLAGS", rustflags.trim())])?;
+
+    let binaries = target_dir.join(&triple).join("release");
+    let context = target_dir.join("images");
+    if context.exists() {
+        std::fs::remove_dir_all(&context)
+            .map_err(|e| format!("remove {}: {e}", context.display()))?;
+    }
+    std::fs::create_dir_all(context.join("data"))
+        .map_err(|e| format!("create {}: {e}", context.display()))?;
+    std::fs::copy(
+        root.join("deploy/scratch.Dockerfile"),
+        context.join("Dockerfile"),
+    )
+    .map_err(|e| format!("copy the Dockerfile: {e}"))?;
+    for (_, binary) in IMAGES {
+        std::fs::copy(binaries.join(binary), context.join(binary))
+            .map_err(|e| format!("copy {binary}: {e}"))?;
+    }
+
+    let version = env!("CARGO_PKG_VERSION");
+    let context_arg = context.display().to_string();
+    let dockerfile = context.join("Dockerfile").display().to_string();
+    for (target, binary) in IMAGES {
+        let tagged = format!("{binary}:{tag}");
+        let versioned = format!("{binary}:{version}");
+        run(
+            "docker",
+            &[
+                "build",
+                "--quiet",
+                "--file",
+                &dockerfile,
+                "--target",
+                target,
+                "--tag",
+                &tagged,
+                "--tag",
+                &versioned,
+                &context_arg,
+            ],
+        )?;
+        eprintln!("built {tagged} ({versioned})");
+    }
+    Ok(())
+}
+
+/// The compose end-to-end test against the images `images` just built.
+fn compose_test(extra: &[String]) -> Result<(), String> {
+    let mut args = vec!["test", "--package", "runnel-e2e", "--test", "compose"];
+    args.extend(extra.iter().map(String::as_str));
+    args.extend(["--", "--nocapture"]);
+    cargo_with(&args, &[("RUNNEL_COMPOSE_E2E", "1")])
+}
+
+fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    eprintln!("$ {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{program} {}` failed ({status})", args.join(" ")))
+    }
 }

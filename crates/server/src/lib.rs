@@ -7,10 +7,14 @@
 //! - [`serve`]: a tonic server with gRPC health, reflection (v1 and v1alpha), trace-context
 //!   extraction and request limits, plus the admin HTTP port (`/metrics`, `/ready`, `/live`);
 //! - [`Shutdown`]: SIGTERM/SIGINT → stop accepting → drain within a bounded grace period;
-//! - [`main`]: the whole life of a service binary, so each `main.rs` is one line.
+//! - [`main`]: the whole life of a service binary, so each `main.rs` is one line;
+//! - [`healthcheck`]: the binary's `healthcheck` subcommand, for containers without a shell;
+//! - [`client`]: channels to peer services, with keepalive.
 
 pub mod admin;
+pub mod client;
 pub mod config;
+pub mod healthcheck;
 mod run;
 mod shutdown;
 

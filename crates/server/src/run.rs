@@ -117,6 +117,10 @@ pub async fn serve(
     let health_on_stop = health.clone();
     let grpc_server = tonic::transport::Server::builder()
         .timeout(config.request_timeout)
+        // Callers that vanished (a network cut) are noticed and their streams ended, rather
+        // than kept, with whatever they hold, until TCP gives up many minutes later.
+        .http2_keepalive_interval(Some(crate::client::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(crate::client::KEEPALIVE_TIMEOUT))
         .trace_fn(runnel_telemetry::propagation::server_span)
         .add_routes(routes)
         .add_service(health_service)
@@ -177,11 +181,30 @@ fn reflection_builder(service_name: &'static str) -> tonic_reflection::server::B
 #[derive(Debug, Parser)]
 struct ServiceArgs {
     /// A TOML file with a table for this service (default: ./runnel.toml if present).
-    #[arg(long, env = "RUNNEL_CONFIG")]
+    #[arg(long, env = "RUNNEL_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long)]
     log_json: bool,
+    /// Without a command, the binary runs the service.
+    #[command(subcommand)]
+    command: Option<ServiceCommand>,
+}
+
+/// What a service binary can do besides running the service.
+#[derive(Debug, clap::Subcommand)]
+enum ServiceCommand {
+    /// Ask the service running with this configuration whether it is serving (gRPC health
+    /// check on its configured address): exit 0 if it is, 1 if not. For container health
+    /// checks and exec probes, where there is no shell.
+    Healthcheck {
+        /// The gRPC service to ask about; the default, "", is the server as a whole.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// How long to wait for the answer, connecting included.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 /// The whole life of a service binary: arguments → config (fail fast, exit 2) →
@@ -190,6 +213,9 @@ struct ServiceArgs {
 ///
 /// The one stdout line, `<binary> listening grpc=<addr> admin=<addr> [http=<addr>]`, is
 /// how supervisors and tests learn the ports when the config asks for port 0.
+///
+/// `<binary> healthcheck` instead loads the same configuration and checks, once, that the
+/// service running with it is serving (see [`crate::healthcheck`]).
 pub fn main<C, F, Fut, E>(binary: &'static str, run: F) -> ExitCode
 where
     C: ServiceConfig,
@@ -202,9 +228,17 @@ where
         Ok(config) => config,
         Err(error @ (ConfigError::Invalid { .. } | ConfigError::Load(_))) => {
             eprintln!("{binary}: {error}");
-            return ExitCode::from(2);
+            // A health check that cannot read the configuration has not found the
+            // service serving: 1, the one failure code probes know.
+            return match args.command {
+                Some(ServiceCommand::Healthcheck { .. }) => ExitCode::FAILURE,
+                None => ExitCode::from(2),
+            };
         }
     };
+    if let Some(ServiceCommand::Healthcheck { service, timeout }) = args.command {
+        return healthcheck(binary, config.server().grpc, &service, timeout);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -240,6 +274,39 @@ where
         telemetry.shutdown();
         code
     })
+}
+
+/// `<binary> healthcheck`: one check on a small runtime of its own, no telemetry (the
+/// check must not export spans, nor log anything but its one line).
+fn healthcheck(
+    binary: &str,
+    grpc: SocketAddr,
+    service: &str,
+    timeout: std::time::Duration,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{binary}: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crate::healthcheck::check(grpc, service, timeout)) {
+        Ok(()) => {
+            println!(
+                "{binary}: serving on {}",
+                crate::healthcheck::probe_addr(grpc)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{binary}: not healthy: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run_bound<C, F, Fut, E>(binary: &'static str, config: C, run: F) -> Result<(), String>

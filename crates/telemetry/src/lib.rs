@@ -14,6 +14,7 @@
 pub mod propagation;
 
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithTonicConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -87,10 +88,12 @@ pub fn init(service: &str, format: LogFormat) -> Result<TelemetryGuard, Telemetr
         .with_service_name(service.to_owned())
         .build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
-    if endpoint.is_some() {
-        // The exporter reads the endpoint and the other standard OTEL_* variables itself.
+    if let Some(endpoint) = &endpoint {
+        // The exporter reads the other standard OTEL_* variables (headers, compression,
+        // timeout) itself; the channel is ours, for its keepalive.
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
+            .with_channel(exporter_channel(endpoint)?)
             .build()
             .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
         // The async-runtime processor drives tonic on our Tokio runtime; the default
@@ -137,3 +140,36 @@ pub fn init(service: &str, format: LogFormat) -> Result<TelemetryGuard, Telemetr
 }
 
 use tracing_subscriber::Layer as _;
+
+/// The OTLP exporter's channel to `endpoint` (or the traces-specific endpoint, when set),
+/// lazily connected, with HTTP/2 keepalive — like the channels between services. Without
+/// it, a collector connection that died unseen (this container came back under a new
+/// address, say) was never noticed: every export timed out on it, and the spans were lost
+/// for good.
+fn exporter_channel(endpoint: &str) -> Result<tonic::transport::Channel, TelemetryError> {
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| endpoint.to_owned());
+    // The exporter's own timeout (the standard variables, in milliseconds; 10 s by
+    // default), which the channel must share.
+    let timeout = [
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+    ]
+    .iter()
+    .find_map(|var| std::env::var(var).ok()?.trim().parse::<u64>().ok())
+    .map_or(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis,
+    );
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+        .map_err(|e| TelemetryError::Exporter(format!("{endpoint:?}: {e}")))?
+        .timeout(timeout)
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .keep_alive_timeout(std::time::Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect_lazy();
+    Ok(channel)
+}

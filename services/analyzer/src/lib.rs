@@ -49,17 +49,16 @@ use service::{AnalyzerService, QueryView};
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 fn channel(key: &'static str, url: &str) -> Result<Channel, AnalyzerError> {
-    // Lazy: the broker and the store may start after us, or restart; tonic reconnects.
-    Ok(Endpoint::from_shared(url.to_owned())
-        .map_err(|source| AnalyzerError::Url {
-            key,
-            url: url.to_owned(),
-            source,
-        })?
-        .connect_lazy())
+    // Lazy: the broker and the store may start after us, or restart; tonic reconnects. With
+    // keepalive: a subscription on a connection that died unseen would wait forever.
+    runnel_server::client::channel(url).map_err(|source| AnalyzerError::Url {
+        key,
+        url: url.to_owned(),
+        source,
+    })
 }
 
 /// Runs every configured query and serves `ListQueries`/`DescribeQuery` on `listeners`

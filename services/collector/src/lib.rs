@@ -36,7 +36,6 @@ use runnel_server::{Listeners, Shutdown};
 use runnel_telemetry::propagation::TraceContextInterceptor;
 use std::sync::Arc;
 use tokio::net::UdpSocket;
-use tonic::transport::Endpoint;
 
 /// Runs the collector on `listeners` (and its UDP listener, if configured) until
 /// `shutdown` fires, then drains.
@@ -69,8 +68,9 @@ pub async fn serve(
 ) -> Result<(), CollectorError> {
     // The recorder first, so that what recovery counts is exported.
     runnel_server::admin::metrics_handle();
-    // Lazy: the broker and the store may start after us or restart; tonic reconnects.
-    let endpoint = |url: &str| Endpoint::from_shared(url.to_owned()).map(|e| e.connect_lazy());
+    // Lazy: the broker and the store may start after us or restart; tonic reconnects. With
+    // keepalive, so a connection that died unseen fails instead of hanging.
+    let endpoint = runnel_server::client::channel;
     let channel = endpoint(&config.broker).map_err(|source| CollectorError::BrokerUrl {
         url: config.broker.clone(),
         source,

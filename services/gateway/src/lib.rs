@@ -33,7 +33,6 @@ use runnel_proto::v1::gateway_server::GatewayServer;
 use runnel_server::{Listeners, ServeError, ServiceConfig, Shutdown};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use tonic::transport::Endpoint;
 
 /// Runs the gateway on `listeners` (its `http` listener serves the HTTP API) until
 /// `shutdown` fires, then drains both APIs within the drain timeout.
@@ -72,12 +71,11 @@ pub async fn run(
     for (name, url) in std::iter::once(("store", &config.store))
         .chain(config.pipeline.iter().map(|(n, u)| (n.as_str(), u)))
     {
-        let channel = Endpoint::from_shared(url.clone())
-            .map_err(|source| GatewayError::StoreUrl {
+        let channel =
+            runnel_server::client::channel(url).map_err(|source| GatewayError::StoreUrl {
                 url: url.clone(),
                 source,
-            })?
-            .connect_lazy();
+            })?;
         pipeline.insert(name.to_owned(), channel);
     }
 

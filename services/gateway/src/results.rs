@@ -7,7 +7,7 @@ use runnel_proto::v1::{GetRequest, QueryResult, RangeRequest, TopKRequest, TopKR
 use runnel_telemetry::propagation::TraceContextInterceptor;
 use std::time::Duration;
 use tonic::codegen::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// The store's gRPC client, as every part of the gateway uses it.
 pub(crate) type Store = StoreClient<InterceptedService<Channel, TraceContextInterceptor>>;
@@ -18,12 +18,10 @@ const MAX_TOP_K: u32 = 1000;
 /// Connects (lazily, so the store may start later or restart; tonic reconnects on its
 /// own) to the store at `url`.
 pub(crate) fn connect(url: &str, max_message_bytes: usize) -> Result<Store, GatewayError> {
-    let channel = Endpoint::from_shared(url.to_owned())
-        .map_err(|source| GatewayError::StoreUrl {
-            url: url.to_owned(),
-            source,
-        })?
-        .connect_lazy();
+    let channel = runnel_server::client::channel(url).map_err(|source| GatewayError::StoreUrl {
+        url: url.to_owned(),
+        source,
+    })?;
     Ok(
         StoreClient::with_interceptor(channel, TraceContextInterceptor)
             .max_decoding_message_size(max_message_bytes)

@@ -1,0 +1,459 @@
+//! The compose end-to-end test: `docker-compose.yml` as a user runs it, on images built
+//! offline (`cargo xtask images`), with faults.
+//!
+//! Under ingest load through the collector's published port, the broker's container is
+//! killed (SIGKILL) and started again, and the analyzer's container is cut off the network
+//! and put back. Every batch the collector acknowledged must then be reflected in the
+//! results read through the gateway — exactly once: each batch has a key of its own, so its
+//! window counts exactly its events, never twice as many. One event's trace must cross all
+//! five services, received by our own OTLP sink running next to them.
+//!
+//! It runs when `RUNNEL_COMPOSE_E2E=1` (`cargo xtask compose-test` builds the images and
+//! sets it; `.ci/run` does that when a Docker engine is present), and otherwise says why it
+//! did not. The project has a unique name and is taken down with its volumes at the end,
+//! whether the test passes or not.
+
+use runnel_e2e::PARTITIONS;
+use runnel_e2e::compose::{ComposeProject, compose_command, repository_root};
+use runnel_e2e::otlp::{ReceivedSpan, check_trace_hops, trace_is_complete};
+use runnel_proto::Millis;
+use runnel_proto::v1::collector_client::CollectorClient;
+use runnel_proto::v1::gateway_client::GatewayClient;
+use runnel_proto::v1::{Event, IngestRequest, QueryResult, WatchRequest};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+/// The analyzer's query (`analyzer.toml`): one-minute tumbling windows, no idleness.
+const QUERY: &str = "avg_value_per_key";
+/// A minute's start: every load event falls in [T0, T0 + 1 min), so its window stays open
+/// until the closing events at the end move every partition's clock past it.
+const T0: i64 = 1_699_999_980_000;
+/// Events per ingested batch; a batch is one key, so one window, of this count.
+const BATCH: usize = 50;
+/// Concurrent ingest clients, each sending a batch every `PACE`: enough load that faults
+/// strike mid-call, few enough windows that the results fit one `Watch`'s buffer.
+const PRODUCERS: usize = 3;
+const PACE: Duration = Duration::from_millis(100);
+/// Acknowledged batches to wait for between faults.
+const PROGRESS: u64 = 15;
+/// Generous bound for anything to happen on a loaded two-core machine.
+const WAIT: Duration = Duration::from_secs(180);
+const SERVICES: [&str; 5] = ["broker", "store", "collector", "analyzer", "gateway"];
+
+fn event(id: String, key: &str, at_ms: i64, value: Option<f64>) -> Event {
+    let payload = match value {
+        Some(value) => serde_json::json!({ "value": value }),
+        None => serde_json::json!({ "other": 1 }),
+    };
+    Event {
+        id,
+        source: "compose-e2e".into(),
+        r#type: "reading".into(),
+        key: key.into(),
+        event_time: Some(Millis(at_ms).into()),
+        payload: serde_json::to_vec(&payload).expect("json").into(),
+        ..Default::default()
+    }
+}
+
+/// Batch `key`'s events: values 0..BATCH, so its window's sum is fixed too.
+fn batch(key: &str) -> Vec<Event> {
+    (0..BATCH)
+        .map(|i| {
+            let at = T0 + 1000 + (i as i64 % 50) * 1000;
+            event(format!("{key}-{i}"), key, at, Some(i as f64))
+        })
+        .collect()
+}
+
+fn batch_sum() -> f64 {
+    (0..BATCH).map(|i| i as f64).sum()
+}
+
+/// What the ingest load saw: the keys of acknowledged batches, and of batches whose
+/// `Ingest` failed (which may or may not be stored — whole, as one broker batch).
+#[derive(Default)]
+struct Outcomes {
+    acked: Vec<String>,
+    failed: Vec<String>,
+}
+
+/// Ingests batches until `stop`, each with a key of its own, counting acknowledgements on
+/// `progress`. A failed call is not retried: its events are not acknowledged.
+async fn produce(
+    producer: usize,
+    collector: CollectorClient<Channel>,
+    outcomes: Arc<Mutex<Outcomes>>,
+    progress: Arc<watch::Sender<u64>>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut collector = collector;
+    let mut pace = tokio::time::interval(PACE);
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for seq in 0.. {
+        pace.tick().await;
+        if *stop.borrow() {
+            return;
+        }
+        let key = format!("b{producer}-{seq:05}");
+        let mut request = tonic::Request::new(IngestRequest {
+            events: batch(&key),
+            ..Default::default()
+        });
+        request.set_timeout(Duration::from_secs(10));
+        match collector.ingest(request).await {
+            Ok(response) => {
+                assert_eq!(
+                    response.into_inner().receipts.len(),
+                    BATCH,
+                    "one receipt per event"
+                );
+                outcomes.lock().expect("outcomes").acked.push(key);
+                progress.send_modify(|n| *n += 1);
+            }
+            Err(status) => {
+                outcomes.lock().expect("outcomes").failed.push(key);
+                eprintln!("ingest {producer}/{seq} failed: {}", status.message());
+            }
+        }
+    }
+}
+
+/// One event without a value on every partition, far past the load's window: it closes
+/// every window before it (the analyzer's watermark is the slowest partition's clock), and
+/// comes after everything else sent to its partition.
+fn closing_events() -> Vec<Event> {
+    (0..PARTITIONS)
+        .map(|partition| {
+            let key = (0..)
+                .map(|i| format!("clock-{i}"))
+                .find(|key| runnel_proto::partition_for_key(key, PARTITIONS) == partition)
+                .expect("some key lands on every partition");
+            event(format!("close-{key}"), &key, T0 + 600_000, None)
+        })
+        .collect()
+}
+
+/// The value, or a panic with every container's log.
+async fn or_fail<T>(project: &ComposeProject, result: anyhow::Result<T>) -> T {
+    match result {
+        Ok(value) => value,
+        Err(error) => panic!("{error:#}\n{}", project.logs().await),
+    }
+}
+
+async fn wait_progress(progress: &mut watch::Receiver<u64>, at_least: u64, what: &str) {
+    tokio::time::timeout(WAIT, progress.wait_for(|n| *n >= at_least))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: fewer than {at_least} batches acknowledged"))
+        .expect("progress");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and_traces_every_hop()
+{
+    if std::env::var("RUNNEL_COMPOSE_E2E").as_deref() != Ok("1") {
+        eprintln!(
+            "compose end-to-end test skipped: it runs with RUNNEL_COMPOSE_E2E=1, against images \
+             built by `cargo xtask images` (`cargo xtask compose-test` does both)"
+        );
+        return;
+    }
+    let command = compose_command().expect(
+        "RUNNEL_COMPOSE_E2E=1 but no Docker engine answers `docker info`, or neither \
+         `docker compose` nor `docker-compose` works",
+    );
+    let root = repository_root();
+    let env = BTreeMap::from(
+        [
+            // Published on loopback, on ports the engine picks.
+            ("RUNNEL_COLLECTOR_PUBLISH", "127.0.0.1:"),
+            ("RUNNEL_GATEWAY_PUBLISH", "127.0.0.1:"),
+            ("RUNNEL_GATEWAY_HTTP_PUBLISH", "127.0.0.1:"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otlp-sink:4317"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let project = ComposeProject::up(
+        command,
+        vec![
+            root.join("docker-compose.yml"),
+            root.join("tests/compose/otlp-sink.yml"),
+        ],
+        env,
+    )
+    .await
+    .expect("compose up");
+    let healthy = project.wait_healthy(&SERVICES, &HashMap::new(), WAIT).await;
+    or_fail(&project, healthy).await;
+
+    // Hardened as the compose file says: read-only root, unprivileged user.
+    for service in SERVICES {
+        let hardening = project
+            .inspect(service, "{{.HostConfig.ReadonlyRootfs}} {{.Config.User}}")
+            .await
+            .expect("inspect");
+        assert_eq!(hardening, "true 65532:65532", "{service}");
+    }
+
+    // Spans, as the sink prints them.
+    let spans: Arc<Mutex<Vec<ReceivedSpan>>> = Arc::default();
+    let (span_arrived, mut spans_changed) = watch::channel(0u64);
+    let _sink_output = {
+        let spans = Arc::clone(&spans);
+        project
+            .follow_stdout("otlp-sink", move |line| {
+                if let Some(span) = ReceivedSpan::from_json(line) {
+                    spans.lock().expect("spans").push(span);
+                    span_arrived.send_modify(|n| *n += 1);
+                }
+            })
+            .await
+            .expect("follow the sink")
+    };
+
+    let collector_addr = project.published("collector", 7101).await.expect("port");
+    let gateway_addr = project.published("gateway", 7105).await.expect("port");
+    let http_addr = project.published("gateway", 8080).await.expect("port");
+    let collector = CollectorClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{collector_addr}"))
+            .expect("url")
+            .connect_lazy(),
+    );
+
+    // Load.
+    let outcomes: Arc<Mutex<Outcomes>> = Arc::default();
+    let (progress, mut progressed) = watch::channel(0u64);
+    let progress = Arc::new(progress);
+    let (stop, stopped) = watch::channel(false);
+    let producers: Vec<_> = (0..PRODUCERS)
+        .map(|p| {
+            tokio::spawn(produce(
+                p,
+                collector.clone(),
+                Arc::clone(&outcomes),
+                Arc::clone(&progress),
+                stopped.clone(),
+            ))
+        })
+        .collect();
+    wait_progress(&mut progressed, PROGRESS, "before the faults").await;
+
+    // Fault 1: the broker killed under load, then started again with the same volume.
+    let broker_healthy = HashMap::from([("broker".to_owned(), project.times_healthy("broker"))]);
+    project.kill("broker").await.expect("kill the broker");
+    eprintln!("broker killed");
+    project.start("broker").await.expect("start the broker");
+    let healthy = project
+        .wait_healthy(&["broker"], &broker_healthy, WAIT)
+        .await;
+    or_fail(&project, healthy).await;
+    eprintln!("broker healthy again");
+    let now = *progressed.borrow();
+    wait_progress(&mut progressed, now + PROGRESS, "after the broker restart").await;
+
+    // Fault 2: the analyzer cut off the network while events keep coming, then put back —
+    // under a new address (another container takes its old one meanwhile), so that its
+    // connections to the broker and the store are dead without either side being told.
+    let network = project.network("analyzer").await.expect("network");
+    let address = project.address("analyzer").await.expect("address");
+    project.disconnect("analyzer").await.expect("disconnect");
+    let taken = project
+        .take_free_address(&network, "runnel-otlp-sink:latest")
+        .await
+        .expect("a container on the network");
+    assert_eq!(taken, address, "the analyzer's old address is taken");
+    eprintln!("analyzer disconnected");
+    let now = *progressed.borrow();
+    wait_progress(
+        &mut progressed,
+        now + PROGRESS,
+        "while the analyzer is away",
+    )
+    .await;
+    project
+        .reconnect("analyzer", &network)
+        .await
+        .expect("reconnect");
+    let new_address = project.address("analyzer").await.expect("address");
+    assert_ne!(new_address, address);
+    eprintln!("analyzer reconnected: {address} -> {new_address}");
+    let now = *progressed.borrow();
+    wait_progress(
+        &mut progressed,
+        now + PROGRESS,
+        "after the analyzer is back",
+    )
+    .await;
+
+    stop.send_replace(true);
+    for producer in producers {
+        producer.await.expect("producer");
+    }
+    let (acked, failed) = {
+        let outcomes = outcomes.lock().expect("outcomes");
+        (outcomes.acked.clone(), outcomes.failed.clone())
+    };
+    eprintln!(
+        "{} batches acknowledged, {} failed",
+        acked.len(),
+        failed.len()
+    );
+
+    // Watch every result from here on, then send the traced event and close the window.
+    let mut gateway = GatewayClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{gateway_addr}"))
+            .expect("url")
+            .connect_lazy(),
+    );
+    let mut watch = tonic::Request::new(WatchRequest {
+        query: QUERY.into(),
+        ..Default::default()
+    });
+    // Bounds the whole stream: far more than the test waits for results below.
+    watch.set_timeout(WAIT * 2);
+    let mut live = tokio::time::timeout(WAIT, gateway.watch(watch))
+        .await
+        .expect("the watch starts")
+        .expect("watch")
+        .into_inner();
+    let mut collector = collector;
+    for (what, events) in [
+        (
+            "the traced event",
+            vec![event("traced-1".into(), "traced", T0 + 1000, Some(42.0))],
+        ),
+        ("the closing events", closing_events()),
+    ] {
+        let mut request = tonic::Request::new(IngestRequest {
+            events,
+            ..Default::default()
+        });
+        request.set_timeout(Duration::from_secs(30));
+        collector
+            .ingest(request)
+            .await
+            .unwrap_or_else(|status| panic!("ingest {what}: {status}"));
+    }
+
+    let acked_keys: HashSet<&str> = acked.iter().map(String::as_str).collect();
+    let failed_keys: HashSet<&str> = failed.iter().map(String::as_str).collect();
+    let mut results: HashMap<String, QueryResult> = HashMap::new();
+    let complete = tokio::time::timeout(WAIT, async {
+        while !(acked_keys.iter().all(|k| results.contains_key(*k))
+            && results.contains_key("traced"))
+        {
+            match live.message().await {
+                Ok(Some(result)) => {
+                    results.insert(result.key.clone(), result);
+                }
+                other => return Err(format!("the watch ended: {other:?}")),
+            }
+        }
+        Ok(())
+    })
+    .await;
+    match complete {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => panic!("{why}\n{}", project.logs().await),
+        Err(_) => {
+            let missing: Vec<_> = acked_keys
+                .iter()
+                .filter(|k| !results.contains_key(**k))
+                .collect();
+            panic!(
+                "{} acknowledged batches have no result: {missing:?}\n{}",
+                missing.len(),
+                project.logs().await
+            );
+        }
+    }
+
+    // Exactly once: every batch that has a result counts its events once. An acknowledged
+    // batch must have one; a failed one may (stored before the broker died) — but whole.
+    for (key, result) in &results {
+        if key == "traced" || key.starts_with("clock-") {
+            continue;
+        }
+        assert!(
+            acked_keys.contains(key.as_str()) || failed_keys.contains(key.as_str()),
+            "a result for {key}, which nobody sent"
+        );
+        assert_eq!(
+            (result.values["count"], result.values["sum"]),
+            (BATCH as f64, batch_sum()),
+            "batch {key}: every event once"
+        );
+    }
+    // The same through the gateway's HTTP API, from the store's durable state.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client");
+    for key in &acked {
+        let url = format!("http://{http_addr}/v1/results/{QUERY}/{key}");
+        let body: serde_json::Value = http
+            .get(&url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(
+            body["values"]["count"].as_f64(),
+            Some(BATCH as f64),
+            "{url}: {body}"
+        );
+    }
+
+    // The traced event's trace: spans from all five services, linked hop to hop.
+    let traced = &results["traced"];
+    assert_eq!(traced.values["count"], 1.0);
+    let trace_id = traced
+        .headers
+        .get("traceparent")
+        .and_then(|tp| tp.split('-').nth(1))
+        .expect("the result carries its trace")
+        .to_owned();
+    let trace = |spans: &[ReceivedSpan]| -> Vec<ReceivedSpan> {
+        spans
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .cloned()
+            .collect()
+    };
+    let complete = tokio::time::timeout(WAIT, async {
+        loop {
+            let current = trace(&spans.lock().expect("spans"));
+            if trace_is_complete(&current) {
+                return current;
+            }
+            spans_changed.changed().await.expect("sink output");
+        }
+    })
+    .await;
+    let Ok(spans) = complete else {
+        // Not held across the await below: the sink's follower takes the same lock.
+        let received = trace(&spans.lock().expect("spans"));
+        panic!(
+            "trace {trace_id} incomplete: {received:#?}\n{}",
+            project.logs().await
+        );
+    };
+    if let Err(problem) = check_trace_hops(&spans) {
+        panic!("trace {trace_id}: {problem}");
+    }
+    eprintln!(
+        "trace {trace_id}: {} spans across {:?}",
+        spans.len(),
+        spans
+            .iter()
+            .map(|s| s.service.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+}

@@ -1,0 +1,747 @@
+//! The Kubernetes manifests (`deploy/k8s`), as `kubectl kustomize` renders every overlay:
+//! valid against the Kubernetes API schemas (`kubernetes-validate --strict`), and holding
+//! what `docs/operations.md` promises — stateful services on StatefulSets with volumes,
+//! stateless ones scaling by replicas, unprivileged read-only containers with limits and
+//! gRPC probes, grace periods above each service's drain, configuration every service
+//! accepts, and NetworkPolicies that let through the pipeline's own paths and nothing else.
+//!
+//! Needs `kubectl` (and, for the schema check, `kubernetes-validate` from PyPI). Without
+//! them each test says so and passes, unless `RUNNEL_REQUIRE_K8S_TOOLS=1` (set by
+//! `.ci/run`), where a missing tool fails it.
+
+use runnel_server::ServiceConfig;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+use yaml_rust2::{Yaml, YamlLoader};
+
+/// The oldest Kubernetes the manifests are for: native `preStop: sleep` (1.30, on by
+/// default) and gRPC probes (1.27) are used.
+const OLDEST_KUBERNETES: &str = "1.30.0";
+
+fn repository_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the repository")
+        .to_path_buf()
+}
+
+fn tools_required() -> bool {
+    std::env::var("RUNNEL_REQUIRE_K8S_TOOLS").as_deref() == Ok("1")
+}
+
+/// Whether `program` runs (`args` asks its version, without a cluster); if not, fails when
+/// the tools are required and otherwise prints why the test does nothing.
+fn tool(program: &str, args: &[&str], test: &str) -> bool {
+    let runs = Command::new(program)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if runs {
+        return true;
+    }
+    assert!(
+        !tools_required(),
+        "RUNNEL_REQUIRE_K8S_TOOLS=1 but `{program}` is not installed"
+    );
+    eprintln!("{test} skipped: `{program}` is not installed");
+    false
+}
+
+/// `kubectl`, which every test here needs to render the overlays.
+fn kubectl(test: &str) -> bool {
+    tool("kubectl", &["version", "--client"], test)
+}
+
+/// One overlay, rendered.
+struct Overlay {
+    name: String,
+    /// The rendered multi-document YAML, as written to a file for the validator.
+    file: PathBuf,
+    docs: Vec<Yaml>,
+}
+
+/// Every overlay under deploy/k8s/overlays, rendered once per test run.
+fn overlays() -> &'static [Overlay] {
+    static RENDERED: OnceLock<Vec<Overlay>> = OnceLock::new();
+    RENDERED.get_or_init(|| {
+        let root = repository_root();
+        let out = root.join("target/k8s");
+        std::fs::create_dir_all(&out).expect("target/k8s");
+        let mut names: Vec<String> = std::fs::read_dir(root.join("deploy/k8s/overlays"))
+            .expect("deploy/k8s/overlays")
+            .map(|entry| {
+                entry
+                    .expect("entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        names.sort();
+        assert!(
+            names.contains(&"dev".to_owned()) && names.contains(&"prod".to_owned()),
+            "{names:?}"
+        );
+        names
+            .into_iter()
+            .map(|name| {
+                let dir = root.join("deploy/k8s/overlays").join(&name);
+                let output = Command::new("kubectl")
+                    .arg("kustomize")
+                    .arg(&dir)
+                    .output()
+                    .expect("run kubectl kustomize");
+                assert!(
+                    output.status.success(),
+                    "kubectl kustomize {}: {}",
+                    dir.display(),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                let text = String::from_utf8(output.stdout).expect("utf-8");
+                let file = out.join(format!("{name}.yaml"));
+                std::fs::write(&file, &text).expect("write the rendering");
+                let docs = YamlLoader::load_from_str(&text).expect("kustomize output is YAML");
+                Overlay { name, file, docs }
+            })
+            .collect()
+    })
+}
+
+fn kind<'a>(overlay: &'a Overlay, kind: &'a str) -> impl Iterator<Item = &'a Yaml> + 'a {
+    overlay
+        .docs
+        .iter()
+        .filter(move |doc| doc["kind"].as_str() == Some(kind))
+}
+
+fn name(doc: &Yaml) -> &str {
+    doc["metadata"]["name"].as_str().unwrap_or("?")
+}
+
+fn list(yaml: &Yaml) -> &[Yaml] {
+    yaml.as_vec().map(Vec::as_slice).unwrap_or(&[])
+}
+
+/// `matchLabels` (or `labels`) as a map; `matchExpressions` is not used by these
+/// manifests and would make the checks below wrong, so it fails the test.
+fn labels(yaml: &Yaml) -> BTreeMap<String, String> {
+    assert!(
+        yaml["matchExpressions"].is_badvalue(),
+        "matchExpressions are not evaluated here: {yaml:?}"
+    );
+    let map = if yaml["matchLabels"].is_badvalue() {
+        yaml
+    } else {
+        &yaml["matchLabels"]
+    };
+    map.as_hash()
+        .map(|hash| {
+            hash.iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().expect("label key").to_owned(),
+                        v.as_str().expect("label value").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// A Deployment's or StatefulSet's pods.
+struct Workload<'a> {
+    kind: &'a str,
+    name: &'a str,
+    doc: &'a Yaml,
+    pod: &'a Yaml,
+    labels: BTreeMap<String, String>,
+}
+
+fn workloads(overlay: &Overlay) -> Vec<Workload<'_>> {
+    overlay
+        .docs
+        .iter()
+        .filter_map(|doc| {
+            let kind = doc["kind"].as_str()?;
+            matches!(kind, "Deployment" | "StatefulSet").then(|| Workload {
+                kind,
+                name: name(doc),
+                doc,
+                pod: &doc["spec"]["template"]["spec"],
+                labels: labels(&doc["spec"]["template"]["metadata"]["labels"]),
+            })
+        })
+        .collect()
+}
+
+/// The Runnel service a workload runs (`broker` for `runnel-broker`), if it is one of ours.
+fn service_of(workload: &Workload<'_>) -> Option<&'static str> {
+    ["collector", "broker", "analyzer", "store", "gateway"]
+        .into_iter()
+        .find(|s| workload.name == format!("runnel-{s}"))
+}
+
+#[test]
+fn every_overlay_renders_and_validates_strictly_against_the_kubernetes_schemas() {
+    let test = "every_overlay_renders_and_validates_strictly_against_the_kubernetes_schemas";
+    if !kubectl(test) || !tool("kubernetes-validate", &["--version"], test) {
+        return;
+    }
+    for overlay in overlays() {
+        assert!(
+            !overlay.docs.is_empty(),
+            "{}: nothing rendered",
+            overlay.name
+        );
+        // The oldest supported version, and the newest the validator knows.
+        for version in [Some(OLDEST_KUBERNETES), None] {
+            let mut command = Command::new("kubernetes-validate");
+            command.args(["--strict", "--quiet"]);
+            if let Some(version) = version {
+                command.args(["--kubernetes-version", version]);
+            }
+            let output = command
+                .arg(&overlay.file)
+                .output()
+                .expect("run the validator");
+            assert!(
+                output.status.success(),
+                "{} against {version:?}:\n{}{}",
+                overlay.name,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+}
+
+#[test]
+fn containers_run_unprivileged_on_a_read_only_root_with_limits_and_probes() {
+    if !kubectl("containers_run_unprivileged…") {
+        return;
+    }
+    for overlay in overlays() {
+        for workload in workloads(overlay) {
+            let at = format!("{}: {} {}", overlay.name, workload.kind, workload.name);
+            let pod = workload.pod;
+            assert_eq!(
+                pod["securityContext"]["runAsNonRoot"].as_bool(),
+                Some(true),
+                "{at}"
+            );
+            assert_eq!(
+                pod["securityContext"]["seccompProfile"]["type"].as_str(),
+                Some("RuntimeDefault"),
+                "{at}"
+            );
+            assert_eq!(
+                pod["automountServiceAccountToken"].as_bool(),
+                Some(false),
+                "{at}"
+            );
+            // Service links would put RUNNEL_BROKER_PORT=tcp://… and the like into every
+            // pod's environment, next to the RUNNEL_<SERVICE>__ configuration variables.
+            assert_eq!(pod["enableServiceLinks"].as_bool(), Some(false), "{at}");
+            let containers = list(&pod["containers"]);
+            assert!(!containers.is_empty(), "{at}");
+            for container in containers {
+                let at = format!("{at}/{}", container["name"].as_str().unwrap_or("?"));
+                let security = &container["securityContext"];
+                assert_eq!(
+                    security["readOnlyRootFilesystem"].as_bool(),
+                    Some(true),
+                    "{at}"
+                );
+                assert_eq!(
+                    security["allowPrivilegeEscalation"].as_bool(),
+                    Some(false),
+                    "{at}"
+                );
+                assert_eq!(
+                    list(&security["capabilities"]["drop"])
+                        .iter()
+                        .filter_map(Yaml::as_str)
+                        .collect::<Vec<_>>(),
+                    ["ALL"],
+                    "{at}"
+                );
+                for bound in ["requests", "limits"] {
+                    for resource in ["cpu", "memory"] {
+                        assert!(
+                            !container["resources"][bound][resource].is_badvalue(),
+                            "{at}: no {bound}.{resource}"
+                        );
+                    }
+                }
+                for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+                    assert!(!container[probe].is_badvalue(), "{at}: no {probe}");
+                }
+                if let Some(service) = service_of(&workload) {
+                    // gRPC health on the service's own port; readiness asks for the service
+                    // by name, which turns NOT_SERVING as soon as the drain starts.
+                    let grpc_port = list(&container["ports"])
+                        .iter()
+                        .find(|p| p["name"].as_str() == Some("grpc"))
+                        .and_then(|p| p["containerPort"].as_i64())
+                        .unwrap_or_else(|| panic!("{at}: no grpc port"));
+                    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+                        assert_eq!(
+                            container[probe]["grpc"]["port"].as_i64(),
+                            Some(grpc_port),
+                            "{at}: {probe}"
+                        );
+                    }
+                    let mut capitalised = service.to_owned();
+                    capitalised[..1].make_ascii_uppercase();
+                    assert_eq!(
+                        container["readinessProbe"]["grpc"]["service"].as_str(),
+                        Some(format!("runnel.v1.{capitalised}").as_str()),
+                        "{at}"
+                    );
+                    assert!(
+                        container["image"]
+                            .as_str()
+                            .is_some_and(|i| i.contains(&format!("runnel-{service}:"))),
+                        "{at}: image {:?}",
+                        container["image"]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn stateful_services_keep_their_data_on_volumes_and_stateless_ones_scale_by_replicas() {
+    if !kubectl("stateful_services_keep…") {
+        return;
+    }
+    for overlay in overlays() {
+        let workloads = workloads(overlay);
+        let by_name: BTreeMap<&str, &Workload<'_>> =
+            workloads.iter().map(|w| (w.name, w)).collect();
+        let hpa_targets: BTreeMap<&str, &str> = kind(overlay, "HorizontalPodAutoscaler")
+            .map(|hpa| {
+                let target = &hpa["spec"]["scaleTargetRef"];
+                (
+                    target["name"].as_str().expect("target name"),
+                    target["kind"].as_str().expect("target kind"),
+                )
+            })
+            .collect();
+        let pdbs: Vec<BTreeMap<String, String>> = kind(overlay, "PodDisruptionBudget")
+            .map(|pdb| labels(&pdb["spec"]["selector"]))
+            .collect();
+        let headless: BTreeSet<&str> = kind(overlay, "Service")
+            .filter(|s| s["spec"]["clusterIP"].as_str() == Some("None"))
+            .map(name)
+            .collect();
+        let at = |w: &str| format!("{}: {w}", overlay.name);
+
+        // Every HPA scales something that exists, by replicas: a Deployment.
+        for (target, target_kind) in &hpa_targets {
+            assert_eq!(*target_kind, "Deployment", "{}", at(target));
+            assert!(
+                by_name.contains_key(target),
+                "{}: no such workload",
+                at(target)
+            );
+        }
+        for workload in &workloads {
+            let mounts_data = list(&workload.pod["containers"]).iter().any(|c| {
+                list(&c["volumeMounts"]).iter().any(|m| {
+                    m["name"].as_str() == Some("data") && m["mountPath"].as_str() == Some("/data")
+                })
+            });
+            match workload.kind {
+                "StatefulSet" => {
+                    let spec = &workload.doc["spec"];
+                    let claims: Vec<&str> = list(&spec["volumeClaimTemplates"])
+                        .iter()
+                        .filter_map(|t| t["metadata"]["name"].as_str())
+                        .collect();
+                    assert_eq!(claims, ["data"], "{}", at(workload.name));
+                    assert!(
+                        mounts_data,
+                        "{}: /data is not its volume",
+                        at(workload.name)
+                    );
+                    let governing = spec["serviceName"].as_str().expect("serviceName");
+                    assert!(
+                        headless.contains(governing),
+                        "{}: governing Service {governing} is not headless or missing",
+                        at(workload.name)
+                    );
+                    assert!(
+                        !hpa_targets.contains_key(workload.name),
+                        "{}: a StatefulSet does not scale by an HPA here",
+                        at(workload.name)
+                    );
+                }
+                _ => {
+                    assert!(
+                        !mounts_data,
+                        "{}: a Deployment with data",
+                        at(workload.name)
+                    );
+                    assert!(
+                        hpa_targets.contains_key(workload.name),
+                        "{}: a stateless service without an HPA",
+                        at(workload.name)
+                    );
+                    assert!(
+                        pdbs.iter().any(|s| selects(s, &workload.labels)),
+                        "{}: no PodDisruptionBudget",
+                        at(workload.name)
+                    );
+                }
+            }
+        }
+        // Which service is which, as docs/operations.md says.
+        for (service, expected) in [
+            ("runnel-collector", "Deployment"),
+            ("runnel-analyzer", "StatefulSet"),
+            ("runnel-store", "StatefulSet"),
+            ("runnel-gateway", "Deployment"),
+        ] {
+            assert_eq!(
+                by_name.get(service).map(|w| w.kind),
+                Some(expected),
+                "{}",
+                at(service)
+            );
+        }
+        // The broker: on its embedded log a single StatefulSet replica; over JetStream, a
+        // Deployment in front of a three-node JetStream StatefulSet.
+        let broker = by_name.get("runnel-broker").expect("a broker");
+        let replicas = broker.doc["spec"]["replicas"].as_i64();
+        if broker.kind == "StatefulSet" {
+            assert_eq!(replicas, Some(1), "{}", at("runnel-broker"));
+            assert!(!by_name.contains_key("runnel-nats"));
+        } else {
+            let nats = by_name
+                .get("runnel-nats")
+                .expect("JetStream for the brokers");
+            assert_eq!(nats.kind, "StatefulSet");
+            assert_eq!(nats.doc["spec"]["replicas"].as_i64(), Some(3));
+        }
+        for singleton in ["runnel-analyzer", "runnel-store"] {
+            assert_eq!(
+                by_name[singleton].doc["spec"]["replicas"].as_i64(),
+                Some(1),
+                "{}",
+                at(singleton)
+            );
+        }
+    }
+}
+
+/// Loads one service's configuration exactly as the binary would in that container: the
+/// ConfigMap's file, then the container's environment. Returns its drain timeout.
+fn load_service_config(
+    service: &str,
+    file: &Path,
+    env: Vec<(String, String)>,
+) -> Result<Duration, String> {
+    fn load<C: ServiceConfig>(file: &Path, env: Vec<(String, String)>) -> Result<Duration, String> {
+        runnel_server::config::load_from::<C>(Some(file), env)
+            .map(|c| c.server().drain_timeout)
+            .map_err(|e| e.to_string())
+    }
+    match service {
+        "collector" => load::<runnel_collector::CollectorConfig>(file, env),
+        "broker" => load::<runnel_broker::BrokerConfig>(file, env),
+        "analyzer" => load::<runnel_analyzer::AnalyzerConfig>(file, env),
+        "store" => load::<runnel_store::StoreConfig>(file, env),
+        "gateway" => load::<runnel_gateway::GatewayConfig>(file, env),
+        other => Err(format!("unknown service {other}")),
+    }
+}
+
+#[test]
+fn every_service_accepts_its_configuration_and_its_grace_period_outlasts_its_drain() {
+    if !kubectl("every_service_accepts…") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    for overlay in overlays() {
+        let configs: BTreeMap<&str, &Yaml> =
+            kind(overlay, "ConfigMap").map(|c| (name(c), c)).collect();
+        for workload in workloads(overlay) {
+            let at = format!("{}: {}", overlay.name, workload.name);
+            let grace = workload.pod["terminationGracePeriodSeconds"]
+                .as_i64()
+                .unwrap_or_else(|| panic!("{at}: no terminationGracePeriodSeconds"));
+            let container = &workload.pod["containers"][0];
+            let pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+                .as_i64()
+                .unwrap_or(0);
+            let Some(service) = service_of(&workload) else {
+                continue;
+            };
+            // The file the container reads (RUNNEL_CONFIG), from the ConfigMap it mounts.
+            let env: Vec<(String, String)> = list(&container["env"])
+                .iter()
+                .filter_map(|e| {
+                    Some((
+                        e["name"].as_str()?.to_owned(),
+                        e["value"].as_str()?.to_owned(),
+                    ))
+                })
+                .collect();
+            let path = env
+                .iter()
+                .find(|(k, _)| k == "RUNNEL_CONFIG")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("{at}: no RUNNEL_CONFIG"));
+            let mount = list(&container["volumeMounts"])
+                .iter()
+                .find(|m| m["mountPath"].as_str().is_some_and(|p| path.starts_with(p)))
+                .unwrap_or_else(|| panic!("{at}: {path} is not mounted"));
+            let volume = list(&workload.pod["volumes"])
+                .iter()
+                .find(|v| v["name"] == mount["name"])
+                .expect("the mounted volume");
+            let config_map = volume["configMap"]["name"].as_str().expect("a ConfigMap");
+            let file_name = Path::new(&path)
+                .file_name()
+                .expect("file")
+                .to_string_lossy();
+            let contents = configs
+                .get(config_map)
+                .and_then(|c| c["data"][file_name.as_ref()].as_str())
+                .unwrap_or_else(|| panic!("{at}: ConfigMap {config_map} has no {file_name}"));
+            let file = dir.path().join(format!("{}-{service}.toml", overlay.name));
+            std::fs::write(&file, contents).expect("write the config");
+            let drain = load_service_config(service, &file, env)
+                .unwrap_or_else(|e| panic!("{at}: the service refuses its configuration: {e}"));
+            // SIGTERM comes after the preStop hook; the drain and the final sync or
+            // checkpoint must end before the kubelet's SIGKILL.
+            let needed = pre_stop as u64 + drain.as_secs() + 5;
+            assert!(
+                grace as u64 >= needed,
+                "{at}: terminationGracePeriodSeconds {grace} < preStop {pre_stop} s + drain {drain:?} + 5 s"
+            );
+        }
+    }
+}
+
+#[test]
+fn services_select_running_pods_and_name_ports_they_expose() {
+    if !kubectl("services_select…") {
+        return;
+    }
+    for overlay in overlays() {
+        let workloads = workloads(overlay);
+        for service in kind(overlay, "Service") {
+            let at = format!("{}: Service {}", overlay.name, name(service));
+            let selector = labels(&service["spec"]["selector"]);
+            let selected: Vec<&Workload<'_>> = workloads
+                .iter()
+                .filter(|w| selects(&selector, &w.labels))
+                .collect();
+            assert!(
+                !selector.is_empty() && !selected.is_empty(),
+                "{at}: selects nothing"
+            );
+            for port in list(&service["spec"]["ports"]) {
+                let target = port["targetPort"].as_str().expect("named target ports");
+                for workload in &selected {
+                    assert!(
+                        list(&workload.pod["containers"])
+                            .iter()
+                            .any(|c| list(&c["ports"])
+                                .iter()
+                                .any(|p| p["name"].as_str() == Some(target))),
+                        "{at}: {} has no port named {target}",
+                        workload.name
+                    );
+                }
+            }
+        }
+        for pdb in kind(overlay, "PodDisruptionBudget") {
+            let selector = labels(&pdb["spec"]["selector"]);
+            assert!(
+                workloads.iter().any(|w| selects(&selector, &w.labels)),
+                "{}: PodDisruptionBudget {} selects nothing",
+                overlay.name,
+                name(pdb)
+            );
+        }
+    }
+}
+
+/// Someone who might open a connection to a pod.
+struct Peer {
+    name: String,
+    namespace_labels: BTreeMap<String, String>,
+    /// `None`: not in the overlay's namespace.
+    pod_labels: Option<BTreeMap<String, String>>,
+}
+
+/// Whether `policy`'s ingress rules admit `peer` on `port`.
+fn admits(policy: &Yaml, peer: &Peer, port: i64) -> bool {
+    list(&policy["spec"]["ingress"]).iter().any(|rule| {
+        let port_ok = rule["ports"].is_badvalue()
+            || list(&rule["ports"])
+                .iter()
+                .any(|p| p["port"].as_i64() == Some(port));
+        let from_ok = rule["from"].is_badvalue()
+            || list(&rule["from"]).iter().any(|from| {
+                let pods = &from["podSelector"];
+                let namespaces = &from["namespaceSelector"];
+                assert!(
+                    from["ipBlock"].is_badvalue(),
+                    "ipBlock is not evaluated here"
+                );
+                let namespace_ok = if namespaces.is_badvalue() {
+                    peer.pod_labels.is_some() // a bare podSelector: this namespace only
+                } else {
+                    selects(&labels(namespaces), &peer.namespace_labels)
+                };
+                let pod_ok = pods.is_badvalue()
+                    || match &peer.pod_labels {
+                        Some(pod) => selects(&labels(pods), pod),
+                        None => selects(&labels(pods), &BTreeMap::new()),
+                    };
+                namespace_ok && pod_ok
+            });
+        port_ok && from_ok
+    })
+}
+
+#[test]
+fn network_policies_allow_the_pipelines_own_paths_and_nothing_else() {
+    if !kubectl("network_policies_allow…") {
+        return;
+    }
+    for overlay in overlays() {
+        let namespace = kind(overlay, "Namespace")
+            .map(name)
+            .next()
+            .expect("the overlay creates its namespace")
+            .to_owned();
+        let workloads = workloads(overlay);
+        let policies: Vec<&Yaml> = kind(overlay, "NetworkPolicy").collect();
+        let own_namespace =
+            BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), namespace.clone())]);
+        let mut peers: Vec<Peer> = workloads
+            .iter()
+            .map(|w| Peer {
+                name: w.name.to_owned(),
+                namespace_labels: own_namespace.clone(),
+                pod_labels: Some(w.labels.clone()),
+            })
+            .collect();
+        peers.push(Peer {
+            name: "a pod of another app in the namespace".into(),
+            namespace_labels: own_namespace.clone(),
+            pod_labels: Some(BTreeMap::new()),
+        });
+        peers.push(Peer {
+            name: "a client in another namespace".into(),
+            namespace_labels: BTreeMap::from([(
+                "kubernetes.io/metadata.name".into(),
+                "elsewhere".into(),
+            )]),
+            pod_labels: None,
+        });
+        peers.push(Peer {
+            name: "prometheus".into(),
+            namespace_labels: BTreeMap::from([(
+                "kubernetes.io/metadata.name".into(),
+                "monitoring".into(),
+            )]),
+            pod_labels: None,
+        });
+        let everyone: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+
+        // (destination, port) → who may connect.
+        let mut expected: BTreeMap<(String, i64), BTreeSet<String>> = BTreeMap::new();
+        let mut allow = |dst: &str, port: i64, from: &[&str]| {
+            expected
+                .entry((dst.to_owned(), port))
+                .or_default()
+                .extend(from.iter().map(|s| (*s).to_owned()));
+        };
+        allow("runnel-collector", 7101, &everyone);
+        allow(
+            "runnel-broker",
+            7102,
+            &["runnel-collector", "runnel-analyzer"],
+        );
+        allow("runnel-store", 7104, &["runnel-analyzer", "runnel-gateway"]);
+        allow("runnel-gateway", 7105, &everyone);
+        allow("runnel-gateway", 8080, &everyone);
+        allow("runnel-nats", 4222, &["runnel-broker"]);
+        allow("runnel-nats", 6222, &["runnel-nats"]);
+        allow("runnel-nats", 8222, &["prometheus"]);
+        for (service, admin) in [
+            ("runnel-collector", 9101),
+            ("runnel-broker", 9102),
+            ("runnel-analyzer", 9103),
+            ("runnel-store", 9104),
+            ("runnel-gateway", 9105),
+        ] {
+            allow(service, admin, &["prometheus"]);
+        }
+
+        let mut actual: BTreeMap<(String, i64), BTreeSet<String>> = BTreeMap::new();
+        for dst in &workloads {
+            let selecting: Vec<&&Yaml> = policies
+                .iter()
+                .filter(|p| selects(&labels(&p["spec"]["podSelector"]), &dst.labels))
+                .collect();
+            assert!(
+                !selecting.is_empty(),
+                "{}: {} is open to everything: no NetworkPolicy selects it",
+                overlay.name,
+                dst.name
+            );
+            for container in list(&dst.pod["containers"]) {
+                for port in list(&container["ports"]) {
+                    let port = port["containerPort"].as_i64().expect("containerPort");
+                    let admitted: BTreeSet<String> = peers
+                        .iter()
+                        .filter(|peer| selecting.iter().any(|p| admits(p, peer, port)))
+                        .map(|peer| peer.name.clone())
+                        .collect();
+                    if !admitted.is_empty() {
+                        actual.insert((dst.name.to_owned(), port), admitted);
+                    }
+                }
+            }
+        }
+        // Only paths to workloads this overlay has.
+        expected.retain(|(dst, _), _| workloads.iter().any(|w| w.name == dst));
+        let wrong: Vec<String> = actual
+            .keys()
+            .chain(expected.keys())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter(|path| actual.get(*path) != expected.get(*path))
+            .map(|path| {
+                format!(
+                    "{}:{} admits {:?}, should admit {:?}",
+                    path.0,
+                    path.1,
+                    actual.get(path),
+                    expected.get(path)
+                )
+            })
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "{}: who may connect where:\n{}",
+            overlay.name,
+            wrong.join("\n")
+        );
+    }
+}
