@@ -56,7 +56,10 @@ impl From<AuthError> for tonic::Status {
 
 /// The hex SHA-256 of a token, as `auth.tokens[].sha256` holds it.
 pub fn token_sha256(token: &str) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()))
+    hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        token.as_bytes(),
+    ))
 }
 
 /// A new random token: 32 bytes from the system's CSPRNG, hex.
@@ -96,9 +99,9 @@ fn jwt_keys(config: &JwtConfig, file: &[u8]) -> Result<JwtKeys, SecurityError> {
             }
             JwtKeys::One(DecodingKey::from_secret(secret))
         }
-        JwtAlgorithm::RS256 if config.public_key_file.is_some() => JwtKeys::One(
-            DecodingKey::from_rsa_pem(file).map_err(|e| bad("public_key_file", &e))?,
-        ),
+        JwtAlgorithm::RS256 if config.public_key_file.is_some() => {
+            JwtKeys::One(DecodingKey::from_rsa_pem(file).map_err(|e| bad("public_key_file", &e))?)
+        }
         JwtAlgorithm::RS256 => {
             let set: jsonwebtoken::jwk::JwkSet =
                 serde_json::from_slice(file).map_err(|e| bad("jwks_file", &e))?;

@@ -37,7 +37,10 @@ fn file_exists(key: &str, path: &Path) -> Result<(), Invalid> {
     if path.is_file() {
         Ok(())
     } else {
-        Err(invalid(key, format!("{} is not a readable file", path.display())))
+        Err(invalid(
+            key,
+            format!("{} is not a readable file", path.display()),
+        ))
     }
 }
 
@@ -355,7 +358,10 @@ impl AuthConfig {
         for (i, grant) in self.grants.iter().enumerate() {
             let key = |k: &str| format!("auth.grants[{i}].{k}");
             if grant.principal.is_empty() || grant.principal.len() > MAX_NAME {
-                return Err(invalid(key("principal"), format!("needs 1-{MAX_NAME} bytes")));
+                return Err(invalid(
+                    key("principal"),
+                    format!("needs 1-{MAX_NAME} bytes"),
+                ));
             }
             if grant.allow.is_empty() {
                 return Err(invalid(key("allow"), "grants nothing"));
@@ -505,7 +511,10 @@ mod tests {
     fn bad_tokens_and_grants_name_their_key() {
         let mut auth = token_auth();
         auth.tokens[0].sha256 = "secret-in-the-clear".into();
-        assert_eq!(auth.validate(None).unwrap_err().key, "auth.tokens[0].sha256");
+        assert_eq!(
+            auth.validate(None).unwrap_err().key,
+            "auth.tokens[0].sha256"
+        );
 
         let cases = [
             (grant(vec![], &["t"], &[]), "auth.grants[0].allow"),

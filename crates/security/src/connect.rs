@@ -62,8 +62,9 @@ fn bearer(token: &[u8]) -> Result<MetadataValue<Ascii>, SecurityError> {
     if token.is_empty() {
         return Err(SecurityError::Invalid("the token is empty".into()));
     }
-    let mut value = MetadataValue::try_from(format!("Bearer {token}"))
-        .map_err(|_| SecurityError::Invalid("the token has characters a header cannot hold".into()))?;
+    let mut value = MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
+        SecurityError::Invalid("the token has characters a header cannot hold".into())
+    })?;
     value.set_sensitive(true);
     Ok(value)
 }

@@ -218,9 +218,7 @@ where
                     Ok(permit) => Some(permit),
                     Err(_) => {
                         count_limit(service, "in_flight");
-                        return Ok(Refusal::InFlight(guard.max_in_flight)
-                            .status()
-                            .into_http());
+                        return Ok(Refusal::InFlight(guard.max_in_flight).status().into_http());
                     }
                 },
                 None => None,

@@ -66,6 +66,18 @@ pub enum Resource<'a> {
     AnyQuery,
 }
 
+impl<'a> Resource<'a> {
+    /// A query by name, where an empty name (a watch filter that matches everything)
+    /// means every query.
+    pub fn query_or_any(name: &'a str) -> Resource<'a> {
+        if name.is_empty() {
+            Resource::AnyQuery
+        } else {
+            Resource::Query(name)
+        }
+    }
+}
+
 impl fmt::Display for Resource<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -221,10 +233,10 @@ impl Caller {
         }
         tracing::debug!(principal = ?self.principal, %action, %resource, "permission denied");
         Err(AccessDenied {
-            principal: self
-                .principal
-                .as_deref()
-                .map_or_else(|| "an unauthenticated caller".to_owned(), |p| format!("{p:?}")),
+            principal: self.principal.as_deref().map_or_else(
+                || "an unauthenticated caller".to_owned(),
+                |p| format!("{p:?}"),
+            ),
             verb: action.verb(),
             resource: resource.to_string(),
         })
@@ -271,7 +283,12 @@ mod tests {
     fn grants_allow_exactly_what_they_name() {
         let policy = Arc::new(Policy::from_grants(&[
             grant("sensors", &[Action::Produce], &["sensors.*"], &[]),
-            grant("analyst", &[Action::ReadResults], &[], &["avg_value_per_key"]),
+            grant(
+                "analyst",
+                &[Action::ReadResults],
+                &[],
+                &["avg_value_per_key"],
+            ),
             grant("ops", &[Action::Manage, Action::Consume], &["*"], &["*"]),
             grant("*", &[Action::Consume], &["public"], &[]),
         ]));
@@ -290,6 +307,12 @@ mod tests {
         assert!(!analyst.may(Action::WriteResults, Resource::Query("avg_value_per_key")));
         // A query grant says nothing about a topic of the same name.
         assert!(!analyst.may(Action::ReadResults, Resource::Topic("avg_value_per_key")));
+
+        assert!(!analyst.may(Action::ReadResults, Resource::query_or_any("")));
+        assert!(analyst.may(
+            Action::ReadResults,
+            Resource::query_or_any("avg_value_per_key")
+        ));
 
         let ops = caller("ops", &policy);
         assert!(ops.may(Action::Manage, Resource::AnyTopic));

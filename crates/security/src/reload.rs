@@ -169,7 +169,11 @@ mod tests {
 
         std::fs::write(&path, "").unwrap();
         assert!(reloading.check().is_err());
-        assert_eq!(*reloading.current(), "two", "a bad file keeps the old material");
+        assert_eq!(
+            *reloading.current(),
+            "two",
+            "a bad file keeps the old material"
+        );
 
         std::fs::remove_file(&path).unwrap();
         assert!(reloading.check().is_err());
@@ -185,7 +189,10 @@ mod tests {
             Box::new(text_of),
         )
         .unwrap_err();
-        assert!(error.to_string().contains("/nonexistent/cert.pem"), "{error}");
+        assert!(
+            error.to_string().contains("/nonexistent/cert.pem"),
+            "{error}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

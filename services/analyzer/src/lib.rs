@@ -26,23 +26,20 @@ use extract::ValuePath;
 use runnel_proto::v1::analyzer_server::AnalyzerServer;
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::store_client::StoreClient;
+use runnel_security::{ConnectConfig, Peer};
 use runnel_server::{Listeners, ServiceConfig, Shutdown};
-use runnel_telemetry::propagation::TraceContextInterceptor;
 use runner::{QueryRunner, QueryStatus};
 use service::{AnalyzerService, QueryView};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tonic::transport::{Channel, Endpoint};
 
-fn channel(key: &'static str, url: &str) -> Result<Channel, AnalyzerError> {
+fn channel(key: &'static str, url: &str, connect: &ConnectConfig) -> Result<Peer, AnalyzerError> {
     // Lazy: the broker and the store may start after us, or restart; tonic reconnects.
-    Ok(Endpoint::from_shared(url.to_owned())
-        .map_err(|source| AnalyzerError::Url {
-            key,
-            url: url.to_owned(),
-            source,
-        })?
-        .connect_lazy())
+    runnel_security::connect_lazy(url, connect).map_err(|source| AnalyzerError::Url {
+        key,
+        url: url.to_owned(),
+        source,
+    })
 }
 
 /// Runs every configured query and serves `ListQueries`/`DescribeQuery` on `listeners`
@@ -60,12 +57,11 @@ pub async fn run(
         source,
     })?;
     let max_message = config.server.max_message_bytes;
-    let broker =
-        BrokerClient::with_interceptor(channel("broker", &config.broker)?, TraceContextInterceptor)
-            .max_decoding_message_size(max_message);
-    let store =
-        StoreClient::with_interceptor(channel("store", &config.store)?, TraceContextInterceptor)
-            .max_encoding_message_size(max_message);
+    let connect = &config.server.connect;
+    let broker = BrokerClient::new(channel("broker", &config.broker, connect)?)
+        .max_decoding_message_size(max_message);
+    let store = StoreClient::new(channel("store", &config.store, connect)?)
+        .max_encoding_message_size(max_message);
 
     // Our own trigger, so that a failing query can stop the whole analyzer.
     let (stop, local) = Shutdown::new();

@@ -23,21 +23,18 @@ use runnel_proto::v1::{
     ListTopicsRequest, PutRequest, QueryResult, Record, SubscribeRequest, subscribe_response,
 };
 use runnel_proto::{Millis, now_millis};
+use runnel_security::Peer;
 use runnel_server::Shutdown;
-use runnel_telemetry::propagation::{
-    TRACEPARENT, TraceContextInterceptor, continue_trace, inject_into_headers,
-};
+use runnel_telemetry::propagation::{TRACEPARENT, continue_trace, inject_into_headers};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tonic::Code;
-use tonic::codegen::InterceptedService;
-use tonic::transport::Channel;
 
-pub(crate) type Broker = BrokerClient<InterceptedService<Channel, TraceContextInterceptor>>;
-pub(crate) type Store = StoreClient<InterceptedService<Channel, TraceContextInterceptor>>;
+pub(crate) type Broker = BrokerClient<Peer>;
+pub(crate) type Store = StoreClient<Peer>;
 
 /// Records buffered between the partition readers and the runner.
 const RECORD_BUFFER: usize = 4096;

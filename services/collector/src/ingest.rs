@@ -6,14 +6,13 @@ use crate::validate::{Limits, validate_batch};
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::collector_server::Collector;
 use runnel_proto::v1::{EventReceipt, IngestRequest, IngestResponse, ProduceRequest};
-use runnel_telemetry::propagation::{TraceContextInterceptor, inject_into_headers};
+use runnel_security::{Action, Peer, Resource};
+use runnel_telemetry::propagation::inject_into_headers;
 use std::time::Instant;
-use tonic::codegen::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-type Broker = BrokerClient<InterceptedService<Channel, TraceContextInterceptor>>;
+type Broker = BrokerClient<Peer>;
 
 /// The collector's gRPC service.
 pub(crate) struct IngestService {
@@ -25,13 +24,12 @@ pub(crate) struct IngestService {
 impl IngestService {
     pub(crate) fn new(config: &CollectorConfig) -> Result<Self, CollectorError> {
         // Lazy: the broker may start after us or restart; tonic reconnects on its own.
-        let channel = Endpoint::from_shared(config.broker.clone())
+        let channel = runnel_security::connect_lazy(&config.broker, &config.server.connect)
             .map_err(|source| CollectorError::BrokerUrl {
                 url: config.broker.clone(),
                 source,
-            })?
-            .connect_lazy();
-        let broker = BrokerClient::with_interceptor(channel, TraceContextInterceptor)
+            })?;
+        let broker = BrokerClient::new(channel)
             .max_decoding_message_size(config.server.max_message_bytes)
             .max_encoding_message_size(config.server.max_message_bytes);
         Ok(IngestService {
@@ -110,6 +108,7 @@ impl Collector for IngestService {
         &self,
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
+        runnel_security::authorize(&request, Action::Produce, Resource::Topic(&self.topic))?;
         let request = request.into_inner();
         let span = tracing::info_span!("collector.ingest", events = request.events.len());
         let response = IngestService::ingest(self, request)

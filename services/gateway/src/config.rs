@@ -12,8 +12,8 @@ pub struct GatewayConfig {
     pub server: ServerConfig,
     /// The store's gRPC URL.
     pub store: String,
-    /// Where the HTTP/JSON and server-sent-events API listens. Loopback by default:
-    /// nothing is authenticated yet.
+    /// Where the HTTP/JSON and server-sent-events API listens. Loopback by default; a
+    /// non-loopback address needs `server.auth` (or `server.allow_unauthenticated`).
     pub http: SocketAddr,
     /// Live streams (gRPC `Watch` and server-sent events together) served at once; more
     /// are refused with `RESOURCE_EXHAUSTED` / HTTP 503 rather than slow everyone down.
@@ -49,6 +49,7 @@ impl ServiceConfig for GatewayConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let section = Self::SECTION;
         self.server.validate(section)?;
+        self.server.check_exposure(section, "http", self.http)?;
         if !(self.store.starts_with("http://") || self.store.starts_with("https://")) {
             return Err(ConfigError::invalid(
                 section,

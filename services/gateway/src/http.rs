@@ -11,6 +11,7 @@
 
 use crate::error::{GatewayError, http_status};
 use crate::results::Results;
+use axum::Extension;
 use axum::Router;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
@@ -21,6 +22,7 @@ use axum::routing::get;
 use futures::Stream;
 use runnel_proto::json::{parse_time, result_json};
 use runnel_proto::v1::{GetRequest, RangeRequest, WatchRequest};
+use runnel_security::{Action, Caller, Resource};
 use runnel_telemetry::propagation::extract_from_http_headers;
 use serde::Deserialize;
 use std::convert::Infallible;
@@ -78,8 +80,12 @@ async fn traced(request: Request, next: Next) -> Response {
 
 async fn latest(
     State(results): State<Results>,
+    Extension(caller): Extension<Caller>,
     Path((query, key)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    caller
+        .authorize(Action::ReadResults, Resource::Query(&query))
+        .map_err(GatewayError::from)?;
     match results
         .get(GetRequest {
             query: query.clone(),
@@ -105,9 +111,13 @@ struct RangeParams {
 
 async fn range(
     State(results): State<Results>,
+    Extension(caller): Extension<Caller>,
     Path((query, key)): Path<(String, String)>,
     Query(params): Query<RangeParams>,
 ) -> Result<Response, ApiError> {
+    caller
+        .authorize(Action::ReadResults, Resource::Query(&query))
+        .map_err(GatewayError::from)?;
     let bad = |message: String| ApiError(StatusCode::BAD_REQUEST, message);
     let time = |name: &str, value: Option<String>| {
         value
@@ -146,8 +156,12 @@ struct WatchParams {
 
 async fn watch(
     State(results): State<Results>,
+    Extension(caller): Extension<Caller>,
     Query(params): Query<WatchParams>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    caller
+        .authorize(Action::ReadResults, Resource::query_or_any(&params.query))
+        .map_err(GatewayError::from)?;
     let live = results
         .watch(WatchRequest {
             query: params.query,

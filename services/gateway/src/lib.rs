@@ -19,7 +19,6 @@ mod results;
 pub use config::GatewayConfig;
 pub use error::GatewayError;
 
-use axum::serve::ListenerExt;
 use runnel_proto::v1::gateway_server::GatewayServer;
 use runnel_server::{Listeners, ServeError, ServiceConfig, Shutdown};
 
@@ -38,25 +37,22 @@ pub async fn run(
     };
     let results = results::Results::new(
         &config.store,
+        &config.server.connect,
         config.server.max_message_bytes,
         config.server.request_timeout,
         config.max_watchers,
         shutdown.clone(),
     )?;
 
-    let http_shutdown = shutdown.clone();
-    let app = http::router(results.clone());
-    let http_server = tokio::spawn(async move {
-        // Small JSON answers and SSE events must not wait for a delayed ACK (Nagle).
-        let listener = http_listener.tap_io(|stream| {
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::debug!(%error, "cannot set TCP_NODELAY");
-            }
-        });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { http_shutdown.wait().await })
-            .await
-    });
+    // TLS, authentication and limits as on the gRPC port; small JSON answers and SSE
+    // events do not wait for a delayed ACK (the listener turns Nagle off).
+    let http_server = tokio::spawn(runnel_server::serve_http(
+        runnel_proto::service_name::GATEWAY,
+        http_listener,
+        http::router(results.clone()),
+        &config.server,
+        shutdown.clone(),
+    )?);
 
     let max_message = config.server.max_message_bytes;
     let grpc = GatewayServer::new(grpc::GatewayService::new(results))

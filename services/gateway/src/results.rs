@@ -7,15 +7,14 @@
 use crate::error::GatewayError;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{GetRequest, QueryResult, RangeRequest, WatchRequest};
+use runnel_security::{ConnectConfig, Peer};
 use runnel_server::Shutdown;
-use runnel_telemetry::propagation::{TraceContextInterceptor, continue_trace};
+use runnel_telemetry::propagation::continue_trace;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
-use tonic::codegen::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
 /// Longest query name, in bytes (as the store accepts).
@@ -25,7 +24,7 @@ const MAX_KEY_BYTES: usize = 1024;
 /// Results queued between a live stream's relay and its client.
 const LIVE_BUFFER: usize = 64;
 
-type Store = StoreClient<InterceptedService<Channel, TraceContextInterceptor>>;
+type Store = StoreClient<Peer>;
 
 /// A live stream of results, as the gRPC `Watch` and the SSE endpoint serve it.
 pub(crate) type Live = ReceiverStream<Result<QueryResult, Status>>;
@@ -65,18 +64,19 @@ impl Results {
     /// restart; tonic reconnects on its own).
     pub(crate) fn new(
         url: &str,
+        connect: &ConnectConfig,
         max_message_bytes: usize,
         request_timeout: Duration,
         max_watchers: usize,
         shutdown: Shutdown,
     ) -> Result<Results, GatewayError> {
-        let channel = Endpoint::from_shared(url.to_owned())
-            .map_err(|source| GatewayError::StoreUrl {
+        let channel = runnel_security::connect_lazy(url, connect).map_err(|source| {
+            GatewayError::StoreUrl {
                 url: url.to_owned(),
                 source,
-            })?
-            .connect_lazy();
-        let store = StoreClient::with_interceptor(channel, TraceContextInterceptor)
+            }
+        })?;
+        let store = StoreClient::new(channel)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);
         Ok(Results {

@@ -17,7 +17,9 @@ use runnel_proto::v1::{
     GetRequest, GetResponse, PutRequest, PutResponse, QueryResult, RangeRequest, RangeResponse,
     WatchRequest,
 };
+use runnel_security::{Action, Resource, authorize};
 use runnel_server::Shutdown;
+use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -237,6 +239,15 @@ impl Store for StoreService {
         &self,
         request: Request<PutRequest>,
     ) -> std::result::Result<Response<PutResponse>, Status> {
+        let queries: BTreeSet<&str> = request
+            .get_ref()
+            .results
+            .iter()
+            .map(|r| r.query.as_str())
+            .collect();
+        for query in queries {
+            authorize(&request, Action::WriteResults, Resource::Query(query))?;
+        }
         Ok(Response::new(self.serve_put(request.into_inner()).await?))
     }
 
@@ -244,6 +255,11 @@ impl Store for StoreService {
         &self,
         request: Request<GetRequest>,
     ) -> std::result::Result<Response<GetResponse>, Status> {
+        authorize(
+            &request,
+            Action::ReadResults,
+            Resource::Query(&request.get_ref().query),
+        )?;
         Ok(Response::new(self.serve_get(request.into_inner()).await?))
     }
 
@@ -251,6 +267,11 @@ impl Store for StoreService {
         &self,
         request: Request<RangeRequest>,
     ) -> std::result::Result<Response<RangeResponse>, Status> {
+        authorize(
+            &request,
+            Action::ReadResults,
+            Resource::Query(&request.get_ref().query),
+        )?;
         Ok(Response::new(self.serve_range(request.into_inner()).await?))
     }
 
@@ -260,6 +281,8 @@ impl Store for StoreService {
         &self,
         request: Request<WatchRequest>,
     ) -> std::result::Result<Response<Self::WatchStream>, Status> {
+        let query = Resource::query_or_any(&request.get_ref().query);
+        authorize(&request, Action::ReadResults, query)?;
         Ok(Response::new(self.serve_watch(request.into_inner())?))
     }
 }
