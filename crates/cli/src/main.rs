@@ -1,7 +1,9 @@
-//! `runnel`: the whole pipeline in one process (`runnel up`), and the client commands
-//! `send`, `get`, `watch` and `bench`.
+//! `runnel`: the whole pipeline in one process (`runnel up`), the client commands `send`,
+//! `get`, `watch` and `bench`, and `certs` / `auth` for a secured pipeline.
 
 mod bench;
+mod certs;
+mod client;
 mod demo;
 mod json;
 mod read;
@@ -35,6 +37,16 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
+    /// Make a development CA and certificates for TLS and mutual TLS.
+    Certs {
+        #[command(subcommand)]
+        what: certs::CertsCommand,
+    },
+    /// Make bearer tokens for authentication.
+    Auth {
+        #[command(subcommand)]
+        what: certs::AuthCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +68,8 @@ fn main() -> ExitCode {
             Command::Get(args) => read::get(args).await,
             Command::Watch(args) => read::watch(args).await,
             Command::Bench { what } => bench::run(what).await,
+            Command::Certs { what } => certs::certs(what),
+            Command::Auth { what } => certs::auth(what),
         }
     });
     match result {
