@@ -19,7 +19,12 @@ pub(crate) struct ClientArgs {
     #[arg(long, env = "RUNNEL_KEY", requires = "cert")]
     key: Option<PathBuf>,
     /// A bearer token (static or JWT) sent with every call.
-    #[arg(long, env = "RUNNEL_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
+    #[arg(
+        long,
+        env = "RUNNEL_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
     token: Option<String>,
     /// A file holding the bearer token.
     #[arg(long, env = "RUNNEL_TOKEN_FILE")]

@@ -1,12 +1,12 @@
 //! The built-in demo workload for `runnel up --demo`: five sensors reporting a reading
 //! every 100 ms, and the results of a 10-second average printed as windows close.
 
+use crate::client::ClientArgs;
 use runnel_analyzer::{AnalyzerConfig, QueryConfig};
 use runnel_proto::json::result_json;
 use runnel_proto::v1::collector_client::CollectorClient;
 use runnel_proto::v1::gateway_client::GatewayClient;
 use runnel_proto::v1::{Event, IngestRequest, WatchRequest};
-use crate::client::ClientArgs;
 use runnel_server::Shutdown;
 use std::time::Duration;
 

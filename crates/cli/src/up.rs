@@ -115,9 +115,11 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
             addrs.grpc, addrs.admin
         );
     }
-    let collector_url = url(&collector_listeners, pipeline.collector.server.tls.is_some())?;
+    let collector_url = url(
+        &collector_listeners,
+        pipeline.collector.server.tls.is_some(),
+    )?;
     let gateway_url = url(&gateway_listeners, pipeline.gateway.server.tls.is_some())?;
-
 
     let (trigger, shutdown) = Shutdown::new();
     let mut services = JoinSet::new();
