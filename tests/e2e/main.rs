@@ -7,6 +7,7 @@
 
 mod cli;
 mod crash;
+mod hostile;
 mod pipeline;
 mod tracing;
 

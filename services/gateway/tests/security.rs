@@ -167,7 +167,11 @@ async fn reads_need_credentials_and_a_grant_for_the_query() {
         .unwrap();
     assert_eq!(forbidden.status(), 403);
     let everything = http_get("/v1/watch", Some("rnl_dashboard")).await.unwrap();
-    assert_eq!(everything.status(), 403, "a watch of every query needs a grant for *");
+    assert_eq!(
+        everything.status(),
+        403,
+        "a watch of every query needs a grant for *"
+    );
 
     let reader = runnel_security::connect(&gateway_url, &plain, Some("rnl_dashboard"))
         .await

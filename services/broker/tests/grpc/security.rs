@@ -80,10 +80,7 @@ async fn grants_decide_per_topic_who_produces_consumes_and_creates(engine: Engin
     let mut producer = Producer::new(sensors.clone(), "sensors.a", ProducerOptions::default())
         .await
         .unwrap();
-    producer
-        .send(vec![event("e-1", "k", b"{}")])
-        .await
-        .unwrap();
+    producer.send(vec![event("e-1", "k", b"{}")]).await.unwrap();
     let denied = sensors
         .produce(ProduceRequest {
             topic: "billing".into(),
