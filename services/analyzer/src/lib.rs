@@ -18,6 +18,8 @@ mod extract;
 mod runner;
 mod service;
 mod window;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 
 pub use config::{AnalyzerConfig, QueryConfig};
 pub use error::AnalyzerError;

@@ -33,6 +33,8 @@ mod storage;
 mod subscribe;
 mod topic;
 mod topics;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 
 pub use config::{BrokerConfig, JetStreamConfig, JetStreamStorage, StorageEngine};
 pub use error::BrokerError;

@@ -10,6 +10,8 @@ pub mod config;
 mod error;
 mod ingest;
 mod validate;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 
 pub use config::CollectorConfig;
 pub use error::CollectorError;
