@@ -115,7 +115,11 @@ fn fuzz(args: &[String]) -> Result<(), String> {
             .env("RUSTC_BOOTSTRAP", "1")
             .args(["fuzz", "run", target, "-s", "none", "--"])
             .arg(format!("-max_total_time={seconds}"))
-            .args(["-rss_limit_mb=2048", "-max_len=65536", "-print_final_stats=1"])
+            .args([
+                "-rss_limit_mb=2048",
+                "-max_len=65536",
+                "-print_final_stats=1",
+            ])
             .status()
             .map_err(|e| format!("cannot run cargo fuzz (cargo install cargo-fuzz): {e}"))?;
         if !status.success() {

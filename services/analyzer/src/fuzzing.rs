@@ -12,7 +12,11 @@ pub fn extract(path: &str, payload: &[u8]) {
     };
     let event = Event {
         payload: payload.to_vec().into(),
-        attributes: [("a".to_owned(), String::from_utf8_lossy(payload).into_owned())].into(),
+        attributes: [(
+            "a".to_owned(),
+            String::from_utf8_lossy(payload).into_owned(),
+        )]
+        .into(),
         ..Event::default()
     };
     if let Some(value) = path.extract(&event) {

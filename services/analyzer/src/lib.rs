@@ -15,11 +15,11 @@ mod checkpoint;
 pub mod config;
 mod error;
 mod extract;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod runner;
 mod service;
 mod window;
-#[cfg(feature = "fuzzing")]
-pub mod fuzzing;
 
 pub use config::{AnalyzerConfig, QueryConfig};
 pub use error::AnalyzerError;

@@ -32,7 +32,10 @@ pub fn producer_batch(compression: Compression, count: u32, records: &[u8]) {
         .records(0, 1000, usize::MAX)
         .expect("an accepted batch reads back");
     assert_eq!(read.len(), count as usize);
-    assert!(read.iter().all(|r| r.event.as_ref().is_some_and(|e| !e.id.is_empty())));
+    assert!(
+        read.iter()
+            .all(|r| r.event.as_ref().is_some_and(|e| !e.id.is_empty()))
+    );
     let tail = stored
         .records(0, 1000 + u64::from(count) / 2, 3)
         .expect("a range of an accepted batch reads back");
@@ -44,6 +47,9 @@ pub fn stored_header(frame: &[u8]) {
     if let Ok(stored) = StoredBatch::parse(Bytes::copy_from_slice(frame)) {
         assert!(stored.header.record_count > 0);
         assert_eq!(stored.records.len(), frame.len() - batch::HEADER_LEN);
-        assert_eq!(BatchHeader::decode(&stored.header.encode()), Ok(stored.header));
+        assert_eq!(
+            BatchHeader::decode(&stored.header.encode()),
+            Ok(stored.header)
+        );
     }
 }

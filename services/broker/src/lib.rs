@@ -21,6 +21,8 @@ mod batch;
 pub mod config;
 mod durability;
 mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod groups;
 mod index;
 mod jetstream;
@@ -33,8 +35,6 @@ mod storage;
 mod subscribe;
 mod topic;
 mod topics;
-#[cfg(feature = "fuzzing")]
-pub mod fuzzing;
 
 pub use config::{BrokerConfig, JetStreamConfig, JetStreamStorage, StorageEngine};
 pub use error::BrokerError;

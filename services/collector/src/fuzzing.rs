@@ -25,8 +25,13 @@ pub fn ingest_request(bytes: &[u8]) {
         assert!(!event.id.is_empty());
         assert!(ids.insert(event.id.as_str()), "ids are unique");
         assert!(event.payload.len() <= limits.max_payload_bytes);
-        let time = event.event_time.expect("validation fills in the event time");
+        let time = event
+            .event_time
+            .expect("validation fills in the event time");
         // Years 1 to 9999, what a protobuf Timestamp can hold.
-        assert!((-62_135_596_800..=253_402_300_799).contains(&time.seconds), "{time:?}");
+        assert!(
+            (-62_135_596_800..=253_402_300_799).contains(&time.seconds),
+            "{time:?}"
+        );
     }
 }

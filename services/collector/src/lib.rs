@@ -8,10 +8,10 @@
 
 pub mod config;
 mod error;
-mod ingest;
-mod validate;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod ingest;
+mod validate;
 
 pub use config::CollectorConfig;
 pub use error::CollectorError;

@@ -5,7 +5,8 @@
 //! `--collector` points it at a running pipeline instead. Each of `--concurrency` clients
 //! sends `Ingest` batches of `--batch` events with `--size`-byte payloads, one call in
 //! flight per client; latency is measured per call, from send to acknowledgement (the
-//! broker's write and fsync included).
+//! broker's write and fsync included). `--secure` runs both hops over mutual TLS with
+//! certificate authentication and grants, to measure what security costs.
 
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
@@ -14,6 +15,7 @@ use runnel_collector::CollectorConfig;
 use runnel_log::FsyncPolicy;
 use runnel_proto::v1::collector_client::CollectorClient;
 use runnel_proto::v1::{Event, IngestRequest};
+use runnel_security::{ConnectConfig, GrantConfig};
 use runnel_server::{Listeners, ServiceConfig, Shutdown};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -44,6 +46,10 @@ pub(crate) struct IngestArgs {
     /// Keys to spread events over (and so partitions).
     #[arg(long, default_value_t = 64)]
     keys: u64,
+    /// Mutual TLS on both hops (client → collector → broker), certificate authentication
+    /// and grants checked on every call, with development certificates made for the run.
+    #[arg(long, conflicts_with = "collector")]
+    secure: bool,
 }
 
 struct Totals {
@@ -54,12 +60,11 @@ struct Totals {
 pub(crate) async fn run(args: IngestArgs) -> Result<ExitCode> {
     let data = tempfile_dir()?;
     let (trigger, shutdown) = Shutdown::new();
-    let collector_url = match &args.collector {
-        Some(url) => url.clone(),
+    let (collector_url, connect) = match &args.collector {
+        Some(url) => (url.clone(), ConnectConfig::default()),
         None => start_in_process(&args, data.path(), shutdown.clone()).await?,
     };
-    let channel = tonic::transport::Endpoint::from_shared(collector_url.clone())?
-        .connect()
+    let channel = runnel_security::connect(&collector_url, &connect, None)
         .await
         .with_context(|| format!("cannot reach the collector at {collector_url}"))?;
 
@@ -69,8 +74,17 @@ pub(crate) async fn run(args: IngestArgs) -> Result<ExitCode> {
     drive(&args, channel.clone(), warmup, "warmup").await?;
 
     eprintln!(
-        "bench: {} events of {} bytes, batches of {}, {} concurrent clients, fsync {}",
-        args.events, args.size, args.batch, args.concurrency, args.fsync
+        "bench: {} events of {} bytes, batches of {}, {} concurrent clients, fsync {}{}",
+        args.events,
+        args.size,
+        args.batch,
+        args.concurrency,
+        args.fsync,
+        if args.secure {
+            ", mutual TLS and authentication on both hops"
+        } else {
+            ""
+        }
     );
     let started = Instant::now();
     let (histogram, totals) = drive(&args, channel, args.events, "run").await?;
@@ -114,13 +128,85 @@ fn tempfile_dir() -> Result<tempfile::TempDir> {
         .context("temporary data directory")
 }
 
+/// The security settings of `--secure`: each of `name`'s listeners over mutual TLS with
+/// certificate authentication, and its calls with its own certificate.
+fn secure_server(
+    certs: &std::path::Path,
+    name: &str,
+    grants: Vec<GrantConfig>,
+) -> runnel_server::ServerConfig {
+    let pem = certs.join(format!("{name}.pem"));
+    let key = certs.join(format!("{name}.key"));
+    let ca = certs.join("ca.pem");
+    runnel_server::ServerConfig {
+        tls: Some(runnel_security::TlsConfig {
+            cert: pem.clone(),
+            key: key.clone(),
+            client_ca: Some(ca.clone()),
+            client_auth: runnel_security::ClientAuth::Required,
+            reload_interval: Duration::from_secs(10),
+        }),
+        connect: ConnectConfig {
+            ca: Some(ca),
+            cert: Some(pem),
+            key: Some(key),
+            ..ConnectConfig::default()
+        },
+        auth: runnel_security::AuthConfig {
+            enabled: true,
+            mtls: true,
+            grants,
+            ..runnel_security::AuthConfig::default()
+        },
+        ..runnel_server::ServerConfig::loopback(0, 0)
+    }
+}
+
+/// Makes a CA and certificates for the collector, the broker and the bench client.
+fn make_certs(dir: &std::path::Path) -> Result<()> {
+    use runnel_security::certs::{DevCa, default_names, write_file, write_pair};
+    std::fs::create_dir_all(dir)?;
+    let (ca, _) = DevCa::generate("runnel bench CA", 1)?;
+    write_file(&dir.join("ca.pem"), &ca.cert_pem, false, true)?;
+    for name in ["collector", "broker", "client"] {
+        write_pair(dir, name, &ca.issue(name, &default_names(name), 1)?, true)?;
+    }
+    Ok(())
+}
+
+fn produce_grant(principal: &str) -> GrantConfig {
+    GrantConfig {
+        principal: principal.into(),
+        allow: vec![runnel_security::Action::Produce],
+        topics: vec!["*".into()],
+        queries: vec![],
+    }
+}
+
 async fn start_in_process(
     args: &IngestArgs,
     data: &std::path::Path,
     shutdown: Shutdown,
-) -> Result<String> {
+) -> Result<(String, ConnectConfig)> {
+    let certs = data.join("certs");
+    let (broker_server, collector_server, client) = if args.secure {
+        make_certs(&certs)?;
+        let client = secure_server(&certs, "client", Vec::new()).connect;
+        (
+            secure_server(&certs, "broker", vec![produce_grant("collector")]),
+            secure_server(&certs, "collector", vec![produce_grant("client")]),
+            client,
+        )
+    } else {
+        (
+            runnel_server::ServerConfig::loopback(0, 0),
+            runnel_server::ServerConfig::loopback(0, 0),
+            ConnectConfig::default(),
+        )
+    };
+    let scheme = if args.secure { "https" } else { "http" };
     let broker = BrokerConfig {
-        server: runnel_server::ServerConfig::loopback(0, 0),
+        server: broker_server,
         data_dir: data.join("broker"),
         fsync: args.fsync,
         ..BrokerConfig::default()
@@ -128,13 +214,13 @@ async fn start_in_process(
     broker.validate()?;
     let broker_listeners = Listeners::bind(broker.listen()).await?;
     let collector = CollectorConfig {
-        server: runnel_server::ServerConfig::loopback(0, 0),
-        broker: format!("http://{}", broker_listeners.grpc.local_addr()?),
+        server: collector_server,
+        broker: format!("{scheme}://{}", broker_listeners.grpc.local_addr()?),
         ..CollectorConfig::default()
     };
     collector.validate()?;
     let collector_listeners = Listeners::bind(collector.listen()).await?;
-    let url = format!("http://{}", collector_listeners.grpc.local_addr()?);
+    let url = format!("{scheme}://{}", collector_listeners.grpc.local_addr()?);
     let broker_shutdown = shutdown.clone();
     tokio::spawn(async move {
         if let Err(error) = runnel_broker::run(broker, broker_listeners, broker_shutdown).await {
@@ -146,13 +232,13 @@ async fn start_in_process(
             eprintln!("bench: collector failed: {error}");
         }
     });
-    Ok(url)
+    Ok((url, client))
 }
 
 /// Sends `total` events from `args.concurrency` clients; returns per-call latencies (µs).
 async fn drive(
     args: &IngestArgs,
-    channel: tonic::transport::Channel,
+    channel: runnel_security::Peer,
     total: u64,
     label: &'static str,
 ) -> Result<(Histogram<u64>, Arc<Totals>)> {
