@@ -152,9 +152,18 @@ impl Guard {
     }
 }
 
+/// The gRPC methods let through without credentials: exact paths, so that no path that
+/// merely starts like one gets the same pass.
+const EXEMPT: [&str; 4] = [
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
 /// Whether a gRPC path is let through without credentials.
 fn exempt(path: &str) -> bool {
-    path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.")
+    EXEMPT.contains(&path)
 }
 
 /// The tower layer for a tonic server (`Server::builder().layer(GuardLayer::new(guard))`).
@@ -359,4 +368,60 @@ pub fn http_caller(request_extensions: &http::Extensions) -> Result<&Caller, Sta
         tracing::error!("an http request reached a handler without passing the guard");
         Status::permission_denied("the caller is not known")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_exact_probe_and_reflection_methods_are_exempt() {
+        assert!(exempt("/grpc.health.v1.Health/Check"));
+        assert!(exempt(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+        ));
+        assert!(!exempt(
+            "/grpc.health.v1.Health/../runnel.v1.Broker/Produce"
+        ));
+        assert!(!exempt("/grpc.health.v1.Health/Check/"));
+        assert!(!exempt("/runnel.v1.Broker/Produce"));
+    }
+
+    #[test]
+    fn a_guard_admits_by_credentials_and_limits_by_rate() {
+        let auth = AuthConfig {
+            enabled: true,
+            tokens: vec![crate::TokenConfig {
+                principal: "p".into(),
+                sha256: crate::auth::token_sha256("rnl_t"),
+            }],
+            ..AuthConfig::default()
+        };
+        let limits = LimitsConfig {
+            rate_limit: 1,
+            rate_burst: 2,
+            ..LimitsConfig::default()
+        };
+        let guard = Guard::new("test", &auth, &limits, Duration::from_secs(1)).unwrap();
+        let mut headers = http::HeaderMap::new();
+        assert!(matches!(
+            guard.admit(&headers, None, false),
+            Err(Refusal::Auth(AuthError::Missing))
+        ));
+        // Exempt calls need nothing and use no rate.
+        for _ in 0..10 {
+            guard.admit(&headers, None, true).unwrap();
+        }
+        headers.insert(http::header::AUTHORIZATION, "Bearer rnl_t".parse().unwrap());
+        assert_eq!(
+            guard.admit(&headers, None, false).unwrap().principal(),
+            Some("p")
+        );
+        guard.admit(&headers, None, false).unwrap();
+        assert!(matches!(
+            guard.admit(&headers, None, false),
+            Err(Refusal::Rate(1))
+        ));
+        assert_eq!(Refusal::Rate(1).status().code(), Code::ResourceExhausted);
+    }
 }

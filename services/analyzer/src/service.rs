@@ -78,7 +78,7 @@ impl Analyzer for AnalyzerService {
         if !visible(runnel_security::caller(&request)?, &request.get_ref().name) {
             runnel_security::authorize(
                 &request,
-                Action::Manage,
+                Action::ReadResults,
                 Resource::Query(&request.get_ref().name),
             )?;
         }
