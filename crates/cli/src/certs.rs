@@ -141,7 +141,7 @@ fn init(dir: &Path, days: u32, force: bool) -> Result<ExitCode> {
          run the pipeline with TLS, mutual TLS and certificate authentication:\n  \
          runnel up --config {}\n\
          and call it as the client:\n  \
-         runnel send --collector https://127.0.0.1:7101 --ca {d}/ca.pem --cert {d}/client.pem --key {d}/client.key\n  \
+         runnel send --collector https://127.0.0.1:7101 --ca {d}/ca.pem --cert {d}/client.pem --cert-key {d}/client.key\n  \
          curl --cacert {d}/ca.pem --cert {d}/client.pem --key {d}/client.key https://127.0.0.1:8080/v1/results/avg_value_per_key/sensor-1",
         SERVICES.join(", "),
         config.display(),

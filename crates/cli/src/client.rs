@@ -13,11 +13,12 @@ pub(crate) struct ClientArgs {
     #[arg(long, env = "RUNNEL_CA")]
     ca: Option<PathBuf>,
     /// A client certificate (PEM) for mutual TLS.
-    #[arg(long, env = "RUNNEL_CERT", requires = "key")]
+    #[arg(long, env = "RUNNEL_CERT", requires = "cert_key")]
     cert: Option<PathBuf>,
-    /// The client certificate's private key (PEM).
-    #[arg(long, env = "RUNNEL_KEY", requires = "cert")]
-    key: Option<PathBuf>,
+    /// The client certificate's private key (PEM). (Not `--key`: `runnel get` takes a
+    /// key, the one of a result.)
+    #[arg(long, env = "RUNNEL_CERT_KEY", requires = "cert")]
+    cert_key: Option<PathBuf>,
     /// A bearer token (static or JWT) sent with every call.
     #[arg(
         long,
@@ -37,7 +38,7 @@ impl ClientArgs {
         ConnectConfig {
             ca: self.ca.clone(),
             cert: self.cert.clone(),
-            key: self.key.clone(),
+            key: self.cert_key.clone(),
             token_file: self.token_file.clone(),
             ..ConnectConfig::default()
         }
