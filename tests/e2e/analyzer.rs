@@ -203,9 +203,8 @@ impl Cluster {
     }
 
     async fn producer(&self, topic: &str) -> Producer {
-        let channel = tonic::transport::Endpoint::from_shared(self.broker.url())
-            .expect("url")
-            .connect_lazy();
+        let channel =
+            runnel_client::connect_lazy(&self.broker.url(), &Default::default()).expect("url");
         let options = ProducerOptions {
             acks: Acks::Leader,
             create_partitions: Some(PARTITIONS),

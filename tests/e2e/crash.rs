@@ -66,9 +66,7 @@ async fn durable_acks_survive_twenty_sigkills_exactly_once_in_order() {
         .await
         .expect("broker starts");
     let url = broker.url();
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())
-        .expect("url")
-        .connect_lazy();
+    let channel = runnel_client::connect_lazy(&url, &Default::default()).expect("url");
     let client = BrokerClient::new(channel);
     client
         .clone()

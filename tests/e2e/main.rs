@@ -11,6 +11,7 @@ mod cli;
 mod collector;
 mod crash;
 mod healthcheck;
+mod hostile;
 mod pipeline;
 mod tracing;
 mod track;

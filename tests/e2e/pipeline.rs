@@ -136,7 +136,7 @@ async fn expect_windows(
 }
 
 /// Every event id the broker stores in `events`, checking offsets are dense.
-async fn stored_ids(pipeline: &Pipeline) -> Vec<String> {
+pub(crate) async fn stored_ids(pipeline: &Pipeline) -> Vec<String> {
     let mut broker = BrokerClient::connect(pipeline.broker.url())
         .await
         .expect("broker");

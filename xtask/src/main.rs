@@ -10,6 +10,8 @@
 //!   linked release binaries copied into images `FROM scratch` (nothing is pulled);
 //! - `cargo xtask compose-test` — `images`, then the compose end-to-end test
 //!   (`tests/compose`) against them;
+//! - `cargo xtask fuzz [seconds] [target…]` — every fuzz target (or the ones named) for a
+//!   bounded time each, with cargo-fuzz (`docs/security.md`);
 //! - `cargo xtask ci`    — lint, then test: what `.ci/run` calls.
 
 use std::path::{Path, PathBuf};
@@ -26,10 +28,11 @@ fn main() -> ExitCode {
         "bench" => bench(rest),
         "images" => images(rest),
         "compose-test" => images(&[]).and_then(|()| compose_test(rest)),
+        "fuzz" => fuzz(rest),
         "ci" => lint().and_then(|()| test(rest)),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|lint|fmt|bench|images|compose-test|ci> [extra args]"
+                "usage: cargo xtask <test|lint|fmt|bench|images|compose-test|fuzz|ci> [extra args]"
             );
             return ExitCode::from(2);
         }
@@ -227,4 +230,56 @@ fn run(program: &str, args: &[&str]) -> Result<(), String> {
     } else {
         Err(format!("`{program} {}` failed ({status})", args.join(" ")))
     }
+}
+
+/// The fuzz targets in `fuzz/fuzz_targets/`, all run by `cargo xtask fuzz`.
+const FUZZ_TARGETS: &[&str] = &[
+    "records",
+    "broker_batch",
+    "log_frames",
+    "ingest_validation",
+    "json_extract",
+    "grpc_requests",
+];
+
+/// Runs each fuzz target for `seconds` (default 60). cargo-fuzz needs nightly compiler
+/// flags, which the stable toolchain accepts with `RUSTC_BOOTSTRAP=1`; the code forbids
+/// `unsafe`, so no sanitizer (`-s none`) — panics, overflows, huge allocations and broken
+/// invariants are what the targets look for.
+fn fuzz(args: &[String]) -> Result<(), String> {
+    let (seconds, targets) = match args.first().map(|a| a.parse::<u64>()) {
+        Some(Ok(seconds)) => (seconds, &args[1..]),
+        _ => (60, args),
+    };
+    let targets: Vec<&str> = if targets.is_empty() {
+        FUZZ_TARGETS.to_vec()
+    } else {
+        targets.iter().map(String::as_str).collect()
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("xtask has no parent directory")?
+        .join("fuzz");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    for target in targets {
+        eprintln!("$ cargo fuzz run {target} -s none -- -max_total_time={seconds}");
+        let status = Command::new(&cargo)
+            .current_dir(&root)
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", target, "-s", "none", "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .args([
+                "-rss_limit_mb=2048",
+                "-max_len=65536",
+                "-print_final_stats=1",
+            ])
+            .status()
+            .map_err(|e| format!("cannot run cargo fuzz (cargo install cargo-fuzz): {e}"))?;
+        if !status.success() {
+            return Err(format!(
+                "fuzz target {target} failed ({status}); the input is in fuzz/artifacts/{target}/"
+            ));
+        }
+    }
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! The built-in demo workload for `runnel up --demo`: five sensors reporting a reading
 //! every 100 ms, and the results of a 10-second average printed as windows close.
 
+use crate::client::ClientArgs;
 use runnel_analyzer::{AnalyzerConfig, QueryConfig, WindowConfig};
 use runnel_proto::json::result_json;
 use runnel_proto::v1::collector_client::CollectorClient;
@@ -36,13 +37,21 @@ fn reading(sensor: u64, tick: u64) -> f64 {
 }
 
 /// Sends readings and prints results until shutdown; returns a one-line summary.
-pub(crate) async fn run(collector_url: String, gateway_url: String, shutdown: Shutdown) -> String {
-    let endpoint = match tonic::transport::Endpoint::from_shared(collector_url) {
-        Ok(endpoint) => endpoint,
-        Err(error) => return format!("demo: not started: collector url: {error}"),
+///
+/// It calls as `client` says (`runnel up`'s `--ca`, `--cert`, `--key`, `--token`), so a
+/// pipeline with TLS and authentication runs the demo too.
+pub(crate) async fn run(
+    collector_url: String,
+    gateway_url: String,
+    client: ClientArgs,
+    shutdown: Shutdown,
+) -> String {
+    let channel = match client.connect_lazy(&collector_url) {
+        Ok(channel) => channel,
+        Err(error) => return format!("demo: not started: collector: {error}"),
     };
-    let mut collector = CollectorClient::new(endpoint.connect_lazy());
-    let printer = tokio::spawn(print_results(gateway_url, shutdown.clone()));
+    let mut collector = CollectorClient::new(channel);
+    let printer = tokio::spawn(print_results(gateway_url, client, shutdown.clone()));
     let mut sent = 0u64;
     let mut failures = 0u64;
     let mut ticker = tokio::time::interval(Duration::from_millis(100));
@@ -92,12 +101,16 @@ pub(crate) async fn run(collector_url: String, gateway_url: String, shutdown: Sh
     format!("demo: sent {sent} events, {failures} failed batches, printed {results} results")
 }
 
-async fn print_results(gateway_url: String, shutdown: Shutdown) -> u64 {
+async fn print_results(gateway_url: String, client: ClientArgs, shutdown: Shutdown) -> u64 {
     let mut printed = 0;
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(gateway_url) else {
-        return 0;
+    let channel = match client.connect_lazy(&gateway_url) {
+        Ok(channel) => channel,
+        Err(error) => {
+            eprintln!("demo: cannot watch results: {error:#}");
+            return 0;
+        }
     };
-    let mut gateway = GatewayClient::new(endpoint.connect_lazy());
+    let mut gateway = GatewayClient::new(channel);
     let request = WatchRequest {
         query: DEMO_QUERY.into(),
         key_prefix: String::new(),

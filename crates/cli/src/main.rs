@@ -1,7 +1,9 @@
-//! `runnel`: the whole pipeline in one process (`runnel up`), and the client commands
-//! `send`, `get`, `watch` and `bench`.
+//! `runnel`: the whole pipeline in one process (`runnel up`), the client commands `send`,
+//! `get`, `watch` and `bench`, and `certs` / `auth` for a secured pipeline.
 
 mod bench;
+mod certs;
+mod client;
 mod demo;
 mod json;
 mod read;
@@ -36,6 +38,16 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
+    /// Make a development CA and certificates for TLS and mutual TLS.
+    Certs {
+        #[command(subcommand)]
+        what: certs::CertsCommand,
+    },
+    /// Make bearer tokens for authentication.
+    Auth {
+        #[command(subcommand)]
+        what: certs::AuthCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +69,8 @@ fn main() -> ExitCode {
             Command::Get(args) => read::get(args).await,
             Command::Watch(args) => read::watch(args).await,
             Command::Bench { what } => bench::run(what).await,
+            Command::Certs { what } => certs::certs(what),
+            Command::Auth { what } => certs::auth(what),
         }
     });
     match result {
@@ -65,5 +79,17 @@ fn main() -> ExitCode {
             eprintln!("runnel: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks a command line's definition only when it is parsed in a debug build:
+    /// two arguments with one name (`get`'s key and a flag) failed only at run time.
+    #[test]
+    fn every_subcommand_is_well_formed() {
+        super::Cli::command().debug_assert();
     }
 }

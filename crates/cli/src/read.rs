@@ -1,6 +1,7 @@
 //! `runnel get` and `runnel watch`: reading results through the gateway.
 
-use anyhow::{Context, Result};
+use crate::client::ClientArgs;
+use anyhow::Result;
 use runnel_proto::json::result_json;
 use runnel_proto::v1::gateway_client::GatewayClient;
 use runnel_proto::v1::{GetRequest, WatchRequest};
@@ -18,6 +19,8 @@ pub(crate) struct GetArgs {
     /// The gateway's gRPC URL.
     #[arg(long, env = "RUNNEL_GATEWAY_URL", default_value = DEFAULT_GATEWAY)]
     gateway: String,
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
 /// Arguments of `runnel watch`.
@@ -35,16 +38,16 @@ pub(crate) struct WatchArgs {
     /// The gateway's gRPC URL.
     #[arg(long, env = "RUNNEL_GATEWAY_URL", default_value = DEFAULT_GATEWAY)]
     gateway: String,
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
-async fn connect(url: &str) -> Result<GatewayClient<tonic::transport::Channel>> {
-    GatewayClient::connect(url.to_owned())
-        .await
-        .with_context(|| format!("cannot reach the gateway at {url} (is `runnel up` running?)"))
+async fn connect(url: &str, client: &ClientArgs) -> Result<GatewayClient<runnel_security::Peer>> {
+    Ok(GatewayClient::new(client.connect(url, "gateway").await?))
 }
 
 pub(crate) async fn get(args: GetArgs) -> Result<ExitCode> {
-    let mut gateway = connect(&args.gateway).await?;
+    let mut gateway = connect(&args.gateway, &args.client).await?;
     let response = gateway
         .get(GetRequest {
             query: args.query.clone(),
@@ -69,7 +72,7 @@ pub(crate) async fn get(args: GetArgs) -> Result<ExitCode> {
 }
 
 pub(crate) async fn watch(args: WatchArgs) -> Result<ExitCode> {
-    let mut gateway = connect(&args.gateway).await?;
+    let mut gateway = connect(&args.gateway, &args.client).await?;
     let mut stream = gateway
         .watch(WatchRequest {
             query: args.query,

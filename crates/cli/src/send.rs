@@ -1,5 +1,6 @@
 //! `runnel send`: JSON lines on stdin → `Ingest` batches, with progress and a summary.
 
+use crate::client::ClientArgs;
 use crate::json::parse_event;
 use anyhow::{Context, Result};
 use runnel_proto::v1::collector_client::CollectorClient;
@@ -21,6 +22,8 @@ pub(crate) struct SendArgs {
     /// Events per `Ingest` call.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     batch: u32,
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
 struct Progress {
@@ -41,14 +44,8 @@ impl Progress {
 }
 
 pub(crate) async fn run(args: SendArgs) -> Result<ExitCode> {
-    let mut collector = CollectorClient::connect(args.collector.clone())
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the collector at {} (is `runnel up` running?)",
-                args.collector
-            )
-        })?;
+    let mut collector =
+        CollectorClient::new(args.client.connect(&args.collector, "collector").await?);
     let run_id = runnel_proto::now_millis().0;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut batch: Vec<Event> = Vec::with_capacity(args.batch as usize);
@@ -91,7 +88,7 @@ pub(crate) async fn run(args: SendArgs) -> Result<ExitCode> {
 }
 
 async fn flush(
-    collector: &mut CollectorClient<tonic::transport::Channel>,
+    collector: &mut CollectorClient<runnel_security::Peer>,
     batch: &mut Vec<Event>,
     progress: &mut Progress,
 ) -> Result<()> {

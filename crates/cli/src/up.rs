@@ -5,6 +5,7 @@
 //! the sockets are bound here and the services are wired to each other's real addresses,
 //! so port 0 works too. One Ctrl-C (or SIGTERM) drains and stops all of them.
 
+use crate::client::ClientArgs;
 use crate::demo;
 use anyhow::{Context, Result};
 use runnel_analyzer::AnalyzerConfig;
@@ -35,6 +36,9 @@ pub(crate) struct UpArgs {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    /// How the demo calls the pipeline, when it has TLS or authentication.
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
 /// The five services' configurations, wired together.
@@ -78,22 +82,37 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
     let store_listeners = bind(pipeline.store.listen()).await?;
     let gateway_listeners = bind(pipeline.gateway.listen()).await?;
 
-    let url = |l: &Listeners| -> Result<String> { Ok(format!("http://{}", l.grpc.local_addr()?)) };
-    pipeline.collector.broker = url(&broker_listeners)?;
-    pipeline.analyzer.broker = url(&broker_listeners)?;
-    pipeline.analyzer.store = url(&store_listeners)?;
-    pipeline.gateway.store = url(&store_listeners)?;
-    pipeline.collector.store = url(&store_listeners)?;
+    // https:// for a service whose listeners have TLS; its callers verify it with their
+    // `server.connect` settings.
+    let url = |l: &Listeners, tls: bool| -> Result<String> {
+        let scheme = if tls { "https" } else { "http" };
+        Ok(format!("{scheme}://{}", l.grpc.local_addr()?))
+    };
+    let broker_tls = pipeline.broker.server.tls.is_some();
+    let store_tls = pipeline.store.server.tls.is_some();
+    pipeline.collector.broker = url(&broker_listeners, broker_tls)?;
+    pipeline.analyzer.broker = url(&broker_listeners, broker_tls)?;
+    pipeline.analyzer.store = url(&store_listeners, store_tls)?;
+    pipeline.gateway.store = url(&store_listeners, store_tls)?;
+    pipeline.collector.store = url(&store_listeners, store_tls)?;
     // The dashboard's health table shows every service of the pipeline.
-    for (name, listeners) in [
-        ("collector", &collector_listeners),
-        ("broker", &broker_listeners),
-        ("analyzer", &analyzer_listeners),
+    for (name, listeners, tls) in [
+        (
+            "collector",
+            &collector_listeners,
+            pipeline.collector.server.tls.is_some(),
+        ),
+        ("broker", &broker_listeners, broker_tls),
+        (
+            "analyzer",
+            &analyzer_listeners,
+            pipeline.analyzer.server.tls.is_some(),
+        ),
     ] {
         pipeline
             .gateway
             .pipeline
-            .insert(name.into(), url(listeners)?);
+            .insert(name.into(), url(listeners, tls)?);
     }
 
     let rows = [
@@ -118,8 +137,11 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
             addrs.grpc, addrs.admin
         );
     }
-    let collector_url = url(&collector_listeners)?;
-    let gateway_url = url(&gateway_listeners)?;
+    let collector_url = url(
+        &collector_listeners,
+        pipeline.collector.server.tls.is_some(),
+    )?;
+    let gateway_url = url(&gateway_listeners, pipeline.gateway.server.tls.is_some())?;
 
     let (trigger, shutdown) = Shutdown::new();
     let mut services = JoinSet::new();
@@ -153,6 +175,7 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
         tokio::spawn(demo::run(
             collector_url.clone(),
             gateway_url.clone(),
+            args.client.clone(),
             shutdown.clone(),
         ))
     });

@@ -12,13 +12,13 @@ use runnel_proto::v1::{
     CommitOffsetsRequest, Delivery, PartitionOffset, Record, StartFrom, SubscribeRequest,
     SubscribeResponse,
 };
+use runnel_security::Peer;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tonic::Streaming;
-use tonic::transport::Channel;
 
 /// How a [`GroupConsumer`] takes part in its group.
 #[derive(Debug, Clone)]
@@ -66,7 +66,7 @@ pub enum GroupEvent {
 /// A member of a consumer group.
 #[derive(Debug)]
 pub struct GroupConsumer {
-    broker: BrokerClient<Channel>,
+    broker: BrokerClient<Peer>,
     group: String,
     topic: String,
     member_id: String,
@@ -85,7 +85,7 @@ impl Drop for GroupConsumer {
 impl GroupConsumer {
     /// Joins `group` on `topic`.
     pub async fn join(
-        mut broker: BrokerClient<Channel>,
+        mut broker: BrokerClient<Peer>,
         group: &str,
         topic: &str,
         options: ConsumerOptions,
@@ -214,7 +214,7 @@ impl GroupConsumer {
 
 /// Heartbeats every `every` with the latest generation, until the consumer is dropped.
 async fn heartbeat(
-    mut broker: BrokerClient<Channel>,
+    mut broker: BrokerClient<Peer>,
     mut request: CommitOffsetsRequest,
     generation: Arc<AtomicU64>,
     every: Duration,

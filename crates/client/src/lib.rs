@@ -3,14 +3,16 @@
 //! a consumer group — following its assignment, heartbeating, committing.
 //!
 //! Both speak the broker's gRPC API (`runnel.v1.Broker`) and nothing else; they are what
-//! the collector, the benchmarks and the tests use, and what an application embedding
-//! Runnel would.
+//! the benchmarks and the tests use, and what an application embedding Runnel would. They
+//! take a `BrokerClient<Peer>`, made with [`connect`] (or [`connect_lazy`]): plaintext or
+//! TLS, with a client certificate and a bearer token as [`ConnectConfig`] says.
 
 mod consumer;
 mod producer;
 
 pub use consumer::{ConsumerOptions, GroupConsumer, GroupEvent};
 pub use producer::{Producer, ProducerOptions};
+pub use runnel_security::{ConnectConfig, Peer, connect, connect_lazy, connect_lazy_with_token};
 
 use tonic::Code;
 

@@ -16,8 +16,8 @@ use runnel_proto::v1::{
     RecordBatch, RecordPosition,
 };
 use runnel_proto::{partition_for_key, records};
+use runnel_security::Peer;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// How a [`Producer`] sends.
@@ -50,7 +50,7 @@ impl Default for ProducerOptions {
 /// An idempotent producer for one topic.
 #[derive(Debug)]
 pub struct Producer {
-    broker: BrokerClient<Channel>,
+    broker: BrokerClient<Peer>,
     topic: String,
     partitions: u32,
     producer_id: u64,
@@ -65,7 +65,7 @@ impl Producer {
     /// A producer for `topic` with a fresh random id, after learning how many partitions
     /// the topic has (creating it if the options say so).
     pub async fn new(
-        mut broker: BrokerClient<Channel>,
+        mut broker: BrokerClient<Peer>,
         topic: &str,
         options: ProducerOptions,
     ) -> Result<Producer, ClientError> {

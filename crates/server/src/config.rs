@@ -11,6 +11,7 @@
 //! Unknown keys are rejected, and [`ServiceConfig::validate`] runs before any port is bound.
 //! Every error is one line that names the offending key.
 
+use runnel_security::{AuthConfig, ConnectConfig, LimitsConfig, TlsConfig};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -50,9 +51,11 @@ impl ConfigError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Where the gRPC API listens. Loopback by default: nothing here is authenticated yet.
+    /// Where the gRPC API listens. Loopback by default; a non-loopback address needs
+    /// `auth` (or `allow_unauthenticated`).
     pub grpc: SocketAddr,
-    /// Where the admin HTTP port (`/metrics`, `/ready`, `/live`) listens.
+    /// Where the admin HTTP port (`/metrics`, `/ready`, `/live`) listens. It serves no
+    /// data and takes no credentials, so it may listen anywhere (probes and scrapers).
     pub admin: SocketAddr,
     /// How long a stopping service waits for in-flight calls before it gives up on them.
     #[serde(with = "humantime_serde")]
@@ -60,8 +63,21 @@ pub struct ServerConfig {
     /// The longest a unary call may take before it fails with `Cancelled`/`DeadlineExceeded`.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// The largest gRPC message accepted, in bytes.
+    /// The largest gRPC message accepted, in bytes; a larger one is refused with
+    /// `RESOURCE_EXHAUSTED`.
     pub max_message_bytes: usize,
+    /// TLS on every listener of the service (`[<service>.server.tls]`); plaintext when
+    /// absent.
+    pub tls: Option<TlsConfig>,
+    /// How the service calls the other services: CA, client certificate, token.
+    pub connect: ConnectConfig,
+    /// Who may call the service's API, and what they may do. Off by default.
+    pub auth: AuthConfig,
+    /// Connection, stream, in-flight and rate limits.
+    pub limits: LimitsConfig,
+    /// Serve an API on a non-loopback address with authentication off. Refused unless
+    /// set: anyone who can reach the port could then read and write everything.
+    pub allow_unauthenticated: bool,
 }
 
 impl ServerConfig {
@@ -73,6 +89,11 @@ impl ServerConfig {
             drain_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_message_bytes: 4 * 1024 * 1024,
+            tls: None,
+            connect: ConnectConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            allow_unauthenticated: false,
         }
     }
 
@@ -100,7 +121,39 @@ impl ServerConfig {
                 "must be between 1024 and 268435456",
             ));
         }
-        Ok(())
+        let security = |invalid: runnel_security::Invalid| {
+            ConfigError::invalid(section, &key(&invalid.key), invalid.message)
+        };
+        if let Some(tls) = &self.tls {
+            tls.validate().map_err(security)?;
+        }
+        self.connect.validate().map_err(security)?;
+        self.auth.validate(self.tls.as_ref()).map_err(security)?;
+        self.limits.validate().map_err(security)?;
+        self.check_exposure(section, "server.grpc", self.grpc)
+    }
+
+    /// Refuses an API listener on a non-loopback address while nothing is authenticated,
+    /// unless `allow_unauthenticated` says that is intended. `key` names the address's
+    /// setting (`server.grpc`, or `http` for the gateway's HTTP API).
+    pub fn check_exposure(
+        &self,
+        section: &str,
+        key: &str,
+        addr: SocketAddr,
+    ) -> Result<(), ConfigError> {
+        if addr.ip().is_loopback() || self.auth.enabled || self.allow_unauthenticated {
+            return Ok(());
+        }
+        Err(ConfigError::invalid(
+            section,
+            key,
+            format!(
+                "{addr} is reachable from other machines and nothing is authenticated: \
+                 configure server.auth (docs/security.md), or set \
+                 server.allow_unauthenticated = true if that is intended"
+            ),
+        ))
     }
 }
 
@@ -387,6 +440,80 @@ mod tests {
             err.starts_with("invalid configuration: example.server.grpc: "),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_public_api_needs_authentication_or_an_explicit_waiver() {
+        let f = file("");
+        let err = load_from::<Example>(
+            Some(f.path()),
+            env(&[("RUNNEL_EXAMPLE__SERVER__GRPC", "0.0.0.0:7000")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with(
+                "invalid configuration: example.server.grpc: 0.0.0.0:7000 is reachable"
+            ),
+            "{err}"
+        );
+        let c: Example = load_from(
+            Some(f.path()),
+            env(&[
+                ("RUNNEL_EXAMPLE__SERVER__GRPC", "0.0.0.0:7000"),
+                ("RUNNEL_EXAMPLE__SERVER__ALLOW_UNAUTHENTICATED", "true"),
+            ]),
+        )
+        .unwrap();
+        assert!(c.server.allow_unauthenticated);
+        // The admin port serves no data: it may listen anywhere.
+        let c: Example = load_from(
+            Some(f.path()),
+            env(&[("RUNNEL_EXAMPLE__SERVER__ADMIN", "0.0.0.0:9000")]),
+        )
+        .unwrap();
+        assert!(!c.server.admin.ip().is_loopback());
+    }
+
+    #[test]
+    fn security_tables_load_from_the_file_and_name_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("broker.pem");
+        std::fs::write(&cert, "x").unwrap();
+        let f = file(&format!(
+            "[example.server]\ngrpc = \"0.0.0.0:7000\"\n[example.server.tls]\ncert = {cert:?}\nkey = {cert:?}\n\
+             [example.server.auth]\nenabled = true\n[[example.server.auth.tokens]]\nprincipal = \"sensors\"\nsha256 = \"{}\"\n\
+             [[example.server.auth.grants]]\nprincipal = \"sensors\"\nallow = [\"produce\"]\ntopics = [\"sensors.*\"]\n\
+             [example.server.limits]\nrate_limit = 100\n",
+            "0".repeat(64)
+        ));
+        let c: Example = load_from(Some(f.path()), env(&[])).unwrap();
+        assert!(c.server.auth.enabled);
+        assert_eq!(c.server.auth.grants[0].topics, ["sensors.*"]);
+        assert_eq!(c.server.limits.rate_limit, 100);
+        assert_eq!(c.server.tls.as_ref().unwrap().cert, cert);
+
+        let err = load_from::<Example>(
+            Some(f.path()),
+            env(&[("RUNNEL_EXAMPLE__SERVER__TLS__KEY", "/nonexistent.key")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("invalid configuration: example.server.tls.key: "),
+            "{err}"
+        );
+        let f = file(
+            "[example.server.auth]\nenabled = true\ntokens = [{ principal = \"p\", sha256 = \"secret\" }]\n",
+        );
+        let err = load_from::<Example>(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid configuration: example.server.auth.tokens[0].sha256: "),
+            "{err}"
+        );
+        assert!(!err.contains("secret"), "{err}");
     }
 
     #[test]

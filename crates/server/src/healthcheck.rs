@@ -9,8 +9,13 @@
 //! `grpc` probe asks the same health service).
 //!
 //! A service bound to the unspecified address (`0.0.0.0`, `[::]`) is checked on loopback of
-//! the same family: the check runs next to the service, in its network namespace.
+//! the same family: the check runs next to the service, in its network namespace. A
+//! service with TLS on its listeners is checked over TLS, with the service's own `connect`
+//! settings (its CA, and its client certificate where the listener asks for one): its
+//! certificate must name the probed address (`runnel certs` puts `localhost` and
+//! `127.0.0.1` in every one), or `connect.server_name` must say which name to expect.
 
+use runnel_security::ConnectConfig;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 use tonic_health::pb::HealthCheckRequest;
@@ -24,13 +29,13 @@ pub enum HealthcheckError {
     /// `listening` line says which.
     #[error("the configured grpc address {0} has port 0; give the service a fixed port")]
     EphemeralPort(SocketAddr),
-    /// Nothing accepted a connection.
+    /// Nothing accepted a connection, or its TLS handshake failed.
     #[error("cannot connect to {addr}: {source}")]
     Unreachable {
         /// The address asked.
         addr: SocketAddr,
         /// Why the connection failed.
-        source: tonic::transport::Error,
+        source: runnel_security::SecurityError,
     },
     /// The health call failed (an unknown service name is `NOT_FOUND`).
     #[error("health check on {addr} failed: {status}")]
@@ -70,21 +75,25 @@ pub fn probe_addr(bound: SocketAddr) -> SocketAddr {
 }
 
 /// Checks the service listening on `bound`: `Ok` if `service` (`""`: the server as a
-/// whole) is SERVING, answered within `timeout` (connection included).
+/// whole) is SERVING, answered within `timeout` (connection included). With `tls`, the
+/// check connects over TLS with those settings.
 pub async fn check(
     bound: SocketAddr,
     service: &str,
     timeout: Duration,
+    tls: Option<&ConnectConfig>,
 ) -> Result<(), HealthcheckError> {
     if bound.port() == 0 {
         return Err(HealthcheckError::EphemeralPort(bound));
     }
     let addr = probe_addr(bound);
     let ask = async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .expect("a socket address is a valid URI authority")
-            .connect_timeout(timeout)
-            .connect()
+        let plaintext = ConnectConfig::default();
+        let (scheme, connect) = match tls {
+            Some(connect) => ("https", connect),
+            None => ("http", &plaintext),
+        };
+        let channel = runnel_security::connect(&format!("{scheme}://{addr}"), connect, None)
             .await
             .map_err(|source| HealthcheckError::Unreachable { addr, source })?;
         let status = HealthClient::new(channel)
@@ -128,9 +137,14 @@ mod tests {
 
     #[tokio::test]
     async fn port_zero_is_refused_before_connecting() {
-        let error = check("0.0.0.0:0".parse().unwrap(), "", Duration::from_secs(1))
-            .await
-            .unwrap_err();
+        let error = check(
+            "0.0.0.0:0".parse().unwrap(),
+            "",
+            Duration::from_secs(1),
+            None,
+        )
+        .await
+        .unwrap_err();
         assert!(
             matches!(error, HealthcheckError::EphemeralPort(_)),
             "{error}"
@@ -144,7 +158,9 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let error = check(addr, "", Duration::from_secs(5)).await.unwrap_err();
+        let error = check(addr, "", Duration::from_secs(5), None)
+            .await
+            .unwrap_err();
         assert!(
             matches!(error, HealthcheckError::Unreachable { .. }),
             "{error}"
@@ -157,7 +173,7 @@ mod tests {
         // server ever answers — what a service still recovering its data looks like.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let error = check(addr, "", Duration::from_millis(300))
+        let error = check(addr, "", Duration::from_millis(300), None)
             .await
             .unwrap_err();
         assert!(

@@ -5,21 +5,23 @@
 //!   validated before any port is bound, with one-line errors that name the key;
 //! - [`Listeners`]: the service's sockets, bound up front so tests can pass port 0;
 //! - [`serve`]: a tonic server with gRPC health, reflection (v1 and v1alpha), trace-context
-//!   extraction and request limits, plus the admin HTTP port (`/metrics`, `/ready`, `/live`);
+//!   extraction, TLS, authentication and limits ([`runnel_security`]), plus the admin HTTP
+//!   port (`/metrics`, `/ready`, `/live`); [`serve_http`] the same for an HTTP API;
 //! - [`Shutdown`]: SIGTERM/SIGINT → stop accepting → drain within a bounded grace period;
 //! - [`main`]: the whole life of a service binary, so each `main.rs` is one line;
-//! - [`healthcheck`]: the binary's `healthcheck` subcommand, for containers without a shell;
-//! - [`client`]: channels to peer services, with keepalive.
+//! - [`healthcheck`]: the binary's `healthcheck` subcommand, for containers without a shell.
+//!
+//! Channels to peer services come from [`runnel_security::connect_lazy`] (TLS, tokens,
+//! trace context, keepalive).
 
 pub mod admin;
-pub mod client;
 pub mod config;
 pub mod healthcheck;
 mod run;
 mod shutdown;
 
 pub use config::{ConfigError, ListenAddrs, ServerConfig, ServiceConfig};
-pub use run::{Listeners, ServeError, main, serve};
+pub use run::{Listeners, ServeError, main, serve, serve_http};
 pub use shutdown::{Shutdown, ShutdownTrigger, signal as shutdown_signal};
 
 /// Every Runnel binary links this crate, so the allocator is chosen once, here. The gRPC

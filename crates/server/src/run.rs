@@ -4,13 +4,13 @@ use crate::admin::{self, Readiness};
 use crate::config::{self, ConfigError, ListenAddrs, ServerConfig, ServiceConfig};
 use crate::shutdown::{self, Shutdown};
 use clap::Parser;
+use runnel_security::{AcceptOptions, Guard, GuardLayer, Protocol, SecurityError, ServerTls};
 use runnel_telemetry::LogFormat;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 
 /// Why a server stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +29,9 @@ pub enum ServeError {
     /// The admin or HTTP server failed.
     #[error("http server: {0}")]
     Http(std::io::Error),
+    /// TLS or authentication could not be set up (certificates, keys, JWT keys).
+    #[error("security: {0}")]
+    Security(#[from] SecurityError),
     /// The service could not start or failed while running.
     #[error("{0}")]
     Service(String),
@@ -75,10 +78,10 @@ impl Listeners {
     }
 }
 
-/// Serves `routes` (the service's gRPC API) on `listeners.grpc`, with health, reflection
-/// and trace-context extraction, and the admin port on `listeners.admin`, until `shutdown`
-/// fires; then stops accepting and drains in-flight calls for at most
-/// `config.drain_timeout`.
+/// Serves `routes` (the service's gRPC API) on `listeners.grpc`, with health, reflection,
+/// trace-context extraction, TLS, authentication and limits, and the admin port on
+/// `listeners.admin`, until `shutdown` fires; then stops accepting and drains in-flight
+/// calls for at most `config.drain_timeout`.
 ///
 /// `service_name` is the fully qualified gRPC name reported as SERVING by health checks.
 pub async fn serve(
@@ -89,6 +92,14 @@ pub async fn serve(
     config: &ServerConfig,
     shutdown: Shutdown,
 ) -> Result<(), ServeError> {
+    let tls = listener_tls(config)?;
+    warn_if_exposed(service_name, "grpc", &grpc, config);
+    let guard = Guard::new(
+        service_name,
+        &config.auth,
+        &config.limits,
+        config.request_timeout,
+    )?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -106,34 +117,43 @@ pub async fn serve(
 
     let readiness = Readiness::default();
     let admin_app = admin::router(readiness.clone());
+    let admin_incoming = accept(admin, Protocol::Admin, tls.clone(), config)?;
     let admin_shutdown = shutdown.clone();
     let admin_task = tokio::spawn(async move {
-        axum::serve(admin, admin_app)
+        axum::serve(admin_incoming, admin_app)
             .with_graceful_shutdown(async move { admin_shutdown.wait().await })
             .await
     });
 
+    let grpc_incoming = accept(grpc, Protocol::Grpc, tls, config)?;
     let grpc_shutdown = shutdown.clone();
     let health_on_stop = health.clone();
     let grpc_server = tonic::transport::Server::builder()
-        .timeout(config.request_timeout)
-        // Callers that vanished (a network cut) are noticed and their streams ended, rather
-        // than kept, with whatever they hold, until TCP gives up many minutes later.
-        .http2_keepalive_interval(Some(crate::client::KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(crate::client::KEEPALIVE_TIMEOUT))
         .trace_fn(runnel_telemetry::propagation::server_span)
+        .max_concurrent_streams(Some(config.limits.max_concurrent_streams))
+        // Callers that vanished (a network cut, a client gone without a FIN) are noticed and
+        // their streams ended, rather than kept, with whatever they hold, until TCP gives up
+        // many minutes later.
+        .http2_keepalive_interval(Some(runnel_security::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(runnel_security::KEEPALIVE_TIMEOUT))
+        .layer(GuardLayer::new(guard))
         .add_routes(routes)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming(grpc), async move {
+        .serve_with_incoming_shutdown(grpc_incoming, async move {
             grpc_shutdown.wait().await;
             health_on_stop
                 .set_service_status(service_name, tonic_health::ServingStatus::NotServing)
                 .await;
         });
     readiness.set(true);
-    tracing::info!(service = service_name, "serving");
+    tracing::info!(
+        service = service_name,
+        tls = config.tls.is_some(),
+        auth = config.auth.enabled,
+        "serving"
+    );
 
     let drain_timeout = config.drain_timeout;
     let mut grpc_server = std::pin::pin!(grpc_server);
@@ -155,13 +175,81 @@ pub async fn serve(
     result
 }
 
-/// Accepted gRPC connections with Nagle's algorithm off: with it on, a small response
+/// Serves a public HTTP API (`router`) on `listener` with the same TLS, authentication
+/// and rate limit as the service's gRPC API, until `shutdown` fires. Handlers find the
+/// authenticated caller as `Extension<runnel_security::Caller>`. The returned future is
+/// the server; run or spawn it.
+pub fn serve_http(
+    service_name: &'static str,
+    listener: TcpListener,
+    router: axum::Router,
+    config: &ServerConfig,
+    shutdown: Shutdown,
+) -> Result<impl Future<Output = std::io::Result<()>> + Send + 'static, ServeError> {
+    let tls = listener_tls(config)?;
+    warn_if_exposed(service_name, "http", &listener, config);
+    let guard = Guard::new(
+        service_name,
+        &config.auth,
+        &config.limits,
+        config.request_timeout,
+    )?;
+    let incoming = accept(listener, Protocol::Http, tls, config)?;
+    let app = router.layer(axum::middleware::from_fn_with_state(
+        guard,
+        runnel_security::guard::http,
+    ));
+    Ok(async move {
+        axum::serve(
+            incoming,
+            app.into_make_service_with_connect_info::<runnel_security::PeerInfo>(),
+        )
+        .with_graceful_shutdown(async move { shutdown.wait().await })
+        .await
+    })
+}
+
+/// The listeners' TLS, loaded (and watched) once per server.
+fn listener_tls(config: &ServerConfig) -> Result<Option<ServerTls>, ServeError> {
+    Ok(config.tls.as_ref().map(ServerTls::load).transpose()?)
+}
+
+/// Accepts on `listener` with Nagle's algorithm off (with it on, a small response
 /// written after a delayed ACK waits ~40 ms, which showed as a 44 ms median in `runnel
-/// bench` whatever the fsync policy.
-fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(std::time::Duration::from_secs(60)))
+/// bench` whatever the fsync policy), the connection limits, and TLS if configured.
+fn accept(
+    listener: TcpListener,
+    protocol: Protocol,
+    tls: Option<ServerTls>,
+    config: &ServerConfig,
+) -> Result<runnel_security::Incoming, ServeError> {
+    let addr = listener.local_addr().map_err(ServeError::Http)?;
+    runnel_security::accept(
+        listener,
+        AcceptOptions {
+            protocol,
+            tls,
+            limits: config.limits.clone(),
+        },
+    )
+    .map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Credentials sent in the clear can be read off the wire: say so when an authenticated
+/// API listens beyond loopback without TLS.
+fn warn_if_exposed(service: &str, what: &str, listener: &TcpListener, config: &ServerConfig) {
+    let Ok(addr) = listener.local_addr() else {
+        return;
+    };
+    if !addr.ip().is_loopback() && config.tls.is_none() {
+        tracing::warn!(
+            service,
+            listener = what,
+            %addr,
+            auth = config.auth.enabled,
+            "listening beyond loopback without TLS: calls and credentials travel in the clear"
+        );
+    }
 }
 
 /// Reflection over `runnel.v1` and `grpc.health.v1`, so `grpcurl list` and `describe`
@@ -237,7 +325,9 @@ where
         }
     };
     if let Some(ServiceCommand::Healthcheck { service, timeout }) = args.command {
-        return healthcheck(binary, config.server().grpc, &service, timeout);
+        let server = config.server();
+        let tls = server.tls.is_some().then_some(&server.connect);
+        return healthcheck(binary, server.grpc, &service, timeout, tls);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -283,6 +373,7 @@ fn healthcheck(
     grpc: SocketAddr,
     service: &str,
     timeout: std::time::Duration,
+    tls: Option<&runnel_security::ConnectConfig>,
 ) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -294,7 +385,7 @@ fn healthcheck(
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(crate::healthcheck::check(grpc, service, timeout)) {
+    match runtime.block_on(crate::healthcheck::check(grpc, service, timeout, tls)) {
         Ok(()) => {
             println!(
                 "{binary}: serving on {}",

@@ -42,7 +42,7 @@ pub enum AnalyzerError {
         /// The configured URL.
         url: String,
         /// Why it is unusable.
-        source: tonic::transport::Error,
+        source: runnel_security::SecurityError,
     },
     /// A query's task panicked.
     #[error("query task failed: {0}")]

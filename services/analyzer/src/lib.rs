@@ -23,6 +23,8 @@ pub mod config;
 mod error;
 mod event;
 mod filter;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod member;
 mod path;
 mod rekey;
@@ -42,19 +44,18 @@ pub use window::EmitMode;
 use checkpoint::Stage;
 use runnel_proto::v1::analyzer_server::AnalyzerServer;
 use runnel_proto::v1::store_client::StoreClient;
+use runnel_security::{ConnectConfig, Peer};
 use runnel_server::{Listeners, ServiceConfig, Shutdown};
-use runnel_telemetry::propagation::TraceContextInterceptor;
 use runner::{Context, StageRunner, StageStatus};
 use service::{AnalyzerService, QueryView};
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tonic::transport::Channel;
 
-fn channel(key: &'static str, url: &str) -> Result<Channel, AnalyzerError> {
+fn channel(key: &'static str, url: &str, connect: &ConnectConfig) -> Result<Peer, AnalyzerError> {
     // Lazy: the broker and the store may start after us, or restart; tonic reconnects. With
     // keepalive: a subscription on a connection that died unseen would wait forever.
-    runnel_server::client::channel(url).map_err(|source| AnalyzerError::Url {
+    runnel_security::connect_lazy(url, connect).map_err(|source| AnalyzerError::Url {
         key,
         url: url.to_owned(),
         source,
@@ -77,10 +78,10 @@ pub async fn run(
         source,
     })?;
     let max_message = config.server.max_message_bytes;
-    let broker = channel("broker", &config.broker)?;
-    let store =
-        StoreClient::with_interceptor(channel("store", &config.store)?, TraceContextInterceptor)
-            .max_encoding_message_size(max_message);
+    let connect = &config.server.connect;
+    let broker = channel("broker", &config.broker, connect)?;
+    let store = StoreClient::new(channel("store", &config.store, connect)?)
+        .max_encoding_message_size(max_message);
 
     // Our own trigger, so that a failing query can stop the whole analyzer.
     let (stop, local) = Shutdown::new();

@@ -9,13 +9,13 @@ use crate::event::{RawMessage, RawRecordChunk, RawSubscribeResponse};
 use runnel_proto::v1::{
     CommitOffsetsRequest, Delivery, PartitionOffset, StartFrom, SubscribeRequest,
 };
+use runnel_security::Peer;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tonic::Status;
 use tonic::codec::Streaming;
-use tonic::transport::Channel;
 
 /// What the group stream brought.
 #[derive(Debug)]
@@ -29,7 +29,7 @@ pub(crate) enum GroupEvent {
 /// A member of one group on one topic.
 #[derive(Debug)]
 pub(crate) struct Member {
-    broker: runnel_proto::v1::broker_client::BrokerClient<Channel>,
+    broker: runnel_proto::v1::broker_client::BrokerClient<Peer>,
     group: String,
     topic: String,
     member_id: String,
@@ -48,7 +48,7 @@ impl Drop for Member {
 impl Member {
     /// Joins `group` on `topic` as `member_id`.
     pub(crate) async fn join(
-        channel: Channel,
+        channel: Peer,
         group: &str,
         topic: &str,
         member_id: &str,
@@ -155,7 +155,7 @@ impl Member {
 
 /// Heartbeats every `every` with the latest generation, until the member is dropped.
 async fn heartbeat(
-    mut broker: runnel_proto::v1::broker_client::BrokerClient<Channel>,
+    mut broker: runnel_proto::v1::broker_client::BrokerClient<Peer>,
     mut request: CommitOffsetsRequest,
     generation: Arc<AtomicU64>,
     every: Duration,

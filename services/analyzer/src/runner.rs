@@ -35,19 +35,16 @@ use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{CreateTopicRequest, Event, ListTopicsRequest, PutRequest, QueryResult};
 use runnel_proto::{Millis, now_millis};
+use runnel_security::Peer;
 use runnel_server::Shutdown;
-use runnel_telemetry::propagation::{
-    TRACEPARENT, TraceContextInterceptor, continue_trace, inject_into_headers,
-};
+use runnel_telemetry::propagation::{TRACEPARENT, continue_trace, inject_into_headers};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tonic::Code;
-use tonic::codegen::InterceptedService;
-use tonic::transport::Channel;
 
-pub(crate) type Store = StoreClient<InterceptedService<Channel, TraceContextInterceptor>>;
+pub(crate) type Store = StoreClient<Peer>;
 
 /// Results per `Put` call.
 const PUT_CHUNK: usize = 1000;
@@ -94,7 +91,7 @@ impl Backoff {
 /// Everything a stage needs from the analyzer.
 #[derive(Clone)]
 pub(crate) struct Context {
-    pub(crate) broker: Channel,
+    pub(crate) broker: Peer,
     pub(crate) store: Store,
     pub(crate) data_dir: std::path::PathBuf,
     pub(crate) checkpoint_interval: Duration,
@@ -128,7 +125,7 @@ enum Flow {
 }
 
 impl StageRunner {
-    fn broker(&self) -> BrokerClient<Channel> {
+    fn broker(&self) -> BrokerClient<Peer> {
         BrokerClient::new(self.context.broker.clone())
             .max_decoding_message_size(self.context.max_message)
     }

@@ -8,6 +8,7 @@ use runnel_proto::v1::analyzer_server::Analyzer;
 use runnel_proto::v1::{
     DescribeQueryRequest, ListQueriesRequest, ListQueriesResponse, QueryDescription,
 };
+use runnel_security::{Action, Caller, Resource};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -60,14 +61,27 @@ impl AnalyzerService {
     }
 }
 
+/// Whether `caller` may see the query `name`: read its results or manage it.
+fn visible(caller: &Caller, name: &str) -> bool {
+    caller.may(Action::ReadResults, Resource::Query(name))
+        || caller.may(Action::Manage, Resource::Query(name))
+}
+
 #[tonic::async_trait]
 impl Analyzer for AnalyzerService {
     async fn list_queries(
         &self,
-        _request: Request<ListQueriesRequest>,
+        request: Request<ListQueriesRequest>,
     ) -> Result<Response<ListQueriesResponse>, Status> {
+        // Each caller sees the queries it may read or manage.
+        let caller = runnel_security::caller(&request)?;
         Ok(Response::new(ListQueriesResponse {
-            queries: self.queries.iter().map(QueryView::describe).collect(),
+            queries: self
+                .queries
+                .iter()
+                .filter(|v| visible(caller, &v.name))
+                .map(QueryView::describe)
+                .collect(),
         }))
     }
 
@@ -75,6 +89,13 @@ impl Analyzer for AnalyzerService {
         &self,
         request: Request<DescribeQueryRequest>,
     ) -> Result<Response<QueryDescription>, Status> {
+        if !visible(runnel_security::caller(&request)?, &request.get_ref().name) {
+            runnel_security::authorize(
+                &request,
+                Action::ReadResults,
+                Resource::Query(&request.get_ref().name),
+            )?;
+        }
         let name = request.into_inner().name;
         let view = self
             .queries

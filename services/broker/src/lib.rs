@@ -21,6 +21,8 @@ mod batch;
 pub mod config;
 mod durability;
 mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod groups;
 mod index;
 mod jetstream;

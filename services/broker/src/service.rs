@@ -26,6 +26,7 @@ use runnel_proto::v1::{
     ProduceRequest, ProduceResponse, Record, RecordBatch, RecordPosition, SubscribeRequest,
     SubscribeResponse, TopicDescription,
 };
+use runnel_security::{Action, Caller, Resource, authorize};
 use runnel_server::Shutdown;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -727,12 +728,24 @@ fn decode_records(
     Ok(records)
 }
 
+/// Whether `caller` may do anything with `topic`: produce, consume or manage it.
+fn may_use(caller: &Caller, topic: &str) -> bool {
+    [Action::Produce, Action::Consume, Action::Manage]
+        .into_iter()
+        .any(|action| caller.may(action, Resource::Topic(topic)))
+}
+
 #[tonic::async_trait]
 impl Broker for BrokerService {
     async fn create_topic(
         &self,
         request: Request<CreateTopicRequest>,
     ) -> std::result::Result<Response<CreateTopicResponse>, Status> {
+        authorize(
+            &request,
+            Action::Manage,
+            Resource::Topic(&request.get_ref().name),
+        )?;
         Ok(Response::new(
             self.serve_create_topic(request.into_inner()).await?,
         ))
@@ -740,9 +753,12 @@ impl Broker for BrokerService {
 
     async fn list_topics(
         &self,
-        _request: Request<ListTopicsRequest>,
+        request: Request<ListTopicsRequest>,
     ) -> std::result::Result<Response<ListTopicsResponse>, Status> {
-        let topics = self.storage.list_topics().await?;
+        // Each caller sees the topics it may do something with.
+        let caller = runnel_security::caller(&request)?;
+        let mut topics = self.storage.list_topics().await?;
+        topics.retain(|topic| may_use(caller, &topic.name));
         Ok(Response::new(ListTopicsResponse { topics }))
     }
 
@@ -750,6 +766,14 @@ impl Broker for BrokerService {
         &self,
         request: Request<DescribeTopicRequest>,
     ) -> std::result::Result<Response<TopicDescription>, Status> {
+        // Producers and consumers describe a topic to learn its partitions.
+        if !may_use(runnel_security::caller(&request)?, &request.get_ref().name) {
+            authorize(
+                &request,
+                Action::Consume,
+                Resource::Topic(&request.get_ref().name),
+            )?;
+        }
         Ok(Response::new(
             self.serve_describe_topic(request.into_inner()).await?,
         ))
@@ -759,6 +783,11 @@ impl Broker for BrokerService {
         &self,
         request: Request<ProduceRequest>,
     ) -> std::result::Result<Response<ProduceResponse>, Status> {
+        authorize(
+            &request,
+            Action::Produce,
+            Resource::Topic(&request.get_ref().topic),
+        )?;
         Ok(Response::new(
             self.serve_produce(request.into_inner()).await?,
         ))
@@ -768,6 +797,11 @@ impl Broker for BrokerService {
         &self,
         request: Request<FetchRequest>,
     ) -> std::result::Result<Response<FetchResponse>, Status> {
+        authorize(
+            &request,
+            Action::Consume,
+            Resource::Topic(&request.get_ref().topic),
+        )?;
         Ok(Response::new(self.serve_fetch(request.into_inner()).await?))
     }
 
@@ -777,6 +811,11 @@ impl Broker for BrokerService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> std::result::Result<Response<Self::SubscribeStream>, Status> {
+        authorize(
+            &request,
+            Action::Consume,
+            Resource::Topic(&request.get_ref().topic),
+        )?;
         Ok(Response::new(
             self.serve_subscribe(request.into_inner()).await?,
         ))
@@ -786,6 +825,11 @@ impl Broker for BrokerService {
         &self,
         request: Request<CommitOffsetsRequest>,
     ) -> std::result::Result<Response<CommitOffsetsResponse>, Status> {
+        authorize(
+            &request,
+            Action::Consume,
+            Resource::Topic(&request.get_ref().topic),
+        )?;
         Ok(Response::new(
             self.serve_commit(request.into_inner()).await?,
         ))

@@ -179,6 +179,22 @@ impl ServiceConfig for CollectorConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let section = Self::SECTION;
         self.server.validate(section)?;
+        // Datagrams carry no credentials, whatever `server.auth` says: beyond loopback the
+        // UDP listener takes events from anyone who can reach it, so that must be meant.
+        if let Some(udp) = self.udp
+            && !udp.ip().is_loopback()
+            && !self.server.allow_unauthenticated
+        {
+            return Err(ConfigError::invalid(
+                section,
+                "udp",
+                format!(
+                    "{udp} is reachable from other machines and datagrams are never \
+                     authenticated: bind it to loopback, turn it \"off\", or set \
+                     server.allow_unauthenticated = true if that is intended"
+                ),
+            ));
+        }
         for (key, url) in [("broker", &self.broker), ("store", &self.store)] {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(ConfigError::invalid(
@@ -350,6 +366,21 @@ mod tests {
         );
         let error = parse("loud").unwrap_err().to_string();
         assert!(error.contains("collector.udp"), "{error}");
+    }
+
+    #[test]
+    fn a_public_udp_listener_must_be_meant() {
+        let mut config = CollectorConfig {
+            udp: Some("0.0.0.0:7106".parse().unwrap()),
+            ..CollectorConfig::default()
+        };
+        // Authentication does not cover datagrams.
+        config.server.auth.enabled = true;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("collector.udp"), "{error}");
+        assert!(error.contains("allow_unauthenticated"), "{error}");
+        config.server.allow_unauthenticated = true;
+        config.validate().unwrap();
     }
 
     #[test]

@@ -11,13 +11,13 @@ pub enum CollectorError {
     /// The broker could not be reached or refused the batch.
     #[error("broker: {0}")]
     Broker(Status),
-    /// The broker's URL does not parse.
+    /// The broker's URL does not parse, or its TLS or token files are unusable.
     #[error("broker url {url:?}: {source}")]
     BrokerUrl {
         /// The configured URL.
         url: String,
         /// Why it is unusable.
-        source: tonic::transport::Error,
+        source: runnel_security::SecurityError,
     },
     /// The message log refused a submission (full, not logging, closing) or could not be
     /// opened.
@@ -32,7 +32,7 @@ pub enum CollectorError {
         /// The configured URL.
         url: String,
         /// Why it is unusable.
-        source: tonic::transport::Error,
+        source: runnel_security::SecurityError,
     },
     /// Too many streams of one kind are open.
     #[error("{0}")]

@@ -4,14 +4,13 @@
 use runnel_msglog::{Batch, DeliveryError, Downstream};
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::{Acks, Compression, ProduceRequest, RecordBatch};
-use runnel_telemetry::propagation::{TraceContextInterceptor, continue_trace};
+use runnel_security::Peer;
+use runnel_telemetry::propagation::continue_trace;
 use tonic::Code;
-use tonic::codegen::InterceptedService;
-use tonic::transport::Channel;
 use tracing::Instrument;
 
 /// A broker client that carries the caller's trace context.
-pub(crate) type Broker = BrokerClient<InterceptedService<Channel, TraceContextInterceptor>>;
+pub(crate) type Broker = BrokerClient<Peer>;
 
 /// Delivers the log's batches to the broker.
 #[derive(Debug, Clone)]

@@ -16,6 +16,8 @@
 pub mod config;
 mod error;
 mod forward;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod intake;
 mod oneway;
 mod service;
@@ -33,7 +35,6 @@ use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::collector_server::CollectorServer;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_server::{Listeners, Shutdown};
-use runnel_telemetry::propagation::TraceContextInterceptor;
 use std::sync::Arc;
 use tokio::net::UdpSocket;
 
@@ -70,13 +71,14 @@ pub async fn serve(
     runnel_server::admin::metrics_handle();
     // Lazy: the broker and the store may start after us or restart; tonic reconnects. With
     // keepalive, so a connection that died unseen fails instead of hanging.
-    let endpoint = runnel_server::client::channel;
+    // TLS, credentials and trace context as the `connect` settings say.
+    let endpoint = |url: &str| runnel_security::connect_lazy(url, &config.server.connect);
     let channel = endpoint(&config.broker).map_err(|source| CollectorError::BrokerUrl {
         url: config.broker.clone(),
         source,
     })?;
     let max_message = config.server.max_message_bytes;
-    let broker = BrokerClient::with_interceptor(channel, TraceContextInterceptor)
+    let broker = BrokerClient::new(channel)
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
     let store_channel = endpoint(&config.store).map_err(|source| CollectorError::StoreUrl {

@@ -15,6 +15,7 @@ use runnel_proto::v1::{
     AckLevel, IngestRequest, IngestResponse, PublishRequest, PublishResponse, SendRequest,
     SendResponse, StreamRequest, StreamResponse, TapEvent, TapRequest, TrackRequest, TrackResponse,
 };
+use runnel_security::{Action, Resource, authorize};
 use runnel_server::Shutdown;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -64,6 +65,20 @@ impl CollectorService {
     }
 }
 
+impl CollectorService {
+    /// The one permission check of the patterns that take events in: the caller may
+    /// produce to `topic` (`""`: the collector's default topic, where every pattern but
+    /// `Publish` writes).
+    fn may_produce<T>(&self, request: &Request<T>, topic: &str) -> Result<(), Status> {
+        let topic = if topic.is_empty() {
+            &*self.intake.default_topic
+        } else {
+            topic
+        };
+        authorize(request, Action::Produce, Resource::Topic(topic))
+    }
+}
+
 /// The level an answer reports: the one asked for, with the default spelled out.
 fn reached(level: i32) -> i32 {
     match AckLevel::try_from(level) {
@@ -86,6 +101,7 @@ impl Collector for CollectorService {
         &self,
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
+        self.may_produce(&request, "")?;
         let request = request.into_inner();
         let span = tracing::info_span!("collector.ingest", events = request.events.len());
         let response = CollectorService::ingest(self, request)
@@ -98,6 +114,8 @@ impl Collector for CollectorService {
         &self,
         request: Request<TrackRequest>,
     ) -> Result<Response<TrackResponse>, Status> {
+        // Track ingests the token's event into the default topic.
+        self.may_produce(&request, "")?;
         let span = tracing::info_span!("collector.track");
         let response = self
             .tracker
@@ -111,6 +129,7 @@ impl Collector for CollectorService {
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
+        self.may_produce(&request, &request.get_ref().topic)?;
         let request = request.into_inner();
         let span = tracing::info_span!("collector.publish", topic = %request.topic, events = request.events.len());
         let response = CollectorService::publish(self, request)
@@ -123,6 +142,7 @@ impl Collector for CollectorService {
         &self,
         request: Request<Streaming<SendRequest>>,
     ) -> Result<Response<SendResponse>, Status> {
+        self.may_produce(&request, "")?;
         let span = tracing::info_span!("collector.send");
         let response = crate::oneway::send(&self.intake, request.into_inner(), &self.shutdown)
             .instrument(span)
@@ -136,6 +156,7 @@ impl Collector for CollectorService {
         &self,
         request: Request<Streaming<StreamRequest>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        self.may_produce(&request, "")?;
         let responses = crate::stream::serve(
             Arc::clone(&self.intake),
             request.into_inner(),
@@ -148,6 +169,11 @@ impl Collector for CollectorService {
     type TapStream = ServerStream<TapEvent>;
 
     async fn tap(&self, request: Request<TapRequest>) -> Result<Response<Self::TapStream>, Status> {
+        let topic = match request.get_ref().topic.as_str() {
+            "" => &*self.intake.default_topic,
+            topic => topic,
+        };
+        authorize(&request, Action::Consume, Resource::Topic(topic))?;
         let stream = self
             .taps
             .open(&self.intake, request.into_inner(), self.shutdown.clone())

@@ -13,10 +13,10 @@ use crate::intake::{Intake, log_level};
 use lru::LruCache;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{Event, GetRequest, QueryResult, TrackRequest, TrackResponse};
+use runnel_security::Peer;
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 
 /// The event types `Track` takes, as the purchase-propensity query reads them.
 pub(crate) const TYPES: [&str; 3] = ["click", "cart", "purchase"];
@@ -31,7 +31,7 @@ struct Cached {
 
 /// Issues tokens and reads their scores.
 pub(crate) struct Tracker {
-    store: StoreClient<Channel>,
+    store: StoreClient<Peer>,
     query: String,
     value: String,
     ttl: Duration,
@@ -49,7 +49,7 @@ impl std::fmt::Debug for Tracker {
 }
 
 impl Tracker {
-    pub(crate) fn new(store: StoreClient<Channel>, config: &crate::config::TrackConfig) -> Tracker {
+    pub(crate) fn new(store: StoreClient<Peer>, config: &crate::config::TrackConfig) -> Tracker {
         let entries = NonZeroUsize::new(config.cache_entries).unwrap_or(NonZeroUsize::MIN);
         Tracker {
             store,

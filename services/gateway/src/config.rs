@@ -60,7 +60,8 @@ pub struct GatewayConfig {
     /// The store's gRPC URL.
     pub store: String,
     /// Where the HTTP API (JSON, server-sent events, WebSockets, long polling, webhooks,
-    /// the dashboard) listens. Loopback by default: nothing is authenticated yet.
+    /// the dashboard) listens. Loopback by default; a non-loopback address needs
+    /// `server.auth` (or `server.allow_unauthenticated`).
     pub http: SocketAddr,
     /// Where webhook registrations and their delivery cursors are kept
     /// (`<data_dir>/webhooks.redb`).
@@ -129,6 +130,7 @@ impl ServiceConfig for GatewayConfig {
         let section = Self::SECTION;
         let invalid = |key: &str, message: String| Err(ConfigError::invalid(section, key, message));
         self.server.validate(section)?;
+        self.server.check_exposure(section, "http", self.http)?;
         if !is_url(&self.store) {
             return invalid(
                 "store",

@@ -9,6 +9,9 @@ pub enum GatewayError {
     /// The client sent something unacceptable; the message names the field and says why.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The caller may not read these results.
+    #[error(transparent)]
+    Denied(#[from] runnel_security::AccessDenied),
     /// Too many live streams are open.
     #[error("too many live streams ({0} open); try again later")]
     TooManyWatchers(usize),
@@ -21,7 +24,7 @@ pub enum GatewayError {
         /// The configured URL.
         url: String,
         /// Why it is unusable.
-        source: tonic::transport::Error,
+        source: runnel_security::SecurityError,
     },
     /// The HTTP listener failed.
     #[error("http server: {0}")]
@@ -44,6 +47,7 @@ impl From<GatewayError> for Status {
     fn from(error: GatewayError) -> Status {
         match error {
             GatewayError::InvalidArgument(message) => Status::invalid_argument(message),
+            GatewayError::Denied(denied) => Status::from(denied),
             GatewayError::TooManyWatchers(_) => Status::resource_exhausted(error.to_string()),
             GatewayError::Store(status) => match status.code() {
                 // Nothing is wrong with the call; the client may retry.

@@ -14,6 +14,7 @@ use runnel_proto::v1::{
     GetRequest, GetResponse, QueryResult, RangeRequest, RangeResponse, TopKRequest, TopKResponse,
     WatchRequest,
 };
+use runnel_security::{Action, Resource, authorize};
 use std::pin::Pin;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -59,6 +60,11 @@ fn results_of(subscription: Subscription) -> Live {
 #[tonic::async_trait]
 impl Gateway for GatewayService {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        authorize(
+            &request,
+            Action::ReadResults,
+            Resource::Query(&request.get_ref().query),
+        )?;
         let result = self.results.get(request.into_inner()).await?;
         Ok(Response::new(GetResponse { result }))
     }
@@ -67,6 +73,11 @@ impl Gateway for GatewayService {
         &self,
         request: Request<RangeRequest>,
     ) -> Result<Response<RangeResponse>, Status> {
+        authorize(
+            &request,
+            Action::ReadResults,
+            Resource::Query(&request.get_ref().query),
+        )?;
         let results = self.results.range(request.into_inner()).await?;
         Ok(Response::new(RangeResponse { results }))
     }
@@ -74,6 +85,8 @@ impl Gateway for GatewayService {
     type WatchStream = Live;
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Live>, Status> {
+        let query = Resource::query_or_any(&request.get_ref().query);
+        authorize(&request, Action::ReadResults, query)?;
         let request = request.into_inner();
         if !request.query.is_empty() {
             crate::results::check_query(&request.query)?;
@@ -88,6 +101,11 @@ impl Gateway for GatewayService {
     }
 
     async fn top_k(&self, request: Request<TopKRequest>) -> Result<Response<TopKResponse>, Status> {
+        authorize(
+            &request,
+            Action::ReadResults,
+            Resource::Query(&request.get_ref().query),
+        )?;
         Ok(Response::new(
             self.results.top_k(request.into_inner()).await?,
         ))

@@ -25,7 +25,6 @@ use crate::error::{GatewayError, http_status};
 use crate::live::{Hub, LiveItem, Start, Subscription};
 use crate::results::Results;
 use crate::webhooks::{Registration, Webhooks};
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
@@ -34,11 +33,13 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Json, Redirect, Response};
 use axum::routing::get;
+use axum::{Extension, Router};
 use futures::{FutureExt, SinkExt, Stream, StreamExt};
 use runnel_proto::filter::parse_predicate;
 use runnel_proto::json::{parse_time, result_json};
 use runnel_proto::v1::{GetRequest, RangeRequest, TopKRequest, WatchRequest};
 use runnel_proto::{Millis, filter};
+use runnel_security::{Action, Caller, Resource};
 use runnel_telemetry::propagation::extract_from_http_headers;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -66,7 +67,7 @@ pub(crate) struct Api {
     pub(crate) webhooks: Arc<Webhooks>,
     pub(crate) max_poll_wait: Duration,
     /// Services whose health `/v1/pipeline` reports, by name.
-    pub(crate) pipeline: Arc<BTreeMap<String, tonic::transport::Channel>>,
+    pub(crate) pipeline: Arc<BTreeMap<String, runnel_security::Peer>>,
 }
 
 /// The HTTP routes.
@@ -122,6 +123,14 @@ impl IntoResponse for ApiError {
 
 fn bad(message: String) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, message)
+}
+
+/// The one permission check of every route: `caller` (recorded by the authentication
+/// middleware of `runnel_server::serve_http`) may do `action` on `resource`.
+fn allow(caller: &Caller, action: Action, resource: Resource<'_>) -> Result<(), ApiError> {
+    caller
+        .authorize(action, resource)
+        .map_err(|denied| ApiError::from(GatewayError::from(denied)))
 }
 
 /// Runs each request in a span that continues the caller's W3C trace, if it sent one.
@@ -201,8 +210,10 @@ impl LiveParams {
 
 async fn latest(
     State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
     Path((query, key)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    allow(&caller, Action::ReadResults, Resource::Query(&query))?;
     match api
         .results
         .get(GetRequest {
@@ -221,9 +232,11 @@ async fn latest(
 
 async fn range(
     State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
     Path((query, key)): Path<(String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    allow(&caller, Action::ReadResults, Resource::Query(&query))?;
     let (mut from, mut to, mut limit) = (None, None, 0);
     for (name, value) in pairs(raw)? {
         let time = |text: &str| parse_time(text).map_err(|e| bad(format!("{name}: {e}")));
@@ -254,9 +267,11 @@ async fn range(
 
 async fn top_k(
     State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
     Path(query): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    allow(&caller, Action::ReadResults, Resource::Query(&query))?;
     let mut k = 0;
     for (name, value) in pairs(raw)? {
         match name.as_str() {
@@ -304,10 +319,13 @@ fn live_json(item: &LiveItem) -> (&'static str, serde_json::Value) {
 /// Server-sent events; a reconnecting `EventSource` sends `Last-Event-ID` and resumes.
 async fn watch(
     State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let mut params = LiveParams::parse(raw, &[])?;
+    let query = Resource::query_or_any(&params.request.query);
+    allow(&caller, Action::ReadResults, query)?;
     if let Some(id) = headers.get("last-event-id") {
         let text = id
             .to_str()
@@ -345,10 +363,13 @@ async fn watch(
 
 async fn websocket(
     State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
     RawQuery(raw): RawQuery,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let params = LiveParams::parse(raw, &[])?;
+    let query = Resource::query_or_any(&params.request.query);
+    allow(&caller, Action::ReadResults, query)?;
     // Subscribe before the upgrade, so a refusal is an HTTP status the client can see.
     let subscription = api
         .hub
@@ -404,8 +425,14 @@ async fn relay_websocket(socket: WebSocket, mut subscription: Subscription) {
 
 /// Long polling: waits for the first matching result after `after` (or from now), then
 /// answers it with whatever else is already there.
-async fn poll(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+async fn poll(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
     let params = LiveParams::parse(raw, &["timeout", "limit"])?;
+    let query = Resource::query_or_any(&params.request.query);
+    allow(&caller, Action::ReadResults, query)?;
     let wait = match params.extra.get("timeout") {
         Some(text) => humantime::parse_duration(text)
             .map_err(|_| bad(format!("timeout: {text:?} is not a duration such as 30s")))?,
@@ -455,18 +482,36 @@ async fn poll(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Respons
     .into_response())
 }
 
-async fn register_webhook(State(api): State<Api>, body: Bytes) -> Result<Response, ApiError> {
+/// Webhooks make the gateway call out to URLs: registering one for a query's results
+/// takes `manage` on that query (every query, for a hook without one), and listing,
+/// reading or deleting them `manage` on every query.
+async fn register_webhook(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let registration: Registration = serde_json::from_slice(&body)
         .map_err(|e| bad(format!("the body is not a webhook registration: {e}")))?;
+    let query = Resource::query_or_any(&registration.query);
+    allow(&caller, Action::Manage, query)?;
     let created = api.webhooks.register(registration)?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
-async fn list_webhooks(State(api): State<Api>) -> Result<Response, ApiError> {
+async fn list_webhooks(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    allow(&caller, Action::Manage, Resource::AnyQuery)?;
     Ok(Json(serde_json::json!({ "webhooks": api.webhooks.list()? })).into_response())
 }
 
-async fn webhook(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn webhook(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    allow(&caller, Action::Manage, Resource::AnyQuery)?;
     let id: u64 = number("id", &id)?;
     match api.webhooks.get(id)? {
         Some(hook) => Ok(Json(hook).into_response()),
@@ -476,8 +521,10 @@ async fn webhook(State(api): State<Api>, Path(id): Path<String>) -> Result<Respo
 
 async fn delete_webhook(
     State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    allow(&caller, Action::Manage, Resource::AnyQuery)?;
     let id: u64 = number("id", &id)?;
     if api.webhooks.delete(id)? {
         Ok(StatusCode::NO_CONTENT.into_response())

@@ -28,7 +28,6 @@ mod webhooks;
 pub use config::{GatewayConfig, SlowClientPolicy, WebhookConfig};
 pub use error::GatewayError;
 
-use axum::serve::ListenerExt;
 use runnel_proto::v1::gateway_server::GatewayServer;
 use runnel_server::{Listeners, ServeError, ServiceConfig, Shutdown};
 use std::collections::BTreeMap;
@@ -47,7 +46,11 @@ pub async fn run(
             "the gateway needs an http listener".into(),
         )));
     };
-    let store = results::connect(&config.store, config.server.max_message_bytes)?;
+    let store = results::connect(
+        &config.store,
+        &config.server.connect,
+        config.server.max_message_bytes,
+    )?;
     let results = results::Results::new(store.clone(), config.server.request_timeout);
     let hub = live::Hub::new(
         store,
@@ -72,14 +75,15 @@ pub async fn run(
         .chain(config.pipeline.iter().map(|(n, u)| (n.as_str(), u)))
     {
         let channel =
-            runnel_server::client::channel(url).map_err(|source| GatewayError::StoreUrl {
-                url: url.clone(),
-                source,
+            runnel_security::connect_lazy(url, &config.server.connect).map_err(|source| {
+                GatewayError::StoreUrl {
+                    url: url.clone(),
+                    source,
+                }
             })?;
         pipeline.insert(name.to_owned(), channel);
     }
 
-    let http_shutdown = shutdown.clone();
     let app = http::router(http::Api {
         results: results.clone(),
         hub: Arc::clone(&hub),
@@ -87,17 +91,15 @@ pub async fn run(
         max_poll_wait: config.max_poll_wait,
         pipeline: Arc::new(pipeline),
     });
-    let http_server = tokio::spawn(async move {
-        // Small JSON answers and live events must not wait for a delayed ACK (Nagle).
-        let listener = http_listener.tap_io(|stream| {
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::debug!(%error, "cannot set TCP_NODELAY");
-            }
-        });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { http_shutdown.wait().await })
-            .await
-    });
+    // TLS, authentication and limits as on the gRPC port; small JSON answers and live
+    // events do not wait for a delayed ACK (the listener turns Nagle off).
+    let http_server = tokio::spawn(runnel_server::serve_http(
+        runnel_proto::service_name::GATEWAY,
+        http_listener,
+        app,
+        &config.server,
+        shutdown.clone(),
+    )?);
 
     let max_message = config.server.max_message_bytes;
     let grpc = GatewayServer::new(grpc::GatewayService::new(results, hub))

@@ -4,29 +4,30 @@ use crate::error::GatewayError;
 use runnel_proto::filter::{MAX_KEY_BYTES, MAX_QUERY_BYTES};
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{GetRequest, QueryResult, RangeRequest, TopKRequest, TopKResponse};
-use runnel_telemetry::propagation::TraceContextInterceptor;
+use runnel_security::{ConnectConfig, Peer};
 use std::time::Duration;
-use tonic::codegen::InterceptedService;
-use tonic::transport::Channel;
 
 /// The store's gRPC client, as every part of the gateway uses it.
-pub(crate) type Store = StoreClient<InterceptedService<Channel, TraceContextInterceptor>>;
+pub(crate) type Store = StoreClient<Peer>;
 
 /// Most keys a `TopK` may ask for (as the store accepts).
 const MAX_TOP_K: u32 = 1000;
 
 /// Connects (lazily, so the store may start later or restart; tonic reconnects on its
-/// own) to the store at `url`.
-pub(crate) fn connect(url: &str, max_message_bytes: usize) -> Result<Store, GatewayError> {
-    let channel = runnel_server::client::channel(url).map_err(|source| GatewayError::StoreUrl {
-        url: url.to_owned(),
-        source,
-    })?;
-    Ok(
-        StoreClient::with_interceptor(channel, TraceContextInterceptor)
-            .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes),
-    )
+/// own) to the store at `url`, with the gateway's TLS and credentials.
+pub(crate) fn connect(
+    url: &str,
+    connect: &ConnectConfig,
+    max_message_bytes: usize,
+) -> Result<Store, GatewayError> {
+    let channel =
+        runnel_security::connect_lazy(url, connect).map_err(|source| GatewayError::StoreUrl {
+            url: url.to_owned(),
+            source,
+        })?;
+    Ok(StoreClient::new(channel)
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes))
 }
 
 /// Reads results from the store on behalf of clients.

@@ -21,7 +21,9 @@ use runnel_proto::v1::{
     GetRequest, GetResponse, PutRequest, PutResponse, QueryResult, RangeRequest, RangeResponse,
     TopKRequest, TopKResponse, WatchRequest,
 };
+use runnel_security::{Action, Resource, authorize};
 use runnel_server::Shutdown;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{Mutex, broadcast, mpsc};
@@ -299,6 +301,15 @@ impl<H: HotTier> Store for StoreService<H> {
         &self,
         request: Request<PutRequest>,
     ) -> std::result::Result<Response<PutResponse>, Status> {
+        let queries: BTreeSet<&str> = request
+            .get_ref()
+            .results
+            .iter()
+            .map(|r| r.query.as_str())
+            .collect();
+        for query in queries {
+            authorize(&request, Action::WriteResults, Resource::Query(query))?;
+        }
         Ok(Response::new(self.serve_put(request.into_inner()).await?))
     }
 
@@ -306,6 +317,11 @@ impl<H: HotTier> Store for StoreService<H> {
         &self,
         request: Request<GetRequest>,
     ) -> std::result::Result<Response<GetResponse>, Status> {
+        authorize(
+            &request,
+            Action::ReadResults,
+            Resource::Query(&request.get_ref().query),
+        )?;
         Ok(Response::new(self.serve_get(request.into_inner()).await?))
     }
 
@@ -313,6 +329,11 @@ impl<H: HotTier> Store for StoreService<H> {
         &self,
         request: Request<RangeRequest>,
     ) -> std::result::Result<Response<RangeResponse>, Status> {
+        authorize(
+            &request,
+            Action::ReadResults,
+            Resource::Query(&request.get_ref().query),
+        )?;
         Ok(Response::new(self.serve_range(request.into_inner()).await?))
     }
 
@@ -322,6 +343,8 @@ impl<H: HotTier> Store for StoreService<H> {
         &self,
         request: Request<WatchRequest>,
     ) -> std::result::Result<Response<Self::WatchStream>, Status> {
+        let query = Resource::query_or_any(&request.get_ref().query);
+        authorize(&request, Action::ReadResults, query)?;
         Ok(Response::new(self.serve_watch(request.into_inner()).await?))
     }
 
@@ -329,6 +352,11 @@ impl<H: HotTier> Store for StoreService<H> {
         &self,
         request: Request<TopKRequest>,
     ) -> std::result::Result<Response<TopKResponse>, Status> {
+        authorize(
+            &request,
+            Action::ReadResults,
+            Resource::Query(&request.get_ref().query),
+        )?;
         Ok(Response::new(self.serve_top_k(request.into_inner()).await?))
     }
 }

@@ -162,7 +162,7 @@ async fn end_to_end(args: &AnalyzerArgs, dir: &std::path::Path) -> Result<()> {
         ))
         .abort_handle(),
     ];
-    let channel = tonic::transport::Endpoint::from_shared(broker_url)?.connect_lazy();
+    let channel = runnel_security::connect_lazy(&broker_url, &Default::default())?;
     let options = ProducerOptions {
         acks: Acks::Leader,
         create_partitions: Some(4),

@@ -6,6 +6,8 @@
 //! sends `Ingest` batches of `--batch` events with `--size`-byte payloads, one call in
 //! flight per client, answered at `--ack`; latency is measured per call, from send to
 //! acknowledgement. `--log` and `--log-fsync` choose the collector's message log.
+//! `--secure` runs both hops over mutual TLS with certificate authentication and grants,
+//! to measure what security costs.
 
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
@@ -15,6 +17,7 @@ use runnel_log::FsyncPolicy;
 use runnel_msglog::Mode;
 use runnel_proto::v1::collector_client::CollectorClient;
 use runnel_proto::v1::{AckLevel, Event, IngestRequest};
+use runnel_security::{ConnectConfig, GrantConfig, Peer};
 use runnel_server::{Listeners, ServiceConfig, Shutdown};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -50,6 +53,10 @@ pub(crate) struct IngestArgs {
     ack: Ack,
     #[command(flatten)]
     log: LogArgs,
+    /// Mutual TLS on both hops (client → collector → broker), certificate authentication
+    /// and grants checked on every call, with development certificates made for the run.
+    #[arg(long, conflicts_with = "collector")]
+    secure: bool,
 }
 
 /// The in-process collector's message log.
@@ -100,12 +107,21 @@ struct Totals {
 pub(crate) async fn run(args: IngestArgs) -> Result<ExitCode> {
     let data = tempfile_dir()?;
     let (trigger, shutdown) = Shutdown::new();
-    let collector_url = match &args.collector {
-        Some(url) => url.clone(),
-        None => start_in_process(args.fsync, &args.log, data.path(), shutdown.clone()).await?,
+    let (collector_url, connect) = match &args.collector {
+        Some(url) => (url.clone(), ConnectConfig::default()),
+        None => {
+            let certs = args.secure.then(|| data.path().join("certs"));
+            start_in_process(
+                args.fsync,
+                &args.log,
+                certs.as_deref(),
+                data.path(),
+                shutdown.clone(),
+            )
+            .await?
+        }
     };
-    let channel = tonic::transport::Endpoint::from_shared(collector_url.clone())?
-        .connect()
+    let channel = runnel_security::connect(&collector_url, &connect, None)
         .await
         .with_context(|| format!("cannot reach the collector at {collector_url}"))?;
 
@@ -115,7 +131,7 @@ pub(crate) async fn run(args: IngestArgs) -> Result<ExitCode> {
     drive(&args, channel.clone(), warmup, "warmup").await?;
 
     eprintln!(
-        "bench: {} events of {} bytes, batches of {}, {} concurrent clients, broker fsync {}, log {} (fsync {}), ack {}",
+        "bench: {} events of {} bytes, batches of {}, {} concurrent clients, broker fsync {}, log {} (fsync {}), ack {}{}",
         args.events,
         args.size,
         args.batch,
@@ -123,7 +139,12 @@ pub(crate) async fn run(args: IngestArgs) -> Result<ExitCode> {
         args.fsync,
         args.log.mode,
         args.log.fsync,
-        args.ack.name()
+        args.ack.name(),
+        if args.secure {
+            ", mutual TLS and authentication on both hops"
+        } else {
+            ""
+        }
     );
     let started = Instant::now();
     let (histogram, totals) = drive(&args, channel, args.events, "run").await?;
@@ -172,15 +193,94 @@ pub(crate) fn tempfile_dir() -> Result<tempfile::TempDir> {
         .context("temporary data directory")
 }
 
-/// A broker and a collector in this process, on ephemeral ports; the collector's URL.
+/// The security settings of `--secure`: each of `name`'s listeners over mutual TLS with
+/// certificate authentication, and its calls with its own certificate.
+fn secure_server(
+    certs: &std::path::Path,
+    name: &str,
+    grants: Vec<GrantConfig>,
+) -> runnel_server::ServerConfig {
+    let pem = certs.join(format!("{name}.pem"));
+    let key = certs.join(format!("{name}.key"));
+    let ca = certs.join("ca.pem");
+    runnel_server::ServerConfig {
+        tls: Some(runnel_security::TlsConfig {
+            cert: pem.clone(),
+            key: key.clone(),
+            client_ca: Some(ca.clone()),
+            client_auth: runnel_security::ClientAuth::Required,
+            reload_interval: Duration::from_secs(10),
+        }),
+        connect: ConnectConfig {
+            ca: Some(ca),
+            cert: Some(pem),
+            key: Some(key),
+            ..ConnectConfig::default()
+        },
+        auth: runnel_security::AuthConfig {
+            enabled: true,
+            mtls: true,
+            grants,
+            ..runnel_security::AuthConfig::default()
+        },
+        ..runnel_server::ServerConfig::loopback(0, 0)
+    }
+}
+
+/// Makes a CA and certificates for the collector, the broker and the bench client.
+fn make_certs(dir: &std::path::Path) -> Result<()> {
+    use runnel_security::certs::{DevCa, default_names, write_file, write_pair};
+    std::fs::create_dir_all(dir)?;
+    let (ca, _) = DevCa::generate("runnel bench CA", 1)?;
+    write_file(&dir.join("ca.pem"), &ca.cert_pem, false, true)?;
+    for name in ["collector", "broker", "client"] {
+        write_pair(dir, name, &ca.issue(name, &default_names(name), 1)?, true)?;
+    }
+    Ok(())
+}
+
+fn produce_grant(principal: &str) -> GrantConfig {
+    GrantConfig {
+        principal: principal.into(),
+        allow: vec![runnel_security::Action::Produce],
+        topics: vec!["*".into()],
+        queries: vec![],
+    }
+}
+
+/// A broker and a collector in this process, on ephemeral ports; the collector's URL and
+/// how to connect to it. With `secure_certs`, development certificates are made there and
+/// both hops run over mutual TLS with authentication and grants.
 pub(crate) async fn start_in_process(
     broker_fsync: FsyncPolicy,
     log: &LogArgs,
+    secure_certs: Option<&std::path::Path>,
     data: &std::path::Path,
     shutdown: Shutdown,
-) -> Result<String> {
+) -> Result<(String, ConnectConfig)> {
+    let (broker_server, collector_server, client) = match secure_certs {
+        Some(certs) => {
+            make_certs(certs)?;
+            let client = secure_server(certs, "client", Vec::new()).connect;
+            (
+                secure_server(certs, "broker", vec![produce_grant("collector")]),
+                secure_server(certs, "collector", vec![produce_grant("client")]),
+                client,
+            )
+        }
+        None => (
+            runnel_server::ServerConfig::loopback(0, 0),
+            runnel_server::ServerConfig::loopback(0, 0),
+            ConnectConfig::default(),
+        ),
+    };
+    let scheme = if secure_certs.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let broker = BrokerConfig {
-        server: runnel_server::ServerConfig::loopback(0, 0),
+        server: broker_server,
         data_dir: data.join("broker"),
         fsync: broker_fsync,
         ..BrokerConfig::default()
@@ -188,8 +288,8 @@ pub(crate) async fn start_in_process(
     broker.validate()?;
     let broker_listeners = Listeners::bind(broker.listen()).await?;
     let mut collector = CollectorConfig {
-        server: runnel_server::ServerConfig::loopback(0, 0),
-        broker: format!("http://{}", broker_listeners.grpc.local_addr()?),
+        server: collector_server,
+        broker: format!("{scheme}://{}", broker_listeners.grpc.local_addr()?),
         data_dir: data.join("collector"),
         udp: None,
         ..CollectorConfig::default()
@@ -198,7 +298,7 @@ pub(crate) async fn start_in_process(
     collector.msglog.fsync = log.fsync;
     collector.validate()?;
     let collector_listeners = Listeners::bind(collector.listen()).await?;
-    let url = format!("http://{}", collector_listeners.grpc.local_addr()?);
+    let url = format!("{scheme}://{}", collector_listeners.grpc.local_addr()?);
     let broker_shutdown = shutdown.clone();
     tokio::spawn(async move {
         if let Err(error) = runnel_broker::run(broker, broker_listeners, broker_shutdown).await {
@@ -210,13 +310,13 @@ pub(crate) async fn start_in_process(
             eprintln!("bench: collector failed: {error}");
         }
     });
-    Ok(url)
+    Ok((url, client))
 }
 
 /// Sends `total` events from `args.concurrency` clients; returns per-call latencies (µs).
 async fn drive(
     args: &IngestArgs,
-    channel: tonic::transport::Channel,
+    channel: Peer,
     total: u64,
     label: &'static str,
 ) -> Result<(Histogram<u64>, Arc<Totals>)> {

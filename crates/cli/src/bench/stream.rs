@@ -64,7 +64,11 @@ pub(crate) async fn run(args: StreamArgs) -> Result<ExitCode> {
     let (trigger, shutdown) = Shutdown::new();
     let url = match &args.collector {
         Some(url) => url.clone(),
-        None => start_in_process(args.fsync, &args.log, data.path(), shutdown).await?,
+        None => {
+            start_in_process(args.fsync, &args.log, None, data.path(), shutdown)
+                .await?
+                .0
+        }
     };
     let channel = tonic::transport::Endpoint::from_shared(url.clone())?
         .connect()

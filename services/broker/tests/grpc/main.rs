@@ -15,9 +15,8 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tonic::Code;
-use tonic::transport::Channel;
 
-type Client = BrokerClient<Channel>;
+type Client = BrokerClient<runnel_security::Peer>;
 
 /// The storage engine a test broker runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +47,7 @@ mod cluster;
 mod groups;
 mod log;
 mod nats;
+mod security;
 
 /// What a test's brokers share across restarts: the data directory and, for JetStream,
 /// the NATS server.
@@ -119,9 +119,11 @@ impl Harness {
 }
 
 async fn connect(addr: SocketAddr) -> Client {
-    BrokerClient::connect(format!("http://{addr}"))
+    let url = format!("http://{addr}");
+    let peer = runnel_security::connect(&url, &Default::default(), None)
         .await
-        .unwrap()
+        .unwrap();
+    BrokerClient::new(peer)
 }
 
 /// Triggers shutdown and waits for `run` to return cleanly.

@@ -20,7 +20,7 @@ use tonic::transport::Channel;
 pub(crate) struct Stack {
     _dir: tempfile::TempDir,
     pub(crate) collector: CollectorClient<Channel>,
-    pub(crate) broker: BrokerClient<Channel>,
+    pub(crate) broker: BrokerClient<runnel_client::Peer>,
     pub(crate) store: StoreClient<Channel>,
     pub(crate) udp: SocketAddr,
     pub(crate) trigger: ShutdownTrigger,
@@ -104,7 +104,11 @@ pub(crate) async fn start(configure: impl FnOnce(&mut CollectorConfig)) -> Stack
     Stack {
         _dir: dir,
         collector: CollectorClient::connect(collector_url).await.unwrap(),
-        broker: BrokerClient::connect(broker_url).await.unwrap(),
+        broker: BrokerClient::new(
+            runnel_client::connect(&broker_url, &Default::default(), None)
+                .await
+                .unwrap(),
+        ),
         store: StoreClient::connect(store_url).await.unwrap(),
         udp: udp_addr,
         trigger,
@@ -125,7 +129,7 @@ pub(crate) fn event(id: &str, key: &str) -> Event {
 /// Every event id the broker holds in `topic`, per partition in offset order, waiting
 /// until there are `expected` in all.
 pub(crate) async fn stored_ids(
-    broker: &mut BrokerClient<Channel>,
+    broker: &mut BrokerClient<runnel_client::Peer>,
     topic: &str,
     partitions: u32,
     expected: usize,

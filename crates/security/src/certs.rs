@@ -1,0 +1,246 @@
+//! Development certificates: a CA of one's own and certificates it signs for each service
+//! and client, so that TLS and mutual TLS are one command away (`runnel certs init`).
+//!
+//! Keys are ECDSA P-256. Every service certificate is good for both ends of a link —
+//! server authentication on its listeners and client authentication when it calls the
+//! others — and its common name is the service's name, which is the principal mutual TLS
+//! authenticates it as. These are for development and tests: production certificates come
+//! from the operator's own PKI (cert-manager, Vault, …), which Runnel reads the same way.
+
+use crate::SecurityError;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use std::path::{Path, PathBuf};
+
+fn rcgen_error(what: &str) -> impl FnOnce(rcgen::Error) -> SecurityError + '_ {
+    move |e| SecurityError::Invalid(format!("{what}: {e}"))
+}
+
+/// A certificate and its private key, PEM.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The certificate.
+    pub cert_pem: String,
+    /// Its private key (PKCS#8).
+    pub key_pem: String,
+}
+
+/// A certificate authority that signs development certificates.
+pub struct DevCa {
+    issuer: Issuer<'static, KeyPair>,
+    /// The CA certificate, PEM: what services and clients trust.
+    pub cert_pem: String,
+}
+
+impl std::fmt::Debug for DevCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevCa").finish_non_exhaustive()
+    }
+}
+
+fn validity(params: &mut CertificateParams, days: u32) {
+    let now = time::OffsetDateTime::now_utc();
+    // A little in the past, so that a peer whose clock is slightly behind accepts it.
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(i64::from(days));
+}
+
+impl DevCa {
+    /// A new CA named `name`, valid for `days`; returns it and its key, PEM.
+    pub fn generate(name: &str, days: u32) -> Result<(DevCa, String), SecurityError> {
+        let key = KeyPair::generate().map_err(rcgen_error("ca key"))?;
+        let mut params = CertificateParams::default();
+        let mut subject = DistinguishedName::new();
+        subject.push(DnType::CommonName, name);
+        subject.push(DnType::OrganizationName, "Runnel development");
+        params.distinguished_name = subject;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        validity(&mut params, days);
+        let cert = params.self_signed(&key).map_err(rcgen_error("ca"))?;
+        let key_pem = key.serialize_pem();
+        Ok((
+            DevCa {
+                issuer: Issuer::new(params, key),
+                cert_pem: cert.pem(),
+            },
+            key_pem,
+        ))
+    }
+
+    /// The CA in `cert_pem` with its key `key_pem`, to sign more certificates.
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<DevCa, SecurityError> {
+        let key = KeyPair::from_pem(key_pem).map_err(rcgen_error("ca key"))?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(rcgen_error("ca"))?;
+        Ok(DevCa {
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+        })
+    }
+
+    /// A certificate for `common_name` (its mutual-TLS principal) that is valid for the
+    /// DNS names and IP addresses in `names`, for server and client authentication.
+    pub fn issue(
+        &self,
+        common_name: &str,
+        names: &[String],
+        days: u32,
+    ) -> Result<Issued, SecurityError> {
+        let key = KeyPair::generate().map_err(rcgen_error("key"))?;
+        let mut params = CertificateParams::default();
+        let mut subject = DistinguishedName::new();
+        subject.push(DnType::CommonName, common_name);
+        params.distinguished_name = subject;
+        params.subject_alt_names = names
+            .iter()
+            .map(|name| match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => name
+                    .clone()
+                    .try_into()
+                    .map(SanType::DnsName)
+                    .map_err(rcgen_error("name")),
+            })
+            .collect::<Result<_, _>>()?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params, days);
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(rcgen_error(common_name))?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// The names every development service certificate is valid for: the service's own name
+/// (its host name in compose and Kubernetes) and loopback.
+pub fn default_names(service: &str) -> Vec<String> {
+    vec![
+        service.to_owned(),
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ]
+}
+
+/// Writes `<dir>/<name>.pem` and `<dir>/<name>.key` (the key readable by its owner only),
+/// refusing to overwrite either unless `overwrite`. Returns the two paths.
+pub fn write_pair(
+    dir: &Path,
+    name: &str,
+    issued: &Issued,
+    overwrite: bool,
+) -> Result<(PathBuf, PathBuf), SecurityError> {
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    write_file(&cert, &issued.cert_pem, false, overwrite)?;
+    write_file(&key, &issued.key_pem, true, overwrite)?;
+    Ok((cert, key))
+}
+
+/// Writes one PEM file.
+pub fn write_file(
+    path: &Path,
+    contents: &str,
+    secret: bool,
+    overwrite: bool,
+) -> Result<(), SecurityError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true);
+    if overwrite {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    if secret {
+        options.mode(0o600);
+    }
+    let io = |source| SecurityError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = options.open(path).map_err(io)?;
+    file.write_all(contents.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::{common_name, parse_certs};
+
+    #[test]
+    fn issued_certificates_chain_to_the_ca_and_carry_their_name() {
+        let (ca, ca_key) = DevCa::generate("test ca", 30).unwrap();
+        let issued = ca.issue("broker", &default_names("broker"), 30).unwrap();
+        let leaf = parse_certs("leaf", issued.cert_pem.as_bytes()).unwrap();
+        assert_eq!(common_name(&leaf[0]).as_deref(), Some("broker"));
+
+        // Verified the way a TLS peer verifies it.
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(parse_certs("ca", ca.cert_pem.as_bytes()).unwrap().remove(0))
+            .unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            crate::tls::provider(),
+        )
+        .build()
+        .unwrap();
+        use rustls::client::danger::ServerCertVerifier;
+        let now = rustls_pki_types::UnixTime::now();
+        for name in ["broker", "localhost", "127.0.0.1"] {
+            let server = rustls_pki_types::ServerName::try_from(name).unwrap();
+            verifier
+                .verify_server_cert(&leaf[0], &[], &server, &[], now)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let other = rustls_pki_types::ServerName::try_from("store").unwrap();
+        assert!(
+            verifier
+                .verify_server_cert(&leaf[0], &[], &other, &[], now)
+                .is_err()
+        );
+
+        // A reloaded CA signs certificates the same roots accept.
+        let again = DevCa::load(&ca.cert_pem, &ca_key).unwrap();
+        let second = again.issue("store", &default_names("store"), 30).unwrap();
+        let second = parse_certs("second", second.cert_pem.as_bytes()).unwrap();
+        let server = rustls_pki_types::ServerName::try_from("store").unwrap();
+        verifier
+            .verify_server_cert(&second[0], &[], &server, &[], now)
+            .unwrap();
+    }
+
+    #[test]
+    fn keys_are_private_and_files_are_not_overwritten() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = DevCa::generate("test ca", 1).unwrap();
+        let issued = ca.issue("client", &[], 1).unwrap();
+        let (_, key) = write_pair(dir.path(), "client", &issued, false).unwrap();
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+        assert!(write_pair(dir.path(), "client", &issued, false).is_err());
+        write_pair(dir.path(), "client", &issued, true).unwrap();
+    }
+}
