@@ -240,6 +240,9 @@ const FUZZ_TARGETS: &[&str] = &[
     "ingest_validation",
     "json_extract",
     "grpc_requests",
+    "msglog_records",
+    "udp_datagrams",
+    "subscribe_events",
 ];
 
 /// Runs each fuzz target for `seconds` (default 60). cargo-fuzz needs nightly compiler

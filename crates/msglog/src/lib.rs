@@ -39,6 +39,8 @@
 //! until the log can write again.
 
 mod forward;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod record;
 mod segment;
 mod shard;

@@ -374,8 +374,6 @@ mod tests {
             udp: Some("0.0.0.0:7106".parse().unwrap()),
             ..CollectorConfig::default()
         };
-        // Authentication does not cover datagrams.
-        config.server.auth.enabled = true;
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("collector.udp"), "{error}");
         assert!(error.contains("allow_unauthenticated"), "{error}");

@@ -1,5 +1,5 @@
 //! Entry points for the fuzz targets in `fuzz/` (the `fuzzing` feature only): decoding
-//! and validating an `Ingest` request as it arrives from a client.
+//! and validating an `Ingest` request as it arrives from a client, and a UDP datagram.
 
 use crate::validate::{Limits, validate_batch};
 use prost::Message;
@@ -32,6 +32,34 @@ pub fn ingest_request(bytes: &[u8]) {
         assert!(
             (-62_135_596_800..=253_402_300_799).contains(&time.seconds),
             "{time:?}"
+        );
+    }
+}
+
+/// Parses `bytes` as a UDP datagram. A datagram is one event or nothing: when it parses,
+/// the event's protobuf encoding parses back to the same event (JSON and protobuf
+/// datagrams mean the same), and validation either takes it whole or refuses it.
+pub fn datagram(bytes: &[u8]) {
+    let Ok(event) = crate::oneway::parse_datagram(bytes) else {
+        return;
+    };
+    let encoded = event.encode_to_vec();
+    if !encoded.is_empty() {
+        assert_eq!(
+            crate::oneway::parse_datagram(&encoded).as_ref(),
+            Ok(&event),
+            "the protobuf form of a datagram's event means the same"
+        );
+    }
+    let limits = Limits {
+        max_batch_events: 1,
+        max_payload_bytes: 64 * 1024,
+    };
+    let mut events = [event];
+    if validate_batch(&mut events, limits, Millis(1_714_564_800_000)).is_ok() {
+        assert!(
+            !events[0].id.is_empty(),
+            "validation gives every event an id"
         );
     }
 }
