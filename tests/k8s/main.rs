@@ -345,9 +345,16 @@ fn stateful_services_keep_their_data_on_volumes_and_stateless_ones_scale_by_repl
             .collect();
         let at = |w: &str| format!("{}: {w}", overlay.name);
 
-        // Every HPA scales something that exists, by replicas: a Deployment.
+        // Every HPA scales something that exists, by replicas: a Deployment, or the
+        // collectors, whose pods each keep a message log of their own and deliver it
+        // before a scale-down removes them.
         for (target, target_kind) in &hpa_targets {
-            assert_eq!(*target_kind, "Deployment", "{}", at(target));
+            let expected = if *target == "runnel-collector" {
+                "StatefulSet"
+            } else {
+                "Deployment"
+            };
+            assert_eq!(*target_kind, expected, "{}", at(target));
             assert!(
                 by_name.contains_key(target),
                 "{}: no such workload",
@@ -379,11 +386,19 @@ fn stateful_services_keep_their_data_on_volumes_and_stateless_ones_scale_by_repl
                         "{}: governing Service {governing} is not headless or missing",
                         at(workload.name)
                     );
-                    assert!(
-                        !hpa_targets.contains_key(workload.name),
-                        "{}: a StatefulSet does not scale by an HPA here",
-                        at(workload.name)
-                    );
+                    if workload.name == "runnel-collector" {
+                        assert!(
+                            pdbs.iter().any(|s| selects(s, &workload.labels)),
+                            "{}: no PodDisruptionBudget",
+                            at(workload.name)
+                        );
+                    } else {
+                        assert!(
+                            !hpa_targets.contains_key(workload.name),
+                            "{}: a StatefulSet does not scale by an HPA here",
+                            at(workload.name)
+                        );
+                    }
                 }
                 _ => {
                     assert!(
@@ -406,7 +421,7 @@ fn stateful_services_keep_their_data_on_volumes_and_stateless_ones_scale_by_repl
         }
         // Which service is which, as docs/operations.md says.
         for (service, expected) in [
-            ("runnel-collector", "Deployment"),
+            ("runnel-collector", "StatefulSet"),
             ("runnel-analyzer", "StatefulSet"),
             ("runnel-store", "StatefulSet"),
             ("runnel-gateway", "Deployment"),
@@ -443,26 +458,57 @@ fn stateful_services_keep_their_data_on_volumes_and_stateless_ones_scale_by_repl
     }
 }
 
+/// What a service's configuration in its container says about stopping and writing.
+struct Loaded {
+    /// How long stopping may take after SIGTERM: the drain of calls, and for the
+    /// collector the delivery of its message log after it, which gets as long again.
+    stopping: Duration,
+    /// The directory the service writes, if it writes one.
+    writes: Option<PathBuf>,
+}
+
 /// Loads one service's configuration exactly as the binary would in that container: the
-/// ConfigMap's file, then the container's environment. Returns its drain timeout.
+/// ConfigMap's file, then the container's environment.
 fn load_service_config(
     service: &str,
     file: &Path,
     env: Vec<(String, String)>,
-) -> Result<Duration, String> {
-    fn load<C: ServiceConfig>(file: &Path, env: Vec<(String, String)>) -> Result<Duration, String> {
-        runnel_server::config::load_from::<C>(Some(file), env)
-            .map(|c| c.server().drain_timeout)
-            .map_err(|e| e.to_string())
+) -> Result<Loaded, String> {
+    fn load<C: ServiceConfig>(file: &Path, env: Vec<(String, String)>) -> Result<C, String> {
+        runnel_server::config::load_from::<C>(Some(file), env).map_err(|e| e.to_string())
     }
-    match service {
-        "collector" => load::<runnel_collector::CollectorConfig>(file, env),
-        "broker" => load::<runnel_broker::BrokerConfig>(file, env),
-        "analyzer" => load::<runnel_analyzer::AnalyzerConfig>(file, env),
-        "store" => load::<runnel_store::StoreConfig>(file, env),
-        "gateway" => load::<runnel_gateway::GatewayConfig>(file, env),
-        other => Err(format!("unknown service {other}")),
+    fn loaded<C: ServiceConfig>(config: &C, writes: Option<PathBuf>) -> Loaded {
+        Loaded {
+            stopping: config.server().drain_timeout,
+            writes,
+        }
     }
+    Ok(match service {
+        "collector" => {
+            let c = load::<runnel_collector::CollectorConfig>(file, env)?;
+            let mut loaded = loaded(&c, Some(c.data_dir.clone()));
+            loaded.stopping *= 2;
+            loaded
+        }
+        "broker" => {
+            let c = load::<runnel_broker::BrokerConfig>(file, env)?;
+            let embedded = c.storage == runnel_broker::StorageEngine::Embedded;
+            loaded(&c, embedded.then(|| c.data_dir.clone()))
+        }
+        "analyzer" => {
+            let c = load::<runnel_analyzer::AnalyzerConfig>(file, env)?;
+            loaded(&c, Some(c.data_dir.clone()))
+        }
+        "store" => {
+            let c = load::<runnel_store::StoreConfig>(file, env)?;
+            loaded(&c, Some(c.data_dir.clone()))
+        }
+        "gateway" => {
+            let c = load::<runnel_gateway::GatewayConfig>(file, env)?;
+            loaded(&c, Some(c.data_dir.clone()))
+        }
+        other => return Err(format!("unknown service {other}")),
+    })
 }
 
 #[test]
@@ -520,15 +566,29 @@ fn every_service_accepts_its_configuration_and_its_grace_period_outlasts_its_dra
                 .unwrap_or_else(|| panic!("{at}: ConfigMap {config_map} has no {file_name}"));
             let file = dir.path().join(format!("{}-{service}.toml", overlay.name));
             std::fs::write(&file, contents).expect("write the config");
-            let drain = load_service_config(service, &file, env)
+            let loaded = load_service_config(service, &file, env)
                 .unwrap_or_else(|e| panic!("{at}: the service refuses its configuration: {e}"));
             // SIGTERM comes after the preStop hook; the drain and the final sync or
             // checkpoint must end before the kubelet's SIGKILL.
-            let needed = pre_stop as u64 + drain.as_secs() + 5;
+            let stopping = loaded.stopping;
+            let needed = pre_stop as u64 + stopping.as_secs() + 5;
             assert!(
                 grace as u64 >= needed,
-                "{at}: terminationGracePeriodSeconds {grace} < preStop {pre_stop} s + drain {drain:?} + 5 s"
+                "{at}: terminationGracePeriodSeconds {grace} < preStop {pre_stop} s + stopping {stopping:?} + 5 s"
             );
+            // The root filesystem is read-only: what the service writes must be on a
+            // writable volume, given by an absolute path (a relative one lands in the
+            // image's working directory).
+            if let Some(dir) = loaded.writes {
+                assert!(dir.is_absolute(), "{at}: writes {} (relative)", dir.display());
+                let writable = list(&container["volumeMounts"]).iter().any(|m| {
+                    m["readOnly"].as_bool() != Some(true)
+                        && m["mountPath"]
+                            .as_str()
+                            .is_some_and(|p| dir.starts_with(p))
+                });
+                assert!(writable, "{at}: writes {} on no writable volume", dir.display());
+            }
         }
     }
 }
@@ -677,7 +737,11 @@ fn network_policies_allow_the_pipelines_own_paths_and_nothing_else() {
             7102,
             &["runnel-collector", "runnel-analyzer"],
         );
-        allow("runnel-store", 7104, &["runnel-analyzer", "runnel-gateway"]);
+        allow(
+            "runnel-store",
+            7104,
+            &["runnel-analyzer", "runnel-gateway", "runnel-collector"],
+        );
         allow("runnel-gateway", 7105, &everyone);
         allow("runnel-gateway", 8080, &everyone);
         allow("runnel-nats", 4222, &["runnel-broker"]);
