@@ -580,14 +580,20 @@ fn every_service_accepts_its_configuration_and_its_grace_period_outlasts_its_dra
             // writable volume, given by an absolute path (a relative one lands in the
             // image's working directory).
             if let Some(dir) = loaded.writes {
-                assert!(dir.is_absolute(), "{at}: writes {} (relative)", dir.display());
+                assert!(
+                    dir.is_absolute(),
+                    "{at}: writes {} (relative)",
+                    dir.display()
+                );
                 let writable = list(&container["volumeMounts"]).iter().any(|m| {
                     m["readOnly"].as_bool() != Some(true)
-                        && m["mountPath"]
-                            .as_str()
-                            .is_some_and(|p| dir.starts_with(p))
+                        && m["mountPath"].as_str().is_some_and(|p| dir.starts_with(p))
                 });
-                assert!(writable, "{at}: writes {} on no writable volume", dir.display());
+                assert!(
+                    writable,
+                    "{at}: writes {} on no writable volume",
+                    dir.display()
+                );
             }
         }
     }
