@@ -10,14 +10,11 @@
 //! way.
 
 use anyhow::{Context, Result, bail};
-use runnel_security::certs::{DevCa, default_names, write_file, write_pair};
+use runnel_security::certs::{
+    CLIENT, DevCa, SERVICES, default_names, pipeline_grants, write_file, write_pair,
+};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-
-/// The services that get a certificate, and the principal each one authenticates as.
-const SERVICES: [&str; 5] = ["collector", "broker", "analyzer", "store", "gateway"];
-/// The client certificate's name (and principal).
-const CLIENT: &str = "client";
 
 /// `runnel certs …`.
 #[derive(Debug, clap::Subcommand)]
@@ -34,6 +31,11 @@ pub(crate) enum CertsCommand {
         /// Replace files that exist.
         #[arg(long)]
         force: bool,
+        /// Where the services will read these files, when not from `--dir`: the
+        /// directory they are mounted at in a container (`/certs` for
+        /// docker-compose.secure.yml). `secure.toml` names the files there.
+        #[arg(long)]
+        mount: Option<PathBuf>,
     },
     /// Sign one more certificate with the CA in `--dir` (`ca.pem`, `ca.key`).
     Issue {
@@ -68,7 +70,12 @@ pub(crate) enum AuthCommand {
 
 pub(crate) fn certs(command: CertsCommand) -> Result<ExitCode> {
     match command {
-        CertsCommand::Init { dir, days, force } => init(&dir, days, force),
+        CertsCommand::Init {
+            dir,
+            days,
+            force,
+            mount,
+        } => init(&dir, days, force, mount.as_deref()),
         CertsCommand::Issue {
             name,
             names,
@@ -122,7 +129,12 @@ fn load_ca(dir: &Path) -> Result<DevCa> {
     Ok(DevCa::load(&read("ca.pem")?, &read("ca.key")?)?)
 }
 
-fn init(dir: &Path, days: u32, force: bool) -> Result<ExitCode> {
+fn init(dir: &Path, days: u32, force: bool, mount: Option<&Path>) -> Result<ExitCode> {
+    if let Some(mount) = mount
+        && !mount.is_absolute()
+    {
+        bail!("--mount must be an absolute path (where a container sees the files)");
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir
         .canonicalize()
@@ -135,7 +147,7 @@ fn init(dir: &Path, days: u32, force: bool) -> Result<ExitCode> {
         write_pair(&dir, name, &issued, force)?;
     }
     let config = dir.join("secure.toml");
-    write_file(&config, &secure_toml(&dir), false, force)?;
+    write_file(&config, &secure_toml(mount.unwrap_or(&dir))?, false, force)?;
     eprintln!(
         "wrote a CA, certificates for {} and {CLIENT}, and {} to {} (valid {days} days)\n\n\
          run the pipeline with TLS, mutual TLS and certificate authentication:\n  \
@@ -152,52 +164,9 @@ fn init(dir: &Path, days: u32, force: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// What each service's callers may do there: `(principal, allow, topics, queries)`.
-fn grants(service: &str) -> Vec<(&'static str, &'static str, &'static str, &'static str)> {
-    const ALL: &str = "[\"*\"]";
-    const NONE: &str = "[]";
-    match service {
-        // Tap reads the topics it serves.
-        "collector" => vec![(CLIENT, "[\"produce\", \"consume\"]", ALL, NONE)],
-        "broker" => vec![
-            // Topics created on demand (Publish), and read for Tap.
-            (
-                "collector",
-                "[\"produce\", \"consume\", \"manage\"]",
-                ALL,
-                NONE,
-            ),
-            // Re-keyed stages, output and side-output topics are the analyzer's own.
-            (
-                "analyzer",
-                "[\"produce\", \"consume\", \"manage\"]",
-                ALL,
-                NONE,
-            ),
-            (CLIENT, "[\"produce\", \"consume\", \"manage\"]", ALL, NONE),
-        ],
-        "analyzer" => vec![(CLIENT, "[\"read_results\", \"manage\"]", NONE, ALL)],
-        "store" => vec![
-            ("analyzer", "[\"write_results\"]", NONE, ALL),
-            ("gateway", "[\"read_results\"]", NONE, ALL),
-            // Track answers with the token's purchase-propensity score.
-            (
-                "collector",
-                "[\"read_results\"]",
-                NONE,
-                "[\"purchase_propensity\"]",
-            ),
-            (CLIENT, "[\"read_results\"]", NONE, ALL),
-        ],
-        // Webhooks take `manage`.
-        "gateway" => vec![(CLIENT, "[\"read_results\", \"manage\"]", NONE, ALL)],
-        _ => Vec::new(),
-    }
-}
-
 /// A configuration with TLS, mutual TLS and certificate authentication on all five
-/// services, the certificates in `dir`.
-fn secure_toml(dir: &Path) -> String {
+/// services, the certificates in `dir`, and the grants the pipeline needs.
+fn secure_toml(dir: &Path) -> Result<String> {
     let path = |name: &str| format!("{:?}", dir.join(name).display().to_string());
     let mut out = String::from(
         "# Written by `runnel certs init`: TLS and mutual TLS on every listener, every service\n\
@@ -216,11 +185,78 @@ fn secure_toml(dir: &Path) -> String {
             path(&format!("{service}.pem")),
             path(&format!("{service}.key")),
         ));
-        for (principal, allow, topics, queries) in grants(service) {
-            out.push_str(&format!(
-                "\n[[{service}.server.auth.grants]]\nprincipal = \"{principal}\"\nallow = {allow}\ntopics = {topics}\nqueries = {queries}\n"
-            ));
+        for grant in pipeline_grants(service) {
+            #[derive(serde::Serialize)]
+            struct Grants {
+                grants: [runnel_security::GrantConfig; 1],
+            }
+            let table =
+                toml::to_string(&Grants { grants: [grant] }).context("writing a grant as TOML")?;
+            let table = table.replacen(
+                "[[grants]]",
+                &format!("[[{service}.server.auth.grants]]"),
+                1,
+            );
+            out.push('\n');
+            out.push_str(&table);
         }
     }
-    out
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runnel_server::ServiceConfig;
+    use runnel_server::config::load_from;
+
+    /// Loads `service`'s part of `file` with its own configuration type, as it starts.
+    fn server_of(service: &str, file: &Path) -> runnel_server::ServerConfig {
+        fn load<C: ServiceConfig>(file: &Path) -> runnel_server::ServerConfig {
+            load_from::<C>(Some(file), Vec::new())
+                .unwrap_or_else(|e| panic!("{}: {e}", C::SECTION))
+                .server()
+                .clone()
+        }
+        match service {
+            "collector" => load::<runnel_collector::CollectorConfig>(file),
+            "broker" => load::<runnel_broker::BrokerConfig>(file),
+            "analyzer" => load::<runnel_analyzer::AnalyzerConfig>(file),
+            "store" => load::<runnel_store::StoreConfig>(file),
+            "gateway" => load::<runnel_gateway::GatewayConfig>(file),
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn init_writes_a_configuration_every_service_accepts_with_the_pipelines_grants() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 30, false, None).unwrap();
+        let dir = dir.path().canonicalize().unwrap();
+        let file = dir.join("secure.toml");
+        for service in SERVICES {
+            let server = server_of(service, &file);
+            let tls = server.tls.as_ref().expect("tls");
+            assert_eq!(tls.cert, dir.join(format!("{service}.pem")), "{service}");
+            assert_eq!(tls.client_ca.as_deref(), Some(dir.join("ca.pem").as_path()));
+            assert!(server.auth.enabled && server.auth.mtls, "{service}");
+            assert_eq!(server.auth.grants, pipeline_grants(service), "{service}");
+        }
+        // A second init does not overwrite the CA or a key without --force.
+        assert!(init(&dir, 30, false, None).is_err());
+        init(&dir, 30, true, None).unwrap();
+    }
+
+    #[test]
+    fn a_mount_names_the_files_where_a_container_sees_them() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 30, false, Some(Path::new("/certs"))).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("secure.toml")).unwrap();
+        assert!(text.contains("cert = \"/certs/broker.pem\""), "{text}");
+        assert!(!text.contains(&*dir.path().to_string_lossy()), "{text}");
+        // The files are where --dir says, not under the mount.
+        assert!(dir.path().join("broker.key").is_file());
+        let relative = init(dir.path(), 30, true, Some(Path::new("certs")));
+        assert!(relative.unwrap_err().to_string().contains("absolute"));
+    }
 }

@@ -7,7 +7,8 @@
 //! authenticates it as. These are for development and tests: production certificates come
 //! from the operator's own PKI (cert-manager, Vault, …), which Runnel reads the same way.
 
-use crate::SecurityError;
+use crate::config::GrantConfig;
+use crate::{Action, SecurityError};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -129,15 +130,60 @@ impl DevCa {
     }
 }
 
-/// The names every development service certificate is valid for: the service's own name
-/// (its host name in compose and Kubernetes) and loopback.
-pub fn default_names(service: &str) -> Vec<String> {
+/// The names every development certificate is valid for: its own name (a service's host
+/// name in compose), `runnel-<name>` (its Service in Kubernetes), and loopback (where
+/// `healthcheck` and a laptop's clients reach it).
+pub fn default_names(name: &str) -> Vec<String> {
     vec![
-        service.to_owned(),
+        name.to_owned(),
+        format!("runnel-{name}"),
         "localhost".to_owned(),
         "127.0.0.1".to_owned(),
         "::1".to_owned(),
     ]
+}
+
+/// The pipeline's five services, each a principal (its certificate's common name).
+pub const SERVICES: [&str; 5] = ["collector", "broker", "analyzer", "store", "gateway"];
+
+/// The development client's name: the principal its certificate authenticates as.
+pub const CLIENT: &str = "client";
+
+/// The grants `service` needs for the pipeline to run with authentication on: each
+/// service may do its own part there, and [`CLIENT`] may use every public API. The one
+/// list `runnel certs init` writes and the secure deployment files carry.
+pub fn pipeline_grants(service: &str) -> Vec<GrantConfig> {
+    use Action::{Consume, Manage, Produce, ReadResults, WriteResults};
+    let grant =
+        |principal: &str, allow: &[Action], topics: &[&str], queries: &[&str]| GrantConfig {
+            principal: principal.to_owned(),
+            allow: allow.to_vec(),
+            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+            queries: queries.iter().map(|q| (*q).to_owned()).collect(),
+        };
+    let all: &[&str] = &["*"];
+    match service {
+        // Tap reads the topics it serves.
+        "collector" => vec![grant(CLIENT, &[Produce, Consume], all, &[])],
+        "broker" => vec![
+            // Topics created on demand (Publish), and read for Tap.
+            grant("collector", &[Produce, Consume, Manage], all, &[]),
+            // Re-keyed stages, output and side-output topics are the analyzer's own.
+            grant("analyzer", &[Produce, Consume, Manage], all, &[]),
+            grant(CLIENT, &[Produce, Consume, Manage], all, &[]),
+        ],
+        "analyzer" => vec![grant(CLIENT, &[ReadResults, Manage], &[], all)],
+        "store" => vec![
+            grant("analyzer", &[WriteResults], &[], all),
+            grant("gateway", &[ReadResults], &[], all),
+            // Track answers with the token's purchase-propensity score.
+            grant("collector", &[ReadResults], &[], &["purchase_propensity"]),
+            grant(CLIENT, &[ReadResults], &[], all),
+        ],
+        // Webhooks take `manage`.
+        "gateway" => vec![grant(CLIENT, &[ReadResults, Manage], &[], all)],
+        _ => Vec::new(),
+    }
 }
 
 /// Writes `<dir>/<name>.pem` and `<dir>/<name>.key` (the key readable by its owner only),
