@@ -285,26 +285,40 @@ fn containers_run_unprivileged_on_a_read_only_root_with_limits_and_probes() {
                 }
                 if let Some(service) = service_of(&workload) {
                     // gRPC health on the service's own port; readiness asks for the service
-                    // by name, which turns NOT_SERVING as soon as the drain starts.
+                    // by name, which turns NOT_SERVING as soon as the drain starts. Over
+                    // TLS, where kubelet's gRPC probes cannot go, the binary's own
+                    // `healthcheck` asks the same (which probes a TLS configuration needs:
+                    // the configuration test).
                     let grpc_port = list(&container["ports"])
                         .iter()
                         .find(|p| p["name"].as_str() == Some("grpc"))
                         .and_then(|p| p["containerPort"].as_i64())
                         .unwrap_or_else(|| panic!("{at}: no grpc port"));
-                    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
-                        assert_eq!(
-                            container[probe]["grpc"]["port"].as_i64(),
-                            Some(grpc_port),
-                            "{at}: {probe}"
-                        );
-                    }
                     let mut capitalised = service.to_owned();
                     capitalised[..1].make_ascii_uppercase();
-                    assert_eq!(
-                        container["readinessProbe"]["grpc"]["service"].as_str(),
-                        Some(format!("runnel.v1.{capitalised}").as_str()),
-                        "{at}"
-                    );
+                    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+                        let probe_of = &container[probe];
+                        if probe_of["exec"].is_badvalue() {
+                            assert_eq!(
+                                probe_of["grpc"]["port"].as_i64(),
+                                Some(grpc_port),
+                                "{at}: {probe}"
+                            );
+                        } else {
+                            assert_eq!(
+                                probe_command(probe_of),
+                                healthcheck_command(service),
+                                "{at}: {probe}"
+                            );
+                        }
+                    }
+                    if container["readinessProbe"]["exec"].is_badvalue() {
+                        assert_eq!(
+                            container["readinessProbe"]["grpc"]["service"].as_str(),
+                            Some(format!("runnel.v1.{capitalised}").as_str()),
+                            "{at}"
+                        );
+                    }
                     assert!(
                         container["image"]
                             .as_str()
@@ -458,6 +472,26 @@ fn stateful_services_keep_their_data_on_volumes_and_stateless_ones_scale_by_repl
     }
 }
 
+/// An exec probe's command.
+fn probe_command(probe: &Yaml) -> Vec<&str> {
+    list(&probe["exec"]["command"])
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect()
+}
+
+/// The exec probe that works with TLS: the service binary's own health check.
+fn healthcheck_command(service: &str) -> Vec<&str> {
+    let binary = match service {
+        "collector" => "/usr/local/bin/runnel-collector",
+        "broker" => "/usr/local/bin/runnel-broker",
+        "analyzer" => "/usr/local/bin/runnel-analyzer",
+        "store" => "/usr/local/bin/runnel-store",
+        _ => "/usr/local/bin/runnel-gateway",
+    };
+    vec![binary, "healthcheck"]
+}
+
 /// What a service's configuration in its container says about stopping and writing.
 struct Loaded {
     /// How long stopping may take after SIGTERM: the drain of calls, and for the
@@ -465,6 +499,10 @@ struct Loaded {
     stopping: Duration,
     /// The directory the service writes, if it writes one.
     writes: Option<PathBuf>,
+    /// Its listeners' and calls' settings: TLS, authentication, grants.
+    server: runnel_server::ServerConfig,
+    /// The URLs of the services it calls.
+    peers: Vec<String>,
 }
 
 /// Loads one service's configuration exactly as the binary would in that container: the
@@ -477,35 +515,37 @@ fn load_service_config(
     fn load<C: ServiceConfig>(file: &Path, env: Vec<(String, String)>) -> Result<C, String> {
         runnel_server::config::load_from::<C>(Some(file), env).map_err(|e| e.to_string())
     }
-    fn loaded<C: ServiceConfig>(config: &C, writes: Option<PathBuf>) -> Loaded {
+    fn loaded<C: ServiceConfig>(config: &C, writes: Option<PathBuf>, peers: &[&str]) -> Loaded {
         Loaded {
             stopping: config.server().drain_timeout,
             writes,
+            server: config.server().clone(),
+            peers: peers.iter().map(|p| (*p).to_owned()).collect(),
         }
     }
     Ok(match service {
         "collector" => {
             let c = load::<runnel_collector::CollectorConfig>(file, env)?;
-            let mut loaded = loaded(&c, Some(c.data_dir.clone()));
+            let mut loaded = loaded(&c, Some(c.data_dir.clone()), &[&c.broker, &c.store]);
             loaded.stopping *= 2;
             loaded
         }
         "broker" => {
             let c = load::<runnel_broker::BrokerConfig>(file, env)?;
             let embedded = c.storage == runnel_broker::StorageEngine::Embedded;
-            loaded(&c, embedded.then(|| c.data_dir.clone()))
+            loaded(&c, embedded.then(|| c.data_dir.clone()), &[])
         }
         "analyzer" => {
             let c = load::<runnel_analyzer::AnalyzerConfig>(file, env)?;
-            loaded(&c, Some(c.data_dir.clone()))
+            loaded(&c, Some(c.data_dir.clone()), &[&c.broker, &c.store])
         }
         "store" => {
             let c = load::<runnel_store::StoreConfig>(file, env)?;
-            loaded(&c, Some(c.data_dir.clone()))
+            loaded(&c, Some(c.data_dir.clone()), &[])
         }
         "gateway" => {
             let c = load::<runnel_gateway::GatewayConfig>(file, env)?;
-            loaded(&c, Some(c.data_dir.clone()))
+            loaded(&c, Some(c.data_dir.clone()), &[&c.store])
         }
         other => return Err(format!("unknown service {other}")),
     })
@@ -564,10 +604,74 @@ fn every_service_accepts_its_configuration_and_its_grace_period_outlasts_its_dra
                 .get(config_map)
                 .and_then(|c| c["data"][file_name.as_ref()].as_str())
                 .unwrap_or_else(|| panic!("{at}: ConfigMap {config_map} has no {file_name}"));
+            // Secrets mounted with their keys listed: the files the configuration may name
+            // there exist (empty here), under a directory of the test's own.
+            let secrets = dir.path().join(format!("{}-{service}", overlay.name));
+            let mut contents = contents.to_owned();
+            for mount in list(&container["volumeMounts"]) {
+                // (A volume claim template's volume is not in the pod's list.)
+                let Some(volume) = list(&workload.pod["volumes"])
+                    .iter()
+                    .find(|v| v["name"] == mount["name"])
+                else {
+                    continue;
+                };
+                let (Some(mount_path), false) =
+                    (mount["mountPath"].as_str(), volume["secret"].is_badvalue())
+                else {
+                    continue;
+                };
+                let local = secrets.join(mount_path.trim_start_matches('/'));
+                std::fs::create_dir_all(&local).expect("secret dir");
+                for item in list(&volume["secret"]["items"]) {
+                    let file = item["path"].as_str().expect("item path");
+                    std::fs::write(local.join(file), "").expect("secret file");
+                }
+                contents = contents.replace(
+                    &format!("\"{mount_path}/"),
+                    &format!("\"{}/", local.display()),
+                );
+            }
             let file = dir.path().join(format!("{}-{service}.toml", overlay.name));
-            std::fs::write(&file, contents).expect("write the config");
+            std::fs::write(&file, &contents).expect("write the config");
             let loaded = load_service_config(service, &file, env)
                 .unwrap_or_else(|e| panic!("{at}: the service refuses its configuration: {e}"));
+            // Production authenticates everyone: TLS with client certificates on every
+            // listener, https:// to every peer, the pipeline's own grants and no others,
+            // and probes that speak TLS.
+            let server = &loaded.server;
+            if overlay.name == "prod" {
+                assert!(server.tls.is_some(), "{at}: prod without TLS");
+            }
+            if let Some(tls) = &server.tls {
+                assert!(
+                    tls.client_ca.is_some(),
+                    "{at}: TLS without client certificates"
+                );
+                assert!(
+                    server.auth.enabled && server.auth.mtls,
+                    "{at}: not authenticated"
+                );
+                assert!(!server.allow_unauthenticated, "{at}");
+                assert_eq!(
+                    server.auth.grants,
+                    runnel_security::certs::pipeline_grants(service),
+                    "{at}: grants"
+                );
+                for peer in &loaded.peers {
+                    assert!(
+                        peer.starts_with("https://"),
+                        "{at}: calls {peer} in plaintext"
+                    );
+                }
+                for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+                    assert_eq!(
+                        probe_command(&container[probe]),
+                        healthcheck_command(service),
+                        "{at}: {probe} cannot speak TLS"
+                    );
+                }
+            }
             // SIGTERM comes after the preStop hook; the drain and the final sync or
             // checkpoint must end before the kubelet's SIGKILL.
             let stopping = loaded.stopping;
@@ -814,4 +918,54 @@ fn network_policies_allow_the_pipelines_own_paths_and_nothing_else() {
             wrong.join("\n")
         );
     }
+}
+
+/// The secure component's configuration is the base one with security turned on: taking
+/// TLS, authentication and `https` away, and `allow_unauthenticated` from the base, leaves
+/// the same file — so a setting added to one is not forgotten in the other.
+#[test]
+fn the_secure_configuration_is_the_base_one_with_security_on() {
+    fn without_security(value: &mut toml::Value) {
+        match value {
+            toml::Value::Table(table) => {
+                for key in ["tls", "connect", "auth", "allow_unauthenticated"] {
+                    table.remove(key);
+                }
+                for (_, value) in table.iter_mut() {
+                    without_security(value);
+                }
+            }
+            toml::Value::String(text) => {
+                if let Some(rest) = text.strip_prefix("https://") {
+                    *text = format!("http://{rest}");
+                }
+            }
+            _ => {}
+        }
+    }
+    let root = repository_root().join("deploy/k8s");
+    let read = |path: &str| -> toml::Value {
+        let text = std::fs::read_to_string(root.join(path)).expect(path);
+        text.parse::<toml::Table>()
+            .map(toml::Value::Table)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    let (mut base, mut secure) = (
+        read("base/runnel.toml"),
+        read("components/secure/runnel.toml"),
+    );
+    for service in runnel_security::certs::SERVICES {
+        let server = &secure[service]["server"];
+        assert!(
+            server.get("tls").is_some(),
+            "{service}: no tls in the secure file"
+        );
+        assert!(
+            server.get("allow_unauthenticated").is_none(),
+            "{service}: the secure file allows unauthenticated callers"
+        );
+    }
+    without_security(&mut base);
+    without_security(&mut secure);
+    assert_eq!(base, secure);
 }
