@@ -171,6 +171,7 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
         [
             // Published on loopback, on ports the engine picks.
             ("RUNNEL_COLLECTOR_PUBLISH", "127.0.0.1:"),
+            ("RUNNEL_COLLECTOR_UDP_PUBLISH", "127.0.0.1:"),
             ("RUNNEL_GATEWAY_PUBLISH", "127.0.0.1:"),
             ("RUNNEL_GATEWAY_HTTP_PUBLISH", "127.0.0.1:"),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otlp-sink:4317"),
@@ -456,4 +457,213 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
             .map(|s| s.service.as_str())
             .collect::<std::collections::BTreeSet<_>>()
     );
+}
+
+/// The secure variant (`docker-compose.secure.yml`, certificates from `runnel certs init
+/// --mount /certs`, which `cargo xtask compose-test` makes and names in
+/// `RUNNEL_COMPOSE_CERTS`): every service starts and reports healthy over mutual TLS, a
+/// caller without a client certificate is refused at the collector and the gateway, and
+/// the `client` certificate's events go through the whole pipeline — each service
+/// authenticating the next by its certificate and allowed only its grants — to a result
+/// read back over gRPC and HTTPS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_compose_pipeline_serves_only_callers_with_a_certificate() {
+    if std::env::var("RUNNEL_COMPOSE_E2E").as_deref() != Ok("1") {
+        eprintln!("secure compose test skipped: it runs with RUNNEL_COMPOSE_E2E=1");
+        return;
+    }
+    let certs = std::path::PathBuf::from(std::env::var("RUNNEL_COMPOSE_CERTS").expect(
+        "RUNNEL_COMPOSE_E2E=1 but RUNNEL_COMPOSE_CERTS does not name the certificates \
+         (`cargo xtask compose-test` makes them)",
+    ));
+    let command = compose_command().expect("a compose tool");
+    let root = repository_root();
+    let certs_dir = certs.display().to_string();
+    let env: BTreeMap<String, String> = [
+        ("RUNNEL_COLLECTOR_PUBLISH", "127.0.0.1:"),
+        ("RUNNEL_COLLECTOR_UDP_PUBLISH", "127.0.0.1:"),
+        ("RUNNEL_GATEWAY_PUBLISH", "127.0.0.1:"),
+        ("RUNNEL_GATEWAY_HTTP_PUBLISH", "127.0.0.1:"),
+        ("RUNNEL_CERTS", &certs_dir),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let project = ComposeProject::up(
+        command,
+        vec![
+            root.join("docker-compose.yml"),
+            root.join("docker-compose.secure.yml"),
+        ],
+        env,
+    )
+    .await
+    .expect("compose up");
+    // Each health check is the service's own `healthcheck`, over TLS with its certificate.
+    let healthy = project.wait_healthy(&SERVICES, &HashMap::new(), WAIT).await;
+    or_fail(&project, healthy).await;
+
+    let collector_addr = project.published("collector", 7101).await.expect("port");
+    let gateway_addr = project.published("gateway", 7105).await.expect("port");
+    let http_addr = project.published("gateway", 8080).await.expect("port");
+    let as_client = runnel_security::ConnectConfig {
+        ca: Some(certs.join("ca.pem")),
+        cert: Some(certs.join("client.pem")),
+        key: Some(certs.join("client.key")),
+        server_name: Some("localhost".into()),
+        ..Default::default()
+    };
+    let anonymous = runnel_security::ConnectConfig {
+        cert: None,
+        key: None,
+        ..as_client.clone()
+    };
+    let peer = |addr: std::net::SocketAddr, config: &runnel_security::ConnectConfig| {
+        runnel_security::connect::connect_lazy(&format!("https://{addr}"), config)
+            .expect("a TLS channel")
+    };
+
+    // Refused: in plaintext, and over TLS without a client certificate.
+    let mut plain = CollectorClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{collector_addr}"))
+            .expect("url")
+            .connect_lazy(),
+    );
+    let request = || IngestRequest {
+        events: vec![event("refused".into(), "refused", T0, Some(1.0))],
+        ..Default::default()
+    };
+    assert!(plain.ingest(request()).await.is_err(), "plaintext accepted");
+    let refused = CollectorClient::new(peer(collector_addr, &anonymous))
+        .ingest(request())
+        .await;
+    assert!(refused.is_err(), "no client certificate, yet accepted");
+    let refused = GatewayClient::new(peer(gateway_addr, &anonymous))
+        .get(runnel_proto::v1::GetRequest {
+            query: QUERY.into(),
+            key: "secure".into(),
+        })
+        .await;
+    assert!(
+        refused.is_err(),
+        "the gateway served a caller without a certificate"
+    );
+
+    // Accepted as `client`: one batch, then a closing event on every partition.
+    let mut collector = CollectorClient::new(peer(collector_addr, &as_client));
+    let ingest = |events: Vec<Event>| {
+        let mut request = tonic::Request::new(IngestRequest {
+            events,
+            ..Default::default()
+        });
+        request.set_timeout(Duration::from_secs(30));
+        request
+    };
+    let receipts = collector
+        .ingest(ingest(batch("secure")))
+        .await
+        .unwrap_or_else(|status| panic!("ingest as client: {status:?}"))
+        .into_inner()
+        .receipts;
+    assert_eq!(receipts.len(), BATCH);
+    collector
+        .ingest(ingest(closing_events()))
+        .await
+        .unwrap_or_else(|status| panic!("closing events: {status:?}"));
+
+    let mut gateway = GatewayClient::new(peer(gateway_addr, &as_client));
+    let found = tokio::time::timeout(WAIT, async {
+        loop {
+            let response = gateway
+                .get(runnel_proto::v1::GetRequest {
+                    query: QUERY.into(),
+                    key: "secure".into(),
+                })
+                .await;
+            match response.map(|r| r.into_inner().result) {
+                Ok(Some(result)) => return result,
+                Ok(None) => {}
+                Err(status) if status.code() == tonic::Code::PermissionDenied => {
+                    panic!("the client may not read results: {status:?}")
+                }
+                Err(status) => eprintln!("get: {status:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await;
+    let Ok(result) = found else {
+        panic!("no result for the client's batch\n{}", project.logs().await);
+    };
+    assert_eq!(
+        (result.values["count"], result.values["sum"]),
+        (BATCH as f64, batch_sum())
+    );
+
+    // HTTPS, with the client certificate and without.
+    let path = format!("/v1/results/{QUERY}/secure");
+    let response = https_get(http_addr, &certs, true, &path)
+        .await
+        .expect("GET with the client certificate");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.contains(&format!("\"count\":{BATCH}")),
+        "{response}"
+    );
+    let anonymous = https_get(http_addr, &certs, false, &path).await;
+    assert!(
+        anonymous
+            .as_ref()
+            .map_or(true, |r| r.starts_with("HTTP/1.1 401")),
+        "GET without a certificate: {anonymous:?}"
+    );
+}
+
+/// `GET path` over HTTPS to `addr` as `localhost`, trusting `certs/ca.pem`, presenting
+/// the `client` certificate if `as_client`: the whole response, or why there was none.
+async fn https_get(
+    addr: std::net::SocketAddr,
+    certs: &std::path::Path,
+    as_client: bool,
+    path: &str,
+) -> std::io::Result<String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(certs.join("ca.pem")).expect("ca.pem") {
+        roots
+            .add(cert.expect("a CA certificate"))
+            .expect("trust it");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_root_certificates(roots);
+    let config = if as_client {
+        let chain = CertificateDer::pem_file_iter(certs.join("client.pem"))
+            .expect("client.pem")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("client certificate");
+        let key = PrivateKeyDer::from_pem_file(certs.join("client.key")).expect("client.key");
+        builder
+            .with_client_auth_cert(chain, key)
+            .expect("client identity")
+    } else {
+        builder.with_no_client_auth()
+    };
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("localhost").expect("a name");
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut response = String::new();
+    tls.read_to_string(&mut response).await?;
+    Ok(response)
 }

@@ -213,10 +213,50 @@ fn images(args: &[String]) -> Result<(), String> {
 
 /// The compose end-to-end test against the images `images` just built.
 fn compose_test(extra: &[String]) -> Result<(), String> {
+    let certs = compose_certs()?;
+    let certs = certs.display().to_string();
     let mut args = vec!["test", "--package", "runnel-e2e", "--test", "compose"];
     args.extend(extra.iter().map(String::as_str));
-    args.extend(["--", "--nocapture"]);
-    cargo_with(&args, &[("RUNNEL_COMPOSE_E2E", "1")])
+    // One compose project at a time: the fault test's timing has the machine to itself.
+    args.extend(["--", "--nocapture", "--test-threads=1"]);
+    cargo_with(
+        &args,
+        &[
+            ("RUNNEL_COMPOSE_E2E", "1"),
+            ("RUNNEL_COMPOSE_CERTS", &certs),
+        ],
+    )
+}
+
+/// The secure compose variant's certificates, made as docker-compose.secure.yml says: by
+/// `runnel certs init --mount /certs`, the service keys then given to the user the
+/// services run as. Returns their directory (target/compose-certs).
+fn compose_certs() -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    cargo(&["build", "--package", "runnel-cli", "--bin", "runnel"])?;
+    let root = workspace_root();
+    let dir = root.join("target/compose-certs");
+    let runnel = root.join("target/debug/runnel").display().to_string();
+    let dir_arg = dir.display().to_string();
+    run(
+        &runnel,
+        &[
+            "certs", "init", "--dir", &dir_arg, "--mount", "/certs", "--force",
+        ],
+    )?;
+    for service in IMAGES.iter().map(|(service, _)| *service) {
+        let key = dir.join(format!("{service}.key"));
+        if !key.exists() {
+            continue; // the OTLP sink has none
+        }
+        // As root (CI), the key belongs to the services' user as documented; otherwise
+        // (these are throw-away test certificates) it is made readable to it instead.
+        if std::os::unix::fs::chown(&key, Some(65532), Some(65532)).is_err() {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644))
+                .map_err(|e| format!("chmod {}: {e}", key.display()))?;
+        }
+    }
+    Ok(dir)
 }
 
 fn run(program: &str, args: &[&str]) -> Result<(), String> {
