@@ -148,17 +148,27 @@ fn init(dir: &Path, days: u32, force: bool, mount: Option<&Path>) -> Result<Exit
     }
     let config = dir.join("secure.toml");
     write_file(&config, &secure_toml(mount.unwrap_or(&dir))?, false, force)?;
+    let run = match mount {
+        Some(mount) => format!(
+            "give the service keys to the services' user and mount {} at {} (RUNNEL_CERTS):\n  \
+             sudo chown 65532 {d}/{{collector,broker,analyzer,store,gateway}}.key\n  \
+             docker compose -f docker-compose.yml -f docker-compose.secure.yml up -d",
+            dir.display(),
+            mount.display(),
+            d = dir.display(),
+        ),
+        None => format!("runnel up --config {}", config.display()),
+    };
     eprintln!(
         "wrote a CA, certificates for {} and {CLIENT}, and {} to {} (valid {days} days)\n\n\
          run the pipeline with TLS, mutual TLS and certificate authentication:\n  \
-         runnel up --config {}\n\
+         {run}\n\
          and call it as the client:\n  \
          runnel send --collector https://127.0.0.1:7101 --ca {d}/ca.pem --cert {d}/client.pem --cert-key {d}/client.key\n  \
          curl --cacert {d}/ca.pem --cert {d}/client.pem --key {d}/client.key https://127.0.0.1:8080/v1/results/avg_value_per_key/sensor-1",
         SERVICES.join(", "),
         config.display(),
         dir.display(),
-        config.display(),
         d = dir.display(),
     );
     Ok(ExitCode::SUCCESS)
