@@ -412,6 +412,11 @@ pub struct LimitsConfig {
     /// How long a client may take to complete the TLS handshake.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// How long an HTTP/1 client may take to send a request's head (its request line and
+    /// headers), from the connection's start or the previous response; then the
+    /// connection is closed. Bounds what a slow client holds (slowloris).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -423,6 +428,7 @@ impl Default for LimitsConfig {
             rate_limit: 0,
             rate_burst: 0,
             handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -459,6 +465,14 @@ impl LimitsConfig {
         {
             return Err(invalid(
                 "limits.handshake_timeout",
+                "must be between 100ms and 2m",
+            ));
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(120))
+            .contains(&self.header_read_timeout)
+        {
+            return Err(invalid(
+                "limits.header_read_timeout",
                 "must be between 100ms and 2m",
             ));
         }

@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod config;
 pub mod healthcheck;
+mod http;
 mod run;
 mod shutdown;
 

@@ -199,14 +199,13 @@ pub fn serve_http(
         guard,
         runnel_security::guard::http,
     ));
-    Ok(async move {
-        axum::serve(
-            incoming,
-            app.into_make_service_with_connect_info::<runnel_security::PeerInfo>(),
-        )
-        .with_graceful_shutdown(async move { shutdown.wait().await })
-        .await
-    })
+    let header_read_timeout = config.limits.header_read_timeout;
+    Ok(crate::http::serve(
+        incoming,
+        app,
+        header_read_timeout,
+        shutdown,
+    ))
 }
 
 /// The listeners' TLS, loaded (and watched) once per server.

@@ -569,3 +569,81 @@ async fn a_client_that_never_completes_the_handshake_is_let_go() {
     healthy(peer).await.unwrap();
     running.stop().await;
 }
+
+/// An HTTP API served by `serve_http`: one route that answers with the caller's address
+/// (`ConnectInfo`, as the guard reads it).
+async fn start_http(config: ServerConfig) -> (SocketAddr, ShutdownTrigger) {
+    use axum::extract::ConnectInfo;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = axum::Router::new().route(
+        "/who",
+        axum::routing::get(|ConnectInfo(peer): ConnectInfo<runnel_security::PeerInfo>| async move {
+            format!("{:?}", peer.remote)
+        }),
+    );
+    let (trigger, shutdown) = Shutdown::new();
+    let served = runnel_server::serve_http("test", listener, router, &config, shutdown).unwrap();
+    tokio::spawn(served);
+    (addr, trigger)
+}
+
+async fn http_get(addr: SocketAddr) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /who HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(30), tcp.read_to_string(&mut response))
+        .await
+        .expect("a response")
+        .unwrap();
+    response
+}
+
+#[tokio::test]
+async fn an_http_client_that_sends_its_headers_too_slowly_is_let_go() {
+    use tokio::io::AsyncWriteExt;
+    let mut config = base();
+    config.limits.header_read_timeout = Duration::from_millis(200);
+    let (addr, trigger) = start_http(config).await;
+    // Half a request head, then silence: the server must close the connection.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /who HTTP/1.1\r\nhost: local").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), slow.read_to_end(&mut rest))
+        .await
+        .expect("the server closes a connection whose head never completes")
+        .ok();
+    assert!(
+        rest.is_empty() || String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+    // A client that sends its request at once is served, and the handler sees who it is.
+    let response = http_get(addr).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("127.0.0.1"), "{response}");
+    trigger.trigger();
+}
+
+#[tokio::test]
+async fn http_shutdown_stops_accepting_and_ends_once_responses_are_done() {
+    let (addr, trigger) = start_http(base()).await;
+    assert!(http_get(addr).await.starts_with("HTTP/1.1 200"));
+    // An idle keep-alive connection does not hold shutdown up.
+    let idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    trigger.trigger();
+    let refused = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(refused.is_ok(), "still accepting after shutdown");
+    drop(idle);
+}
