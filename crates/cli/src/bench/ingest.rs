@@ -17,6 +17,9 @@ use runnel_log::FsyncPolicy;
 use runnel_msglog::Mode;
 use runnel_proto::v1::collector_client::CollectorClient;
 use runnel_proto::v1::{AckLevel, Event, IngestRequest};
+use runnel_security::certs::{
+    CLIENT, DevCa, default_names, pipeline_grants, write_file, write_pair,
+};
 use runnel_security::{ConnectConfig, GrantConfig, Peer};
 use runnel_server::{Listeners, ServiceConfig, Shutdown};
 use std::process::ExitCode;
@@ -102,6 +105,9 @@ impl Ack {
 struct Totals {
     sent: AtomicU64,
     errors: AtomicU64,
+    /// The first failed call's status, said once so a broken setup does not pass for a
+    /// slow one.
+    first_error: std::sync::OnceLock<tonic::Status>,
 }
 
 pub(crate) async fn run(args: IngestArgs) -> Result<ExitCode> {
@@ -229,23 +235,13 @@ fn secure_server(
 
 /// Makes a CA and certificates for the collector, the broker and the bench client.
 fn make_certs(dir: &std::path::Path) -> Result<()> {
-    use runnel_security::certs::{DevCa, default_names, write_file, write_pair};
     std::fs::create_dir_all(dir)?;
     let (ca, _) = DevCa::generate("runnel bench CA", 1)?;
     write_file(&dir.join("ca.pem"), &ca.cert_pem, false, true)?;
-    for name in ["collector", "broker", "client"] {
+    for name in ["collector", "broker", CLIENT] {
         write_pair(dir, name, &ca.issue(name, &default_names(name), 1)?, true)?;
     }
     Ok(())
-}
-
-fn produce_grant(principal: &str) -> GrantConfig {
-    GrantConfig {
-        principal: principal.into(),
-        allow: vec![runnel_security::Action::Produce],
-        topics: vec!["*".into()],
-        queries: vec![],
-    }
 }
 
 /// A broker and a collector in this process, on ephemeral ports; the collector's URL and
@@ -261,10 +257,10 @@ pub(crate) async fn start_in_process(
     let (broker_server, collector_server, client) = match secure_certs {
         Some(certs) => {
             make_certs(certs)?;
-            let client = secure_server(certs, "client", Vec::new()).connect;
+            let client = secure_server(certs, CLIENT, Vec::new()).connect;
             (
-                secure_server(certs, "broker", vec![produce_grant("collector")]),
-                secure_server(certs, "collector", vec![produce_grant("client")]),
+                secure_server(certs, "broker", pipeline_grants("broker")),
+                secure_server(certs, "collector", pipeline_grants("collector")),
                 client,
             )
         }
@@ -323,6 +319,7 @@ async fn drive(
     let totals = Arc::new(Totals {
         sent: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        first_error: std::sync::OnceLock::new(),
     });
     let next_batch = Arc::new(AtomicU64::new(0));
     let batches = total.div_ceil(args.batch);
@@ -361,8 +358,15 @@ async fn drive(
                         let _ = histogram.record(micros.max(1));
                         totals.sent.fetch_add(batch, Ordering::Relaxed);
                     }
-                    Err(_) => {
+                    Err(status) => {
                         totals.errors.fetch_add(1, Ordering::Relaxed);
+                        if totals.first_error.set(status.clone()).is_ok() {
+                            eprintln!(
+                                "bench: a call failed ({label}): {:?}: {}",
+                                status.code(),
+                                status.message()
+                            );
+                        }
                     }
                 }
             }
@@ -389,4 +393,61 @@ async fn drive(
     }
     progress.abort();
     Ok((merged, totals))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The secure pipeline `--secure` measures must actually accept events: a grant
+    /// missing for one hop would make every call fail, and a benchmark of failures.
+    #[tokio::test]
+    async fn the_secure_in_process_pipeline_acknowledges_what_it_is_sent() {
+        let data = tempfile_dir().unwrap();
+        let (trigger, shutdown) = Shutdown::new();
+        let log = LogArgs {
+            mode: Mode::Hml,
+            fsync: FsyncPolicy::Never,
+        };
+        let certs = data.path().join("certs");
+        let (url, connect) = start_in_process(
+            FsyncPolicy::Never,
+            &log,
+            Some(&certs),
+            data.path(),
+            shutdown,
+        )
+        .await
+        .unwrap();
+        assert!(url.starts_with("https://"), "{url}");
+        let channel = runnel_security::connect(&url, &connect, None).await.unwrap();
+        let mut client = CollectorClient::new(channel);
+        let event = Event {
+            id: "secure-1".into(),
+            key: "k".into(),
+            r#type: "bench".into(),
+            payload: bytes::Bytes::from_static(b"x"),
+            ..Default::default()
+        };
+        let response = client
+            .ingest(IngestRequest {
+                events: vec![event],
+                ack_level: AckLevel::Stored as i32,
+            })
+            .await
+            .unwrap_or_else(|status| panic!("{status:?}"));
+        assert_eq!(response.into_inner().receipts.len(), 1);
+        // In plaintext the same collector refuses to talk.
+        let plain = url.replacen("https://", "http://", 1);
+        let plain = runnel_security::connect(&plain, &ConnectConfig::default(), None).await;
+        if let Ok(channel) = plain {
+            assert!(
+                CollectorClient::new(channel)
+                    .ingest(IngestRequest::default())
+                    .await
+                    .is_err()
+            );
+        }
+        trigger.trigger();
+    }
 }
