@@ -38,7 +38,8 @@ pub fn record(bytes: &[u8]) {
 ///
 /// The first byte chooses the damage: 0 appends the rest as it is after a good header (a
 /// torn write, garbage); anything else writes the rest, split at every `0xff`, as frames
-/// with good checksums, so that the records inside them are what gets tested.
+/// with good checksums (empty pieces left out: the log writes no empty frame), so that the
+/// records inside them are what gets tested.
 pub fn recover(dir: &std::path::Path, bytes: &[u8]) {
     use runnel_log::{FsyncPolicy, LogFile};
     use std::io::Write;
@@ -55,7 +56,10 @@ pub fn recover(dir: &std::path::Path, bytes: &[u8]) {
                 .expect("append");
         }
         Some((_, rest)) => {
-            let frames: Vec<&[u8]> = rest.split(|&b| b == 0xff).collect();
+            let frames: Vec<&[u8]> = rest
+                .split(|&b| b == 0xff)
+                .filter(|frame| !frame.is_empty())
+                .collect();
             file.append(&frames).expect("append frames");
             drop(file);
         }
