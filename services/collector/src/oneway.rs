@@ -95,45 +95,56 @@ struct JsonEvent {
     payload: Option<serde_json::Value>,
 }
 
-/// Decodes a datagram: JSON if it starts with `{`, else a protobuf `Event` (whose
-/// encoding never starts with that byte: it would be field 15 with the group wire type).
+/// Decodes a datagram: a JSON event object, or a protobuf `Event`.
+///
+/// One starting with `{` is JSON (a protobuf encoding never starts with that byte: it
+/// would be field 15 with the group wire type). One starting with whitespace and then `{`
+/// is JSON if it parses as JSON, and otherwise protobuf: `\n` is also the tag of an
+/// `Event`'s first field, and a length byte may be whitespace too, so a protobuf event
+/// can begin that way (the fuzzer found one). Anything else is protobuf.
 pub(crate) fn parse_datagram(bytes: &[u8]) -> Result<Event, String> {
-    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-    if first == Some(&b'{') {
-        let json: JsonEvent =
-            serde_json::from_slice(bytes).map_err(|e| format!("not an event object: {e}"))?;
-        let event_time = match json.time {
-            None => None,
-            Some(serde_json::Value::Number(ms)) => Some(
-                Millis(
-                    ms.as_i64()
-                        .ok_or("time: not a whole number of milliseconds")?,
-                )
-                .into(),
-            ),
-            Some(serde_json::Value::String(text)) => {
-                let at = humantime::parse_rfc3339(&text).map_err(|e| format!("time: {e}"))?;
-                Some(prost_types::Timestamp::from(at))
-            }
-            Some(_) => return Err("time: use Unix milliseconds or RFC 3339".into()),
-        };
-        let payload = match json.payload {
-            None => Vec::new(),
-            Some(value) => serde_json::to_vec(&value).map_err(|e| e.to_string())?,
-        };
-        Ok(Event {
-            id: json.id,
-            source: json.source,
-            r#type: json.kind,
-            key: json.key,
-            event_time,
-            attributes: json.attributes,
-            payload: payload.into(),
-            headers: HashMap::new(),
-        })
-    } else {
-        Event::decode(bytes).map_err(|e| format!("not a protobuf event: {e}"))
+    match bytes.iter().position(|b| !b.is_ascii_whitespace()) {
+        Some(0) if bytes[0] == b'{' => parse_json(bytes),
+        Some(start) if bytes[start] == b'{' => {
+            parse_json(bytes).or_else(|json| Event::decode(bytes).map_err(|_| json))
+        }
+        _ => Event::decode(bytes).map_err(|e| format!("not a protobuf event: {e}")),
     }
+}
+
+/// A JSON datagram (`JsonEvent`) as the event it stands for.
+fn parse_json(bytes: &[u8]) -> Result<Event, String> {
+    let json: JsonEvent =
+        serde_json::from_slice(bytes).map_err(|e| format!("not an event object: {e}"))?;
+    let event_time = match json.time {
+        None => None,
+        Some(serde_json::Value::Number(ms)) => Some(
+            Millis(
+                ms.as_i64()
+                    .ok_or("time: not a whole number of milliseconds")?,
+            )
+            .into(),
+        ),
+        Some(serde_json::Value::String(text)) => {
+            let at = humantime::parse_rfc3339(&text).map_err(|e| format!("time: {e}"))?;
+            Some(prost_types::Timestamp::from(at))
+        }
+        Some(_) => return Err("time: use Unix milliseconds or RFC 3339".into()),
+    };
+    let payload = match json.payload {
+        None => Vec::new(),
+        Some(value) => serde_json::to_vec(&value).map_err(|e| e.to_string())?,
+    };
+    Ok(Event {
+        id: json.id,
+        source: json.source,
+        r#type: json.kind,
+        key: json.key,
+        event_time,
+        attributes: json.attributes,
+        payload: payload.into(),
+        headers: HashMap::new(),
+    })
 }
 
 /// Takes events in from `socket`, one per datagram, until shutdown.
@@ -240,6 +251,30 @@ mod tests {
             parse_datagram(&[0xff, 0xff, 0xff])
                 .unwrap_err()
                 .contains("protobuf")
+        );
+    }
+
+    /// Found by the `udp_datagrams` fuzz target: a protobuf event whose bytes begin with
+    /// whitespace and then `{` was taken for JSON and refused.
+    #[test]
+    fn a_protobuf_event_that_begins_like_json_is_still_read() {
+        let event = Event {
+            id: "\n\n\n\n{{\n{{\n".into(),
+            ..Event::default()
+        };
+        let bytes = event.encode_to_vec();
+        assert_eq!(
+            &bytes[..2],
+            b"\n\n",
+            "the case: tag and length are whitespace"
+        );
+        assert_eq!(parse_datagram(&bytes), Ok(event));
+        // JSON after whitespace is still JSON, and broken JSON still says so.
+        assert_eq!(parse_datagram(b"\n {\"key\":\"k\"}").unwrap().key, "k");
+        assert!(
+            parse_datagram(b"\n {\"key\":")
+                .unwrap_err()
+                .contains("not an event object")
         );
     }
 
