@@ -43,12 +43,12 @@ pub(crate) async fn serve(
             () = shutdown.wait() => break,
         };
         let peer: PeerInfo = stream.peer().clone();
-        let service = app
-            .clone()
-            .map_request(move |mut request: http::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(ConnectInfo(peer.clone()));
-                request.map(axum::body::Body::new)
-            });
+        let service =
+            app.clone()
+                .map_request(move |mut request: http::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(peer.clone()));
+                    request.map(axum::body::Body::new)
+                });
         let service = TowerToHyperService::new(service);
         let mut closed = closed.clone();
         let connection = connection.clone();

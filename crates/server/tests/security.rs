@@ -578,9 +578,11 @@ async fn start_http(config: ServerConfig) -> (SocketAddr, ShutdownTrigger) {
     let addr = listener.local_addr().unwrap();
     let router = axum::Router::new().route(
         "/who",
-        axum::routing::get(|ConnectInfo(peer): ConnectInfo<runnel_security::PeerInfo>| async move {
-            format!("{:?}", peer.remote)
-        }),
+        axum::routing::get(
+            |ConnectInfo(peer): ConnectInfo<runnel_security::PeerInfo>| async move {
+                format!("{:?}", peer.remote)
+            },
+        ),
     );
     let (trigger, shutdown) = Shutdown::new();
     let served = runnel_server::serve_http("test", listener, router, &config, shutdown).unwrap();
@@ -610,7 +612,9 @@ async fn an_http_client_that_sends_its_headers_too_slowly_is_let_go() {
     let (addr, trigger) = start_http(config).await;
     // Half a request head, then silence: the server must close the connection.
     let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
-    slow.write_all(b"GET /who HTTP/1.1\r\nhost: local").await.unwrap();
+    slow.write_all(b"GET /who HTTP/1.1\r\nhost: local")
+        .await
+        .unwrap();
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), slow.read_to_end(&mut rest))
         .await

@@ -420,7 +420,9 @@ mod tests {
         .await
         .unwrap();
         assert!(url.starts_with("https://"), "{url}");
-        let channel = runnel_security::connect(&url, &connect, None).await.unwrap();
+        let channel = runnel_security::connect(&url, &connect, None)
+            .await
+            .unwrap();
         let mut client = CollectorClient::new(channel);
         let event = Event {
             id: "secure-1".into(),
