@@ -178,21 +178,11 @@ async fn drive(
             let reader = {
                 let (permits, sent, acked) = (permits.clone(), sent.clone(), acked.clone());
                 tokio::spawn(async move {
-                    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-                    while let Some(ack) = responses.message().await? {
-                        let now = Instant::now();
-                        let mut sent = sent.lock().expect("sent");
-                        while sent.front().is_some_and(|(s, _)| *s <= ack.acknowledged) {
-                            if let Some((_, at)) = sent.pop_front() {
-                                let micros =
-                                    u64::try_from((now - at).as_micros()).unwrap_or(u64::MAX);
-                                let _ = histogram.record(micros.max(1));
-                                acked.fetch_add(batch, Ordering::Relaxed);
-                                permits.add_permits(1);
-                            }
-                        }
-                    }
-                    anyhow::Ok(histogram)
+                    let read = read_acks(&mut responses, &sent, &acked, &permits, batch).await;
+                    // No more acknowledgements (the stream ended, or the collector ended it
+                    // with a status): the sender must stop waiting for permits.
+                    permits.close();
+                    read
                 })
             };
             let started = Instant::now();
@@ -206,7 +196,11 @@ async fn drive(
                     let due = started + Duration::from_secs_f64(sequence as f64 / per_stream);
                     tokio::time::sleep_until(due.into()).await;
                 }
-                permits.acquire().await?.forget();
+                match permits.acquire().await {
+                    Ok(permit) => permit.forget(),
+                    // The reader has stopped: its result says why.
+                    Err(_) => break,
+                }
                 sequence += 1;
                 sent.lock()
                     .expect("sent")
@@ -220,8 +214,8 @@ async fn drive(
                     break;
                 }
             }
-            // Every batch acknowledged before the stream is closed.
-            let _ = permits.acquire_many(window.min(granted)).await?;
+            // Every batch acknowledged before the stream is closed (or the reader stopped).
+            let _ = permits.acquire_many(window.min(granted)).await;
             drop(requests);
             reader.await?
         });
@@ -246,4 +240,36 @@ async fn drive(
     }
     progress.abort();
     Ok((merged, acked.load(Ordering::Relaxed)))
+}
+
+/// Reads one stream's cumulative acknowledgements until it ends, recording each batch's
+/// latency and giving its window slot back. A status that ends the stream (a full log,
+/// say) is the error.
+async fn read_acks(
+    responses: &mut tonic::Streaming<runnel_proto::v1::StreamResponse>,
+    sent: &Mutex<VecDeque<(u64, Instant)>>,
+    acked: &AtomicU64,
+    permits: &Semaphore,
+    batch: u64,
+) -> Result<Histogram<u64>> {
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    while let Some(ack) = responses.message().await.map_err(|status| {
+        anyhow::anyhow!(
+            "the stream ended: {:?}: {}",
+            status.code(),
+            status.message()
+        )
+    })? {
+        let now = Instant::now();
+        let mut sent = sent.lock().expect("sent");
+        while sent.front().is_some_and(|(s, _)| *s <= ack.acknowledged) {
+            if let Some((_, at)) = sent.pop_front() {
+                let micros = u64::try_from((now - at).as_micros()).unwrap_or(u64::MAX);
+                let _ = histogram.record(micros.max(1));
+                acked.fetch_add(batch, Ordering::Relaxed);
+                permits.add_permits(1);
+            }
+        }
+    }
+    Ok(histogram)
 }
