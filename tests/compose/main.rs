@@ -137,6 +137,21 @@ fn closing_events() -> Vec<Event> {
         .collect()
 }
 
+/// The compose project's environment: every published port on loopback, on a port the
+/// engine picks, and `extra`.
+fn project_env(extra: &[(&str, &str)]) -> BTreeMap<String, String> {
+    [
+        ("RUNNEL_COLLECTOR_PUBLISH", "127.0.0.1:"),
+        ("RUNNEL_COLLECTOR_UDP_PUBLISH", "127.0.0.1:"),
+        ("RUNNEL_GATEWAY_PUBLISH", "127.0.0.1:"),
+        ("RUNNEL_GATEWAY_HTTP_PUBLISH", "127.0.0.1:"),
+    ]
+    .iter()
+    .chain(extra)
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect()
+}
+
 /// The value, or a panic with every container's log.
 async fn or_fail<T>(project: &ComposeProject, result: anyhow::Result<T>) -> T {
     match result {
@@ -167,17 +182,7 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
          `docker compose` nor `docker-compose` works",
     );
     let root = repository_root();
-    let env = BTreeMap::from(
-        [
-            // Published on loopback, on ports the engine picks.
-            ("RUNNEL_COLLECTOR_PUBLISH", "127.0.0.1:"),
-            ("RUNNEL_COLLECTOR_UDP_PUBLISH", "127.0.0.1:"),
-            ("RUNNEL_GATEWAY_PUBLISH", "127.0.0.1:"),
-            ("RUNNEL_GATEWAY_HTTP_PUBLISH", "127.0.0.1:"),
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otlp-sink:4317"),
-        ]
-        .map(|(k, v)| (k.to_owned(), v.to_owned())),
-    );
+    let env = project_env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otlp-sink:4317")]);
     let project = ComposeProject::up(
         command,
         vec![
@@ -479,16 +484,7 @@ async fn secure_compose_pipeline_serves_only_callers_with_a_certificate() {
     let command = compose_command().expect("a compose tool");
     let root = repository_root();
     let certs_dir = certs.display().to_string();
-    let env: BTreeMap<String, String> = [
-        ("RUNNEL_COLLECTOR_PUBLISH", "127.0.0.1:"),
-        ("RUNNEL_COLLECTOR_UDP_PUBLISH", "127.0.0.1:"),
-        ("RUNNEL_GATEWAY_PUBLISH", "127.0.0.1:"),
-        ("RUNNEL_GATEWAY_HTTP_PUBLISH", "127.0.0.1:"),
-        ("RUNNEL_CERTS", &certs_dir),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    let env = project_env(&[("RUNNEL_CERTS", &certs_dir)]);
     let project = ComposeProject::up(
         command,
         vec![
@@ -550,6 +546,20 @@ async fn secure_compose_pipeline_serves_only_callers_with_a_certificate() {
     );
 
     // Accepted as `client`: one batch, then a closing event on every partition.
+    // Results arrive on a live stream, opened (as `client`) before anything is sent.
+    let mut gateway = GatewayClient::new(peer(gateway_addr, &as_client));
+    let mut watch = tonic::Request::new(WatchRequest {
+        query: QUERY.into(),
+        keys: vec!["secure".into()],
+        ..Default::default()
+    });
+    watch.set_timeout(WAIT * 2);
+    let mut live = tokio::time::timeout(WAIT, gateway.watch(watch))
+        .await
+        .expect("the watch starts")
+        .unwrap_or_else(|status| panic!("watch as client: {status:?}"))
+        .into_inner();
+
     let mut collector = CollectorClient::new(peer(collector_addr, &as_client));
     let ingest = |events: Vec<Event>| {
         let mut request = tonic::Request::new(IngestRequest {
@@ -571,34 +581,30 @@ async fn secure_compose_pipeline_serves_only_callers_with_a_certificate() {
         .await
         .unwrap_or_else(|status| panic!("closing events: {status:?}"));
 
-    let mut gateway = GatewayClient::new(peer(gateway_addr, &as_client));
-    let found = tokio::time::timeout(WAIT, async {
-        loop {
-            let response = gateway
-                .get(runnel_proto::v1::GetRequest {
-                    query: QUERY.into(),
-                    key: "secure".into(),
-                })
-                .await;
-            match response.map(|r| r.into_inner().result) {
-                Ok(Some(result)) => return result,
-                Ok(None) => {}
-                Err(status) if status.code() == tonic::Code::PermissionDenied => {
-                    panic!("the client may not read results: {status:?}")
-                }
-                Err(status) => eprintln!("get: {status:?}"),
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    })
-    .await;
-    let Ok(result) = found else {
-        panic!("no result for the client's batch\n{}", project.logs().await);
+    let result = match tokio::time::timeout(WAIT, live.message()).await {
+        Ok(Ok(Some(result))) => result,
+        other => panic!(
+            "no result for the client's batch: {other:?}\n{}",
+            project.logs().await
+        ),
     };
+    assert_eq!(result.key, "secure");
     assert_eq!(
         (result.values["count"], result.values["sum"]),
         (BATCH as f64, batch_sum())
     );
+    // The same, read back by key.
+    let stored = gateway
+        .get(runnel_proto::v1::GetRequest {
+            query: QUERY.into(),
+            key: "secure".into(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("get as client: {status:?}"))
+        .into_inner()
+        .result
+        .expect("the result, by key");
+    assert_eq!(stored.values["count"], BATCH as f64);
 
     // HTTPS, with the client certificate and without.
     let path = format!("/v1/results/{QUERY}/secure");

@@ -481,15 +481,11 @@ fn probe_command(probe: &Yaml) -> Vec<&str> {
 }
 
 /// The exec probe that works with TLS: the service binary's own health check.
-fn healthcheck_command(service: &str) -> Vec<&str> {
-    let binary = match service {
-        "collector" => "/usr/local/bin/runnel-collector",
-        "broker" => "/usr/local/bin/runnel-broker",
-        "analyzer" => "/usr/local/bin/runnel-analyzer",
-        "store" => "/usr/local/bin/runnel-store",
-        _ => "/usr/local/bin/runnel-gateway",
-    };
-    vec![binary, "healthcheck"]
+fn healthcheck_command(service: &str) -> Vec<String> {
+    vec![
+        format!("/usr/local/bin/runnel-{service}"),
+        "healthcheck".to_owned(),
+    ]
 }
 
 /// What a service's configuration in its container says about stopping and writing.

@@ -62,7 +62,7 @@ pub(crate) async fn serve(
                     .serve_connection(TokioIo::new(stream), service)
                     .with_upgrades()
             );
-            let mut closing = true;
+            let mut draining = false;
             loop {
                 tokio::select! {
                     result = served.as_mut() => {
@@ -71,10 +71,10 @@ pub(crate) async fn serve(
                         }
                         break;
                     }
-                    _ = closed.changed(), if closing => {
+                    _ = closed.changed(), if !draining => {
                         // The sender is gone: finish the response in progress, then close.
                         served.as_mut().graceful_shutdown();
-                        closing = false;
+                        draining = true;
                     }
                 }
             }
