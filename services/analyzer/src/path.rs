@@ -397,7 +397,7 @@ mod tests {
 
     #[test]
     fn every_topic_of_the_meetup_fixture_is_found() {
-        let fixture = include_str!("../../../../shared/fixtures/meetup_rsvp_sample.json");
+        let fixture = include_str!("../../../tests/fixtures/meetup_rsvp_sample.json");
         let event = payload(fixture);
         let topics = values("payload.group.group_topics[].topic_name", &event);
         assert_eq!(topics.len(), 12);

@@ -784,7 +784,7 @@ mod tests {
 
     #[test]
     fn one_to_many_keys_go_through_the_keyed_stage_once_each() {
-        let fixture = include_str!("../../../../shared/fixtures/meetup_rsvp_sample.json");
+        let fixture = include_str!("../../../tests/fixtures/meetup_rsvp_sample.json");
         let query = "name = \"topics\"\ntopic = \"meetup\"\nkey = \"payload.group.group_topics[].topic_name\"\nwindow = \"1m\"\nout_of_orderness = \"0s\"\naggregates = [{ fn = \"count\" }, { fn = \"distinct\", of = \"payload.member.member_id\", name = \"members\" }]\n";
         let mut source = Feed::new(query);
         let rsvp = |id: &str, ms: i64| Event {
