@@ -1,7 +1,11 @@
 //! `runnel`: the whole pipeline in one process (`runnel up`), the client commands `send`,
-//! `get`, `watch` and `bench`, and `certs` / `auth` for a secured pipeline.
+//! `get`, `watch` and `bench` (the harnesses are in `runnel-bench`), and `certs` / `auth`
+//! for a secured pipeline.
+//!
+//! An app crate: `runnel up` runs the five services in-process. The two app crates,
+//! `runnel-cli` and `runnel-bench`, are the only crates that import services; every other
+//! crate of the workspace is a library that no service is imported into.
 
-mod bench;
 mod certs;
 mod client;
 mod demo;
@@ -36,7 +40,7 @@ enum Command {
     /// gateway's reads and fan-out.
     Bench {
         #[command(subcommand)]
-        what: bench::BenchCommand,
+        what: runnel_bench::BenchCommand,
     },
     /// Make a development CA and certificates for TLS and mutual TLS.
     Certs {
@@ -68,7 +72,7 @@ fn main() -> ExitCode {
             Command::Send(args) => send::run(args).await,
             Command::Get(args) => read::get(args).await,
             Command::Watch(args) => read::watch(args).await,
-            Command::Bench { what } => bench::run(what).await,
+            Command::Bench { what } => runnel_bench::run(what).await,
             Command::Certs { what } => certs::certs(what),
             Command::Auth { what } => certs::auth(what),
         }

@@ -9,8 +9,9 @@
 //! records, and flushes once per message as the runner does.
 
 use crate::checkpoint::{Checkpoints, Stage};
-use crate::config::{Plan, QueryConfig};
+use crate::config::QueryConfig;
 use crate::event::{RawMessage, RawSubscribeResponse};
+use crate::plan::Plan;
 use crate::task::{Outputs, Task};
 use bytes::Bytes;
 use prost::Message;

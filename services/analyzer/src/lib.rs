@@ -27,6 +27,7 @@ mod filter;
 pub mod fuzzing;
 mod member;
 mod path;
+mod plan;
 mod rekey;
 mod runner;
 mod service;

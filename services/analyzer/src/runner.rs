@@ -22,11 +22,11 @@
 //! broker keeps everything.
 
 use crate::checkpoint::{Checkpoints, Stage};
-use crate::config::Plan;
 use crate::error::AnalyzerError;
 use crate::event::RawRecordChunk;
 use crate::member::{GroupEvent, Member};
 use crate::path::Scalar;
+use crate::plan::Plan;
 use crate::rekey;
 use crate::task::{Counters, Outputs, Task};
 use crate::window::Emission;

@@ -13,9 +13,9 @@
 //!   the source partitions announced in it, and records are de-duplicated by their source
 //!   position, so that a source task replayed after a crash adds nothing twice.
 
-use crate::config::Plan;
 use crate::event::{EventView, RawRecord};
 use crate::path::{FieldRef, Scalar};
+use crate::plan::Plan;
 use crate::rekey::{self, Keyed};
 use crate::window::{Contribution, Emission, KeyedWindows, WindowsState};
 use bloomfilter::Bloom;

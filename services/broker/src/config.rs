@@ -1,6 +1,7 @@
 //! The broker's settings, under `[broker]` / `RUNNEL_BROKER__…`.
 
-use crate::partition::{LogSettings, Retention};
+use crate::storage::Retention;
+use crate::storage::embedded::partition::LogSettings;
 use runnel_log::FsyncPolicy;
 use runnel_server::{ConfigError, ServerConfig, ServiceConfig};
 use serde::{Deserialize, Serialize};

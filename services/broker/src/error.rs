@@ -34,7 +34,7 @@ pub enum BrokerError {
     },
     /// A segment could not be read or written, or holds what it should not.
     #[error(transparent)]
-    Segment(#[from] crate::segment::SegmentError),
+    Segment(#[from] crate::storage::embedded::segment::SegmentError),
     /// An idempotent producer's batch does not follow its last one: an earlier batch was
     /// lost in flight. Storing it would leave a gap in the producer's sequence.
     #[error(

@@ -12,7 +12,7 @@
 //! move the group's offsets from under the new owner.
 //!
 //! Groups live in the memory of the broker that serves them (offsets are durable in the
-//! [`OffsetStore`](crate::offsets::OffsetStore)); after a broker restart members
+//! [`OffsetStore`](crate::storage::embedded::offsets::OffsetStore)); after a broker restart members
 //! resubscribe and the group forms again.
 
 use crate::error::{BrokerError, Result};

@@ -19,36 +19,29 @@
 
 mod batch;
 pub mod config;
-mod durability;
 mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod groups;
-mod index;
-mod jetstream;
-mod offsets;
-mod partition;
-mod producers;
-mod segment;
 mod service;
 mod storage;
 mod subscribe;
 mod topic;
-mod topics;
 
 pub use config::{BrokerConfig, JetStreamConfig, JetStreamStorage, StorageEngine};
 pub use error::BrokerError;
-pub use segment::SegmentError;
+pub use storage::embedded::segment::SegmentError;
 
-use durability::GroupCommit;
 use groups::Coordinator;
-use offsets::OffsetStore;
 use runnel_log::FsyncPolicy;
 use runnel_proto::v1::broker_server::BrokerServer;
 use runnel_server::{Listeners, ServiceConfig, Shutdown};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use topics::Topics;
+use storage::embedded::durability::GroupCommit;
+use storage::embedded::offsets::OffsetStore;
+use storage::embedded::topics::Topics;
+use storage::jetstream;
 
 /// How often group members' sessions are checked.
 const SESSION_CHECK: Duration = Duration::from_millis(250);

@@ -3,7 +3,8 @@
 //! A storage engine *follows* a partition ([`Storage::follow`]): records from an offset,
 //! then new ones as they come, in chunks through a bounded channel — so a consumer that
 //! stops reading stops the follower (HTTP/2 flow control does the rest) and memory stays
-//! bounded however slow the client. [`PartitionReader`] is the embedded engine's follower.
+//! bounded however slow the client. The embedded engine's follower is in
+//! [`crate::storage::embedded`].
 //!
 //! A group member's stream is a [`MemberStream`]: it follows the member's assignment,
 //! sending each new assignment before any record of it, following each owned partition
@@ -11,9 +12,8 @@
 //! dropping the followers of partitions taken away, and — for at-most-once delivery —
 //! committing each chunk's offsets before sending it.
 
-use crate::error::{BrokerError, Result};
+use crate::error::Result;
 use crate::groups::{Coordinator, MemberView, Membership};
-use crate::partition::Partition;
 use crate::storage::{Follow, Storage};
 use runnel_proto::v1::subscribe_response::Message;
 use runnel_proto::v1::{Assignment, Delivery, Record, RecordChunk, StartFrom, SubscribeResponse};
@@ -25,98 +25,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::Status;
 
-/// Bytes of batches a reader takes from disk at a time.
-const READ_BYTES: usize = 1 << 20;
 /// Chunks buffered between followers and a member's stream.
 const CHUNK_BUFFER: usize = 16;
 
 /// What a stream sends.
 pub(crate) type Outgoing = mpsc::Sender<std::result::Result<SubscribeResponse, Status>>;
-
-/// The embedded engine's follower of one partition.
-pub(crate) struct PartitionReader {
-    pub(crate) partition: Arc<Partition>,
-    pub(crate) next: u64,
-    pub(crate) max_bytes: usize,
-    pub(crate) shutdown: Shutdown,
-}
-
-impl PartitionReader {
-    /// Reads records into `sink` until the receiver goes away or the broker stops; a read
-    /// that fails ends it with the error.
-    pub(crate) async fn run(
-        mut self,
-        sink: mpsc::Sender<std::result::Result<Vec<Record>, Status>>,
-    ) {
-        let mut end = self.partition.watch_end();
-        loop {
-            let available = *end.borrow_and_update();
-            if self.next < available {
-                let partition = Arc::clone(&self.partition);
-                let (from, max_bytes) = (self.next, self.max_bytes.min(READ_BYTES));
-                let read = tokio::task::spawn_blocking(move || -> Result<Vec<Record>> {
-                    let read = partition.read(from, max_bytes)?;
-                    let mut records = Vec::new();
-                    for batch in read.batches {
-                        records.extend(batch.records(partition.id(), from, usize::MAX).map_err(
-                            |reason| BrokerError::Corrupt {
-                                path: partition.topic().into(),
-                                position: batch.header.base_offset,
-                                reason,
-                            },
-                        )?);
-                    }
-                    Ok(records)
-                })
-                .await
-                .map_err(BrokerError::from)
-                .and_then(|read| read);
-                let records = match read {
-                    Ok(records) => records,
-                    Err(BrokerError::OffsetOutOfRange { start, .. }) if self.next < start => {
-                        // Retention deleted what this reader had not read yet.
-                        tracing::warn!(
-                            topic = self.partition.topic(),
-                            partition = self.partition.id(),
-                            from = self.next,
-                            to = start,
-                            "skipping records deleted by retention"
-                        );
-                        metrics::counter!("runnel_broker_subscriber_retention_skips_total")
-                            .increment(1);
-                        self.next = start;
-                        continue;
-                    }
-                    Err(error) => {
-                        let _ = sink.send(Err(error.into())).await;
-                        return;
-                    }
-                };
-                if let Some(last) = records.last() {
-                    self.next = last.offset + 1;
-                    tokio::select! {
-                        sent = sink.send(Ok(records)) => {
-                            if sent.is_err() {
-                                return;
-                            }
-                        }
-                        () = self.shutdown.wait() => return,
-                    }
-                }
-                continue;
-            }
-            tokio::select! {
-                changed = end.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-                () = sink.closed() => return,
-                () = self.shutdown.wait() => return,
-            }
-        }
-    }
-}
 
 /// Tells a client its stream ends because the broker stops (so it reconnects rather than
 /// assume the partition ended), without waiting on a full buffer.

@@ -2,8 +2,8 @@
 
 use crate::config::MAX_PARTITIONS;
 use crate::error::{BrokerError, Result};
-use crate::partition::Partition;
-use crate::partition::Retention;
+use crate::storage::Retention;
+use crate::storage::embedded::partition::Partition;
 use runnel_proto::v1::{PartitionInfo, RetentionPolicy, TopicInfo};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;

@@ -8,7 +8,7 @@
 //! the next: under load, many producers share each fsync, and an idle partition costs
 //! nothing.
 
-use crate::partition::Partition;
+use super::partition::Partition;
 use runnel_server::Shutdown;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;

@@ -13,8 +13,9 @@
 //! start. Inside `topics/`, a directory without a readable `topic.meta` or a missing
 //! partition is damage the broker will not guess about: it refuses to start.
 
+use super::partition::{LogSettings, Partition, PartitionLog, sync_dir};
 use crate::error::{BrokerError, Result};
-use crate::partition::{LogSettings, Partition, PartitionLog, Retention, sync_dir};
+use crate::storage::Retention;
 use crate::topic::{self, RetentionOverride, Topic, TopicMeta};
 use std::collections::BTreeMap;
 use std::fs;

@@ -7,7 +7,7 @@
 //! to the cumulative acknowledgement that covers it. `--rate` caps the offered load (events
 //! per second over all streams), for latency at a given share of the peak.
 
-use crate::bench::ingest::{Ack, LogArgs, start_in_process, tempfile_dir};
+use crate::ingest::{Ack, LogArgs, start_in_process, tempfile_dir};
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use runnel_log::FsyncPolicy;
@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 /// Arguments of `runnel bench stream`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct StreamArgs {
+pub struct StreamArgs {
     /// Events to send in total (after the warm-up).
     #[arg(long, default_value_t = 2_000_000)]
     events: u64,

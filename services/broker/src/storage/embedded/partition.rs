@@ -11,21 +11,20 @@
 //! [`PartitionLog`] is the synchronous state behind a lock; it does disk I/O, so only
 //! blocking threads call it. [`Partition`] shares it and publishes two offsets: the end
 //! (after every append, waking subscribers) and the durable offset (after every group
-//! commit of [`crate::durability`], waking producers that asked for DURABLE acks).
+//! commit of [`super::durability`], waking producers that asked for DURABLE acks).
 //!
 //! Offsets are never reissued: an append takes the end offset and moves it on only after
 //! the batch is written, recovery cuts only a batch that was torn mid-write (never
 //! acknowledged, never visible), and anything else that does not run on is corruption the
 //! broker refuses to start with.
 
+use super::producers::{ProducerTable, StoredRun, Verdict};
+use super::segment::{Segment, file_stem};
 use crate::batch::{BatchHeader, StoredBatch};
 use crate::error::{BrokerError, Result};
-use crate::producers::{ProducerTable, StoredRun, Verdict};
-use crate::segment::{Segment, file_stem};
-use bytes::Bytes;
+use crate::storage::{Appended, Incoming, Read, Retention};
 use runnel_log::{FsyncPolicy, SyncHandle};
 use runnel_proto::Millis;
-use runnel_proto::v1::Compression;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -60,45 +59,6 @@ impl LogSettings {
 
 /// Bytes of records a batch may have to be appended on the calling (async) thread.
 const INLINE_APPEND_BYTES: usize = 16 * 1024;
-
-/// How long a partition keeps its sealed segments; `None`: no limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Retention {
-    pub(crate) max_age: Option<Duration>,
-    pub(crate) max_bytes: Option<u64>,
-}
-
-/// A batch a producer sent, checked and ready to store.
-#[derive(Debug, Clone)]
-pub(crate) struct Incoming {
-    pub(crate) compression: Compression,
-    pub(crate) record_count: u32,
-    pub(crate) records: Bytes,
-    pub(crate) producer_id: u64,
-    pub(crate) base_sequence: u64,
-}
-
-/// What an append did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Appended {
-    /// Stored at offsets `[base_offset, next_offset)` — or, when `scattered` is set (an
-    /// engine that could not keep the batch together), at exactly those offsets.
-    Stored {
-        base_offset: u64,
-        next_offset: u64,
-        scattered: Option<Vec<u64>>,
-    },
-    /// A retry of a batch stored before at `base_offset`: nothing written.
-    Duplicate { base_offset: u64 },
-}
-
-/// What a read found, with the partition's bounds at the time.
-#[derive(Debug)]
-pub(crate) struct Read {
-    pub(crate) batches: Vec<StoredBatch>,
-    pub(crate) start: u64,
-    pub(crate) end: u64,
-}
 
 /// A partition's segments and producer table.
 #[derive(Debug)]
@@ -760,7 +720,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use runnel_proto::records;
-    use runnel_proto::v1::Event;
+    use runnel_proto::v1::{Compression, Event};
 
     fn settings(segment_bytes: u64) -> LogSettings {
         LogSettings {

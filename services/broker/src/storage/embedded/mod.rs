@@ -1,91 +1,34 @@
-//! Where topics live: the one interface the gRPC service needs from a storage engine, and
-//! the embedded engine behind it.
+//! The embedded engine: this broker's own segmented log on local disk, the default.
 //!
-//! Two engines implement [`Storage`] with the same semantics — dense per-partition
-//! offsets from 0, batches idempotent per producer and sequence, retention from the front,
-//! committed offsets per group — so the API and its tests do not change with the engine:
-//!
-//! - [`Embedded`]: this broker's own segmented log on local disk (the default);
-//! - [`JetStream`](crate::jetstream::JetStream): NATS JetStream, for deployments that
-//!   outgrow one machine (replicated streams, any number of broker replicas in front).
-//!
-//! Consumer-group *membership* is not here: it lives in the broker process that serves the
-//! group ([`crate::groups`]); only the committed offsets are storage.
+//! Each topic is a directory of partitions ([`topics`]); each partition a log of segments
+//! ([`partition`], [`segment`], [`index`]) with its idempotent producers ([`producers`]);
+//! DURABLE acks share fsyncs through the group commit ([`durability`]); consumer groups'
+//! committed offsets are a log of their own ([`offsets`]); and [`follower`] follows a
+//! partition live for `Subscribe`.
 
-use crate::durability::GroupCommit;
+pub(crate) mod durability;
+mod follower;
+mod index;
+pub(crate) mod offsets;
+pub(crate) mod partition;
+mod producers;
+pub(crate) mod segment;
+pub(crate) mod topics;
+
+use super::{Appended, FOLLOW_BUFFER, Follow, Incoming, Read, Retention, Storage};
 use crate::error::{BrokerError, Result};
-use crate::offsets::OffsetStore;
-use crate::partition::{Appended, Incoming, Partition, Read, Retention};
-use crate::subscribe::PartitionReader;
 use crate::topic::{self, RetentionOverride, Topic};
-use crate::topics::Topics;
+use durability::GroupCommit;
+use follower::PartitionReader;
+use offsets::OffsetStore;
+use partition::Partition;
 use runnel_proto::Millis;
-use runnel_proto::v1::{Record, TopicInfo};
+use runnel_proto::v1::TopicInfo;
 use runnel_server::Shutdown;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::mpsc;
-use tonic::Status;
-
-/// Chunks of records as a follower hands them on; an error ends the stream.
-pub(crate) type Follow = mpsc::Receiver<std::result::Result<Vec<Record>, Status>>;
-
-/// Chunks buffered between a follower and its reader.
-pub(crate) const FOLLOW_BUFFER: usize = 16;
-
-/// What the broker's service needs from a storage engine.
-#[tonic::async_trait]
-pub(crate) trait Storage: Send + Sync + std::fmt::Debug + 'static {
-    /// Creates a topic; `AlreadyExists` if it exists.
-    async fn create_topic(
-        &self,
-        name: &str,
-        partitions: u32,
-        retention: RetentionOverride,
-    ) -> Result<TopicInfo>;
-    /// A topic's partition count, or `None` if it does not exist.
-    async fn partitions(&self, topic: &str) -> Result<Option<u32>>;
-    /// Every topic, sorted by name.
-    async fn list_topics(&self) -> Result<Vec<TopicInfo>>;
-    /// One topic.
-    async fn topic_info(&self, topic: &str) -> Result<TopicInfo>;
-    /// Stores a batch (or recognises a retry), and makes it durable first if asked.
-    async fn append(
-        &self,
-        topic: &str,
-        partition: u32,
-        batch: Incoming,
-        durable: bool,
-    ) -> Result<Appended>;
-    /// The batches holding offsets from `from` on, about `max_bytes` of them.
-    async fn read(&self, topic: &str, partition: u32, from: u64, max_bytes: usize) -> Result<Read>;
-    /// The offset of the first record appended at or after `time`, or the end offset.
-    async fn offset_for_time(&self, topic: &str, partition: u32, time: Millis) -> Result<u64>;
-    /// The partition's first stored offset and its end offset.
-    async fn bounds(&self, topic: &str, partition: u32) -> Result<(u64, u64)>;
-    /// Follows a partition from `from`: its records now and as they come, until the
-    /// receiver is dropped or `shutdown` fires. Records deleted by retention before they
-    /// were read are skipped (and counted).
-    async fn follow(
-        &self,
-        topic: &str,
-        partition: u32,
-        from: u64,
-        max_bytes: usize,
-        shutdown: Shutdown,
-    ) -> Result<Follow>;
-    /// Durably records a group's offsets on a topic; returns them all after the commit.
-    async fn commit(
-        &self,
-        group: &str,
-        topic: &str,
-        offsets: BTreeMap<u32, u64>,
-    ) -> Result<BTreeMap<u32, u64>>;
-    /// A group's committed offsets on a topic.
-    async fn committed(&self, group: &str, topic: &str) -> Result<BTreeMap<u32, u64>>;
-    /// Every group with committed offsets on a topic.
-    async fn groups_of(&self, topic: &str) -> Result<BTreeMap<String, BTreeMap<u32, u64>>>;
-}
+use topics::Topics;
 
 /// The embedded engine: topics in segmented logs under the data directory.
 #[derive(Debug)]
@@ -243,7 +186,7 @@ impl Storage for Embedded {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::partition::LogSettings;
+    use partition::LogSettings;
     use runnel_log::FsyncPolicy;
     use runnel_proto::v1::{Compression, Event};
     use std::time::Duration;
@@ -315,7 +258,7 @@ mod tests {
             index_interval: 4096,
             producer_expiry: Duration::from_secs(3600),
         };
-        let log = crate::partition::PartitionLog::open(dir.path(), "t", 0, settings).unwrap();
+        let log = partition::PartitionLog::open(dir.path(), "t", 0, settings).unwrap();
         let partition = Partition::new(log);
         let due = std::sync::atomic::AtomicU64::new(0);
         std::thread::scope(|scope| {

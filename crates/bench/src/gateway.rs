@@ -49,7 +49,7 @@ pub(crate) enum Protocol {
 
 /// Arguments of `runnel bench gateway`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct GatewayArgs {
+pub struct GatewayArgs {
     /// Keys written before the reads, each read at random.
     #[arg(long, default_value_t = 10_000)]
     keys: u64,

@@ -174,7 +174,7 @@ impl OffsetStore {
         drop(fresh);
         std::fs::rename(&temporary, &self.path).map_err(BrokerError::io(&self.path))?;
         if let Some(dir) = self.path.parent() {
-            crate::partition::sync_dir(dir)?;
+            super::partition::sync_dir(dir)?;
         }
         let (file, _) = LogFile::open(&self.path, MAGIC, self.policy, |_, _| {})
             .map_err(BrokerError::log(&self.path))?;

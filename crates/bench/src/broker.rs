@@ -51,7 +51,7 @@ pub(crate) enum AckMode {
 
 /// Arguments of `runnel bench broker`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct BrokerArgs {
+pub struct BrokerArgs {
     /// Payload bytes per message.
     #[arg(long, default_value_t = 100)]
     size: usize,

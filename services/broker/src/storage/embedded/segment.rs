@@ -7,8 +7,8 @@
 //! active segment is always scanned on open ([`Segment::recover`]): its torn tail cut, its
 //! index rebuilt, and its offsets checked to run on without a gap or a repeat.
 
+use super::index::{SegmentSummary, SparseIndex};
 use crate::batch::{BatchHeader, StoredBatch};
-use crate::index::{SegmentSummary, SparseIndex};
 use bytes::Bytes;
 use runnel_log::{FRAME_HEADER_LEN, FsyncPolicy, HEADER_LEN, LogFile, SyncHandle};
 use std::path::{Path, PathBuf};

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 /// Arguments of `runnel bench ingest`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct IngestArgs {
+pub struct IngestArgs {
     /// Events to send in total (after the warm-up).
     #[arg(long, default_value_t = 200_000)]
     events: u64,

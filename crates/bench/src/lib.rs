@@ -1,4 +1,9 @@
 //! `runnel bench`: the benchmark harnesses whose figures go in `docs/benchmarks.md`.
+//!
+//! An app crate: it starts the services in its own process to measure them, and `runnel
+//! bench` (in `runnel-cli`) calls [`run`]. The two app crates, `runnel-cli` and
+//! `runnel-bench`, are the only crates that import services; every other crate of the
+//! workspace is a library that no service is imported into.
 
 mod analyzer;
 mod broker;
@@ -11,7 +16,7 @@ use std::process::ExitCode;
 
 /// What to measure.
 #[derive(Debug, clap::Subcommand)]
-pub(crate) enum BenchCommand {
+pub enum BenchCommand {
     /// Ingest throughput and ack latency through collector → broker.
     Ingest(ingest::IngestArgs),
     /// Stream throughput and ack latency through collector → broker.
@@ -27,7 +32,8 @@ pub(crate) enum BenchCommand {
     Gateway(gateway::GatewayArgs),
 }
 
-pub(crate) async fn run(what: BenchCommand) -> Result<ExitCode> {
+/// Runs the benchmark `what` asks for and prints its figures.
+pub async fn run(what: BenchCommand) -> Result<ExitCode> {
     match what {
         BenchCommand::Ingest(args) => ingest::run(args).await,
         BenchCommand::Stream(args) => stream::run(args).await,

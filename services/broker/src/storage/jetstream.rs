@@ -24,11 +24,10 @@
 //! interrupted half-way is half stored until retried), duplicates are recognised within
 //! the duplicate window only, and retention settings are fixed when the topic is created.
 
+use super::{Appended, FOLLOW_BUFFER, Follow, Incoming, Read, Retention, Storage};
 use crate::batch::{BatchHeader, StoredBatch};
 use crate::config::{JetStreamConfig, JetStreamStorage};
 use crate::error::{BrokerError, Result};
-use crate::partition::{Appended, Incoming, Read, Retention};
-use crate::storage::{FOLLOW_BUFFER, Follow, Storage};
 use crate::topic::{RetentionOverride, TopicMeta, retention_proto};
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::context::PublishErrorKind;

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 /// Arguments of `runnel bench analyzer`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct AnalyzerArgs {
+pub struct AnalyzerArgs {
     /// Events per operator run.
     #[arg(long, default_value_t = 2_000_000)]
     events: u64,

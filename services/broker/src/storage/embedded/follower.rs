@@ -1,0 +1,99 @@
+//! The embedded engine's follower of one partition: reads what the partition holds from an
+//! offset on, then waits on its end offset for more, handing records on in chunks through
+//! a bounded channel (see [`Storage::follow`](crate::storage::Storage::follow)).
+
+use super::partition::Partition;
+use crate::error::{BrokerError, Result};
+use runnel_proto::v1::Record;
+use runnel_server::Shutdown;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+/// Bytes of batches a reader takes from disk at a time.
+const READ_BYTES: usize = 1 << 20;
+
+/// The embedded engine's follower of one partition.
+pub(crate) struct PartitionReader {
+    pub(crate) partition: Arc<Partition>,
+    pub(crate) next: u64,
+    pub(crate) max_bytes: usize,
+    pub(crate) shutdown: Shutdown,
+}
+
+impl PartitionReader {
+    /// Reads records into `sink` until the receiver goes away or the broker stops; a read
+    /// that fails ends it with the error.
+    pub(crate) async fn run(
+        mut self,
+        sink: mpsc::Sender<std::result::Result<Vec<Record>, Status>>,
+    ) {
+        let mut end = self.partition.watch_end();
+        loop {
+            let available = *end.borrow_and_update();
+            if self.next < available {
+                let partition = Arc::clone(&self.partition);
+                let (from, max_bytes) = (self.next, self.max_bytes.min(READ_BYTES));
+                let read = tokio::task::spawn_blocking(move || -> Result<Vec<Record>> {
+                    let read = partition.read(from, max_bytes)?;
+                    let mut records = Vec::new();
+                    for batch in read.batches {
+                        records.extend(batch.records(partition.id(), from, usize::MAX).map_err(
+                            |reason| BrokerError::Corrupt {
+                                path: partition.topic().into(),
+                                position: batch.header.base_offset,
+                                reason,
+                            },
+                        )?);
+                    }
+                    Ok(records)
+                })
+                .await
+                .map_err(BrokerError::from)
+                .and_then(|read| read);
+                let records = match read {
+                    Ok(records) => records,
+                    Err(BrokerError::OffsetOutOfRange { start, .. }) if self.next < start => {
+                        // Retention deleted what this reader had not read yet.
+                        tracing::warn!(
+                            topic = self.partition.topic(),
+                            partition = self.partition.id(),
+                            from = self.next,
+                            to = start,
+                            "skipping records deleted by retention"
+                        );
+                        metrics::counter!("runnel_broker_subscriber_retention_skips_total")
+                            .increment(1);
+                        self.next = start;
+                        continue;
+                    }
+                    Err(error) => {
+                        let _ = sink.send(Err(error.into())).await;
+                        return;
+                    }
+                };
+                if let Some(last) = records.last() {
+                    self.next = last.offset + 1;
+                    tokio::select! {
+                        sent = sink.send(Ok(records)) => {
+                            if sent.is_err() {
+                                return;
+                            }
+                        }
+                        () = self.shutdown.wait() => return,
+                    }
+                }
+                continue;
+            }
+            tokio::select! {
+                changed = end.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                () = sink.closed() => return,
+                () = self.shutdown.wait() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Where topics live: the one interface the gRPC service needs from a storage engine, the
+//! batches and appends it speaks in, and the two engines behind it.
+//!
+//! Two engines implement [`Storage`] with the same semantics — dense per-partition
+//! offsets from 0, batches idempotent per producer and sequence, retention from the front,
+//! committed offsets per group — so the API and its tests do not change with the engine:
+//!
+//! - [`Embedded`]: this broker's own segmented log on local disk (the default);
+//! - [`JetStream`](jetstream::JetStream): NATS JetStream, for deployments that
+//!   outgrow one machine (replicated streams, any number of broker replicas in front).
+//!
+//! Consumer-group *membership* is not here: it lives in the broker process that serves the
+//! group ([`crate::groups`]); only the committed offsets are storage.
+
+pub(crate) mod embedded;
+pub(crate) mod jetstream;
+
+pub(crate) use embedded::Embedded;
+
+use crate::batch::StoredBatch;
+use crate::error::Result;
+use crate::topic::RetentionOverride;
+use bytes::Bytes;
+use runnel_proto::Millis;
+use runnel_proto::v1::{Compression, Record, TopicInfo};
+use runnel_server::Shutdown;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+/// Chunks of records as a follower hands them on; an error ends the stream.
+pub(crate) type Follow = mpsc::Receiver<std::result::Result<Vec<Record>, Status>>;
+
+/// Chunks buffered between a follower and its reader.
+pub(crate) const FOLLOW_BUFFER: usize = 16;
+
+/// How long a partition keeps its sealed segments; `None`: no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Retention {
+    pub(crate) max_age: Option<Duration>,
+    pub(crate) max_bytes: Option<u64>,
+}
+
+/// A batch a producer sent, checked and ready to store.
+#[derive(Debug, Clone)]
+pub(crate) struct Incoming {
+    pub(crate) compression: Compression,
+    pub(crate) record_count: u32,
+    pub(crate) records: Bytes,
+    pub(crate) producer_id: u64,
+    pub(crate) base_sequence: u64,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Appended {
+    /// Stored at offsets `[base_offset, next_offset)` — or, when `scattered` is set (an
+    /// engine that could not keep the batch together), at exactly those offsets.
+    Stored {
+        base_offset: u64,
+        next_offset: u64,
+        scattered: Option<Vec<u64>>,
+    },
+    /// A retry of a batch stored before at `base_offset`: nothing written.
+    Duplicate { base_offset: u64 },
+}
+
+/// What a read found, with the partition's bounds at the time.
+#[derive(Debug)]
+pub(crate) struct Read {
+    pub(crate) batches: Vec<StoredBatch>,
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+}
+
+/// What the broker's service needs from a storage engine.
+#[tonic::async_trait]
+pub(crate) trait Storage: Send + Sync + std::fmt::Debug + 'static {
+    /// Creates a topic; `AlreadyExists` if it exists.
+    async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        retention: RetentionOverride,
+    ) -> Result<TopicInfo>;
+    /// A topic's partition count, or `None` if it does not exist.
+    async fn partitions(&self, topic: &str) -> Result<Option<u32>>;
+    /// Every topic, sorted by name.
+    async fn list_topics(&self) -> Result<Vec<TopicInfo>>;
+    /// One topic.
+    async fn topic_info(&self, topic: &str) -> Result<TopicInfo>;
+    /// Stores a batch (or recognises a retry), and makes it durable first if asked.
+    async fn append(
+        &self,
+        topic: &str,
+        partition: u32,
+        batch: Incoming,
+        durable: bool,
+    ) -> Result<Appended>;
+    /// The batches holding offsets from `from` on, about `max_bytes` of them.
+    async fn read(&self, topic: &str, partition: u32, from: u64, max_bytes: usize) -> Result<Read>;
+    /// The offset of the first record appended at or after `time`, or the end offset.
+    async fn offset_for_time(&self, topic: &str, partition: u32, time: Millis) -> Result<u64>;
+    /// The partition's first stored offset and its end offset.
+    async fn bounds(&self, topic: &str, partition: u32) -> Result<(u64, u64)>;
+    /// Follows a partition from `from`: its records now and as they come, until the
+    /// receiver is dropped or `shutdown` fires. Records deleted by retention before they
+    /// were read are skipped (and counted).
+    async fn follow(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max_bytes: usize,
+        shutdown: Shutdown,
+    ) -> Result<Follow>;
+    /// Durably records a group's offsets on a topic; returns them all after the commit.
+    async fn commit(
+        &self,
+        group: &str,
+        topic: &str,
+        offsets: BTreeMap<u32, u64>,
+    ) -> Result<BTreeMap<u32, u64>>;
+    /// A group's committed offsets on a topic.
+    async fn committed(&self, group: &str, topic: &str) -> Result<BTreeMap<u32, u64>>;
+    /// Every group with committed offsets on a topic.
+    async fn groups_of(&self, topic: &str) -> Result<BTreeMap<String, BTreeMap<u32, u64>>>;
+}
