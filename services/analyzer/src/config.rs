@@ -11,6 +11,7 @@ use crate::aggregate::{Aggregate, AggregateConfig, Function};
 use crate::filter::{EventFilter, Predicate, ResultFilter};
 use crate::path::FieldRef;
 use crate::window::{EmitMode, WindowRules, WindowSpec};
+use runnel_proto::names;
 use runnel_server::{ConfigError, ServerConfig, ServiceConfig};
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -296,14 +297,6 @@ pub(crate) fn millis(duration: Duration) -> i64 {
 /// from overflow and a typo (`"1y"`) does not hold results back for a year.
 const MAX_SPAN: Duration = Duration::from_secs(7 * 24 * 3600);
 
-fn topic_ok(topic: &str) -> bool {
-    !topic.is_empty()
-        && topic.len() <= 200
-        && topic
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
-
 impl QueryConfig {
     /// Checks the query — `i` is its index in `queries`, for the error's key — and turns
     /// it into a plan.
@@ -315,37 +308,14 @@ impl QueryConfig {
         let fail_at = |(at, message): (String, String)| {
             ConfigError::invalid(section, &format!("queries[{i}].{at}"), message)
         };
-        let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_.-".contains(&b);
-        if self.name.is_empty()
-            || self.name.len() > 128
-            || !self.name.bytes().all(allowed)
-            || self.name.starts_with('.')
-        {
-            return Err(fail(
-                "name",
-                format!(
-                    "{:?}: use 1-128 characters from [a-zA-Z0-9_.-], not starting with '.'",
-                    self.name
-                ),
-            ));
-        }
-        if !topic_ok(&self.topic) {
-            return Err(fail(
-                "topic",
-                format!("{:?}: use 1-200 characters from [a-zA-Z0-9._-]", self.topic),
-            ));
-        }
+        names::validate_query_name(&self.name).map_err(|e| fail("name", e.to_string()))?;
+        names::validate_topic_name(&self.topic).map_err(|e| fail("topic", e.to_string()))?;
         for (field, topic) in [
             ("output_topic", &self.output_topic),
             ("late_topic", &self.late_topic),
         ] {
             if let Some(topic) = topic {
-                if !topic_ok(topic) {
-                    return Err(fail(
-                        field,
-                        format!("{topic:?}: use 1-200 characters from [a-zA-Z0-9._-]"),
-                    ));
-                }
+                names::validate_topic_name(topic).map_err(|e| fail(field, e.to_string()))?;
                 if *topic == self.topic {
                     return Err(fail(field, "must not be the topic the query reads".into()));
                 }
@@ -743,20 +713,14 @@ impl ServiceConfig for AnalyzerConfig {
                 "must be between 300ms and 1h",
             ));
         }
-        if !topic_ok(&self.group) {
-            return Err(ConfigError::invalid(
-                section,
-                "group",
-                "use 1-200 characters from [a-zA-Z0-9._-]",
-            ));
+        if let Err(error) = names::validate_group_name(&self.group) {
+            return Err(ConfigError::invalid(section, "group", error.to_string()));
         }
-        if let Some(id) = &self.member_id
-            && (id.is_empty() || id.len() > 200)
-        {
+        if let Some(Err(error)) = self.member_id.as_deref().map(names::validate_member_id) {
             return Err(ConfigError::invalid(
                 section,
                 "member_id",
-                "use 1-200 characters",
+                error.to_string(),
             ));
         }
         if self.queries.len() > 256 {
