@@ -25,7 +25,6 @@ mod event;
 mod filter;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
-mod member;
 mod path;
 mod rekey;
 mod runner;
