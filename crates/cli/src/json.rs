@@ -1,6 +1,5 @@
-//! The JSON shapes the CLI reads and prints.
-//!
-//! An input event is one JSON object per line:
+//! The events `runnel send` reads: one JSON object per line, in the contract's JSON event
+//! form ([`runnel_proto::json::parse_event`]):
 //!
 //! ```json
 //! {"id": "e-1", "key": "sensor-1", "type": "reading", "source": "cli",
@@ -8,76 +7,31 @@
 //! ```
 //!
 //! Only `key` is usually needed: `id` defaults to a unique id for this run and line,
-//! `time` (RFC 3339 or Unix milliseconds) to the collector's clock, and `payload` (any
-//! JSON) is sent as its JSON text.
+//! `source` to `runnel-cli`, `time` (strict RFC 3339 in UTC, or integer Unix milliseconds)
+//! to the collector's clock, and `payload` (any JSON) is sent as its JSON text.
 
-use anyhow::{Context, Result, bail};
-use runnel_proto::Millis;
+use runnel_proto::json::EventJsonError;
 use runnel_proto::v1::Event;
-use serde::Deserialize;
-use std::collections::HashMap;
-
-/// An event as written on one input line.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EventLine {
-    id: Option<String>,
-    #[serde(default)]
-    key: String,
-    #[serde(default, rename = "type")]
-    kind: String,
-    #[serde(default)]
-    source: String,
-    time: Option<serde_json::Value>,
-    #[serde(default)]
-    attributes: HashMap<String, String>,
-    payload: Option<serde_json::Value>,
-}
 
 /// Parses one input line; `default_id` is used when the line has no `id`.
-pub(crate) fn parse_event(line: &str, default_id: impl FnOnce() -> String) -> Result<Event> {
-    let parsed: EventLine = serde_json::from_str(line).context("not an event object")?;
-    let event_time = match parsed.time {
-        None => None,
-        Some(value) => Some(parse_time(&value).context("time")?.into()),
-    };
-    let payload = match parsed.payload {
-        None => Vec::new(),
-        Some(value) => serde_json::to_vec(&value)?,
-    };
-    Ok(Event {
-        id: parsed.id.unwrap_or_else(default_id),
-        source: if parsed.source.is_empty() {
-            "runnel-cli".into()
-        } else {
-            parsed.source
-        },
-        r#type: parsed.kind,
-        key: parsed.key,
-        event_time,
-        attributes: parsed.attributes,
-        payload: payload.into(),
-        headers: HashMap::new(),
-    })
-}
-
-/// RFC 3339 text or integer Unix milliseconds.
-pub(crate) fn parse_time(value: &serde_json::Value) -> Result<Millis> {
-    match value {
-        serde_json::Value::Number(n) => n
-            .as_i64()
-            .map(Millis)
-            .context("milliseconds must be an integer"),
-        serde_json::Value::String(s) => {
-            runnel_proto::json::parse_time(s).map_err(anyhow::Error::msg)
-        }
-        _ => bail!("expected RFC 3339 text or Unix milliseconds"),
+pub(crate) fn parse_event(
+    line: &str,
+    default_id: impl FnOnce() -> String,
+) -> Result<Event, EventJsonError> {
+    let mut event = runnel_proto::json::parse_event(line.as_bytes())?;
+    if event.id.is_empty() {
+        event.id = default_id();
     }
+    if event.source.is_empty() {
+        event.source = "runnel-cli".into();
+    }
+    Ok(event)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use runnel_proto::Millis;
 
     #[test]
     fn a_full_line_parses() {
@@ -107,10 +61,21 @@ mod tests {
 
     #[test]
     fn bad_lines_say_why() {
-        let err = |line: &str| format!("{:#}", parse_event(line, || "x".into()).unwrap_err());
+        let err = |line: &str| parse_event(line, || "x".into()).unwrap_err().to_string();
         assert!(err("not json").contains("not an event object"));
         assert!(err(r#"{"key":"k","tyme":1}"#).contains("tyme"));
         assert!(err(r#"{"key":"k","time":"yesterday"}"#).contains("RFC 3339"));
         assert!(err(r#"{"key":"k","time":1.5}"#).contains("integer"));
+    }
+
+    /// The CLI once read times with a weak parser that guessed at what a time without a
+    /// zone meant; the collector refused the same line as a datagram. Both now refuse it.
+    #[test]
+    fn a_time_without_a_zone_is_refused_as_the_collector_refuses_it() {
+        let error = parse_event(r#"{"key":"k","time":"2024-05-01T12:00:00"}"#, || "x".into())
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("time: "), "{error}");
+        assert!(error.contains("RFC 3339"), "{error}");
     }
 }

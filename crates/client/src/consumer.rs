@@ -4,13 +4,18 @@
 //! sends, heartbeats in the background with the latest generation it has seen, and commits
 //! offsets under that generation. Records come in chunks tagged with the generation they
 //! were sent under; [`GroupConsumer::next`] hands on only those of the current one.
+//!
+//! The member is generic over how it decodes the `Subscribe` stream ([`SubscribeMessage`]):
+//! as the generated `SubscribeResponse`, events decoded, or as a reader's own
+//! wire-compatible message that leaves each event the bytes it arrived as (the analyzer's,
+//! which reads only the fields a query needs). The protocol is the same either way.
 
 use crate::ClientError;
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::subscribe_response::Message;
 use runnel_proto::v1::{
-    CommitOffsetsRequest, Delivery, PartitionOffset, Record, StartFrom, SubscribeRequest,
-    SubscribeResponse,
+    CommitOffsetsRequest, Delivery, PartitionOffset, Record, RecordChunk, StartFrom,
+    SubscribeRequest, SubscribeResponse,
 };
 use runnel_security::Peer;
 use std::collections::BTreeMap;
@@ -18,7 +23,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::task::JoinHandle;
-use tonic::Streaming;
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::{Status, Streaming};
 
 /// How a [`GroupConsumer`] takes part in its group.
 #[derive(Debug, Clone)]
@@ -44,9 +50,62 @@ impl Default for ConsumerOptions {
     }
 }
 
+/// A message of the broker's `Subscribe` stream, in the form a reader decodes it to.
+pub trait SubscribeMessage: prost::Message + Default + Send + 'static {
+    /// One chunk of records of one partition, as this form holds it.
+    type Records: Send;
+
+    /// What the message says: a new assignment or a chunk of records (`None`: neither,
+    /// e.g. a message kind this reader does not know).
+    fn into_part(self) -> Option<StreamPart<Self::Records>>;
+}
+
+/// One message of the `Subscribe` stream, taken apart.
+#[derive(Debug)]
+pub enum StreamPart<R> {
+    /// The member's new assignment.
+    Assignment {
+        /// Its generation.
+        generation: u64,
+        /// The partitions the member owns from now on.
+        partitions: Vec<u32>,
+    },
+    /// Records of one partition, sent under the assignment of `generation`.
+    Records {
+        /// The generation they were sent under.
+        generation: u64,
+        /// The partition.
+        partition: u32,
+        /// The records.
+        records: R,
+    },
+}
+
+impl SubscribeMessage for SubscribeResponse {
+    type Records = Vec<Record>;
+
+    fn into_part(self) -> Option<StreamPart<Vec<Record>>> {
+        match self.message? {
+            Message::Assignment(assignment) => Some(StreamPart::Assignment {
+                generation: assignment.generation,
+                partitions: assignment.partitions,
+            }),
+            Message::Records(RecordChunk {
+                partition,
+                records,
+                generation,
+            }) => Some(StreamPart::Records {
+                generation,
+                partition,
+                records,
+            }),
+        }
+    }
+}
+
 /// What the stream brought.
 #[derive(Debug, Clone, PartialEq)]
-pub enum GroupEvent {
+pub enum GroupEvent<R = Vec<Record>> {
     /// From now on the member owns these partitions.
     Assigned {
         /// The assignment's generation; commits carry it.
@@ -59,55 +118,87 @@ pub enum GroupEvent {
         /// The partition.
         partition: u32,
         /// The records.
-        records: Vec<Record>,
+        records: R,
     },
 }
 
-/// A member of a consumer group.
+/// A member of a consumer group, decoding the stream as `M`.
 #[derive(Debug)]
-pub struct GroupConsumer {
+pub struct GroupConsumer<M = SubscribeResponse> {
     broker: BrokerClient<Peer>,
     group: String,
     topic: String,
     member_id: String,
-    stream: Streaming<SubscribeResponse>,
+    stream: Streaming<M>,
     generation: Arc<AtomicU64>,
     assigned: Vec<u32>,
     heartbeats: JoinHandle<()>,
 }
 
-impl Drop for GroupConsumer {
+impl<M> Drop for GroupConsumer<M> {
     fn drop(&mut self) {
         self.heartbeats.abort();
     }
 }
 
 impl GroupConsumer {
-    /// Joins `group` on `topic`.
+    /// Joins `group` on `topic`, with events decoded.
     pub async fn join(
         mut broker: BrokerClient<Peer>,
         group: &str,
         topic: &str,
         options: ConsumerOptions,
     ) -> Result<GroupConsumer, ClientError> {
-        let member_id = options
-            .member_id
-            .clone()
-            .unwrap_or_else(|| format!("member-{:016x}", rand::random::<u64>()));
-        let request = SubscribeRequest {
-            topic: topic.to_owned(),
-            group: group.to_owned(),
-            member_id: member_id.clone(),
-            delivery: options.delivery as i32,
-            start_from: options.start_from as i32,
-            session_timeout: Some(prost_duration(options.session_timeout)),
-            ..SubscribeRequest::default()
-        };
+        let (member_id, request) = subscription(group, topic, &options);
         let stream = broker
             .subscribe(request)
             .await
             .map_err(ClientError::Broker)?
             .into_inner();
+        Ok(GroupConsumer::start(
+            broker, stream, group, topic, member_id, &options,
+        ))
+    }
+}
+
+impl<M: SubscribeMessage> GroupConsumer<M> {
+    /// Joins `group` on `topic` over `channel`, decoding the stream as `M`, with messages
+    /// of up to `max_message_bytes`.
+    pub async fn join_decoding(
+        channel: Peer,
+        max_message_bytes: usize,
+        group: &str,
+        topic: &str,
+        options: ConsumerOptions,
+    ) -> Result<GroupConsumer<M>, ClientError> {
+        let (member_id, request) = subscription(group, topic, &options);
+        let mut grpc =
+            tonic::client::Grpc::new(channel.clone()).max_decoding_message_size(max_message_bytes);
+        grpc.ready().await.map_err(|e| {
+            ClientError::Broker(Status::unavailable(format!("broker not ready: {e}")))
+        })?;
+        let codec = tonic_prost::ProstCodec::<SubscribeRequest, M>::default();
+        let path = PathAndQuery::from_static("/runnel.v1.Broker/Subscribe");
+        let stream = grpc
+            .server_streaming(tonic::Request::new(request), path, codec)
+            .await
+            .map_err(ClientError::Broker)?
+            .into_inner();
+        let broker = BrokerClient::new(channel);
+        Ok(GroupConsumer::start(
+            broker, stream, group, topic, member_id, &options,
+        ))
+    }
+
+    /// A member reading `stream`, heartbeating in the background from now on.
+    fn start(
+        broker: BrokerClient<Peer>,
+        stream: Streaming<M>,
+        group: &str,
+        topic: &str,
+        member_id: String,
+        options: &ConsumerOptions,
+    ) -> GroupConsumer<M> {
         let generation = Arc::new(AtomicU64::new(0));
         let heartbeats = tokio::spawn(heartbeat(
             broker.clone(),
@@ -120,7 +211,7 @@ impl GroupConsumer {
             Arc::clone(&generation),
             options.session_timeout / 3,
         ));
-        Ok(GroupConsumer {
+        GroupConsumer {
             broker,
             group: group.to_owned(),
             topic: topic.to_owned(),
@@ -129,7 +220,7 @@ impl GroupConsumer {
             generation,
             assigned: Vec::new(),
             heartbeats,
-        })
+        }
     }
 
     /// This member's id.
@@ -150,32 +241,33 @@ impl GroupConsumer {
     /// The next assignment or records; `None` when the broker ended the stream. An error
     /// is the broker's reason for ending it (ABORTED: the member was removed from the
     /// group; UNAVAILABLE: the broker is stopping).
-    pub async fn next(&mut self) -> Result<Option<GroupEvent>, ClientError> {
+    pub async fn next(&mut self) -> Result<Option<GroupEvent<M::Records>>, ClientError> {
         loop {
             let Some(message) = self.stream.message().await.map_err(ClientError::Broker)? else {
                 return Ok(None);
             };
-            match message.message {
-                Some(Message::Assignment(assignment)) => {
-                    self.generation
-                        .store(assignment.generation, Ordering::Release);
-                    self.assigned = assignment.partitions.clone();
+            match message.into_part() {
+                Some(StreamPart::Assignment {
+                    generation,
+                    partitions,
+                }) => {
+                    self.generation.store(generation, Ordering::Release);
+                    self.assigned = partitions.clone();
                     return Ok(Some(GroupEvent::Assigned {
-                        generation: assignment.generation,
-                        partitions: assignment.partitions,
+                        generation,
+                        partitions,
                     }));
                 }
-                Some(Message::Records(chunk)) => {
+                Some(StreamPart::Records {
+                    generation,
+                    partition,
+                    records,
+                }) => {
                     // Sent under an assignment this member has already moved past.
-                    if chunk.generation != self.generation()
-                        || !self.assigned.contains(&chunk.partition)
-                    {
+                    if generation != self.generation() || !self.assigned.contains(&partition) {
                         continue;
                     }
-                    return Ok(Some(GroupEvent::Records {
-                        partition: chunk.partition,
-                        records: chunk.records,
-                    }));
+                    return Ok(Some(GroupEvent::Records { partition, records }));
                 }
                 None => continue,
             }
@@ -210,6 +302,24 @@ impl GroupConsumer {
             .map(|o| (o.partition, o.offset))
             .collect())
     }
+}
+
+/// This member's id (`options`' or a random one) and its `Subscribe` request.
+fn subscription(group: &str, topic: &str, options: &ConsumerOptions) -> (String, SubscribeRequest) {
+    let member_id = options
+        .member_id
+        .clone()
+        .unwrap_or_else(|| format!("member-{:016x}", rand::random::<u64>()));
+    let request = SubscribeRequest {
+        topic: topic.to_owned(),
+        group: group.to_owned(),
+        member_id: member_id.clone(),
+        delivery: options.delivery as i32,
+        start_from: options.start_from as i32,
+        session_timeout: Some(prost_duration(options.session_timeout)),
+        ..SubscribeRequest::default()
+    };
+    (member_id, request)
 }
 
 /// Heartbeats every `every` with the latest generation, until the consumer is dropped.

@@ -10,7 +10,7 @@
 mod consumer;
 mod producer;
 
-pub use consumer::{ConsumerOptions, GroupConsumer, GroupEvent};
+pub use consumer::{ConsumerOptions, GroupConsumer, GroupEvent, StreamPart, SubscribeMessage};
 pub use producer::{Producer, ProducerOptions};
 pub use runnel_security::{ConnectConfig, Peer, connect, connect_lazy, connect_lazy_with_token};
 

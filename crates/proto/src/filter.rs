@@ -12,8 +12,6 @@
 
 use crate::v1::{Comparison, QueryResult, ValuePredicate, WatchRequest};
 
-/// Longest query name, in bytes (as the store accepts).
-pub const MAX_QUERY_BYTES: usize = 256;
 /// Longest key or key prefix, in bytes (as the store accepts).
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Most keys one filter may name.
@@ -42,8 +40,9 @@ impl ResultFilter {
     /// Checks the filter part of `request` (its `after_sequence` is the caller's business).
     pub fn new(request: &WatchRequest) -> Result<ResultFilter, FilterError> {
         let bad = |message: String| Err(FilterError(message));
-        if request.query.len() > MAX_QUERY_BYTES {
-            return bad(format!("query may have at most {MAX_QUERY_BYTES} bytes"));
+        if !request.query.is_empty() {
+            crate::names::validate_query_name(&request.query)
+                .map_err(|error| FilterError(error.to_string()))?;
         }
         if request.key_prefix.len() > MAX_KEY_BYTES {
             return bad(format!("key_prefix may have at most {MAX_KEY_BYTES} bytes"));
@@ -239,7 +238,7 @@ mod tests {
         let error = |request: WatchRequest| ResultFilter::new(&request).unwrap_err().0;
         assert!(
             error(WatchRequest {
-                query: "q".repeat(MAX_QUERY_BYTES + 1),
+                query: "q".repeat(crate::names::MAX_QUERY_LEN + 1),
                 ..Default::default()
             })
             .starts_with("query")

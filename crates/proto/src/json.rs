@@ -1,8 +1,20 @@
-//! The JSON shape of results, shared by the gateway's HTTP API and the CLI, and the time
-//! formats both accept.
+//! The JSON forms of the contract's messages, and the time formats they accept.
 //!
-//! A result is one object with both time forms, so that humans and programs each get the
-//! one they want:
+//! **An event** is one JSON object — one line for `runnel send`, one datagram for the
+//! collector's UDP listener:
+//!
+//! ```json
+//! {"id": "e-1", "key": "sensor-1", "type": "reading", "source": "cli",
+//!  "time": "2024-05-01T12:00:00Z", "attributes": {"site": "a"}, "payload": {"value": 21.5}}
+//! ```
+//!
+//! Only `key` is usually needed. `id` and `source` left out are empty, for the reader to
+//! fill in (a unique id, its own name); `time` is integer Unix milliseconds or strict RFC
+//! 3339 in UTC (`Z`), and left out the collector's clock; `payload` is any JSON, sent as
+//! its JSON text; any other field is refused.
+//!
+//! **A result** is one object with both time forms, so that humans and programs each get
+//! the one they want:
 //!
 //! ```json
 //! {"query": "avg_value_per_key", "key": "sensor-1",
@@ -18,8 +30,81 @@
 //! is stored): the cursor live clients resume after.
 
 use crate::Millis;
-use crate::v1::QueryResult;
+use crate::v1::{Event, QueryResult};
+use serde::Deserialize;
+use std::collections::HashMap;
 use std::time::{Duration, UNIX_EPOCH};
+
+/// Why a JSON event was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EventJsonError {
+    /// Not JSON, not an object, a field of the wrong type or a field no event has.
+    #[error("not an event object: {0}")]
+    NotAnEvent(#[from] serde_json::Error),
+    /// `time` is neither integer milliseconds nor strict RFC 3339.
+    #[error("time: {0}")]
+    Time(String),
+}
+
+/// An event as its JSON object spells it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventObject {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    key: String,
+    #[serde(default, rename = "type")]
+    kind: String,
+    #[serde(default)]
+    source: String,
+    time: Option<serde_json::Value>,
+    #[serde(default)]
+    attributes: HashMap<String, String>,
+    payload: Option<serde_json::Value>,
+}
+
+/// Parses one JSON event object (see the module docs). An event without `id` or
+/// `source` has them empty; the caller fills them in.
+pub fn parse_event(json: &[u8]) -> Result<Event, EventJsonError> {
+    let object: EventObject = serde_json::from_slice(json)?;
+    let event_time = match object.time {
+        None => None,
+        Some(serde_json::Value::Number(ms)) => Some(
+            Millis(ms.as_i64().ok_or_else(|| {
+                EventJsonError::Time(format!("{ms}: milliseconds must be an integer"))
+            })?)
+            .into(),
+        ),
+        Some(serde_json::Value::String(text)) => {
+            let at = humantime::parse_rfc3339(&text).map_err(|e| {
+                EventJsonError::Time(format!(
+                    "{text:?} is not RFC 3339 in UTC, e.g. 2024-05-01T12:00:00Z ({e})"
+                ))
+            })?;
+            Some(prost_types::Timestamp::from(at))
+        }
+        Some(other) => {
+            return Err(EventJsonError::Time(format!(
+                "{other}: use Unix milliseconds or RFC 3339 text"
+            )));
+        }
+    };
+    let payload = match object.payload {
+        None => Vec::new(),
+        Some(value) => serde_json::to_vec(&value)?,
+    };
+    Ok(Event {
+        id: object.id.unwrap_or_default(),
+        source: object.source,
+        r#type: object.kind,
+        key: object.key,
+        event_time,
+        attributes: object.attributes,
+        payload: payload.into(),
+        headers: HashMap::new(),
+    })
+}
 
 /// RFC 3339 in UTC with milliseconds, e.g. `2024-05-01T12:00:00.000Z`; times before 1970
 /// (which RFC 3339 tools rarely expect) as `<n>ms`.
@@ -134,6 +219,89 @@ mod tests {
         let json = result_json(&result);
         assert_eq!(json["items"]["top_k"][0]["item"], "/home");
         assert_eq!(json["items"]["top_k"][1]["value"], 4.0);
+    }
+
+    #[test]
+    fn a_full_event_object_parses() {
+        let event = parse_event(
+            br#"{"id":"a","key":"k","type":"t","source":"s","time":"2024-05-01T12:00:00.250Z",
+                 "attributes":{"x":"y"},"payload":{"value":2}}"#,
+        )
+        .unwrap();
+        assert_eq!((event.id.as_str(), event.key.as_str()), ("a", "k"));
+        assert_eq!((event.r#type.as_str(), event.source.as_str()), ("t", "s"));
+        assert_eq!(
+            Millis::from(event.event_time.unwrap()),
+            Millis(1_714_564_800_250)
+        );
+        assert_eq!(event.attributes["x"], "y");
+        assert_eq!(&event.payload[..], br#"{"value":2}"#);
+    }
+
+    #[test]
+    fn what_an_event_object_leaves_out_is_empty_and_millis_are_a_time() {
+        let event = parse_event(br#"{"key":"k","time":-1000}"#).unwrap();
+        assert_eq!((event.id.as_str(), event.source.as_str()), ("", ""));
+        assert_eq!(Millis::from(event.event_time.unwrap()), Millis(-1000));
+        assert!(event.payload.is_empty());
+        assert!(parse_event(br#"{"key":"k"}"#).unwrap().event_time.is_none());
+    }
+
+    #[test]
+    fn event_times_are_strict() {
+        let error = |json: &str| parse_event(json.as_bytes()).unwrap_err().to_string();
+        // What the weak parser let through: no zone, a space for the T, milliseconds as text.
+        for loose in [
+            r#"{"key":"k","time":"2024-05-01T12:00:00"}"#,
+            r#"{"key":"k","time":"2024-05-01 12:00:00Z"}"#,
+            r#"{"key":"k","time":"1714564800000"}"#,
+        ] {
+            let message = error(loose);
+            assert!(
+                message.starts_with("time: ") && message.contains("RFC 3339"),
+                "{message}"
+            );
+        }
+        assert!(error(r#"{"key":"k","time":1.5}"#).contains("integer"));
+        assert!(error(r#"{"key":"k","time":true}"#).starts_with("time: "));
+    }
+
+    #[test]
+    fn what_is_not_an_event_object_says_so() {
+        let error = |json: &str| parse_event(json.as_bytes()).unwrap_err().to_string();
+        assert!(error("not json").starts_with("not an event object"));
+        assert!(error("[1]").starts_with("not an event object"));
+        assert!(error(r#"{"key":"k","tyme":1}"#).contains("tyme"));
+        assert!(error(r#"{"key":7}"#).starts_with("not an event object"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_field_of_an_event_object_reaches_the_event(
+            id in ".{1,12}", key in ".{0,12}", kind in ".{0,8}", source in ".{0,8}",
+            ms in -10_000_000_000_000i64..10_000_000_000_000,
+            attributes in proptest::collection::hash_map(".{1,6}", ".{0,6}", 0..4),
+            value in proptest::num::f64::NORMAL,
+        ) {
+            let json = serde_json::json!({
+                "id": id, "key": key, "type": kind, "source": source, "time": ms,
+                "attributes": attributes, "payload": {"value": value},
+            });
+            let event = parse_event(json.to_string().as_bytes()).unwrap();
+            proptest::prop_assert_eq!(&event.id, &id);
+            proptest::prop_assert_eq!(&event.key, &key);
+            proptest::prop_assert_eq!(&event.r#type, &kind);
+            proptest::prop_assert_eq!(&event.source, &source);
+            proptest::prop_assert_eq!(Millis::from(event.event_time.unwrap()), Millis(ms));
+            proptest::prop_assert_eq!(&event.attributes, &attributes);
+            let payload: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+            proptest::prop_assert_eq!(payload, serde_json::json!({"value": value}));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let _ = parse_event(&bytes);
+        }
     }
 
     #[test]

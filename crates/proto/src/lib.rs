@@ -1,7 +1,8 @@
 //! Runnel's public gRPC contract, package `runnel.v1`: the generated tonic/prost code for
 //! everything under `proto/`, the descriptor set that servers publish through reflection,
-//! and the small conversions every service needs (event time in milliseconds, the JSON
-//! shape of results, result filters).
+//! the rules every service applies to what the contract carries (the names of topics,
+//! groups and queries; the JSON form of events and results), and the small conversions
+//! every service needs (event time in milliseconds, result filters).
 //!
 //! Generated code is not committed: `build.rs` regenerates it from the `.proto` files with a
 //! vendored `protoc`, so the schemas are the single source of truth.
@@ -18,6 +19,7 @@ pub mod v1 {
 
 pub mod filter;
 pub mod json;
+pub mod names;
 mod partitioning;
 pub mod records;
 mod time;

@@ -57,7 +57,9 @@ pub struct ServerConfig {
     /// Where the admin HTTP port (`/metrics`, `/ready`, `/live`) listens. It serves no
     /// data and takes no credentials, so it may listen anywhere (probes and scrapers).
     pub admin: SocketAddr,
-    /// How long a stopping service waits for in-flight calls before it gives up on them.
+    /// The grace period of a stop, from the signal: how long a stopping service waits for
+    /// in-flight calls and then its own last steps (flushes, checkpoints) before it gives
+    /// up on them — one budget for all of them, not one each.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
     /// The longest a unary call may take before it fails with `Cancelled`/`DeadlineExceeded`.

@@ -6,8 +6,11 @@
 //! - [`Listeners`]: the service's sockets, bound up front so tests can pass port 0;
 //! - [`serve`]: a tonic server with gRPC health, reflection (v1 and v1alpha), trace-context
 //!   extraction, TLS, authentication and limits ([`runnel_security`]), plus the admin HTTP
-//!   port (`/metrics`, `/ready`, `/live`); [`serve_http`] the same for an HTTP API;
-//! - [`Shutdown`]: SIGTERM/SIGINT → stop accepting → drain within a bounded grace period;
+//!   port (`/metrics`, `/ready`, `/live`); [`serve_grpc!`] builds a service's generated
+//!   server with the configured message limits and serves it so; [`serve_http`] the same
+//!   for an HTTP API;
+//! - [`Shutdown`]: SIGTERM/SIGINT → stop accepting → drain, every step after that within
+//!   what is left of one bounded grace period ([`Shutdown::remaining`]);
 //! - [`main`]: the whole life of a service binary, so each `main.rs` is one line;
 //! - [`healthcheck`]: the binary's `healthcheck` subcommand, for containers without a shell.
 //!
@@ -22,8 +25,9 @@ mod run;
 mod shutdown;
 
 pub use config::{ConfigError, ListenAddrs, ServerConfig, ServiceConfig};
-pub use run::{Listeners, ServeError, main, serve, serve_http};
+pub use run::{Listeners, ServeError, grpc_name, main, serve, serve_http};
 pub use shutdown::{Shutdown, ShutdownTrigger, signal as shutdown_signal};
+pub use tonic::service::Routes as GrpcRoutes;
 
 /// Every Runnel binary links this crate, so the allocator is chosen once, here. The gRPC
 /// path allocates per call (frames, headers, buffers); glibc's arenas contend between the

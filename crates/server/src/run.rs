@@ -81,7 +81,7 @@ impl Listeners {
 /// Serves `routes` (the service's gRPC API) on `listeners.grpc`, with health, reflection,
 /// trace-context extraction, TLS, authentication and limits, and the admin port on
 /// `listeners.admin`, until `shutdown` fires; then stops accepting and drains in-flight
-/// calls for at most `config.drain_timeout`.
+/// calls for at most what is left of `config.drain_timeout` (see [`Shutdown::remaining`]).
 ///
 /// `service_name` is the fully qualified gRPC name reported as SERVING by health checks.
 pub async fn serve(
@@ -161,7 +161,7 @@ pub async fn serve(
         result = &mut grpc_server => result.map_err(ServeError::from),
         () = shutdown.wait() => {
             readiness.set(false);
-            match tokio::time::timeout(drain_timeout, &mut grpc_server).await {
+            match tokio::time::timeout(shutdown.remaining(drain_timeout), &mut grpc_server).await {
                 Ok(result) => result.map_err(ServeError::from),
                 Err(_) => {
                     tracing::warn!(?drain_timeout, "drain timed out; abandoning in-flight calls");
@@ -173,6 +173,36 @@ pub async fn serve(
     readiness.set(false);
     admin_task.abort();
     result
+}
+
+/// Builds a service's gRPC server and serves it with [`serve`](crate::serve): takes the
+/// generated `…Server::new(service)`, limits its messages to the configuration's
+/// `max_message_bytes` both ways, and reports it to health checks under its own gRPC name.
+///
+/// `serve_grpc!(server, listeners, &config.server, shutdown)` is the future of the server
+/// (await it, or pin it to select on it), on `listeners.grpc` and `listeners.admin`.
+#[macro_export]
+macro_rules! serve_grpc {
+    ($server:expr, $listeners:expr, $config:expr, $shutdown:expr $(,)?) => {{
+        let config: &$crate::ServerConfig = $config;
+        let limit = config.max_message_bytes;
+        let server = $server
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        $crate::serve(
+            $crate::grpc_name(&server),
+            $crate::GrpcRoutes::new(server),
+            $listeners.grpc,
+            $listeners.admin,
+            config,
+            $shutdown,
+        )
+    }};
+}
+
+/// The fully qualified gRPC name of a generated server, e.g. `runnel.v1.Broker`.
+pub fn grpc_name<S: tonic::server::NamedService>(_server: &S) -> &'static str {
+    S::NAME
 }
 
 /// Serves a public HTTP API (`router`) on `listener` with the same TLS, authentication

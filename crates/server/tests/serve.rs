@@ -1,4 +1,5 @@
-//! `serve` over real sockets: health, reflection, the admin port, and the bounded drain.
+//! `serve` (through `serve_grpc!`, as every service calls it) over real sockets: health,
+//! reflection, the admin port, message limits, and the bounded drain.
 
 use runnel_proto::v1::analyzer_server::{Analyzer, AnalyzerServer};
 use runnel_proto::v1::{
@@ -34,7 +35,12 @@ impl Analyzer for Stuck {
         &self,
         request: Request<DescribeQueryRequest>,
     ) -> Result<Response<QueryDescription>, Status> {
-        Err(Status::not_found(request.into_inner().name))
+        // The length, not the name: a long name would not fit in the status header.
+        let name = request.into_inner().name;
+        Err(Status::not_found(format!(
+            "no query of {} bytes",
+            name.len()
+        )))
     }
 }
 
@@ -46,27 +52,28 @@ struct Running {
     served: tokio::task::JoinHandle<Result<(), runnel_server::ServeError>>,
 }
 
+/// The servers' message limit in these tests.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
 async fn start(drain_timeout: Duration) -> Running {
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc_addr, admin_addr) = (grpc.local_addr().unwrap(), admin.local_addr().unwrap());
     let config = ServerConfig {
         drain_timeout,
+        max_message_bytes: MAX_MESSAGE_BYTES,
         ..ServerConfig::default()
     };
     let entered = Arc::new(Notify::new());
-    let routes = tonic::service::Routes::new(AnalyzerServer::new(Stuck(entered.clone())));
+    let server = AnalyzerServer::new(Stuck(entered.clone()));
+    let listeners = runnel_server::Listeners {
+        grpc,
+        admin,
+        http: None,
+    };
     let (trigger, shutdown) = Shutdown::new();
     let served = tokio::spawn(async move {
-        runnel_server::serve(
-            runnel_proto::service_name::ANALYZER,
-            routes,
-            grpc,
-            admin,
-            &config,
-            shutdown,
-        )
-        .await
+        runnel_server::serve_grpc!(server, listeners, &config, shutdown).await
     });
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
         .unwrap()
@@ -104,6 +111,26 @@ async fn health_reports_the_service_and_the_process() {
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
+    running.trigger.trigger();
+    running.served.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_request_over_the_configured_message_limit_is_refused() {
+    use runnel_proto::v1::analyzer_client::AnalyzerClient;
+    let running = start(Duration::from_secs(5)).await;
+    let mut client = AnalyzerClient::new(running.channel.clone());
+    let describe = |name: String| DescribeQueryRequest { name };
+    let within = client
+        .describe_query(describe("q".repeat(MAX_MESSAGE_BYTES / 2)))
+        .await
+        .unwrap_err();
+    assert_eq!(within.code(), tonic::Code::NotFound, "{within:?}");
+    let over = client
+        .describe_query(describe("q".repeat(MAX_MESSAGE_BYTES + 1)))
+        .await
+        .unwrap_err();
+    assert_eq!(over.code(), tonic::Code::ResourceExhausted, "{over:?}");
     running.trigger.trigger();
     running.served.await.unwrap().unwrap();
 }

@@ -10,6 +10,7 @@
 use crate::aggregate::{AggregateConfig, Function};
 use crate::filter::Predicate;
 use crate::window::EmitMode;
+use runnel_proto::names;
 use runnel_server::{ConfigError, ServerConfig, ServiceConfig};
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -256,14 +257,6 @@ impl Default for QueryConfig {
     }
 }
 
-pub(crate) fn topic_ok(topic: &str) -> bool {
-    !topic.is_empty()
-        && topic.len() <= 200
-        && topic
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
-
 /// A query's aggregates from a compact table, for the default queries below.
 fn aggregates(list: &[(Function, Option<&str>, Option<&str>)]) -> Vec<AggregateConfig> {
     list.iter()
@@ -435,20 +428,14 @@ impl ServiceConfig for AnalyzerConfig {
                 "must be between 300ms and 1h",
             ));
         }
-        if !topic_ok(&self.group) {
-            return Err(ConfigError::invalid(
-                section,
-                "group",
-                "use 1-200 characters from [a-zA-Z0-9._-]",
-            ));
+        if let Err(error) = names::validate_group_name(&self.group) {
+            return Err(ConfigError::invalid(section, "group", error.to_string()));
         }
-        if let Some(id) = &self.member_id
-            && (id.is_empty() || id.len() > 200)
-        {
+        if let Some(Err(error)) = self.member_id.as_deref().map(names::validate_member_id) {
             return Err(ConfigError::invalid(
                 section,
                 "member_id",
-                "use 1-200 characters",
+                error.to_string(),
             ));
         }
         if self.queries.len() > 256 {

@@ -7,9 +7,11 @@
 //! [`EventView`]: strings are borrowed, attributes and headers are looked up by scanning
 //! their entries, nothing is allocated per event. The message types are wire-compatible
 //! with `runnel.v1.SubscribeResponse` (a message field and a `bytes` field are both
-//! length-delimited), which a property test pins against the generated types.
+//! length-delimited), which a property test pins against the generated types; the group
+//! member is `runnel-client`'s, decoding its stream as [`RawSubscribeResponse`].
 
 use bytes::Bytes;
+use runnel_client::StreamPart;
 use runnel_proto::v1::Assignment;
 
 /// `runnel.v1.SubscribeResponse`, with the records' events left encoded.
@@ -17,6 +19,24 @@ use runnel_proto::v1::Assignment;
 pub(crate) struct RawSubscribeResponse {
     #[prost(oneof = "RawMessage", tags = "1, 2")]
     pub(crate) message: Option<RawMessage>,
+}
+
+impl runnel_client::SubscribeMessage for RawSubscribeResponse {
+    type Records = RawRecordChunk;
+
+    fn into_part(self) -> Option<StreamPart<RawRecordChunk>> {
+        Some(match self.message? {
+            RawMessage::Assignment(assignment) => StreamPart::Assignment {
+                generation: assignment.generation,
+                partitions: assignment.partitions,
+            },
+            RawMessage::Records(chunk) => StreamPart::Records {
+                generation: chunk.generation,
+                partition: chunk.partition,
+                records: chunk,
+            },
+        })
+    }
 }
 
 /// `runnel.v1.SubscribeResponse.message`.

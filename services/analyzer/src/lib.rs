@@ -25,7 +25,6 @@ mod event;
 mod filter;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
-mod member;
 mod path;
 mod plan;
 mod rekey;
@@ -137,16 +136,11 @@ pub async fn run(
         });
     }
 
-    let grpc = AnalyzerServer::new(AnalyzerService::new(views))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
-    let serve = runnel_server::serve(
-        runnel_proto::service_name::ANALYZER,
-        tonic::service::Routes::new(grpc),
-        listeners.grpc,
-        listeners.admin,
+    let serve = runnel_server::serve_grpc!(
+        AnalyzerServer::new(AnalyzerService::new(views)),
+        listeners,
         &config.server,
-        local.clone(),
+        local.clone()
     );
     let mut serve = std::pin::pin!(serve);
     let mut failure = None;
@@ -163,8 +157,9 @@ pub async fn run(
             }
         }
     };
-    // The runners stop on the same trigger; give them the drain period to checkpoint.
-    let drained = tokio::time::timeout(config.server.drain_timeout, async {
+    // The runners stop on the same trigger; what is left of the grace is theirs to
+    // checkpoint in.
+    let drained = tokio::time::timeout(local.remaining(config.server.drain_timeout), async {
         while let Some(joined) = runners.join_next().await {
             if let Err(error) = joined.map_err(AnalyzerError::from).and_then(|ended| ended) {
                 failure.get_or_insert(error);

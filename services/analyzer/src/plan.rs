@@ -6,10 +6,11 @@
 //! the field at fault (`analyzer.queries[2].aggregates[0].k: must be between 1 and 1000`).
 
 use crate::aggregate::{Aggregate, AggregateConfig, Function};
-use crate::config::{AnalyzerConfig, QueryConfig, WindowConfig, count_sum_avg_min_max, topic_ok};
+use crate::config::{AnalyzerConfig, QueryConfig, WindowConfig, count_sum_avg_min_max};
 use crate::filter::{EventFilter, Predicate, ResultFilter};
 use crate::path::FieldRef;
 use crate::window::{EmitMode, WindowRules, WindowSpec};
+use runnel_proto::names;
 use runnel_server::{ConfigError, ServiceConfig};
 use std::collections::HashSet;
 use std::time::Duration;
@@ -64,37 +65,14 @@ impl QueryConfig {
         let fail_at = |(at, message): (String, String)| {
             ConfigError::invalid(section, &format!("queries[{i}].{at}"), message)
         };
-        let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_.-".contains(&b);
-        if self.name.is_empty()
-            || self.name.len() > 128
-            || !self.name.bytes().all(allowed)
-            || self.name.starts_with('.')
-        {
-            return Err(fail(
-                "name",
-                format!(
-                    "{:?}: use 1-128 characters from [a-zA-Z0-9_.-], not starting with '.'",
-                    self.name
-                ),
-            ));
-        }
-        if !topic_ok(&self.topic) {
-            return Err(fail(
-                "topic",
-                format!("{:?}: use 1-200 characters from [a-zA-Z0-9._-]", self.topic),
-            ));
-        }
+        names::validate_query_name(&self.name).map_err(|e| fail("name", e.to_string()))?;
+        names::validate_topic_name(&self.topic).map_err(|e| fail("topic", e.to_string()))?;
         for (field, topic) in [
             ("output_topic", &self.output_topic),
             ("late_topic", &self.late_topic),
         ] {
             if let Some(topic) = topic {
-                if !topic_ok(topic) {
-                    return Err(fail(
-                        field,
-                        format!("{topic:?}: use 1-200 characters from [a-zA-Z0-9._-]"),
-                    ));
-                }
+                names::validate_topic_name(topic).map_err(|e| fail(field, e.to_string()))?;
                 if *topic == self.topic {
                     return Err(fail(field, "must not be the topic the query reads".into()));
                 }

@@ -23,14 +23,13 @@
 
 use crate::checkpoint::{Checkpoints, Stage};
 use crate::error::AnalyzerError;
-use crate::event::RawRecordChunk;
-use crate::member::{GroupEvent, Member};
+use crate::event::{RawRecordChunk, RawSubscribeResponse};
 use crate::path::Scalar;
 use crate::plan::Plan;
 use crate::rekey;
 use crate::task::{Counters, Outputs, Task};
 use crate::window::Emission;
-use runnel_client::{Producer, ProducerOptions};
+use runnel_client::{ConsumerOptions, GroupConsumer, GroupEvent, Producer, ProducerOptions};
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{CreateTopicRequest, Event, ListTopicsRequest, PutRequest, QueryResult};
@@ -58,6 +57,9 @@ pub(crate) struct StageStatus {
     pub(crate) watermark: Option<i64>,
     pub(crate) partitions: Vec<u32>,
 }
+
+/// A stage's membership of its group, events left encoded until a task reads them.
+type Member = GroupConsumer<RawSubscribeResponse>;
 
 /// Retries with exponential backoff, giving up only at shutdown.
 pub(crate) struct Backoff {
@@ -167,16 +169,21 @@ impl StageRunner {
             pending: Outputs::default(),
             sources,
         };
+        let options = ConsumerOptions {
+            member_id: Some(self.context.member_id.clone()),
+            session_timeout: self.context.session_timeout,
+            ..ConsumerOptions::default()
+        };
         let mut backoff = Backoff::new(Duration::from_secs(2));
         loop {
             let joined = tokio::select! {
-                joined = Member::join(self.context.broker.clone(), &group, &topic, &self.context.member_id, self.context.session_timeout, self.context.max_message) => joined,
+                joined = Member::join_decoding(self.context.broker.clone(), self.context.max_message, &group, &topic, options.clone()) => joined,
                 () = self.context.shutdown.wait() => break,
             };
             let mut member = match joined {
                 Ok(member) => member,
-                Err(status) => {
-                    tracing::warn!(query = %self.plan.name, stage = self.stage.name(), code = ?status.code(), error = %status.message(), "cannot join the group; retrying");
+                Err(error) => {
+                    tracing::warn!(query = %self.plan.name, stage = self.stage.name(), %error, "cannot join the group; retrying");
                     if !backoff.wait(&self.context.shutdown).await {
                         break;
                     }
@@ -202,11 +209,11 @@ impl StageRunner {
                 };
                 match next {
                     None => {}
-                    Some(Ok(Some(GroupEvent::Assigned(partitions)))) => {
+                    Some(Ok(Some(GroupEvent::Assigned { partitions, .. }))) => {
                         backoff.reset();
                         self.assign(&mut state, &checkpoints, partitions).await?;
                     }
-                    Some(Ok(Some(GroupEvent::Records(chunk)))) => {
+                    Some(Ok(Some(GroupEvent::Records { records: chunk, .. }))) => {
                         backoff.reset();
                         self.consume(&mut state, &chunk);
                     }
@@ -214,8 +221,8 @@ impl StageRunner {
                         tracing::warn!(query = %self.plan.name, stage = self.stage.name(), "the broker ended the group stream; rejoining");
                         break;
                     }
-                    Some(Err(status)) => {
-                        tracing::warn!(query = %self.plan.name, stage = self.stage.name(), code = ?status.code(), error = %status.message(), "group stream broke; rejoining");
+                    Some(Err(error)) => {
+                        tracing::warn!(query = %self.plan.name, stage = self.stage.name(), %error, "group stream broke; rejoining");
                         break;
                     }
                 }
@@ -603,7 +610,12 @@ impl StageRunner {
         for (partition, offset) in &saved {
             state.saved.insert(*partition, *offset);
         }
-        member.commit(&saved).await;
+        // A refusal (a rebalance this member has not read yet) is not an error: the
+        // checkpoint is what the analyzer resumes from; the group's offsets only shorten a
+        // new owner's replay.
+        if let Err(error) = member.commit(&saved).await {
+            tracing::debug!(query = %self.plan.name, %error, "commit refused");
+        }
         Ok(())
     }
 

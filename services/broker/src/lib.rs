@@ -129,17 +129,11 @@ pub async fn run(
     }
 
     let service = service::BrokerService::new(storage, coordinator, &config, shutdown.clone());
-    let max_message = config.server.max_message_bytes;
-    let grpc = BrokerServer::new(service)
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
-    let served = runnel_server::serve(
-        runnel_proto::service_name::BROKER,
-        tonic::service::Routes::new(grpc),
-        listeners.grpc,
-        listeners.admin,
+    let served = runnel_server::serve_grpc!(
+        BrokerServer::new(service),
+        listeners,
         &config.server,
-        shutdown,
+        shutdown
     )
     .await;
 

@@ -17,6 +17,7 @@ use crate::topic::{self, RetentionOverride};
 use prost::Message;
 use runnel_log::FsyncPolicy;
 use runnel_proto::Millis;
+use runnel_proto::names;
 use runnel_proto::v1::broker_server::Broker;
 use runnel_proto::v1::{
     Acks, BatchAck, CommitOffsetsRequest, CommitOffsetsResponse, Compression, CreateTopicRequest,
@@ -46,8 +47,6 @@ const FETCH_HEADROOM: usize = 64 * 1024;
 const SUBSCRIBE_BUFFER: usize = 16;
 /// Pre-encoded batches up to this many bytes are checked on the runtime thread.
 const INLINE_CHECK_BYTES: usize = 16 * 1024;
-/// Longest group name or member id, in bytes.
-const MAX_GROUP_NAME: usize = 249;
 /// Room left for a record's own fields (partition, offset, append time) and framing around
 /// an event when deciding whether the event is small enough to store.
 const RECORD_OVERHEAD: usize = 64;
@@ -565,13 +564,9 @@ impl BrokerService {
             );
             return Ok(ReceiverStream::new(receiver));
         }
-        for (field, value) in [("group", &request.group), ("member_id", &request.member_id)] {
-            if value.is_empty() || value.len() > MAX_GROUP_NAME {
-                return Err(BrokerError::InvalidArgument(format!(
-                    "{field} needs 1-{MAX_GROUP_NAME} bytes"
-                )));
-            }
-        }
+        names::validate_group_name(&request.group)
+            .and_then(|()| names::validate_member_id(&request.member_id))
+            .map_err(|error| BrokerError::InvalidArgument(error.to_string()))?;
         let delivery = runnel_proto::v1::Delivery::try_from(request.delivery).map_err(|_| {
             BrokerError::InvalidArgument(format!("delivery {} is unknown", request.delivery))
         })?;

@@ -204,18 +204,8 @@ impl ServiceConfig for CollectorConfig {
                 ));
             }
         }
-        if self.topic.is_empty()
-            || self.topic.len() > 249
-            || !self
-                .topic
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        {
-            return Err(ConfigError::invalid(
-                section,
-                "topic",
-                "use 1-249 characters from [a-zA-Z0-9._-]",
-            ));
+        if let Err(error) = runnel_proto::names::validate_topic_name(&self.topic) {
+            return Err(ConfigError::invalid(section, "topic", error.to_string()));
         }
         if !(1..=100_000).contains(&self.max_batch_events) {
             return Err(ConfigError::invalid(

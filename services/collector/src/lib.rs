@@ -159,21 +159,18 @@ pub async fn serve(
         stream_window: config.stream_window,
         shutdown: shutdown.clone(),
     };
-    let grpc = CollectorServer::new(service)
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
-    let served = runnel_server::serve(
-        runnel_proto::service_name::COLLECTOR,
-        tonic::service::Routes::new(grpc),
-        listeners.grpc,
-        listeners.admin,
+    let grace = shutdown.clone();
+    let served = runnel_server::serve_grpc!(
+        CollectorServer::new(service),
+        listeners,
         &config.server,
-        shutdown,
+        shutdown
     )
     .await;
     // Calls have drained: deliver what the log holds while the grace lasts; the rest stays
     // logged for the next start.
-    log.close(config.server.drain_timeout).await;
+    log.close(grace.remaining(config.server.drain_timeout))
+        .await;
     served?;
     Ok(())
 }

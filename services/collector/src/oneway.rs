@@ -9,11 +9,8 @@ use crate::intake::Intake;
 use crate::validate::validate_batch;
 use prost::Message;
 use runnel_msglog::AckLevel;
-use runnel_proto::Millis;
 use runnel_proto::v1::{Event, SendRequest, SendResponse};
 use runnel_server::Shutdown;
-use serde::Deserialize;
-use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::net::UdpSocket;
 use tonic::Streaming;
@@ -76,25 +73,6 @@ pub(crate) async fn send(
     Ok(response)
 }
 
-/// An event as a JSON datagram: the shape `runnel send` reads.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonEvent {
-    #[serde(default)]
-    id: String,
-    #[serde(default)]
-    key: String,
-    #[serde(default, rename = "type")]
-    kind: String,
-    #[serde(default)]
-    source: String,
-    /// Unix milliseconds or RFC 3339.
-    time: Option<serde_json::Value>,
-    #[serde(default)]
-    attributes: HashMap<String, String>,
-    payload: Option<serde_json::Value>,
-}
-
 /// Decodes a datagram: a JSON event object, or a protobuf `Event`.
 ///
 /// One starting with `{` is JSON (a protobuf encoding never starts with that byte: it
@@ -112,39 +90,9 @@ pub(crate) fn parse_datagram(bytes: &[u8]) -> Result<Event, String> {
     }
 }
 
-/// A JSON datagram (`JsonEvent`) as the event it stands for.
+/// A JSON datagram: the contract's JSON event form, the one `runnel send` reads.
 fn parse_json(bytes: &[u8]) -> Result<Event, String> {
-    let json: JsonEvent =
-        serde_json::from_slice(bytes).map_err(|e| format!("not an event object: {e}"))?;
-    let event_time = match json.time {
-        None => None,
-        Some(serde_json::Value::Number(ms)) => Some(
-            Millis(
-                ms.as_i64()
-                    .ok_or("time: not a whole number of milliseconds")?,
-            )
-            .into(),
-        ),
-        Some(serde_json::Value::String(text)) => {
-            let at = humantime::parse_rfc3339(&text).map_err(|e| format!("time: {e}"))?;
-            Some(prost_types::Timestamp::from(at))
-        }
-        Some(_) => return Err("time: use Unix milliseconds or RFC 3339".into()),
-    };
-    let payload = match json.payload {
-        None => Vec::new(),
-        Some(value) => serde_json::to_vec(&value).map_err(|e| e.to_string())?,
-    };
-    Ok(Event {
-        id: json.id,
-        source: json.source,
-        r#type: json.kind,
-        key: json.key,
-        event_time,
-        attributes: json.attributes,
-        payload: payload.into(),
-        headers: HashMap::new(),
-    })
+    runnel_proto::json::parse_event(bytes).map_err(|error| error.to_string())
 }
 
 /// Takes events in from `socket`, one per datagram, until shutdown.
@@ -214,6 +162,7 @@ pub(crate) async fn listen_udp(intake: Arc<Intake>, socket: UdpSocket, shutdown:
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use runnel_proto::Millis;
 
     #[test]
     fn json_and_protobuf_datagrams_decode_to_the_same_event() {

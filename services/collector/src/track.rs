@@ -172,10 +172,7 @@ impl Tracker {
 /// A token sent back by a client: it becomes an event key, so it is held to the rules of
 /// one (and to the alphabet tokens are issued in).
 fn check_token(token: &str) -> Result<(), CollectorError> {
-    let fine = token.len() <= MAX_TOKEN_BYTES
-        && token
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    let fine = token.len() <= MAX_TOKEN_BYTES && runnel_proto::names::is_name_alphabet(token);
     if fine {
         Ok(())
     } else {

@@ -117,20 +117,11 @@ pub(crate) fn validate_batch(
     Ok(())
 }
 
-/// Checks a topic name as the broker does: 1-249 characters from `[a-zA-Z0-9._-]`.
+/// Checks a topic name by the contract's rule ([`runnel_proto::names`]), the one the
+/// broker stores topics under.
 pub(crate) fn validate_topic(name: &str) -> Result<(), CollectorError> {
-    let fine = !name.is_empty()
-        && name.len() <= 249
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if fine {
-        Ok(())
-    } else {
-        Err(CollectorError::InvalidEvent(format!(
-            "topic {name:?}: use 1-249 characters from [a-zA-Z0-9._-]"
-        )))
-    }
+    runnel_proto::names::validate_topic_name(name)
+        .map_err(|error| CollectorError::InvalidEvent(error.to_string()))
 }
 
 #[cfg(test)]
@@ -210,8 +201,10 @@ mod tests {
     #[test]
     fn topic_names_are_checked() {
         validate_topic("orders.v1-eu_2").unwrap();
-        for bad in ["", "with space", "ünï", &"t".repeat(250)] {
-            assert!(validate_topic(bad).is_err(), "{bad:?}");
+        for bad in ["", "with space", "ünï", &"t".repeat(250), ".."] {
+            let error = validate_topic(bad).unwrap_err();
+            assert!(matches!(error, CollectorError::InvalidEvent(_)));
+            assert!(error.to_string().starts_with("topic name "), "{error}");
         }
     }
 

@@ -101,21 +101,17 @@ pub async fn run(
         shutdown.clone(),
     )?);
 
-    let max_message = config.server.max_message_bytes;
-    let grpc = GatewayServer::new(grpc::GatewayService::new(results, hub))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
-    let served = runnel_server::serve(
-        runnel_proto::service_name::GATEWAY,
-        tonic::service::Routes::new(grpc),
-        listeners.grpc,
-        listeners.admin,
+    let grace = shutdown.clone();
+    let served = runnel_server::serve_grpc!(
+        GatewayServer::new(grpc::GatewayService::new(results, hub)),
+        listeners,
         &config.server,
-        shutdown,
+        shutdown
     )
     .await;
-    // Live HTTP streams end on shutdown, so the HTTP drain is bounded like the gRPC one.
-    let drained = tokio::time::timeout(config.server.drain_timeout, http_server).await;
+    // Live HTTP streams end on shutdown, so the HTTP drain takes what is left of the grace.
+    let drained =
+        tokio::time::timeout(grace.remaining(config.server.drain_timeout), http_server).await;
     follower.abort();
     webhooks.stop().await;
     drop(webhooks);

@@ -1,7 +1,7 @@
 //! The unary reads that the gRPC and HTTP APIs share: checks, then calls to the store.
 
 use crate::error::GatewayError;
-use runnel_proto::filter::{MAX_KEY_BYTES, MAX_QUERY_BYTES};
+use runnel_proto::filter::MAX_KEY_BYTES;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{GetRequest, QueryResult, RangeRequest, TopKRequest, TopKResponse};
 use runnel_security::{ConnectConfig, Peer};
@@ -38,13 +38,8 @@ pub(crate) struct Results {
 }
 
 pub(crate) fn check_query(query: &str) -> Result<(), GatewayError> {
-    if query.is_empty() || query.len() > MAX_QUERY_BYTES {
-        return Err(GatewayError::InvalidArgument(format!(
-            "query needs 1-{MAX_QUERY_BYTES} bytes, got {}",
-            query.len()
-        )));
-    }
-    Ok(())
+    runnel_proto::names::validate_query_name(query)
+        .map_err(|error| GatewayError::InvalidArgument(error.to_string()))
 }
 
 fn check_key(key: &str) -> Result<(), GatewayError> {
@@ -130,7 +125,7 @@ mod tests {
     fn checks_name_the_field() {
         assert!(check_query("q").is_ok());
         let error = check_query("").unwrap_err().to_string();
-        assert!(error.starts_with("query needs"), "{error}");
+        assert!(error.starts_with("query name \"\" is invalid"), "{error}");
         let error = check_key(&"k".repeat(2000)).unwrap_err().to_string();
         assert!(error.starts_with("key may have"), "{error}");
     }

@@ -127,17 +127,11 @@ async fn serve<H: HotTier>(
     }
 
     let service = service::StoreService::new(tiers, last_sequence, &config, shutdown.clone());
-    let max_message = config.server.max_message_bytes;
-    let grpc = StoreServer::new(service)
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
-    let served = runnel_server::serve(
-        runnel_proto::service_name::STORE,
-        tonic::service::Routes::new(grpc),
-        listeners.grpc,
-        listeners.admin,
+    let served = runnel_server::serve_grpc!(
+        StoreServer::new(service),
+        listeners,
         &config.server,
-        shutdown,
+        shutdown
     )
     .await;
     for task in background {

@@ -13,7 +13,7 @@ use crate::durable::Durable;
 use crate::error::{Result, StoreError};
 use crate::hot::HotTier;
 use crate::tiers::Tiers;
-use crate::validate::{self, DEFAULT_RANGE_LIMIT, MAX_KEY_BYTES, MAX_QUERY_BYTES, MAX_RANGE_LIMIT};
+use crate::validate::{self, DEFAULT_RANGE_LIMIT, MAX_KEY_BYTES, MAX_RANGE_LIMIT};
 use runnel_proto::Millis;
 use runnel_proto::filter::ResultFilter;
 use runnel_proto::v1::store_server::Store;
@@ -55,12 +55,8 @@ pub(crate) struct StoreService<H> {
 }
 
 fn check_names(query: &str, key: &str) -> Result<()> {
-    if query.is_empty() || query.len() > MAX_QUERY_BYTES {
-        return Err(StoreError::InvalidArgument(format!(
-            "query needs 1-{MAX_QUERY_BYTES} bytes, got {}",
-            query.len()
-        )));
-    }
+    runnel_proto::names::validate_query_name(query)
+        .map_err(|error| StoreError::InvalidArgument(error.to_string()))?;
     if key.len() > MAX_KEY_BYTES {
         return Err(StoreError::InvalidArgument(format!(
             "key may have at most {MAX_KEY_BYTES} bytes, got {}",

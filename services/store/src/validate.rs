@@ -4,8 +4,6 @@ use crate::error::{Result, StoreError};
 use runnel_proto::Millis;
 use runnel_proto::v1::QueryResult;
 
-/// Longest query name, in bytes.
-pub(crate) const MAX_QUERY_BYTES: usize = 256;
 /// Longest key, in bytes.
 pub(crate) const MAX_KEY_BYTES: usize = 1024;
 /// Most named values on one result.
@@ -34,11 +32,8 @@ pub(crate) fn validate(results: &[QueryResult], max_batch: usize) -> Result<()> 
     }
     for (i, result) in results.iter().enumerate() {
         let field = |name: &str| format!("results[{i}].{name}");
-        if result.query.is_empty() || result.query.len() > MAX_QUERY_BYTES {
-            return invalid(format!(
-                "{} needs 1-{MAX_QUERY_BYTES} bytes",
-                field("query")
-            ));
+        if let Err(error) = runnel_proto::names::validate_query_name(&result.query) {
+            return invalid(format!("{}: {error}", field("query")));
         }
         if result.key.len() > MAX_KEY_BYTES {
             return invalid(format!(
