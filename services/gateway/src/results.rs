@@ -94,6 +94,22 @@ impl Results {
         request
     }
 
+    /// The store's answer to a read of `query`; when `empty` says it found nothing, a
+    /// check that the query exists.
+    async fn read<T>(
+        &self,
+        query: &str,
+        caller: &Caller,
+        answer: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+        empty: impl FnOnce(&T) -> bool,
+    ) -> Result<T, GatewayError> {
+        let answer = answer.await.map_err(GatewayError::Store)?.into_inner();
+        if empty(&answer) {
+            self.check_known(query, caller).await?;
+        }
+        Ok(answer)
+    }
+
     /// The latest result for `query` and `key`, if there is one.
     pub(crate) async fn get(
         &self,
@@ -102,18 +118,10 @@ impl Results {
     ) -> Result<Option<QueryResult>, GatewayError> {
         check_query(&request.query)?;
         check_key(&request.key)?;
-        let query = request.query.clone();
-        let response = self
-            .store
-            .clone()
-            .get(self.request(request))
-            .await
-            .map_err(GatewayError::Store)?;
-        let result = response.into_inner().result;
-        if result.is_none() {
-            self.check_known(&query, caller).await?;
-        }
-        Ok(result)
+        let (query, mut store) = (request.query.clone(), self.store.clone());
+        let answer = store.get(self.request(request));
+        let found = self.read(&query, caller, answer, |r| r.result.is_none());
+        Ok(found.await?.result)
     }
 
     /// Results for one query and key by window start.
@@ -124,18 +132,10 @@ impl Results {
     ) -> Result<Vec<QueryResult>, GatewayError> {
         check_query(&request.query)?;
         check_key(&request.key)?;
-        let query = request.query.clone();
-        let response = self
-            .store
-            .clone()
-            .range(self.request(request))
-            .await
-            .map_err(GatewayError::Store)?;
-        let results = response.into_inner().results;
-        if results.is_empty() {
-            self.check_known(&query, caller).await?;
-        }
-        Ok(results)
+        let (query, mut store) = (request.query.clone(), self.store.clone());
+        let answer = store.range(self.request(request));
+        let found = self.read(&query, caller, answer, |r| r.results.is_empty());
+        Ok(found.await?.results)
     }
 
     /// The top keys of a query in its most recent window.
@@ -145,24 +145,17 @@ impl Results {
         caller: &Caller,
     ) -> Result<TopKResponse, GatewayError> {
         check_query(&request.query)?;
-        let query = request.query.clone();
         if request.k > MAX_TOP_K {
             return Err(GatewayError::InvalidArgument(format!(
                 "k may be at most {MAX_TOP_K}, got {}",
                 request.k
             )));
         }
-        let response = self
-            .store
-            .clone()
-            .top_k(self.request(request))
+        let (query, mut store) = (request.query.clone(), self.store.clone());
+        let answer = store.top_k(self.request(request));
+        // No ranked window: the store holds no result of the query.
+        self.read(&query, caller, answer, |r| r.window_start.is_none())
             .await
-            .map_err(GatewayError::Store)?;
-        let top = response.into_inner();
-        if top.window_start.is_none() {
-            self.check_known(&query, caller).await?;
-        }
-        Ok(top)
     }
 
     /// Whether the store holds any result of `query`: it ranks every query's most recent

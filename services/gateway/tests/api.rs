@@ -876,34 +876,33 @@ async fn a_query_that_does_not_exist_is_not_found_and_one_without_results_is_emp
 
     // Unknown over gRPC: NOT_FOUND naming the queries there are.
     let expected = r#"unknown query "nope"; known queries: avg_value_per_key, quiet"#;
-    let get = stack
-        .gateway
-        .get(GetRequest {
+    let (get, range, top) = (
+        GetRequest {
             query: "nope".into(),
             key: "sensor-1".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!((get.code(), get.message()), (Code::NotFound, expected));
-    let range = stack
-        .gateway
-        .range(RangeRequest {
+        },
+        RangeRequest {
             query: "nope".into(),
             key: "sensor-1".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!((range.code(), range.message()), (Code::NotFound, expected));
-    let top = stack
-        .gateway
-        .top_k(TopKRequest {
+        },
+        TopKRequest {
             query: "nope".into(),
             k: 3,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!((top.code(), top.message()), (Code::NotFound, expected));
+        },
+    );
+    let mut gateway = stack.gateway.clone();
+    for status in [
+        gateway.get(get).await.map(drop),
+        gateway.range(range).await.map(drop),
+        gateway.top_k(top).await.map(drop),
+    ] {
+        let status = status.unwrap_err();
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::NotFound, expected)
+        );
+    }
     // And over HTTP: 404 with the same message.
     for path in [
         "/v1/results/nope/sensor-1",
