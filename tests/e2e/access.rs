@@ -4,8 +4,8 @@
 //! headless browser, shows what the store holds and follows it live.
 
 use futures::StreamExt;
-use runnel_e2e::ServiceProcess;
 use runnel_e2e::browser::{self, Browser};
+use runnel_e2e::{Pipeline, ServiceProcess};
 use runnel_proto::Millis;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{PutRequest, QueryResult, RangeRequest};
@@ -230,6 +230,51 @@ async fn a_store_killed_under_load_loses_nothing_and_live_clients_see_no_gap() {
         access.logs()
     );
     drop(access.dir);
+}
+
+#[tokio::test]
+async fn as_five_services_a_read_of_a_query_that_does_not_exist_is_not_found() {
+    let pipeline = Pipeline::start(crate::ANALYZER_TOML, BTreeMap::new())
+        .await
+        .expect("pipeline");
+    let http = pipeline.gateway.http.expect("an http port");
+    let read = |path: &str| {
+        let url = format!("http://{http}{path}");
+        async move {
+            let response = reqwest::get(url).await.expect("http");
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<serde_json::Value>().await.expect("json"),
+            )
+        }
+    };
+    // The analyzer runs it and it has no results yet: known, and empty.
+    let (status, body) = read("/v1/topk/avg_value_per_key").await;
+    assert_eq!(status, 200, "{body}\n{}", pipeline.logs());
+    assert_eq!(body["results"], serde_json::json!([]));
+    // Nobody runs it: not found, naming what there is.
+    let expected = r#"unknown query "avg_per_key"; known queries: avg_value_per_key"#;
+    let (status, body) = read("/v1/results/avg_per_key/sensor-1/range").await;
+    assert_eq!(
+        (status, &body["error"]),
+        (404, &serde_json::json!(expected))
+    );
+    let mut gateway =
+        runnel_proto::v1::gateway_client::GatewayClient::connect(pipeline.gateway.url())
+            .await
+            .expect("gateway");
+    let status = gateway
+        .get(runnel_proto::v1::GetRequest {
+            query: "avg_per_key".into(),
+            key: "sensor-1".into(),
+        })
+        .await
+        .expect_err("not found");
+    assert_eq!(
+        (status.code(), status.message()),
+        (tonic::Code::NotFound, expected)
+    );
 }
 
 /// What the top-keys table shows: `[[key, value], …]`.

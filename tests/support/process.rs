@@ -257,7 +257,11 @@ impl Pipeline {
         let gateway = ServiceProcess::start(
             "runnel-gateway",
             &config,
-            &wired(&[("RUNNEL_GATEWAY__STORE", store.url())]),
+            // The analyzer says which queries exist.
+            &wired(&[
+                ("RUNNEL_GATEWAY__STORE", store.url()),
+                ("RUNNEL_GATEWAY__PIPELINE__ANALYZER", analyzer.url()),
+            ]),
             data,
         )
         .await?;

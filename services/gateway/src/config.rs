@@ -83,7 +83,9 @@ pub struct GatewayConfig {
     #[serde(with = "humantime_serde")]
     pub max_poll_wait: Duration,
     /// Other services whose gRPC health the dashboard shows, by name, e.g.
-    /// `{ collector = "http://127.0.0.1:7101" }` (the store is always shown).
+    /// `{ collector = "http://127.0.0.1:7101" }` (the store is always shown). With an
+    /// `analyzer`, the gateway also lists its queries (`/v1/queries`) and answers a read
+    /// of a query it does not run, and the store holds no result of, with `NOT_FOUND`.
     pub pipeline: BTreeMap<String, String>,
     /// Webhook delivery.
     pub webhooks: WebhookConfig,

@@ -1,11 +1,14 @@
 //! The live dashboard: three static files compiled into the binary (no build toolchain),
-//! served under `/dashboard/`. The page reads the HTTP API like any other client: `TopK`
-//! for the top-keys table, `Range` for a key's time series, `/v1/pipeline` for health, and
-//! one server-sent-events stream (`/v1/watch`) to update all of them live.
+//! served under `/dashboard/`. The page reads the HTTP API like any other client:
+//! `/v1/queries` for the queries it offers, `TopK` for the top-keys table and a query's
+//! keys, `Range` for a key's time series, `/v1/pipeline` for health, and one
+//! server-sent-events stream (`/v1/watch`) to update all of them live.
 //!
-//! Query parameters choose what it shows: `topk` (default `meetup_topics`), `k` (10),
-//! `series` (default `avg_value_per_key`), `key` (default: the first key that arrives) and
-//! `value` (default `avg`).
+//! Select boxes pick the queries and the key, and the URL's query parameters keep the
+//! choice: `topk`, `k` (10), `series`, `key` and `value` (default `avg`, else `count`). A
+//! query the URL does not name is one that has results — for the table `meetup_topics` if
+//! it has, else (and for the chart) the one whose most recent window is the newest — or, if
+//! none has any yet, the query of the first result that arrives; a key, the query's first.
 
 use axum::extract::Path;
 use axum::http::{StatusCode, header};

@@ -15,6 +15,21 @@ pub enum GatewayError {
     /// Too many live streams are open.
     #[error("too many live streams ({0} open); try again later")]
     TooManyWatchers(usize),
+    /// The query read does not exist: the analyzer does not run it and the store holds no
+    /// result of it.
+    #[error("unknown query {query:?}; known queries: {}", known_list(.known))]
+    UnknownQuery {
+        /// The query asked for.
+        query: String,
+        /// The queries the analyzer runs that the caller may read.
+        known: Vec<String>,
+    },
+    /// Query names were asked for, but this gateway does not know the analyzer.
+    #[error("this gateway does not know the analyzer: set gateway.pipeline.analyzer")]
+    NoAnalyzer,
+    /// The analyzer could not be reached or refused the call.
+    #[error("analyzer: {}", .0.message())]
+    Analyzer(Status),
     /// The store could not be reached or refused the call.
     #[error("store: {}", .0.message())]
     Store(Status),
@@ -49,6 +64,11 @@ impl From<GatewayError> for Status {
             GatewayError::InvalidArgument(message) => Status::invalid_argument(message),
             GatewayError::Denied(denied) => Status::from(denied),
             GatewayError::TooManyWatchers(_) => Status::resource_exhausted(error.to_string()),
+            GatewayError::UnknownQuery { .. } => Status::not_found(error.to_string()),
+            GatewayError::NoAnalyzer => Status::unimplemented(error.to_string()),
+            GatewayError::Analyzer(status) => {
+                Status::unavailable(format!("analyzer unavailable: {}", status.message()))
+            }
             GatewayError::Store(status) => match status.code() {
                 // Nothing is wrong with the call; the client may retry.
                 Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
@@ -73,6 +93,15 @@ impl From<GatewayError> for Status {
                 Status::internal("gateway failure; see the gateway's log")
             }
         }
+    }
+}
+
+/// `a, b, c`, or `none` for an empty list.
+fn known_list(known: &[String]) -> String {
+    if known.is_empty() {
+        "none".to_owned()
+    } else {
+        known.join(", ")
     }
 }
 
@@ -119,6 +148,16 @@ mod tests {
         )));
         assert_eq!(status.code(), Code::Internal);
         assert!(!status.message().contains("/data"));
+        let status = Status::from(GatewayError::UnknownQuery {
+            query: "x".into(),
+            known: vec!["a".into(), "b".into()],
+        });
+        assert_eq!(status.code(), Code::NotFound);
+        assert_eq!(
+            status.message(),
+            r#"unknown query "x"; known queries: a, b"#
+        );
+        assert_eq!(http_status(status.code()), http::StatusCode::NOT_FOUND);
         let status = Status::from(GatewayError::TooManyWatchers(3));
         assert_eq!(
             http_status(status.code()),

@@ -65,7 +65,8 @@ impl Gateway for GatewayService {
             Action::ReadResults,
             Resource::Query(&request.get_ref().query),
         )?;
-        let result = self.results.get(request.into_inner()).await?;
+        let caller = runnel_security::caller(&request)?.clone();
+        let result = self.results.get(request.into_inner(), &caller).await?;
         Ok(Response::new(GetResponse { result }))
     }
 
@@ -78,7 +79,8 @@ impl Gateway for GatewayService {
             Action::ReadResults,
             Resource::Query(&request.get_ref().query),
         )?;
-        let results = self.results.range(request.into_inner()).await?;
+        let caller = runnel_security::caller(&request)?.clone();
+        let results = self.results.range(request.into_inner(), &caller).await?;
         Ok(Response::new(RangeResponse { results }))
     }
 
@@ -106,8 +108,9 @@ impl Gateway for GatewayService {
             Action::ReadResults,
             Resource::Query(&request.get_ref().query),
         )?;
+        let caller = runnel_security::caller(&request)?.clone();
         Ok(Response::new(
-            self.results.top_k(request.into_inner()).await?,
+            self.results.top_k(request.into_inner(), &caller).await?,
         ))
     }
 }

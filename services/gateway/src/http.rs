@@ -11,6 +11,7 @@
 //! | `GET /v1/ws?<filter>` | a WebSocket of `{"type": "result" \| "gap" \| "error", …}` messages |
 //! | `GET /v1/poll?<filter>&timeout=&limit=` | long poll: `{"results": [...], "next_after": n}` once something matches or the timeout passes |
 //! | `POST /v1/webhooks`, `GET /v1/webhooks`, `GET`/`DELETE /v1/webhooks/{id}` | webhooks and their delivery status |
+//! | `GET /v1/queries` | `{"queries": [{"name", "source_topic", "definition"}]}`: the queries the analyzer runs that the caller may read (501 when the gateway does not know the analyzer) |
 //! | `GET /v1/pipeline` | the health of the store (and configured services) and of this gateway's live streams |
 //! | `GET /openapi.json` | this API, described in OpenAPI 3.1 |
 //! | `GET /dashboard/` | the live dashboard |
@@ -81,6 +82,7 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/v1/poll", get(poll))
         .route("/v1/webhooks", get(list_webhooks).post(register_webhook))
         .route("/v1/webhooks/{id}", get(webhook).delete(delete_webhook))
+        .route("/v1/queries", get(queries))
         .route("/v1/pipeline", get(pipeline))
         .route(
             "/openapi.json",
@@ -216,10 +218,13 @@ async fn latest(
     allow(&caller, Action::ReadResults, Resource::Query(&query))?;
     match api
         .results
-        .get(GetRequest {
-            query: query.clone(),
-            key: key.clone(),
-        })
+        .get(
+            GetRequest {
+                query: query.clone(),
+                key: key.clone(),
+            },
+            &caller,
+        )
         .await?
     {
         Some(result) => Ok(Json(result_json(&result)).into_response()),
@@ -253,13 +258,16 @@ async fn range(
     }
     let found = api
         .results
-        .range(RangeRequest {
-            query,
-            key,
-            from: from.map(Into::into),
-            to: to.map(Into::into),
-            limit,
-        })
+        .range(
+            RangeRequest {
+                query,
+                key,
+                from: from.map(Into::into),
+                to: to.map(Into::into),
+                limit,
+            },
+            &caller,
+        )
         .await?;
     let json: Vec<serde_json::Value> = found.iter().map(result_json).collect();
     Ok(Json(serde_json::json!({ "results": json })).into_response())
@@ -281,10 +289,13 @@ async fn top_k(
     }
     let top = api
         .results
-        .top_k(TopKRequest {
-            query: query.clone(),
-            k,
-        })
+        .top_k(
+            TopKRequest {
+                query: query.clone(),
+                k,
+            },
+            &caller,
+        )
         .await?;
     let time = |ts: Option<prost_types::Timestamp>| {
         ts.map(|ts| runnel_proto::json::rfc3339(Millis::from(ts)))
@@ -533,6 +544,28 @@ async fn delete_webhook(
     }
 }
 
+/// The queries the analyzer runs that the caller may read, for clients (the dashboard)
+/// that let a person pick one.
+async fn queries(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    let queries: Vec<serde_json::Value> = api
+        .results
+        .queries(&caller)
+        .await?
+        .into_iter()
+        .map(|query| {
+            serde_json::json!({
+                "name": query.name,
+                "source_topic": query.source_topic,
+                "definition": query.definition,
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "queries": queries })).into_response())
+}
+
 /// The health of every service the gateway knows, and of its own live streams.
 async fn pipeline(State(api): State<Api>) -> Response {
     let checks = api.pipeline.iter().map(|(name, channel)| {
@@ -614,6 +647,7 @@ mod tests {
             "/v1/poll",
             "/v1/webhooks",
             "/v1/webhooks/{id}",
+            "/v1/queries",
             "/v1/pipeline",
         ] {
             assert!(paths.contains(&route), "{route} missing from {paths:?}");

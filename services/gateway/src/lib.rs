@@ -51,9 +51,8 @@ pub async fn run(
         &config.server.connect,
         config.server.max_message_bytes,
     )?;
-    let results = results::Results::new(store.clone(), config.server.request_timeout);
     let hub = live::Hub::new(
-        store,
+        store.clone(),
         config.live_buffer,
         config.resume_buffer,
         config.max_watchers,
@@ -83,6 +82,13 @@ pub async fn run(
             })?;
         pipeline.insert(name.to_owned(), channel);
     }
+    // The analyzer owns the queries: with it, a read of a query that does not exist is
+    // told from one of a query that has no results yet.
+    let analyzer = pipeline.get("analyzer").map(|channel| {
+        results::Analyzer::new(channel.clone())
+            .max_decoding_message_size(config.server.max_message_bytes)
+    });
+    let results = results::Results::new(store, analyzer, config.server.request_timeout);
 
     let app = http::router(http::Api {
         results: results.clone(),

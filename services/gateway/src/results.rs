@@ -1,14 +1,29 @@
 //! The unary reads that the gRPC and HTTP APIs share: checks, then calls to the store.
+//!
+//! A read that finds nothing tells a query that exists but has no result (yet) for what
+//! was asked from a query that does not exist at all, which is answered `NOT_FOUND`
+//! naming the known queries. A query is known when the analyzer runs it (it owns the
+//! queries: `Analyzer.ListQueries`) or when the store holds results of it (a query the
+//! analyzer has stopped running). Only a gateway that knows the analyzer
+//! (`pipeline.analyzer`) can tell; one that does not, or whose analyzer does not answer,
+//! answers an empty read as it always has, rather than turn a quiet query into an error.
 
 use crate::error::GatewayError;
 use runnel_proto::filter::MAX_KEY_BYTES;
+use runnel_proto::v1::analyzer_client::AnalyzerClient;
 use runnel_proto::v1::store_client::StoreClient;
-use runnel_proto::v1::{GetRequest, QueryResult, RangeRequest, TopKRequest, TopKResponse};
-use runnel_security::{ConnectConfig, Peer};
+use runnel_proto::v1::{
+    GetRequest, ListQueriesRequest, QueryDescription, QueryResult, RangeRequest, TopKRequest,
+    TopKResponse,
+};
+use runnel_security::{Action, Caller, ConnectConfig, Peer, Resource};
 use std::time::Duration;
 
 /// The store's gRPC client, as every part of the gateway uses it.
 pub(crate) type Store = StoreClient<Peer>;
+
+/// The analyzer's gRPC client: asked which queries exist.
+pub(crate) type Analyzer = AnalyzerClient<Peer>;
 
 /// Most keys a `TopK` may ask for (as the store accepts).
 const MAX_TOP_K: u32 = 1000;
@@ -34,6 +49,9 @@ pub(crate) fn connect(
 #[derive(Debug, Clone)]
 pub(crate) struct Results {
     store: Store,
+    /// The analyzer, when the gateway knows it: without it, a query with no results cannot
+    /// be told from one that does not exist.
+    analyzer: Option<Analyzer>,
     request_timeout: Duration,
 }
 
@@ -53,9 +71,14 @@ fn check_key(key: &str) -> Result<(), GatewayError> {
 }
 
 impl Results {
-    pub(crate) fn new(store: Store, request_timeout: Duration) -> Results {
+    pub(crate) fn new(
+        store: Store,
+        analyzer: Option<Analyzer>,
+        request_timeout: Duration,
+    ) -> Results {
         Results {
             store,
+            analyzer,
             request_timeout,
         }
     }
@@ -66,40 +89,56 @@ impl Results {
         request
     }
 
+    /// The store's answer to a read of `query`; when `empty` says it found nothing, a
+    /// check that the query exists.
+    async fn read<T>(
+        &self,
+        query: &str,
+        caller: &Caller,
+        answer: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+        empty: impl FnOnce(&T) -> bool,
+    ) -> Result<T, GatewayError> {
+        let answer = answer.await.map_err(GatewayError::Store)?.into_inner();
+        if empty(&answer) {
+            self.check_known(query, caller).await?;
+        }
+        Ok(answer)
+    }
+
     /// The latest result for `query` and `key`, if there is one.
     pub(crate) async fn get(
         &self,
         request: GetRequest,
+        caller: &Caller,
     ) -> Result<Option<QueryResult>, GatewayError> {
         check_query(&request.query)?;
         check_key(&request.key)?;
-        let response = self
-            .store
-            .clone()
-            .get(self.request(request))
-            .await
-            .map_err(GatewayError::Store)?;
-        Ok(response.into_inner().result)
+        let (query, mut store) = (request.query.clone(), self.store.clone());
+        let answer = store.get(self.request(request));
+        let found = self.read(&query, caller, answer, |r| r.result.is_none());
+        Ok(found.await?.result)
     }
 
     /// Results for one query and key by window start.
     pub(crate) async fn range(
         &self,
         request: RangeRequest,
+        caller: &Caller,
     ) -> Result<Vec<QueryResult>, GatewayError> {
         check_query(&request.query)?;
         check_key(&request.key)?;
-        let response = self
-            .store
-            .clone()
-            .range(self.request(request))
-            .await
-            .map_err(GatewayError::Store)?;
-        Ok(response.into_inner().results)
+        let (query, mut store) = (request.query.clone(), self.store.clone());
+        let answer = store.range(self.request(request));
+        let found = self.read(&query, caller, answer, |r| r.results.is_empty());
+        Ok(found.await?.results)
     }
 
     /// The top keys of a query in its most recent window.
-    pub(crate) async fn top_k(&self, request: TopKRequest) -> Result<TopKResponse, GatewayError> {
+    pub(crate) async fn top_k(
+        &self,
+        request: TopKRequest,
+        caller: &Caller,
+    ) -> Result<TopKResponse, GatewayError> {
         check_query(&request.query)?;
         if request.k > MAX_TOP_K {
             return Err(GatewayError::InvalidArgument(format!(
@@ -107,13 +146,62 @@ impl Results {
                 request.k
             )));
         }
+        let (query, mut store) = (request.query.clone(), self.store.clone());
+        let answer = store.top_k(self.request(request));
+        // No ranked window: the store holds no result of the query.
+        self.read(&query, caller, answer, |r| r.window_start.is_none())
+            .await
+    }
+
+    /// Whether the store holds any result of `query`: it ranks every query's most recent
+    /// window, so a one-key `TopK` answers without reading a series.
+    async fn store_holds(&self, query: &str) -> Result<bool, GatewayError> {
+        let request = TopKRequest {
+            query: query.to_owned(),
+            k: 1,
+        };
         let response = self
             .store
             .clone()
             .top_k(self.request(request))
             .await
             .map_err(GatewayError::Store)?;
-        Ok(response.into_inner())
+        Ok(response.into_inner().window_start.is_some())
+    }
+
+    /// The queries the analyzer runs that `caller` may read.
+    pub(crate) async fn queries(
+        &self,
+        caller: &Caller,
+    ) -> Result<Vec<QueryDescription>, GatewayError> {
+        let mut analyzer = self.analyzer.clone().ok_or(GatewayError::NoAnalyzer)?;
+        let response = analyzer
+            .list_queries(self.request(ListQueriesRequest {}))
+            .await
+            .map_err(GatewayError::Analyzer)?;
+        let mut queries = response.into_inner().queries;
+        queries.retain(|q| caller.may(Action::ReadResults, Resource::Query(&q.name)));
+        Ok(queries)
+    }
+
+    /// Fails with [`GatewayError::UnknownQuery`] when the analyzer does not run `query` and
+    /// the store holds no result of it. When that cannot be told (no analyzer, or none
+    /// that answers), the read's empty answer stands.
+    async fn check_known(&self, query: &str, caller: &Caller) -> Result<(), GatewayError> {
+        let queries = match self.queries(caller).await {
+            Ok(queries) => queries,
+            Err(error) => {
+                tracing::debug!(%error, query, "cannot tell whether the query exists");
+                return Ok(());
+            }
+        };
+        if queries.iter().any(|q| q.name == query) || self.store_holds(query).await? {
+            return Ok(());
+        }
+        Err(GatewayError::UnknownQuery {
+            query: query.to_owned(),
+            known: queries.into_iter().map(|q| q.name).collect(),
+        })
     }
 }
 

@@ -803,3 +803,185 @@ async fn the_dashboard_and_its_assets_are_served() {
     assert_eq!(health["services"][0]["status"], "SERVING");
     stack.stop().await;
 }
+
+/// The analyzer as the gateway sees it: the queries it runs, and nothing else.
+struct Analyzer(Vec<&'static str>);
+
+#[tonic::async_trait]
+impl runnel_proto::v1::analyzer_server::Analyzer for Analyzer {
+    async fn list_queries(
+        &self,
+        _: tonic::Request<runnel_proto::v1::ListQueriesRequest>,
+    ) -> Result<tonic::Response<runnel_proto::v1::ListQueriesResponse>, tonic::Status> {
+        let queries = self
+            .0
+            .iter()
+            .map(|name| runnel_proto::v1::QueryDescription {
+                name: (*name).into(),
+                source_topic: "events".into(),
+                ..Default::default()
+            })
+            .collect();
+        Ok(tonic::Response::new(
+            runnel_proto::v1::ListQueriesResponse { queries },
+        ))
+    }
+
+    async fn describe_query(
+        &self,
+        _: tonic::Request<runnel_proto::v1::DescribeQueryRequest>,
+    ) -> Result<tonic::Response<runnel_proto::v1::QueryDescription>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not needed by the gateway"))
+    }
+}
+
+/// Serves `analyzer` on an ephemeral port until the test ends; its URL.
+async fn serve_analyzer(analyzer: Analyzer) -> String {
+    let listener = listener().await;
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(runnel_proto::v1::analyzer_server::AnalyzerServer::new(
+                analyzer,
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    url
+}
+
+/// An HTTP read's status and JSON body.
+async fn http_read(stack: &Stack, path: &str) -> (u16, serde_json::Value) {
+    let response = reqwest::get(stack.url(path)).await.unwrap();
+    (
+        response.status().as_u16(),
+        response.json().await.unwrap_or_default(),
+    )
+}
+
+#[tokio::test]
+async fn a_query_that_does_not_exist_is_not_found_and_one_without_results_is_empty() {
+    let analyzer = serve_analyzer(Analyzer(vec!["avg_value_per_key", "quiet"])).await;
+    let mut stack = start(|config| {
+        config.pipeline.insert("analyzer".into(), analyzer);
+    })
+    .await;
+    let t0 = 1_714_564_800_000;
+    stack
+        .put(vec![
+            result("avg_value_per_key", "sensor-1", t0, 2.0),
+            // A query the analyzer no longer runs: its results are still there to read.
+            result("retired", "sensor-1", t0, 5.0),
+        ])
+        .await;
+
+    // Unknown over gRPC: NOT_FOUND naming the queries there are.
+    let expected = r#"unknown query "nope"; known queries: avg_value_per_key, quiet"#;
+    let (get, range, top) = (
+        GetRequest {
+            query: "nope".into(),
+            key: "sensor-1".into(),
+        },
+        RangeRequest {
+            query: "nope".into(),
+            key: "sensor-1".into(),
+            ..Default::default()
+        },
+        TopKRequest {
+            query: "nope".into(),
+            k: 3,
+        },
+    );
+    let mut gateway = stack.gateway.clone();
+    for status in [
+        gateway.get(get).await.map(drop),
+        gateway.range(range).await.map(drop),
+        gateway.top_k(top).await.map(drop),
+    ] {
+        let status = status.unwrap_err();
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::NotFound, expected)
+        );
+    }
+    // And over HTTP: 404 with the same message.
+    for path in [
+        "/v1/results/nope/sensor-1",
+        "/v1/results/nope/sensor-1/range",
+        "/v1/topk/nope",
+    ] {
+        let (status, body) = http_read(&stack, path).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (404, Some(expected)),
+            "{path}"
+        );
+    }
+
+    // Known, with no results: the quiet answers of before.
+    let none = stack
+        .gateway
+        .get(GetRequest {
+            query: "quiet".into(),
+            key: "sensor-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(none.result, None);
+    let (status, body) = http_read(&stack, "/v1/results/quiet/sensor-1").await;
+    assert_eq!(status, 404);
+    assert!(
+        body["error"].as_str().unwrap().starts_with("no result yet"),
+        "{body}"
+    );
+    for (path, list) in [
+        ("/v1/results/quiet/sensor-1/range", "results"),
+        ("/v1/topk/quiet", "results"),
+        // A key the query has never seen, and a query with results only in the store.
+        ("/v1/results/avg_value_per_key/nobody/range", "results"),
+        ("/v1/results/retired/nobody/range", "results"),
+    ] {
+        let (status, body) = http_read(&stack, path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_eq!(body[list], serde_json::json!([]), "{path}");
+    }
+    let (status, body) = http_read(&stack, "/v1/results/retired/sensor-1").await;
+    assert_eq!((status, body["values"]["count"].as_f64()), (200, Some(5.0)));
+
+    // The list the dashboard picks from.
+    let (status, body) = http_read(&stack, "/v1/queries").await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = body["queries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["avg_value_per_key", "quiet"]);
+    assert_eq!(body["queries"][0]["source_topic"], "events");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn without_an_analyzer_to_ask_every_query_answers_as_if_it_existed() {
+    // None configured, or one that does not answer: "unknown" cannot be told from "quiet".
+    let gone = listener().await;
+    let gone_url = format!("http://{}", gone.local_addr().unwrap());
+    drop(gone);
+    for analyzer in [None, Some(gone_url)] {
+        let stack = start(|config| {
+            if let Some(url) = analyzer.clone() {
+                config.pipeline.insert("analyzer".into(), url);
+            }
+        })
+        .await;
+        let (status, body) = http_read(&stack, "/v1/topk/nope").await;
+        assert_eq!((status, &body["results"]), (200, &serde_json::json!([])));
+        let (status, body) = http_read(&stack, "/v1/results/nope/k/range").await;
+        assert_eq!((status, &body["results"]), (200, &serde_json::json!([])));
+        let (status, body) = http_read(&stack, "/v1/queries").await;
+        let expected = if analyzer.is_some() { 503 } else { 501 };
+        assert_eq!(status, expected, "{body}");
+        stack.stop().await;
+    }
+}

@@ -1,19 +1,31 @@
 // The Runnel dashboard: plain JavaScript over the gateway's HTTP API, no build step.
+//
+// What it shows lives in the URL's query string, so a view can be reloaded, bookmarked or
+// shared: `topk` and `k` for the table, `series`, `key` and `value` for the chart. A query
+// the URL does not name is picked among those that have results: for the table
+// `meetup_topics` if it has, for both the one whose most recent window is the newest (the
+// liveliest); if none has results yet, the query of the first result that arrives. A key
+// is the first of the query's keys. The select boxes change any of them; the URL follows.
 "use strict";
 
 const params = new URLSearchParams(location.search);
-const topkQuery = params.get("topk") || "meetup_topics";
 const topkSize = params.get("k") || "10";
-const seriesQuery = params.get("series") || "avg_value_per_key";
-const valueName = params.get("value") || "avg";
-let seriesKey = params.get("key") || "";
+/** What is shown; `null` until picked. */
+const shown = {
+  topk: params.get("topk"),
+  series: params.get("series"),
+  key: params.get("key"),
+};
+/** The value charted: the URL's `value`, else `avg` or `count` if the results have one. */
+const valueParam = params.get("value");
+/** The table's query when the URL names none and it has results: the book's example. */
+const PREFERRED_TOPK = "meetup_topics";
+/** The query names offered. */
+const queries = [];
 /** window_start_ms → value, for the key shown. */
 const points = new Map();
 
 const $ = (id) => document.getElementById(id);
-$("topk-query").textContent = topkQuery;
-$("series-query").textContent = seriesQuery;
-$("series-value-name").textContent = valueName;
 
 function cell(text, className) {
   const td = document.createElement("td");
@@ -26,20 +38,74 @@ function format(value) {
   return Number.isInteger(value) ? String(value) : value.toFixed(2);
 }
 
-// ---- top keys --------------------------------------------------------------------------
+async function json(url) {
+  const response = await fetch(url);
+  return response.ok ? response.json() : null;
+}
+
+// ---- choices -----------------------------------------------------------------------------
+/** Puts what is shown into the URL, without a reload or a history entry. */
+function remember() {
+  for (const name of ["topk", "series", "key"]) {
+    if (shown[name]) params.set(name, shown[name]);
+    else params.delete(name);
+  }
+  history.replaceState(null, "", `${location.pathname}?${params}`);
+}
+
+/** Adds `value` to `select`, in order, once. */
+function addOption(select, value) {
+  if ([...select.options].some((o) => o.value === value)) return;
+  const option = document.createElement("option");
+  option.value = value;
+  option.textContent = value;
+  const next = [...select.options].find((o) => o.value > value);
+  select.insertBefore(option, next || null);
+}
+
+/** Sets `select` to `value`, or to a placeholder saying what it waits for. */
+function choose(select, value, waiting) {
+  let placeholder = select.querySelector('option[value=""]');
+  if (value) {
+    if (placeholder) placeholder.remove();
+    addOption(select, value);
+  } else if (!placeholder) {
+    placeholder = document.createElement("option");
+    placeholder.value = "";
+    placeholder.textContent = waiting;
+    select.prepend(placeholder);
+  }
+  select.value = value || "";
+}
+
+function addQuery(name) {
+  if (queries.includes(name)) return;
+  queries.push(name);
+  addOption($("topk-query"), name);
+  addOption($("series-query"), name);
+}
+
+/** A query's top keys in its most recent window; `null` if it has no results. */
+async function topOf(query, k) {
+  const top = await json(`/v1/topk/${encodeURIComponent(query)}?k=${k}`);
+  return top && top.window_start_ms != null ? top : null;
+}
+
+// ---- top keys ----------------------------------------------------------------------------
 let topkTimer = null;
 async function refreshTopK() {
   topkTimer = null;
-  const response = await fetch(`/v1/topk/${encodeURIComponent(topkQuery)}?k=${topkSize}`);
-  if (!response.ok) return;
-  const top = await response.json();
-  $("topk-ranked-by").textContent = top.ranked_by || "count";
-  $("topk-window").textContent = top.window_start ? `window from ${top.window_start}` : "";
+  const query = shown.topk;
+  const top = query ? await topOf(query, topkSize) : null;
+  if (query !== shown.topk) return;
+  $("topk-ranked-by").textContent = (top && top.ranked_by) || "count";
+  $("topk-window").textContent = top ? `window from ${top.window_start}` : "";
   const rows = $("topk-rows");
   const before = new Map([...rows.querySelectorAll("tr[data-key]")]
     .map((tr) => [tr.dataset.key, tr.dataset.value]));
   rows.replaceChildren();
-  top.results.forEach((result, i) => {
+  const results = top ? top.results : [];
+  results.forEach((result, i) => {
     const value = result.values[top.ranked_by];
     const tr = document.createElement("tr");
     tr.dataset.key = result.key;
@@ -48,7 +114,7 @@ async function refreshTopK() {
     tr.append(cell(String(i + 1), "rank"), cell(result.key, "key"), cell(format(value), "value"));
     rows.append(tr);
   });
-  if (top.results.length === 0) {
+  if (results.length === 0) {
     const tr = document.createElement("tr");
     tr.className = "empty";
     tr.append(cell("no results yet"));
@@ -60,32 +126,53 @@ function scheduleTopK() {
   if (topkTimer === null) topkTimer = setTimeout(refreshTopK, 100);
 }
 
-// ---- time series -----------------------------------------------------------------------
-function addKeyOption(key) {
-  const select = $("series-key");
-  if ([...select.options].some((o) => o.value === key)) return;
-  const placeholder = select.querySelector('option[value=""]');
-  if (placeholder) placeholder.remove();
-  const option = document.createElement("option");
-  option.value = key;
-  option.textContent = key;
-  select.append(option);
-  select.value = seriesKey;
+function showTopK(query) {
+  shown.topk = query;
+  choose($("topk-query"), query, "(waiting for results)");
+  remember();
+  refreshTopK();
+}
+
+// ---- time series -------------------------------------------------------------------------
+/** Charts `query` for `key`; with no key, the first of the query's keys. */
+async function showSeries(query, key) {
+  shown.series = query;
+  shown.key = key;
+  const keys = $("series-key");
+  keys.replaceChildren();
+  choose($("series-query"), query, "(waiting for results)");
+  choose(keys, key, "(waiting for a key)");
+  remember();
+  loadSeries();
+  if (!query) return;
+  const top = await topOf(query, 1000);
+  if (query !== shown.series) return;
+  for (const result of top ? top.results : []) addOption(keys, result.key);
+  if (!shown.key && keys.options.length > 0 && keys.options[0].value) {
+    shown.key = keys.options[0].value;
+    loadSeries();
+  }
+  choose(keys, shown.key, "(waiting for a key)");
+  remember();
 }
 
 async function loadSeries() {
+  const [query, key] = [shown.series, shown.key];
   points.clear();
-  if (!seriesKey) return drawSeries();
-  const url = `/v1/results/${encodeURIComponent(seriesQuery)}/${encodeURIComponent(seriesKey)}/range?limit=500`;
-  const response = await fetch(url);
-  if (response.ok) {
-    for (const result of (await response.json()).results) addPoint(result);
-  }
+  drawSeries();
+  if (!query || !key) return;
+  const url = `/v1/results/${encodeURIComponent(query)}/${encodeURIComponent(key)}/range?limit=500`;
+  const range = await json(url);
+  if (query !== shown.series || key !== shown.key) return;
+  for (const result of range ? range.results : []) addPoint(result);
   drawSeries();
 }
 
 function addPoint(result) {
-  const value = result.values[valueName];
+  const names = Object.keys(result.values);
+  const name = valueParam || ["avg", "count"].find((n) => names.includes(n)) || names.sort()[0];
+  $("series-value-name").textContent = name || "";
+  const value = result.values[name];
   if (typeof value === "number") points.set(result.window_start_ms, value);
 }
 
@@ -123,8 +210,13 @@ function drawSeries() {
   }
 }
 
+$("topk-query").addEventListener("change", (event) => showTopK(event.target.value || null));
+$("series-query").addEventListener("change", (event) => {
+  showSeries(event.target.value || null, null);
+});
 $("series-key").addEventListener("change", (event) => {
-  seriesKey = event.target.value;
+  shown.key = event.target.value || null;
+  remember();
   loadSeries();
 });
 
@@ -166,15 +258,18 @@ function connect() {
   events.addEventListener("result", (event) => {
     const result = JSON.parse(event.data);
     $("sequence").textContent = String(result.sequence);
-    if (result.query === topkQuery) scheduleTopK();
-    if (result.query === seriesQuery) {
-      if (!seriesKey) {
-        seriesKey = result.key;
-        addKeyOption(result.key);
+    addQuery(result.query);
+    if (!shown.topk) showTopK(result.query);
+    if (!shown.series) showSeries(result.query, shown.key || result.key);
+    if (result.query === shown.topk) scheduleTopK();
+    if (result.query === shown.series) {
+      addOption($("series-key"), result.key);
+      if (!shown.key) {
+        shown.key = result.key;
+        choose($("series-key"), shown.key, "");
+        remember();
         loadSeries();
-      }
-      addKeyOption(result.key);
-      if (result.key === seriesKey) {
+      } else if (result.key === shown.key) {
         addPoint(result);
         drawSeries();
       }
@@ -187,9 +282,26 @@ function connect() {
   });
 }
 
-if (seriesKey) addKeyOption(seriesKey);
-refreshTopK();
-loadSeries();
+/** Offers the analyzer's queries (or, without its list, the usual ones), then picks. */
+async function start() {
+  const listed = await json("/v1/queries");
+  const names = listed ? listed.queries.map((q) => q.name) : [];
+  for (const name of names.length ? names : [PREFERRED_TOPK, "avg_value_per_key"]) addQuery(name);
+  for (const name of [shown.topk, shown.series]) if (name) addQuery(name);
+  const offered = [...queries];
+  const tops = await Promise.all(offered.map((query) => topOf(query, 1)));
+  const newest = offered
+    .map((query, i) => [query, tops[i]])
+    .filter(([, top]) => top)
+    .sort((a, b) => b[1].window_start_ms - a[1].window_start_ms)
+    .map(([query]) => query)[0] || null;
+  const preferred = tops[offered.indexOf(PREFERRED_TOPK)] ? PREFERRED_TOPK : null;
+  // A result that arrived meanwhile may have picked already: its choice stands.
+  showTopK(shown.topk || preferred || newest);
+  showSeries(shown.series || newest, shown.key);
+}
+
+start();
 refreshHealth();
 setInterval(refreshHealth, 2000);
 connect();
