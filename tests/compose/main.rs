@@ -416,6 +416,16 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
             "{url}: {body}"
         );
     }
+    // A query the analyzer does not run: 404 naming the ones it does (the gateway asks
+    // the analyzer, as compose configures it).
+    let url = format!("http://{http_addr}/v1/results/no_such_query/{}", acked[0]);
+    let response = http.get(&url).send().await.expect("GET an unknown query");
+    assert_eq!(response.status(), reqwest::StatusCode::NOT_FOUND, "{url}");
+    let body = response.text().await.expect("body");
+    assert!(
+        body.contains("unknown query") && body.contains(QUERY),
+        "{url}: {body}"
+    );
 
     // The traced event's trace: spans from all five services, linked hop to hop.
     let traced = &results["traced"];
@@ -614,6 +624,16 @@ async fn secure_compose_pipeline_serves_only_callers_with_a_certificate() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(
         response.contains(&format!("\"count\":{BATCH}")),
+        "{response}"
+    );
+    // An unknown query: 404 naming the known ones, which the gateway learns from the
+    // analyzer over mutual TLS with its own grant.
+    let response = https_get(http_addr, &certs, true, "/v1/results/no_such_query/secure")
+        .await
+        .expect("GET an unknown query");
+    assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+    assert!(
+        response.contains("unknown query") && response.contains(QUERY),
         "{response}"
     );
     let anonymous = https_get(http_addr, &certs, false, &path).await;

@@ -848,6 +848,8 @@ fn network_policies_allow_the_pipelines_own_paths_and_nothing_else() {
             7104,
             &["runnel-analyzer", "runnel-gateway", "runnel-collector"],
         );
+        // The gateway asks the analyzer which queries exist.
+        allow("runnel-analyzer", 7103, &["runnel-gateway"]);
         allow("runnel-gateway", 7105, &everyone);
         allow("runnel-gateway", 8080, &everyone);
         allow("runnel-nats", 4222, &["runnel-broker"]);

@@ -172,7 +172,12 @@ pub fn pipeline_grants(service: &str) -> Vec<GrantConfig> {
             grant("analyzer", &[Produce, Consume, Manage], all, &[]),
             grant(CLIENT, &[Produce, Consume, Manage], all, &[]),
         ],
-        "analyzer" => vec![grant(CLIENT, &[ReadResults, Manage], &[], all)],
+        "analyzer" => vec![
+            // The gateway asks which queries exist (ListQueries) to tell an unknown query
+            // from one with no results yet.
+            grant("gateway", &[ReadResults], &[], all),
+            grant(CLIENT, &[ReadResults, Manage], &[], all),
+        ],
         "store" => vec![
             grant("analyzer", &[WriteResults], &[], all),
             grant("gateway", &[ReadResults], &[], all),
