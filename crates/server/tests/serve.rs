@@ -37,7 +37,10 @@ impl Analyzer for Stuck {
     ) -> Result<Response<QueryDescription>, Status> {
         // The length, not the name: a long name would not fit in the status header.
         let name = request.into_inner().name;
-        Err(Status::not_found(format!("no query of {} bytes", name.len())))
+        Err(Status::not_found(format!(
+            "no query of {} bytes",
+            name.len()
+        )))
     }
 }
 
