@@ -171,9 +171,9 @@ async fn wait_progress(progress: &mut watch::Receiver<u64>, at_least: u64, what:
 async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and_traces_every_hop()
 {
     if std::env::var("RUNNEL_COMPOSE_E2E").as_deref() != Ok("1") {
-        eprintln!(
-            "compose end-to-end test skipped: it runs with RUNNEL_COMPOSE_E2E=1, against images \
-             built by `cargo xtask images` (`cargo xtask compose-test` does both)"
+        runnel_testkit::skip(
+            "RUNNEL_COMPOSE_E2E=1 and a Docker engine",
+            "`cargo xtask compose-test` builds the images and runs it",
         );
         return;
     }
@@ -484,7 +484,10 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secure_compose_pipeline_serves_only_callers_with_a_certificate() {
     if std::env::var("RUNNEL_COMPOSE_E2E").as_deref() != Ok("1") {
-        eprintln!("secure compose test skipped: it runs with RUNNEL_COMPOSE_E2E=1");
+        runnel_testkit::skip(
+            "RUNNEL_COMPOSE_E2E=1 and a Docker engine",
+            "`cargo xtask compose-test` makes the images and certificates and runs it",
+        );
         return;
     }
     let certs = std::path::PathBuf::from(std::env::var("RUNNEL_COMPOSE_CERTS").expect(

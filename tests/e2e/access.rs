@@ -4,11 +4,12 @@
 //! headless browser, shows what the store holds and follows it live.
 
 use futures::StreamExt;
-use runnel_e2e::browser::{self, Browser};
 use runnel_e2e::{Pipeline, ServiceProcess};
 use runnel_proto::Millis;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{PutRequest, QueryResult, RangeRequest};
+use runnel_testkit::browser::Browser;
+use runnel_testkit::{Deferred, Tool, eventually};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -65,23 +66,20 @@ impl Access {
     /// Waits until the gateway follows the store, so that "from now" includes what the
     /// test writes next.
     async fn wait_connected(&self) {
-        let connected = tokio::time::timeout(WAIT, async {
-            loop {
+        eventually(
+            WAIT,
+            Deferred(|| format!("the gateway to follow the store\n{}", self.logs())),
+            || async {
                 if let Ok(response) = reqwest::get(self.http("/v1/pipeline")).await
                     && let Ok(json) = response.json::<serde_json::Value>().await
-                    && json["gateway"]["store_stream"] == "connected"
                 {
-                    return;
+                    json["gateway"]["store_stream"] == "connected"
+                } else {
+                    false
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
+            },
+        )
         .await;
-        assert!(
-            connected.is_ok(),
-            "the gateway never followed the store\n{}",
-            self.logs()
-        );
     }
 }
 
@@ -282,7 +280,7 @@ const TOP_ROWS: &str = "JSON.stringify([...document.querySelectorAll('#topk-rows
 
 #[tokio::test]
 async fn the_dashboard_shows_live_results_in_a_real_browser() {
-    if !browser::available() {
+    if !runnel_testkit::require(Tool::Chromium) {
         return;
     }
     let access = Access::start().await;

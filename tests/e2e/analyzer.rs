@@ -16,6 +16,7 @@ use runnel_proto::v1::analyzer_client::AnalyzerClient;
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{Acks, Event, ListQueriesRequest, RangeRequest};
+use runnel_testkit::{Deferred, eventually, holds_within};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 use tokio::sync::OnceCell;
@@ -354,21 +355,6 @@ fn counts(events: &[(&str, Event)]) -> HashMap<&'static str, u64> {
     counts
 }
 
-/// Waits until `done` holds, checking every 200 ms, for at most `limit`.
-async fn eventually<F: std::future::Future<Output = bool>>(
-    limit: Duration,
-    mut done: impl FnMut() -> F,
-) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if done().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    false
-}
-
 /// The results of a run without failures, computed once for the tests that compare.
 async fn reference() -> &'static Snapshot {
     static REFERENCE: OnceCell<Snapshot> = OnceCell::const_new();
@@ -386,9 +372,12 @@ async fn reference() -> &'static Snapshot {
             }
             let expected = counts(&events);
             let analyzers = [&analyzer];
-            let done =
-                eventually(Duration::from_secs(180), || settled(&analyzers, &expected)).await;
-            assert!(done, "the reference run never settled\n{}", cluster.logs());
+            eventually(
+                Duration::from_secs(180),
+                Deferred(|| format!("the reference run to settle\n{}", cluster.logs())),
+                || settled(&analyzers, &expected),
+            )
+            .await;
             let snapshot = cluster.snapshot(&keys(&events)).await;
             for query in QUERIES {
                 assert!(
@@ -426,11 +415,11 @@ async fn check_against_reference(
     let expected = reference().await;
     let keys = keys(events);
     let counts = counts(events);
-    let matched = eventually(Duration::from_secs(180), || async {
+    let matched = holds_within(Duration::from_secs(180), || async {
         settled(analyzers, &counts).await && cluster.snapshot(&keys).await == *expected
     })
     .await;
-    if !matched {
+    if matched.is_none() {
         let found = cluster.snapshot(&keys).await;
         panic!(
             "results differ from the crash-free run:\n{}\n{}",
@@ -485,27 +474,26 @@ async fn two_instances_share_the_partitions_and_survive_losing_one() {
     let (before, after) = events.split_at(events.len() / 2);
     produce(&mut producers, before).await;
     // Both take part: each owns some partitions of the query.
-    let shared = eventually(Duration::from_secs(60), || async {
-        let mut owned = Vec::new();
-        for a in [&first, &second] {
-            let Ok(mut client) = AnalyzerClient::connect(a.url()).await else {
-                return false;
-            };
-            let Ok(q) = client.list_queries(ListQueriesRequest {}).await else {
-                return false;
-            };
-            owned.push(q.into_inner().queries[0].partitions.clone());
-        }
-        !owned[0].is_empty()
-            && !owned[1].is_empty()
-            && owned[0].len() + owned[1].len() == PARTITIONS as usize
-    })
+    eventually(
+        Duration::from_secs(60),
+        Deferred(|| format!("the partitions to be shared out\n{}", cluster.logs())),
+        || async {
+            let mut owned = Vec::new();
+            for a in [&first, &second] {
+                let Ok(mut client) = AnalyzerClient::connect(a.url()).await else {
+                    return false;
+                };
+                let Ok(q) = client.list_queries(ListQueriesRequest {}).await else {
+                    return false;
+                };
+                owned.push(q.into_inner().queries[0].partitions.clone());
+            }
+            !owned[0].is_empty()
+                && !owned[1].is_empty()
+                && owned[0].len() + owned[1].len() == PARTITIONS as usize
+        },
+    )
     .await;
-    assert!(
-        shared,
-        "the partitions were never shared out\n{}",
-        cluster.logs()
-    );
     second.kill().await.expect("SIGKILL");
     produce(&mut producers, after).await;
     // The survivor takes over the dead instance's partitions from their checkpoints.

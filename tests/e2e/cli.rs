@@ -2,11 +2,12 @@
 //! and `get`; and a service binary refusing a bad configuration before it binds anything.
 
 use crate::{T0, clock_events};
-use runnel_e2e::browser::{self, Browser};
 use runnel_e2e::process::binary_dir;
 use runnel_proto::Millis;
 use runnel_proto::v1::gateway_client::GatewayClient;
 use runnel_proto::v1::{Event, WatchRequest};
+use runnel_testkit::Tool;
+use runnel_testkit::browser::Browser;
 use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
@@ -316,7 +317,8 @@ async fn runnel_up_demo_prints_as_it_runs_and_its_dashboard_charts_what_the_user
     assert!(names.contains(&"demo_avg_per_sensor"), "{names:?}");
     assert!(names.contains(&"meetup_topics"), "{names:?}");
 
-    if browser::available() {
+    // The browser part needs Chromium; without it that part is reported skipped.
+    if runnel_testkit::require(Tool::Chromium) {
         // No parameters: the page picks the query the demo feeds, and its first key.
         let mut page = Browser::open(&format!("{}/dashboard/", up.http))
             .await

@@ -7,6 +7,7 @@ use runnel_e2e::ServiceProcess;
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::collector_client::CollectorClient;
 use runnel_proto::v1::{AckLevel, Event, FetchRequest, IngestRequest, StreamRequest};
+use runnel_testkit::{Deferred, eventually};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -92,28 +93,30 @@ async fn stored(url: &str, topic: &str) -> HashMap<String, usize> {
 
 /// Waits until the broker holds every acknowledged id, then checks none is there twice.
 async fn assert_exactly_once(url: &str, acknowledged: &[String], logs: impl Fn() -> String) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let counts = stored(url, "events").await;
-        let missing: Vec<&String> = acknowledged
-            .iter()
-            .filter(|id| !counts.contains_key(*id))
-            .collect();
-        let twice: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(twice.is_empty(), "stored twice: {twice:?}\n{}", logs());
-        if missing.is_empty() {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} of {} acknowledged events never reached the broker, e.g. {:?}\n{}",
+    let missing = std::sync::Mutex::new(Vec::new());
+    let what = Deferred(|| {
+        let missing = missing.lock().unwrap();
+        format!(
+            "every acknowledged event in the broker: {} of {} never reached it, e.g. {:?}\n{}",
             missing.len(),
             acknowledged.len(),
             &missing[..missing.len().min(5)],
             logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        )
+    });
+    eventually(Duration::from_secs(120), what, || async {
+        let counts = stored(url, "events").await;
+        let twice: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "stored twice: {twice:?}\n{}", logs());
+        let mut missing = missing.lock().unwrap();
+        *missing = acknowledged
+            .iter()
+            .filter(|id| !counts.contains_key(*id))
+            .cloned()
+            .collect();
+        missing.is_empty()
+    })
+    .await;
 }
 
 /// Streams batches at LOGGED to whatever collector is at `url`, reconnecting whenever the
@@ -204,16 +207,18 @@ async fn logged_events_survive_twenty_sigkills_of_the_collector_exactly_once() {
     let mut replayed = 0u64;
     for round in 0..ROUNDS {
         // Let some batches be acknowledged, then kill at a moment nobody chose.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while acknowledged.lock().unwrap().len() < before + BATCH * 5 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "round {round}: no progress\n{}\n{}",
-                collector.log(),
-                broker.log()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually(
+            Duration::from_secs(60),
+            Deferred(|| {
+                format!(
+                    "round {round}: progress\n{}\n{}",
+                    collector.log(),
+                    broker.log()
+                )
+            }),
+            || async { acknowledged.lock().unwrap().len() >= before + BATCH * 5 },
+        )
+        .await;
         tokio::time::sleep(Duration::from_millis(rand::random_range(0..150))).await;
         collector.kill().await.expect("SIGKILL");
         before = acknowledged.lock().unwrap().len();
@@ -303,11 +308,10 @@ async fn everything_logged_during_a_broker_outage_is_delivered_once_it_returns()
     let wait_for = |n: usize| {
         let acknowledged = Arc::clone(&acknowledged);
         async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            while acknowledged.lock().unwrap().len() < n {
-                assert!(tokio::time::Instant::now() < deadline, "no progress");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            eventually(Duration::from_secs(60), "progress", || async {
+                acknowledged.lock().unwrap().len() >= n
+            })
+            .await;
         }
     };
     wait_for(BATCH * 10).await;
@@ -391,16 +395,13 @@ async fn a_full_log_answers_resource_exhausted_and_loses_nothing() {
         format!("{}\n{}", collector.log(), broker.log())
     })
     .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    eventually(Duration::from_secs(60), "room in the log again", || async {
         let (_, again) = request("again", 0);
-        match client.ingest(again).await {
-            Ok(_) => break,
-            Err(status) if status.code() == Code::ResourceExhausted => {
-                assert!(tokio::time::Instant::now() < deadline, "still full");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+        match client.clone().ingest(again).await {
+            Ok(_) => true,
+            Err(status) if status.code() == Code::ResourceExhausted => false,
             Err(status) => panic!("{status}"),
         }
-    }
+    })
+    .await;
 }

@@ -11,6 +11,7 @@ use runnel_proto::v1::{
     DescribeQueryRequest, Event, FetchRequest, GetRequest, IngestRequest, ListTopicsRequest,
     QueryResult, RangeRequest, WatchRequest,
 };
+use runnel_testkit::{Deferred, eventually};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 use tonic::Streaming;
@@ -346,31 +347,25 @@ async fn windows_are_exact_through_every_tier_and_survive_kills() {
 
     // The analyzer read k1-late before k1-d (same partition): it was counted as late once,
     // across its restart.
-    let mut analyzer = AnalyzerClient::connect(pipeline.analyzer.url())
+    let analyzer = AnalyzerClient::connect(pipeline.analyzer.url())
         .await
         .expect("analyzer");
     // A result reaches watchers once the store has it, which can be before the analyzer's
     // counters take in the events behind it: wait for them, within a generous bound.
-    let described = tokio::time::timeout(WAIT, async {
-        loop {
+    let described = eventually(
+        WAIT,
+        Deferred(|| format!("the analyzer to count every event\n{}", pipeline.logs())),
+        || async {
             let described = analyzer
+                .clone()
                 .describe_query(DescribeQueryRequest { name: QUERY.into() })
                 .await
                 .expect("describe")
                 .into_inner();
-            if described.events_processed >= acked.len() as u64 {
-                return described;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "the analyzer never counted every event\n{}",
-            pipeline.logs()
-        )
-    });
+            (described.events_processed >= acked.len() as u64).then_some(described)
+        },
+    )
+    .await;
     assert_eq!(described.late_events, 1, "{described:?}");
     assert_eq!(
         described.events_processed,

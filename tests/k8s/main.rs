@@ -6,10 +6,11 @@
 //! accepts, and NetworkPolicies that let through the pipeline's own paths and nothing else.
 //!
 //! Needs `kubectl` (and, for the schema check, `kubernetes-validate` from PyPI). Without
-//! them each test says so and passes, unless `RUNNEL_REQUIRE_K8S_TOOLS=1` (set by
+//! them each test is reported skipped, unless `RUNNEL_REQUIRE_K8S_TOOLS=1` (set by
 //! `.ci/run`), where a missing tool fails it.
 
 use runnel_server::ServiceConfig;
+use runnel_testkit::{Tool, require};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,33 +27,6 @@ fn repository_root() -> PathBuf {
         .parent()
         .expect("tests/ is in the repository")
         .to_path_buf()
-}
-
-fn tools_required() -> bool {
-    std::env::var("RUNNEL_REQUIRE_K8S_TOOLS").as_deref() == Ok("1")
-}
-
-/// Whether `program` runs (`args` asks its version, without a cluster); if not, fails when
-/// the tools are required and otherwise prints why the test does nothing.
-fn tool(program: &str, args: &[&str], test: &str) -> bool {
-    let runs = Command::new(program)
-        .args(args)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if runs {
-        return true;
-    }
-    assert!(
-        !tools_required(),
-        "RUNNEL_REQUIRE_K8S_TOOLS=1 but `{program}` is not installed"
-    );
-    eprintln!("{test} skipped: `{program}` is not installed");
-    false
-}
-
-/// `kubectl`, which every test here needs to render the overlays.
-fn kubectl(test: &str) -> bool {
-    tool("kubectl", &["version", "--client"], test)
 }
 
 /// One overlay, rendered.
@@ -190,8 +164,7 @@ fn service_of(workload: &Workload<'_>) -> Option<&'static str> {
 
 #[test]
 fn every_overlay_renders_and_validates_strictly_against_the_kubernetes_schemas() {
-    let test = "every_overlay_renders_and_validates_strictly_against_the_kubernetes_schemas";
-    if !kubectl(test) || !tool("kubernetes-validate", &["--version"], test) {
+    if !require(Tool::Kubectl) || !require(Tool::KubernetesValidate) {
         return;
     }
     for overlay in overlays() {
@@ -224,7 +197,7 @@ fn every_overlay_renders_and_validates_strictly_against_the_kubernetes_schemas()
 
 #[test]
 fn containers_run_unprivileged_on_a_read_only_root_with_limits_and_probes() {
-    if !kubectl("containers_run_unprivileged…") {
+    if !require(Tool::Kubectl) {
         return;
     }
     for overlay in overlays() {
@@ -334,7 +307,7 @@ fn containers_run_unprivileged_on_a_read_only_root_with_limits_and_probes() {
 
 #[test]
 fn stateful_services_keep_their_data_on_volumes_and_stateless_ones_scale_by_replicas() {
-    if !kubectl("stateful_services_keep…") {
+    if !require(Tool::Kubectl) {
         return;
     }
     for overlay in overlays() {
@@ -549,7 +522,7 @@ fn load_service_config(
 
 #[test]
 fn every_service_accepts_its_configuration_and_its_grace_period_outlasts_its_drain() {
-    if !kubectl("every_service_accepts…") {
+    if !require(Tool::Kubectl) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -701,7 +674,7 @@ fn every_service_accepts_its_configuration_and_its_grace_period_outlasts_its_dra
 
 #[test]
 fn services_select_running_pods_and_name_ports_they_expose() {
-    if !kubectl("services_select…") {
+    if !require(Tool::Kubectl) {
         return;
     }
     for overlay in overlays() {
@@ -785,7 +758,7 @@ fn admits(policy: &Yaml, peer: &Peer, port: i64) -> bool {
 
 #[test]
 fn network_policies_allow_the_pipelines_own_paths_and_nothing_else() {
-    if !kubectl("network_policies_allow…") {
+    if !require(Tool::Kubectl) {
         return;
     }
     for overlay in overlays() {

@@ -66,13 +66,54 @@ fn cargo_with(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
     }
 }
 
+/// The variable naming the file each skipped test appends its reason to
+/// (`runnel_testkit::skip::SKIP_REPORT`; xtask stays free of the workspace's crates).
+const SKIP_REPORT: &str = "RUNNEL_SKIP_REPORT";
+
 fn test(extra: &[String]) -> Result<(), String> {
     // The end-to-end tests start the service binaries as processes, so they must be built
     // (and current) before the tests run.
     cargo(&["build", "--workspace", "--bins"])?;
+    let report = target_dir().join("skipped-tests.txt");
+    match std::fs::remove_file(&report) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot remove {}: {e}", report.display())),
+    }
     let mut args = vec!["test", "--workspace"];
     args.extend(extra.iter().map(String::as_str));
-    cargo(&args)
+    let report_arg = report.display().to_string();
+    let result = cargo_with(&args, &[(SKIP_REPORT, &report_arg)]);
+    // After cargo's own closing lines, whether the tests passed or not: a green run says
+    // what it did not run.
+    let skipped = std::fs::read_to_string(&report).unwrap_or_default();
+    eprintln!("\n{}", skip_summary(&skipped));
+    result
+}
+
+/// The summary of a skip report (one `<test>: needs <what> (<how>)` line per skip).
+fn skip_summary(report: &str) -> String {
+    let mut lines: Vec<&str> = report.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines.sort_unstable();
+    match lines.len() {
+        0 => "no test skipped".to_owned(),
+        n => {
+            let noun = if n == 1 { "test" } else { "tests" };
+            let mut summary = format!("{n} {noun} skipped:");
+            for line in lines {
+                summary.push_str("\n  ");
+                summary.push_str(line);
+            }
+            summary
+        }
+    }
+}
+
+/// Where cargo builds: `CARGO_TARGET_DIR` if set (`.ci/run` sets it), else `target/`.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 fn lint() -> Result<(), String> {
@@ -147,7 +188,7 @@ fn images(args: &[String]) -> Result<(), String> {
     };
     let root = workspace_root();
     let triple = host_triple()?;
-    let target_dir = root.join("target/static");
+    let target_dir = self::target_dir().join("static");
     let target_dir_arg = target_dir.display().to_string();
     let mut build = vec![
         "build",
@@ -230,13 +271,12 @@ fn compose_test(extra: &[String]) -> Result<(), String> {
 
 /// The secure compose variant's certificates, made as docker-compose.secure.yml says: by
 /// `runnel certs init --mount /certs`, the service keys then given to the user the
-/// services run as. Returns their directory (target/compose-certs).
+/// services run as. Returns their directory (compose-certs in the target directory).
 fn compose_certs() -> Result<PathBuf, String> {
     use std::os::unix::fs::PermissionsExt;
     cargo(&["build", "--package", "runnel-cli", "--bin", "runnel"])?;
-    let root = workspace_root();
-    let dir = root.join("target/compose-certs");
-    let runnel = root.join("target/debug/runnel").display().to_string();
+    let dir = target_dir().join("compose-certs");
+    let runnel = target_dir().join("debug/runnel").display().to_string();
     let dir_arg = dir.display().to_string();
     run(
         &runnel,
@@ -325,4 +365,27 @@ fn fuzz(args: &[String]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::skip_summary;
+
+    #[test]
+    fn a_run_without_skips_says_so() {
+        assert_eq!(skip_summary(""), "no test skipped");
+    }
+
+    #[test]
+    fn the_summary_counts_the_skips_and_lists_each_with_its_reason() {
+        let report = "runnel-store b: needs redis-server (apt install redis-server)\n\
+                      runnel-broker a: needs nats-server (apt install nats-server)\n";
+        assert_eq!(
+            skip_summary(report),
+            "2 tests skipped:\n  \
+             runnel-broker a: needs nats-server (apt install nats-server)\n  \
+             runnel-store b: needs redis-server (apt install redis-server)"
+        );
+        assert!(skip_summary("x: needs y (z)\n").starts_with("1 test skipped:"));
+    }
 }

@@ -13,13 +13,12 @@ use runnel_broker::BrokerConfig;
 use runnel_collector::CollectorConfig;
 use runnel_gateway::GatewayConfig;
 use runnel_server::config::load;
-use runnel_server::{Listeners, ServiceConfig, Shutdown};
+use runnel_server::{Listeners, ServiceConfig};
 use runnel_store::StoreConfig;
 use runnel_telemetry::LogFormat;
-use std::future::Future;
+use runnel_testkit::services::{Ended, Services};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tokio::task::JoinSet;
 
 /// Arguments of `runnel up`.
 #[derive(Debug, clap::Args)]
@@ -143,40 +142,39 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
     )?;
     let gateway_url = url(&gateway_listeners, pipeline.gateway.server.tls.is_some())?;
 
-    let (trigger, shutdown) = Shutdown::new();
-    let mut services = JoinSet::new();
-    spawn(
-        &mut services,
+    let mut services = Services::new();
+    services.start(
         "collector",
-        runnel_collector::run(pipeline.collector, collector_listeners, shutdown.clone()),
-    );
-    spawn(
-        &mut services,
+        runnel_collector::run,
+        pipeline.collector,
+        collector_listeners,
+    )?;
+    services.start(
         "broker",
-        runnel_broker::run(pipeline.broker, broker_listeners, shutdown.clone()),
-    );
-    spawn(
-        &mut services,
+        runnel_broker::run,
+        pipeline.broker,
+        broker_listeners,
+    )?;
+    services.start(
         "analyzer",
-        runnel_analyzer::run(pipeline.analyzer, analyzer_listeners, shutdown.clone()),
-    );
-    spawn(
-        &mut services,
-        "store",
-        runnel_store::run(pipeline.store, store_listeners, shutdown.clone()),
-    );
-    spawn(
-        &mut services,
+        runnel_analyzer::run,
+        pipeline.analyzer,
+        analyzer_listeners,
+    )?;
+    services.start("store", runnel_store::run, pipeline.store, store_listeners)?;
+    services.start(
         "gateway",
-        runnel_gateway::run(pipeline.gateway, gateway_listeners, shutdown.clone()),
-    );
+        runnel_gateway::run,
+        pipeline.gateway,
+        gateway_listeners,
+    )?;
 
     let demo_task = args.demo.then(|| {
         tokio::spawn(demo::run(
             collector_url.clone(),
             gateway_url.clone(),
             args.client.clone(),
-            shutdown.clone(),
+            services.shutdown(),
         ))
     });
     if !args.demo {
@@ -191,13 +189,13 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
     let mut failed = false;
     tokio::select! {
         () = stop => {}
-        Some(joined) = services.join_next() => {
-            failed = report(joined);
+        Some(ended) = services.next_ended() => {
+            failed = report(&ended);
         }
     }
-    trigger.trigger();
-    while let Some(joined) = services.join_next().await {
-        failed |= report(joined);
+    services.trigger();
+    while let Some(ended) = services.next_ended().await {
+        failed |= report(&ended);
     }
     if let Some(task) = demo_task
         && let Ok(summary) = task.await
@@ -212,26 +210,18 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
     })
 }
 
-fn spawn<E: std::fmt::Display>(
-    set: &mut JoinSet<(&'static str, Result<(), String>)>,
-    name: &'static str,
-    service: impl Future<Output = Result<(), E>> + Send + 'static,
-) {
-    set.spawn(async move { (name, service.await.map_err(|e| e.to_string())) });
-}
-
 /// Reports how a service ended; true if it failed.
-fn report(joined: Result<(&'static str, Result<(), String>), tokio::task::JoinError>) -> bool {
-    match joined {
-        Ok((name, Ok(()))) => {
+fn report(ended: &Ended) -> bool {
+    match ended {
+        Ended::Stopped(name) => {
             tracing::info!(service = name, "stopped");
             false
         }
-        Ok((name, Err(error))) => {
+        Ended::Failed(name, error) => {
             eprintln!("runnel: {name} failed: {error}");
             true
         }
-        Err(error) => {
+        Ended::Panicked(_, error) => {
             eprintln!("runnel: a service panicked: {error}");
             true
         }

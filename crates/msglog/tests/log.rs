@@ -11,6 +11,7 @@ use runnel_msglog::{
     AckLevel, Batch, DeliveryError, Destination, Downstream, Error, LogConfig, MessageLog, Mode,
     Part, Submission,
 };
+use runnel_testkit::eventually;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -216,17 +217,6 @@ fn submission(tag: &str, partitions: u32, per_part: usize, level: AckLevel) -> S
     }
 }
 
-async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !done() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_mode_delivers_everything_once_in_order_with_offsets() {
     for mode in MODES {
@@ -256,7 +246,7 @@ async fn every_mode_delivers_everything_once_in_order_with_offsets() {
                 stored_offsets.push((i, answer.expect("offsets at Stored")));
             }
         }
-        wait_for("delivery", || broker.total() == 40 * 4 * 3).await;
+        eventually(WAIT, "delivery", || async { broker.total() == 40 * 4 * 3 }).await;
         for p in 0..4 {
             let expected: Vec<String> = (0..40)
                 .flat_map(|i| (0..3).map(move |j| format!("s{i}-p{p}-{j}")))
@@ -333,7 +323,10 @@ async fn a_replay_of_delivered_entries_stores_nothing_twice() {
             30 * 3 * 2,
             "{mode}: everything is replayed"
         );
-        wait_for("the replay to finish", || log.stats().pending_bytes == 0).await;
+        eventually(WAIT, "the replay to finish", || async {
+            log.stats().pending_bytes == 0
+        })
+        .await;
         for p in 0..3 {
             let expected: Vec<String> = (0..30)
                 .flat_map(|i| (0..2).map(move |j| format!("r{i}-p{p}-{j}")))
@@ -404,11 +397,20 @@ async fn a_full_log_refuses_and_loses_nothing() {
         assert!(refused && accepted > 10, "{mode}: filled after {accepted}");
         assert!(log.stats().pending_bytes <= 20_000);
         broker.down.store(false, Ordering::Relaxed);
-        wait_for("the backlog to drain", || broker.total() == accepted * 10).await;
-        wait_for("the budget to free", || log.stats().pending_bytes == 0).await;
+        eventually(WAIT, "the backlog to drain", || async {
+            broker.total() == accepted * 10
+        })
+        .await;
+        eventually(WAIT, "the budget to free", || async {
+            log.stats().pending_bytes == 0
+        })
+        .await;
         log.submit(submission("after", 2, 5, AckLevel::Accepted))
             .unwrap();
-        wait_for("a new submission", || broker.total() == accepted * 10 + 10).await;
+        eventually(WAIT, "a new submission", || async {
+            broker.total() == accepted * 10 + 10
+        })
+        .await;
         log.close(Duration::from_secs(5)).await;
     }
 }
@@ -489,7 +491,7 @@ proptest! {
 
             broker.down.store(false, Ordering::Relaxed);
             let (log, _) = MessageLog::open(one_shard, dir.path(), broker.clone()).unwrap();
-            wait_for("the replay", || log.stats().pending_bytes == 0).await;
+            eventually(WAIT, "the replay", || async { log.stats().pending_bytes == 0 }).await;
             let delivered = broker.messages(&destination(0));
             let submitted: Vec<String> = (0..acked).map(|i| format!("a{i}")).chain((0..unacked).map(|i| format!("u{i}")))
                 .flat_map(|tag| (0..2).map(move |j| format!("{tag}-p0-{j}"))).collect();
@@ -542,8 +544,11 @@ async fn a_full_disk_refuses_and_recovers() {
     let refusal = refusal.expect("the disk fills up");
     assert!(matches!(refusal, Error::DiskFull(_)), "{refusal}");
     broker.down.store(false, Ordering::Relaxed);
-    wait_for("the backlog to drain", || broker.total() == accepted * 8).await;
-    wait_for("submissions to be taken again", || {
+    eventually(WAIT, "the backlog to drain", || async {
+        broker.total() == accepted * 8
+    })
+    .await;
+    eventually(WAIT, "submissions to be taken again", || async {
         log.submit(submission("again", 2, 1, AckLevel::Accepted))
             .is_ok()
     })

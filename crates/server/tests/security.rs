@@ -12,6 +12,7 @@ use runnel_security::{
     Action, AuthConfig, ConnectConfig, GrantConfig, Peer, Resource, TlsConfig, TokenConfig,
 };
 use runnel_server::{ServerConfig, Shutdown, ShutdownTrigger};
+use runnel_testkit::eventually;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -332,18 +333,17 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     // server keeps the old one rather than fail.
     std::fs::copy(second.key("analyzer"), first.key("analyzer")).unwrap();
     std::fs::copy(second.cert("analyzer"), first.cert("analyzer")).unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(peer) = connect(&running, "https", &second.connect(None), None).await {
-            healthy(peer).await.unwrap();
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the new certificate was never served"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let peer = eventually(
+        Duration::from_secs(30),
+        "the new certificate to be served",
+        || async {
+            connect(&running, "https", &second.connect(None), None)
+                .await
+                .ok()
+        },
+    )
+    .await;
+    healthy(peer).await.unwrap();
     assert!(
         connect(&running, "https", &first.connect(None), None)
             .await
@@ -422,17 +422,14 @@ async fn too_many_calls_on_one_connection_are_refused_and_others_are_not() {
     let held = tokio::spawn(async move { stuck.list_queries(ListQueriesRequest {}).await });
 
     // The held call takes the connection's one slot as soon as the server has it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let refused = loop {
+    let refused = eventually(Duration::from_secs(30), "a refusal", || async {
         match describe(peer.clone(), "q").await {
-            Err(status) if status.code() == Code::ResourceExhausted => break status,
-            Ok(_) => {
-                assert!(tokio::time::Instant::now() < deadline, "never refused");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            Err(status) if status.code() == Code::ResourceExhausted => Some(status),
+            Ok(_) => None,
             Err(status) => panic!("{status:?}"),
         }
-    };
+    })
+    .await;
     assert!(refused.message().contains("at most 1"), "{refused:?}");
 
     let other = connect(&running, "http", &plain, None).await.unwrap();

@@ -9,13 +9,11 @@ use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{
     GetRequest, PutRequest, QueryResult, RangeRequest, TopKRequest, WatchRequest,
 };
-use runnel_server::{Listeners, Shutdown, ShutdownTrigger};
 use runnel_store::StoreConfig;
+use runnel_testkit::{Services, eventually};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -26,12 +24,7 @@ struct Stack {
     store: StoreClient<Channel>,
     gateway: GatewayClient<Channel>,
     http: SocketAddr,
-    trigger: ShutdownTrigger,
-    tasks: Vec<JoinHandle<Result<(), String>>>,
-}
-
-async fn listener() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0").await.unwrap()
+    services: Services,
 }
 
 async fn start(configure: impl FnOnce(&mut GatewayConfig)) -> Stack {
@@ -40,62 +33,34 @@ async fn start(configure: impl FnOnce(&mut GatewayConfig)) -> Stack {
 }
 
 async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut GatewayConfig)) -> Stack {
-    let (trigger, shutdown) = Shutdown::new();
-    let store_listeners = Listeners {
-        grpc: listener().await,
-        admin: listener().await,
-        http: None,
-    };
-    let store_addr = store_listeners.grpc.local_addr().unwrap();
+    let mut services = Services::new();
     let store_config = StoreConfig {
         data_dir: dir.path().join("store"),
         fsync: runnel_log::FsyncPolicy::Never,
         ..StoreConfig::default()
     };
-    let gateway_listeners = Listeners {
-        grpc: listener().await,
-        admin: listener().await,
-        http: Some(listener().await),
-    };
-    let gateway_addr = gateway_listeners.grpc.local_addr().unwrap();
-    let http = gateway_listeners
-        .http
-        .as_ref()
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let store = services
+        .start_on_loopback("store", runnel_store::run, store_config)
+        .await;
     let mut gateway_config = GatewayConfig {
-        store: format!("http://{store_addr}"),
+        store: format!("http://{}", store.grpc),
         data_dir: dir.path().join("gateway"),
         ..GatewayConfig::default()
     };
     configure(&mut gateway_config);
-    let tasks = vec![
-        tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move {
-                runnel_store::run(store_config, store_listeners, shutdown)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-        }),
-        tokio::spawn(async move {
-            runnel_gateway::run(gateway_config, gateway_listeners, shutdown)
-                .await
-                .map_err(|e| e.to_string())
-        }),
-    ];
+    let gateway = services
+        .start_on_loopback("gateway", runnel_gateway::run, gateway_config)
+        .await;
     let stack = Stack {
         dir,
-        store: StoreClient::connect(format!("http://{store_addr}"))
+        store: StoreClient::connect(format!("http://{}", store.grpc))
             .await
             .unwrap(),
-        gateway: GatewayClient::connect(format!("http://{gateway_addr}"))
+        gateway: GatewayClient::connect(format!("http://{}", gateway.grpc))
             .await
             .unwrap(),
-        http,
-        trigger,
-        tasks,
+        http: gateway.http.unwrap(),
+        services,
     };
     stack.wait_for_hub().await;
     stack
@@ -103,14 +68,10 @@ async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut GatewayCon
 
 impl Stack {
     async fn stop(self) -> tempfile::TempDir {
-        self.trigger.trigger();
-        for task in self.tasks {
-            tokio::time::timeout(Duration::from_secs(15), task)
-                .await
-                .expect("stops in time")
-                .unwrap()
-                .unwrap();
-        }
+        self.services
+            .stop(Duration::from_secs(15))
+            .await
+            .expect("stops cleanly in time");
         self.dir
     }
 
@@ -131,19 +92,16 @@ impl Stack {
     /// Waits until the gateway's shared stream from the store is up, so that a live client
     /// subscribed "from now" sees the next write.
     async fn wait_for_hub(&self) {
-        tokio::time::timeout(WAIT, async {
-            loop {
-                if let Ok(response) = reqwest::get(self.url("/v1/pipeline")).await
-                    && let Ok(json) = response.json::<serde_json::Value>().await
-                    && json["gateway"]["store_stream"] == "connected"
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        eventually(WAIT, "the gateway to follow the store", || async {
+            if let Ok(response) = reqwest::get(self.url("/v1/pipeline")).await
+                && let Ok(json) = response.json::<serde_json::Value>().await
+            {
+                json["gateway"]["store_stream"] == "connected"
+            } else {
+                false
             }
         })
-        .await
-        .expect("the gateway follows the store");
+        .await;
     }
 
     async fn put(&mut self, results: Vec<QueryResult>) {
@@ -618,7 +576,7 @@ async fn receiver(failures: u32) -> Receiver {
             },
         ),
     );
-    let listener = listener().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
     Receiver {
@@ -666,17 +624,11 @@ async fn webhooks_retry_until_accepted_and_survive_a_restart() {
             result("q", "c", 0, 7.0),
         ])
         .await;
-    let delivered = tokio::time::timeout(WAIT, async {
-        loop {
-            let status = stack.json(&format!("/v1/webhooks/{id}")).await;
-            if status["status"]["delivered"] == 2 {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let delivered = eventually(WAIT, "delivered despite the failures", || async {
+        let status = stack.json(&format!("/v1/webhooks/{id}")).await;
+        (status["status"]["delivered"] == 2).then_some(status)
     })
-    .await
-    .expect("delivered despite the failures");
+    .await;
     assert_eq!(delivered["status"]["failures"], 2);
     assert_eq!(delivered["status"]["retrying"], 0);
     assert_eq!(delivered["status"]["last_status"], 204);
@@ -724,16 +676,10 @@ async fn webhooks_retry_until_accepted_and_survive_a_restart() {
     })
     .await;
     stack.put(vec![result("q", "d", 0, 9.0)]).await;
-    tokio::time::timeout(WAIT, async {
-        loop {
-            if hook.deliveries.lock().unwrap().len() == 2 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually(WAIT, "delivered after the restart", || async {
+        hook.deliveries.lock().unwrap().len() == 2
     })
-    .await
-    .expect("delivered after the restart");
+    .await;
     let second = hook.deliveries.lock().unwrap()[1].1.clone();
     assert_eq!(second["body"]["results"][0]["key"], "d");
     let listed = stack.json("/v1/webhooks").await;
@@ -837,7 +783,7 @@ impl runnel_proto::v1::analyzer_server::Analyzer for Analyzer {
 
 /// Serves `analyzer` on an ephemeral port until the test ends; its URL.
 async fn serve_analyzer(analyzer: Analyzer) -> String {
-    let listener = listener().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(
         tonic::transport::Server::builder()
@@ -965,7 +911,7 @@ async fn a_query_that_does_not_exist_is_not_found_and_one_without_results_is_emp
 #[tokio::test]
 async fn without_an_analyzer_to_ask_every_query_answers_as_if_it_existed() {
     // None configured, or one that does not answer: "unknown" cannot be told from "quiet".
-    let gone = listener().await;
+    let gone = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gone_url = format!("http://{}", gone.local_addr().unwrap());
     drop(gone);
     for analyzer in [None, Some(gone_url)] {

@@ -10,15 +10,10 @@ use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{GetRequest, PutRequest, QueryResult};
 use runnel_security::auth::token_sha256;
 use runnel_security::{Action, AuthConfig, ConnectConfig, GrantConfig, TokenConfig};
-use runnel_server::{Listeners, Shutdown};
 use runnel_store::StoreConfig;
+use runnel_testkit::Services;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tonic::Code;
-
-async fn listener() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0").await.unwrap()
-}
 
 fn token(principal: &str, secret: &str) -> TokenConfig {
     TokenConfig {
@@ -39,7 +34,7 @@ fn grant(principal: &str, allow: Action, queries: &[&str]) -> GrantConfig {
 #[tokio::test]
 async fn reads_need_credentials_and_a_grant_for_the_query() {
     let dir = tempfile::tempdir().unwrap();
-    let (trigger, shutdown) = Shutdown::new();
+    let mut services = Services::new();
 
     let mut store_config = StoreConfig {
         data_dir: dir.path().join("store"),
@@ -57,12 +52,10 @@ async fn reads_need_credentials_and_a_grant_for_the_query() {
         ],
         ..AuthConfig::default()
     };
-    let store_listeners = Listeners {
-        grpc: listener().await,
-        admin: listener().await,
-        http: None,
-    };
-    let store_url = format!("http://{}", store_listeners.grpc.local_addr().unwrap());
+    let store = services
+        .start_on_loopback("store", runnel_store::run, store_config)
+        .await;
+    let store_url = format!("http://{}", store.grpc);
 
     let gateway_token = dir.path().join("gateway.token");
     std::fs::write(&gateway_token, "rnl_gateway\n").unwrap();
@@ -81,29 +74,11 @@ async fn reads_need_credentials_and_a_grant_for_the_query() {
         grants: vec![grant("dashboard", Action::ReadResults, &["public.*"])],
         ..AuthConfig::default()
     };
-    let gateway_listeners = Listeners {
-        grpc: listener().await,
-        admin: listener().await,
-        http: Some(listener().await),
-    };
-    let gateway_url = format!("http://{}", gateway_listeners.grpc.local_addr().unwrap());
-    let http = gateway_listeners
-        .http
-        .as_ref()
-        .unwrap()
-        .local_addr()
-        .unwrap();
-
-    let store_task = tokio::spawn(runnel_store::run(
-        store_config,
-        store_listeners,
-        shutdown.clone(),
-    ));
-    let gateway_task = tokio::spawn(runnel_gateway::run(
-        gateway_config,
-        gateway_listeners,
-        shutdown,
-    ));
+    let gateway = services
+        .start_on_loopback("gateway", runnel_gateway::run, gateway_config)
+        .await;
+    let gateway_url = format!("http://{}", gateway.grpc);
+    let http = gateway.http.unwrap();
 
     // The analyzer's token writes; the gateway's token may not.
     let plain = ConnectConfig::default();
@@ -196,15 +171,8 @@ async fn reads_need_credentials_and_a_grant_for_the_query() {
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
 
-    trigger.trigger();
-    tokio::time::timeout(Duration::from_secs(15), gateway_task)
+    services
+        .stop(Duration::from_secs(15))
         .await
-        .expect("the gateway stops")
-        .unwrap()
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(15), store_task)
-        .await
-        .expect("the store stops")
-        .unwrap()
-        .unwrap();
+        .expect("the gateway and the store stop");
 }

@@ -1,11 +1,11 @@
 //! The JetStream engine on a three-node cluster: a topic with three replicas loses a node
 //! and no acknowledged record.
 
-use super::{connect, create, event, fetch_all, nats};
+use super::{connect, create, event, fetch_all};
 use runnel_broker::{BrokerConfig, StorageEngine};
 use runnel_client::{Producer, ProducerOptions};
 use runnel_proto::v1::{Acks, Event};
-use runnel_server::{Listeners, Shutdown};
+use runnel_testkit::{Services, Tool, nats};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ async fn send_rounds(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_replica_topic_survives_losing_a_node_with_every_acknowledged_record() {
-    if !nats::available() {
+    if !runnel_testkit::require(Tool::NatsServer) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -42,15 +42,11 @@ async fn a_three_replica_topic_survives_losing_a_node_with_every_acknowledged_re
     };
     config.jetstream.servers = nodes.iter().map(|n| n.url.clone()).collect();
     config.jetstream.replicas = 3;
-    let listeners = Listeners {
-        grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        http: None,
-    };
-    let addr = listeners.grpc.local_addr().unwrap();
-    let (trigger, shutdown) = Shutdown::new();
-    let broker = tokio::spawn(runnel_broker::run(config, listeners, shutdown));
-    let mut client = connect(addr).await;
+    let mut broker = Services::new();
+    let addrs = broker
+        .start_on_loopback("broker", runnel_broker::run, config)
+        .await;
+    let mut client = connect(addrs.grpc).await;
     create(&mut client, "replicated", 2).await.unwrap();
     let options = ProducerOptions {
         acks: Acks::Durable,
@@ -81,10 +77,8 @@ async fn a_three_replica_topic_survives_losing_a_node_with_every_acknowledged_re
         );
     }
     assert_eq!(stored.len(), acked.len());
-    trigger.trigger();
-    tokio::time::timeout(Duration::from_secs(30), broker)
+    broker
+        .stop(Duration::from_secs(30))
         .await
-        .expect("the broker stops")
-        .unwrap()
-        .unwrap();
+        .expect("the broker stops");
 }

@@ -74,7 +74,7 @@ async fn members_split_the_partitions_and_a_leaver_hands_over_from_the_committed
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness.spawn().await;
+    let (addr, broker) = harness.spawn().await;
     let client = connect(addr).await;
     create(&mut client.clone(), "work", 4).await.unwrap();
     let mut producer = Producer::new(client.clone(), "work", ProducerOptions::default())
@@ -142,7 +142,7 @@ async fn members_split_the_partitions_and_a_leaver_hands_over_from_the_committed
     producer.send(spread(1)).await.unwrap();
     let live = records(&mut a, 4).await;
     assert_eq!(live.values().map(Vec::len).sum::<usize>(), 4);
-    stop(trigger, handle).await;
+    stop(broker).await;
 }
 
 both_engines!(a_member_that_stops_heartbeating_is_evicted_and_its_partitions_move);
@@ -150,7 +150,7 @@ async fn a_member_that_stops_heartbeating_is_evicted_and_its_partitions_move(eng
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness.spawn().await;
+    let (addr, broker) = harness.spawn().await;
     let mut client = connect(addr).await;
     create(&mut client, "hb", 2).await.unwrap();
     let mut steady = GroupConsumer::join(client.clone(), "g", "hb", options("steady"))
@@ -191,7 +191,7 @@ async fn a_member_that_stops_heartbeating_is_evicted_and_its_partitions_move(eng
     assert!(status.message().contains("evicted"), "{status:?}");
     // ...and its partition comes back to the member that heartbeats.
     assert_eq!(assignment(&mut steady).await.1, [0, 1]);
-    stop(trigger, handle).await;
+    stop(broker).await;
 }
 
 both_engines!(commits_are_fenced_by_generation_and_ownership);
@@ -199,7 +199,7 @@ async fn commits_are_fenced_by_generation_and_ownership(engine: Engine) {
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness.spawn().await;
+    let (addr, broker) = harness.spawn().await;
     let mut client = connect(addr).await;
     create(&mut client, "fence", 2).await.unwrap();
     Producer::new(client.clone(), "fence", ProducerOptions::default())
@@ -254,7 +254,7 @@ async fn commits_are_fenced_by_generation_and_ownership(engine: Engine) {
         .await
         .unwrap();
     drop(a);
-    stop(trigger, handle).await;
+    stop(broker).await;
 }
 
 both_engines!(at_most_once_members_find_their_offsets_committed_before_delivery);
@@ -262,7 +262,7 @@ async fn at_most_once_members_find_their_offsets_committed_before_delivery(engin
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness.spawn().await;
+    let (addr, broker) = harness.spawn().await;
     let mut client = connect(addr).await;
     create(&mut client, "amo", 1).await.unwrap();
     let mut producer = Producer::new(client.clone(), "amo", ProducerOptions::default())
@@ -304,7 +304,7 @@ async fn at_most_once_members_find_their_offsets_committed_before_delivery(engin
     producer.send(vec![event("m6", "k", b"x")]).await.unwrap();
     let got = records(&mut again, 1).await;
     assert_eq!(got[&0][0].event.as_ref().unwrap().id, "m6");
-    stop(trigger, handle).await;
+    stop(broker).await;
 }
 
 both_engines!(describe_topic_shows_members_committed_offsets_and_lag);
@@ -312,7 +312,7 @@ async fn describe_topic_shows_members_committed_offsets_and_lag(engine: Engine) 
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness.spawn().await;
+    let (addr, broker) = harness.spawn().await;
     let mut client = connect(addr).await;
     create(&mut client, "lag", 4).await.unwrap();
     Producer::new(client.clone(), "lag", ProducerOptions::default())
@@ -356,5 +356,5 @@ async fn describe_topic_shows_members_committed_offsets_and_lag(engine: Engine) 
         .map(|p| p.end_offset)
         .collect();
     assert_eq!(unique, BTreeSet::from([3]));
-    stop(trigger, handle).await;
+    stop(broker).await;
 }

@@ -39,7 +39,7 @@ async fn pre_encoded_batches_are_stored_as_sent_and_read_back_either_way(engine:
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness.spawn().await;
+    let (addr, broker) = harness.spawn().await;
     let mut client = connect(addr).await;
     create(&mut client, "raw", 2).await.unwrap();
     let first = keyed_events(10);
@@ -106,7 +106,7 @@ async fn pre_encoded_batches_are_stored_as_sent_and_read_back_either_way(engine:
     let expected: Vec<String> = first.iter().chain(&second).map(|e| e.id.clone()).collect();
     assert_eq!(ids, expected);
     assert!(fetch_all(&mut client, "raw", 0).await.is_empty());
-    stop(trigger, handle).await;
+    stop(broker).await;
 }
 
 both_engines!(batches_that_do_not_check_out_are_refused_and_nothing_is_stored);
@@ -114,7 +114,7 @@ async fn batches_that_do_not_check_out_are_refused_and_nothing_is_stored(engine:
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness.spawn().await;
+    let (addr, broker) = harness.spawn().await;
     let mut client = connect(addr).await;
     create(&mut client, "strict", 1).await.unwrap();
     let events = keyed_events(3);
@@ -148,7 +148,7 @@ async fn batches_that_do_not_check_out_are_refused_and_nothing_is_stored(engine:
         );
     }
     assert!(fetch_all(&mut client, "strict", 0).await.is_empty());
-    stop(trigger, handle).await;
+    stop(broker).await;
 }
 
 both_engines!(an_idempotent_producer_stores_each_batch_once_across_retries_and_restarts);
@@ -156,7 +156,7 @@ async fn an_idempotent_producer_stores_each_batch_once_across_retries_and_restar
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness.spawn().await;
+    let (addr, broker) = harness.spawn().await;
     let mut client = connect(addr).await;
     create(&mut client, "once", 3).await.unwrap();
     let mut producer = Producer::new(client.clone(), "once", ProducerOptions::default())
@@ -189,10 +189,10 @@ async fn an_idempotent_producer_stores_each_batch_once_across_retries_and_restar
         .batch_acks[0];
     assert!(!first.duplicate && again.duplicate);
     assert_eq!(again.base_offset, first.base_offset);
-    stop(trigger, handle).await;
+    stop(broker).await;
 
     // The broker remembers across a restart.
-    let (addr, trigger, handle) = harness.spawn().await;
+    let (addr, broker) = harness.spawn().await;
     let mut client = connect(addr).await;
     let after = client
         .produce(batches_request("once", vec![retry.clone()]))
@@ -223,7 +223,7 @@ async fn an_idempotent_producer_stores_each_batch_once_across_retries_and_restar
         stored += fetch_all(&mut client, "once", partition).await.len();
     }
     assert_eq!(stored, 30 + 2, "every event exactly once");
-    stop(trigger, handle).await;
+    stop(broker).await;
 }
 
 both_engines!(durable_acks_wait_for_an_fsync_even_on_a_broker_that_does_not_sync);
@@ -231,7 +231,7 @@ async fn durable_acks_wait_for_an_fsync_even_on_a_broker_that_does_not_sync(engi
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness
+    let (addr, broker) = harness
         .spawn_with(|c| c.fsync = runnel_log::FsyncPolicy::Never)
         .await;
     let mut client = connect(addr).await;
@@ -276,7 +276,7 @@ async fn durable_acks_wait_for_an_fsync_even_on_a_broker_that_does_not_sync(engi
         all.into_iter().collect::<Vec<_>>(),
         (0..320).collect::<Vec<_>>()
     );
-    stop(trigger, handle).await;
+    stop(broker).await;
 }
 
 async fn describe(client: &mut super::Client, topic: &str) -> Vec<runnel_proto::v1::PartitionInfo> {
@@ -295,7 +295,7 @@ async fn fetch_by_time_starts_at_the_first_record_appended_at_or_after_it(engine
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness.spawn().await;
+    let (addr, broker) = harness.spawn().await;
     let mut client = connect(addr).await;
     create(&mut client, "timed", 1).await.unwrap();
     let mut times = Vec::new();
@@ -336,7 +336,7 @@ async fn fetch_by_time_starts_at_the_first_record_appended_at_or_after_it(engine
         .into_inner();
     assert!(nothing.records.is_empty());
     assert_eq!(nothing.next_offset, 5);
-    stop(trigger, handle).await;
+    stop(broker).await;
 }
 
 /// Segments are the embedded engine's; JetStream enforces a stream's limits itself.
@@ -349,7 +349,7 @@ async fn retention_deletes_old_segments_and_moves_the_start_offset() {
         c.segment_bytes = 64 * 1024;
         c.fsync = runnel_log::FsyncPolicy::Never;
     };
-    let (addr, trigger, handle) = harness.spawn_with(small_segments).await;
+    let (addr, broker) = harness.spawn_with(small_segments).await;
     let mut client = connect(addr).await;
     let created = client
         .create_topic(CreateTopicRequest {
@@ -385,10 +385,10 @@ async fn retention_deletes_old_segments_and_moves_the_start_offset() {
             .await
             .unwrap();
     }
-    stop(trigger, handle).await;
+    stop(broker).await;
 
     // Retention runs at start (and then periodically).
-    let (addr, trigger, handle) = harness.spawn_with(small_segments).await;
+    let (addr, broker) = harness.spawn_with(small_segments).await;
     let mut client = connect(addr).await;
     let partition = describe(&mut client, "short").await.remove(0);
     assert_eq!(partition.end_offset, 800);
@@ -420,7 +420,7 @@ async fn retention_deletes_old_segments_and_moves_the_start_offset() {
         .into_inner();
     assert_eq!(first.records[0].offset, partition.start_offset);
     assert_eq!(first.start_offset, partition.start_offset);
-    stop(trigger, handle).await;
+    stop(broker).await;
 }
 
 both_engines!(a_batch_larger_than_any_publish_window_is_stored_whole);
@@ -428,7 +428,7 @@ async fn a_batch_larger_than_any_publish_window_is_stored_whole(engine: Engine) 
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness.spawn().await;
+    let (addr, broker) = harness.spawn().await;
     let mut client = connect(addr).await;
     create(&mut client, "wide", 1).await.unwrap();
     // More records in one call than JetStream's client allows acks pending at once (5000).
@@ -464,7 +464,7 @@ async fn a_batch_larger_than_any_publish_window_is_stored_whole(engine: Engine) 
     assert_eq!(offsets, [5990, 5991, 5992, 5993, 5994]);
     assert_eq!(fetched.records[0].event.as_ref().unwrap().id, "w5990");
     assert_eq!(fetched.end_offset, 6000);
-    stop(trigger, handle).await;
+    stop(broker).await;
 }
 
 both_engines!(fetched_batches_stay_within_the_byte_budget);
@@ -472,7 +472,7 @@ async fn fetched_batches_stay_within_the_byte_budget(engine: Engine) {
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness.spawn().await;
+    let (addr, broker) = harness.spawn().await;
     let mut client = connect(addr).await;
     create(&mut client, "budget", 1).await.unwrap();
     for round in 0..5 {
@@ -503,5 +503,5 @@ async fn fetched_batches_stay_within_the_byte_budget(engine: Engine) {
     // A budget smaller than one batch still returns that batch: progress is always made.
     let one = client.fetch(fetch(10)).await.unwrap().into_inner();
     assert_eq!(one.batches.len(), 1);
-    stop(trigger, handle).await;
+    stop(broker).await;
 }

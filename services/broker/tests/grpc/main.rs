@@ -1,18 +1,18 @@
 //! The broker over real gRPC: `run()` in-process on ephemeral ports, driven by the
 //! generated `BrokerClient` and the client SDK — on both storage engines.
 
-use runnel_broker::{BrokerConfig, BrokerError};
+use runnel_broker::BrokerConfig;
 use runnel_proto::partition_for_key;
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::{
     CreateTopicRequest, Event, FetchRequest, ListTopicsRequest, ProduceRequest, Record,
     SubscribeRequest, SubscribeResponse, subscribe_response,
 };
-use runnel_server::{Listeners, ShutdownTrigger};
+use runnel_testkit::nats::NatsNode;
+use runnel_testkit::{Services, Tool};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -46,7 +46,6 @@ macro_rules! both_engines {
 mod cluster;
 mod groups;
 mod log;
-mod nats;
 mod security;
 
 /// What a test's brokers share across restarts: the data directory and, for JetStream,
@@ -54,7 +53,7 @@ mod security;
 struct Harness {
     engine: Engine,
     dir: tempfile::TempDir,
-    nats: Option<nats::NatsNode>,
+    nats: Option<NatsNode>,
 }
 
 impl Harness {
@@ -64,24 +63,18 @@ impl Harness {
         let nats = match engine {
             Engine::Embedded => None,
             Engine::JetStream => {
-                if !nats::available() {
+                if !runnel_testkit::require(Tool::NatsServer) {
                     return None;
                 }
                 let nats_dir = dir.path().join("nats");
                 std::fs::create_dir_all(&nats_dir).unwrap();
-                Some(nats::NatsNode::start(&nats_dir, &[]).await)
+                Some(NatsNode::start(&nats_dir, &[]).await)
             }
         };
         Some(Harness { engine, dir, nats })
     }
 
-    async fn spawn(
-        &self,
-    ) -> (
-        SocketAddr,
-        ShutdownTrigger,
-        JoinHandle<Result<(), BrokerError>>,
-    ) {
+    async fn spawn(&self) -> (SocketAddr, Services) {
         self.spawn_with(|_| {}).await
     }
 
@@ -90,11 +83,7 @@ impl Harness {
     async fn spawn_with(
         &self,
         configure: impl FnOnce(&mut BrokerConfig),
-    ) -> (
-        SocketAddr,
-        ShutdownTrigger,
-        JoinHandle<Result<(), BrokerError>>,
-    ) {
+    ) -> (SocketAddr, Services) {
         let mut config = BrokerConfig {
             data_dir: self.dir.path().join("broker"),
             ..BrokerConfig::default()
@@ -104,17 +93,11 @@ impl Harness {
             config.jetstream.servers = vec![nats.url.clone()];
         }
         configure(&mut config);
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = grpc.local_addr().unwrap();
-        let listeners = Listeners {
-            grpc,
-            admin,
-            http: None,
-        };
-        let (trigger, shutdown) = runnel_server::Shutdown::new();
-        let handle = tokio::spawn(runnel_broker::run(config, listeners, shutdown));
-        (addr, trigger, handle)
+        let mut broker = Services::new();
+        let addrs = broker
+            .start_on_loopback("broker", runnel_broker::run, config)
+            .await;
+        (addrs.grpc, broker)
     }
 }
 
@@ -127,13 +110,11 @@ async fn connect(addr: SocketAddr) -> Client {
 }
 
 /// Triggers shutdown and waits for `run` to return cleanly.
-async fn stop(trigger: ShutdownTrigger, handle: JoinHandle<Result<(), BrokerError>>) {
-    trigger.trigger();
-    tokio::time::timeout(Duration::from_secs(10), handle)
+async fn stop(broker: Services) {
+    broker
+        .stop(Duration::from_secs(10))
         .await
-        .expect("the broker stops within its drain timeout")
-        .unwrap()
-        .unwrap();
+        .expect("the broker stops cleanly within its drain timeout");
 }
 
 fn event(id: &str, key: &str, payload: &[u8]) -> Event {
@@ -203,7 +184,7 @@ async fn create_and_list_topics(engine: Engine) {
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness.spawn().await;
+    let (addr, broker) = harness.spawn().await;
     let mut client = connect(addr).await;
 
     let created = client
@@ -262,7 +243,7 @@ async fn create_and_list_topics(engine: Engine) {
     assert_eq!(alpha.end_offset, 5);
     assert!(alpha.size_bytes > zeta.partitions[0].size_bytes);
     assert_eq!(alpha.durable_offset, 5);
-    stop(trigger, handle).await;
+    stop(broker).await;
 }
 
 both_engines!(concurrent_creates_of_one_topic_make_exactly_one);
@@ -270,7 +251,7 @@ async fn concurrent_creates_of_one_topic_make_exactly_one(engine: Engine) {
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness.spawn().await;
+    let (addr, broker) = harness.spawn().await;
     let client = connect(addr).await;
     let attempts: Vec<_> = (0..8)
         .map(|_| {
@@ -286,7 +267,7 @@ async fn concurrent_creates_of_one_topic_make_exactly_one(engine: Engine) {
         }
     }
     assert_eq!(created, 1);
-    stop(trigger, handle).await;
+    stop(broker).await;
 }
 
 both_engines!(bad_requests_are_invalid_arguments_naming_the_field);
@@ -294,7 +275,7 @@ async fn bad_requests_are_invalid_arguments_naming_the_field(engine: Engine) {
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness.spawn_with(|c| c.max_batch_events = 10).await;
+    let (addr, broker) = harness.spawn_with(|c| c.max_batch_events = 10).await;
     let mut client = connect(addr).await;
     create(&mut client, "t", 2).await.unwrap();
 
@@ -382,7 +363,7 @@ async fn bad_requests_are_invalid_arguments_naming_the_field(engine: Engine) {
         .topics;
     assert_eq!(topics.len(), 1);
     assert!(topics[0].partitions.iter().all(|p| p.end_offset == 0));
-    stop(trigger, handle).await;
+    stop(broker).await;
 }
 
 both_engines!(unknown_topics_are_not_found_unless_auto_created);
@@ -390,7 +371,7 @@ async fn unknown_topics_are_not_found_unless_auto_created(engine: Engine) {
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness.spawn_with(|c| c.auto_create_topics = false).await;
+    let (addr, broker) = harness.spawn_with(|c| c.auto_create_topics = false).await;
     let mut client = connect(addr).await;
     let status = client
         .produce(ProduceRequest {
@@ -412,9 +393,9 @@ async fn unknown_topics_are_not_found_unless_auto_created(engine: Engine) {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
-    stop(trigger, handle).await;
+    stop(broker).await;
 
-    let (addr, trigger, handle) = harness.spawn_with(|c| c.default_partitions = 3).await;
+    let (addr, broker) = harness.spawn_with(|c| c.default_partitions = 3).await;
     let mut client = connect(addr).await;
     client
         .produce(ProduceRequest {
@@ -441,7 +422,7 @@ async fn unknown_topics_are_not_found_unless_auto_created(engine: Engine) {
             .sum::<u64>(),
         4
     );
-    stop(trigger, handle).await;
+    stop(broker).await;
 }
 
 both_engines!(produce_partitions_by_key_and_fetch_returns_every_event);
@@ -449,7 +430,7 @@ async fn produce_partitions_by_key_and_fetch_returns_every_event(engine: Engine)
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness.spawn().await;
+    let (addr, broker) = harness.spawn().await;
     let mut client = connect(addr).await;
     create(&mut client, "readings", 4).await.unwrap();
 
@@ -532,7 +513,7 @@ async fn produce_partitions_by_key_and_fetch_returns_every_event(engine: Engine)
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
-    stop(trigger, handle).await;
+    stop(broker).await;
 }
 
 both_engines!(fetch_answers_stay_under_the_message_limit);
@@ -541,7 +522,7 @@ async fn fetch_answers_stay_under_the_message_limit(engine: Engine) {
         return;
     };
     // 128 KiB messages leave 64 KiB for records per fetch.
-    let (addr, trigger, handle) = harness
+    let (addr, broker) = harness
         .spawn_with(|c| c.server.max_message_bytes = 128 * 1024)
         .await;
     let mut client = connect(addr).await;
@@ -592,7 +573,7 @@ async fn fetch_answers_stay_under_the_message_limit(engine: Engine) {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("events[0]"), "{status:?}");
-    stop(trigger, handle).await;
+    stop(broker).await;
 }
 
 /// A subscription, record by record.
@@ -632,7 +613,7 @@ async fn subscribe_delivers_history_then_new_records(engine: Engine) {
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness.spawn().await;
+    let (addr, broker) = harness.spawn().await;
     let mut client = connect(addr).await;
     create(&mut client, "live", 1).await.unwrap();
     let history = keyed_events(3);
@@ -689,7 +670,7 @@ async fn subscribe_delivers_history_then_new_records(engine: Engine) {
 
     // Shutdown ends the stream (with UNAVAILABLE, so the client knows to resubscribe)
     // instead of holding the drain open.
-    trigger.trigger();
+    broker.trigger();
     let end = tokio::time::timeout(Duration::from_secs(5), stream.stream.next())
         .await
         .expect("the stream ends on shutdown");
@@ -698,11 +679,10 @@ async fn subscribe_delivers_history_then_new_records(engine: Engine) {
         Some(Err(status)) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
         Some(Ok(record)) => panic!("unexpected record {record:?}"),
     }
-    tokio::time::timeout(Duration::from_secs(5), handle)
+    broker
+        .stop(Duration::from_secs(5))
         .await
-        .expect("run returns promptly with a subscriber open")
-        .unwrap()
-        .unwrap();
+        .expect("run returns promptly with a subscriber open");
 }
 
 both_engines!(a_restart_keeps_everything_acknowledged_and_never_reuses_an_offset);
@@ -710,7 +690,7 @@ async fn a_restart_keeps_everything_acknowledged_and_never_reuses_an_offset(engi
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness.spawn().await;
+    let (addr, broker) = harness.spawn().await;
     let mut client = connect(addr).await;
     create(&mut client, "durable", 2).await.unwrap();
     let before = keyed_events(40);
@@ -731,9 +711,9 @@ async fn a_restart_keeps_everything_acknowledged_and_never_reuses_an_offset(engi
             fetch_all(&mut client, "durable", partition).await,
         );
     }
-    stop(trigger, handle).await;
+    stop(broker).await;
 
-    let (addr, trigger, handle) = harness.spawn().await;
+    let (addr, broker) = harness.spawn().await;
     let mut client = connect(addr).await;
     let topics = client
         .list_topics(ListTopicsRequest {})
@@ -779,5 +759,5 @@ async fn a_restart_keeps_everything_acknowledged_and_never_reuses_an_offset(engi
             "partition {partition} continues at its end offset"
         );
     }
-    stop(trigger, handle).await;
+    stop(broker).await;
 }

@@ -34,7 +34,7 @@ async fn grants_decide_per_topic_who_produces_consumes_and_creates(engine: Engin
     let Some(harness) = Harness::new(engine).await else {
         return;
     };
-    let (addr, trigger, handle) = harness
+    let (addr, broker) = harness
         .spawn_with(|config| {
             config.server.auth = AuthConfig {
                 enabled: true,
@@ -150,5 +150,5 @@ async fn grants_decide_per_topic_who_produces_consumes_and_creates(engine: Engin
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
-    stop(trigger, handle).await;
+    stop(broker).await;
 }

@@ -177,7 +177,7 @@ async fn a_full_log_refuses_with_resource_exhausted() {
         .await
         .unwrap();
     // ...then the broker goes away.
-    stack.broker_trigger.trigger();
+    stack.broker_service.trigger();
     let mut accepted = 0;
     let mut refused = None;
     for i in 0..200 {

@@ -11,10 +11,10 @@ use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::collector_client::CollectorClient;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{Event, FetchRequest};
-use runnel_server::{Listeners, Shutdown, ShutdownTrigger};
 use runnel_store::StoreConfig;
+use runnel_testkit::{Services, eventually};
 use std::net::SocketAddr;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::UdpSocket;
 use tonic::transport::Channel;
 
 pub(crate) struct Stack {
@@ -23,24 +23,10 @@ pub(crate) struct Stack {
     pub(crate) broker: BrokerClient<runnel_client::Peer>,
     pub(crate) store: StoreClient<Channel>,
     pub(crate) udp: SocketAddr,
-    pub(crate) trigger: ShutdownTrigger,
-    /// Stops the broker alone.
-    pub(crate) broker_trigger: ShutdownTrigger,
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        self.trigger.trigger();
-        self.broker_trigger.trigger();
-    }
-}
-
-async fn listeners() -> Listeners {
-    Listeners {
-        grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        http: None,
-    }
+    /// The store and the collector; stopped when the stack is dropped.
+    _services: Services,
+    /// The broker, apart: a test may stop it alone.
+    pub(crate) broker_service: Services,
 }
 
 /// Tracing as the binaries set it up, so that spans carry OpenTelemetry context.
@@ -58,32 +44,24 @@ fn telemetry() {
 pub(crate) async fn start(configure: impl FnOnce(&mut CollectorConfig)) -> Stack {
     telemetry();
     let dir = tempfile::tempdir().unwrap();
-    let (trigger, shutdown) = Shutdown::new();
-    let broker_listeners = listeners().await;
-    let broker_url = format!("http://{}", broker_listeners.grpc.local_addr().unwrap());
     let broker_config = BrokerConfig {
         data_dir: dir.path().join("broker"),
         ..BrokerConfig::default()
     };
-    let (broker_trigger, broker_shutdown) = Shutdown::new();
-    tokio::spawn(runnel_broker::run(
-        broker_config,
-        broker_listeners,
-        broker_shutdown,
-    ));
-    let store_listeners = listeners().await;
-    let store_url = format!("http://{}", store_listeners.grpc.local_addr().unwrap());
+    let mut broker_service = Services::new();
+    let broker = broker_service
+        .start_on_loopback("broker", runnel_broker::run, broker_config)
+        .await;
+    let broker_url = format!("http://{}", broker.grpc);
     let store_config = StoreConfig {
         data_dir: dir.path().join("store"),
         ..StoreConfig::default()
     };
-    tokio::spawn(runnel_store::run(
-        store_config,
-        store_listeners,
-        shutdown.clone(),
-    ));
-    let collector_listeners = listeners().await;
-    let collector_url = format!("http://{}", collector_listeners.grpc.local_addr().unwrap());
+    let mut services = Services::new();
+    let store = services
+        .start_on_loopback("store", runnel_store::run, store_config)
+        .await;
+    let store_url = format!("http://{}", store.grpc);
     let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let udp_addr = udp.local_addr().unwrap();
     let mut config = CollectorConfig {
@@ -95,12 +73,16 @@ pub(crate) async fn start(configure: impl FnOnce(&mut CollectorConfig)) -> Stack
     };
     config.msglog.shards = 2;
     configure(&mut config);
-    tokio::spawn(runnel_collector::serve(
-        config,
-        collector_listeners,
-        Some(udp),
-        shutdown,
-    ));
+    let collector = services
+        .start_on_loopback(
+            "collector",
+            |config, listeners, shutdown| {
+                runnel_collector::serve(config, listeners, Some(udp), shutdown)
+            },
+            config,
+        )
+        .await;
+    let collector_url = format!("http://{}", collector.grpc);
     Stack {
         _dir: dir,
         collector: CollectorClient::connect(collector_url).await.unwrap(),
@@ -111,8 +93,8 @@ pub(crate) async fn start(configure: impl FnOnce(&mut CollectorConfig)) -> Stack
         ),
         store: StoreClient::connect(store_url).await.unwrap(),
         udp: udp_addr,
-        trigger,
-        broker_trigger,
+        _services: services,
+        broker_service,
     }
 }
 
@@ -134,8 +116,9 @@ pub(crate) async fn stored_ids(
     partitions: u32,
     expected: usize,
 ) -> Vec<Vec<String>> {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
+    let what = format!("{expected} events in {topic}");
+    eventually(std::time::Duration::from_secs(30), &what, || async {
+        let mut broker = broker.clone();
         let mut all = Vec::new();
         for partition in 0..partitions {
             let mut ids = Vec::new();
@@ -163,9 +146,7 @@ pub(crate) async fn stored_ids(
             all.push(ids);
         }
         let total: usize = all.iter().map(Vec::len).sum();
-        if total >= expected || tokio::time::Instant::now() > deadline {
-            return all;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+        (total >= expected).then_some(all)
+    })
+    .await
 }

@@ -177,7 +177,7 @@ async fn send_sheds_load_instead_of_slowing_the_sender() {
         })
         .await
         .unwrap();
-    stack.broker_trigger.trigger();
+    stack.broker_service.trigger();
     let messages: Vec<SendRequest> = (0..500)
         .map(|i| {
             let mut e = event(&format!("s-{i}"), "sensor");

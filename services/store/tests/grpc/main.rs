@@ -2,18 +2,17 @@
 //! hot-tier backend — the in-process one, and a real `redis-server` (skipped with a reason
 //! when it is not installed, unless `RUNNEL_REQUIRE_REDIS=1`).
 
-use runnel_e2e::redis::{self, RedisServer};
 use runnel_proto::Millis;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{
     Comparison, GetRequest, PutRequest, QueryResult, RangeRequest, TopKRequest, ValuePredicate,
     WatchRequest,
 };
-use runnel_server::{Listeners, Shutdown, ShutdownTrigger};
-use runnel_store::{CacheStrategy, HotBackend, StoreConfig, StoreError};
+use runnel_store::{CacheStrategy, HotBackend, StoreConfig};
+use runnel_testkit::redis::RedisServer;
+use runnel_testkit::{Services, Tool};
 use std::path::Path;
 use std::time::Duration;
-use tokio::task::JoinHandle;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -42,7 +41,7 @@ impl Backend {
 /// The backends available here: memory always, Redis when `redis-server` is.
 async fn backends() -> Vec<Backend> {
     let mut backends = vec![Backend::Memory];
-    if redis::available() {
+    if runnel_testkit::require(Tool::RedisServer) {
         backends.push(Backend::Redis(Box::new(
             RedisServer::start().await.expect("redis-server"),
         )));
@@ -52,8 +51,7 @@ async fn backends() -> Vec<Backend> {
 
 struct Running {
     client: StoreClient<Channel>,
-    trigger: ShutdownTrigger,
-    handle: JoinHandle<Result<(), StoreError>>,
+    store: Services,
 }
 
 async fn spawn_store(
@@ -67,32 +65,22 @@ async fn spawn_store(
     };
     backend.configure(&mut config);
     configure(&mut config);
-    let listeners = Listeners {
-        grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        http: None,
-    };
-    let addr = listeners.grpc.local_addr().unwrap();
-    let (trigger, shutdown) = Shutdown::new();
-    let handle = tokio::spawn(runnel_store::run(config, listeners, shutdown));
-    let client = StoreClient::connect(format!("http://{addr}"))
+    let mut store = Services::new();
+    let addrs = store
+        .start_on_loopback("store", runnel_store::run, config)
+        .await;
+    let client = StoreClient::connect(format!("http://{}", addrs.grpc))
         .await
         .unwrap();
-    Running {
-        client,
-        trigger,
-        handle,
-    }
+    Running { client, store }
 }
 
 impl Running {
     async fn stop(self) {
-        self.trigger.trigger();
-        tokio::time::timeout(Duration::from_secs(10), self.handle)
+        self.store
+            .stop(Duration::from_secs(10))
             .await
-            .expect("the store stops within its drain timeout")
-            .unwrap()
-            .unwrap();
+            .expect("the store stops cleanly within its drain timeout");
     }
 }
 
@@ -332,17 +320,13 @@ async fn watchers_see_matching_results_once_they_are_durable() {
             );
         }
         // Shutdown ends the stream with UNAVAILABLE rather than holding the drain open.
-        store.trigger.trigger();
+        store.store.trigger();
         let end = sensors.message().await;
         assert!(
             matches!(&end, Ok(None)) || matches!(&end, Err(s) if s.code() == Code::Unavailable),
             "{end:?}"
         );
-        tokio::time::timeout(Duration::from_secs(10), store.handle)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        store.stop().await;
     }
 }
 
@@ -549,7 +533,7 @@ async fn every_caching_strategy_reads_its_own_writes() {
 /// writes, the other serves from the shared hot tier.
 #[tokio::test]
 async fn replicas_over_one_redis_share_the_hot_data() {
-    if !redis::available() {
+    if !runnel_testkit::require(Tool::RedisServer) {
         return;
     }
     let server = RedisServer::start().await.unwrap();

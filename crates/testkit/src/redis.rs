@@ -1,9 +1,9 @@
 //! A real `redis-server` for the tests of the Redis hot tier, on a Unix socket in a
 //! temporary directory (no TCP port at all, so nothing can collide).
 //!
-//! Tests that need one are skipped with a printed reason when `redis-server` is not
-//! installed — unless `RUNNEL_REQUIRE_REDIS=1` (as `.ci/run` sets, after installing it), in
-//! which case a missing server fails them.
+//! A test that needs one first asks [`require(Tool::RedisServer)`](crate::require), which
+//! skips it visibly when `redis-server` is not installed (or fails it, with
+//! `RUNNEL_REQUIRE_REDIS=1`).
 
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
@@ -13,27 +13,6 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Whether `redis-server` can be run here; `false` (after saying why) if tests may skip.
-pub fn available() -> bool {
-    let found = std::process::Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        if std::env::var("RUNNEL_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
-            panic!(
-                "redis-server is required (RUNNEL_REQUIRE_REDIS=1) but not installed: apt install redis-server"
-            );
-        }
-        eprintln!(
-            "skipped: redis-server is not installed (apt install redis-server; .ci/run does)"
-        );
-    }
-    found
-}
 
 /// A running `redis-server`, stopped (SIGKILL) when dropped.
 pub struct RedisServer {

@@ -1,9 +1,9 @@
 //! Headless Chromium driven over the DevTools protocol, for tests that load a page and read
 //! what it shows, as a person would.
 //!
-//! Tests that need it are skipped with a printed reason when `chromium` is not installed —
-//! unless `RUNNEL_REQUIRE_CHROMIUM=1` (as `.ci/run` sets, after installing it), in which
-//! case a missing browser fails them.
+//! A test that needs it first asks [`require(Tool::Chromium)`](crate::require), which
+//! skips it visibly when `chromium` is not installed (or fails it, with
+//! `RUNNEL_REQUIRE_CHROMIUM=1`).
 
 use anyhow::{Context, Result, bail};
 use base64::Engine;
@@ -17,27 +17,7 @@ use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-const BROWSER: &str = "chromium";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Whether Chromium can be run here; `false` (after saying why) if tests may skip.
-pub fn available() -> bool {
-    let found = std::process::Command::new(BROWSER)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        if std::env::var("RUNNEL_REQUIRE_CHROMIUM").is_ok_and(|v| v == "1") {
-            panic!(
-                "chromium is required (RUNNEL_REQUIRE_CHROMIUM=1) but not installed: apt install chromium"
-            );
-        }
-        eprintln!("skipped: chromium is not installed (apt install chromium; .ci/run does)");
-    }
-    found
-}
 
 /// One headless browser showing one page.
 pub struct Browser {
@@ -51,7 +31,7 @@ impl Browser {
     /// Starts Chromium on `url` and attaches to its page.
     pub async fn open(url: &str) -> Result<Browser> {
         let profile = tempfile::tempdir()?;
-        let mut child = Command::new(BROWSER)
+        let mut child = Command::new(crate::Tool::Chromium.program())
             .args([
                 "--headless=new",
                 "--no-sandbox",

@@ -1,9 +1,9 @@
 //! Real `nats-server` processes for the JetStream engine's tests: one node, or a cluster
 //! of three on loopback.
 //!
-//! Tests that need one are skipped with a printed reason when `nats-server` is not
-//! installed — unless `RUNNEL_REQUIRE_NATS=1` (as `.ci/run` sets, after installing it), in
-//! which case a missing server fails them.
+//! A test that needs one first asks [`require(Tool::NatsServer)`](crate::require), which
+//! skips it visibly when `nats-server` is not installed (or fails it, with
+//! `RUNNEL_REQUIRE_NATS=1`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,29 +13,10 @@ use tokio::process::{Child, ChildStderr, Command};
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Whether `nats-server` can be run here; `false` (after saying why) if tests may skip.
-pub(crate) fn available() -> bool {
-    let found = std::process::Command::new("nats-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        if std::env::var("RUNNEL_REQUIRE_NATS").is_ok_and(|v| v == "1") {
-            panic!(
-                "nats-server is required (RUNNEL_REQUIRE_NATS=1) but not installed: apt install nats-server"
-            );
-        }
-        eprintln!("skipped: nats-server is not installed (apt install nats-server; .ci/run does)");
-    }
-    found
-}
-
 /// One running `nats-server` with JetStream.
-pub(crate) struct NatsNode {
+pub struct NatsNode {
     /// The client URL, e.g. `nats://127.0.0.1:42447`.
-    pub(crate) url: String,
+    pub url: String,
     child: Child,
     log: Lines<BufReader<ChildStderr>>,
 }
@@ -43,7 +24,7 @@ pub(crate) struct NatsNode {
 impl NatsNode {
     /// Starts a node storing under `dir` with `args` (cluster settings, say), and waits for
     /// "Server is ready" in its log.
-    pub(crate) async fn start(dir: &Path, args: &[String]) -> NatsNode {
+    pub async fn start(dir: &Path, args: &[String]) -> NatsNode {
         let mut child = Command::new("nats-server")
             .arg("-js")
             .arg("-sd")
@@ -82,7 +63,7 @@ impl NatsNode {
     }
 
     /// Reads the node's log until a line contains `needle`.
-    pub(crate) async fn wait_for_log(&mut self, needle: &str) {
+    pub async fn wait_for_log(&mut self, needle: &str) {
         let found = tokio::time::timeout(START_TIMEOUT, async {
             while let Some(line) = self.log.next_line().await.expect("nats-server log") {
                 if line.contains(needle) {
@@ -99,7 +80,7 @@ impl NatsNode {
     }
 
     /// Kills the node with SIGKILL.
-    pub(crate) async fn kill(&mut self) {
+    pub async fn kill(&mut self) {
         self.child.kill().await.expect("kill nats-server");
     }
 }
@@ -114,7 +95,7 @@ fn free_port() -> u16 {
 
 /// Three JetStream nodes clustered on loopback; returns them once a metadata leader is
 /// elected.
-pub(crate) async fn cluster(root: &Path) -> Vec<NatsNode> {
+pub async fn cluster(root: &Path) -> Vec<NatsNode> {
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let routes = ports
         .iter()
