@@ -25,8 +25,8 @@ use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{Acks, DescribeQueryRequest, Event, WatchRequest};
 use runnel_proto::{Millis, now_millis};
-use runnel_server::{Listeners, ServiceConfig, Shutdown};
 use runnel_store::StoreConfig;
+use runnel_testkit::Services;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -116,7 +116,7 @@ fn query() -> Result<QueryConfig> {
 }
 
 async fn end_to_end(args: &AnalyzerArgs, dir: &std::path::Path) -> Result<()> {
-    let (trigger, shutdown) = Shutdown::new();
+    let mut services = Services::new();
     let broker = BrokerConfig {
         data_dir: dir.join("broker"),
         fsync: runnel_log::FsyncPolicy::Never,
@@ -131,38 +131,48 @@ async fn end_to_end(args: &AnalyzerArgs, dir: &std::path::Path) -> Result<()> {
         queries: vec![query()?],
         ..AnalyzerConfig::default()
     };
-    let loopback = |config: &mut runnel_server::ServerConfig| {
-        config.grpc = "127.0.0.1:0".parse().expect("address");
-        config.admin = "127.0.0.1:0".parse().expect("address");
-    };
-    let (mut broker, mut store) = (broker, store);
-    loopback(&mut broker.server);
-    loopback(&mut store.server);
-    loopback(&mut analyzer.server);
-    let broker_listeners = Listeners::bind(broker.listen()).await?;
-    let store_listeners = Listeners::bind(store.listen()).await?;
-    let analyzer_listeners = Listeners::bind(analyzer.listen()).await?;
-    let broker_url = format!("http://{}", broker_listeners.grpc.local_addr()?);
-    let store_url = format!("http://{}", store_listeners.grpc.local_addr()?);
-    let analyzer_url = format!("http://{}", analyzer_listeners.grpc.local_addr()?);
+    let broker = services
+        .start_on_loopback("broker", runnel_broker::run, broker)
+        .await;
+    let store = services
+        .start_on_loopback("store", runnel_store::run, store)
+        .await;
+    let broker_url = format!("http://{}", broker.grpc);
+    let store_url = format!("http://{}", store.grpc);
     analyzer.broker = broker_url.clone();
     analyzer.store = store_url.clone();
-    let services = [
-        tokio::spawn(runnel_broker::run(
-            broker,
-            broker_listeners,
-            shutdown.clone(),
-        ))
-        .abort_handle(),
-        tokio::spawn(runnel_store::run(store, store_listeners, shutdown.clone())).abort_handle(),
-        tokio::spawn(runnel_analyzer::run(
-            analyzer,
-            analyzer_listeners,
-            shutdown.clone(),
-        ))
-        .abort_handle(),
-    ];
-    let channel = runnel_security::connect_lazy(&broker_url, &Default::default())?;
+    let analyzer = services
+        .start_on_loopback("analyzer", runnel_analyzer::run, analyzer)
+        .await;
+    let analyzer_url = format!("http://{}", analyzer.grpc);
+    let collector = services
+        .during(load(args, &broker_url, &store_url, &analyzer_url))
+        .await
+        .map_err(anyhow::Error::msg)??;
+    // The store's Watch ends when it stops, and with it the collector.
+    services.trigger();
+    let latency = tokio::time::timeout(Duration::from_secs(30), collector).await??;
+    println!(
+        "latency at {} events/s over {} keys, 1 s tumbling count: window end → result in the store: p50 {} ms, p99 {} ms, max {} ms ({} results)",
+        args.rate,
+        args.keys,
+        latency.value_at_quantile(0.5),
+        latency.value_at_quantile(0.99),
+        latency.max(),
+        latency.len()
+    );
+    crate::stop(services).await
+}
+
+/// Measures end-to-end throughput, then produces at `args.rate` for the latency: the task
+/// that collects it from the store's Watch, which ends when the store stops.
+async fn load(
+    args: &AnalyzerArgs,
+    broker_url: &str,
+    store_url: &str,
+    analyzer_url: &str,
+) -> Result<tokio::task::JoinHandle<Histogram<u64>>> {
+    let channel = runnel_security::connect_lazy(broker_url, &Default::default())?;
     let options = ProducerOptions {
         acks: Acks::Leader,
         create_partitions: Some(4),
@@ -184,7 +194,7 @@ async fn end_to_end(args: &AnalyzerArgs, dir: &std::path::Path) -> Result<()> {
     };
 
     // Throughput: a flood, then wait until the analyzer has read all of it.
-    let mut analyzer_client = connect_analyzer(&analyzer_url).await?;
+    let mut analyzer_client = connect_analyzer(analyzer_url).await?;
     let started = Instant::now();
     let mut sent = 0;
     while sent < args.e2e_events {
@@ -224,7 +234,7 @@ async fn end_to_end(args: &AnalyzerArgs, dir: &std::path::Path) -> Result<()> {
     );
 
     // Latency: a steady rate, results timed from the store's Watch.
-    let mut store_client = StoreClient::connect(store_url).await?;
+    let mut store_client = StoreClient::connect(store_url.to_owned()).await?;
     let mut watch = store_client
         .watch(WatchRequest {
             query: "bench_count".into(),
@@ -258,23 +268,7 @@ async fn end_to_end(args: &AnalyzerArgs, dir: &std::path::Path) -> Result<()> {
         producer.send(batch(sent, per_tick, now_millis().0)).await?;
         sent += per_tick;
     }
-    trigger.trigger();
-    let latency = tokio::time::timeout(Duration::from_secs(30), collector).await??;
-    println!(
-        "latency at {} events/s over {} keys, 1 s tumbling count: window end → result in the store: p50 {} ms, p99 {} ms, max {} ms ({} results)",
-        args.rate,
-        args.keys,
-        latency.value_at_quantile(0.5),
-        latency.value_at_quantile(0.99),
-        latency.max(),
-        latency.len()
-    );
-    for service in services {
-        // They stop on the trigger; the abort is for one that would not.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        service.abort();
-    }
-    Ok(())
+    Ok(collector)
 }
 
 async fn connect_analyzer(url: &str) -> Result<AnalyzerClient<tonic::transport::Channel>> {

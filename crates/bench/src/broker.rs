@@ -21,7 +21,8 @@ use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::{
     Acks, CreateTopicRequest, Event, FetchRequest, ProduceRequest, RecordBatch,
 };
-use runnel_server::{Listeners, ServiceConfig, Shutdown};
+use runnel_server::ServiceConfig;
+use runnel_testkit::Services;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
@@ -273,12 +274,8 @@ pub(crate) async fn run(args: BrokerArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Starts a broker in this process on an ephemeral port; returns its URL and the task
-/// that runs it until `shutdown`.
-async fn start_broker(
-    data_dir: &Path,
-    shutdown: Shutdown,
-) -> Result<(String, tokio::task::JoinHandle<()>)> {
+/// Starts a broker in `services` on an ephemeral port; returns its URL.
+async fn start_broker(data_dir: &Path, services: &mut Services) -> Result<String> {
     let config = BrokerConfig {
         server: runnel_server::ServerConfig {
             max_message_bytes: MAX_MESSAGE,
@@ -291,14 +288,10 @@ async fn start_broker(
         ..BrokerConfig::default()
     };
     config.validate()?;
-    let listeners = Listeners::bind(config.listen()).await?;
-    let url = format!("http://{}", listeners.grpc.local_addr()?);
-    let handle = tokio::spawn(async move {
-        if let Err(error) = runnel_broker::run(config, listeners, shutdown).await {
-            eprintln!("bench: broker failed: {error}");
-        }
-    });
-    Ok((url, handle))
+    let broker = services
+        .start_on_loopback("broker", runnel_broker::run, config)
+        .await;
+    Ok(format!("http://{}", broker.grpc))
 }
 
 /// Starts `nats-server` with JetStream on an ephemeral port; returns it and its URL.
@@ -367,13 +360,13 @@ fn runnel_body(batch: u32, size: usize) -> Bytes {
 async fn measure(target: &Target, topic: &str, spec: Spec) -> Result<Figures> {
     // A fresh broker per run, its files removed afterwards: runs do not share a page cache
     // or a disk full of earlier runs' segments.
-    let (trigger, shutdown) = Shutdown::new();
-    let mut broker = None;
+    let mut services = Services::new();
+    let mut broker_dir = None;
     let url = match target {
         Target::Runnel { data_dir } => {
             let dir = data_dir.join(topic);
-            let (url, handle) = start_broker(&dir, shutdown).await?;
-            broker = Some((handle, dir));
+            let url = start_broker(&dir, &mut services).await?;
+            broker_dir = Some(dir);
             let mut admin = BrokerClient::connect(url.clone()).await?;
             admin
                 .create_topic(CreateTopicRequest {
@@ -400,6 +393,28 @@ async fn measure(target: &Target, topic: &str, spec: Spec) -> Result<Figures> {
             None
         }
     };
+    let figures = services
+        .during(load(target, topic, spec, url))
+        .await
+        .map_err(anyhow::Error::msg)??;
+    crate::stop(services).await?;
+    if let Some(dir) = broker_dir {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+    }
+    if let Target::JetStream { context } = target {
+        for p in 0..spec.partitions {
+            context
+                .delete_stream(format!("{topic}-{p}"))
+                .await
+                .map_err(|e| anyhow::anyhow!("delete stream: {e}"))?;
+        }
+    }
+    Ok(figures)
+}
+
+/// Produces `spec.messages` messages to `target`, then reads them all back; the broker at
+/// `url` when it is Runnel's.
+async fn load(target: &Target, topic: &str, spec: Spec, url: Option<String>) -> Result<Figures> {
     let batches = spec.messages.div_ceil(u64::from(spec.batch));
     let next = Arc::new(AtomicU64::new(0));
     let progress = Arc::new(AtomicU64::new(0));
@@ -480,19 +495,6 @@ async fn measure(target: &Target, topic: &str, spec: Spec) -> Result<Figures> {
         );
     }
 
-    trigger.trigger();
-    if let Some((handle, dir)) = broker {
-        handle.await?;
-        std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
-    }
-    if let Target::JetStream { context } = target {
-        for p in 0..spec.partitions {
-            context
-                .delete_stream(format!("{topic}-{p}"))
-                .await
-                .map_err(|e| anyhow::anyhow!("delete stream: {e}"))?;
-        }
-    }
     Ok(Figures {
         produced,
         produce_secs,

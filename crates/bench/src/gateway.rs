@@ -24,8 +24,9 @@ use runnel_proto::Millis;
 use runnel_proto::v1::gateway_client::GatewayClient;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{GetRequest, PutRequest, QueryResult};
-use runnel_server::{Listeners, ServiceConfig, Shutdown};
+use runnel_server::ServiceConfig;
 use runnel_store::StoreConfig;
+use runnel_testkit::Services;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -101,7 +102,7 @@ struct Running {
     _dir: tempfile::TempDir,
 }
 
-async fn start(args: &GatewayArgs, shutdown: Shutdown) -> Result<Running> {
+async fn start(args: &GatewayArgs, services: &mut Services) -> Result<Running> {
     let dir = tempfile::Builder::new().prefix("runnel-bench-").tempdir()?;
     let store = StoreConfig {
         server: runnel_server::ServerConfig::loopback(0, 0),
@@ -109,8 +110,10 @@ async fn start(args: &GatewayArgs, shutdown: Shutdown) -> Result<Running> {
         ..StoreConfig::default()
     };
     store.validate()?;
-    let store_listeners = Listeners::bind(store.listen()).await?;
-    let store_url = format!("http://{}", store_listeners.grpc.local_addr()?);
+    let store = services
+        .start_on_loopback("store", runnel_store::run, store)
+        .await;
+    let store_url = format!("http://{}", store.grpc);
     let gateway = GatewayConfig {
         server: runnel_server::ServerConfig::loopback(0, 0),
         store: store_url.clone(),
@@ -120,24 +123,11 @@ async fn start(args: &GatewayArgs, shutdown: Shutdown) -> Result<Running> {
         ..GatewayConfig::default()
     };
     gateway.validate()?;
-    let gateway_listeners = Listeners::bind(gateway.listen()).await?;
-    let gateway_url = format!("http://{}", gateway_listeners.grpc.local_addr()?);
-    let http = gateway_listeners
-        .http
-        .as_ref()
-        .context("an http listener")?
-        .local_addr()?;
-    let store_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        if let Err(error) = runnel_store::run(store, store_listeners, store_shutdown).await {
-            eprintln!("bench: store failed: {error}");
-        }
-    });
-    tokio::spawn(async move {
-        if let Err(error) = runnel_gateway::run(gateway, gateway_listeners, shutdown).await {
-            eprintln!("bench: gateway failed: {error}");
-        }
-    });
+    let gateway = services
+        .start_on_loopback("gateway", runnel_gateway::run, gateway)
+        .await;
+    let gateway_url = format!("http://{}", gateway.grpc);
+    let http = gateway.http.context("an http listener")?;
     Ok(Running {
         store: store_url,
         gateway: gateway_url,
@@ -158,8 +148,18 @@ fn result(query: &str, key: String, start: i64, values: Vec<(String, f64)>) -> Q
 }
 
 pub(crate) async fn run(args: GatewayArgs) -> Result<ExitCode> {
-    let (trigger, shutdown) = Shutdown::new();
-    let running = start(&args, shutdown).await?;
+    let mut services = Services::new();
+    let running = start(&args, &mut services).await?;
+    services
+        .during(measure(&args, &running))
+        .await
+        .map_err(anyhow::Error::msg)??;
+    crate::stop(services).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `args.keys` results to the store, then measures the gateway's reads and fan-out.
+async fn measure(args: &GatewayArgs, running: &Running) -> Result<()> {
     let mut store = StoreClient::connect(running.store.clone()).await?;
     eprintln!("bench: writing {} keys", args.keys);
     for chunk in (0..args.keys).collect::<Vec<_>>().chunks(5000) {
@@ -173,16 +173,15 @@ pub(crate) async fn run(args: GatewayArgs) -> Result<ExitCode> {
         store.put(PutRequest { results }).await?;
     }
     if !args.fanout_only {
-        let (rate, latency, errors) = get_grpc(&args, &running.gateway).await?;
-        report("Get over gRPC", &args, rate, &latency, errors);
-        let (rate, latency, errors) = get_http(&args, running.http).await?;
-        report("Get over HTTP", &args, rate, &latency, errors);
+        let (rate, latency, errors) = get_grpc(args, &running.gateway).await?;
+        report("Get over gRPC", args, rate, &latency, errors);
+        let (rate, latency, errors) = get_http(args, running.http).await?;
+        report("Get over HTTP", args, rate, &latency, errors);
     }
     if args.watchers > 0 {
-        fan_out(&args, running.http, &mut store).await?;
+        fan_out(args, running.http, &mut store).await?;
     }
-    trigger.trigger();
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 fn report(what: &str, args: &GatewayArgs, rate: f64, latency: &Histogram<u64>, errors: u64) {

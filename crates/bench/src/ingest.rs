@@ -21,7 +21,8 @@ use runnel_security::certs::{
     CLIENT, DevCa, default_names, pipeline_grants, write_file, write_pair,
 };
 use runnel_security::{ConnectConfig, GrantConfig, Peer};
-use runnel_server::{Listeners, ServiceConfig, Shutdown};
+use runnel_server::ServiceConfig;
+use runnel_testkit::Services;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -112,7 +113,7 @@ struct Totals {
 
 pub(crate) async fn run(args: IngestArgs) -> Result<ExitCode> {
     let data = tempfile_dir()?;
-    let (trigger, shutdown) = Shutdown::new();
+    let mut services = Services::new();
     let (collector_url, connect) = match &args.collector {
         Some(url) => (url.clone(), ConnectConfig::default()),
         None => {
@@ -122,40 +123,15 @@ pub(crate) async fn run(args: IngestArgs) -> Result<ExitCode> {
                 &args.log,
                 certs.as_deref(),
                 data.path(),
-                shutdown.clone(),
+                &mut services,
             )
             .await?
         }
     };
-    let channel = runnel_security::connect(&collector_url, &connect, None)
+    let (histogram, totals, elapsed) = services
+        .during(measure(&args, &collector_url, &connect))
         .await
-        .with_context(|| format!("cannot reach the collector at {collector_url}"))?;
-
-    // Warm-up: connections, topic creation, page cache.
-    let warmup = (args.batch * args.concurrency * 5).min(args.events);
-    eprintln!("bench: warming up with {warmup} events");
-    drive(&args, channel.clone(), warmup, "warmup").await?;
-
-    eprintln!(
-        "bench: {} events of {} bytes, batches of {}, {} concurrent clients, broker fsync {}, log {} (fsync {}), ack {}{}",
-        args.events,
-        args.size,
-        args.batch,
-        args.concurrency,
-        args.fsync,
-        args.log.mode,
-        args.log.fsync,
-        args.ack.name(),
-        if args.secure {
-            ", mutual TLS and authentication on both hops"
-        } else {
-            ""
-        }
-    );
-    let started = Instant::now();
-    let (histogram, totals) = drive(&args, channel, args.events, "run").await?;
-    let elapsed = started.elapsed().as_secs_f64();
-    trigger.trigger();
+        .map_err(anyhow::Error::msg)??;
 
     let sent = totals.sent.load(Ordering::Relaxed);
     let errors = totals.errors.load(Ordering::Relaxed);
@@ -185,11 +161,50 @@ pub(crate) async fn run(args: IngestArgs) -> Result<ExitCode> {
         ms(0.99),
         ms(0.999)
     );
+    crate::stop(services).await?;
     Ok(if errors == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Warms up, then sends `args.events` events to the collector at `url`; returns per-call
+/// latencies (µs), the totals and the seconds the run took.
+async fn measure(
+    args: &IngestArgs,
+    url: &str,
+    connect: &ConnectConfig,
+) -> Result<(Histogram<u64>, Arc<Totals>, f64)> {
+    let channel = runnel_security::connect(url, connect, None)
+        .await
+        .with_context(|| format!("cannot reach the collector at {url}"))?;
+
+    // Warm-up: connections, topic creation, page cache.
+    let warmup = (args.batch * args.concurrency * 5).min(args.events);
+    eprintln!("bench: warming up with {warmup} events");
+    drive(args, channel.clone(), warmup, "warmup").await?;
+
+    eprintln!(
+        "bench: {} events of {} bytes, batches of {}, {} concurrent clients, broker fsync {}, log {} (fsync {}), ack {}{}",
+        args.events,
+        args.size,
+        args.batch,
+        args.concurrency,
+        args.fsync,
+        args.log.mode,
+        args.log.fsync,
+        args.ack.name(),
+        if args.secure {
+            ", mutual TLS and authentication on both hops"
+        } else {
+            ""
+        }
+    );
+    let started = Instant::now();
+    let (histogram, totals) = drive(args, channel, args.events, "run").await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok((histogram, totals, elapsed))
 }
 
 pub(crate) fn tempfile_dir() -> Result<tempfile::TempDir> {
@@ -244,15 +259,15 @@ fn make_certs(dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// A broker and a collector in this process, on ephemeral ports; the collector's URL and
-/// how to connect to it. With `secure_certs`, development certificates are made there and
+/// A broker and a collector started in `services`, on ephemeral ports; the collector's URL
+/// and how to connect to it. With `secure_certs`, development certificates are made there and
 /// both hops run over mutual TLS with authentication and grants.
 pub(crate) async fn start_in_process(
     broker_fsync: FsyncPolicy,
     log: &LogArgs,
     secure_certs: Option<&std::path::Path>,
     data: &std::path::Path,
-    shutdown: Shutdown,
+    services: &mut Services,
 ) -> Result<(String, ConnectConfig)> {
     let (broker_server, collector_server, client) = match secure_certs {
         Some(certs) => {
@@ -282,10 +297,12 @@ pub(crate) async fn start_in_process(
         ..BrokerConfig::default()
     };
     broker.validate()?;
-    let broker_listeners = Listeners::bind(broker.listen()).await?;
+    let broker = services
+        .start_on_loopback("broker", runnel_broker::run, broker)
+        .await;
     let mut collector = CollectorConfig {
         server: collector_server,
-        broker: format!("{scheme}://{}", broker_listeners.grpc.local_addr()?),
+        broker: format!("{scheme}://{}", broker.grpc),
         data_dir: data.join("collector"),
         udp: None,
         ..CollectorConfig::default()
@@ -293,20 +310,10 @@ pub(crate) async fn start_in_process(
     collector.msglog.mode = log.mode;
     collector.msglog.fsync = log.fsync;
     collector.validate()?;
-    let collector_listeners = Listeners::bind(collector.listen()).await?;
-    let url = format!("{scheme}://{}", collector_listeners.grpc.local_addr()?);
-    let broker_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        if let Err(error) = runnel_broker::run(broker, broker_listeners, broker_shutdown).await {
-            eprintln!("bench: broker failed: {error}");
-        }
-    });
-    tokio::spawn(async move {
-        if let Err(error) = runnel_collector::run(collector, collector_listeners, shutdown).await {
-            eprintln!("bench: collector failed: {error}");
-        }
-    });
-    Ok((url, client))
+    let collector = services
+        .start_on_loopback("collector", runnel_collector::run, collector)
+        .await;
+    Ok((format!("{scheme}://{}", collector.grpc), client))
 }
 
 /// Sends `total` events from `args.concurrency` clients; returns per-call latencies (µs).
@@ -404,7 +411,7 @@ mod tests {
     #[tokio::test]
     async fn the_secure_in_process_pipeline_acknowledges_what_it_is_sent() {
         let data = tempfile_dir().unwrap();
-        let (trigger, shutdown) = Shutdown::new();
+        let mut services = Services::new();
         let log = LogArgs {
             mode: Mode::Hml,
             fsync: FsyncPolicy::Never,
@@ -415,7 +422,7 @@ mod tests {
             &log,
             Some(&certs),
             data.path(),
-            shutdown,
+            &mut services,
         )
         .await
         .unwrap();
@@ -450,6 +457,7 @@ mod tests {
                     .is_err()
             );
         }
-        trigger.trigger();
+        drop(client);
+        crate::stop(services).await.unwrap();
     }
 }

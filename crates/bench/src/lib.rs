@@ -12,7 +12,9 @@ mod ingest;
 mod stream;
 
 use anyhow::Result;
+use runnel_testkit::Services;
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// What to measure.
 #[derive(Debug, clap::Subcommand)]
@@ -41,4 +43,13 @@ pub async fn run(what: BenchCommand) -> Result<ExitCode> {
         BenchCommand::Analyzer(args) => analyzer::run(args).await,
         BenchCommand::Gateway(args) => gateway::run(args).await,
     }
+}
+
+/// Stops the services a bench started, which drain first: one that failed, or would not
+/// stop within 30 s, fails the bench.
+async fn stop(services: Services) -> Result<()> {
+    services
+        .stop(Duration::from_secs(30))
+        .await
+        .map_err(anyhow::Error::msg)
 }

@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use runnel_log::FsyncPolicy;
 use runnel_proto::v1::collector_client::CollectorClient;
 use runnel_proto::v1::{Event, StreamRequest};
-use runnel_server::Shutdown;
+use runnel_testkit::Services;
 use std::collections::VecDeque;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,43 +61,19 @@ pub struct StreamArgs {
 
 pub(crate) async fn run(args: StreamArgs) -> Result<ExitCode> {
     let data = tempfile_dir()?;
-    let (trigger, shutdown) = Shutdown::new();
+    let mut services = Services::new();
     let url = match &args.collector {
         Some(url) => url.clone(),
         None => {
-            start_in_process(args.fsync, &args.log, None, data.path(), shutdown)
+            start_in_process(args.fsync, &args.log, None, data.path(), &mut services)
                 .await?
                 .0
         }
     };
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())?
-        .connect()
+    let (histogram, acked, elapsed) = services
+        .during(measure(&args, &url))
         .await
-        .with_context(|| format!("cannot reach the collector at {url}"))?;
-    let warmup = (args.batch * args.concurrency * 20).min(args.events);
-    eprintln!("bench: warming up with {warmup} events");
-    drive(&args, channel.clone(), warmup).await?;
-    eprintln!(
-        "bench: {} events of {} bytes over Stream, batches of {}, {} streams × window {}, rate {}, broker fsync {}, log {} (fsync {}), ack {}",
-        args.events,
-        args.size,
-        args.batch,
-        args.concurrency,
-        args.window,
-        if args.rate == 0 {
-            "unlimited".to_owned()
-        } else {
-            args.rate.to_string()
-        },
-        args.fsync,
-        args.log.mode,
-        args.log.fsync,
-        args.ack.name()
-    );
-    let started = Instant::now();
-    let (histogram, acked) = drive(&args, channel, args.events).await?;
-    let elapsed = started.elapsed().as_secs_f64();
-    trigger.trigger();
+        .map_err(anyhow::Error::msg)??;
     let rate = acked as f64 / elapsed;
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     println!("events acknowledged   {acked} in {elapsed:.2}s");
@@ -126,7 +102,41 @@ pub(crate) async fn run(args: StreamArgs) -> Result<ExitCode> {
         ms(0.99),
         ms(0.999)
     );
+    crate::stop(services).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Warms up, then streams `args.events` events to the collector at `url`; returns per-batch
+/// latencies (µs), the events acknowledged and the seconds the run took.
+async fn measure(args: &StreamArgs, url: &str) -> Result<(Histogram<u64>, u64, f64)> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the collector at {url}"))?;
+    let warmup = (args.batch * args.concurrency * 20).min(args.events);
+    eprintln!("bench: warming up with {warmup} events");
+    drive(args, channel.clone(), warmup).await?;
+    eprintln!(
+        "bench: {} events of {} bytes over Stream, batches of {}, {} streams × window {}, rate {}, broker fsync {}, log {} (fsync {}), ack {}",
+        args.events,
+        args.size,
+        args.batch,
+        args.concurrency,
+        args.window,
+        if args.rate == 0 {
+            "unlimited".to_owned()
+        } else {
+            args.rate.to_string()
+        },
+        args.fsync,
+        args.log.mode,
+        args.log.fsync,
+        args.ack.name()
+    );
+    let started = Instant::now();
+    let (histogram, acked) = drive(args, channel, args.events).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok((histogram, acked, elapsed))
 }
 
 /// Sends `total` events over `args.concurrency` streams; per-batch latencies (µs) and the

@@ -160,6 +160,21 @@ impl Services {
         })
     }
 
+    /// Runs `work` while the services serve: its output, or how a service went wrong if one
+    /// ends first (a service is not meant to end before the work is done).
+    ///
+    /// # Errors
+    /// The first service to end before `work` is done, named.
+    pub async fn during<T>(&mut self, work: impl Future<Output = T>) -> Result<T, String> {
+        tokio::select! {
+            output = work => Ok(output),
+            Some(ended) = self.next_ended() => Err(match ended.result() {
+                Ok(()) => format!("{} stopped before it was asked to", ended.name()),
+                Err(error) => error,
+            }),
+        }
+    }
+
     /// Triggers the shutdown and waits until every service has ended, at most `within`.
     ///
     /// # Errors
@@ -233,6 +248,22 @@ mod tests {
             .unwrap();
         assert_eq!(
             services.stop(Duration::from_secs(5)).await,
+            Err("broken failed: disk full".to_owned())
+        );
+    }
+
+    #[tokio::test]
+    async fn work_is_cut_short_by_a_service_that_fails_during_it() {
+        let mut services = Services::new();
+        assert_eq!(services.during(async { 7 }).await, Ok(7), "no service");
+        services
+            .start("broken", until_shutdown, "disk full", loopback(false).await)
+            .unwrap();
+        assert_eq!(services.during(async { 7 }).await, Ok(7), "still serving");
+        services.trigger();
+        let forever = std::future::pending::<()>();
+        assert_eq!(
+            services.during(forever).await,
             Err("broken failed: disk full".to_owned())
         );
     }
