@@ -388,6 +388,30 @@ async fn the_dashboard_shows_live_results_in_a_real_browser() {
     let shot = screenshot_path();
     page.screenshot(&shot).await.unwrap();
     eprintln!("dashboard screenshot: {}", shot.display());
+
+    // Opened with a query but no key while nothing new arrives: the chart picks the
+    // query's first key from what the store holds, without waiting for a live result.
+    let mut page = Browser::open(&access.http("/dashboard/?series=avg_value_per_key"))
+        .await
+        .unwrap();
+    let key = page
+        .wait_for(
+            "document.getElementById('series-key')?.value ?? null",
+            &serde_json::json!("sensor-1"),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(key, "sensor-1", "the key picked from the stored results");
+    let latest = page
+        .wait_for(
+            "document.getElementById('series-latest').textContent",
+            &serde_json::json!("30.25"),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(latest, "30.25");
 }
 
 /// `target/dashboard.png`, next to the build's profile directories.

@@ -148,8 +148,11 @@ async function showSeries(query, key) {
   const top = await topOf(query, 1000);
   if (query !== shown.series) return;
   for (const result of top ? top.results : []) addOption(keys, result.key);
-  if (!shown.key && keys.options.length > 0 && keys.options[0].value) {
-    shown.key = keys.options[0].value;
+  // The first key, not the "(waiting for a key)" placeholder that sorts before it: with
+  // results in the store the chart shows at once, not only when the next window closes.
+  const first = [...keys.options].find((option) => option.value);
+  if (!shown.key && first) {
+    shown.key = first.value;
     loadSeries();
   }
   choose(keys, shown.key, "(waiting for a key)");
