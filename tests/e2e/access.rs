@@ -326,15 +326,7 @@ async fn the_dashboard_shows_live_results_in_a_real_browser() {
         .await
         .unwrap();
     assert_eq!(live, "connected");
-    let latest = page
-        .wait_for(
-            "document.getElementById('series-latest').textContent",
-            &serde_json::json!("22"),
-            WAIT,
-        )
-        .await
-        .unwrap();
-    assert_eq!(latest, "22");
+    assert_chart_latest(&mut page, "22").await;
 
     // New results arrive: the page follows them without a reload.
     put(
@@ -362,15 +354,7 @@ async fn the_dashboard_shows_live_results_in_a_real_browser() {
         "the table after live updates\n{}",
         access.logs()
     );
-    let latest = page
-        .wait_for(
-            "document.getElementById('series-latest').textContent",
-            &serde_json::json!("30.25"),
-            WAIT,
-        )
-        .await
-        .unwrap();
-    assert_eq!(latest, "30.25");
+    assert_chart_latest(&mut page, "30.25").await;
     let points = page
         .eval("document.querySelectorAll('#series-chart circle').length")
         .await
@@ -403,15 +387,20 @@ async fn the_dashboard_shows_live_results_in_a_real_browser() {
         .await
         .unwrap();
     assert_eq!(key, "sensor-1", "the key picked from the stored results");
+    assert_chart_latest(&mut page, "30.25").await;
+}
+
+/// Waits until the chart's "latest" figure reads `want`, and fails if it never does.
+async fn assert_chart_latest(page: &mut Browser, want: &str) {
     let latest = page
         .wait_for(
             "document.getElementById('series-latest').textContent",
-            &serde_json::json!("30.25"),
+            &serde_json::json!(want),
             WAIT,
         )
         .await
         .unwrap();
-    assert_eq!(latest, "30.25");
+    assert_eq!(latest, want, "the chart's latest value");
 }
 
 /// `target/dashboard.png`, next to the build's profile directories.
