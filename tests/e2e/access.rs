@@ -98,7 +98,13 @@ async fn put(url: &str, results: Vec<QueryResult>) -> Result<(), tonic::Status> 
     let mut store = StoreClient::connect(url.to_owned())
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    store.put(PutRequest { results }).await.map(drop)
+    store
+        .put(PutRequest {
+            results,
+            fence: None,
+        })
+        .await
+        .map(drop)
 }
 
 /// Follows a gateway SSE stream, collecting `result` event ids; fails on a gap or error.

@@ -170,7 +170,12 @@ async fn measure(args: &GatewayArgs, running: &Running) -> Result<()> {
                 result(QUERY, format!("key-{k}"), 0, values)
             })
             .collect();
-        store.put(PutRequest { results }).await?;
+        store
+            .put(PutRequest {
+                results,
+                fence: None,
+            })
+            .await?;
     }
     if !args.fanout_only {
         let (rate, latency, errors) = get_grpc(args, &running.gateway).await?;
@@ -378,7 +383,12 @@ async fn fan_out(
             i64::try_from(event)? * 60_000,
             values,
         )];
-        store.put(PutRequest { results }).await?;
+        store
+            .put(PutRequest {
+                results,
+                fence: None,
+            })
+            .await?;
     }
     let mut delays = histogram();
     let mut delivered = 0;

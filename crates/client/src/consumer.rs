@@ -287,7 +287,11 @@ impl<M: SubscribeMessage> GroupConsumer<M> {
             generation: self.generation(),
             offsets: offsets
                 .iter()
-                .map(|&(partition, offset)| PartitionOffset { partition, offset })
+                .map(|&(partition, offset)| PartitionOffset {
+                    partition,
+                    offset,
+                    ..PartitionOffset::default()
+                })
                 .collect(),
         };
         let committed = self

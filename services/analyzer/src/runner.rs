@@ -552,6 +552,7 @@ impl StageRunner {
             loop {
                 let request = PutRequest {
                     results: chunk.to_vec(),
+                    fence: None,
                 };
                 match self.context.store.clone().put(request).await {
                     Ok(_) => break,

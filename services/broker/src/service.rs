@@ -347,6 +347,7 @@ impl BrokerService {
             acks,
             partition,
             batches,
+            fence: _,
         } = request;
         topic::validate_name(&name)?;
         if events.is_empty() && batches.is_empty() {
@@ -660,7 +661,11 @@ impl BrokerService {
         Ok(CommitOffsetsResponse {
             committed: committed
                 .into_iter()
-                .map(|(partition, offset)| PartitionOffset { partition, offset })
+                .map(|(partition, offset)| PartitionOffset {
+                    partition,
+                    offset,
+                    ..PartitionOffset::default()
+                })
                 .collect(),
         })
     }

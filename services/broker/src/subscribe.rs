@@ -193,7 +193,7 @@ impl MemberStream {
                         keep
                     });
                     let message = SubscribeResponse {
-                        message: Some(Message::Assignment(Assignment { generation, partitions: partitions.clone() })),
+                        message: Some(Message::Assignment(Assignment { generation, partitions: partitions.clone(), starts: Vec::new() })),
                     };
                     if output.send(Ok(message)).await.is_err() {
                         break "client gone".to_owned();

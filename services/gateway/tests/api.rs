@@ -105,7 +105,13 @@ impl Stack {
     }
 
     async fn put(&mut self, results: Vec<QueryResult>) {
-        self.store.put(PutRequest { results }).await.unwrap();
+        self.store
+            .put(PutRequest {
+                results,
+                fence: None,
+            })
+            .await
+            .unwrap();
     }
 }
 

@@ -97,6 +97,7 @@ async fn reads_need_credentials_and_a_grant_for_the_query() {
     StoreClient::new(writer)
         .put(PutRequest {
             results: vec![result("public.counts"), result("private.counts")],
+            fence: None,
         })
         .await
         .unwrap();
@@ -106,6 +107,7 @@ async fn reads_need_credentials_and_a_grant_for_the_query() {
     let status = StoreClient::new(not_a_writer)
         .put(PutRequest {
             results: vec![result("public.counts")],
+            fence: None,
         })
         .await
         .unwrap_err();

@@ -223,7 +223,11 @@ async fn commits_are_fenced_by_generation_and_ownership(engine: Engine) {
             topic: "fence".into(),
             member_id: member.into(),
             generation,
-            offsets: vec![PartitionOffset { partition, offset }],
+            offsets: vec![PartitionOffset {
+                partition,
+                offset,
+                ..PartitionOffset::default()
+            }],
         };
     let stale = client
         .commit_offsets(commit("a", first_generation, 0, 0))

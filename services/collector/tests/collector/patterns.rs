@@ -405,6 +405,7 @@ async fn track_issues_a_token_and_answers_with_its_latest_score() {
         .store
         .put(PutRequest {
             results: vec![result(&token, 1_700_000_000_000, 0.2)],
+            fence: None,
         })
         .await
         .unwrap();
@@ -424,6 +425,7 @@ async fn track_issues_a_token_and_answers_with_its_latest_score() {
                 .store
                 .put(PutRequest {
                     results: vec![result(&token, 1_700_000_060_000, 0.7)],
+                    fence: None,
                 })
                 .await
                 .unwrap();

@@ -112,7 +112,10 @@ async fn put(
     results: Vec<QueryResult>,
 ) -> Result<u32, tonic::Status> {
     client
-        .put(PutRequest { results })
+        .put(PutRequest {
+            results,
+            fence: None,
+        })
         .await
         .map(|r| r.into_inner().written)
 }
