@@ -266,13 +266,17 @@ impl StageRunner {
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let next = tokio::select! {
-                    next = member.next() => Some(next),
-                    _ = ticker.tick() => None,
+                    // The stream before the ticker: a new assignment waiting there must
+                    // change this member's fence before a checkpoint goes out under the old
+                    // one. (A busy stream starves no checkpoint: every message is a step.)
+                    biased;
                     () = self.context.shutdown.wait() => {
                         self.checkpoint(&mut state, &checkpoints, &mut member).await?;
                         self.publish(&state);
                         return Ok(());
                     }
+                    next = member.next() => Some(next),
+                    _ = ticker.tick() => None,
                 };
                 let flow = match next {
                     None => Flow::Continue,
