@@ -506,7 +506,8 @@ fn load_service_config(
         }
         "analyzer" => {
             let c = load::<runnel_analyzer::AnalyzerConfig>(file, env)?;
-            loaded(&c, Some(c.data_dir.clone()), &[&c.broker, &c.store])
+            // Its checkpoints live in the broker: it writes no files.
+            loaded(&c, None, &[&c.broker, &c.store])
         }
         "store" => {
             let c = load::<runnel_store::StoreConfig>(file, env)?;

@@ -60,7 +60,6 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
     };
     pipeline.collector.data_dir = args.data_dir.join("collector");
     pipeline.broker.data_dir = args.data_dir.join("broker");
-    pipeline.analyzer.data_dir = args.data_dir.join("analyzer");
     pipeline.store.data_dir = args.data_dir.join("store");
     pipeline.gateway.data_dir = args.data_dir.join("gateway");
     if args.demo {
