@@ -91,6 +91,8 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
     pipeline.collector.broker = url(&broker_listeners, broker_tls)?;
     pipeline.analyzer.broker = url(&broker_listeners, broker_tls)?;
     pipeline.analyzer.store = url(&store_listeners, store_tls)?;
+    // The store keeps its results as a log in the broker, as every store replica does.
+    pipeline.store.broker = url(&broker_listeners, broker_tls)?;
     pipeline.gateway.store = url(&store_listeners, store_tls)?;
     pipeline.collector.store = url(&store_listeners, store_tls)?;
     // The dashboard's health table shows every service of the pipeline.
