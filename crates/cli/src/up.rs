@@ -62,7 +62,6 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
     pipeline.broker.data_dir = args.data_dir.join("broker");
     pipeline.analyzer.data_dir = args.data_dir.join("analyzer");
     pipeline.store.data_dir = args.data_dir.join("store");
-    pipeline.gateway.data_dir = args.data_dir.join("gateway");
     if args.demo {
         demo::add_query(&mut pipeline.analyzer);
     }
@@ -93,6 +92,7 @@ pub(crate) async fn run(args: UpArgs) -> Result<ExitCode> {
     pipeline.analyzer.broker = url(&broker_listeners, broker_tls)?;
     pipeline.analyzer.store = url(&store_listeners, store_tls)?;
     pipeline.gateway.store = url(&store_listeners, store_tls)?;
+    pipeline.gateway.broker = url(&broker_listeners, broker_tls)?;
     pipeline.collector.store = url(&store_listeners, store_tls)?;
     // The dashboard's health table shows every service of the pipeline.
     for (name, listeners, tls) in [
