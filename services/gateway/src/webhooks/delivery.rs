@@ -53,6 +53,9 @@ struct Owned {
     /// The cursors committed by the previous owner, for webhooks not started yet.
     restored: BTreeMap<u64, Cursor>,
     running: BTreeMap<u64, Running>,
+    /// The last commit (or the assignment's start): where delivery resumes if this
+    /// replica is fenced but keeps the partition.
+    committed: PartitionOffset,
 }
 
 impl Owned {
@@ -67,6 +70,10 @@ impl Owned {
 #[derive(Debug, Default)]
 struct State {
     owned: BTreeMap<u32, Owned>,
+    /// Partitions whose deliveries stopped on a refused commit, with their last commit:
+    /// if the next assignment keeps one here (a rebalance this replica had not read yet
+    /// when it committed), delivery resumes from that commit, as a new owner's would.
+    fenced: BTreeMap<u32, PartitionOffset>,
     stopped: bool,
 }
 
@@ -365,6 +372,29 @@ impl Deliveries {
     ) {
         tracing::info!(?partitions, "webhook delivery partitions assigned");
         self.stop_partitions(|p| partitions.contains(&p));
+        let mut starts = starts;
+        if let Ok(mut state) = self.state.lock() {
+            let fenced = std::mem::take(&mut state.fenced);
+            for (partition, committed) in fenced {
+                if partitions.contains(&partition)
+                    && !starts.iter().any(|s| s.partition == partition)
+                {
+                    starts.push(committed);
+                }
+            }
+            for partition in partitions {
+                if !state.owned.contains_key(partition)
+                    && !starts.iter().any(|s| s.partition == *partition)
+                {
+                    // The broker says "continue" for a partition this replica does not
+                    // deliver: nothing to resume from, so nothing is delivered twice.
+                    tracing::error!(
+                        partition,
+                        "assigned a webhook partition to continue that this gateway does not deliver"
+                    );
+                }
+            }
+        }
         for start in starts {
             // Every change the previous owner had seen is in the registry once it has read
             // this far: a cursor whose webhook is not there belongs to a deleted one.
@@ -387,16 +417,18 @@ impl Deliveries {
             // owned (`offer`), one applied before is in this snapshot.
             let hooks = registry.in_partition(start.partition);
             restored.retain(|id, _| hooks.iter().any(|hook| hook.id == *id));
+            let partition = start.partition;
             state.owned.insert(
-                start.partition,
+                partition,
                 Owned {
                     next_offset: start.offset,
                     restored,
                     running: BTreeMap::new(),
+                    committed: start,
                 },
             );
             for hook in hooks {
-                self.start_in(&mut state, start.partition, &hook);
+                self.start_in(&mut state, partition, &hook);
             }
         }
     }
@@ -426,16 +458,28 @@ impl Deliveries {
                 metadata: record::encode_cursors(&cursors),
             }
         };
-        match consumer.commit_with_metadata(vec![offset]).await {
-            Ok(_) => Committed::Yes,
+        match consumer.commit_with_metadata(vec![offset.clone()]).await {
+            Ok(_) => {
+                if let Ok(mut state) = self.state.lock()
+                    && let Some(owned) = state.owned.get_mut(&partition)
+                {
+                    owned.committed = offset;
+                }
+                Committed::Yes
+            }
             Err(ClientError::Broker(status)) if status.code() == Code::FailedPrecondition => {
                 tracing::warn!(
                     partition,
                     message = status.message(),
-                    "fenced: another gateway delivers these webhooks now; stopping"
+                    "fenced: the group moved on without this gateway's commit; stopping these webhooks"
                 );
                 metrics::counter!("runnel_gateway_webhook_fenced_total").increment(1);
-                self.stop_partitions(|p| p != partition);
+                if let Ok(mut state) = self.state.lock()
+                    && let Some(owned) = state.owned.remove(&partition)
+                {
+                    state.fenced.insert(partition, owned.committed.clone());
+                    owned.stop();
+                }
                 Committed::Fenced
             }
             Err(error) => Committed::Failed(error.to_string()),
