@@ -65,7 +65,7 @@ pub async fn run(
     if let Some(dir) = &config.data_dir {
         tracing::warn!(
             data_dir = %dir.display(),
-            "gateway.data_dir is deprecated and ignored: the gateway keeps nothing on disk; remove it"
+            "gateway.data_dir is deprecated and ignored: webhooks live in the broker now (gateway.broker) and the gateway keeps nothing on disk; remove it, and register again any webhook kept in its webhooks.redb"
         );
     }
     // Webhooks live in the broker, shared by every replica; without one there are none.
