@@ -288,6 +288,8 @@ impl Deliveries {
         let mut delay = REJOIN_MIN;
         while !self.shutdown.is_triggered() {
             let options = ConsumerOptions {
+                // Named so that the broker's group listing shows which members are gateways.
+                member_id: Some(format!("gateway-{:016x}", rand::random::<u64>())),
                 session_timeout: self.config.session_timeout,
                 ..ConsumerOptions::default()
             };
