@@ -17,7 +17,7 @@
 
 use super::record::{self, Cursor, Outcome, Webhook};
 use super::registry::Registry;
-use super::{DeliveryStatus, GROUP, TOPIC, now, partition_of, signature};
+use super::{DeliveryStatus, GROUP, PARTITIONS, TOPIC, now, partition_of, signature};
 use crate::config::{SlowClientPolicy, WebhookConfig};
 use crate::error::GatewayError;
 use crate::live::{Hub, LiveItem, Published, Start};
@@ -172,10 +172,15 @@ impl Deliveries {
 
     /// Joins the delivery group once the registry is loaded, and stays in it (rejoining
     /// after the broker drops the member) until shutdown.
-    pub(crate) fn join(self: &Arc<Self>, broker: Peer, registry: Arc<Registry>) {
+    pub(crate) fn join(
+        self: &Arc<Self>,
+        broker: Peer,
+        max_message_bytes: usize,
+        registry: Arc<Registry>,
+    ) {
         let requests = self.requests.lock().ok().and_then(|mut r| r.take());
         if let Some(requests) = requests {
-            tokio::spawn(Arc::clone(self).member(broker, registry, requests));
+            tokio::spawn(Arc::clone(self).member(broker, max_message_bytes, registry, requests));
         }
     }
 
@@ -277,6 +282,7 @@ impl Deliveries {
     async fn member(
         self: Arc<Self>,
         broker: Peer,
+        max_message_bytes: usize,
         registry: Arc<Registry>,
         mut requests: mpsc::Receiver<CommitRequest>,
     ) {
@@ -295,7 +301,8 @@ impl Deliveries {
             };
             let joined = GroupConsumer::<SubscribeResponse>::join_decoding(
                 broker.clone(),
-                record::MAX_METADATA_BYTES * 2,
+                // Assignments carry up to 8 × 64 KiB of cursors.
+                max_message_bytes.max(PARTITIONS as usize * (record::MAX_METADATA_BYTES + 64)),
                 GROUP,
                 TOPIC,
                 options,

@@ -178,7 +178,12 @@ impl Webhooks {
             Arc::clone(&deliveries),
             shutdown.clone(),
         );
-        delivery::Deliveries::join(&deliveries, broker, Arc::clone(&registry));
+        delivery::Deliveries::join(
+            &deliveries,
+            broker,
+            max_message_bytes,
+            Arc::clone(&registry),
+        );
         Ok(Arc::new(Webhooks {
             registry,
             deliveries,
