@@ -281,6 +281,17 @@ impl Registry {
             }
             delay = (delay * 2).min(RETRY_MAX);
         };
+        for (partition, (start, _)) in bounds.iter().enumerate() {
+            if *start > 0 {
+                // Only if someone gave the topic a retention limit: registrations are lost.
+                tracing::error!(
+                    partition,
+                    start,
+                    topic = TOPIC,
+                    "the webhook registry log was trimmed; webhooks registered in the trimmed part are gone"
+                );
+            }
+        }
         self.progress.send_modify(|progress| {
             progress.next = bounds.iter().map(|(start, _)| *start).collect();
             progress.loaded_at = Some(bounds.iter().map(|(_, end)| *end).collect());
