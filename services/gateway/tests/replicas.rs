@@ -284,6 +284,40 @@ async fn replicas_share_webhooks_and_deliver_each_result_once() {
     core.services.stop(Duration::from_secs(15)).await.unwrap();
 }
 
+/// Every result `k000`… below `total` arrived; a result arrived twice only within one batch
+/// — the batch a replica had delivered but not yet committed the cursor of when it stopped
+/// or lost the webhook, delivered again by the next owner from the committed cursor.
+fn assert_every_result_once_but_one_batch(receiver: &Receiver, total: usize) {
+    let counts = receiver.counts();
+    let missing: Vec<usize> = (0..total)
+        .filter(|i| {
+            !counts
+                .keys()
+                .any(|(_, key, _, _)| *key == format!("k{i:03}"))
+        })
+        .collect();
+    assert!(missing.is_empty(), "results never delivered: {missing:?}");
+    let twice: Vec<ResultId> = counts
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert!(
+        counts.values().all(|n| *n <= 2),
+        "a result delivered more than twice: {counts:?}"
+    );
+    if !twice.is_empty() {
+        let deliveries = receiver.deliveries.lock().unwrap();
+        let within_one_batch = deliveries
+            .iter()
+            .any(|batch| twice.iter().all(|id| batch.contains(id)));
+        assert!(
+            within_one_batch && twice.len() <= MAX_BATCH,
+            "duplicates beyond one unacknowledged batch: {twice:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_survivor_takes_a_stopped_replicas_webhooks_over_from_their_cursors() {
     let mut core = Core::start().await;
@@ -329,36 +363,7 @@ async fn the_survivor_takes_a_stopped_replicas_webhooks_over_from_their_cursors(
     .await;
     assert!(survivor.delivers(id).await, "the survivor took it over");
 
-    let counts = receiver.counts();
-    let missing: Vec<usize> = (0..total)
-        .filter(|i| {
-            !counts
-                .keys()
-                .any(|(_, key, _, _)| *key == format!("k{i:03}"))
-        })
-        .collect();
-    assert!(missing.is_empty(), "results never delivered: {missing:?}");
-    // The one duplicate allowed: the batch the stopped replica had delivered but not yet
-    // committed the cursor of, delivered again by the survivor from the committed cursor.
-    let twice: Vec<ResultId> = counts
-        .iter()
-        .filter(|(_, n)| **n > 1)
-        .map(|(id, _)| id.clone())
-        .collect();
-    assert!(
-        counts.values().all(|n| *n <= 2),
-        "a result delivered more than twice: {counts:?}"
-    );
-    if !twice.is_empty() {
-        let deliveries = receiver.deliveries.lock().unwrap();
-        let within_one_batch = deliveries
-            .iter()
-            .any(|batch| twice.iter().all(|id| batch.contains(id)));
-        assert!(
-            within_one_batch && twice.len() <= MAX_BATCH,
-            "duplicates beyond one unacknowledged batch: {twice:?}"
-        );
-    }
+    assert_every_result_once_but_one_batch(&receiver, total);
 
     survivor.stop().await;
     core.services.stop(Duration::from_secs(15)).await.unwrap();
@@ -405,5 +410,69 @@ async fn a_deletion_through_one_replica_stops_delivery_on_the_other() {
 
     a.stop().await;
     b.stop().await;
+    core.services.stop(Duration::from_secs(15)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_replica_that_joins_while_results_flow_takes_its_share_and_loses_nothing() {
+    let mut core = Core::start().await;
+    let first = core.gateway().await;
+    // Webhooks in at least five of the eight partitions: whichever four the joining
+    // replica is given, it takes some of them over.
+    let mut hooks: Vec<(u64, Receiver)> = Vec::new();
+    let mut partitions = std::collections::BTreeSet::new();
+    while partitions.len() < 5 {
+        assert!(hooks.len() < 64, "ids spread over partitions");
+        let receiver = Receiver::start().await;
+        let id = first.register(&receiver).await;
+        let hook = first.get(&format!("/v1/webhooks/{id}")).await.unwrap();
+        partitions.insert(hook["partition"].as_u64().unwrap());
+        hooks.push((id, receiver));
+    }
+    for (id, _) in &hooks {
+        owner(&[&first], *id).await;
+    }
+
+    let total = 120usize;
+    let mut sent = 0usize;
+    while sent < 40 {
+        core.put(
+            (sent..sent + 4)
+                .map(|i| result(&format!("k{i:03}"), 0))
+                .collect(),
+        )
+        .await;
+        sent += 4;
+    }
+    let second = core.gateway().await;
+    while sent < total {
+        core.put(
+            (sent..sent + 4)
+                .map(|i| result(&format!("k{i:03}"), 0))
+                .collect(),
+        )
+        .await;
+        sent += 4;
+    }
+    core.put(vec![result("last", 0)]).await;
+    for (id, receiver) in &hooks {
+        eventually(
+            WAIT,
+            format!("webhook {id} to receive everything"),
+            || async { receiver.keys().contains(&"last".to_owned()) },
+        )
+        .await;
+        assert_every_result_once_but_one_batch(receiver, total);
+    }
+    let mut taken = 0;
+    for (id, _) in &hooks {
+        if owner(&[&first, &second], *id).await == 1 {
+            taken += 1;
+        }
+    }
+    assert!(taken > 0, "the joining replica delivers some webhooks");
+
+    first.stop().await;
+    second.stop().await;
     core.services.stop(Duration::from_secs(15)).await.unwrap();
 }
