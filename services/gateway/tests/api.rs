@@ -1,4 +1,5 @@
-//! The gateway over real gRPC and HTTP, in front of a real store, all in-process on
+//! The gateway over real gRPC and HTTP, in front of a real store (and a broker for its
+//! webhooks), all in-process on
 //! ephemeral ports: every read and live protocol, resumption, slow clients and webhooks.
 
 use futures::StreamExt;
