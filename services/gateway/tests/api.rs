@@ -1,6 +1,6 @@
 //! The gateway over real gRPC and HTTP, in front of a real store (and a broker for its
-//! webhooks), all in-process on
-//! ephemeral ports: every read and live protocol, resumption, slow clients and webhooks.
+//! webhooks), all in-process on ephemeral ports: every read and live protocol, resumption,
+//! slow clients and webhooks.
 
 use futures::StreamExt;
 use runnel_broker::BrokerConfig;
