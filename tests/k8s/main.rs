@@ -687,9 +687,16 @@ fn every_service_accepts_its_configuration_and_its_grace_period_outlasts_its_dra
                     "{at}: not authenticated"
                 );
                 assert!(!server.allow_unauthenticated, "{at}");
+                // The same grants, in any order (grants add up; their order means nothing).
+                let in_order = |grants: &[runnel_security::GrantConfig]| {
+                    let mut grants: Vec<String> =
+                        grants.iter().map(|g| format!("{g:?}")).collect();
+                    grants.sort();
+                    grants
+                };
                 assert_eq!(
-                    server.auth.grants,
-                    runnel_security::certs::pipeline_grants(service),
+                    in_order(&server.auth.grants),
+                    in_order(&runnel_security::certs::pipeline_grants(service)),
                     "{at}: grants"
                 );
                 for peer in &loaded.peers {
