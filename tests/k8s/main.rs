@@ -668,8 +668,24 @@ fn every_service_accepts_its_configuration_and_its_grace_period_outlasts_its_dra
             }
             let file = dir.path().join(format!("{}-{service}.toml", overlay.name));
             std::fs::write(&file, &contents).expect("write the config");
-            let loaded = load_service_config(service, &file, env)
+            let mut loaded = load_service_config(service, &file, env)
                 .unwrap_or_else(|e| panic!("{at}: the service refuses its configuration: {e}"));
+            // The analyzer, store and gateway keep their shared state in the broker: each
+            // names it (an empty `broker` would be the single-replica mode, whose state is
+            // on the pod), and calls it like any other peer.
+            if ["analyzer", "store", "gateway"].contains(&service) {
+                let table: toml::Table = contents.parse().unwrap_or_else(|e| panic!("{at}: {e}"));
+                let broker = table
+                    .get(service)
+                    .and_then(|t| t.get("broker"))
+                    .and_then(toml::Value::as_str)
+                    .unwrap_or("");
+                assert!(
+                    broker.ends_with("://runnel-broker:7102"),
+                    "{at}: {service}.broker is {broker:?}, not the broker's Service"
+                );
+                loaded.peers.push(broker.to_owned());
+            }
             // Production authenticates everyone: TLS with client certificates on every
             // listener, https:// to every peer, the pipeline's own grants and no others,
             // and probes that speak TLS.
@@ -689,8 +705,7 @@ fn every_service_accepts_its_configuration_and_its_grace_period_outlasts_its_dra
                 assert!(!server.allow_unauthenticated, "{at}");
                 // The same grants, in any order (grants add up; their order means nothing).
                 let in_order = |grants: &[runnel_security::GrantConfig]| {
-                    let mut grants: Vec<String> =
-                        grants.iter().map(|g| format!("{g:?}")).collect();
+                    let mut grants: Vec<String> = grants.iter().map(|g| format!("{g:?}")).collect();
                     grants.sort();
                     grants
                 };
