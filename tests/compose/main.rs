@@ -344,7 +344,17 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
     // analyzer's partitions move to the others, which restore their checkpoints from the
     // broker; the store replica comes back as a new container with an empty volume and
     // rebuilds its results from the broker's `_store.results`.
-    let before = project.health_so_far();
+    // Healthy again: the restarted analyzer (once more than before), and the new store
+    // container (at all); the replicas left alone were healthy all along.
+    let analyzer_2 = project.container("analyzer", 2).await.expect("analyzer #2");
+    let before = HashMap::from([(
+        analyzer_2.clone(),
+        project
+            .health_so_far()
+            .get(&analyzer_2)
+            .copied()
+            .unwrap_or(0),
+    )]);
     project.kill("analyzer", 2).await.expect("kill an analyzer");
     project.kill("store", 2).await.expect("kill a store");
     eprintln!("analyzer #2 and store #2 killed");
