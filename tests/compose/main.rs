@@ -495,7 +495,7 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
         .expect("http client");
     for (replica, (grpc_addr, http_addr)) in gateways.iter().enumerate() {
         let replica = replica + 1;
-        let mut gateway = GatewayClient::new(
+        let gateway = GatewayClient::new(
             tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
                 .expect("url")
                 .connect_lazy(),
@@ -503,8 +503,10 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
         for key in &acked {
             let expected = (BATCH as f64, batch_sum());
             let url = format!("http://{http_addr}/v1/results/{QUERY}/{key}");
+            // Both APIs have it: HTTP with the batch's count and sum, gRPC `Get` with a
+            // result (compared in full below).
             let answered = holds_within(WAIT, || {
-                let (http, url) = (&http, &url);
+                let (http, url, mut gateway) = (&http, &url, gateway.clone());
                 async move {
                     let body: serde_json::Value = http
                         .get(url)
@@ -517,28 +519,29 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
                         .await
                         .ok()?;
                     let values = &body["values"];
-                    (values["count"].as_f64() == Some(expected.0)
-                        && values["sum"].as_f64() == Some(expected.1))
-                    .then_some(())
+                    if values["count"].as_f64() != Some(expected.0)
+                        || values["sum"].as_f64() != Some(expected.1)
+                    {
+                        return None;
+                    }
+                    gateway
+                        .get(runnel_proto::v1::GetRequest {
+                            query: QUERY.into(),
+                            key: key.clone(),
+                        })
+                        .await
+                        .ok()?
+                        .into_inner()
+                        .result
                 }
             })
             .await;
-            if answered.is_none() {
+            let Some(stored) = answered else {
                 panic!(
-                    "gateway #{replica}: GET {url} never answered {expected:?}\n{}",
+                    "gateway #{replica}: {key} never answered {expected:?} over HTTP and gRPC\n{}",
                     project.logs().await
                 );
-            }
-            let stored = gateway
-                .get(runnel_proto::v1::GetRequest {
-                    query: QUERY.into(),
-                    key: key.clone(),
-                })
-                .await
-                .unwrap_or_else(|status| panic!("gateway #{replica}: get {key}: {status:?}"))
-                .into_inner()
-                .result
-                .unwrap_or_else(|| panic!("gateway #{replica}: no result for {key}"));
+            };
             assert_eq!(
                 stored.values, results[key].values,
                 "gateway #{replica}: {key} differs from what the watch saw"
