@@ -24,12 +24,12 @@ use tokio::sync::OnceCell;
 const T0: i64 = 1_700_000_000_000;
 const S: i64 = 1000;
 const ROUNDS: usize = 20;
-const QUERIES: [&str; 4] = ["counts", "sliding", "sessions", "topics"];
+pub(crate) const QUERIES: [&str; 4] = ["counts", "sliding", "sessions", "topics"];
 const TAGS: [&str; 5] = ["rust", "go", "music", "hiking", "food"];
 
 /// Four queries over two topics; time is event time only (no idleness), so that the
 /// results are a function of the input alone.
-const QUERIES_TOML: &str = r#"
+pub(crate) const QUERIES_TOML: &str = r#"
 checkpoint_interval = "50ms"
 session_timeout = "2s"
 
@@ -76,7 +76,7 @@ aggregates = [{ fn = "count" }, { fn = "sample", of = "id", size = 3 }]
 "#;
 
 /// The workload, identical for every run: (topic, event).
-fn workload() -> Vec<(&'static str, Event)> {
+pub(crate) fn workload() -> Vec<(&'static str, Event)> {
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let mut next = move |n: u64| {
         rng ^= rng << 13;
@@ -152,7 +152,7 @@ fn event(id: String, key: &str, kind: &str, at: i64, payload: serde_json::Value)
 }
 
 /// (query, key, window start) → (values as bits, items).
-type Snapshot =
+pub(crate) type Snapshot =
     BTreeMap<(String, String, i64), (Vec<(String, u64)>, Vec<(String, Vec<(String, u64)>)>)>;
 
 /// Broker, store and the analyzer config file, in one temporary directory.
@@ -237,53 +237,71 @@ impl Cluster {
 
     /// Every result of the test's queries, through the store's `Range`.
     async fn snapshot(&self, keys: &BTreeMap<&str, BTreeSet<String>>) -> Snapshot {
-        let mut store = StoreClient::connect(self.store.url()).await.expect("store");
-        let mut all = Snapshot::new();
-        for (query, keys) in keys {
-            for key in keys {
-                let results = store
-                    .range(RangeRequest {
-                        query: (*query).into(),
-                        key: key.clone(),
-                        limit: 10_000,
-                        ..Default::default()
-                    })
-                    .await
-                    .expect("range")
-                    .into_inner()
-                    .results;
-                for r in results {
-                    let mut values: Vec<(String, u64)> = r
-                        .values
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.to_bits()))
-                        .collect();
-                    values.sort();
-                    let mut items: Vec<(String, Vec<(String, u64)>)> = r
-                        .items
-                        .iter()
-                        .map(|(k, list)| {
-                            (
-                                k.clone(),
-                                list.items
-                                    .iter()
-                                    .map(|i| (i.item.clone(), i.value.to_bits()))
-                                    .collect(),
-                            )
-                        })
-                        .collect();
-                    items.sort();
-                    let start = Millis::from(r.window_start.expect("start")).0;
-                    all.insert(((*query).to_owned(), r.key, start), (values, items));
-                }
-            }
-        }
-        all
+        snapshot(&self.store.url(), keys).await
     }
 }
 
+/// Every result of the test's queries in the store at `store_url`, through its `Range`.
+pub(crate) async fn snapshot(store_url: &str, keys: &BTreeMap<&str, BTreeSet<String>>) -> Snapshot {
+    let mut store = StoreClient::connect(store_url.to_owned())
+        .await
+        .expect("store");
+    let mut all = Snapshot::new();
+    for (query, keys) in keys {
+        for key in keys {
+            let results = store
+                .range(RangeRequest {
+                    query: (*query).into(),
+                    key: key.clone(),
+                    limit: 10_000,
+                    ..Default::default()
+                })
+                .await
+                .expect("range")
+                .into_inner()
+                .results;
+            for r in &results {
+                let (window, version) = version(r);
+                all.insert(window, version);
+            }
+        }
+    }
+    all
+}
+
+/// A result as the comparisons see it: its window, and its values and items as bits.
+pub(crate) fn version(
+    r: &runnel_proto::v1::QueryResult,
+) -> (
+    (String, String, i64),
+    (Vec<(String, u64)>, Vec<(String, Vec<(String, u64)>)>),
+) {
+    let mut values: Vec<(String, u64)> = r
+        .values
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_bits()))
+        .collect();
+    values.sort();
+    let mut items: Vec<(String, Vec<(String, u64)>)> = r
+        .items
+        .iter()
+        .map(|(k, list)| {
+            (
+                k.clone(),
+                list.items
+                    .iter()
+                    .map(|i| (i.item.clone(), i.value.to_bits()))
+                    .collect(),
+            )
+        })
+        .collect();
+    items.sort();
+    let start = Millis::from(r.window_start.expect("start")).0;
+    ((r.query.clone(), r.key.clone(), start), (values, items))
+}
+
 /// The keys each query can have results for.
-fn keys(events: &[(&str, Event)]) -> BTreeMap<&'static str, BTreeSet<String>> {
+pub(crate) fn keys(events: &[(&str, Event)]) -> BTreeMap<&'static str, BTreeSet<String>> {
     let readings: BTreeSet<String> = events
         .iter()
         .filter(|(t, _)| *t == "events")
@@ -298,7 +316,7 @@ fn keys(events: &[(&str, Event)]) -> BTreeMap<&'static str, BTreeSet<String>> {
     ])
 }
 
-async fn produce(
+pub(crate) async fn produce(
     producers: &mut HashMap<&'static str, Producer>,
     events: &[(&'static str, Event)],
 ) {
@@ -320,7 +338,7 @@ async fn produce(
 }
 
 /// Every query of `analyzer` has read `expected` events and holds no window.
-async fn settled(analyzers: &[&ServiceProcess], expected: &HashMap<&str, u64>) -> bool {
+pub(crate) async fn settled(analyzers: &[&ServiceProcess], expected: &HashMap<&str, u64>) -> bool {
     let mut processed: HashMap<String, u64> = HashMap::new();
     let mut open = 0;
     for analyzer in analyzers {
@@ -344,7 +362,7 @@ async fn settled(analyzers: &[&ServiceProcess], expected: &HashMap<&str, u64>) -
         })
 }
 
-fn counts(events: &[(&str, Event)]) -> HashMap<&'static str, u64> {
+pub(crate) fn counts(events: &[(&str, Event)]) -> HashMap<&'static str, u64> {
     let mut counts = HashMap::new();
     for topic in ["events", "meetup"] {
         counts.insert(
@@ -356,7 +374,7 @@ fn counts(events: &[(&str, Event)]) -> HashMap<&'static str, u64> {
 }
 
 /// The results of a run without failures, computed once for the tests that compare.
-async fn reference() -> &'static Snapshot {
+pub(crate) async fn reference() -> &'static Snapshot {
     static REFERENCE: OnceCell<Snapshot> = OnceCell::const_new();
     REFERENCE
         .get_or_init(|| async {
@@ -391,7 +409,7 @@ async fn reference() -> &'static Snapshot {
         .await
 }
 
-fn diff(found: &Snapshot, expected: &Snapshot) -> String {
+pub(crate) fn diff(found: &Snapshot, expected: &Snapshot) -> String {
     let mut lines = Vec::new();
     for (k, v) in expected {
         match found.get(k) {

@@ -170,6 +170,24 @@ impl ServiceProcess {
         Ok(())
     }
 
+    /// Stops the process with SIGSTOP: it holds its connections and memory but does
+    /// nothing — a stalled machine, a long GC pause — until [`ServiceProcess::resume`].
+    pub fn pause(&self) -> Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGSTOP)
+    }
+
+    /// Lets a paused process go on (SIGCONT), unaware of the time that passed.
+    pub fn resume(&self) -> Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGCONT)
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let pid = self.child.id().context("the process has exited")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid)?), signal)
+            .with_context(|| format!("{signal} to {}", self.name))?;
+        Ok(())
+    }
+
     /// Sends SIGTERM and waits for a clean exit.
     pub async fn terminate(mut self) -> Result<std::process::ExitStatus> {
         if let Some(pid) = self.child.id() {

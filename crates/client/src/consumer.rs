@@ -14,7 +14,7 @@ use crate::ClientError;
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::subscribe_response::Message;
 use runnel_proto::v1::{
-    CommitOffsetsRequest, Delivery, PartitionOffset, Record, RecordChunk, StartFrom,
+    CommitOffsetsRequest, Delivery, GroupFence, PartitionOffset, Record, RecordChunk, StartFrom,
     SubscribeRequest, SubscribeResponse,
 };
 use runnel_security::Peer;
@@ -69,6 +69,9 @@ pub enum StreamPart<R> {
         generation: u64,
         /// The partitions the member owns from now on.
         partitions: Vec<u32>,
+        /// Where each partition whose delivery (re)starts starts, with the metadata
+        /// committed with that offset.
+        starts: Vec<PartitionOffset>,
     },
     /// Records of one partition, sent under the assignment of `generation`.
     Records {
@@ -89,6 +92,7 @@ impl SubscribeMessage for SubscribeResponse {
             Message::Assignment(assignment) => Some(StreamPart::Assignment {
                 generation: assignment.generation,
                 partitions: assignment.partitions,
+                starts: assignment.starts,
             }),
             Message::Records(RecordChunk {
                 partition,
@@ -112,6 +116,11 @@ pub enum GroupEvent<R = Vec<Record>> {
         generation: u64,
         /// The partitions owned.
         partitions: Vec<u32>,
+        /// The partitions whose records start over with this assignment: the offset of
+        /// the first record each will deliver and the metadata committed with it (empty if
+        /// none). An owned partition not listed here continues where it was, under the same
+        /// member: whatever the member holds for it is still current.
+        starts: Vec<PartitionOffset>,
     },
     /// Records of one owned partition, in offset order.
     Records {
@@ -250,12 +259,14 @@ impl<M: SubscribeMessage> GroupConsumer<M> {
                 Some(StreamPart::Assignment {
                     generation,
                     partitions,
+                    starts,
                 }) => {
                     self.generation.store(generation, Ordering::Release);
                     self.assigned = partitions.clone();
                     return Ok(Some(GroupEvent::Assigned {
                         generation,
                         partitions,
+                        starts,
                     }));
                 }
                 Some(StreamPart::Records {
@@ -280,31 +291,56 @@ impl<M: SubscribeMessage> GroupConsumer<M> {
         &mut self,
         offsets: &[(u32, u64)],
     ) -> Result<BTreeMap<u32, u64>, ClientError> {
+        let offsets = offsets
+            .iter()
+            .map(|&(partition, offset)| PartitionOffset {
+                partition,
+                offset,
+                ..PartitionOffset::default()
+            })
+            .collect();
+        let committed = self.commit_with_metadata(offsets).await?;
+        Ok(committed
+            .into_iter()
+            .map(|o| (o.partition, o.offset))
+            .collect())
+    }
+
+    /// Commits each partition's next offset together with its metadata (at most 64 KiB:
+    /// say, a handle to the state the member checkpointed at that offset), atomically,
+    /// under the current generation; returns the group's commits after it. A member that
+    /// no longer owns a partition it names gets `FAILED_PRECONDITION`: it has been fenced.
+    pub async fn commit_with_metadata(
+        &mut self,
+        offsets: Vec<PartitionOffset>,
+    ) -> Result<Vec<PartitionOffset>, ClientError> {
         let request = CommitOffsetsRequest {
             group: self.group.clone(),
             topic: self.topic.clone(),
             member_id: self.member_id.clone(),
             generation: self.generation(),
-            offsets: offsets
-                .iter()
-                .map(|&(partition, offset)| PartitionOffset {
-                    partition,
-                    offset,
-                    ..PartitionOffset::default()
-                })
-                .collect(),
+            offsets,
         };
-        let committed = self
+        Ok(self
             .broker
             .commit_offsets(request)
             .await
             .map_err(ClientError::Broker)?
             .into_inner()
-            .committed;
-        Ok(committed
-            .into_iter()
-            .map(|o| (o.partition, o.offset))
-            .collect())
+            .committed)
+    }
+
+    /// The fence for writes made on behalf of `partitions` under the current generation
+    /// (`Producer::set_fence`, the store's `Put`): refused once the member no longer owns
+    /// them.
+    pub fn fence(&self, partitions: Vec<u32>) -> GroupFence {
+        GroupFence {
+            group: self.group.clone(),
+            topic: self.topic.clone(),
+            member_id: self.member_id.clone(),
+            generation: self.generation(),
+            partitions,
+        }
     }
 }
 

@@ -12,8 +12,8 @@
 use crate::{ClientError, retriable};
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::{
-    Acks, BatchAck, Compression, CreateTopicRequest, DescribeTopicRequest, Event, ProduceRequest,
-    RecordBatch, RecordPosition,
+    Acks, BatchAck, Compression, CreateTopicRequest, DescribeTopicRequest, Event, GroupFence,
+    ProduceRequest, RecordBatch, RecordPosition,
 };
 use runnel_proto::{partition_for_key, records};
 use runnel_security::Peer;
@@ -59,6 +59,8 @@ pub struct Producer {
     /// The next round-robin partition for events without a key.
     round_robin: u32,
     options: ProducerOptions,
+    /// The group membership every send is made under, if any.
+    fence: Option<GroupFence>,
 }
 
 impl Producer {
@@ -106,7 +108,15 @@ impl Producer {
             next_sequence: vec![0; partitions as usize],
             round_robin: 0,
             options,
+            fence: None,
         })
+    }
+
+    /// Makes every later send a write on behalf of a consumer group's member: the broker
+    /// refuses it with `FAILED_PRECONDITION` (not retried) once the member no longer owns
+    /// the partitions the fence names. `None` lifts the fence.
+    pub fn set_fence(&mut self, fence: Option<GroupFence>) {
+        self.fence = fence;
     }
 
     /// This producer's id.
@@ -207,6 +217,7 @@ impl Producer {
             topic: self.topic.clone(),
             acks: self.options.acks as i32,
             batches,
+            fence: self.fence.clone(),
             ..ProduceRequest::default()
         };
         let deadline = Instant::now() + self.options.retry_for;

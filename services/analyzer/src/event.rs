@@ -29,6 +29,7 @@ impl runnel_client::SubscribeMessage for RawSubscribeResponse {
             RawMessage::Assignment(assignment) => StreamPart::Assignment {
                 generation: assignment.generation,
                 partitions: assignment.partitions,
+                starts: assignment.starts,
             },
             RawMessage::Records(chunk) => StreamPart::Records {
                 generation: chunk.generation,

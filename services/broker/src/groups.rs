@@ -205,8 +205,16 @@ impl Coordinator {
         let group_state = groups
             .get_mut(&(group.to_owned(), topic.to_owned()))
             .ok_or_else(not_member)?;
-        if !group_state.members.contains_key(member_id) {
+        let Some(member) = group_state.members.get(member_id) else {
             return Err(not_member());
+        };
+        // Past its deadline a member is gone, whether or not the sweep has removed it yet:
+        // a process that was paused that long must not keep writing as the owner.
+        if member.deadline <= now {
+            return Err(BrokerError::NotAMember(format!(
+                "{member_id:?}'s session in group {group:?} timed out ({:?}); subscribe again",
+                member.session_timeout
+            )));
         }
         if generation != group_state.generation {
             return Err(BrokerError::NotAMember(format!(

@@ -11,7 +11,7 @@ use crate::batch::{self, StoredBatch};
 use crate::config::{BrokerConfig, MAX_SESSION_TIMEOUT};
 use crate::error::{BrokerError, Result};
 use crate::groups::Coordinator;
-use crate::storage::{Appended, Incoming, Storage};
+use crate::storage::{Appended, Committed, Incoming, MAX_COMMIT_METADATA, Storage};
 use crate::subscribe::{MemberStream, stream_partition};
 use crate::topic::{self, RetentionOverride};
 use prost::Message;
@@ -21,8 +21,8 @@ use runnel_proto::names;
 use runnel_proto::v1::broker_server::Broker;
 use runnel_proto::v1::{
     Acks, BatchAck, CommitOffsetsRequest, CommitOffsetsResponse, Compression, CreateTopicRequest,
-    CreateTopicResponse, DescribeTopicRequest, Event, FetchRequest, FetchResponse, GroupMember,
-    GroupStatus, ListTopicsRequest, ListTopicsResponse, PartitionLag, PartitionOffset,
+    CreateTopicResponse, DescribeTopicRequest, Event, FetchRequest, FetchResponse, GroupFence,
+    GroupMember, GroupStatus, ListTopicsRequest, ListTopicsResponse, PartitionLag, PartitionOffset,
     ProduceRequest, ProduceResponse, Record, RecordBatch, RecordPosition, SubscribeRequest,
     SubscribeResponse, TopicDescription,
 };
@@ -347,9 +347,12 @@ impl BrokerService {
             acks,
             partition,
             batches,
-            fence: _,
+            fence,
         } = request;
         topic::validate_name(&name)?;
+        if let Some(fence) = &fence {
+            self.check_fence(fence)?;
+        }
         if events.is_empty() && batches.is_empty() {
             return Err(BrokerError::InvalidArgument(
                 "events and batches are both empty: send at least one event".into(),
@@ -616,6 +619,24 @@ impl BrokerService {
         Ok(ReceiverStream::new(receiver))
     }
 
+    /// Refuses a write on behalf of a group member that no longer owns what it writes for
+    /// (FAILED_PRECONDITION), and counts it as the member's heartbeat.
+    fn check_fence(&self, fence: &GroupFence) -> Result<()> {
+        self.coordinator
+            .heartbeat(
+                &fence.group,
+                &fence.topic,
+                &fence.member_id,
+                fence.generation,
+                fence.partitions.iter().copied(),
+                Instant::now(),
+            )
+            .inspect_err(|_| {
+                metrics::counter!("runnel_broker_fenced_writes_total", "group" => fence.group.clone())
+                    .increment(1);
+            })
+    }
+
     #[tracing::instrument(name = "commit_offsets", skip_all, fields(group = %request.group, topic = %request.topic, member = %request.member_id))]
     async fn serve_commit(&self, request: CommitOffsetsRequest) -> Result<CommitOffsetsResponse> {
         let count = self.existing_topic(&request.topic).await?;
@@ -625,6 +646,12 @@ impl BrokerService {
             Self::check_partition(&request.topic, o.partition, count).map_err(|e| {
                 BrokerError::InvalidArgument(format!("offsets[{i}].partition: {e}"))
             })?;
+            if o.metadata.len() > MAX_COMMIT_METADATA {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "offsets[{i}].metadata has {} bytes; at most {MAX_COMMIT_METADATA} may be committed with an offset",
+                    o.metadata.len()
+                )));
+            }
             let (_, end) = self.storage.bounds(&request.topic, o.partition).await?;
             if o.offset > end {
                 return Err(BrokerError::InvalidArgument(format!(
@@ -632,7 +659,13 @@ impl BrokerService {
                     o.offset, o.partition
                 )));
             }
-            offsets.insert(o.partition, o.offset);
+            offsets.insert(
+                o.partition,
+                Committed {
+                    offset: o.offset,
+                    metadata: bytes::Bytes::copy_from_slice(&o.metadata),
+                },
+            );
             ends.insert(o.partition, end);
         }
         self.coordinator.heartbeat(
@@ -653,18 +686,18 @@ impl BrokerService {
                 .await?
         };
         for (p, end) in ends {
-            if let Some(offset) = committed.get(&p) {
+            if let Some(commit) = committed.get(&p) {
                 metrics::gauge!("runnel_broker_consumer_lag", "group" => request.group.clone(), "topic" => request.topic.clone(), "partition" => p.to_string())
-                    .set(end.saturating_sub(*offset) as f64);
+                    .set(end.saturating_sub(commit.offset) as f64);
             }
         }
         Ok(CommitOffsetsResponse {
             committed: committed
                 .into_iter()
-                .map(|(partition, offset)| PartitionOffset {
+                .map(|(partition, commit)| PartitionOffset {
                     partition,
-                    offset,
-                    ..PartitionOffset::default()
+                    offset: commit.offset,
+                    metadata: commit.metadata.to_vec(),
                 })
                 .collect(),
         })

@@ -8,15 +8,19 @@
 //!
 //! A group member's stream is a [`MemberStream`]: it follows the member's assignment,
 //! sending each new assignment before any record of it, following each owned partition
-//! (from the group's committed offset, or the start or end of the partition if none),
+//! (from the group's committed offset, or the start or end of the partition if none — the
+//! assignment's `starts` say which offset each newly followed partition starts at, with the
+//! metadata committed with it, so a member restores exactly the state that offset needs),
 //! dropping the followers of partitions taken away, and — for at-most-once delivery —
 //! committing each chunk's offsets before sending it.
 
 use crate::error::Result;
 use crate::groups::{Coordinator, MemberView, Membership};
-use crate::storage::{Follow, Storage};
+use crate::storage::{Committed, Follow, Storage};
 use runnel_proto::v1::subscribe_response::Message;
-use runnel_proto::v1::{Assignment, Delivery, Record, RecordChunk, StartFrom, SubscribeResponse};
+use runnel_proto::v1::{
+    Assignment, Delivery, PartitionOffset, Record, RecordChunk, StartFrom, SubscribeResponse,
+};
 use runnel_server::Shutdown;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -114,24 +118,37 @@ struct Owned {
 impl MemberStream {
     /// Where a newly owned partition starts: the committed offset (kept within what the
     /// partition holds), else its start or end.
-    async fn start_offset(&self, partition: u32, committed: &BTreeMap<u32, u64>) -> Result<u64> {
+    async fn start_offset(
+        &self,
+        partition: u32,
+        committed: &BTreeMap<u32, Committed>,
+    ) -> Result<u64> {
         let (start, end) = self.storage.bounds(&self.topic, partition).await?;
         Ok(match committed.get(&partition) {
-            Some(&offset) => offset.clamp(start, end),
+            Some(commit) => commit.offset.clamp(start, end),
             None if self.start_from == StartFrom::Latest => end,
             None => start,
         })
     }
 
-    /// Starts following `partition` for this member.
+    /// Starts following `partition` for this member; answers where it starts, with the
+    /// metadata committed with that offset.
     async fn own(
         &self,
         partition: u32,
         reader: u64,
-        committed: &BTreeMap<u32, u64>,
+        committed: &BTreeMap<u32, Committed>,
         chunks: &mpsc::Sender<Chunk>,
-    ) -> Result<Owned> {
+    ) -> Result<(Owned, PartitionOffset)> {
         let from = self.start_offset(partition, committed).await?;
+        let start = PartitionOffset {
+            partition,
+            offset: from,
+            metadata: committed
+                .get(&partition)
+                .map(|c| c.metadata.to_vec())
+                .unwrap_or_default(),
+        };
         let mut follow = self
             .storage
             .follow(
@@ -160,7 +177,7 @@ impl MemberStream {
                 }
             }
         });
-        Ok(Owned { reader, task })
+        Ok((Owned { reader, task }, start))
     }
 
     /// Runs the member's stream until the client leaves, the member is removed, or the
@@ -192,12 +209,6 @@ impl MemberStream {
                         }
                         keep
                     });
-                    let message = SubscribeResponse {
-                        message: Some(Message::Assignment(Assignment { generation, partitions: partitions.clone(), starts: Vec::new() })),
-                    };
-                    if output.send(Ok(message)).await.is_err() {
-                        break "client gone".to_owned();
-                    }
                     let committed = match self.storage.committed(&self.group, &self.topic).await {
                         Ok(committed) => committed,
                         Err(error) => {
@@ -206,14 +217,16 @@ impl MemberStream {
                         }
                     };
                     let mut failure = None;
-                    for p in partitions {
+                    let mut starts = Vec::new();
+                    for &p in &partitions {
                         if owned.contains_key(&p) {
                             continue;
                         }
                         next_reader += 1;
                         match self.own(p, next_reader, &committed, &chunks).await {
-                            Ok(followed) => {
+                            Ok((followed, start)) => {
                                 owned.insert(p, followed);
+                                starts.push(start);
                             }
                             Err(error) => {
                                 failure = Some(error);
@@ -224,6 +237,14 @@ impl MemberStream {
                     if let Some(error) = failure {
                         let _ = output.send(Err(error.into())).await;
                         break "follow failed".to_owned();
+                    }
+                    // Sent before any record of the new readers: their chunks come through
+                    // this loop.
+                    let message = SubscribeResponse {
+                        message: Some(Message::Assignment(Assignment { generation, partitions, starts })),
+                    };
+                    if output.send(Ok(message)).await.is_err() {
+                        break "client gone".to_owned();
                     }
                 }
                 Some(chunk) = incoming.recv() => {
@@ -284,7 +305,7 @@ impl MemberStream {
             tracing::debug!(%error, "not delivering: the partition moved");
             return false;
         }
-        let next = BTreeMap::from([(partition, last.offset + 1)]);
+        let next = BTreeMap::from([(partition, Committed::offset(last.offset + 1))]);
         match self.storage.commit(&self.group, &self.topic, next).await {
             Ok(_) => true,
             Err(error) => {

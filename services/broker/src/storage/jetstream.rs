@@ -24,7 +24,7 @@
 //! interrupted half-way is half stored until retried), duplicates are recognised within
 //! the duplicate window only, and retention settings are fixed when the topic is created.
 
-use super::{Appended, FOLLOW_BUFFER, Follow, Incoming, Read, Retention, Storage};
+use super::{Appended, Committed, FOLLOW_BUFFER, Follow, Incoming, Read, Retention, Storage};
 use crate::batch::{BatchHeader, StoredBatch};
 use crate::config::{JetStreamConfig, JetStreamStorage};
 use crate::error::{BrokerError, Result};
@@ -721,8 +721,8 @@ impl Storage for JetStream {
         &self,
         group: &str,
         topic: &str,
-        offsets: BTreeMap<u32, u64>,
-    ) -> Result<BTreeMap<u32, u64>> {
+        offsets: BTreeMap<u32, Committed>,
+    ) -> Result<BTreeMap<u32, Committed>> {
         let key = offsets_key(group, topic);
         // Compare-and-set: brokers serving the same group in front of one cluster never
         // overwrite each other's commits.
@@ -731,10 +731,8 @@ impl Storage for JetStream {
                 Some((bytes, revision)) => (parse_offsets(group, &bytes)?, revision),
                 None => (BTreeMap::new(), 0),
             };
-            merged.extend(&offsets);
-            let json = Bytes::from(
-                serde_json::to_vec(&merged).map_err(|e| BrokerError::Engine(e.to_string()))?,
-            );
+            merged.extend(offsets.iter().map(|(p, c)| (*p, c.clone())));
+            let json = Bytes::from(encode_offsets(&merged)?);
             match self.meta.put_if(&key, json, revision).await {
                 Ok(()) => return Ok(merged),
                 Err(Conflict::Lost) => continue,
@@ -743,7 +741,7 @@ impl Storage for JetStream {
         }
     }
 
-    async fn committed(&self, group: &str, topic: &str) -> Result<BTreeMap<u32, u64>> {
+    async fn committed(&self, group: &str, topic: &str) -> Result<BTreeMap<u32, Committed>> {
         match self.meta.get(&offsets_key(group, topic)).await? {
             Some((bytes, _)) => parse_offsets(group, &bytes),
             None => Ok(BTreeMap::new()),
@@ -763,15 +761,70 @@ impl Storage for JetStream {
             };
             let group = decode(group);
             let offsets = self.committed(&group, topic).await?;
-            groups.insert(group, offsets);
+            groups.insert(
+                group,
+                offsets.into_iter().map(|(p, c)| (p, c.offset)).collect(),
+            );
         }
         Ok(groups)
     }
 }
 
-fn parse_offsets(group: &str, bytes: &[u8]) -> Result<BTreeMap<u32, u64>> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| BrokerError::Engine(format!("offsets of group {group:?} do not parse: {e}")))
+/// One partition's commit as the meta stream holds it: `{"offset", "metadata"}` (base64),
+/// or a bare offset, as brokers wrote it before commits carried metadata.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum StoredCommit {
+    Offset(u64),
+    WithMetadata { offset: u64, metadata: String },
+}
+
+fn encode_offsets(offsets: &BTreeMap<u32, Committed>) -> Result<Vec<u8>> {
+    use base64::Engine;
+    let stored: BTreeMap<u32, StoredCommit> = offsets
+        .iter()
+        .map(|(p, c)| {
+            let stored = if c.metadata.is_empty() {
+                StoredCommit::Offset(c.offset)
+            } else {
+                StoredCommit::WithMetadata {
+                    offset: c.offset,
+                    metadata: base64::engine::general_purpose::STANDARD.encode(&c.metadata),
+                }
+            };
+            (*p, stored)
+        })
+        .collect();
+    serde_json::to_vec(&stored).map_err(|e| BrokerError::Engine(e.to_string()))
+}
+
+fn parse_offsets(group: &str, bytes: &[u8]) -> Result<BTreeMap<u32, Committed>> {
+    use base64::Engine;
+    let bad = |reason: String| {
+        BrokerError::Engine(format!("offsets of group {group:?} do not parse: {reason}"))
+    };
+    let stored: BTreeMap<u32, StoredCommit> =
+        serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+    stored
+        .into_iter()
+        .map(|(partition, stored)| {
+            Ok(match stored {
+                StoredCommit::Offset(offset) => (partition, Committed::offset(offset)),
+                StoredCommit::WithMetadata { offset, metadata } => {
+                    let metadata = base64::engine::general_purpose::STANDARD
+                        .decode(metadata)
+                        .map_err(|e| bad(format!("metadata of partition {partition}: {e}")))?;
+                    (
+                        partition,
+                        Committed {
+                            offset,
+                            metadata: Bytes::from(metadata),
+                        },
+                    )
+                }
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -787,6 +840,27 @@ mod tests {
         assert_eq!(offsets_key("g.1", "t"), "runnel.meta.offsets.g_d1.t");
         assert_eq!(topic_key("a.b"), "runnel.meta.topics.a_db");
         assert_ne!(stream_name("a.b", 0), stream_name("a_db", 0));
+    }
+
+    #[test]
+    fn commits_round_trip_with_metadata_and_old_ones_still_parse() {
+        let offsets = BTreeMap::from([
+            (0, Committed::offset(7)),
+            (
+                3,
+                Committed {
+                    offset: 9,
+                    metadata: Bytes::from_static(b"\x00checkpoint"),
+                },
+            ),
+        ]);
+        let encoded = encode_offsets(&offsets).unwrap();
+        assert_eq!(parse_offsets("g", &encoded).unwrap(), offsets);
+        assert_eq!(
+            parse_offsets("g", br#"{"0":5,"2":6}"#).unwrap(),
+            BTreeMap::from([(0, Committed::offset(5)), (2, Committed::offset(6))])
+        );
+        assert!(parse_offsets("g", br#"{"0":{"offset":1,"metadata":"!!"}}"#).is_err());
     }
 
     proptest! {

@@ -35,6 +35,27 @@ pub(crate) type Follow = mpsc::Receiver<std::result::Result<Vec<Record>, Status>
 /// Chunks buffered between a follower and its reader.
 pub(crate) const FOLLOW_BUFFER: usize = 16;
 
+/// The most metadata one committed offset may carry.
+pub(crate) const MAX_COMMIT_METADATA: usize = 64 * 1024;
+
+/// A group's commit for one partition: the next offset to read and what the member stored
+/// with it (a handle to its checkpointed state, say), written and replaced as one.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Committed {
+    pub(crate) offset: u64,
+    pub(crate) metadata: Bytes,
+}
+
+impl Committed {
+    /// An offset with no metadata.
+    pub(crate) fn offset(offset: u64) -> Committed {
+        Committed {
+            offset,
+            metadata: Bytes::new(),
+        }
+    }
+}
+
 /// How long a partition keeps its sealed segments; `None`: no limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Retention {
@@ -115,15 +136,16 @@ pub(crate) trait Storage: Send + Sync + std::fmt::Debug + 'static {
         max_bytes: usize,
         shutdown: Shutdown,
     ) -> Result<Follow>;
-    /// Durably records a group's offsets on a topic; returns them all after the commit.
+    /// Durably records a group's offsets (each with its metadata, replaced together) on a
+    /// topic; returns them all after the commit.
     async fn commit(
         &self,
         group: &str,
         topic: &str,
-        offsets: BTreeMap<u32, u64>,
-    ) -> Result<BTreeMap<u32, u64>>;
+        offsets: BTreeMap<u32, Committed>,
+    ) -> Result<BTreeMap<u32, Committed>>;
     /// A group's committed offsets on a topic.
-    async fn committed(&self, group: &str, topic: &str) -> Result<BTreeMap<u32, u64>>;
-    /// Every group with committed offsets on a topic.
+    async fn committed(&self, group: &str, topic: &str) -> Result<BTreeMap<u32, Committed>>;
+    /// Every group with committed offsets on a topic (the offsets alone).
     async fn groups_of(&self, topic: &str) -> Result<BTreeMap<String, BTreeMap<u32, u64>>>;
 }

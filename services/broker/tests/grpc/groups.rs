@@ -40,6 +40,7 @@ async fn assignment(consumer: &mut GroupConsumer) -> (u64, Vec<u32>) {
         if let GroupEvent::Assigned {
             generation,
             partitions,
+            ..
         } = next(consumer).await
         {
             return (generation, partitions);
@@ -117,8 +118,13 @@ async fn members_split_the_partitions_and_a_leaver_hands_over_from_the_committed
             GroupEvent::Assigned {
                 generation,
                 partitions,
+                starts,
             } => {
                 assert_eq!((generation, partitions), (3, vec![0, 1, 2, 3]));
+                // Only the partitions that moved start over, from `b`'s commits.
+                let starts: Vec<(u32, u64)> =
+                    starts.iter().map(|s| (s.partition, s.offset)).collect();
+                assert_eq!(starts, [(1, 3), (3, 1)]);
                 reassigned = true;
             }
             GroupEvent::Records { partition, records } => {
@@ -259,6 +265,137 @@ async fn commits_are_fenced_by_generation_and_ownership(engine: Engine) {
         .unwrap();
     drop(a);
     stop(broker).await;
+}
+
+both_engines!(a_commits_metadata_reaches_the_next_owner_and_fences_refuse_a_former_owners_writes);
+async fn a_commits_metadata_reaches_the_next_owner_and_fences_refuse_a_former_owners_writes(
+    engine: Engine,
+) {
+    let Some(harness) = Harness::new(engine).await else {
+        return;
+    };
+    let (addr, broker) = harness.spawn().await;
+    let mut client = connect(addr).await;
+    create(&mut client, "state", 2).await.unwrap();
+    create(&mut client, "out", 1).await.unwrap();
+    let mut producer = Producer::new(client.clone(), "state", ProducerOptions::default())
+        .await
+        .unwrap();
+    producer.send(spread_over(2, 3)).await.unwrap();
+
+    let mut a = GroupConsumer::join(client.clone(), "g", "state", options("a"))
+        .await
+        .unwrap();
+    let GroupEvent::Assigned { starts, .. } = next(&mut a).await else {
+        panic!("an assignment first");
+    };
+    // Nothing committed yet: both partitions start at 0, with no metadata.
+    let fresh: Vec<(u32, u64, Vec<u8>)> = starts
+        .into_iter()
+        .map(|s| (s.partition, s.offset, s.metadata))
+        .collect();
+    assert_eq!(fresh, [(0, 0, vec![]), (1, 0, vec![])]);
+    let checkpoint = |partition: u32, offset: u64, metadata: &[u8]| PartitionOffset {
+        partition,
+        offset,
+        metadata: metadata.to_vec(),
+    };
+    let committed = a
+        .commit_with_metadata(vec![
+            checkpoint(0, 2, b"state-0@2"),
+            checkpoint(1, 1, b"state-1@1"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        committed,
+        [
+            checkpoint(0, 2, b"state-0@2"),
+            checkpoint(1, 1, b"state-1@1")
+        ]
+    );
+    let too_big = a
+        .commit_with_metadata(vec![checkpoint(0, 2, &vec![0; 64 * 1024 + 1])])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(too_big, runnel_client::ClientError::Broker(ref s) if s.code() == Code::InvalidArgument),
+        "{too_big:?}"
+    );
+    let old_fence = a.fence(vec![0, 1]);
+
+    // `b` joins: partition 1 moves to it with exactly what `a` committed for it; `a` keeps
+    // partition 0 and is not told to start it over.
+    let mut b = GroupConsumer::join(client.clone(), "g", "state", options("b"))
+        .await
+        .unwrap();
+    let GroupEvent::Assigned {
+        partitions, starts, ..
+    } = next(&mut b).await
+    else {
+        panic!("an assignment first");
+    };
+    assert_eq!(partitions, [1]);
+    assert_eq!(starts, [checkpoint(1, 1, b"state-1@1")]);
+    let kept = loop {
+        if let GroupEvent::Assigned {
+            partitions, starts, ..
+        } = next(&mut a).await
+        {
+            break (partitions, starts);
+        }
+    };
+    assert_eq!(kept, (vec![0], vec![]));
+
+    // Writes fenced by `a`'s old generation, or naming `b`'s partition, are refused; `b`'s
+    // and `a`'s current ones go through.
+    let mut out = Producer::new(client.clone(), "out", ProducerOptions::default())
+        .await
+        .unwrap();
+    for (fence, allowed) in [
+        (old_fence, false),
+        (a.fence(vec![1]), false),
+        (a.fence(vec![0]), true),
+        (b.fence(vec![1]), true),
+    ] {
+        out.set_fence(Some(fence.clone()));
+        let sent = out.send(vec![event("r", "k", b"x")]).await;
+        match sent {
+            Ok(_) => assert!(allowed, "{fence:?} was let through"),
+            Err(runnel_client::ClientError::Broker(status)) => {
+                assert!(!allowed, "{fence:?}: {status:?}");
+                assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    let end = client
+        .describe_topic(DescribeTopicRequest { name: "out".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .topic
+        .unwrap()
+        .partitions[0]
+        .end_offset;
+    assert_eq!(end, 2, "only the two allowed writes were stored");
+    drop((a, b));
+    stop(broker).await;
+}
+
+/// `per_partition` events in each of `partitions` partitions.
+fn spread_over(partitions: u32, per_partition: usize) -> Vec<Event> {
+    let mut events = Vec::new();
+    for i in 0..per_partition {
+        for partition in 0..partitions {
+            let key = (0..)
+                .map(|k| format!("key-{k}"))
+                .find(|k| runnel_proto::partition_for_key(k, partitions) == partition)
+                .unwrap();
+            events.push(event(&format!("e-{partition}-{i}"), &key, b"x"));
+        }
+    }
+    events
 }
 
 both_engines!(at_most_once_members_find_their_offsets_committed_before_delivery);

@@ -15,7 +15,7 @@ mod producers;
 pub(crate) mod segment;
 pub(crate) mod topics;
 
-use super::{Appended, FOLLOW_BUFFER, Follow, Incoming, Read, Retention, Storage};
+use super::{Appended, Committed, FOLLOW_BUFFER, Follow, Incoming, Read, Retention, Storage};
 use crate::error::{BrokerError, Result};
 use crate::topic::{self, RetentionOverride, Topic};
 use durability::GroupCommit;
@@ -167,14 +167,14 @@ impl Storage for Embedded {
         &self,
         group: &str,
         topic: &str,
-        offsets: BTreeMap<u32, u64>,
-    ) -> Result<BTreeMap<u32, u64>> {
+        offsets: BTreeMap<u32, Committed>,
+    ) -> Result<BTreeMap<u32, Committed>> {
         let store = Arc::clone(&self.offsets);
         let (group, topic) = (group.to_owned(), topic.to_owned());
         tokio::task::spawn_blocking(move || store.commit(&group, &topic, &offsets)).await?
     }
 
-    async fn committed(&self, group: &str, topic: &str) -> Result<BTreeMap<u32, u64>> {
+    async fn committed(&self, group: &str, topic: &str) -> Result<BTreeMap<u32, Committed>> {
         Ok(self.offsets.committed(group, topic))
     }
 

@@ -1,12 +1,18 @@
 //! Consumer groups' committed offsets, durable in `<data_dir>/offsets.log`.
 //!
-//! Every commit appends one frame — `{"group", "topic", "offsets": [[partition, offset]…]}`
-//! as JSON — and is fsync'd before it is acknowledged; the map in memory is what replaying
-//! the file gives. When the file has grown to several times what it describes, it is
+//! Every commit appends one frame — `{"group", "topic", "offsets": [[partition, offset]…],
+//! "metadata": [[partition, base64]…]}` as JSON (`metadata` only when some partition has
+//! any) — and is fsync'd before it is acknowledged; the map in memory is what replaying the
+//! file gives. A partition's offset and metadata are one frame's, so they are replaced
+//! together or not at all. When the file has grown to several times what it describes, it is
 //! compacted: the live map written to a new file, fsync'd and renamed over the old one, so
 //! a crash at any point leaves either file whole.
 
 use crate::error::{BrokerError, Result};
+use crate::storage::Committed;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
 use runnel_log::{FsyncPolicy, LogFile};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -29,15 +35,39 @@ struct Commit {
     group: String,
     topic: String,
     offsets: Vec<(u32, u64)>,
+    /// The partitions of `offsets` that carry metadata, base64.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    metadata: Vec<(u32, String)>,
 }
 
-/// Per (group, topic): partition → the next offset the group reads.
-type Committed = HashMap<(String, String), BTreeMap<u32, u64>>;
+impl Commit {
+    /// The commit's partitions, each with its offset and metadata.
+    fn into_offsets(self) -> std::result::Result<BTreeMap<u32, Committed>, String> {
+        let mut offsets: BTreeMap<u32, Committed> = self
+            .offsets
+            .into_iter()
+            .map(|(p, o)| (p, Committed::offset(o)))
+            .collect();
+        for (partition, encoded) in self.metadata {
+            let metadata = BASE64
+                .decode(encoded)
+                .map_err(|e| format!("metadata of partition {partition}: {e}"))?;
+            offsets
+                .get_mut(&partition)
+                .ok_or_else(|| format!("metadata for partition {partition}, which has no offset"))?
+                .metadata = Bytes::from(metadata);
+        }
+        Ok(offsets)
+    }
+}
+
+/// Per (group, topic): partition → the next offset the group reads, with its metadata.
+type Groups = HashMap<(String, String), BTreeMap<u32, Committed>>;
 
 #[derive(Debug)]
 struct State {
     file: LogFile,
-    committed: Committed,
+    committed: Groups,
 }
 
 /// The committed offsets of every group.
@@ -48,11 +78,16 @@ pub(crate) struct OffsetStore {
     state: Mutex<State>,
 }
 
-fn encode(group: &str, topic: &str, offsets: &BTreeMap<u32, u64>) -> Vec<u8> {
+fn encode(group: &str, topic: &str, offsets: &BTreeMap<u32, Committed>) -> Vec<u8> {
     let commit = Commit {
         group: group.to_owned(),
         topic: topic.to_owned(),
-        offsets: offsets.iter().map(|(p, o)| (*p, *o)).collect(),
+        offsets: offsets.iter().map(|(p, c)| (*p, c.offset)).collect(),
+        metadata: offsets
+            .iter()
+            .filter(|(_, c)| !c.metadata.is_empty())
+            .map(|(p, c)| (*p, BASE64.encode(&c.metadata)))
+            .collect(),
     };
     // Plain data: serialising cannot fail.
     serde_json::to_vec(&commit).unwrap_or_default()
@@ -63,26 +98,23 @@ impl OffsetStore {
     /// `policy` is [`FsyncPolicy::Always`] outside tests: a commit is acknowledged durable.
     pub(crate) fn open(data_dir: &Path, policy: FsyncPolicy) -> Result<OffsetStore> {
         let path = data_dir.join(FILE);
-        let mut committed = Committed::new();
+        let mut committed = Groups::new();
         let mut bad = None;
-        let (file, _) =
-            LogFile::open(
-                &path,
-                MAGIC,
-                policy,
-                |position, payload| match serde_json::from_slice::<Commit>(payload) {
-                    Ok(commit) => {
-                        committed
-                            .entry((commit.group, commit.topic))
-                            .or_default()
-                            .extend(commit.offsets);
-                    }
-                    Err(error) => {
-                        bad.get_or_insert((position, error.to_string()));
-                    }
-                },
-            )
-            .map_err(BrokerError::log(&path))?;
+        let (file, _) = LogFile::open(&path, MAGIC, policy, |position, payload| {
+            let parsed = serde_json::from_slice::<Commit>(payload)
+                .map_err(|e| e.to_string())
+                .and_then(|commit| {
+                    let key = (commit.group.clone(), commit.topic.clone());
+                    Ok((key, commit.into_offsets()?))
+                });
+            match parsed {
+                Ok((key, offsets)) => committed.entry(key).or_default().extend(offsets),
+                Err(error) => {
+                    bad.get_or_insert((position, error));
+                }
+            }
+        })
+        .map_err(BrokerError::log(&path))?;
         if let Some((position, reason)) = bad {
             return Err(BrokerError::Corrupt {
                 path,
@@ -110,8 +142,8 @@ impl OffsetStore {
         &self,
         group: &str,
         topic: &str,
-        offsets: &BTreeMap<u32, u64>,
-    ) -> Result<BTreeMap<u32, u64>> {
+        offsets: &BTreeMap<u32, Committed>,
+    ) -> Result<BTreeMap<u32, Committed>> {
         let mut state = self.state();
         state
             .file
@@ -119,14 +151,14 @@ impl OffsetStore {
             .map_err(BrokerError::log(&self.path))?;
         let key = (group.to_owned(), topic.to_owned());
         let merged = state.committed.entry(key).or_default();
-        merged.extend(offsets);
+        merged.extend(offsets.iter().map(|(p, c)| (*p, c.clone())));
         let merged = merged.clone();
         self.compact_if_large(&mut state)?;
         Ok(merged)
     }
 
     /// The offsets `group` has committed on `topic`.
-    pub(crate) fn committed(&self, group: &str, topic: &str) -> BTreeMap<u32, u64> {
+    pub(crate) fn committed(&self, group: &str, topic: &str) -> BTreeMap<u32, Committed> {
         self.state()
             .committed
             .get(&(group.to_owned(), topic.to_owned()))
@@ -140,7 +172,10 @@ impl OffsetStore {
             .committed
             .iter()
             .filter(|((_, t), _)| t == topic)
-            .map(|((group, _), offsets)| (group.clone(), offsets.clone()))
+            .map(|((group, _), offsets)| {
+                let offsets = offsets.iter().map(|(p, c)| (*p, c.offset)).collect();
+                (group.clone(), offsets)
+            })
             .collect()
     }
 
@@ -188,8 +223,11 @@ impl OffsetStore {
 mod tests {
     use super::*;
 
-    fn offsets(pairs: &[(u32, u64)]) -> BTreeMap<u32, u64> {
-        pairs.iter().copied().collect()
+    fn offsets(pairs: &[(u32, u64)]) -> BTreeMap<u32, Committed> {
+        pairs
+            .iter()
+            .map(|&(p, o)| (p, Committed::offset(o)))
+            .collect()
     }
 
     #[test]
@@ -210,6 +248,45 @@ mod tests {
         assert_eq!(store.committed("g", "u"), offsets(&[(0, 99)]));
         let groups = store.groups_of("t");
         assert_eq!(groups.keys().collect::<Vec<_>>(), ["g", "other"]);
+        assert_eq!(groups["g"], BTreeMap::from([(0, 10), (1, 7)]));
+    }
+
+    #[test]
+    fn metadata_is_replaced_with_its_offset_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = OffsetStore::open(dir.path(), FsyncPolicy::Never).unwrap();
+        let with = |offset: u64, metadata: &'static [u8]| Committed {
+            offset,
+            metadata: Bytes::from_static(metadata),
+        };
+        store
+            .commit(
+                "g",
+                "t",
+                &BTreeMap::from([(0, with(5, b"state@17")), (1, with(3, b"x"))]),
+            )
+            .unwrap();
+        // A later commit of partition 1 without metadata clears partition 1's, and only it.
+        let after = store.commit("g", "t", &offsets(&[(1, 4)])).unwrap();
+        assert_eq!(after[&0], with(5, b"state@17"));
+        assert_eq!(after[&1], Committed::offset(4));
+        drop(store);
+        let store = OffsetStore::open(dir.path(), FsyncPolicy::Never).unwrap();
+        assert_eq!(store.committed("g", "t"), after);
+    }
+
+    #[test]
+    fn a_commit_written_before_metadata_existed_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut file, _) =
+                LogFile::open(&dir.path().join(FILE), MAGIC, FsyncPolicy::Never, |_, _| {})
+                    .unwrap();
+            file.append(&[br#"{"group":"g","topic":"t","offsets":[[0,9]]}"#])
+                .unwrap();
+        }
+        let store = OffsetStore::open(dir.path(), FsyncPolicy::Never).unwrap();
+        assert_eq!(store.committed("g", "t"), offsets(&[(0, 9)]));
     }
 
     #[test]
