@@ -486,6 +486,18 @@ fn stateful_services_keep_their_data_on_volumes_and_the_others_scale_by_replicas
                 pdb["spec"]
             );
         }
+        // The analyzer and the gateway keep nothing on the pod: no volume but their
+        // configuration and certificates.
+        for service in ["runnel-analyzer", "runnel-gateway"] {
+            for volume in list(&by_name[service].pod["volumes"]) {
+                assert!(
+                    !volume["configMap"].is_badvalue() || !volume["secret"].is_badvalue(),
+                    "{}: a volume for state: {:?}",
+                    at(service),
+                    volume["name"]
+                );
+            }
+        }
         // The collectors, too, are disrupted one at a time.
         let collector = by_name["runnel-collector"];
         assert!(
@@ -571,7 +583,9 @@ fn load_service_config(
         }
         "analyzer" => {
             let c = load::<runnel_analyzer::AnalyzerConfig>(file, env)?;
-            loaded(&c, Some(c.data_dir.clone()), &[&c.broker, &c.store])
+            // Checkpoints live in the broker: the analyzer writes nothing (its deprecated
+            // data_dir is ignored).
+            loaded(&c, None, &[&c.broker, &c.store])
         }
         "store" => {
             let c = load::<runnel_store::StoreConfig>(file, env)?;
@@ -579,7 +593,8 @@ fn load_service_config(
         }
         "gateway" => {
             let c = load::<runnel_gateway::GatewayConfig>(file, env)?;
-            loaded(&c, Some(c.data_dir.clone()), &[&c.store])
+            // Webhooks live in the broker: the gateway writes nothing.
+            loaded(&c, None, &[&c.store])
         }
         other => return Err(format!("unknown service {other}")),
     })
@@ -684,7 +699,9 @@ fn every_service_accepts_its_configuration_and_its_grace_period_outlasts_its_dra
                     broker.ends_with("://runnel-broker:7102"),
                     "{at}: {service}.broker is {broker:?}, not the broker's Service"
                 );
-                loaded.peers.push(broker.to_owned());
+                if !loaded.peers.iter().any(|p| p == broker) {
+                    loaded.peers.push(broker.to_owned());
+                }
             }
             // Production authenticates everyone: TLS with client certificates on every
             // listener, https:// to every peer, the pipeline's own grants and no others,
