@@ -589,10 +589,18 @@ async fn two_instances_share_the_partitions_and_survive_losing_one() {
         ("events", cluster.producer("events").await),
         ("meetup", cluster.producer("meetup").await),
     ]);
-    let (before, after) = events.split_at(events.len() / 2);
+    let (before, rest) = events.split_at(events.len() / 3);
+    let (during, after) = rest.split_at(rest.len() / 2);
     produce(&mut producers, before).await;
-    // Both take part: each owns some partitions of the query.
+    // Both take part: each owns some partitions of the query, and checkpoints them.
     shared(&cluster, [&first, &second]).await;
+    produce(&mut producers, during).await;
+    eventually(
+        Duration::from_secs(60),
+        Deferred(|| format!("everything produced to be checkpointed\n{}", cluster.logs())),
+        || cluster.checkpointed(),
+    )
+    .await;
     second.kill().await.expect("SIGKILL");
     produce(&mut producers, after).await;
     // The survivor takes over the dead instance's partitions from their checkpoints.

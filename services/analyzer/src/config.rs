@@ -484,6 +484,26 @@ mod tests {
     use crate::path::FieldRef;
 
     #[test]
+    fn checkpoints_refresh_well_within_their_retention() {
+        let config = |refresh: u64, retention: u64| AnalyzerConfig {
+            checkpoint_refresh: Duration::from_secs(refresh),
+            checkpoint_retention: Duration::from_secs(retention),
+            ..AnalyzerConfig::default()
+        };
+        assert!(config(3600, 7200).validate().is_ok());
+        let error = config(3600, 7199).validate().unwrap_err().to_string();
+        assert!(error.contains("checkpoint_retention"), "{error}");
+        let error = config(0, 7200).validate().unwrap_err().to_string();
+        assert!(error.contains("checkpoint_refresh"), "{error}");
+    }
+
+    #[test]
+    fn the_deprecated_data_dir_still_loads() {
+        let config: AnalyzerConfig = toml::from_str("data_dir = \"/var/lib/runnel\"\n").unwrap();
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
     fn defaults_are_valid_and_ship_the_pipeline_s_queries() {
         let config = AnalyzerConfig::default();
         config.validate().unwrap();
