@@ -515,7 +515,8 @@ fn load_service_config(
         }
         "gateway" => {
             let c = load::<runnel_gateway::GatewayConfig>(file, env)?;
-            loaded(&c, Some(c.data_dir.clone()), &[&c.store])
+            // Webhooks live in the broker: the gateway writes nothing.
+            loaded(&c, None, &[&c.store])
         }
         other => return Err(format!("unknown service {other}")),
     })

@@ -25,7 +25,7 @@ mod run;
 mod shutdown;
 
 pub use config::{ConfigError, ListenAddrs, ServerConfig, ServiceConfig};
-pub use run::{Listeners, ServeError, grpc_name, main, serve, serve_http};
+pub use run::{Listeners, ServeError, grpc_name, main, serve, serve_http, serve_when_ready};
 pub use shutdown::{Shutdown, ShutdownTrigger, signal as shutdown_signal};
 pub use tonic::service::Routes as GrpcRoutes;
 

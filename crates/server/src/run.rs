@@ -92,6 +92,30 @@ pub async fn serve(
     config: &ServerConfig,
     shutdown: Shutdown,
 ) -> Result<(), ServeError> {
+    serve_when_ready(
+        service_name,
+        routes,
+        grpc,
+        admin,
+        config,
+        shutdown,
+        std::future::ready(()),
+    )
+    .await
+}
+
+/// [`serve`], reporting NOT_SERVING (gRPC health) and not ready (`/ready`) until `ready`
+/// completes — for a service that answers calls before it should take traffic, such as a
+/// store replica still catching up with its results log.
+pub async fn serve_when_ready(
+    service_name: &'static str,
+    routes: tonic::service::Routes,
+    grpc: TcpListener,
+    admin: TcpListener,
+    config: &ServerConfig,
+    shutdown: Shutdown,
+    ready: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let tls = listener_tls(config)?;
     warn_if_exposed(service_name, "grpc", &grpc, config);
     let guard = Guard::new(
@@ -101,12 +125,15 @@ pub async fn serve(
         config.request_timeout,
     )?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
-    health
-        .set_service_status(service_name, tonic_health::ServingStatus::Serving)
-        .await;
+    let mut ready = std::pin::pin!(ready);
+    let ready_now = futures::FutureExt::now_or_never(ready.as_mut()).is_some();
+    let initially = if ready_now {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    health.set_service_status("", initially).await;
+    health.set_service_status(service_name, initially).await;
 
     let reflection_v1 = reflection_builder(service_name)
         .build_v1()
@@ -147,7 +174,9 @@ pub async fn serve(
                 .set_service_status(service_name, tonic_health::ServingStatus::NotServing)
                 .await;
         });
-    readiness.set(true);
+    if ready_now {
+        readiness.set(true);
+    }
     tracing::info!(
         service = service_name,
         tls = config.tls.is_some(),
@@ -157,16 +186,31 @@ pub async fn serve(
 
     let drain_timeout = config.drain_timeout;
     let mut grpc_server = std::pin::pin!(grpc_server);
-    let result = tokio::select! {
-        result = &mut grpc_server => result.map_err(ServeError::from),
-        () = shutdown.wait() => {
-            readiness.set(false);
-            match tokio::time::timeout(shutdown.remaining(drain_timeout), &mut grpc_server).await {
-                Ok(result) => result.map_err(ServeError::from),
-                Err(_) => {
-                    tracing::warn!(?drain_timeout, "drain timed out; abandoning in-flight calls");
-                    Ok(())
+    let mut becoming_ready = !ready_now;
+    let result = loop {
+        tokio::select! {
+            () = ready.as_mut(), if becoming_ready => {
+                becoming_ready = false;
+                if !shutdown.is_triggered() {
+                    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+                    health
+                        .set_service_status(service_name, tonic_health::ServingStatus::Serving)
+                        .await;
+                    readiness.set(true);
+                    tracing::info!(service = service_name, "ready");
                 }
+                continue;
+            }
+            result = &mut grpc_server => break result.map_err(ServeError::from),
+            () = shutdown.wait() => {
+                readiness.set(false);
+                break match tokio::time::timeout(shutdown.remaining(drain_timeout), &mut grpc_server).await {
+                    Ok(result) => result.map_err(ServeError::from),
+                    Err(_) => {
+                        tracing::warn!(?drain_timeout, "drain timed out; abandoning in-flight calls");
+                        Ok(())
+                    }
+                };
             }
         }
     };
@@ -181,21 +225,34 @@ pub async fn serve(
 ///
 /// `serve_grpc!(server, listeners, &config.server, shutdown)` is the future of the server
 /// (await it, or pin it to select on it), on `listeners.grpc` and `listeners.admin`.
+///
+/// `serve_grpc!(server, listeners, &config.server, shutdown, ready = future)` reports the
+/// service NOT_SERVING until `future` completes (see [`serve_when_ready`](crate::serve_when_ready)).
 #[macro_export]
 macro_rules! serve_grpc {
-    ($server:expr, $listeners:expr, $config:expr, $shutdown:expr $(,)?) => {{
+    ($server:expr, $listeners:expr, $config:expr, $shutdown:expr $(,)?) => {
+        $crate::serve_grpc!(
+            $server,
+            $listeners,
+            $config,
+            $shutdown,
+            ready = ::std::future::ready(())
+        )
+    };
+    ($server:expr, $listeners:expr, $config:expr, $shutdown:expr, ready = $ready:expr $(,)?) => {{
         let config: &$crate::ServerConfig = $config;
         let limit = config.max_message_bytes;
         let server = $server
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
-        $crate::serve(
+        $crate::serve_when_ready(
             $crate::grpc_name(&server),
             $crate::GrpcRoutes::new(server),
             $listeners.grpc,
             $listeners.admin,
             config,
             $shutdown,
+            $ready,
         )
     }};
 }

@@ -36,6 +36,10 @@ pub struct StoreConfig {
     pub feed_entries: u64,
     /// The in-memory data store in front of long-term storage.
     pub hot: HotConfig,
+    /// The broker's gRPC URL, to run as one of several replicas: results are written to
+    /// the broker's `_store.results` log and every replica materialises that log into its
+    /// own long-term storage. Empty: one replica, with no broker.
+    pub broker: String,
 }
 
 /// Which in-memory data store backs the hot tier.
@@ -144,6 +148,7 @@ impl Default for StoreConfig {
             retention_interval: Duration::from_secs(600),
             feed_entries: 1_000_000,
             hot: HotConfig::default(),
+            broker: String::new(),
         }
     }
 }
@@ -161,6 +166,15 @@ impl ServiceConfig for StoreConfig {
         self.server.validate(section)?;
         if self.data_dir.as_os_str().is_empty() {
             return invalid("data_dir", "must not be empty");
+        }
+        if !(self.broker.is_empty()
+            || self.broker.starts_with("http://")
+            || self.broker.starts_with("https://"))
+        {
+            return invalid(
+                "broker",
+                "must be an http:// or https:// URL, or empty for one replica without a broker",
+            );
         }
         if let FsyncPolicy::Interval(every) = self.fsync
             && every.is_zero()
@@ -244,8 +258,9 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         type Case = (fn(&mut StoreConfig), &'static str);
-        let cases: [Case; 9] = [
+        let cases: [Case; 10] = [
             (|c| c.data_dir = PathBuf::new(), "store.data_dir"),
+            (|c| c.broker = "localhost:7102".into(), "store.broker"),
             (
                 |c| c.fsync = FsyncPolicy::Interval(Duration::ZERO),
                 "store.fsync",

@@ -19,7 +19,11 @@
 //! | `meta` | name | u64 | the next sequence |
 //!
 //! Every write gets the next sequence; writing `(query, key, window_start)` again replaces
-//! the result and gives it a new sequence. The feed keeps the last `feed_entries` writes; an
+//! the result and gives it a new sequence. Who numbers writes is fixed for a database's
+//! life ([`Sequencing`]): the store itself (one replica, no broker), or the results log in
+//! the broker (a result's sequence is its log offset + 1, the same on every replica; the
+//! last sequence applied is then also where to read the log on from, committed in the same
+//! transaction as the results it covers). The feed keeps the last `feed_entries` writes; an
 //! entry whose result was rewritten since (or deleted by retention) is skipped when read, as
 //! the later write has its own entry.
 //!
@@ -49,6 +53,27 @@ const SERIES: TableDefinition<(&str, &str), u64> = TableDefinition::new("series"
 const QUERIES: TableDefinition<&str, i64> = TableDefinition::new("queries");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_SEQUENCE: &str = "next_sequence";
+/// Present (1) in a database whose sequences come from the results log.
+const LOG_SEQUENCED: &str = "log_sequenced";
+
+/// Who numbers the results of a database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sequencing {
+    /// The store: each write gets the next sequence (one replica, no broker).
+    Local,
+    /// The results log: results arrive with their sequences (log offset + 1).
+    Log,
+}
+
+/// How a write's results get their sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sequences {
+    /// Number them from the next sequence on ([`Sequencing::Local`]).
+    Assign,
+    /// They carry them, increasing ([`Sequencing::Log`]); any at or below the last
+    /// sequence applied is already applied and skipped.
+    Given,
+}
 
 /// Results deleted by retention in one transaction, so that a large backlog does not make
 /// one huge commit.
@@ -136,8 +161,16 @@ pub(crate) fn start_of(result: &QueryResult) -> i64 {
 }
 
 impl Durable {
-    /// Opens (creating if needed) `dir/results.redb`, recovering it after a crash.
-    pub(crate) fn open(dir: &Path, policy: FsyncPolicy, feed_entries: u64) -> Result<Durable> {
+    /// Opens (creating if needed) `dir/results.redb`, recovering it after a crash. A
+    /// database numbered one way is refused when opened for the other: its sequences would
+    /// not be the log's (or the other way round), and watchers' cursors would point at the
+    /// wrong results.
+    pub(crate) fn open(
+        dir: &Path,
+        policy: FsyncPolicy,
+        feed_entries: u64,
+        sequencing: Sequencing,
+    ) -> Result<Durable> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
             path: dir.to_owned(),
             source,
@@ -173,11 +206,32 @@ impl Durable {
             txn.open_table(META)?;
             Ok(())
         })?;
-        let (results, next) = durable.read(|txn| {
+        let (results, next, log_sequenced) = durable.read(|txn| {
             let results = txn.open_table(RESULTS)?.len()?;
-            let next = txn.open_table(META)?.get(NEXT_SEQUENCE)?.map(|v| v.value());
-            Ok((results, next.unwrap_or(1)))
+            let meta = txn.open_table(META)?;
+            let next = meta.get(NEXT_SEQUENCE)?.map(|v| v.value());
+            let log_sequenced = meta.get(LOG_SEQUENCED)?.is_some();
+            Ok((results, next.unwrap_or(1), log_sequenced))
         })?;
+        match (sequencing, log_sequenced) {
+            (Sequencing::Local, true) => {
+                return Err(StoreError::Incompatible {
+                    path: durable.path.clone(),
+                    reason: "it holds results materialised from the broker's results log; set store.broker, or start from an empty data directory".into(),
+                });
+            }
+            (Sequencing::Log, false) if next > 1 => {
+                return Err(StoreError::Incompatible {
+                    path: durable.path.clone(),
+                    reason: "it holds results numbered by a store without a broker, whose sequences are not the results log's; move it away and let this replica rebuild from the log".into(),
+                });
+            }
+            (Sequencing::Log, false) => durable.write(Durability::Immediate, |txn| {
+                txn.open_table(META)?.insert(LOG_SEQUENCED, 1)?;
+                Ok(())
+            })?,
+            _ => {}
+        }
         tracing::info!(path = %durable.path.display(), results, next_sequence = next, "long-term storage open");
         Ok(durable)
     }
@@ -212,13 +266,27 @@ impl Durable {
     }
 
     /// Writes `results` (validated) in one transaction, committed per the fsync policy, and
-    /// returns them with their sequences and the new state of each series they touched,
-    /// with at most `history` windows each.
-    pub(crate) fn put(&self, mut results: Vec<QueryResult>, history: usize) -> Result<Written> {
+    /// returns them with their sequences and — with `history` — the new state of each
+    /// series they touched, with at most `history` windows each.
+    pub(crate) fn put(
+        &self,
+        mut results: Vec<QueryResult>,
+        sequences: Sequences,
+        history: Option<usize>,
+    ) -> Result<Written> {
         let feed_entries = self.feed_entries;
         self.write(self.durability, move |txn| {
             let mut meta = txn.open_table(META)?;
             let mut next = meta.get(NEXT_SEQUENCE)?.map_or(1, |v| v.value());
+            if sequences == Sequences::Given {
+                results.retain(|result| result.sequence >= next);
+                if results.is_empty() {
+                    return Ok(Written {
+                        results: Vec::new(),
+                        series: Vec::new(),
+                    });
+                }
+            }
             let mut stored = txn.open_table(RESULTS)?;
             let mut windows = txn.open_table(WINDOWS)?;
             let mut feed = txn.open_table(FEED)?;
@@ -226,8 +294,18 @@ impl Durable {
             let mut queries = txn.open_table(QUERIES)?;
             let mut touched: BTreeMap<(String, String), u64> = BTreeMap::new();
             for result in &mut results {
-                let sequence = next;
-                next += 1;
+                let sequence = match sequences {
+                    Sequences::Assign => next,
+                    Sequences::Given if result.sequence >= next => result.sequence,
+                    Sequences::Given => {
+                        return Err(redb::Error::Corrupted(format!(
+                            "results to apply must have increasing sequences; {} follows {}",
+                            result.sequence,
+                            next - 1
+                        )));
+                    }
+                };
+                next = sequence + 1;
                 result.sequence = sequence;
                 let start = start_of(result);
                 let (query, key) = (result.query.as_str(), result.key.as_str());
@@ -251,10 +329,15 @@ impl Durable {
                     _ => break,
                 }
             }
-            let series = touched
-                .into_iter()
-                .map(|((query, key), version)| series_of(&stored, &query, &key, version, history))
-                .collect::<std::result::Result<Vec<_>, redb::Error>>()?;
+            let series = match history {
+                Some(history) => touched
+                    .into_iter()
+                    .map(|((query, key), version)| {
+                        series_of(&stored, &query, &key, version, history)
+                    })
+                    .collect::<std::result::Result<Vec<_>, redb::Error>>()?,
+                None => Vec::new(),
+            };
             Ok(Written {
                 results: results.into_iter().map(Arc::new).collect(),
                 series,
@@ -500,7 +583,7 @@ mod tests {
     }
 
     fn open(dir: &Path) -> Durable {
-        Durable::open(dir, FsyncPolicy::Never, 1000).unwrap()
+        Durable::open(dir, FsyncPolicy::Never, 1000, Sequencing::Local).unwrap()
     }
 
     fn starts(results: &[QueryResult]) -> Vec<i64> {
@@ -512,14 +595,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let written = store
-            .put(vec![result("q", "a", 0, 1.0), result("q", "a", 10, 2.0)], 8)
+            .put(
+                vec![result("q", "a", 0, 1.0), result("q", "a", 10, 2.0)],
+                Sequences::Assign,
+                Some(8),
+            )
             .unwrap();
         let sequences: Vec<u64> = written.results.iter().map(|r| r.sequence).collect();
         assert_eq!(sequences, [1, 2]);
         assert_eq!(written.series.len(), 1);
         assert_eq!(written.series[0].version, 2);
         assert_eq!(written.series[0].complete_from, i64::MIN);
-        let rewritten = store.put(vec![result("q", "a", 0, 5.0)], 8).unwrap();
+        let rewritten = store
+            .put(vec![result("q", "a", 0, 5.0)], Sequences::Assign, Some(8))
+            .unwrap();
         assert_eq!(rewritten.results[0].sequence, 3);
         let all = store.range("q", "a", i64::MIN, i64::MAX, 10).unwrap();
         assert_eq!(starts(&all), [0, 10]);
@@ -542,7 +631,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let batch = (0..5).map(|i| result("q", "k", i * 10, 1.0)).collect();
-        let written = store.put(batch, 3).unwrap();
+        let written = store.put(batch, Sequences::Assign, Some(3)).unwrap();
         let series = &written.series[0];
         assert_eq!(starts(&series.results), [20, 30, 40]);
         assert_eq!(series.complete_from, 20);
@@ -570,7 +659,8 @@ mod tests {
                     result("q", "c", 10, 3.0),
                     result("r", "a", 5, 1.0),
                 ],
-                4,
+                Sequences::Assign,
+                Some(4),
             )
             .unwrap();
         let (start, newest) = store.newest_window("q").unwrap().unwrap();
@@ -596,7 +686,7 @@ mod tests {
             let batch = (0..500)
                 .map(|i| result("q", "k", (chunk * 500 + i) * 10, 1.0))
                 .collect();
-            store.put(batch, 1).unwrap();
+            store.put(batch, Sequences::Assign, Some(1)).unwrap();
         }
         assert_eq!(store.last_sequence().unwrap(), 1500);
         match store.feed(10, 10) {
@@ -636,7 +726,7 @@ mod tests {
                 for &(key, window, count) in chunk {
                     expected.insert((format!("k{key}"), window * 10), count);
                 }
-                store.put(batch, 4).unwrap();
+                store.put(batch, Sequences::Assign, Some(4)).unwrap();
             }
             store.sync().unwrap();
             drop(store);

@@ -58,6 +58,44 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+    /// The data directory holds results numbered differently from how this store is
+    /// configured to number them (with or without the broker's results log).
+    #[error("{} cannot be used: {reason}", path.display())]
+    Incompatible {
+        /// The database file.
+        path: PathBuf,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// The broker refused a write because the caller's group fence is stale: the writer
+    /// is no longer the owner of the partitions it wrote for.
+    #[error("{0}")]
+    Fenced(String),
+    /// The results log in the broker could not be read or written.
+    #[error("results log: {0}")]
+    Log(String),
+    /// A record of the results log is not a result this store can apply.
+    #[error("results log offset {offset}: {reason}")]
+    BadRecord {
+        /// Its offset in `_store.results`.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// This replica has not caught up with the results log yet, so it would answer with
+    /// old results; another replica can answer.
+    #[error(
+        "this store replica is catching up with the results log (applied through {applied} of {target}); ask another replica or retry"
+    )]
+    CatchingUp {
+        /// The last sequence applied.
+        applied: u64,
+        /// The log's end when the replica started.
+        target: u64,
+    },
+    /// The store stopped following the results log (it is shutting down or failed).
+    #[error("the store stopped following the results log; retry on another replica")]
+    NotFollowing,
     /// A lock was poisoned by a panicking thread; the store must be restarted.
     #[error("the store stopped taking requests after an internal panic; restart it")]
     Failed,
@@ -98,6 +136,14 @@ impl From<StoreError> for Status {
             StoreError::CursorExpired { .. } | StoreError::CursorAhead { .. } => {
                 Status::out_of_range(error.to_string())
             }
+            StoreError::Fenced(message) => Status::failed_precondition(message),
+            StoreError::CatchingUp { .. } | StoreError::NotFollowing => {
+                Status::unavailable(error.to_string())
+            }
+            StoreError::Log(_) => {
+                tracing::error!(%error, "results log failure");
+                Status::unavailable("the store cannot reach the results log in the broker")
+            }
             StoreError::Hot(_) => {
                 tracing::error!(%error, "hot tier failure");
                 Status::unavailable("the store's in-memory data store is unavailable")
@@ -105,6 +151,8 @@ impl From<StoreError> for Status {
             StoreError::Db { .. }
             | StoreError::Io { .. }
             | StoreError::Corrupt { .. }
+            | StoreError::Incompatible { .. }
+            | StoreError::BadRecord { .. }
             | StoreError::Failed
             | StoreError::Task(_)
             | StoreError::Config(_)

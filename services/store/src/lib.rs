@@ -11,16 +11,22 @@
 //! - **Caching strategies** ([`tiers`]): write-through, read-through or refresh-ahead, per
 //!   query.
 //!
+//! - **Replicas** ([`results_log`]): with `store.broker` set, results are a log in the
+//!   broker that every replica materialises; any replica answers any read, and a `Watch`
+//!   cursor from one is valid on every other.
+//!
 //! Writing `(query, key, window_start)` again replaces the result. `Watch` streams results
 //! once they are durable, filtered, and resumes after a sequence without a gap.
 //!
 //! [`run`] is the whole service, runnable in-process (tests, the all-in-one CLI) as well as
 //! from the `runnel-store` binary.
 
+mod apply;
 pub mod config;
 mod durable;
 mod error;
 mod hot;
+mod results_log;
 mod service;
 mod tiers;
 mod validate;
@@ -28,14 +34,18 @@ mod validate;
 pub use config::{CacheStrategy, HotBackend, HotConfig, StoreConfig};
 pub use error::StoreError;
 
-use durable::Durable;
+use apply::Applier;
+use durable::{Durable, Sequencing};
 use hot::{HotTier, Memory, Redis};
+use results_log::ResultsLog;
 use runnel_log::FsyncPolicy;
 use runnel_proto::v1::store_server::StoreServer;
 use runnel_server::{Listeners, ServiceConfig, Shutdown};
+use service::Writes;
 use std::sync::Arc;
 use std::time::Duration;
 use tiers::Tiers;
+use tokio::sync::watch;
 
 /// How often the Redis backend's memory and eviction figures are exported.
 const REDIS_STATS_INTERVAL: Duration = Duration::from_secs(5);
@@ -49,8 +59,14 @@ pub async fn run(
 ) -> Result<(), StoreError> {
     config.validate()?;
     let (data_dir, policy, feed) = (config.data_dir.clone(), config.fsync, config.feed_entries);
+    let sequencing = if config.broker.is_empty() {
+        Sequencing::Local
+    } else {
+        Sequencing::Log
+    };
     let durable = Arc::new(
-        tokio::task::spawn_blocking(move || Durable::open(&data_dir, policy, feed)).await??,
+        tokio::task::spawn_blocking(move || Durable::open(&data_dir, policy, feed, sequencing))
+            .await??,
     );
     let served = match config.hot.backend {
         HotBackend::Memory => {
@@ -92,15 +108,81 @@ async fn serve<H: HotTier>(
     hot: H,
 ) -> Result<(), StoreError> {
     let tiers = Tiers::new(Arc::clone(&durable), hot, config.hot.clone());
-    tiers.rank_from_disk().await?;
     let last_sequence = {
         let durable = Arc::clone(&durable);
         tokio::task::spawn_blocking(move || durable.last_sequence()).await??
     };
+    let applier = Arc::new(Applier::new(
+        Arc::clone(&tiers),
+        last_sequence,
+        config.watch_buffer,
+    ));
 
+    // A replica stops with the first error of its follower (a record it cannot apply), not
+    // only on the caller's shutdown.
+    let (stop, local) = Shutdown::new();
+    let forward = {
+        let (stop, shutdown) = (stop.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.wait().await;
+            stop.trigger();
+        })
+    };
+    let (writes, follower, ready) = if config.broker.is_empty() {
+        tiers.rank_from_disk().await?;
+        let ready: ReadyFuture = Box::pin(std::future::ready(()));
+        (Writes::Local, None, ready)
+    } else {
+        let log = Arc::new(
+            ResultsLog::open(
+                &config.broker,
+                &config.server.connect,
+                config.retention,
+                config.server.max_message_bytes,
+                &local,
+            )
+            .await?,
+        );
+        let target = log.resume_from(last_sequence).await?;
+        tracing::info!(
+            applied = last_sequence,
+            log_end = target,
+            "following the results log"
+        );
+        let (caught_up, mut watching) = watch::channel(false);
+        let reading = watching.clone();
+        let follower = {
+            let (log, applier, local, stop) = (
+                Arc::clone(&log),
+                Arc::clone(&applier),
+                local.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let followed = log.follow(applier, target, caught_up, local).await;
+                if let Err(error) = &followed {
+                    tracing::error!(%error, "the store cannot apply the results log; stopping");
+                }
+                stop.trigger();
+                followed
+            })
+        };
+        let ready: ReadyFuture = Box::pin(async move {
+            // An error means the follower stopped: the store is stopping, never ready.
+            if watching.wait_for(|&caught_up| caught_up).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        });
+        let writes = Writes::Log {
+            log,
+            caught_up: reading,
+            target,
+        };
+        (writes, Some(follower), ready)
+    };
     let mut background = Vec::new();
     if let FsyncPolicy::Interval(every) = config.fsync {
-        let (durable, shutdown) = (Arc::clone(&durable), shutdown.clone());
+        let (durable, shutdown) = (Arc::clone(&durable), local.clone());
         background.push(tokio::spawn(async move {
             shutdown
                 .run_every(every, || {
@@ -116,7 +198,7 @@ async fn serve<H: HotTier>(
         }));
     }
     if !config.retention.is_zero() {
-        let (tiers, shutdown, retention) = (Arc::clone(&tiers), shutdown.clone(), config.retention);
+        let (tiers, shutdown, retention) = (Arc::clone(&tiers), local.clone(), config.retention);
         background.push(tokio::spawn(async move {
             shutdown
                 .run_every(config.retention_interval, || {
@@ -126,19 +208,28 @@ async fn serve<H: HotTier>(
         }));
     }
 
-    let service = service::StoreService::new(tiers, last_sequence, &config, shutdown.clone());
+    let service =
+        service::StoreService::new(applier, writes, config.max_batch_results, local.clone());
     let served = runnel_server::serve_grpc!(
         StoreServer::new(service),
         listeners,
         &config.server,
-        shutdown
+        local,
+        ready = ready
     )
     .await;
     for task in background {
         task.abort();
     }
+    forward.abort();
+    if let Some(follower) = follower {
+        follower.await??;
+    }
     Ok(served?)
 }
+
+/// Completes when the store may take traffic.
+type ReadyFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// One retention pass: delete results whose window started more than `retention` ago,
 /// forget them in the hot tier, and compact the file if anything went.

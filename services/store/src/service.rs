@@ -1,5 +1,6 @@
-//! The `runnel.v1.Store` gRPC service: checks, writes serialised in sequence order, reads
-//! through the two tiers, and the change feed that watchers follow.
+//! The `runnel.v1.Store` gRPC service: checks, writes (into this store, or through the
+//! results log in the broker when it is one replica of several), reads through the two
+//! tiers, and the change feed that watchers follow.
 //!
 //! A result is announced to watchers only after it is durable, so a watcher never sees a
 //! result that a crash could take back. Watchers follow live writes through a broadcast
@@ -8,11 +9,11 @@
 //! its cursor, in order, whatever its speed. Each result continues the trace it carries in
 //! its headers (the analyzer's span that emitted it).
 
-use crate::config::StoreConfig;
+use crate::apply::Applier;
 use crate::durable::Durable;
 use crate::error::{Result, StoreError};
 use crate::hot::HotTier;
-use crate::tiers::Tiers;
+use crate::results_log::ResultsLog;
 use crate::validate::{self, DEFAULT_RANGE_LIMIT, MAX_KEY_BYTES, MAX_RANGE_LIMIT};
 use runnel_proto::Millis;
 use runnel_proto::filter::ResultFilter;
@@ -25,8 +26,7 @@ use runnel_security::{Action, Resource, authorize};
 use runnel_server::Shutdown;
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::sync::{Mutex, broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -40,16 +40,24 @@ const DEFAULT_TOP_K: usize = 10;
 /// `TopK` never answers more than this many keys.
 const MAX_TOP_K: usize = 1000;
 
+/// Where a `Put` goes.
+pub(crate) enum Writes {
+    /// Straight into this store (one replica, no broker).
+    Local,
+    /// Into the results log, which this replica (like every other) applies.
+    Log {
+        log: Arc<ResultsLog>,
+        /// Whether this replica has caught up with the log and may answer reads.
+        caught_up: watch::Receiver<bool>,
+        /// The log's end when this replica started, for the error while catching up.
+        target: u64,
+    },
+}
+
 /// The store's gRPC handlers.
 pub(crate) struct StoreService<H> {
-    tiers: Arc<Tiers<H>>,
-    /// Held across a write and its announcement, so that sequences are announced in order.
-    writer: Mutex<()>,
-    /// Every durable result, for watchers. Its capacity is how far a watcher may lag
-    /// before it catches up from disk.
-    written: broadcast::Sender<Arc<QueryResult>>,
-    /// The last sequence announced on `written`.
-    announced: Arc<AtomicU64>,
+    applier: Arc<Applier<H>>,
+    writes: Writes,
     max_batch_results: usize,
     shutdown: Shutdown,
 }
@@ -68,19 +76,30 @@ fn check_names(query: &str, key: &str) -> Result<()> {
 
 impl<H: HotTier> StoreService<H> {
     pub(crate) fn new(
-        tiers: Arc<Tiers<H>>,
-        last_sequence: u64,
-        config: &StoreConfig,
+        applier: Arc<Applier<H>>,
+        writes: Writes,
+        max_batch_results: usize,
         shutdown: Shutdown,
     ) -> Self {
-        metrics::gauge!("runnel_store_last_sequence").set(last_sequence as f64);
         StoreService {
-            tiers,
-            writer: Mutex::new(()),
-            written: broadcast::Sender::new(config.watch_buffer),
-            announced: Arc::new(AtomicU64::new(last_sequence)),
-            max_batch_results: config.max_batch_results,
+            applier,
+            writes,
+            max_batch_results,
             shutdown,
+        }
+    }
+
+    /// Refuses reads while this replica is behind the results log: it would answer with
+    /// results older than the other replicas'.
+    fn check_caught_up(&self) -> Result<()> {
+        match &self.writes {
+            Writes::Log {
+                caught_up, target, ..
+            } if !*caught_up.borrow() => Err(StoreError::CatchingUp {
+                applied: self.applier.applied(),
+                target: *target,
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -100,16 +119,16 @@ impl<H: HotTier> StoreService<H> {
             })
             .collect();
         let count = request.results.len();
-        let writer = self.writer.lock().await;
-        let written = self.tiers.put(request.results).await?;
-        for result in written.results {
-            self.announced.store(result.sequence, Ordering::Release);
-            metrics::gauge!("runnel_store_last_sequence").set(result.sequence as f64);
-            // No watchers is not an error.
-            let _ = self.written.send(result);
+        match &self.writes {
+            Writes::Local => self.applier.put(request.results).await?,
+            Writes::Log { log, .. } => {
+                let last = log.append(&request.results, request.fence).await?;
+                tokio::select! {
+                    applied = self.applier.applied_through(last) => applied?,
+                    () = self.shutdown.wait() => return Err(StoreError::NotFollowing),
+                }
+            }
         }
-        drop(writer);
-        metrics::counter!("runnel_store_results_written_total").increment(count as u64);
         drop(spans);
         Ok(PutResponse {
             written: count as u32,
@@ -118,12 +137,18 @@ impl<H: HotTier> StoreService<H> {
 
     async fn serve_get(&self, request: GetRequest) -> Result<GetResponse> {
         check_names(&request.query, &request.key)?;
-        let result = self.tiers.latest(&request.query, &request.key).await?;
+        self.check_caught_up()?;
+        let result = self
+            .applier
+            .tiers()
+            .latest(&request.query, &request.key)
+            .await?;
         Ok(GetResponse { result })
     }
 
     async fn serve_range(&self, request: RangeRequest) -> Result<RangeResponse> {
         check_names(&request.query, &request.key)?;
+        self.check_caught_up()?;
         let limit = match request.limit as usize {
             0 => DEFAULT_RANGE_LIMIT,
             n => n.min(MAX_RANGE_LIMIT),
@@ -131,7 +156,8 @@ impl<H: HotTier> StoreService<H> {
         let from = request.from.map_or(i64::MIN, |t| Millis::from(t).0);
         let to = request.to.map_or(i64::MAX, |t| Millis::from(t).0);
         let results = self
-            .tiers
+            .applier
+            .tiers()
             .range(&request.query, &request.key, from, to, limit)
             .await?;
         Ok(RangeResponse { results })
@@ -139,6 +165,7 @@ impl<H: HotTier> StoreService<H> {
 
     async fn serve_top_k(&self, request: TopKRequest) -> Result<TopKResponse> {
         check_names(&request.query, "")?;
+        self.check_caught_up()?;
         let k = match request.k as usize {
             0 => DEFAULT_TOP_K,
             k if k > MAX_TOP_K => {
@@ -148,7 +175,7 @@ impl<H: HotTier> StoreService<H> {
             }
             k => k,
         };
-        Ok(match self.tiers.top_k(&request.query, k).await? {
+        Ok(match self.applier.tiers().top_k(&request.query, k).await? {
             Some(top) => TopKResponse {
                 window_start: Some(Millis(top.window.0).into()),
                 window_end: Some(Millis(top.window.1).into()),
@@ -164,9 +191,9 @@ impl<H: HotTier> StoreService<H> {
         request: WatchRequest,
     ) -> Result<ReceiverStream<Result<QueryResult, Status>>> {
         let filter = ResultFilter::new(&request)?;
-        // Subscribe before reading where the feed is, so nothing falls between the two.
-        let live = self.written.subscribe();
-        let durable = Arc::clone(self.tiers.durable());
+        self.check_caught_up()?;
+        let (live, announced) = self.applier.subscribe();
+        let durable = Arc::clone(self.applier.tiers().durable());
         let cursor = match request.after_sequence {
             Some(after) => {
                 // Refuse an expired cursor now, as the call's status, not mid-stream.
@@ -174,7 +201,7 @@ impl<H: HotTier> StoreService<H> {
                 tokio::task::spawn_blocking(move || check.feed(after, 0)).await??;
                 Cursor::Resume(after)
             }
-            None => Cursor::From(self.announced.load(Ordering::Acquire)),
+            None => Cursor::From(announced),
         };
         let (sender, receiver) = mpsc::channel(WATCH_STREAM_BUFFER);
         let watcher = Watcher {

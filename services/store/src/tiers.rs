@@ -16,7 +16,7 @@
 //! window, not a copy of anything a read could load.
 
 use crate::config::{CacheStrategy, HotConfig};
-use crate::durable::{Durable, Series, Written, start_of};
+use crate::durable::{Durable, Sequences, Series, Written, start_of};
 use crate::error::Result;
 use crate::hot::{Cached, HotTier, Lookup, Ranking, Scores};
 use runnel_proto::Millis;
@@ -71,12 +71,31 @@ impl<H: HotTier> Tiers<H> {
         }
     }
 
-    /// Writes validated results to long-term storage, then brings the hot tier and the
-    /// rankings up to date. The caller serialises writes.
-    pub(crate) async fn put(&self, results: Vec<QueryResult>) -> Result<Written> {
+    /// Writes validated results to long-term storage, then — with `hot` — brings the hot
+    /// tier and the rankings up to date. The caller serialises writes.
+    ///
+    /// A replica catching up with the results log writes without `hot`: it answers no reads
+    /// until it has caught up, then ranks from disk ([`Tiers::rank_from_disk`]), and loads
+    /// series on demand; so it never puts an old state of a series or a ranking into a hot
+    /// tier that other replicas share.
+    pub(crate) async fn put(
+        &self,
+        results: Vec<QueryResult>,
+        sequences: Sequences,
+        hot: bool,
+    ) -> Result<Written> {
         let durable = Arc::clone(&self.durable);
-        let history = self.config.history;
-        let written = tokio::task::spawn_blocking(move || durable.put(results, history)).await??;
+        let history = hot.then_some(self.config.history);
+        let written =
+            tokio::task::spawn_blocking(move || durable.put(results, sequences, history)).await??;
+        if hot {
+            self.update_hot(&written).await;
+        }
+        Ok(written)
+    }
+
+    /// Brings the hot tier and the rankings up to date with a write.
+    async fn update_hot(&self, written: &Written) {
         for series in &written.series {
             let Some(latest) = series.latest() else {
                 continue;
@@ -118,7 +137,6 @@ impl<H: HotTier> Tiers<H> {
                 hot_failed(&error);
             }
         }
-        Ok(written)
     }
 
     /// The series of `query` and `key`: from the hot tier, or loaded from long-term storage
@@ -329,7 +347,15 @@ mod tests {
     }
 
     fn tiers(dir: &std::path::Path, configure: impl FnOnce(&mut HotConfig)) -> Arc<Tiers<Memory>> {
-        let durable = Arc::new(Durable::open(dir, FsyncPolicy::Never, 1000).unwrap());
+        let durable = Arc::new(
+            Durable::open(
+                dir,
+                FsyncPolicy::Never,
+                1000,
+                crate::durable::Sequencing::Local,
+            )
+            .unwrap(),
+        );
         let mut config = HotConfig::default();
         configure(&mut config);
         Tiers::new(durable, Memory::new(1 << 20), config)
@@ -343,7 +369,10 @@ mod tests {
     async fn write_through_puts_land_in_the_hot_tier() {
         let dir = tempfile::tempdir().unwrap();
         let tiers = tiers(dir.path(), |_| {});
-        tiers.put(vec![result("k", 0, 1.0)]).await.unwrap();
+        tiers
+            .put(vec![result("k", 0, 1.0)], Sequences::Assign, true)
+            .await
+            .unwrap();
         match lookup(&tiers, "k").await {
             Lookup::Hit(cached) => {
                 assert_eq!(cached.series.latest().unwrap().values["count"], 1.0);
@@ -360,7 +389,10 @@ mod tests {
     async fn read_through_loads_on_the_first_read_and_keeps_it_for_the_ttl() {
         let dir = tempfile::tempdir().unwrap();
         let tiers = tiers(dir.path(), |c| c.strategy = CacheStrategy::ReadThrough);
-        tiers.put(vec![result("k", 0, 1.0)]).await.unwrap();
+        tiers
+            .put(vec![result("k", 0, 1.0)], Sequences::Assign, true)
+            .await
+            .unwrap();
         assert!(matches!(lookup(&tiers, "k").await, Lookup::Stale));
         let latest = tiers.latest("q", "k").await.unwrap().unwrap();
         assert_eq!(latest.values["count"], 1.0);
@@ -369,7 +401,10 @@ mod tests {
             other => panic!("expected a hit after the read, got {other:?}"),
         }
         // A write makes the hot copy stale again; the next read sees the write.
-        tiers.put(vec![result("k", 10, 2.0)]).await.unwrap();
+        tiers
+            .put(vec![result("k", 10, 2.0)], Sequences::Assign, true)
+            .await
+            .unwrap();
         assert!(matches!(lookup(&tiers, "k").await, Lookup::Stale));
         assert_eq!(
             tiers.latest("q", "k").await.unwrap().unwrap().values["count"],
@@ -386,14 +421,20 @@ mod tests {
             // Every read is "near expiry": the test needs no clock.
             c.refresh_ahead = 0.999_999;
         });
-        tiers.put(vec![result("k", 0, 1.0)]).await.unwrap();
+        tiers
+            .put(vec![result("k", 0, 1.0)], Sequences::Assign, true)
+            .await
+            .unwrap();
         assert_eq!(
             tiers.latest("q", "k").await.unwrap().unwrap().values["count"],
             1.0
         );
         // A write the hot tier does not hear of (as from another replica's long-term
         // storage): only a reload can bring it in.
-        tiers.durable.put(vec![result("k", 0, 2.0)], 16).unwrap();
+        tiers
+            .durable
+            .put(vec![result("k", 0, 2.0)], Sequences::Assign, Some(16))
+            .unwrap();
         // The read is served from the hot tier (the old value) and reloads it behind.
         assert_eq!(
             tiers.latest("q", "k").await.unwrap().unwrap().values["count"],

@@ -2,6 +2,8 @@
 //! hot-tier backend — the in-process one, and a real `redis-server` (skipped with a reason
 //! when it is not installed, unless `RUNNEL_REQUIRE_REDIS=1`).
 
+mod replicas;
+
 use runnel_proto::Millis;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{
