@@ -765,7 +765,7 @@ impl StageRunner {
         let mut offsets = Vec::with_capacity(due.len());
         for (partition, task) in due {
             let offset = task.next_offset;
-            let bytes = checkpoints.encode(partition, task);
+            let bytes = checkpoints.encode(partition, task)?;
             match checkpoints.save(producer, partition, &bytes).await {
                 Ok(handle) => {
                     metrics::histogram!("runnel_analyzer_checkpoint_bytes", "query" => self.plan.name.clone())
