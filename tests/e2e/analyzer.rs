@@ -605,6 +605,31 @@ async fn two_instances_share_the_partitions_and_survive_losing_one() {
     produce(&mut producers, after).await;
     // The survivor takes over the dead instance's partitions from their checkpoints.
     check_against_reference(&cluster, &[&first], &events).await;
+    // Which live in the broker, partition for partition, under a retention that keeps
+    // the hourly refresh of an idle partition's checkpoint.
+    let mut broker = BrokerClient::connect(cluster.broker.url())
+        .await
+        .expect("broker");
+    let topics = broker
+        .list_topics(ListTopicsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .topics;
+    for query in ["counts", "sliding", "sessions", "topics"] {
+        let name = format!("_analyzer.{query}.source.checkpoints");
+        let topic = topics.iter().find(|t| t.name == name).expect(&name);
+        assert_eq!(topic.partitions.len(), PARTITIONS as usize, "{name}");
+        let retention = topic.retention.expect("retention");
+        assert_eq!(retention.max_age.map(|a| a.seconds), Some(7 * 24 * 3600));
+        assert_eq!(retention.max_bytes, Some(1 << 30));
+    }
+    assert!(
+        topics
+            .iter()
+            .any(|t| t.name == "_analyzer.topics.keyed.checkpoints"),
+        "the keyed stage checkpoints too"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

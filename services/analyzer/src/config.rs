@@ -46,6 +46,11 @@ pub struct AnalyzerConfig {
     /// The time retention of the checkpoint topics, set when the analyzer creates them.
     #[serde(with = "humantime_serde")]
     pub checkpoint_retention: Duration,
+    /// The size retention of each checkpoint topic partition (0: none), set when the
+    /// analyzer creates them. Without compaction a busy partition writes its whole state
+    /// every `checkpoint_interval`; this bounds the disk that takes, while the checkpoint
+    /// its group's commit points at is always among the newest.
+    pub checkpoint_retention_bytes: u64,
     /// The consumer-group prefix: query `q` reads as group `<group>.q` (and, re-keyed,
     /// `<group>.q.keyed`). Instances with the same prefix share the work.
     pub group: String,
@@ -389,6 +394,7 @@ impl Default for AnalyzerConfig {
             checkpoint_interval: Duration::from_secs(1),
             checkpoint_refresh: Duration::from_secs(3600),
             checkpoint_retention: Duration::from_secs(7 * 24 * 3600),
+            checkpoint_retention_bytes: 1 << 30,
             group: "runnel-analyzer".into(),
             member_id: None,
             session_timeout: Duration::from_secs(10),

@@ -114,6 +114,7 @@ pub(crate) struct Context {
     pub(crate) checkpoint_interval: Duration,
     pub(crate) checkpoint_refresh: Duration,
     pub(crate) checkpoint_retention: Duration,
+    pub(crate) checkpoint_retention_bytes: u64,
     pub(crate) group: String,
     pub(crate) member_id: String,
     pub(crate) session_timeout: Duration,
@@ -214,7 +215,8 @@ impl StageRunner {
                 seconds: self.context.checkpoint_retention.as_secs() as i64,
                 nanos: self.context.checkpoint_retention.subsec_nanos() as i32,
             }),
-            max_bytes: None,
+            // Zero: no size limit.
+            max_bytes: Some(self.context.checkpoint_retention_bytes),
         };
         if !self
             .ensure_topic(&checkpoints.topic(), sources, Some(retention))
@@ -978,6 +980,7 @@ mod tests {
                 checkpoint_interval: Duration::from_secs(1),
                 checkpoint_refresh: Duration::from_secs(3600),
                 checkpoint_retention: Duration::from_secs(7 * 86400),
+                checkpoint_retention_bytes: 1 << 30,
                 group: "g".into(),
                 member_id: "m".into(),
                 session_timeout: Duration::from_secs(10),
