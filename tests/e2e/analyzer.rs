@@ -190,7 +190,10 @@ impl Cluster {
         let broker = ServiceProcess::start("runnel-broker", &config, &env, dir.path())
             .await
             .expect("broker starts");
-        let store = ServiceProcess::start("runnel-store", &config, &env, dir.path())
+        // With the broker, the store enforces the analyzers' group fences on its `Put`s: a
+        // zombie's results are refused instead of written over its successor's.
+        let store_env = BTreeMap::from([("RUNNEL_STORE__BROKER".to_owned(), broker.url())]);
+        let store = ServiceProcess::start("runnel-store", &config, &store_env, dir.path())
             .await
             .expect("store starts");
         Cluster {
