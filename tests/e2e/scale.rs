@@ -11,8 +11,8 @@
 //! A second test scales the analyzers 1 → 3 → 1 under load, with the same exact results.
 
 use crate::analyzer::{
-    QUERIES_TOML, Snapshot, counts, diff, keys, produce, reference, settled, snapshot, version,
-    workload,
+    QUERIES_TOML, Version, Window, counts, diff, keys, produce, reference, settled, snapshot,
+    version, workload,
 };
 use runnel_client::{Producer, ProducerOptions};
 use runnel_e2e::{PARTITIONS, ServiceProcess};
@@ -208,7 +208,7 @@ fn log_dir(root: &Path, name: &str) -> PathBuf {
 /// What a `Watch` client saw: every version of every window, in order, and its cursor.
 #[derive(Default)]
 struct Seen {
-    versions: BTreeMap<(String, String, i64), Vec<<Snapshot as IntoIterator>::Item>>,
+    versions: BTreeMap<Window, Vec<(Window, Version)>>,
     last_sequence: u64,
     /// Times the client had to move to another gateway.
     failovers: usize,

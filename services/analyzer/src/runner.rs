@@ -679,6 +679,7 @@ impl StageRunner {
                     emitted_at,
                     headers,
                     items: window.items,
+                    input_offset: window.input_offset,
                     // Assigned by the store.
                     sequence: 0,
                 }
