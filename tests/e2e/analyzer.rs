@@ -173,7 +173,10 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn start() -> Cluster {
+    /// With `fenced_store`, the store follows the broker and so enforces the analyzers'
+    /// group fences on its `Put`s (a local-mode store cannot: a zombie instance's partial
+    /// window could land over its successor's) — what tests of several instances need.
+    async fn start(fenced_store: bool) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path().display();
         let server =
@@ -190,9 +193,10 @@ impl Cluster {
         let broker = ServiceProcess::start("runnel-broker", &config, &env, dir.path())
             .await
             .expect("broker starts");
-        // With the broker, the store enforces the analyzers' group fences on its `Put`s: a
-        // zombie's results are refused instead of written over its successor's.
-        let store_env = BTreeMap::from([("RUNNEL_STORE__BROKER".to_owned(), broker.url())]);
+        let mut store_env = BTreeMap::new();
+        if fenced_store {
+            store_env.insert("RUNNEL_STORE__BROKER".to_owned(), broker.url());
+        }
         let store = ServiceProcess::start("runnel-store", &config, &store_env, dir.path())
             .await
             .expect("store starts");
@@ -454,7 +458,7 @@ pub(crate) async fn reference() -> &'static Snapshot {
     REFERENCE
         .get_or_init(|| async {
             let events = workload();
-            let cluster = Cluster::start().await;
+            let cluster = Cluster::start(false).await;
             let analyzer = cluster.analyzer("reference").await;
             let mut producers = HashMap::from([
                 ("events", cluster.producer("events").await),
@@ -530,7 +534,7 @@ async fn check_against_reference(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_twenty_times_the_analyzer_ends_with_the_crash_free_results() {
     let events = workload();
-    let cluster = Cluster::start().await;
+    let cluster = Cluster::start(false).await;
     let mut analyzer = cluster.analyzer("crashy").await;
     let mut producers = HashMap::from([
         ("events", cluster.producer("events").await),
@@ -584,7 +588,7 @@ async fn shared(cluster: &Cluster, analyzers: [&ServiceProcess; 2]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_the_partitions_and_survive_losing_one() {
     let events = workload();
-    let cluster = Cluster::start().await;
+    let cluster = Cluster::start(true).await;
     // Nothing on disk in common: the partitions' state can only move through the broker.
     let first = cluster.analyzer_apart("instance-a").await;
     let mut second = cluster.analyzer_apart("instance-b").await;
@@ -638,7 +642,7 @@ async fn two_instances_share_the_partitions_and_survive_losing_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_paused_past_its_session_timeout_is_fenced_and_rejoins() {
     let events = workload();
-    let cluster = Cluster::start().await;
+    let cluster = Cluster::start(true).await;
     let steady = cluster.analyzer_apart("steady").await;
     let paused = cluster.analyzer_apart("paused").await;
     let mut producers = HashMap::from([
@@ -764,7 +768,7 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_checkpoint_put_back_after_a_newer_one_loses_no_record() {
     let events = workload();
-    let cluster = Cluster::start().await;
+    let cluster = Cluster::start(true).await;
     let mut first = cluster.analyzer("first").await;
     let mut producers = HashMap::from([
         ("events", cluster.producer("events").await),
