@@ -173,7 +173,10 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn start() -> Cluster {
+    /// With `fenced_store`, the store follows the broker and so enforces the analyzers'
+    /// group fences on its `Put`s (a local-mode store cannot: a zombie instance's partial
+    /// window could land over its successor's) — what tests of several instances need.
+    async fn start(fenced_store: bool) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path().display();
         let server =
@@ -190,7 +193,11 @@ impl Cluster {
         let broker = ServiceProcess::start("runnel-broker", &config, &env, dir.path())
             .await
             .expect("broker starts");
-        let store = ServiceProcess::start("runnel-store", &config, &env, dir.path())
+        let mut store_env = BTreeMap::new();
+        if fenced_store {
+            store_env.insert("RUNNEL_STORE__BROKER".to_owned(), broker.url());
+        }
+        let store = ServiceProcess::start("runnel-store", &config, &store_env, dir.path())
             .await
             .expect("store starts");
         Cluster {
@@ -451,7 +458,7 @@ pub(crate) async fn reference() -> &'static Snapshot {
     REFERENCE
         .get_or_init(|| async {
             let events = workload();
-            let cluster = Cluster::start().await;
+            let cluster = Cluster::start(false).await;
             let analyzer = cluster.analyzer("reference").await;
             let mut producers = HashMap::from([
                 ("events", cluster.producer("events").await),
@@ -527,7 +534,7 @@ async fn check_against_reference(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_twenty_times_the_analyzer_ends_with_the_crash_free_results() {
     let events = workload();
-    let cluster = Cluster::start().await;
+    let cluster = Cluster::start(false).await;
     let mut analyzer = cluster.analyzer("crashy").await;
     let mut producers = HashMap::from([
         ("events", cluster.producer("events").await),
@@ -581,7 +588,7 @@ async fn shared(cluster: &Cluster, analyzers: [&ServiceProcess; 2]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_the_partitions_and_survive_losing_one() {
     let events = workload();
-    let cluster = Cluster::start().await;
+    let cluster = Cluster::start(true).await;
     // Nothing on disk in common: the partitions' state can only move through the broker.
     let first = cluster.analyzer_apart("instance-a").await;
     let mut second = cluster.analyzer_apart("instance-b").await;
@@ -589,20 +596,53 @@ async fn two_instances_share_the_partitions_and_survive_losing_one() {
         ("events", cluster.producer("events").await),
         ("meetup", cluster.producer("meetup").await),
     ]);
-    let (before, after) = events.split_at(events.len() / 2);
+    let (before, rest) = events.split_at(events.len() / 3);
+    let (during, after) = rest.split_at(rest.len() / 2);
     produce(&mut producers, before).await;
-    // Both take part: each owns some partitions of the query.
+    // Both take part: each owns some partitions of the query, and checkpoints them.
     shared(&cluster, [&first, &second]).await;
+    produce(&mut producers, during).await;
+    eventually(
+        Duration::from_secs(60),
+        Deferred(|| format!("everything produced to be checkpointed\n{}", cluster.logs())),
+        || cluster.checkpointed(),
+    )
+    .await;
     second.kill().await.expect("SIGKILL");
     produce(&mut producers, after).await;
     // The survivor takes over the dead instance's partitions from their checkpoints.
     check_against_reference(&cluster, &[&first], &events).await;
+    // Which live in the broker, partition for partition, under a retention that keeps
+    // the hourly refresh of an idle partition's checkpoint.
+    let mut broker = BrokerClient::connect(cluster.broker.url())
+        .await
+        .expect("broker");
+    let topics = broker
+        .list_topics(ListTopicsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .topics;
+    for query in ["counts", "sliding", "sessions", "topics"] {
+        let name = format!("_analyzer.{query}.source.checkpoints");
+        let topic = topics.iter().find(|t| t.name == name).expect(&name);
+        assert_eq!(topic.partitions.len(), PARTITIONS as usize, "{name}");
+        let retention = topic.retention.expect("retention");
+        assert_eq!(retention.max_age.map(|a| a.seconds), Some(7 * 24 * 3600));
+        assert_eq!(retention.max_bytes, Some(1 << 30));
+    }
+    assert!(
+        topics
+            .iter()
+            .any(|t| t.name == "_analyzer.topics.keyed.checkpoints"),
+        "the keyed stage checkpoints too"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_paused_past_its_session_timeout_is_fenced_and_rejoins() {
     let events = workload();
-    let cluster = Cluster::start().await;
+    let cluster = Cluster::start(true).await;
     let steady = cluster.analyzer_apart("steady").await;
     let paused = cluster.analyzer_apart("paused").await;
     let mut producers = HashMap::from([
@@ -728,7 +768,7 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_checkpoint_put_back_after_a_newer_one_loses_no_record() {
     let events = workload();
-    let cluster = Cluster::start().await;
+    let cluster = Cluster::start(true).await;
     let mut first = cluster.analyzer("first").await;
     let mut producers = HashMap::from([
         ("events", cluster.producer("events").await),

@@ -14,6 +14,11 @@
 //!    result's latency is the time from its window's end — when the event that closes the
 //!    window is produced — to the result arriving from the store's `Watch`: event in,
 //!    result in the store.
+//! 3. **Failover**, between the two: a second analyzer joins the group and takes some of
+//!    the partitions; then it is killed (its task aborted: connections drop, nothing is
+//!    flushed or checkpointed, as with `kill -9`) while events flow at `--rate`, and the
+//!    figure is the time from the kill until every partition it had has produced a
+//!    result on the surviving analyzer — restored from the checkpoint in the broker.
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -234,6 +239,16 @@ async fn load(
         args.e2e_events as f64 / read.as_secs_f64()
     );
 
+    failover(
+        args,
+        broker_url,
+        store_url,
+        &mut producer,
+        &mut sent,
+        &batch,
+    )
+    .await?;
+
     // Latency: a steady rate, results timed from the store's Watch.
     let mut store_client = StoreClient::connect(store_url.to_owned()).await?;
     let mut watch = store_client
@@ -283,4 +298,94 @@ async fn connect_analyzer(url: &str) -> Result<AnalyzerClient<tonic::transport::
             Err(error) => return Err(error.into()),
         }
     }
+}
+
+/// Starts a second analyzer in the group, kills it once it owns partitions, and reports
+/// how long until each of its partitions produced a result on the other analyzer.
+async fn failover(
+    args: &AnalyzerArgs,
+    broker_url: &str,
+    store_url: &str,
+    producer: &mut Producer,
+    sent: &mut u64,
+    batch: &impl Fn(u64, u64, i64) -> Vec<Event>,
+) -> Result<()> {
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let listeners = runnel_server::Listeners {
+        grpc: bind().await?,
+        admin: bind().await?,
+        http: None,
+    };
+    let victim_url = format!("http://{}", listeners.grpc.local_addr()?);
+    let config = AnalyzerConfig {
+        broker: broker_url.to_owned(),
+        store: store_url.to_owned(),
+        member_id: Some("bench-victim".into()),
+        queries: vec![query()?],
+        ..AnalyzerConfig::default()
+    };
+    // Held, not fired: the victim is killed, not stopped.
+    let (_trigger, shutdown) = runnel_server::Shutdown::new();
+    let victim = tokio::spawn(runnel_analyzer::run(config, listeners, shutdown));
+    let per_tick = (args.rate / 100).max(1);
+    let mut ticker = tokio::time::interval(Duration::from_millis(10));
+    let mut victim_client = connect_analyzer(&victim_url).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Events flow while the group rebalances, so that the victim's tasks have state.
+    let owned = loop {
+        ticker.tick().await;
+        producer
+            .send(batch(*sent, per_tick, now_millis().0))
+            .await?;
+        *sent += per_tick;
+        let described = victim_client
+            .describe_query(DescribeQueryRequest {
+                name: "bench_count".into(),
+            })
+            .await?
+            .into_inner();
+        if !described.partitions.is_empty() && described.results_emitted > 0 {
+            break described.partitions;
+        }
+        if Instant::now() > deadline {
+            bail!("the second analyzer took no partition with results within 60 s");
+        }
+    };
+    let mut store_client = StoreClient::connect(store_url.to_owned()).await?;
+    let mut watch = store_client
+        .watch(WatchRequest {
+            query: "bench_count".into(),
+            ..WatchRequest::default()
+        })
+        .await?
+        .into_inner();
+    let killed_at = now_millis().0;
+    let killed = Instant::now();
+    victim.abort();
+    let mut waiting: std::collections::BTreeSet<u32> = owned.iter().copied().collect();
+    let deadline = killed + Duration::from_secs(60);
+    while !waiting.is_empty() {
+        tokio::select! {
+            _ = ticker.tick() => {
+                producer.send(batch(*sent, per_tick, now_millis().0)).await?;
+                *sent += per_tick;
+            }
+            result = watch.message() => {
+                let Some(result) = result? else { bail!("the store's Watch ended") };
+                let emitted = result.emitted_at.map(Millis::from).unwrap_or_default().0;
+                if emitted > killed_at {
+                    waiting.remove(&runnel_proto::partition_for_key(&result.key, 4));
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("partitions {waiting:?} produced no result within 60 s of the kill");
+        }
+    }
+    println!(
+        "failover: an analyzer owning partitions {owned:?} of 4 killed → each producing results on the other: {} ms (session timeout {} s; a killed instance's connection drops at once)",
+        killed.elapsed().as_millis(),
+        AnalyzerConfig::default().session_timeout.as_secs()
+    );
+    Ok(())
 }

@@ -178,7 +178,9 @@ pub fn run_operator(
             && last_checkpoint.elapsed() >= every
         {
             let at = Instant::now();
-            let bytes = checkpoints.encode(0, task.state());
+            let bytes = checkpoints
+                .encode(0, task.state())
+                .map_err(|e| e.to_string())?;
             let (chunks, _crc) = checkpoints.chunks(0, &bytes);
             std::hint::black_box(chunks);
             figures.checkpoint_bytes = bytes.len();

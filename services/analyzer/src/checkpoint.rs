@@ -25,9 +25,12 @@
 //! replay.
 //!
 //! **Retention.** The broker has no compaction, so the checkpoint topic is created with a
-//! time retention (`checkpoint_retention`, default 7 days), and every task checkpoints
-//! again at least every `checkpoint_refresh` (default 1 h) even when its partition is idle:
-//! the records its group's commit points at are always far younger than the retention.
+//! time retention (`checkpoint_retention`, default 7 days) and a size retention per
+//! partition (`checkpoint_retention_bytes`, default 1 GiB, which bounds what a busy
+//! partition's checkpoints take), and every task checkpoints again at least every
+//! `checkpoint_refresh` (default 1 h) even when its partition is idle: the records its
+//! group's commit points at are always far younger than the retention and among the newest
+//! of their partition (the broker never deletes the segment being written).
 //!
 //! The state is JSON behind a magic and version (`RNLCKPT3`): readable in an incident,
 //! and exact for floating-point sums (serde_json's `float_roundtrip`). A state larger than
@@ -198,7 +201,11 @@ impl Checkpoints {
     }
 
     /// The bytes of a checkpoint of `state`.
-    pub(crate) fn encode(&self, partition: u32, state: TaskState) -> Vec<u8> {
+    pub(crate) fn encode(
+        &self,
+        partition: u32,
+        state: TaskState,
+    ) -> Result<Vec<u8>, AnalyzerError> {
         let checkpoint = Checkpoint {
             query: self.query.clone(),
             stage: self.stage,
@@ -207,11 +214,9 @@ impl Checkpoints {
             state,
         };
         let mut bytes = MAGIC.to_vec();
-        // Plain data (strings, numbers, maps with string keys) always serialises.
-        if let Err(error) = serde_json::to_writer(&mut bytes, &checkpoint) {
-            tracing::error!(%error, "a checkpoint did not serialise");
-        }
-        bytes
+        serde_json::to_writer(&mut bytes, &checkpoint)
+            .map_err(|e| self.fail(partition, format!("it does not serialise: {e}")))?;
+        Ok(bytes)
     }
 
     /// The checkpoint in `bytes` (from [`Checkpoints::encode`]), checked to belong here.
@@ -470,7 +475,7 @@ mod tests {
                 .unwrap();
         let task = crate::task::Task::new(&plan, 3, None, std::time::Instant::now());
         let ours = Checkpoints::new("q", Stage::Source, &plan.fingerprint, 4 << 20);
-        let bytes = ours.encode(3, task.state());
+        let bytes = ours.encode(3, task.state()).unwrap();
         assert_eq!(ours.decode(3, &bytes).unwrap().next_offset, 0);
         let wrong = |checkpoints: &Checkpoints, partition: u32| {
             checkpoints

@@ -46,6 +46,11 @@ pub struct AnalyzerConfig {
     /// The time retention of the checkpoint topics, set when the analyzer creates them.
     #[serde(with = "humantime_serde")]
     pub checkpoint_retention: Duration,
+    /// The size retention of each checkpoint topic partition (0: none), set when the
+    /// analyzer creates them. Without compaction a busy partition writes its whole state
+    /// every `checkpoint_interval`; this bounds the disk that takes, while the checkpoint
+    /// its group's commit points at is always among the newest.
+    pub checkpoint_retention_bytes: u64,
     /// The consumer-group prefix: query `q` reads as group `<group>.q` (and, re-keyed,
     /// `<group>.q.keyed`). Instances with the same prefix share the work.
     pub group: String,
@@ -389,6 +394,7 @@ impl Default for AnalyzerConfig {
             checkpoint_interval: Duration::from_secs(1),
             checkpoint_refresh: Duration::from_secs(3600),
             checkpoint_retention: Duration::from_secs(7 * 24 * 3600),
+            checkpoint_retention_bytes: 1 << 30,
             group: "runnel-analyzer".into(),
             member_id: None,
             session_timeout: Duration::from_secs(10),
@@ -482,6 +488,26 @@ impl ServiceConfig for AnalyzerConfig {
 mod tests {
     use super::*;
     use crate::path::FieldRef;
+
+    #[test]
+    fn checkpoints_refresh_well_within_their_retention() {
+        let config = |refresh: u64, retention: u64| AnalyzerConfig {
+            checkpoint_refresh: Duration::from_secs(refresh),
+            checkpoint_retention: Duration::from_secs(retention),
+            ..AnalyzerConfig::default()
+        };
+        assert!(config(3600, 7200).validate().is_ok());
+        let error = config(3600, 7199).validate().unwrap_err().to_string();
+        assert!(error.contains("checkpoint_retention"), "{error}");
+        let error = config(0, 7200).validate().unwrap_err().to_string();
+        assert!(error.contains("checkpoint_refresh"), "{error}");
+    }
+
+    #[test]
+    fn the_deprecated_data_dir_still_loads() {
+        let config: AnalyzerConfig = toml::from_str("data_dir = \"/var/lib/runnel\"\n").unwrap();
+        assert!(config.validate().is_ok());
+    }
 
     #[test]
     fn defaults_are_valid_and_ship_the_pipeline_s_queries() {

@@ -101,6 +101,7 @@ pub async fn run(
         checkpoint_interval: config.checkpoint_interval,
         checkpoint_refresh: config.checkpoint_refresh,
         checkpoint_retention: config.checkpoint_retention,
+        checkpoint_retention_bytes: config.checkpoint_retention_bytes,
         group: config.group.clone(),
         member_id,
         session_timeout: config.session_timeout,

@@ -114,6 +114,7 @@ pub(crate) struct Context {
     pub(crate) checkpoint_interval: Duration,
     pub(crate) checkpoint_refresh: Duration,
     pub(crate) checkpoint_retention: Duration,
+    pub(crate) checkpoint_retention_bytes: u64,
     pub(crate) group: String,
     pub(crate) member_id: String,
     pub(crate) session_timeout: Duration,
@@ -214,7 +215,8 @@ impl StageRunner {
                 seconds: self.context.checkpoint_retention.as_secs() as i64,
                 nanos: self.context.checkpoint_retention.subsec_nanos() as i32,
             }),
-            max_bytes: None,
+            // Zero: no size limit.
+            max_bytes: Some(self.context.checkpoint_retention_bytes),
         };
         if !self
             .ensure_topic(&checkpoints.topic(), sources, Some(retention))
@@ -766,7 +768,7 @@ impl StageRunner {
         let mut offsets = Vec::with_capacity(due.len());
         for (partition, task) in due {
             let offset = task.next_offset;
-            let bytes = checkpoints.encode(partition, task);
+            let bytes = checkpoints.encode(partition, task)?;
             match checkpoints.save(producer, partition, &bytes).await {
                 Ok(handle) => {
                     metrics::histogram!("runnel_analyzer_checkpoint_bytes", "query" => self.plan.name.clone())
@@ -979,6 +981,7 @@ mod tests {
                 checkpoint_interval: Duration::from_secs(1),
                 checkpoint_refresh: Duration::from_secs(3600),
                 checkpoint_retention: Duration::from_secs(7 * 86400),
+                checkpoint_retention_bytes: 1 << 30,
                 group: "g".into(),
                 member_id: "m".into(),
                 session_timeout: Duration::from_secs(10),
