@@ -534,7 +534,7 @@ async fn check_against_reference(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_twenty_times_the_analyzer_ends_with_the_crash_free_results() {
     let events = workload();
-    let cluster = Cluster::start(false).await;
+    let cluster = Cluster::start(true).await;
     let mut analyzer = cluster.analyzer("crashy").await;
     let mut producers = HashMap::from([
         ("events", cluster.producer("events").await),

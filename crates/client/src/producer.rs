@@ -61,6 +61,11 @@ pub struct Producer {
     options: ProducerOptions,
     /// The group membership every send is made under, if any.
     fence: Option<GroupFence>,
+    /// A call whose outcome is unknown: its future was dropped (the caller was cancelled)
+    /// or its retries ran out. The broker may hold its batches under their sequences, so
+    /// they go again, unchanged, before anything new: a later batch must never reuse those
+    /// sequences (the broker would take it for the retry and drop it).
+    unfinished: Option<ProduceRequest>,
 }
 
 impl Producer {
@@ -109,6 +114,7 @@ impl Producer {
             round_robin: 0,
             options,
             fence: None,
+            unfinished: None,
         })
     }
 
@@ -142,6 +148,7 @@ impl Producer {
     /// Stores `events` — one batch per partition, in one call — and answers with where each
     /// one is, in order. Retries until every batch is acknowledged or `retry_for` runs out.
     pub async fn send(&mut self, events: Vec<Event>) -> Result<Vec<RecordPosition>, ClientError> {
+        self.finish().await?;
         let mut shares: Vec<Vec<usize>> = vec![Vec::new(); self.partitions as usize];
         for (i, event) in events.iter().enumerate() {
             let partition = self.partition_of(&event.key);
@@ -183,6 +190,7 @@ impl Producer {
                 self.topic
             )));
         }
+        self.finish().await?;
         let batch = self.batch(partition, events);
         Ok(self.send_batches(vec![batch]).await?.remove(0))
     }
@@ -204,22 +212,44 @@ impl Producer {
         }
     }
 
-    /// Sends `batches` until acknowledged; then moves each partition's sequence past them.
-    async fn send_batches(
-        &mut self,
-        batches: Vec<RecordBatch>,
-    ) -> Result<Vec<BatchAck>, ClientError> {
-        let counts: Vec<(u32, u32)> = batches
-            .iter()
-            .map(|b| (b.partition, b.record_count))
-            .collect();
-        let request = ProduceRequest {
-            topic: self.topic.clone(),
-            acks: self.options.acks as i32,
-            batches,
-            fence: self.fence.clone(),
-            ..ProduceRequest::default()
+    /// Settles a call left unfinished: sends it again (acknowledged either way if the
+    /// broker has it), or — refused outright — starts over under a new producer id, so no
+    /// later batch can be mistaken for it.
+    async fn finish(&mut self) -> Result<(), ClientError> {
+        let Some(request) = self.unfinished.clone() else {
+            return Ok(());
         };
+        match self.call(&request).await {
+            Ok(_) => {
+                self.advance(&request);
+                self.unfinished = None;
+                Ok(())
+            }
+            Err(ClientError::Broker(status)) if !retriable(status.code()) => {
+                tracing::debug!(code = ?status.code(), error = status.message(), "an unfinished produce was refused; continuing as a new producer");
+                self.start_over();
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// A new identity: a fresh random producer id, every sequence from 0.
+    fn start_over(&mut self) {
+        self.producer_id = rand::random::<u64>().max(1);
+        self.next_sequence.iter_mut().for_each(|s| *s = 0);
+        self.unfinished = None;
+    }
+
+    fn advance(&mut self, request: &ProduceRequest) {
+        for batch in &request.batches {
+            self.next_sequence[batch.partition as usize] += u64::from(batch.record_count);
+        }
+    }
+
+    /// Makes `request`, retrying what may succeed when made again until `retry_for` runs
+    /// out.
+    async fn call(&mut self, request: &ProduceRequest) -> Result<Vec<BatchAck>, ClientError> {
         let deadline = Instant::now() + self.options.retry_for;
         let mut delay = Duration::from_millis(20);
         let acks = loop {
@@ -235,16 +265,44 @@ impl Producer {
                 Err(status) => return Err(ClientError::Broker(status)),
             }
         };
-        if acks.len() != counts.len() {
+        if acks.len() != request.batches.len() {
             return Err(ClientError::Broker(Status::internal(format!(
                 "the broker acknowledged {} of {} batches",
                 acks.len(),
-                counts.len()
+                request.batches.len()
             ))));
         }
-        for (partition, count) in counts {
-            self.next_sequence[partition as usize] += u64::from(count);
-        }
         Ok(acks)
+    }
+
+    /// Sends `batches` until acknowledged; then moves each partition's sequence past them.
+    /// Cancel-safe: dropped midway, the call is finished by the next send.
+    async fn send_batches(
+        &mut self,
+        batches: Vec<RecordBatch>,
+    ) -> Result<Vec<BatchAck>, ClientError> {
+        let request = ProduceRequest {
+            topic: self.topic.clone(),
+            acks: self.options.acks as i32,
+            batches,
+            fence: self.fence.clone(),
+            ..ProduceRequest::default()
+        };
+        self.unfinished = Some(request.clone());
+        match self.call(&request).await {
+            Ok(acks) => {
+                self.advance(&request);
+                self.unfinished = None;
+                Ok(acks)
+            }
+            // Refused (fenced, invalid): whether an earlier attempt of this call was stored
+            // is unknown, so its sequences are given up with the producer id.
+            Err(ClientError::Broker(status)) if !retriable(status.code()) => {
+                self.start_over();
+                Err(ClientError::Broker(status))
+            }
+            // Still unknown: the next send finishes it first.
+            Err(error) => Err(error),
+        }
     }
 }
