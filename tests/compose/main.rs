@@ -1,12 +1,16 @@
-//! The compose end-to-end test: `docker-compose.yml` as a user runs it, on images built
-//! offline (`cargo xtask images`), with faults.
+//! The compose end-to-end test: `docker-compose.yml` as a user runs it, scaled as
+//! `up --scale analyzer=3 --scale store=2 --scale gateway=2`, on images built offline
+//! (`cargo xtask images`), with faults.
 //!
 //! Under ingest load through the collector's published port, the broker's container is
-//! killed (SIGKILL) and started again, and the analyzer's container is cut off the network
-//! and put back. Every batch the collector acknowledged must then be reflected in the
-//! results read through the gateway — exactly once: each batch has a key of its own, so its
-//! window counts exactly its events, never twice as many. One event's trace must cross all
-//! five services, received by our own OTLP sink running next to them.
+//! killed (SIGKILL) and started again, one analyzer replica is cut off the network and put
+//! back, another analyzer replica is killed and started again, and a store replica is
+//! killed and replaced by a new one with an empty volume. Every batch the collector
+//! acknowledged must then be reflected in the results read through every gateway replica
+//! (each at its own published port) — the same everywhere, and exactly once: each batch
+//! has a key of its own, so its window counts exactly its events, never twice as many. One
+//! event's trace must cross all five services, received by our own OTLP sink running next
+//! to them.
 //!
 //! It runs when `RUNNEL_COMPOSE_E2E=1` (`cargo xtask compose-test` builds the images and
 //! sets it; `.ci/run` does that when a Docker engine is present), and otherwise says why it
@@ -20,6 +24,7 @@ use runnel_proto::Millis;
 use runnel_proto::v1::collector_client::CollectorClient;
 use runnel_proto::v1::gateway_client::GatewayClient;
 use runnel_proto::v1::{Event, IngestRequest, QueryResult, WatchRequest};
+use runnel_testkit::holds_within;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +47,8 @@ const PROGRESS: u64 = 15;
 /// Generous bound for anything to happen on a loaded two-core machine.
 const WAIT: Duration = Duration::from_secs(180);
 const SERVICES: [&str; 5] = ["broker", "store", "collector", "analyzer", "gateway"];
+/// The fault test's replicas: every service that scales by replicas runs several.
+const SCALE: [(&str, usize); 3] = [("analyzer", 3), ("store", 2), ("gateway", 2)];
 
 fn event(id: String, key: &str, at_ms: i64, value: Option<f64>) -> Event {
     let payload = match value {
@@ -190,19 +197,42 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
             root.join("tests/compose/otlp-sink.yml"),
         ],
         env,
+        &SCALE,
     )
     .await
     .expect("compose up");
     let healthy = project.wait_healthy(&SERVICES, &HashMap::new(), WAIT).await;
     or_fail(&project, healthy).await;
 
-    // Hardened as the compose file says: read-only root, unprivileged user.
+    // Hardened as the compose file says: read-only root, unprivileged user; and no two
+    // replicas share a volume (their state is in the broker, not on a shared disk).
+    let mut volumes: HashMap<String, String> = HashMap::new();
     for service in SERVICES {
-        let hardening = project
-            .inspect(service, "{{.HostConfig.ReadonlyRootfs}} {{.Config.User}}")
-            .await
-            .expect("inspect");
-        assert_eq!(hardening, "true 65532:65532", "{service}");
+        for replica in 1..=project.replicas(service) {
+            let hardening = project
+                .inspect(
+                    service,
+                    replica,
+                    "{{.HostConfig.ReadonlyRootfs}} {{.Config.User}}",
+                )
+                .await
+                .expect("inspect");
+            assert_eq!(hardening, "true 65532:65532", "{service} #{replica}");
+            let mounted = project
+                .inspect(
+                    service,
+                    replica,
+                    "{{range .Mounts}}{{if eq .Type \"volume\"}}{{.Name}} {{end}}{{end}}",
+                )
+                .await
+                .expect("inspect");
+            for volume in mounted.split_whitespace() {
+                let here = format!("{service} #{replica}");
+                if let Some(other) = volumes.insert(volume.to_owned(), here.clone()) {
+                    panic!("{here} and {other} share the volume {volume}");
+                }
+            }
+        }
     }
 
     // Spans, as the sink prints them.
@@ -221,9 +251,22 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
             .expect("follow the sink")
     };
 
-    let collector_addr = project.published("collector", 7101).await.expect("port");
-    let gateway_addr = project.published("gateway", 7105).await.expect("port");
-    let http_addr = project.published("gateway", 8080).await.expect("port");
+    let collector_addr = project.published("collector", 1, 7101).await.expect("port");
+    // Every gateway replica at its own published ports: (gRPC, HTTP).
+    let mut gateways = Vec::new();
+    for replica in 1..=project.replicas("gateway") {
+        gateways.push((
+            project
+                .published("gateway", replica, 7105)
+                .await
+                .expect("port"),
+            project
+                .published("gateway", replica, 8080)
+                .await
+                .expect("port"),
+        ));
+    }
+    let (gateway_addr, http_addr) = gateways[0];
     let collector = CollectorClient::new(
         tonic::transport::Endpoint::from_shared(format!("http://{collector_addr}"))
             .expect("url")
@@ -249,10 +292,10 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
     wait_progress(&mut progressed, PROGRESS, "before the faults").await;
 
     // Fault 1: the broker killed under load, then started again with the same volume.
-    let broker_healthy = HashMap::from([("broker".to_owned(), project.times_healthy("broker"))]);
-    project.kill("broker").await.expect("kill the broker");
+    let broker_healthy = project.health_so_far();
+    project.kill("broker", 1).await.expect("kill the broker");
     eprintln!("broker killed");
-    project.start("broker").await.expect("start the broker");
+    project.start("broker", 1).await.expect("start the broker");
     let healthy = project
         .wait_healthy(&["broker"], &broker_healthy, WAIT)
         .await;
@@ -261,12 +304,14 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
     let now = *progressed.borrow();
     wait_progress(&mut progressed, now + PROGRESS, "after the broker restart").await;
 
-    // Fault 2: the analyzer cut off the network while events keep coming, then put back —
-    // under a new address (another container takes its old one meanwhile), so that its
-    // connections to the broker and the store are dead without either side being told.
-    let network = project.network("analyzer").await.expect("network");
-    let address = project.address("analyzer").await.expect("address");
-    project.disconnect("analyzer").await.expect("disconnect");
+    // Fault 2: an analyzer replica cut off the network while events keep coming, then put
+    // back — under a new address (another container takes its old one meanwhile), so that
+    // its connections to the broker and the store are dead without either side being
+    // told. Its group evicts it meanwhile and gives its partitions to the others; when it
+    // is back, whatever it still writes for them under its old generation is fenced.
+    let network = project.network("analyzer", 1).await.expect("network");
+    let address = project.address("analyzer", 1).await.expect("address");
+    project.disconnect("analyzer", 1).await.expect("disconnect");
     let taken = project
         .take_free_address(&network, "runnel-otlp-sink:latest")
         .await
@@ -281,10 +326,10 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
     )
     .await;
     project
-        .reconnect("analyzer", &network)
+        .reconnect("analyzer", 1, &network)
         .await
         .expect("reconnect");
-    let new_address = project.address("analyzer").await.expect("address");
+    let new_address = project.address("analyzer", 1).await.expect("address");
     assert_ne!(new_address, address);
     eprintln!("analyzer reconnected: {address} -> {new_address}");
     let now = *progressed.borrow();
@@ -292,6 +337,52 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
         &mut progressed,
         now + PROGRESS,
         "after the analyzer is back",
+    )
+    .await;
+
+    // Fault 3: kill -9 of an analyzer replica and of a store replica under load. The
+    // analyzer's partitions move to the others, which restore their checkpoints from the
+    // broker; the store replica comes back as a new container with an empty volume and
+    // rebuilds its results from the broker's `_store.results`.
+    // Healthy again: the restarted analyzer (once more than before), and the new store
+    // container (at all); the replicas left alone were healthy all along.
+    let analyzer_2 = project.container("analyzer", 2).await.expect("analyzer #2");
+    let before = HashMap::from([(
+        analyzer_2.clone(),
+        project
+            .health_so_far()
+            .get(&analyzer_2)
+            .copied()
+            .unwrap_or(0),
+    )]);
+    project.kill("analyzer", 2).await.expect("kill an analyzer");
+    project.kill("store", 2).await.expect("kill a store");
+    eprintln!("analyzer #2 and store #2 killed");
+    let now = *progressed.borrow();
+    wait_progress(
+        &mut progressed,
+        now + PROGRESS,
+        "with an analyzer and a store replica down",
+    )
+    .await;
+    project
+        .start("analyzer", 2)
+        .await
+        .expect("start the analyzer");
+    project
+        .replace("store", 2)
+        .await
+        .expect("a new store replica");
+    let healthy = project
+        .wait_healthy(&["analyzer", "store"], &before, WAIT)
+        .await;
+    or_fail(&project, healthy).await;
+    eprintln!("analyzer #2 back, store #2 replaced with an empty volume");
+    let now = *progressed.borrow();
+    wait_progress(
+        &mut progressed,
+        now + PROGRESS,
+        "after the analyzer and store replicas are back",
     )
     .await;
 
@@ -394,27 +485,68 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
             "batch {key}: every event once"
         );
     }
-    // The same through the gateway's HTTP API, from the store's durable state.
+    // The same through every gateway replica's HTTP API and gRPC `Get`, from the stores'
+    // durable state: each replica answers every key with the result the watch saw. The
+    // store replicas materialise the broker's results log each at its own pace, so a
+    // replica may answer a moment later than another — never differently.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
         .expect("http client");
-    for key in &acked {
-        let url = format!("http://{http_addr}/v1/results/{QUERY}/{key}");
-        let body: serde_json::Value = http
-            .get(&url)
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"))
-            .json()
-            .await
-            .expect("json");
-        assert_eq!(
-            body["values"]["count"].as_f64(),
-            Some(BATCH as f64),
-            "{url}: {body}"
+    for (replica, (grpc_addr, http_addr)) in gateways.iter().enumerate() {
+        let replica = replica + 1;
+        let gateway = GatewayClient::new(
+            tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
+                .expect("url")
+                .connect_lazy(),
         );
+        for key in &acked {
+            let expected = (BATCH as f64, batch_sum());
+            let url = format!("http://{http_addr}/v1/results/{QUERY}/{key}");
+            // Both APIs have it: HTTP with the batch's count and sum, gRPC `Get` with a
+            // result (compared in full below).
+            let answered = holds_within(WAIT, || {
+                let (http, url, mut gateway) = (&http, &url, gateway.clone());
+                async move {
+                    let body: serde_json::Value = http
+                        .get(url)
+                        .send()
+                        .await
+                        .ok()?
+                        .error_for_status()
+                        .ok()?
+                        .json()
+                        .await
+                        .ok()?;
+                    let values = &body["values"];
+                    if values["count"].as_f64() != Some(expected.0)
+                        || values["sum"].as_f64() != Some(expected.1)
+                    {
+                        return None;
+                    }
+                    gateway
+                        .get(runnel_proto::v1::GetRequest {
+                            query: QUERY.into(),
+                            key: key.clone(),
+                        })
+                        .await
+                        .ok()?
+                        .into_inner()
+                        .result
+                }
+            })
+            .await;
+            let Some(stored) = answered else {
+                panic!(
+                    "gateway #{replica}: {key} never answered {expected:?} over HTTP and gRPC\n{}",
+                    project.logs().await
+                );
+            };
+            assert_eq!(
+                stored.values, results[key].values,
+                "gateway #{replica}: {key} differs from what the watch saw"
+            );
+        }
     }
     // A query the analyzer does not run: 404 naming the ones it does (the gateway asks
     // the analyzer, as compose configures it).
@@ -505,6 +637,7 @@ async fn secure_compose_pipeline_serves_only_callers_with_a_certificate() {
             root.join("docker-compose.secure.yml"),
         ],
         env,
+        &[],
     )
     .await
     .expect("compose up");
@@ -512,9 +645,9 @@ async fn secure_compose_pipeline_serves_only_callers_with_a_certificate() {
     let healthy = project.wait_healthy(&SERVICES, &HashMap::new(), WAIT).await;
     or_fail(&project, healthy).await;
 
-    let collector_addr = project.published("collector", 7101).await.expect("port");
-    let gateway_addr = project.published("gateway", 7105).await.expect("port");
-    let http_addr = project.published("gateway", 8080).await.expect("port");
+    let collector_addr = project.published("collector", 1, 7101).await.expect("port");
+    let gateway_addr = project.published("gateway", 1, 7105).await.expect("port");
+    let http_addr = project.published("gateway", 1, 8080).await.expect("port");
     let as_client = runnel_security::ConnectConfig {
         ca: Some(certs.join("ca.pem")),
         cert: Some(certs.join("client.pem")),

@@ -1,7 +1,8 @@
 //! The Kubernetes manifests (`deploy/k8s`), as `kubectl kustomize` renders every overlay:
 //! valid against the Kubernetes API schemas (`kubernetes-validate --strict`), and holding
 //! what `docs/operations.md` promises — stateful services on StatefulSets with volumes,
-//! stateless ones scaling by replicas, unprivileged read-only containers with limits and
+//! the analyzer, store and gateway on several replicas with autoscalers and disruption
+//! budgets, the others scaling by replicas, unprivileged read-only containers with limits and
 //! gRPC probes, grace periods above each service's drain, configuration every service
 //! accepts, and NetworkPolicies that let through the pipeline's own paths and nothing else.
 //!
@@ -305,8 +306,21 @@ fn containers_run_unprivileged_on_a_read_only_root_with_limits_and_probes() {
     }
 }
 
+/// The services that scale by replicas with their state in the broker (issue 12), and
+/// how many replicas each runs at least in production.
+const REPLICATED: [(&str, i64); 3] = [
+    ("runnel-analyzer", 3),
+    ("runnel-store", 2),
+    ("runnel-gateway", 2),
+];
+
+/// Whether a PodDisruptionBudget lets at most one pod go at a time, however many there are.
+fn one_at_a_time(pdb: &Yaml) -> bool {
+    pdb["spec"]["maxUnavailable"].as_i64() == Some(1)
+}
+
 #[test]
-fn stateful_services_keep_their_data_on_volumes_and_stateless_ones_scale_by_replicas() {
+fn stateful_services_keep_their_data_on_volumes_and_the_others_scale_by_replicas() {
     if !require(Tool::Kubectl) {
         return;
     }
@@ -314,46 +328,49 @@ fn stateful_services_keep_their_data_on_volumes_and_stateless_ones_scale_by_repl
         let workloads = workloads(overlay);
         let by_name: BTreeMap<&str, &Workload<'_>> =
             workloads.iter().map(|w| (w.name, w)).collect();
-        let hpa_targets: BTreeMap<&str, &str> = kind(overlay, "HorizontalPodAutoscaler")
+        let hpas: BTreeMap<&str, &Yaml> = kind(overlay, "HorizontalPodAutoscaler")
             .map(|hpa| {
-                let target = &hpa["spec"]["scaleTargetRef"];
                 (
-                    target["name"].as_str().expect("target name"),
-                    target["kind"].as_str().expect("target kind"),
+                    hpa["spec"]["scaleTargetRef"]["name"]
+                        .as_str()
+                        .expect("target name"),
+                    hpa,
                 )
             })
             .collect();
-        let pdbs: Vec<BTreeMap<String, String>> = kind(overlay, "PodDisruptionBudget")
-            .map(|pdb| labels(&pdb["spec"]["selector"]))
-            .collect();
+        let pdbs: Vec<&Yaml> = kind(overlay, "PodDisruptionBudget").collect();
+        let pdb_of = |workload: &Workload<'_>| {
+            pdbs.iter()
+                .find(|pdb| selects(&labels(&pdb["spec"]["selector"]), &workload.labels))
+                .copied()
+        };
         let headless: BTreeSet<&str> = kind(overlay, "Service")
             .filter(|s| s["spec"]["clusterIP"].as_str() == Some("None"))
             .map(name)
             .collect();
         let at = |w: &str| format!("{}: {w}", overlay.name);
 
-        // Every HPA scales something that exists, by replicas: a Deployment, or the
-        // collectors, whose pods each keep a message log of their own and deliver it
-        // before a scale-down removes them.
-        for (target, target_kind) in &hpa_targets {
-            let expected = if *target == "runnel-collector" {
-                "StatefulSet"
-            } else {
-                "Deployment"
-            };
-            assert_eq!(*target_kind, expected, "{}", at(target));
+        // Every HPA scales something that exists, of the kind it says, on CPU.
+        for (target, hpa) in &hpas {
+            let workload = by_name
+                .get(target)
+                .unwrap_or_else(|| panic!("{}: no such workload", at(target)));
+            assert_eq!(
+                hpa["spec"]["scaleTargetRef"]["kind"].as_str(),
+                Some(workload.kind),
+                "{}",
+                at(target)
+            );
             assert!(
-                by_name.contains_key(target),
-                "{}: no such workload",
+                list(&hpa["spec"]["metrics"])
+                    .iter()
+                    .any(|m| m["resource"]["name"].as_str() == Some("cpu")),
+                "{}: the HPA does not scale on CPU",
                 at(target)
             );
         }
         for workload in &workloads {
-            let mounts_data = list(&workload.pod["containers"]).iter().any(|c| {
-                list(&c["volumeMounts"]).iter().any(|m| {
-                    m["name"].as_str() == Some("data") && m["mountPath"].as_str() == Some("/data")
-                })
-            });
+            let volumes = list(&workload.pod["volumes"]);
             match workload.kind {
                 "StatefulSet" => {
                     let spec = &workload.doc["spec"];
@@ -362,6 +379,12 @@ fn stateful_services_keep_their_data_on_volumes_and_stateless_ones_scale_by_repl
                         .filter_map(|t| t["metadata"]["name"].as_str())
                         .collect();
                     assert_eq!(claims, ["data"], "{}", at(workload.name));
+                    let mounts_data = list(&workload.pod["containers"]).iter().any(|c| {
+                        list(&c["volumeMounts"]).iter().any(|m| {
+                            m["name"].as_str() == Some("data")
+                                && m["mountPath"].as_str() == Some("/data")
+                        })
+                    });
                     assert!(
                         mounts_data,
                         "{}: /data is not its volume",
@@ -373,33 +396,39 @@ fn stateful_services_keep_their_data_on_volumes_and_stateless_ones_scale_by_repl
                         "{}: governing Service {governing} is not headless or missing",
                         at(workload.name)
                     );
-                    if workload.name == "runnel-collector" {
+                    // Only a service whose pods are independent of each other scales by
+                    // an HPA: the collectors (each delivers its own log) and the stores
+                    // (each a view of the broker's results log).
+                    if hpas.contains_key(workload.name) {
                         assert!(
-                            pdbs.iter().any(|s| selects(s, &workload.labels)),
-                            "{}: no PodDisruptionBudget",
+                            ["runnel-collector", "runnel-store"].contains(&workload.name),
+                            "{}: a StatefulSet does not scale by an HPA here",
                             at(workload.name)
                         );
-                    } else {
-                        assert!(
-                            !hpa_targets.contains_key(workload.name),
-                            "{}: a StatefulSet does not scale by an HPA here",
+                        assert_eq!(
+                            spec["podManagementPolicy"].as_str(),
+                            Some("Parallel"),
+                            "{}: replicas start one by one",
                             at(workload.name)
                         );
                     }
                 }
                 _ => {
+                    // Nothing of a Deployment's pod outlives it.
+                    for volume in volumes {
+                        assert!(
+                            volume["persistentVolumeClaim"].is_badvalue(),
+                            "{}: a Deployment with a volume claim",
+                            at(workload.name)
+                        );
+                    }
                     assert!(
-                        !mounts_data,
-                        "{}: a Deployment with data",
-                        at(workload.name)
-                    );
-                    assert!(
-                        hpa_targets.contains_key(workload.name),
+                        hpas.contains_key(workload.name),
                         "{}: a stateless service without an HPA",
                         at(workload.name)
                     );
                     assert!(
-                        pdbs.iter().any(|s| selects(s, &workload.labels)),
+                        pdb_of(workload).is_some(),
                         "{}: no PodDisruptionBudget",
                         at(workload.name)
                     );
@@ -409,7 +438,7 @@ fn stateful_services_keep_their_data_on_volumes_and_stateless_ones_scale_by_repl
         // Which service is which, as docs/operations.md says.
         for (service, expected) in [
             ("runnel-collector", "StatefulSet"),
-            ("runnel-analyzer", "StatefulSet"),
+            ("runnel-analyzer", "Deployment"),
             ("runnel-store", "StatefulSet"),
             ("runnel-gateway", "Deployment"),
         ] {
@@ -420,6 +449,62 @@ fn stateful_services_keep_their_data_on_volumes_and_stateless_ones_scale_by_repl
                 at(service)
             );
         }
+        // The analyzer, store and gateway run several replicas in every overlay (as many
+        // as REPLICATED says in production), autoscaled from there, and are disrupted one
+        // pod at a time.
+        for (service, in_production) in REPLICATED {
+            let workload = by_name[service];
+            let replicas = workload.doc["spec"]["replicas"].as_i64().unwrap_or(1);
+            let least = if overlay.name == "prod" {
+                in_production
+            } else {
+                2
+            };
+            assert!(
+                replicas >= least,
+                "{}: {replicas} replicas, fewer than {least}",
+                at(service)
+            );
+            let hpa = hpas
+                .get(service)
+                .unwrap_or_else(|| panic!("{}: no HPA", at(service)));
+            let (min, max) = (
+                hpa["spec"]["minReplicas"].as_i64().unwrap_or(1),
+                hpa["spec"]["maxReplicas"].as_i64().expect("maxReplicas"),
+            );
+            assert!(
+                least <= min && min <= replicas && replicas <= max,
+                "{}: the HPA's {min}..={max} against {replicas} replicas",
+                at(service)
+            );
+            let pdb = pdb_of(workload)
+                .unwrap_or_else(|| panic!("{}: no PodDisruptionBudget", at(service)));
+            assert!(
+                one_at_a_time(pdb),
+                "{}: the PodDisruptionBudget lets more than one pod go: {:?}",
+                at(service),
+                pdb["spec"]
+            );
+        }
+        // The analyzer and the gateway keep nothing on the pod: no volume but their
+        // configuration and certificates.
+        for service in ["runnel-analyzer", "runnel-gateway"] {
+            for volume in list(&by_name[service].pod["volumes"]) {
+                assert!(
+                    !volume["configMap"].is_badvalue() || !volume["secret"].is_badvalue(),
+                    "{}: a volume for state: {:?}",
+                    at(service),
+                    volume["name"]
+                );
+            }
+        }
+        // The collectors, too, are disrupted one at a time.
+        let collector = by_name["runnel-collector"];
+        assert!(
+            pdb_of(collector).is_some_and(one_at_a_time),
+            "{}",
+            at("runnel-collector")
+        );
         // The broker: on its embedded log a single StatefulSet replica; over JetStream, a
         // Deployment in front of a three-node JetStream StatefulSet.
         let broker = by_name.get("runnel-broker").expect("a broker");
@@ -433,14 +518,6 @@ fn stateful_services_keep_their_data_on_volumes_and_stateless_ones_scale_by_repl
                 .expect("JetStream for the brokers");
             assert_eq!(nats.kind, "StatefulSet");
             assert_eq!(nats.doc["spec"]["replicas"].as_i64(), Some(3));
-        }
-        for singleton in ["runnel-analyzer", "runnel-store"] {
-            assert_eq!(
-                by_name[singleton].doc["spec"]["replicas"].as_i64(),
-                Some(1),
-                "{}",
-                at(singleton)
-            );
         }
     }
 }
@@ -506,7 +583,9 @@ fn load_service_config(
         }
         "analyzer" => {
             let c = load::<runnel_analyzer::AnalyzerConfig>(file, env)?;
-            loaded(&c, Some(c.data_dir.clone()), &[&c.broker, &c.store])
+            // Checkpoints live in the broker: the analyzer writes nothing (its deprecated
+            // data_dir is ignored).
+            loaded(&c, None, &[&c.broker, &c.store])
         }
         "store" => {
             let c = load::<runnel_store::StoreConfig>(file, env)?;
@@ -514,7 +593,8 @@ fn load_service_config(
         }
         "gateway" => {
             let c = load::<runnel_gateway::GatewayConfig>(file, env)?;
-            loaded(&c, Some(c.data_dir.clone()), &[&c.store])
+            // Webhooks live in the broker: the gateway writes nothing.
+            loaded(&c, None, &[&c.store])
         }
         other => return Err(format!("unknown service {other}")),
     })
@@ -603,8 +683,26 @@ fn every_service_accepts_its_configuration_and_its_grace_period_outlasts_its_dra
             }
             let file = dir.path().join(format!("{}-{service}.toml", overlay.name));
             std::fs::write(&file, &contents).expect("write the config");
-            let loaded = load_service_config(service, &file, env)
+            let mut loaded = load_service_config(service, &file, env)
                 .unwrap_or_else(|e| panic!("{at}: the service refuses its configuration: {e}"));
+            // The analyzer, store and gateway keep their shared state in the broker: each
+            // names it (an empty `broker` would be the single-replica mode, whose state is
+            // on the pod), and calls it like any other peer.
+            if ["analyzer", "store", "gateway"].contains(&service) {
+                let table: toml::Table = contents.parse().unwrap_or_else(|e| panic!("{at}: {e}"));
+                let broker = table
+                    .get(service)
+                    .and_then(|t| t.get("broker"))
+                    .and_then(toml::Value::as_str)
+                    .unwrap_or("");
+                assert!(
+                    broker.ends_with("://runnel-broker:7102"),
+                    "{at}: {service}.broker is {broker:?}, not the broker's Service"
+                );
+                if !loaded.peers.iter().any(|p| p == broker) {
+                    loaded.peers.push(broker.to_owned());
+                }
+            }
             // Production authenticates everyone: TLS with client certificates on every
             // listener, https:// to every peer, the pipeline's own grants and no others,
             // and probes that speak TLS.
@@ -622,9 +720,15 @@ fn every_service_accepts_its_configuration_and_its_grace_period_outlasts_its_dra
                     "{at}: not authenticated"
                 );
                 assert!(!server.allow_unauthenticated, "{at}");
+                // The same grants, in any order (grants add up; their order means nothing).
+                let in_order = |grants: &[runnel_security::GrantConfig]| {
+                    let mut grants: Vec<String> = grants.iter().map(|g| format!("{g:?}")).collect();
+                    grants.sort();
+                    grants
+                };
                 assert_eq!(
-                    server.auth.grants,
-                    runnel_security::certs::pipeline_grants(service),
+                    in_order(&server.auth.grants),
+                    in_order(&runnel_security::certs::pipeline_grants(service)),
                     "{at}: grants"
                 );
                 for peer in &loaded.peers {
@@ -811,10 +915,16 @@ fn network_policies_allow_the_pipelines_own_paths_and_nothing_else() {
                 .extend(from.iter().map(|s| (*s).to_owned()));
         };
         allow("runnel-collector", 7101, &everyone);
+        // The store and the gateway keep their shared state in the broker.
         allow(
             "runnel-broker",
             7102,
-            &["runnel-collector", "runnel-analyzer"],
+            &[
+                "runnel-collector",
+                "runnel-analyzer",
+                "runnel-store",
+                "runnel-gateway",
+            ],
         );
         allow(
             "runnel-store",

@@ -1,7 +1,12 @@
 //! Docker Compose projects for end-to-end tests: bring one up under a name of its own,
-//! learn its published ports, kill, start and cut off its containers, wait on their health
+//! with some services scaled to several replicas (`--scale`), learn each replica's
+//! published ports, kill, start, replace and cut off its containers, wait on their health
 //! checks, follow their output — and take it all down again, volumes included, however the
 //! test ends (`Drop`).
+//!
+//! A container is named by its service and its replica number (1-based, Compose's
+//! `com.docker.compose.container-number` and `port --index`); an unscaled service has one
+//! replica, number 1.
 //!
 //! Works with the Compose v2 plugin (`docker compose`) and the standalone v1 tool
 //! (`docker-compose`); [`compose_command`] finds which one this machine has.
@@ -56,6 +61,8 @@ pub struct ComposeProject {
     command: Vec<String>,
     files: Vec<PathBuf>,
     env: BTreeMap<String, String>,
+    /// `--scale` of every `up`: replicas per service, for the services not at one.
+    scale: Vec<(String, usize)>,
     health: HealthEvents,
     /// Containers the test started on the project's network itself, removed before `down`.
     extra: Mutex<Vec<String>>,
@@ -63,11 +70,13 @@ pub struct ComposeProject {
 
 impl ComposeProject {
     /// Runs `up -d` for `files` with `env` added to the (cleaned) environment the Compose
-    /// files are interpolated from, and starts following the containers' health.
+    /// files are interpolated from and `scale` replicas of the services it names, and
+    /// starts following the containers' health.
     pub async fn up(
         command: Vec<String>,
         files: Vec<PathBuf>,
         env: BTreeMap<String, String>,
+        scale: &[(&str, usize)],
     ) -> Result<ComposeProject> {
         let name = format!(
             "runnel-e2e-{}-{:08x}",
@@ -86,11 +95,39 @@ impl ComposeProject {
             command,
             files,
             env,
+            scale: scale
+                .iter()
+                .map(|(service, replicas)| ((*service).to_owned(), *replicas))
+                .collect(),
             health,
             extra: Mutex::default(),
         };
-        project.compose(&["up", "-d", "--no-build"]).await?;
+        project.up_scaled(&[]).await?;
         Ok(project)
+    }
+
+    /// `up -d --no-build` at the project's scale, with `more` options.
+    async fn up_scaled(&self, more: &[&str]) -> Result<()> {
+        let scale: Vec<String> = self
+            .scale
+            .iter()
+            .map(|(service, replicas)| format!("{service}={replicas}"))
+            .collect();
+        let mut args = vec!["up", "-d", "--no-build"];
+        args.extend_from_slice(more);
+        for each in &scale {
+            args.extend(["--scale", each]);
+        }
+        self.compose(&args).await?;
+        Ok(())
+    }
+
+    /// How many replicas of `service` the project runs.
+    pub fn replicas(&self, service: &str) -> usize {
+        self.scale
+            .iter()
+            .find(|(s, _)| s == service)
+            .map_or(1, |(_, replicas)| *replicas)
     }
 
     fn compose_command(&self, args: &[&str]) -> Command {
@@ -130,26 +167,62 @@ impl ComposeProject {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
-    /// The container id of `service`'s (only) container.
-    pub async fn container(&self, service: &str) -> Result<String> {
-        let ids = self.compose(&["ps", "-q", service]).await?;
+    /// The container id of replica `replica` of `service`, running or not.
+    pub async fn container(&self, service: &str, replica: usize) -> Result<String> {
+        let ids = docker(&[
+            "ps",
+            "--all",
+            "--quiet",
+            "--no-trunc",
+            "--filter",
+            &format!("label=com.docker.compose.project={}", self.name),
+            "--filter",
+            &format!("label=com.docker.compose.service={service}"),
+            "--filter",
+            &format!("label=com.docker.compose.container-number={replica}"),
+        ])
+        .await?;
         match ids.split_whitespace().collect::<Vec<_>>()[..] {
             [id] => Ok(id.to_owned()),
-            ref other => bail!("{service} has containers {other:?}, not one"),
+            ref other => bail!("{service} #{replica} has containers {other:?}, not one"),
         }
     }
 
-    /// Where `service`'s container `port` is published on this host.
-    pub async fn published(&self, service: &str, port: u16) -> Result<SocketAddr> {
-        let out = self.compose(&["port", service, &port.to_string()]).await?;
+    /// The ids of `service`'s running containers.
+    async fn running(&self, service: &str) -> Result<Vec<String>> {
+        let ids = docker(&[
+            "ps",
+            "--quiet",
+            "--no-trunc",
+            "--filter",
+            &format!("label=com.docker.compose.project={}", self.name),
+            "--filter",
+            &format!("label=com.docker.compose.service={service}"),
+        ])
+        .await?;
+        Ok(ids.split_whitespace().map(str::to_owned).collect())
+    }
+
+    /// Where replica `replica` of `service` has its container `port` published on this
+    /// host (`port --index`, as a user finds a scaled gateway's ports).
+    pub async fn published(&self, service: &str, replica: usize, port: u16) -> Result<SocketAddr> {
+        let out = self
+            .compose(&[
+                "port",
+                "--index",
+                &replica.to_string(),
+                service,
+                &port.to_string(),
+            ])
+            .await?;
         let addr = out.trim();
         addr.parse()
-            .with_context(|| format!("{service}:{port} is published at {addr:?}"))
+            .with_context(|| format!("{service} #{replica}:{port} is published at {addr:?}"))
     }
 
     /// The network Compose made for the project (its only one).
-    pub async fn network(&self, service: &str) -> Result<String> {
-        let id = self.container(service).await?;
+    pub async fn network(&self, service: &str, replica: usize) -> Result<String> {
+        let id = self.container(service, replica).await?;
         let names = docker(&[
             "inspect",
             "--format",
@@ -163,48 +236,59 @@ impl ComposeProject {
         }
     }
 
-    /// `docker inspect --format <format>` of `service`'s container.
-    pub async fn inspect(&self, service: &str, format: &str) -> Result<String> {
-        let id = self.container(service).await?;
+    /// `docker inspect --format <format>` of replica `replica` of `service`.
+    pub async fn inspect(&self, service: &str, replica: usize, format: &str) -> Result<String> {
+        let id = self.container(service, replica).await?;
         Ok(docker(&["inspect", "--format", format, &id])
             .await?
             .trim()
             .to_owned())
     }
 
-    /// Kills `service`'s container with SIGKILL.
-    pub async fn kill(&self, service: &str) -> Result<()> {
-        let id = self.container(service).await?;
+    /// Kills replica `replica` of `service` with SIGKILL.
+    pub async fn kill(&self, service: &str, replica: usize) -> Result<()> {
+        let id = self.container(service, replica).await?;
         docker(&["kill", "--signal", "KILL", &id]).await?;
         Ok(())
     }
 
-    /// Starts `service`'s stopped container again (same volumes, same network alias).
-    pub async fn start(&self, service: &str) -> Result<()> {
-        let id = self.container(service).await?;
+    /// Starts replica `replica` of `service` again after a kill (same volumes, same
+    /// network alias).
+    pub async fn start(&self, service: &str, replica: usize) -> Result<()> {
+        let id = self.container(service, replica).await?;
         docker(&["start", &id]).await?;
         Ok(())
     }
 
-    /// Cuts `service`'s container off the project's network: every connection to or from
+    /// Removes replica `replica` of `service` with its anonymous volumes — its data gone
+    /// as with a lost machine — and has Compose make a new one in its place, empty.
+    pub async fn replace(&self, service: &str, replica: usize) -> Result<()> {
+        let id = self.container(service, replica).await?;
+        docker(&["rm", "--force", "--volumes", &id]).await?;
+        self.up_scaled(&["--no-recreate"]).await
+    }
+
+    /// Cuts replica `replica` of `service` off the project's network: every connection to or from
     /// it stops carrying packets, and its name no longer resolves.
-    pub async fn disconnect(&self, service: &str) -> Result<()> {
-        let (network, id) = (self.network(service).await?, self.container(service).await?);
+    pub async fn disconnect(&self, service: &str, replica: usize) -> Result<()> {
+        let network = self.network(service, replica).await?;
+        let id = self.container(service, replica).await?;
         docker(&["network", "disconnect", &network, &id]).await?;
         Ok(())
     }
 
-    /// Puts `service`'s container back on `network` under its service name.
-    pub async fn reconnect(&self, service: &str, network: &str) -> Result<()> {
-        let id = self.container(service).await?;
+    /// Puts replica `replica` of `service` back on `network` under its service name.
+    pub async fn reconnect(&self, service: &str, replica: usize, network: &str) -> Result<()> {
+        let id = self.container(service, replica).await?;
         docker(&["network", "connect", "--alias", service, network, &id]).await?;
         Ok(())
     }
 
-    /// `service`'s address on the project's network.
-    pub async fn address(&self, service: &str) -> Result<String> {
+    /// The address of replica `replica` of `service` on the project's network.
+    pub async fn address(&self, service: &str, replica: usize) -> Result<String> {
         self.inspect(
             service,
+            replica,
             "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
         )
         .await
@@ -240,24 +324,37 @@ impl ComposeProject {
         Ok(address.trim().to_owned())
     }
 
-    /// How many times `service`'s health check has turned healthy so far.
-    pub fn times_healthy(&self, service: &str) -> usize {
-        self.health.times_healthy(service)
+    /// How many times each container's health check has turned healthy so far, by
+    /// container id: what [`ComposeProject::wait_healthy`] compares with.
+    pub fn health_so_far(&self) -> HashMap<String, usize> {
+        self.health.counts.lock().expect("health lock").clone()
     }
 
-    /// Waits until every one of `services` has turned healthy more than `after[service]`
-    /// times (0 if absent), i.e. is healthy again since the counts were taken.
+    /// Waits until every running container of each of `services` — every replica — has
+    /// turned healthy more times than `after[container]` (0 if absent, as for a container
+    /// made since), i.e. is healthy again since `after` was taken.
     pub async fn wait_healthy(
         &self,
         services: &[&str],
         after: &HashMap<String, usize>,
         within: Duration,
     ) -> Result<()> {
+        let mut containers = Vec::new();
+        for service in services {
+            let running = self.running(service).await?;
+            if running.len() != self.replicas(service) {
+                bail!(
+                    "{service} runs {} containers, not {}",
+                    running.len(),
+                    self.replicas(service)
+                );
+            }
+            containers.extend(running.into_iter().map(|id| (*service, id)));
+        }
         let mut changes = self.health.changes.clone();
         let done = |counts: &HashMap<String, usize>| {
-            services.iter().all(|service| {
-                counts.get(*service).copied().unwrap_or(0)
-                    > after.get(*service).copied().unwrap_or(0)
+            containers.iter().all(|(_, id)| {
+                counts.get(id).copied().unwrap_or(0) > after.get(id).copied().unwrap_or(0)
             })
         };
         let waited = tokio::time::timeout(within, async {
@@ -273,20 +370,27 @@ impl ComposeProject {
         .await;
         match waited {
             Ok(result) => result,
-            Err(_) => bail!(
-                "{services:?} not healthy within {within:?}: {:?}",
-                self.health.counts.lock().expect("health lock")
-            ),
+            Err(_) => {
+                let counts = self.health.counts.lock().expect("health lock");
+                let late: Vec<String> = containers
+                    .iter()
+                    .filter(|(_, id)| {
+                        counts.get(id).copied().unwrap_or(0) <= after.get(id).copied().unwrap_or(0)
+                    })
+                    .map(|(service, id)| format!("{service} {}", &id[..12.min(id.len())]))
+                    .collect();
+                bail!("not healthy within {within:?}: {late:?}")
+            }
         }
     }
 
-    /// Follows `service`'s stdout, line by line, from its start; `on_line` sees each line.
+    /// Follows the stdout of `service`'s (first) container, line by line, from its start; `on_line` sees each line.
     pub async fn follow_stdout(
         &self,
         service: &str,
         mut on_line: impl FnMut(&str) + Send + 'static,
     ) -> Result<Child> {
-        let id = self.container(service).await?;
+        let id = self.container(service, 1).await?;
         let mut child = Command::new("docker")
             .args(["logs", "--follow", &id])
             .stdin(Stdio::null())
@@ -368,8 +472,8 @@ async fn docker(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// The project's containers' health transitions, from `docker events`: per service, how
-/// many times it turned healthy.
+/// The project's containers' health transitions, from `docker events`: per container id,
+/// how many times it turned healthy.
 struct HealthEvents {
     counts: Arc<Mutex<HashMap<String, usize>>>,
     changes: watch::Receiver<u64>,
@@ -409,15 +513,13 @@ impl HealthEvents {
                 if event["Action"].as_str() != Some("health_status: healthy") {
                     continue;
                 }
-                let Some(service) =
-                    event["Actor"]["Attributes"]["com.docker.compose.service"].as_str()
-                else {
+                let Some(id) = event["Actor"]["ID"].as_str() else {
                     continue;
                 };
                 *sink
                     .lock()
                     .expect("health lock")
-                    .entry(service.to_owned())
+                    .entry(id.to_owned())
                     .or_default() += 1;
                 changed.send_modify(|n| *n += 1);
             }
@@ -427,14 +529,5 @@ impl HealthEvents {
             changes,
             _events: events,
         })
-    }
-
-    fn times_healthy(&self, service: &str) -> usize {
-        self.counts
-            .lock()
-            .expect("health lock")
-            .get(service)
-            .copied()
-            .unwrap_or(0)
     }
 }

@@ -115,18 +115,27 @@ impl ServiceProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Asks the gRPC health check once. The service binds its listeners before it prints
-    /// its addresses, so the kernel accepts the connection at once and the call is answered
-    /// as soon as the server runs (after recovery, for the stateful services): no polling.
+    /// Follows the gRPC health check (`Watch`) until it says SERVING. The service binds
+    /// its listeners before it prints its addresses, so the kernel accepts the connection at
+    /// once; the server answers after recovery, and a service that must catch up first (a
+    /// store replica reading the results log) reports NOT_SERVING until it has: no polling.
     async fn wait_serving(&self) -> Result<()> {
         let check = async {
             let channel = Endpoint::from_shared(self.url())?.connect().await?;
-            let response = HealthClient::new(channel)
-                .check(HealthCheckRequest {
+            let mut statuses = HealthClient::new(channel)
+                .watch(HealthCheckRequest {
                     service: String::new(),
                 })
-                .await?;
-            anyhow::Ok(response.into_inner().status())
+                .await?
+                .into_inner();
+            let mut last = ServingStatus::Unknown;
+            while let Some(status) = statuses.message().await? {
+                last = status.status();
+                if last == ServingStatus::Serving {
+                    break;
+                }
+            }
+            anyhow::Ok(last)
         };
         match tokio::time::timeout(START_TIMEOUT, check).await {
             Ok(Ok(ServingStatus::Serving)) => Ok(()),
@@ -167,6 +176,24 @@ impl ServiceProcess {
     /// Kills the process with SIGKILL: no chance to flush or clean up.
     pub async fn kill(&mut self) -> Result<()> {
         self.child.kill().await.context("SIGKILL")?;
+        Ok(())
+    }
+
+    /// Stops the process with SIGSTOP: it holds its connections and memory but does
+    /// nothing — a stalled machine, a long GC pause — until [`ServiceProcess::resume`].
+    pub fn pause(&self) -> Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGSTOP)
+    }
+
+    /// Lets a paused process go on (SIGCONT), unaware of the time that passed.
+    pub fn resume(&self) -> Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGCONT)
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let pid = self.child.id().context("the process has exited")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid)?), signal)
+            .with_context(|| format!("{signal} to {}", self.name))?;
         Ok(())
     }
 

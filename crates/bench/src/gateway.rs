@@ -118,7 +118,6 @@ async fn start(args: &GatewayArgs, services: &mut Services) -> Result<Running> {
         server: runnel_server::ServerConfig::loopback(0, 0),
         store: store_url.clone(),
         http: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: dir.path().join("gateway"),
         max_watchers: usize::try_from(args.watchers + args.concurrency + 16)?,
         ..GatewayConfig::default()
     };

@@ -172,6 +172,8 @@ pub fn pipeline_grants(service: &str) -> Vec<GrantConfig> {
             grant("analyzer", &[Produce, Consume, Manage], all, &[]),
             // The results log every store replica writes and materialises.
             grant("store", &[Produce, Consume, Manage], &["_store.*"], &[]),
+            // Webhook registrations and the delivery group's cursors.
+            grant("gateway", &[Produce, Consume, Manage], &["_gateway.*"], &[]),
             grant(CLIENT, &[Produce, Consume, Manage], all, &[]),
         ],
         "analyzer" => vec![

@@ -19,7 +19,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Where the analyzer reads and writes, where it keeps checkpoints, and its queries.
+/// Where the analyzer reads and writes, how it checkpoints, and its queries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AnalyzerConfig {
@@ -29,14 +29,23 @@ pub struct AnalyzerConfig {
     pub broker: String,
     /// The store's gRPC URL (results are written to it).
     pub store: String,
-    /// Where checkpoints live: `<data_dir>/<query>/<stage>/<partition>.checkpoint`. Every
-    /// instance of one consumer group must see the same directory (one machine, or a
-    /// shared volume), since a partition's state moves with the partition.
-    pub data_dir: PathBuf,
-    /// How often each partition's state is checkpointed. Bounds what is read again after
-    /// a crash.
+    /// Deprecated and ignored: checkpoints live in the broker now (the internal topics
+    /// `_analyzer.<query>.<stage>.checkpoints`, committed with the group's offsets), and the
+    /// analyzer keeps nothing on disk. Accepted so that existing configurations still load;
+    /// the analyzer logs a warning when it is set.
+    pub data_dir: Option<PathBuf>,
+    /// How often each partition's state is checkpointed when it changed. Bounds what is
+    /// read again after a crash or a rebalance.
     #[serde(with = "humantime_serde")]
     pub checkpoint_interval: Duration,
+    /// How often each partition's state is checkpointed even when nothing changed, so
+    /// that the checkpoint its group's commit points at never ages out of the checkpoint
+    /// topic (at most half of `checkpoint_retention`).
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_refresh: Duration,
+    /// The time retention of the checkpoint topics, set when the analyzer creates them.
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_retention: Duration,
     /// The consumer-group prefix: query `q` reads as group `<group>.q` (and, re-keyed,
     /// `<group>.q.keyed`). Instances with the same prefix share the work.
     pub group: String,
@@ -376,8 +385,10 @@ impl Default for AnalyzerConfig {
             server: ServerConfig::loopback(7103, 9103),
             broker: "http://127.0.0.1:7102".into(),
             store: "http://127.0.0.1:7104".into(),
-            data_dir: PathBuf::from("runnel-data/analyzer"),
+            data_dir: None,
             checkpoint_interval: Duration::from_secs(1),
+            checkpoint_refresh: Duration::from_secs(3600),
+            checkpoint_retention: Duration::from_secs(7 * 24 * 3600),
             group: "runnel-analyzer".into(),
             member_id: None,
             session_timeout: Duration::from_secs(10),
@@ -405,18 +416,25 @@ impl ServiceConfig for AnalyzerConfig {
                 ));
             }
         }
-        if self.data_dir.as_os_str().is_empty() {
-            return Err(ConfigError::invalid(
-                section,
-                "data_dir",
-                "must not be empty",
-            ));
-        }
         if self.checkpoint_interval < Duration::from_millis(10) {
             return Err(ConfigError::invalid(
                 section,
                 "checkpoint_interval",
                 "must be at least 10ms",
+            ));
+        }
+        if self.checkpoint_refresh < self.checkpoint_interval {
+            return Err(ConfigError::invalid(
+                section,
+                "checkpoint_refresh",
+                "must be at least checkpoint_interval",
+            ));
+        }
+        if self.checkpoint_retention < self.checkpoint_refresh * 2 {
+            return Err(ConfigError::invalid(
+                section,
+                "checkpoint_retention",
+                "must be at least twice checkpoint_refresh, or a committed checkpoint could age out before it is refreshed",
             ));
         }
         if self.session_timeout < Duration::from_millis(300)

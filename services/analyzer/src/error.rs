@@ -1,6 +1,5 @@
 //! The analyzer's errors and their one mapping to gRPC status codes.
 
-use std::path::PathBuf;
 use tonic::Status;
 
 /// What can go wrong in the analyzer.
@@ -9,22 +8,39 @@ pub enum AnalyzerError {
     /// `DescribeQuery` named a query this analyzer does not run.
     #[error("query {0:?} does not exist")]
     QueryNotFound(String),
-    /// A checkpoint exists but cannot be used. The analyzer refuses to start rather than
-    /// silently start over (which would emit every window again from offset 0).
-    #[error("checkpoint {}: {reason}; move it away to start the query over", path.display())]
+    /// The checkpoint the group committed for a partition cannot be used. The analyzer
+    /// stops rather than silently start over (which would emit every window again, or
+    /// lose the windows the checkpoint held).
+    #[error(
+        "the checkpoint of query {query:?}, stage {stage}, partition {partition}: {reason}; to start the query over, run it under a new consumer group (analyzer.group)"
+    )]
     Checkpoint {
-        /// The checkpoint file.
-        path: PathBuf,
+        /// The query.
+        query: String,
+        /// `source` or `keyed`.
+        stage: &'static str,
+        /// The input partition.
+        partition: u32,
         /// Why it cannot be used.
         reason: String,
     },
-    /// A file or directory operation failed.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file or directory involved.
-        path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
+    /// A partition delivered a record past the one its task expected: records in between
+    /// are gone (retention deleted them before they were read). The task's windows would
+    /// be wrong, so the analyzer stops instead of skipping them.
+    #[error(
+        "query {query:?}, stage {stage}, partition {partition}: expected offset {expected}, the broker delivered {found}: records {expected}..{found} are missing (deleted by retention before they were read?); the analyzer stops rather than emit windows without them"
+    )]
+    Gap {
+        /// The query.
+        query: String,
+        /// `source` or `keyed`.
+        stage: &'static str,
+        /// The input partition.
+        partition: u32,
+        /// The offset the task's state continues at.
+        expected: u64,
+        /// The offset delivered.
+        found: u64,
     },
     /// The store refused results as invalid: a bug, which retrying would not fix.
     #[error("the store rejected results of query {query:?}: {message}")]
@@ -60,7 +76,7 @@ impl From<AnalyzerError> for Status {
         match error {
             AnalyzerError::QueryNotFound(_) => Status::not_found(error.to_string()),
             AnalyzerError::Checkpoint { .. }
-            | AnalyzerError::Io { .. }
+            | AnalyzerError::Gap { .. }
             | AnalyzerError::StoreRejected { .. }
             | AnalyzerError::Url { .. }
             | AnalyzerError::Task(_)

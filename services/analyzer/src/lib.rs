@@ -1,9 +1,9 @@
 //! The analysis tier: continuous queries defined in configuration — filters, one-to-many
 //! keys, tumbling, sliding and session windows on event time with watermarks and allowed
 //! lateness, exact aggregates and stream summaries (HyperLogLog, Space-Saving, DDSketch,
-//! bottom-k samples, Bloom filters) — with per-partition state checkpointed so that
-//! results are exactly-once across crashes, and shared out over instances as a consumer
-//! group.
+//! bottom-k samples, Bloom filters) — with per-partition state checkpointed into the broker
+//! so that results are exactly-once across crashes, and shared out over any number of
+//! instances, on any machines, as a consumer group.
 //!
 //! ```text
 //!             ┌────────────── one query ────────────────┐
@@ -64,8 +64,8 @@ fn channel(key: &'static str, url: &str, connect: &ConnectConfig) -> Result<Peer
 
 /// Runs every configured query and serves `ListQueries`/`DescribeQuery` on `listeners`
 /// until `shutdown` fires, or until a query fails in a way retrying cannot fix (a
-/// checkpoint that does not fit, results the store rejects), which stops the analyzer with
-/// that error. On shutdown each stage checkpoints what has been written downstream.
+/// checkpoint that does not fit, a gap in a partition's offsets, results the store
+/// rejects), which stops the analyzer with that error. On shutdown each stage checkpoints what has been written downstream.
 pub async fn run(
     config: AnalyzerConfig,
     listeners: Listeners,
@@ -73,10 +73,9 @@ pub async fn run(
 ) -> Result<(), AnalyzerError> {
     config.validate()?;
     let plans = config.plans()?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| AnalyzerError::Io {
-        path: config.data_dir.clone(),
-        source,
-    })?;
+    if let Some(dir) = &config.data_dir {
+        tracing::warn!(data_dir = %dir.display(), "analyzer.data_dir is deprecated and ignored: checkpoints live in the broker (topics _analyzer.<query>.<stage>.checkpoints); remove the setting and the directory");
+    }
     let max_message = config.server.max_message_bytes;
     let connect = &config.server.connect;
     let broker = channel("broker", &config.broker, connect)?;
@@ -99,8 +98,9 @@ pub async fn run(
     let context = Context {
         broker,
         store,
-        data_dir: config.data_dir.clone(),
         checkpoint_interval: config.checkpoint_interval,
+        checkpoint_refresh: config.checkpoint_refresh,
+        checkpoint_retention: config.checkpoint_retention,
         group: config.group.clone(),
         member_id,
         session_timeout: config.session_timeout,

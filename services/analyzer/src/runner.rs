@@ -2,18 +2,29 @@
 //!
 //! ```text
 //! broker ──Subscribe(group)──► member ──chunks──► tasks (one per owned partition)
-//!                                │                  │ results, re-keyed events, late events
-//!                                │                  ▼
-//!                                │            write out: store Put / Produce, retried
-//!                                └──commit◄── checkpoint every interval (after the writes)
+//!   ▲                            │                  │ results, re-keyed events, late events
+//!   │ Assignment.starts:         │                  ▼
+//!   │ offset + checkpoint handle │            write out: store Put / Produce, fenced, retried
+//!   └────────────────────────────┴──commit◄── checkpoint every interval (after the writes):
+//!                                             state → checkpoint topic, then offset + handle
 //! ```
 //!
 //! The broker deals the topic's partitions over the instances in the group; when one dies
-//! or joins, the assignment changes and each instance loads the checkpoints of the
-//! partitions it gained (their last state, written by whichever instance had them) and
-//! drops the tasks it lost. Records come from the group's committed offset, which is never
-//! ahead of the checkpoint (offsets are committed after it); records before a task's
-//! checkpointed offset are already in its state and are skipped.
+//! or joins, the assignment changes. For every partition whose delivery (re)starts, the
+//! assignment says the offset it restarts at and the metadata committed with that offset —
+//! the handle of the checkpoint taken at exactly that offset ([`crate::checkpoint`]) — and
+//! the runner builds the task from that checkpoint (or fresh, when none was committed);
+//! partitions that continue keep their task; the others' tasks are dropped. The state and
+//! the read position come from one record, so they cannot disagree: a record past the one
+//! a task expects is a gap, which stops the analyzer with an error instead of being
+//! skipped.
+//!
+//! **Fencing.** Every write the stage makes for its tasks — store `Put`s, re-keyed, output
+//! and late events, checkpoints, commits — carries the member's [`GroupFence`]: once the
+//! group has moved on without this member (it was paused past its session timeout, cut
+//! off), the broker and the store refuse them with FAILED_PRECONDITION, and the member
+//! drops every task and joins again, so a zombie never overwrites what the partitions'
+//! new owner writes.
 //!
 //! The order is what makes results exactly-once: everything a batch of records produced is
 //! acknowledged downstream before any checkpoint that includes those records is written.
@@ -21,7 +32,7 @@
 //! meanwhile (the member keeps heartbeating, so the group does not evict it), and the
 //! broker keeps everything.
 
-use crate::checkpoint::{Checkpoints, Stage};
+use crate::checkpoint::{Checkpoints, Handle, SaveError, Stage};
 use crate::error::AnalyzerError;
 use crate::event::{RawRecordChunk, RawSubscribeResponse};
 use crate::path::Scalar;
@@ -29,15 +40,20 @@ use crate::plan::Plan;
 use crate::rekey;
 use crate::task::{Counters, Outputs, Task};
 use crate::window::Emission;
-use runnel_client::{ConsumerOptions, GroupConsumer, GroupEvent, Producer, ProducerOptions};
+use runnel_client::{
+    ClientError, ConsumerOptions, GroupConsumer, GroupEvent, Producer, ProducerOptions,
+};
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::store_client::StoreClient;
-use runnel_proto::v1::{CreateTopicRequest, Event, ListTopicsRequest, PutRequest, QueryResult};
+use runnel_proto::v1::{
+    CreateTopicRequest, Event, GroupFence, ListTopicsRequest, PartitionOffset, PutRequest,
+    QueryResult, RetentionPolicy,
+};
 use runnel_proto::{Millis, now_millis};
 use runnel_security::Peer;
 use runnel_server::Shutdown;
 use runnel_telemetry::propagation::{TRACEPARENT, continue_trace, inject_into_headers};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -95,8 +111,9 @@ impl Backoff {
 pub(crate) struct Context {
     pub(crate) broker: Peer,
     pub(crate) store: Store,
-    pub(crate) data_dir: std::path::PathBuf,
     pub(crate) checkpoint_interval: Duration,
+    pub(crate) checkpoint_refresh: Duration,
+    pub(crate) checkpoint_retention: Duration,
     pub(crate) group: String,
     pub(crate) member_id: String,
     pub(crate) session_timeout: Duration,
@@ -118,12 +135,45 @@ struct Producers {
     keyed: Option<Producer>,
     output: Option<Producer>,
     late: Option<Producer>,
+    checkpoints: Option<Producer>,
+}
+
+impl Producers {
+    /// Every later write carries `fence`.
+    fn fence(&mut self, fence: &Option<GroupFence>) {
+        for producer in [
+            &mut self.keyed,
+            &mut self.output,
+            &mut self.late,
+            &mut self.checkpoints,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            producer.set_fence(fence.clone());
+        }
+    }
 }
 
 /// Whether the stage should go on.
+#[derive(Debug, PartialEq, Eq)]
 enum Flow {
     Continue,
+    /// Shutdown.
     Stop,
+    /// This member's tasks are void (it was fenced, or the assignment does not fit what it
+    /// holds): drop them all and join the group again.
+    Rejoin,
+}
+
+/// Goes on with the caller's work unless `flow` says otherwise, which it returns.
+macro_rules! proceed {
+    ($flow:expr) => {
+        match $flow {
+            Flow::Continue => {}
+            other => return Ok(other),
+        }
+    };
 }
 
 impl StageRunner {
@@ -146,24 +196,41 @@ impl StageRunner {
             return Ok(());
         };
         let topic = self.input_topic();
-        if self.stage == Stage::Keyed && !self.ensure_keyed_topic(sources).await {
+        if self.stage == Stage::Keyed
+            && !self
+                .ensure_topic(&self.plan.keyed_topic(), sources, None)
+                .await
+        {
+            return Ok(());
+        }
+        let checkpoints = Checkpoints::new(
+            &self.plan.name,
+            self.stage,
+            &self.plan.fingerprint,
+            self.context.max_message,
+        );
+        let retention = RetentionPolicy {
+            max_age: Some(prost_types::Duration {
+                seconds: self.context.checkpoint_retention.as_secs() as i64,
+                nanos: self.context.checkpoint_retention.subsec_nanos() as i32,
+            }),
+            max_bytes: None,
+        };
+        if !self
+            .ensure_topic(&checkpoints.topic(), sources, Some(retention))
+            .await
+        {
             return Ok(());
         }
         let group = match self.stage {
             Stage::Source => format!("{}.{}", self.context.group, self.plan.name),
             Stage::Keyed => format!("{}.{}.keyed", self.context.group, self.plan.name),
         };
-        let checkpoints = Checkpoints::new(
-            &self.context.data_dir,
-            &self.plan.name,
-            self.stage,
-            &self.plan.fingerprint,
-            &self.context.member_id,
-        );
         let mut state = Running {
             tasks: BTreeMap::new(),
             saved: HashMap::new(),
             producers: Producers::default(),
+            fence: None,
             emitted: 0,
             last_checkpoint: Instant::now(),
             pending: Outputs::default(),
@@ -199,23 +266,31 @@ impl StageRunner {
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let next = tokio::select! {
-                    next = member.next() => Some(next),
-                    _ = ticker.tick() => None,
+                    // The stream before the ticker: a new assignment waiting there must
+                    // change this member's fence before a checkpoint goes out under the old
+                    // one. (A busy stream starves no checkpoint: every message is a step.)
+                    biased;
                     () = self.context.shutdown.wait() => {
                         self.checkpoint(&mut state, &checkpoints, &mut member).await?;
                         self.publish(&state);
                         return Ok(());
                     }
+                    next = member.next() => Some(next),
+                    _ = ticker.tick() => None,
                 };
-                match next {
-                    None => {}
-                    Some(Ok(Some(GroupEvent::Assigned { partitions, .. }))) => {
+                let flow = match next {
+                    None => Flow::Continue,
+                    Some(Ok(Some(GroupEvent::Assigned {
+                        partitions, starts, ..
+                    }))) => {
                         backoff.reset();
-                        self.assign(&mut state, &checkpoints, partitions).await?;
+                        self.assign(&mut state, &checkpoints, &member, partitions, starts)
+                            .await?
                     }
                     Some(Ok(Some(GroupEvent::Records { records: chunk, .. }))) => {
                         backoff.reset();
-                        self.consume(&mut state, &chunk);
+                        self.consume(&mut state, &chunk)?;
+                        Flow::Continue
                     }
                     Some(Ok(None)) => {
                         tracing::warn!(query = %self.plan.name, stage = self.stage.name(), "the broker ended the group stream; rejoining");
@@ -225,10 +300,27 @@ impl StageRunner {
                         tracing::warn!(query = %self.plan.name, stage = self.stage.name(), %error, "group stream broke; rejoining");
                         break;
                     }
-                }
-                if let Flow::Stop = self.step(&mut state, &checkpoints, &mut member).await? {
-                    self.publish(&state);
-                    return Ok(());
+                };
+                let flow = match flow {
+                    Flow::Continue => self.step(&mut state, &checkpoints, &mut member).await?,
+                    other => other,
+                };
+                match flow {
+                    Flow::Continue => {}
+                    Flow::Stop => {
+                        self.publish(&state);
+                        return Ok(());
+                    }
+                    Flow::Rejoin => {
+                        // Whatever this member holds may be behind what the partitions'
+                        // new owners hold: nothing of it may be written or kept. The next
+                        // assignment restores every partition from its committed checkpoint.
+                        tracing::warn!(query = %self.plan.name, stage = self.stage.name(), member = %self.context.member_id, "dropping every task and joining the group again");
+                        metrics::counter!("runnel_analyzer_rejoins_total", "query" => self.plan.name.clone(), "stage" => self.stage.name()).increment(1);
+                        state.drop_tasks();
+                        self.publish(&state);
+                        break;
+                    }
                 }
             }
             if !backoff.wait(&self.context.shutdown).await {
@@ -264,21 +356,26 @@ impl StageRunner {
         }
     }
 
-    /// Creates the internal topic of a re-keyed query (as many partitions as its source)
-    /// unless it exists; false at shutdown.
-    async fn ensure_keyed_topic(&self, partitions: u32) -> bool {
+    /// Creates an internal topic — a re-keyed query's, or a stage's checkpoints (as many
+    /// partitions as the query's source) — unless it exists; false at shutdown.
+    async fn ensure_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        retention: Option<RetentionPolicy>,
+    ) -> bool {
         let mut backoff = Backoff::new(Duration::from_secs(1));
         loop {
             let request = CreateTopicRequest {
-                name: self.plan.keyed_topic(),
+                name: name.to_owned(),
                 partitions,
-                retention: None,
+                retention,
             };
             match self.broker().create_topic(request).await {
                 Ok(_) => return true,
                 Err(status) if status.code() == Code::AlreadyExists => return true,
                 Err(status) => {
-                    tracing::warn!(query = %self.plan.name, error = %status.message(), "cannot create the internal topic; retrying");
+                    tracing::warn!(query = %self.plan.name, topic = name, error = %status.message(), "cannot create an internal topic; retrying");
                 }
             }
             if !backoff.wait(&self.context.shutdown).await {
@@ -287,48 +384,83 @@ impl StageRunner {
         }
     }
 
-    /// Takes on a new assignment: drops the tasks of partitions gone elsewhere (their
-    /// checkpoints stand for the new owner) and loads the checkpoints of new ones.
+    /// Takes on a new assignment: drops the tasks of partitions gone elsewhere, builds the
+    /// task of every partition whose delivery (re)starts from the checkpoint committed with
+    /// its start offset (fresh at that offset when none was), and keeps the others'.
     async fn assign(
         &self,
         state: &mut Running,
         checkpoints: &Checkpoints,
+        member: &Member,
         partitions: Vec<u32>,
-    ) -> Result<(), AnalyzerError> {
-        state.tasks.retain(|p, _| partitions.contains(p));
-        state.saved.retain(|p, _| partitions.contains(p));
+        starts: Vec<PartitionOffset>,
+    ) -> Result<Flow, AnalyzerError> {
+        let owned: BTreeSet<u32> = partitions.iter().copied().collect();
+        state.tasks.retain(|p, _| owned.contains(p));
+        state.saved.retain(|p, _| owned.contains(p));
+        let restarting: BTreeSet<u32> = starts.iter().map(|s| s.partition).collect();
+        if let Some(missing) = owned
+            .iter()
+            .find(|p| !restarting.contains(p) && !state.tasks.contains_key(p))
+        {
+            tracing::warn!(query = %self.plan.name, stage = self.stage.name(), partition = missing, "the assignment continues a partition this member holds no task for; joining again");
+            return Ok(Flow::Rejoin);
+        }
         let sources = (self.stage == Stage::Keyed).then_some(state.sources);
-        for partition in partitions {
-            if state.tasks.contains_key(&partition) {
+        for start in starts {
+            let partition = start.partition;
+            if !owned.contains(&partition) {
                 continue;
             }
-            let loader = checkpoints.clone();
-            let saved = tokio::task::spawn_blocking(move || loader.load(partition)).await??;
-            let now = Instant::now();
-            let task = match saved {
-                None => Task::new(&self.plan, partition, sources, now),
-                Some(saved) => {
-                    let task = Task::restore(&self.plan, partition, sources, saved, now).map_err(
-                        |reason| AnalyzerError::Checkpoint {
-                            path: checkpoints.path(partition),
-                            reason,
-                        },
-                    )?;
-                    tracing::info!(query = %self.plan.name, stage = self.stage.name(), partition, offset = task.next_offset, open_windows = task.windows.open(), "resuming from checkpoint");
-                    task
-                }
+            let fail = |reason: String| AnalyzerError::Checkpoint {
+                query: self.plan.name.clone(),
+                stage: self.stage.name(),
+                partition,
+                reason,
             };
-            state.saved.insert(partition, task.next_offset);
+            let now = Instant::now();
+            let task = if start.metadata.is_empty() {
+                let mut task = Task::new(&self.plan, partition, sources, now);
+                task.next_offset = start.offset;
+                task
+            } else {
+                let handle = Handle::decode(&start.metadata).map_err(fail)?;
+                let Some(saved) = checkpoints
+                    .load(&self.broker(), partition, &handle, &self.context.shutdown)
+                    .await?
+                else {
+                    return Ok(Flow::Stop);
+                };
+                if saved.next_offset != start.offset {
+                    return Err(fail(format!(
+                        "its state continues at offset {}, but the group delivers from offset {}, committed with it",
+                        saved.next_offset, start.offset
+                    )));
+                }
+                let task =
+                    Task::restore(&self.plan, partition, sources, saved, now).map_err(fail)?;
+                tracing::info!(query = %self.plan.name, stage = self.stage.name(), partition, offset = task.next_offset, checkpoint = handle.first_offset(), open_windows = task.windows.open(), "resuming from checkpoint");
+                task
+            };
+            state.saved.insert(
+                partition,
+                Saved {
+                    offset: task.next_offset,
+                    at: now,
+                },
+            );
             state.tasks.insert(partition, task);
         }
-        tracing::info!(query = %self.plan.name, stage = self.stage.name(), partitions = ?state.tasks.keys().collect::<Vec<_>>(), "assignment");
-        Ok(())
+        state.fence = Some(member.fence(partitions));
+        state.producers.fence(&state.fence);
+        tracing::info!(query = %self.plan.name, stage = self.stage.name(), generation = member.generation(), partitions = ?state.tasks.keys().collect::<Vec<_>>(), "assignment");
+        Ok(Flow::Continue)
     }
 
-    /// Feeds a chunk to its task.
-    fn consume(&self, state: &mut Running, chunk: &RawRecordChunk) {
+    /// Feeds a chunk to its task; a gap in its offsets is an error.
+    fn consume(&self, state: &mut Running, chunk: &RawRecordChunk) -> Result<(), AnalyzerError> {
         let Some(task) = state.tasks.get_mut(&chunk.partition) else {
-            return;
+            return Ok(());
         };
         let now = Instant::now();
         let mut out = std::mem::take(&mut state.pending);
@@ -336,18 +468,17 @@ impl StageRunner {
         let mut inputs: Vec<(usize, Scalar<'_>)> = Vec::new();
         for record in &chunk.records {
             if record.offset < task.next_offset {
-                continue; // in the checkpointed state already
+                continue; // in the task's state already (a replay)
             }
             if record.offset > task.next_offset {
-                tracing::error!(
-                    query = %self.plan.name,
-                    stage = self.stage.name(),
-                    partition = chunk.partition,
-                    expected = task.next_offset,
-                    found = record.offset,
-                    "records are missing: the group's committed offset is ahead of the checkpoint, or retention deleted them"
-                );
                 metrics::counter!("runnel_analyzer_offset_gaps_total", "query" => self.plan.name.clone()).increment(1);
+                return Err(AnalyzerError::Gap {
+                    query: self.plan.name.clone(),
+                    stage: self.stage.name(),
+                    partition: chunk.partition,
+                    expected: task.next_offset,
+                    found: record.offset,
+                });
             }
             match self.stage {
                 Stage::Source => {
@@ -357,6 +488,7 @@ impl StageRunner {
             }
         }
         state.pending = out;
+        Ok(())
     }
 
     /// After every message: fire and drop windows, write out what is due, and checkpoint
@@ -384,11 +516,11 @@ impl StageRunner {
                 task.flush(&self.plan, fire, &mut out);
             }
         }
-        if (!out.is_empty() || !marks.is_empty()) && !self.write(state, out, marks).await? {
-            return Ok(Flow::Stop);
+        if !out.is_empty() || !marks.is_empty() {
+            proceed!(self.write(state, out, marks).await?);
         }
         if state.last_checkpoint.elapsed() >= self.context.checkpoint_interval {
-            self.checkpoint(state, checkpoints, member).await?;
+            proceed!(self.checkpoint(state, checkpoints, member).await?);
         }
         self.publish(state);
         Ok(Flow::Continue)
@@ -414,35 +546,34 @@ impl StageRunner {
         active.try_fold(i64::MAX, |min, w| w.map(|w| min.min(w)))
     }
 
-    /// Writes a batch's outputs, retrying until taken; false if shutdown came first (the
-    /// last checkpoints stay, and the records behind the outputs are read again).
+    /// Writes a batch's outputs, retrying until taken; `Stop` if shutdown came first (the
+    /// last checkpoints stay, and the records behind the outputs are read again), `Rejoin`
+    /// if this member was fenced.
     async fn write(
         &self,
         state: &mut Running,
         out: Outputs,
         marks: Vec<Event>,
-    ) -> Result<bool, AnalyzerError> {
+    ) -> Result<Flow, AnalyzerError> {
         let shutdown = &self.context.shutdown;
         if !out.keyed.is_empty() || !marks.is_empty() {
-            let partitions = state.sources;
             let Some(producer) = self
                 .producer(
                     &mut state.producers.keyed,
                     &self.plan.keyed_topic(),
-                    partitions,
+                    state.sources,
+                    &state.fence,
                 )
                 .await
             else {
-                return Ok(false);
+                return Ok(Flow::Stop);
             };
-            if !out.keyed.is_empty() && !send(producer, out.keyed, shutdown).await {
-                return Ok(false);
+            if !out.keyed.is_empty() {
+                proceed!(send(producer, out.keyed, shutdown).await);
             }
             if !marks.is_empty() {
                 for partition in 0..producer.partitions() {
-                    if !send_to(producer, partition, &marks, shutdown).await {
-                        return Ok(false);
-                    }
+                    proceed!(send_to(producer, partition, &marks, shutdown).await);
                 }
             }
         }
@@ -455,14 +586,17 @@ impl StageRunner {
                 .filter_map(|bytes| prost::Message::decode(bytes.clone()).ok())
                 .collect();
             let Some(producer) = self
-                .producer(&mut state.producers.late, topic, state.sources)
+                .producer(
+                    &mut state.producers.late,
+                    topic,
+                    state.sources,
+                    &state.fence,
+                )
                 .await
             else {
-                return Ok(false);
+                return Ok(Flow::Stop);
             };
-            if !send(producer, late, shutdown).await {
-                return Ok(false);
-            }
+            proceed!(send(producer, late, shutdown).await);
         }
         if !out.results.is_empty() {
             let count = out.results.len() as u64;
@@ -470,31 +604,34 @@ impl StageRunner {
             if let Some(topic) = &self.plan.output_topic {
                 let events: Vec<Event> = results.iter().map(result_event).collect();
                 let Some(producer) = self
-                    .producer(&mut state.producers.output, topic, state.sources)
+                    .producer(
+                        &mut state.producers.output,
+                        topic,
+                        state.sources,
+                        &state.fence,
+                    )
                     .await
                 else {
-                    return Ok(false);
+                    return Ok(Flow::Stop);
                 };
-                if !send(producer, events, shutdown).await {
-                    return Ok(false);
-                }
+                proceed!(send(producer, events, shutdown).await);
             }
-            if !self.put(results).await? {
-                return Ok(false);
-            }
+            proceed!(self.put(results, &state.fence).await?);
             state.emitted += count;
             metrics::counter!("runnel_analyzer_results_total", "query" => self.plan.name.clone())
                 .increment(count);
         }
-        Ok(true)
+        Ok(Flow::Continue)
     }
 
-    /// A producer for `topic`, made (and the topic created) on first use.
+    /// A producer for `topic` whose writes carry `fence`, made (and the topic created) on
+    /// first use.
     async fn producer<'p>(
         &self,
         slot: &'p mut Option<Producer>,
         topic: &str,
         partitions: u32,
+        fence: &Option<GroupFence>,
     ) -> Option<&'p mut Producer> {
         let mut backoff = Backoff::new(Duration::from_secs(2));
         while slot.is_none() {
@@ -504,7 +641,10 @@ impl StageRunner {
                 ..ProducerOptions::default()
             };
             match Producer::new(self.broker(), topic, options).await {
-                Ok(producer) => *slot = Some(producer),
+                Ok(mut producer) => {
+                    producer.set_fence(fence.clone());
+                    *slot = Some(producer);
+                }
                 Err(error) => {
                     tracing::warn!(query = %self.plan.name, topic, %error, "cannot produce to topic; retrying");
                     if !backoff.wait(&self.context.shutdown).await {
@@ -537,6 +677,7 @@ impl StageRunner {
                     emitted_at,
                     headers,
                     items: window.items,
+                    input_offset: window.input_offset,
                     // Assigned by the store.
                     sequence: 0,
                 }
@@ -544,15 +685,20 @@ impl StageRunner {
             .collect()
     }
 
-    /// Writes results to the store, retrying until it takes them. False if shutdown came
-    /// first.
-    async fn put(&self, results: Vec<QueryResult>) -> Result<bool, AnalyzerError> {
+    /// Writes results to the store under `fence`, retrying until it takes them: `Stop` if
+    /// shutdown came first, `Rejoin` if the store refused them because this member was
+    /// fenced (never retried: the partitions' new owner writes them now).
+    async fn put(
+        &self,
+        results: Vec<QueryResult>,
+        fence: &Option<GroupFence>,
+    ) -> Result<Flow, AnalyzerError> {
         for chunk in results.chunks(PUT_CHUNK) {
             let mut backoff = Backoff::new(Duration::from_secs(2));
             loop {
                 let request = PutRequest {
                     results: chunk.to_vec(),
-                    fence: None,
+                    fence: fence.clone(),
                 };
                 match self.context.store.clone().put(request).await {
                     Ok(_) => break,
@@ -562,62 +708,110 @@ impl StageRunner {
                             message: status.message().to_owned(),
                         });
                     }
+                    Err(status) if status.code() == Code::FailedPrecondition => {
+                        tracing::warn!(query = %self.plan.name, stage = self.stage.name(), error = %status.message(), "fenced: the store refused results of partitions this member no longer owns");
+                        return Ok(Flow::Rejoin);
+                    }
                     Err(status) => {
                         metrics::counter!("runnel_analyzer_store_retries_total", "query" => self.plan.name.clone()).increment(1);
                         tracing::warn!(query = %self.plan.name, code = ?status.code(), error = %status.message(), "store did not take results; retrying");
                         if !backoff.wait(&self.context.shutdown).await {
-                            return Ok(false);
+                            return Ok(Flow::Stop);
                         }
                     }
                 }
             }
         }
-        Ok(true)
+        Ok(Flow::Continue)
     }
 
-    /// Saves every task that moved since its last checkpoint, then commits their offsets
-    /// to the group. Everything they produced has been written by now.
+    /// Checkpoints every task that moved since its last checkpoint, or whose checkpoint is
+    /// `checkpoint_refresh` old: its state to the checkpoint topic, then one commit of
+    /// every such task's offset with the handle to its state. Everything the tasks
+    /// produced has been written by now. `Rejoin` if this member was fenced.
     async fn checkpoint(
         &self,
         state: &mut Running,
         checkpoints: &Checkpoints,
         member: &mut Member,
-    ) -> Result<(), AnalyzerError> {
-        state.last_checkpoint = Instant::now();
-        let changed: Vec<(u32, crate::task::TaskState)> = state
+    ) -> Result<Flow, AnalyzerError> {
+        let now = Instant::now();
+        state.last_checkpoint = now;
+        let refresh = self.context.checkpoint_refresh;
+        let due: Vec<(u32, crate::task::TaskState)> = state
             .tasks
             .values()
-            .filter(|t| state.saved.get(&t.partition) != Some(&t.next_offset))
+            .filter(|t| {
+                state.saved.get(&t.partition).is_none_or(|saved| {
+                    saved.offset != t.next_offset || now.duration_since(saved.at) >= refresh
+                })
+            })
             .map(|t| (t.partition, t.state()))
             .collect();
-        if changed.is_empty() {
-            return Ok(());
+        if due.is_empty() {
+            return Ok(Flow::Continue);
         }
         let started = Instant::now();
-        let saver = checkpoints.clone();
-        let saved =
-            tokio::task::spawn_blocking(move || -> Result<Vec<(u32, u64)>, AnalyzerError> {
-                let mut offsets = Vec::new();
-                for (partition, task) in changed {
-                    let offset = task.next_offset;
-                    saver.save(partition, task)?;
-                    offsets.push((partition, offset));
+        let Some(producer) = self
+            .producer(
+                &mut state.producers.checkpoints,
+                &checkpoints.topic(),
+                state.sources,
+                &state.fence,
+            )
+            .await
+        else {
+            return Ok(Flow::Stop);
+        };
+        let mut offsets = Vec::with_capacity(due.len());
+        for (partition, task) in due {
+            let offset = task.next_offset;
+            let bytes = checkpoints.encode(partition, task);
+            match checkpoints.save(producer, partition, &bytes).await {
+                Ok(handle) => {
+                    metrics::histogram!("runnel_analyzer_checkpoint_bytes", "query" => self.plan.name.clone())
+                        .record(bytes.len() as f64);
+                    offsets.push(PartitionOffset {
+                        partition,
+                        offset,
+                        metadata: handle.encode(),
+                    });
                 }
-                Ok(offsets)
-            })
-            .await??;
+                Err(SaveError::Fenced(status)) => {
+                    tracing::warn!(query = %self.plan.name, stage = self.stage.name(), partition, error = %status.message(), "fenced: the broker refused a checkpoint");
+                    return Ok(Flow::Rejoin);
+                }
+                Err(SaveError::Failed(reason)) => {
+                    tracing::warn!(query = %self.plan.name, stage = self.stage.name(), partition, %reason, "checkpoint not written; the next one tries again");
+                }
+            }
+        }
+        if offsets.is_empty() {
+            return Ok(Flow::Continue);
+        }
+        match member.commit_with_metadata(offsets.clone()).await {
+            Ok(_) => {
+                for committed in offsets {
+                    state.saved.insert(
+                        committed.partition,
+                        Saved {
+                            offset: committed.offset,
+                            at: now,
+                        },
+                    );
+                }
+            }
+            Err(ClientError::Broker(status)) if status.code() == Code::FailedPrecondition => {
+                tracing::warn!(query = %self.plan.name, stage = self.stage.name(), error = %status.message(), "fenced: the group refused this member's commit");
+                return Ok(Flow::Rejoin);
+            }
+            Err(error) => {
+                tracing::warn!(query = %self.plan.name, stage = self.stage.name(), %error, "checkpoint not committed; the next one tries again");
+            }
+        }
         metrics::histogram!("runnel_analyzer_checkpoint_seconds", "query" => self.plan.name.clone())
             .record(started.elapsed().as_secs_f64());
-        for (partition, offset) in &saved {
-            state.saved.insert(*partition, *offset);
-        }
-        // A refusal (a rebalance this member has not read yet) is not an error: the
-        // checkpoint is what the analyzer resumes from; the group's offsets only shorten a
-        // new owner's replay.
-        if let Err(error) = member.commit(&saved).await {
-            tracing::debug!(query = %self.plan.name, %error, "commit refused");
-        }
-        Ok(())
+        Ok(Flow::Continue)
     }
 
     fn publish(&self, state: &Running) {
@@ -654,18 +848,39 @@ impl StageRunner {
     }
 }
 
+/// A task's last committed checkpoint.
+struct Saved {
+    /// The offset it was taken at.
+    offset: u64,
+    /// When it was committed (or the task restored from it).
+    at: Instant,
+}
+
 /// A stage's working state.
 struct Running {
     tasks: BTreeMap<u32, Task>,
-    /// The offset of each task's last checkpoint.
-    saved: HashMap<u32, u64>,
+    /// Each task's last committed checkpoint.
+    saved: HashMap<u32, Saved>,
     producers: Producers,
+    /// What this member's writes carry: its generation and partitions.
+    fence: Option<GroupFence>,
     emitted: u64,
     last_checkpoint: Instant,
     /// What the tasks produced since the last write.
     pending: Outputs,
     /// The source topic's partition count.
     sources: u32,
+}
+
+impl Running {
+    /// Forgets every task and what they had produced, unwritten.
+    fn drop_tasks(&mut self) {
+        self.tasks.clear();
+        self.saved.clear();
+        self.pending = Outputs::default();
+        self.fence = None;
+        self.producers.fence(&None);
+    }
 }
 
 /// A result as an event of the output topic: JSON, keyed by the result's key, with an id
@@ -686,39 +901,168 @@ fn result_event(result: &QueryResult) -> Event {
     }
 }
 
-/// Sends until acknowledged; false at shutdown.
-async fn send(producer: &mut Producer, events: Vec<Event>, shutdown: &Shutdown) -> bool {
+/// What a refused send means: FAILED_PRECONDITION is the broker fencing this member off
+/// (never retried); anything else is retried with backoff.
+fn sent<T>(result: Result<T, ClientError>) -> Result<(), Option<ClientError>> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(ClientError::Broker(status)) if status.code() == Code::FailedPrecondition => {
+            tracing::warn!(error = %status.message(), "fenced: the broker refused events of partitions this member no longer owns");
+            Err(None)
+        }
+        Err(error) => Err(Some(error)),
+    }
+}
+
+/// Sends until acknowledged: `Stop` at shutdown, `Rejoin` if fenced.
+async fn send(producer: &mut Producer, events: Vec<Event>, shutdown: &Shutdown) -> Flow {
     let mut backoff = Backoff::new(Duration::from_secs(2));
     loop {
-        match producer.send(events.clone()).await {
-            Ok(_) => return true,
-            Err(error) => {
+        match sent(producer.send(events.clone()).await) {
+            Ok(()) => return Flow::Continue,
+            Err(None) => return Flow::Rejoin,
+            Err(Some(error)) => {
                 tracing::warn!(%error, "produce failed; retrying");
                 if !backoff.wait(shutdown).await {
-                    return false;
+                    return Flow::Stop;
                 }
             }
         }
     }
 }
 
-/// Sends events to one partition until acknowledged; false at shutdown.
+/// Sends events to one partition until acknowledged: `Stop` at shutdown, `Rejoin` if
+/// fenced.
 async fn send_to(
     producer: &mut Producer,
     partition: u32,
     events: &[Event],
     shutdown: &Shutdown,
-) -> bool {
+) -> Flow {
     let mut backoff = Backoff::new(Duration::from_secs(2));
     loop {
-        match producer.send_to(partition, events).await {
-            Ok(_) => return true,
-            Err(error) => {
+        match sent(producer.send_to(partition, events).await) {
+            Ok(()) => return Flow::Continue,
+            Err(None) => return Flow::Rejoin,
+            Err(Some(error)) => {
                 tracing::warn!(%error, "produce failed; retrying");
                 if !backoff.wait(shutdown).await {
-                    return false;
+                    return Flow::Stop;
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::QueryConfig;
+    use crate::event::RawRecord;
+    use prost::Message;
+
+    fn runner(stage: Stage) -> StageRunner {
+        let plan = toml::from_str::<QueryConfig>("name = \"q\"\n")
+            .unwrap()
+            .compile(0)
+            .unwrap();
+        // Never dialled (lazy, inside a runtime): nothing below leaves the process.
+        let nowhere =
+            runnel_security::connect_lazy("http://127.0.0.1:9", &Default::default()).unwrap();
+        let (_trigger, shutdown) = Shutdown::new();
+        StageRunner {
+            plan: Arc::new(plan),
+            stage,
+            context: Context {
+                broker: nowhere.clone(),
+                store: StoreClient::new(nowhere),
+                checkpoint_interval: Duration::from_secs(1),
+                checkpoint_refresh: Duration::from_secs(3600),
+                checkpoint_retention: Duration::from_secs(7 * 86400),
+                group: "g".into(),
+                member_id: "m".into(),
+                session_timeout: Duration::from_secs(10),
+                max_message: 4 << 20,
+                shutdown,
+            },
+            status: watch::channel(StageStatus::default()).0,
+        }
+    }
+
+    fn chunk(partition: u32, offsets: &[u64]) -> RawRecordChunk {
+        RawRecordChunk {
+            partition,
+            generation: 1,
+            records: offsets
+                .iter()
+                .map(|&offset| RawRecord {
+                    partition,
+                    offset,
+                    append_time: None,
+                    event: Event {
+                        key: "k".into(),
+                        payload: b"{\"value\":1}".to_vec().into(),
+                        event_time: Some(Millis(1_700_000_000_000).into()),
+                        ..Event::default()
+                    }
+                    .encode_to_vec()
+                    .into(),
+                })
+                .collect(),
+        }
+    }
+
+    fn running(runner: &StageRunner, partition: u32, next_offset: u64) -> Running {
+        let mut task = Task::new(&runner.plan, partition, None, Instant::now());
+        task.next_offset = next_offset;
+        Running {
+            tasks: BTreeMap::from([(partition, task)]),
+            saved: HashMap::new(),
+            producers: Producers::default(),
+            fence: None,
+            emitted: 0,
+            last_checkpoint: Instant::now(),
+            pending: Outputs::default(),
+            sources: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_already_in_the_state_are_skipped_and_the_next_ones_applied() {
+        let runner = runner(Stage::Source);
+        let mut state = running(&runner, 2, 5);
+        runner
+            .consume(&mut state, &chunk(2, &[3, 4, 5, 6]))
+            .unwrap();
+        let task = &state.tasks[&2];
+        assert_eq!(task.next_offset, 7);
+        assert_eq!(task.counters.processed, 2, "offsets 3 and 4 were replays");
+    }
+
+    #[tokio::test]
+    async fn a_gap_in_a_partition_s_offsets_stops_the_stage_with_an_error() {
+        let runner = runner(Stage::Source);
+        let mut state = running(&runner, 1, 5);
+        let error = runner
+            .consume(&mut state, &chunk(1, &[5, 6, 9, 10]))
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                AnalyzerError::Gap {
+                    partition: 1,
+                    expected: 7,
+                    found: 9,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert!(
+            error.to_string().contains("records 7..9 are missing"),
+            "{error}"
+        );
+        // Nothing past the gap was applied.
+        assert_eq!(state.tasks[&1].next_offset, 7);
     }
 }

@@ -430,7 +430,13 @@ impl Task {
     pub(crate) fn flush(&mut self, plan: &Plan, fire: Option<i64>, out: &mut Outputs) {
         let own = self.own_watermark(plan);
         let fire = fire.max(own);
+        let before = out.results.len();
         self.windows.flush(&plan.rules, fire, own, &mut out.results);
+        // A version reflects every record before the task's offset: later versions of a
+        // window carry greater offsets, and a replay's older ones are recognisable as such.
+        for emission in &mut out.results[before..] {
+            emission.input_offset = self.next_offset;
+        }
     }
 
     /// A re-keying task's watermark, if it moved since it was last announced.

@@ -123,6 +123,9 @@ pub(crate) struct Emission {
     pub(crate) values: HashMap<String, f64>,
     pub(crate) items: HashMap<String, RankedItems>,
     pub(crate) trace: Option<String>,
+    /// How far the task had read its input partition when it emitted this version
+    /// (`QueryResult.input_offset`); set by the task.
+    pub(crate) input_offset: u64,
 }
 
 /// What an event contributes: its time, the aggregates' inputs (by aggregate index), a
@@ -447,5 +450,6 @@ fn report(rules: &WindowRules, key: &str, w: &mut Window) -> Option<Emission> {
         values,
         items,
         trace: w.trace.as_deref().map(str::to_owned),
+        input_offset: 0,
     })
 }

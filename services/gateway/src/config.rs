@@ -23,7 +23,8 @@ pub enum SlowClientPolicy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhookConfig {
-    /// Registrations accepted at once.
+    /// Registrations accepted at once (at most 8192: eight partitions of at most 1024,
+    /// whose delivery cursors share one commit).
     pub max_hooks: usize,
     /// Results sent in one delivery (a JSON array).
     pub max_batch: usize,
@@ -37,6 +38,10 @@ pub struct WebhookConfig {
     /// webhook is deleted: at least once.
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// How long a replica may go unheard by the broker before its webhooks are handed to
+    /// another replica (the delivery group's session timeout).
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
 }
 
 impl Default for WebhookConfig {
@@ -47,6 +52,7 @@ impl Default for WebhookConfig {
             timeout: Duration::from_secs(10),
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(60),
+            session_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -63,9 +69,14 @@ pub struct GatewayConfig {
     /// the dashboard) listens. Loopback by default; a non-loopback address needs
     /// `server.auth` (or `server.allow_unauthenticated`).
     pub http: SocketAddr,
-    /// Where webhook registrations and their delivery cursors are kept
-    /// (`<data_dir>/webhooks.redb`).
-    pub data_dir: PathBuf,
+    /// The broker's gRPC URL, where webhook registrations and delivery cursors live, shared
+    /// by every gateway replica. Empty: no webhooks (their endpoints answer 503); every
+    /// other read works without it.
+    pub broker: String,
+    /// Deprecated and ignored: the gateway keeps nothing on disk (webhooks live in the
+    /// broker). Accepted so that older configurations still load, with a warning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
     /// Live streams (gRPC `Watch`, server-sent events, WebSockets, long polls) served at
     /// once; more are refused with `RESOURCE_EXHAUSTED` / HTTP 503.
     pub max_watchers: usize,
@@ -97,7 +108,8 @@ impl Default for GatewayConfig {
             server: ServerConfig::loopback(7105, 9105),
             store: "http://127.0.0.1:7104".into(),
             http: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            data_dir: PathBuf::from("runnel-data/gateway"),
+            broker: String::new(),
+            data_dir: None,
             max_watchers: 20_000,
             live_buffer: 65_536,
             slow_clients: SlowClientPolicy::DropOldest,
@@ -139,8 +151,14 @@ impl ServiceConfig for GatewayConfig {
                 format!("{:?} is not an http:// or https:// URL", self.store),
             );
         }
-        if self.data_dir.as_os_str().is_empty() {
-            return invalid("data_dir", "must not be empty".into());
+        if !self.broker.is_empty() && !is_url(&self.broker) {
+            return invalid(
+                "broker",
+                format!(
+                    "{:?} is not an http:// or https:// URL (leave it empty for no webhooks)",
+                    self.broker
+                ),
+            );
         }
         if !(1..=1_000_000).contains(&self.max_watchers) {
             return invalid("max_watchers", "must be between 1 and 1000000".into());
@@ -161,8 +179,11 @@ impl ServiceConfig for GatewayConfig {
             );
         }
         let hooks = &self.webhooks;
-        if !(1..=100_000).contains(&hooks.max_hooks) {
-            return invalid("webhooks.max_hooks", "must be between 1 and 100000".into());
+        if !(1..=8192).contains(&hooks.max_hooks) {
+            return invalid("webhooks.max_hooks", "must be between 1 and 8192".into());
+        }
+        if hooks.session_timeout < Duration::from_millis(100) {
+            return invalid("webhooks.session_timeout", "must be at least 100ms".into());
         }
         if !(1..=10_000).contains(&hooks.max_batch) {
             return invalid("webhooks.max_batch", "must be between 1 and 10000".into());
@@ -196,8 +217,9 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         type Case = (fn(&mut GatewayConfig), &'static str);
-        let cases: [Case; 6] = [
+        let cases: [Case; 7] = [
             (|c| c.store = "127.0.0.1:7104".into(), "gateway.store"),
+            (|c| c.broker = "localhost:7102".into(), "gateway.broker"),
             (|c| c.max_watchers = 0, "gateway.max_watchers"),
             (|c| c.live_buffer = 1, "gateway.live_buffer"),
             (

@@ -41,6 +41,14 @@ pub enum GatewayError {
         /// Why it is unusable.
         source: runnel_security::SecurityError,
     },
+    /// The broker's URL does not parse.
+    #[error("broker url {url:?}: {source}")]
+    BrokerUrl {
+        /// The configured URL.
+        url: String,
+        /// Why it is unusable.
+        source: runnel_security::SecurityError,
+    },
     /// The HTTP listener failed.
     #[error("http server: {0}")]
     Http(std::io::Error),
@@ -50,6 +58,15 @@ pub enum GatewayError {
     /// Webhook registrations could not be read or written.
     #[error("webhooks: {0}")]
     Webhooks(String),
+    /// Webhooks were asked for, but this gateway has no broker to keep them in.
+    #[error("webhooks need gateway.broker: set it to the broker's URL (RUNNEL_GATEWAY__BROKER)")]
+    WebhooksNeedBroker,
+    /// The broker could not be reached or refused the call.
+    #[error("broker: {}", .0.message())]
+    Broker(Status),
+    /// Not now; the message says why and when to try again.
+    #[error("{0}")]
+    Unavailable(String),
     /// The configuration given to [`run`](crate::run) is invalid.
     #[error(transparent)]
     Config(#[from] runnel_server::ConfigError),
@@ -66,6 +83,14 @@ impl From<GatewayError> for Status {
             GatewayError::TooManyWatchers(_) => Status::resource_exhausted(error.to_string()),
             GatewayError::UnknownQuery { .. } => Status::not_found(error.to_string()),
             GatewayError::NoAnalyzer => Status::unimplemented(error.to_string()),
+            GatewayError::WebhooksNeedBroker => Status::failed_precondition(error.to_string()),
+            GatewayError::Unavailable(message) => Status::unavailable(message),
+            GatewayError::Broker(status) => match status.code() {
+                Code::InvalidArgument | Code::ResourceExhausted => {
+                    Status::new(status.code(), format!("broker: {}", status.message()))
+                }
+                _ => Status::unavailable(format!("broker unavailable: {}", status.message())),
+            },
             GatewayError::Analyzer(status) => {
                 Status::unavailable(format!("analyzer unavailable: {}", status.message()))
             }
@@ -84,6 +109,7 @@ impl From<GatewayError> for Status {
                 }
             },
             GatewayError::StoreUrl { .. }
+            | GatewayError::BrokerUrl { .. }
             | GatewayError::Http(_)
             | GatewayError::Webhooks(_)
             | GatewayError::Internal(_)

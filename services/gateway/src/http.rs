@@ -65,7 +65,8 @@ const MAX_POLL_LIMIT: usize = 10_000;
 pub(crate) struct Api {
     pub(crate) results: Results,
     pub(crate) hub: Arc<Hub>,
-    pub(crate) webhooks: Arc<Webhooks>,
+    /// `None` without `gateway.broker`.
+    pub(crate) webhooks: Option<Arc<Webhooks>>,
     pub(crate) max_poll_wait: Duration,
     /// Services whose health `/v1/pipeline` reports, by name.
     pub(crate) pipeline: Arc<BTreeMap<String, runnel_security::Peer>>,
@@ -493,6 +494,18 @@ async fn poll(
     .into_response())
 }
 
+impl Api {
+    /// The webhooks, or 503 saying they need a broker.
+    fn webhooks(&self) -> Result<&Webhooks, ApiError> {
+        self.webhooks.as_deref().ok_or_else(|| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                GatewayError::WebhooksNeedBroker.to_string(),
+            )
+        })
+    }
+}
+
 /// Webhooks make the gateway call out to URLs: registering one for a query's results
 /// takes `manage` on that query (every query, for a hook without one), and listing,
 /// reading or deleting them `manage` on every query.
@@ -505,7 +518,7 @@ async fn register_webhook(
         .map_err(|e| bad(format!("the body is not a webhook registration: {e}")))?;
     let query = Resource::query_or_any(&registration.query);
     allow(&caller, Action::Manage, query)?;
-    let created = api.webhooks.register(registration)?;
+    let created = api.webhooks()?.register(registration).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
@@ -514,7 +527,7 @@ async fn list_webhooks(
     Extension(caller): Extension<Caller>,
 ) -> Result<Response, ApiError> {
     allow(&caller, Action::Manage, Resource::AnyQuery)?;
-    Ok(Json(serde_json::json!({ "webhooks": api.webhooks.list()? })).into_response())
+    Ok(Json(serde_json::json!({ "webhooks": api.webhooks()?.list().await? })).into_response())
 }
 
 async fn webhook(
@@ -524,7 +537,7 @@ async fn webhook(
 ) -> Result<Response, ApiError> {
     allow(&caller, Action::Manage, Resource::AnyQuery)?;
     let id: u64 = number("id", &id)?;
-    match api.webhooks.get(id)? {
+    match api.webhooks()?.get(id).await? {
         Some(hook) => Ok(Json(hook).into_response()),
         None => Err(ApiError(StatusCode::NOT_FOUND, format!("no webhook {id}"))),
     }
@@ -537,7 +550,7 @@ async fn delete_webhook(
 ) -> Result<Response, ApiError> {
     allow(&caller, Action::Manage, Resource::AnyQuery)?;
     let id: u64 = number("id", &id)?;
-    if api.webhooks.delete(id)? {
+    if api.webhooks()?.delete(id).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(ApiError(StatusCode::NOT_FOUND, format!("no webhook {id}")))
@@ -594,7 +607,7 @@ async fn pipeline(State(api): State<Api>) -> Response {
             "store_stream": if api.hub.connected() { "connected" } else { "reconnecting" },
             "last_sequence": api.hub.last_sequence(),
             "watchers": api.hub.watchers(),
-            "webhooks_failing": api.webhooks.failing(),
+            "webhooks_failing": api.webhooks.as_ref().map_or(0, |w| w.failing()),
         },
     }))
     .into_response()

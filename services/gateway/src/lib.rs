@@ -5,7 +5,9 @@
 //! filtered by query, keys or key prefix and values (`Watch`) — are served over gRPC
 //! (`runnel.v1.Gateway`) and over HTTP: JSON, server-sent events, WebSockets and long
 //! polling, described by an OpenAPI document at `/openapi.json`. Webhooks push matching
-//! results to registered URLs, signed and retried until accepted. A dashboard at
+//! results to registered URLs, signed and retried until accepted; their registrations and
+//! delivery cursors live in the broker, so the gateway keeps no state of its own and any
+//! number of replicas share the work. A dashboard at
 //! `/dashboard/` shows the pipeline's live results and health.
 //!
 //! Reads go to the store; live results come from one stream from the store that every
@@ -60,14 +62,30 @@ pub async fn run(
         shutdown.clone(),
     );
     let follower = tokio::spawn(Arc::clone(&hub).follow());
-    let webhooks = {
-        let (dir, hub, hooks, shutdown) = (
-            config.data_dir.clone(),
+    if let Some(dir) = &config.data_dir {
+        tracing::warn!(
+            data_dir = %dir.display(),
+            "gateway.data_dir is deprecated and ignored: webhooks live in the broker now (gateway.broker) and the gateway keeps nothing on disk; remove it, and register again any webhook kept in its webhooks.redb"
+        );
+    }
+    // Webhooks live in the broker, shared by every replica; without one there are none.
+    let webhooks = if config.broker.is_empty() {
+        tracing::info!("no gateway.broker: webhooks are off");
+        None
+    } else {
+        let broker = runnel_security::connect_lazy(&config.broker, &config.server.connect)
+            .map_err(|source| GatewayError::BrokerUrl {
+                url: config.broker.clone(),
+                source,
+            })?;
+        Some(webhooks::Webhooks::start(
+            broker,
+            config.server.max_message_bytes,
+            config.server.request_timeout,
             Arc::clone(&hub),
             config.webhooks.clone(),
             shutdown.clone(),
-        );
-        webhooks::Webhooks::open(&dir, hub, hooks, shutdown)?
+        )?)
     };
     let mut pipeline = BTreeMap::new();
     for (name, url) in std::iter::once(("store", &config.store))
@@ -93,7 +111,7 @@ pub async fn run(
     let app = http::router(http::Api {
         results: results.clone(),
         hub: Arc::clone(&hub),
-        webhooks: Arc::clone(&webhooks),
+        webhooks: webhooks.clone(),
         max_poll_wait: config.max_poll_wait,
         pipeline: Arc::new(pipeline),
     });
@@ -119,8 +137,9 @@ pub async fn run(
     let drained =
         tokio::time::timeout(grace.remaining(config.server.drain_timeout), http_server).await;
     follower.abort();
-    webhooks.stop().await;
-    drop(webhooks);
+    if let Some(webhooks) = webhooks {
+        webhooks.stop().await;
+    }
     served?;
     match drained {
         Ok(Ok(Ok(()))) => {}

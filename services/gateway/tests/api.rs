@@ -1,7 +1,9 @@
-//! The gateway over real gRPC and HTTP, in front of a real store, all in-process on
-//! ephemeral ports: every read and live protocol, resumption, slow clients and webhooks.
+//! The gateway over real gRPC and HTTP, in front of a real store (and a broker for its
+//! webhooks), all in-process on ephemeral ports: every read and live protocol, resumption,
+//! slow clients and webhooks.
 
 use futures::StreamExt;
+use runnel_broker::BrokerConfig;
 use runnel_gateway::{GatewayConfig, SlowClientPolicy};
 use runnel_proto::Millis;
 use runnel_proto::v1::gateway_client::GatewayClient;
@@ -42,9 +44,17 @@ async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut GatewayCon
     let store = services
         .start_on_loopback("store", runnel_store::run, store_config)
         .await;
+    // Webhooks live in the broker.
+    let broker_config = BrokerConfig {
+        data_dir: dir.path().join("broker"),
+        ..BrokerConfig::default()
+    };
+    let broker = services
+        .start_on_loopback("broker", runnel_broker::run, broker_config)
+        .await;
     let mut gateway_config = GatewayConfig {
         store: format!("http://{}", store.grpc),
-        data_dir: dir.path().join("gateway"),
+        broker: format!("http://{}", broker.grpc),
         ..GatewayConfig::default()
     };
     configure(&mut gateway_config);
@@ -700,6 +710,35 @@ async fn webhooks_retry_until_accepted_and_survive_a_restart() {
         .await
         .unwrap();
     assert_eq!(gone.status(), 404);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn without_a_broker_webhooks_are_refused_and_reads_still_work() {
+    let mut stack = start(|c| c.broker = String::new()).await;
+    let client = reqwest::Client::new();
+    let refused = client
+        .post(stack.url("/v1/webhooks"))
+        .json(&serde_json::json!({ "url": "http://127.0.0.1:9/hook" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    let message: serde_json::Value = refused.json().await.unwrap();
+    assert!(
+        message["error"]
+            .as_str()
+            .unwrap()
+            .contains("gateway.broker"),
+        "{message}"
+    );
+    let listed = reqwest::get(stack.url("/v1/webhooks")).await.unwrap();
+    assert_eq!(listed.status(), 503);
+    stack.put(vec![result("q", "a", 0, 5.0)]).await;
+    let latest = stack.json("/v1/results/q/a").await;
+    assert_eq!(latest["values"]["count"], 5.0);
+    let pipeline = stack.json("/v1/pipeline").await;
+    assert_eq!(pipeline["gateway"]["webhooks_failing"], 0);
     stack.stop().await;
 }
 

@@ -61,7 +61,6 @@ async fn reads_need_credentials_and_a_grant_for_the_query() {
     std::fs::write(&gateway_token, "rnl_gateway\n").unwrap();
     let mut gateway_config = GatewayConfig {
         store: store_url.clone(),
-        data_dir: dir.path().join("gateway"),
         ..GatewayConfig::default()
     };
     gateway_config.server.connect = ConnectConfig {

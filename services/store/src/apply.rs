@@ -63,17 +63,17 @@ impl<H: HotTier> Applier<H> {
         hot: bool,
     ) -> Result<()> {
         let writer = self.writer.lock().await;
-        let Written { results, .. } = self.tiers.put(results, sequences, hot).await?;
+        let Written {
+            results, applied, ..
+        } = self.tiers.put(results, sequences, hot).await?;
         let count = results.len() as u64;
-        let mut last = None;
         for result in results {
-            last = Some(result.sequence);
             // No watchers is not an error.
             let _ = self.written.send(result);
         }
-        if let Some(last) = last {
-            self.applied.send_replace(last);
-            metrics::gauge!("runnel_store_last_sequence").set(last as f64);
+        if applied > *self.applied.borrow() {
+            self.applied.send_replace(applied);
+            metrics::gauge!("runnel_store_last_sequence").set(applied as f64);
         }
         drop(writer);
         metrics::counter!("runnel_store_results_written_total").increment(count);

@@ -37,7 +37,7 @@ use redb::{
 use runnel_log::FsyncPolicy;
 use runnel_proto::Millis;
 use runnel_proto::v1::QueryResult;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -121,8 +121,12 @@ impl Series {
 /// What one `Put` wrote.
 #[derive(Debug)]
 pub(crate) struct Written {
-    /// The results as stored, sequences set, in write order.
+    /// The results as stored, sequences set, in write order. A result that changed
+    /// nothing (see [`supersedes`]) is not among them.
     pub(crate) results: Vec<Arc<QueryResult>>,
+    /// The last sequence applied: the last of `results`, or past it when results at the
+    /// end changed nothing (a log position applied all the same).
+    pub(crate) applied: u64,
     /// The new state of every series the write touched.
     pub(crate) series: Vec<Series>,
 }
@@ -154,6 +158,15 @@ pub(crate) struct Durable {
     db: RwLock<Database>,
     durability: Durability,
     feed_entries: u64,
+}
+
+/// Whether `incoming` is a newer version of the window whose version `held` is stored:
+/// it differs, and — when both come from the analyzer — it is not older (a replay sends a
+/// window's older versions again, with the smaller input offsets they had).
+pub(crate) fn supersedes(held: &QueryResult, incoming: &QueryResult) -> bool {
+    let differs = held.values != incoming.values || held.items != incoming.items;
+    let older = incoming.input_offset != 0 && incoming.input_offset < held.input_offset;
+    differs && !older
 }
 
 pub(crate) fn start_of(result: &QueryResult) -> i64 {
@@ -293,6 +306,7 @@ impl Durable {
                 if results.is_empty() {
                     return Ok(Written {
                         results: Vec::new(),
+                        applied: next - 1,
                         series: Vec::new(),
                     });
                 }
@@ -302,12 +316,27 @@ impl Durable {
             let mut feed = txn.open_table(FEED)?;
             let mut series = txn.open_table(SERIES)?;
             let mut queries = txn.open_table(QUERIES)?;
-            // Number every result first, then write each table in its own key order: a
-            // batch of many keys touches each B-tree page once, in order, rather than
-            // jumping about (what makes a replica's catch-up fast). Within a batch a later
-            // write of the same window wins, as it would one by one.
-            for result in &mut results {
+            // Number the results in order, keeping only what is new: what supersedes the
+            // stored version of its window, or an earlier one in this batch.
+            let mut kept: Vec<QueryResult> = Vec::with_capacity(results.len());
+            let mut in_batch: HashMap<(String, String, i64), usize> = HashMap::new();
+            for mut result in results {
+                let start = start_of(&result);
+                let id = (result.query.clone(), result.key.clone(), start);
+                let news = match in_batch.get(&id) {
+                    Some(&earlier) => supersedes(&kept[earlier], &result),
+                    None => stored
+                        .get((result.query.as_str(), result.key.as_str(), start))?
+                        .map(|v| QueryResult::decode(v.value()))
+                        .transpose()
+                        .map_err(|e| {
+                            redb::Error::Corrupted(format!("a stored result does not decode: {e}"))
+                        })?
+                        .is_none_or(|held| supersedes(&held, &result)),
+                };
                 let sequence = match sequences {
+                    // Nothing new takes no sequence of its own.
+                    Sequences::Assign if !news => continue,
                     Sequences::Assign => next,
                     Sequences::Given if result.sequence >= next => result.sequence,
                     Sequences::Given => {
@@ -319,9 +348,19 @@ impl Durable {
                     }
                 };
                 next = sequence + 1;
+                if !news {
+                    metrics::counter!("runnel_store_unchanged_results_total").increment(1);
+                    continue;
+                }
                 result.sequence = sequence;
+                in_batch.insert(id, kept.len());
+                kept.push(result);
             }
-            let mut by_key: Vec<(&str, &str, i64, u64, &QueryResult)> = results
+            // Then write each table in its own key order: a batch of many keys touches each
+            // B-tree page once, in order, rather than jumping about (what makes a replica's
+            // catch-up fast). Within a batch a later write of the same window wins, as it
+            // would one by one.
+            let mut by_key: Vec<(&str, &str, i64, u64, &QueryResult)> = kept
                 .iter()
                 .map(|r| (r.query.as_str(), r.key.as_str(), start_of(r), r.sequence, r))
                 .collect();
@@ -342,7 +381,7 @@ impl Durable {
             for &(query, start, key, sequence) in &by_window {
                 windows.insert((query, start, key), sequence)?;
             }
-            for result in &results {
+            for result in &kept {
                 feed.insert(
                     result.sequence,
                     (result.query.as_str(), result.key.as_str(), start_of(result)),
@@ -365,6 +404,7 @@ impl Durable {
                     queries.insert(query, start)?;
                 }
             }
+            drop(by_key);
             meta.insert(NEXT_SEQUENCE, next)?;
             // Trim the feed to its last `feed_entries` writes.
             let keep_from = next.saturating_sub(feed_entries);
@@ -385,7 +425,8 @@ impl Durable {
                 None => Vec::new(),
             };
             Ok(Written {
-                results: results.into_iter().map(Arc::new).collect(),
+                results: kept.into_iter().map(Arc::new).collect(),
+                applied: next - 1,
                 series,
             })
         })
@@ -670,6 +711,69 @@ mod tests {
         assert_eq!(fed, [2, 3]);
         assert_eq!(page.through, 3);
         assert!(store.feed(3, 10).unwrap().results.is_empty());
+    }
+
+    #[test]
+    fn replayed_and_unchanged_versions_take_no_sequence_and_reach_no_feed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let at = |count: f64, input_offset: u64| QueryResult {
+            input_offset,
+            ..result("q", "a", 0, count)
+        };
+        let first = store
+            .put(vec![at(2.0, 7)], Sequences::Assign, None)
+            .unwrap();
+        assert_eq!(first.applied, 1);
+        // A replay sends the window's versions again: an older one (it reflects fewer
+        // records) and the same one. Neither is news.
+        let replay = store
+            .put(
+                vec![at(1.0, 4), at(2.0, 7), at(2.0, 9)],
+                Sequences::Assign,
+                None,
+            )
+            .unwrap();
+        assert!(replay.results.is_empty(), "{:?}", replay.results);
+        assert_eq!(replay.applied, 1);
+        // A newer version is; so is a client's own write (no offset) that changes it.
+        let newer = store
+            .put(vec![at(3.0, 12), at(4.0, 0)], Sequences::Assign, None)
+            .unwrap();
+        let sequences: Vec<u64> = newer.results.iter().map(|r| r.sequence).collect();
+        assert_eq!(sequences, [2, 3]);
+        assert_eq!(
+            store.range("q", "a", 0, 1, 10).unwrap()[0].values["count"],
+            4.0
+        );
+        let fed: Vec<u64> = store
+            .feed(0, 10)
+            .unwrap()
+            .results
+            .iter()
+            .map(|r| r.sequence)
+            .collect();
+        assert_eq!(fed, [3]);
+
+        // Applying a log, an unchanged result still moves the applied position.
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let logged = |count: f64, input_offset: u64, sequence: u64| QueryResult {
+            sequence,
+            ..at(count, input_offset)
+        };
+        store
+            .put(vec![logged(2.0, 7, 5)], Sequences::Given, None)
+            .unwrap();
+        let replayed = store
+            .put(
+                vec![logged(1.0, 4, 6), logged(2.0, 7, 7)],
+                Sequences::Given,
+                None,
+            )
+            .unwrap();
+        assert!(replayed.results.is_empty());
+        assert_eq!(replayed.applied, 7);
     }
 
     #[test]

@@ -254,6 +254,9 @@ enum Conflict {
     Failed(BrokerError),
 }
 
+/// How long a starting broker waits for the cluster to serve its metadata stream.
+const META_OPEN_PATIENCE: Duration = Duration::from_secs(30);
+
 impl MetaStore {
     async fn open(context: &jetstream::Context, config: &JetStreamConfig) -> Result<MetaStore> {
         let stream_config = stream::Config {
@@ -268,10 +271,22 @@ impl MetaStore {
             allow_direct: true,
             ..stream::Config::default()
         };
-        context
-            .get_or_create_stream(stream_config)
-            .await
-            .map_err(|e| unavailable("metadata stream", e))?;
+        // A cluster that has just started may not have elected its JetStream leader yet
+        // ("no suitable peers", timeouts): a broker started beside it waits for it instead
+        // of failing its start.
+        let deadline = tokio::time::Instant::now() + META_OPEN_PATIENCE;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match context.get_or_create_stream(stream_config.clone()).await {
+                Ok(_) => break,
+                Err(error) if tokio::time::Instant::now() + delay < deadline => {
+                    tracing::warn!(%error, "metadata stream not available yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(error) => return Err(unavailable("metadata stream", error)),
+            }
+        }
         let stream = context
             .get_stream_no_info(META_STREAM)
             .await

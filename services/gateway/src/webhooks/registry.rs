@@ -1,0 +1,422 @@
+//! The registry: every webhook, read from every partition of the broker's
+//! `_gateway.webhooks` log (a `Subscribe` without a group per partition, from its first
+//! record), so that every gateway replica holds the same webhooks.
+//!
+//! The topic is created on first use with no retention limit: the log is the registry,
+//! and trimming it would forget webhooks. Until every partition has been read up to where
+//! it ended when the gateway started, webhook calls wait (up to the request timeout, then
+//! UNAVAILABLE) rather than answer from a partial registry. A change is written with the idempotent producer (acknowledged once
+//! fsync'd) and answered once this replica has read it back, so a client that registers
+//! a webhook sees it in its next call.
+
+use super::delivery::Deliveries;
+use super::record::{Change, MAX_HOOKS_PER_PARTITION, Webhook};
+use super::{PARTITIONS, TOPIC, partition_of};
+use crate::error::GatewayError;
+use runnel_client::{ClientError, Producer, ProducerOptions};
+use runnel_proto::v1::broker_client::BrokerClient;
+use runnel_proto::v1::subscribe_response::Message;
+use runnel_proto::v1::{
+    Acks, CreateTopicRequest, DescribeTopicRequest, RetentionPolicy, SubscribeRequest,
+};
+use runnel_security::Peer;
+use runnel_server::Shutdown;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tonic::Code;
+
+/// The first delay after the broker could not be reached; doubled up to the max.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Ids stay below 2^53 so that JSON clients read them exactly.
+const MAX_ID: u64 = (1 << 53) - 1;
+
+/// How far the registry has read.
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    /// Per partition, the offset of the next record to apply.
+    next: Vec<u64>,
+    /// Per partition, where the log ended when the gateway started (`None` until known).
+    loaded_at: Option<Vec<u64>>,
+}
+
+impl Progress {
+    fn loaded(&self) -> bool {
+        self.loaded_at
+            .as_ref()
+            .is_some_and(|ends| ends.iter().zip(&self.next).all(|(end, next)| next >= end))
+    }
+}
+
+/// Every webhook, as the log says.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    hooks: Mutex<BTreeMap<u64, Arc<Webhook>>>,
+    progress: watch::Sender<Progress>,
+    broker: BrokerClient<Peer>,
+    /// Created on the first write; dropped after a failed one (its sequence numbers may
+    /// no longer match the broker's), so the next write starts a fresh one.
+    producer: tokio::sync::Mutex<Option<Producer>>,
+    request_timeout: Duration,
+    deliveries: Arc<Deliveries>,
+}
+
+fn broker_error(error: ClientError) -> GatewayError {
+    match error {
+        ClientError::Broker(status) => GatewayError::Broker(status),
+        ClientError::Topic(message) => GatewayError::Webhooks(message),
+    }
+}
+
+impl Registry {
+    /// Starts following the log behind `broker`; changes go to `deliveries` too.
+    pub(crate) fn start(
+        broker: Peer,
+        max_message_bytes: usize,
+        request_timeout: Duration,
+        deliveries: Arc<Deliveries>,
+        shutdown: Shutdown,
+    ) -> Arc<Registry> {
+        let registry = Arc::new(Registry {
+            hooks: Mutex::new(BTreeMap::new()),
+            progress: watch::Sender::new(Progress {
+                next: vec![0; PARTITIONS as usize],
+                loaded_at: None,
+            }),
+            broker: BrokerClient::new(broker).max_decoding_message_size(max_message_bytes),
+            producer: tokio::sync::Mutex::new(None),
+            request_timeout,
+            deliveries,
+        });
+        tokio::spawn(Arc::clone(&registry).follow(shutdown));
+        registry
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Webhook>>>, GatewayError> {
+        self.hooks
+            .lock()
+            .map_err(|_| GatewayError::Internal("webhook registry lock poisoned"))
+    }
+
+    /// Waits (at most the request timeout) until the registry is loaded.
+    async fn ready(&self) -> Result<(), GatewayError> {
+        match tokio::time::timeout(self.request_timeout, self.loaded()).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(GatewayError::Unavailable(
+                "the webhook registry is still being read from the broker; try again shortly"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Waits until every partition has been read up to where it ended at start.
+    pub(crate) async fn loaded(&self) {
+        let mut progress = self.progress.subscribe();
+        // The sender lives as long as `self`.
+        let _ = progress.wait_for(Progress::loaded).await;
+    }
+
+    /// Waits until `partition` has been applied up to (not including) `offset`.
+    pub(crate) async fn reached(&self, partition: u32, offset: u64) {
+        let mut progress = self.progress.subscribe();
+        let _ = progress
+            .wait_for(|p| {
+                p.next
+                    .get(partition as usize)
+                    .is_some_and(|next| *next >= offset)
+            })
+            .await;
+    }
+
+    /// Every webhook, by id.
+    pub(crate) async fn webhooks(&self) -> Result<Vec<Arc<Webhook>>, GatewayError> {
+        self.ready().await?;
+        Ok(self.lock()?.values().cloned().collect())
+    }
+
+    /// The webhooks registered in `partition`.
+    pub(crate) fn in_partition(&self, partition: u32) -> Vec<Arc<Webhook>> {
+        self.hooks.lock().map_or_else(
+            |_| Vec::new(),
+            |hooks| {
+                hooks
+                    .values()
+                    .filter(|hook| partition_of(hook.id) == partition)
+                    .cloned()
+                    .collect()
+            },
+        )
+    }
+
+    /// One webhook.
+    pub(crate) async fn webhook(&self, id: u64) -> Result<Option<Arc<Webhook>>, GatewayError> {
+        self.ready().await?;
+        Ok(self.lock()?.get(&id).cloned())
+    }
+
+    /// A fresh id for a new webhook, if there is room for one: at most `max_hooks` in all
+    /// and [`MAX_HOOKS_PER_PARTITION`] in its partition (whose cursors share one commit).
+    pub(crate) async fn new_id(&self, max_hooks: usize) -> Result<u64, GatewayError> {
+        self.ready().await?;
+        let hooks = self.lock()?;
+        if hooks.len() >= max_hooks {
+            return Err(GatewayError::InvalidArgument(format!(
+                "at most {max_hooks} webhooks; delete one first"
+            )));
+        }
+        let mut per_partition = [0usize; PARTITIONS as usize];
+        for id in hooks.keys() {
+            per_partition[partition_of(*id) as usize] += 1;
+        }
+        // Random, so that replicas registering at once do not pick the same id; a full
+        // partition is passed over by drawing again.
+        for _ in 0..64 {
+            let id = rand::random::<u64>() & MAX_ID;
+            if id != 0
+                && !hooks.contains_key(&id)
+                && per_partition[partition_of(id) as usize] < MAX_HOOKS_PER_PARTITION
+            {
+                return Ok(id);
+            }
+        }
+        Err(GatewayError::InvalidArgument(format!(
+            "no room for another webhook ({} registered); delete one first",
+            hooks.len()
+        )))
+    }
+
+    /// Writes `change` to the log and waits until this replica has applied it.
+    pub(crate) async fn write(&self, change: Change) -> Result<(), GatewayError> {
+        self.ready().await?;
+        let position = {
+            let mut producer = self.producer.lock().await;
+            if producer.is_none() {
+                let options = ProducerOptions {
+                    acks: Acks::Durable,
+                    retry_for: self.request_timeout,
+                    call_timeout: self.request_timeout,
+                    ..ProducerOptions::default()
+                };
+                *producer = Some(
+                    Producer::new(self.broker.clone(), TOPIC, options)
+                        .await
+                        .map_err(broker_error)?,
+                );
+            }
+            let sent = match producer.as_mut() {
+                Some(producer) => producer.send(vec![change.to_event()]).await,
+                None => return Err(GatewayError::Internal("no webhook producer")),
+            };
+            match sent {
+                Ok(mut positions) => positions.pop(),
+                Err(error) => {
+                    *producer = None;
+                    return Err(broker_error(error));
+                }
+            }
+        };
+        let Some(position) = position else {
+            return Err(GatewayError::Internal("the broker acknowledged no record"));
+        };
+        let mut progress = self.progress.subscribe();
+        let partition = position.partition as usize;
+        let applied = progress.wait_for(|p| {
+            p.next
+                .get(partition)
+                .is_some_and(|next| *next > position.offset)
+        });
+        match tokio::time::timeout(self.request_timeout, applied).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(GatewayError::Unavailable(format!(
+                "webhook {} was written to the broker but this gateway has not read it back within {:?}; \
+                 list webhooks again shortly",
+                change.id(),
+                self.request_timeout
+            ))),
+        }
+    }
+
+    fn apply(&self, partition: u32, change: Change) {
+        match change {
+            Change::Registered(hook) => {
+                let hook = Arc::new(hook);
+                let fresh = self
+                    .hooks
+                    .lock()
+                    .map(|mut hooks| hooks.insert(hook.id, Arc::clone(&hook)).is_none())
+                    .unwrap_or(false);
+                if fresh {
+                    self.deliveries.offer(partition, &hook);
+                } else {
+                    tracing::warn!(
+                        webhook = hook.id,
+                        "a webhook registered twice; the later registration replaces it"
+                    );
+                }
+            }
+            Change::Deleted(id) => {
+                if let Ok(mut hooks) = self.hooks.lock() {
+                    hooks.remove(&id);
+                }
+                self.deliveries.forget(partition, id);
+            }
+        }
+    }
+
+    /// Creates the topic if needed, learns where each partition ends, and follows them all.
+    async fn follow(self: Arc<Self>, shutdown: Shutdown) {
+        let mut delay = RETRY_MIN;
+        let bounds = loop {
+            match self.prepare().await {
+                Ok(bounds) => break bounds,
+                Err(error) => {
+                    tracing::warn!(%error, topic = TOPIC, "cannot read the webhook registry from the broker; retrying");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.wait() => return,
+            }
+            delay = (delay * 2).min(RETRY_MAX);
+        };
+        for (partition, (start, _)) in bounds.iter().enumerate() {
+            if *start > 0 {
+                // Only if someone gave the topic a retention limit: registrations are lost.
+                tracing::error!(
+                    partition,
+                    start,
+                    topic = TOPIC,
+                    "the webhook registry log was trimmed; webhooks registered in the trimmed part are gone"
+                );
+            }
+        }
+        self.progress.send_modify(|progress| {
+            progress.next = bounds.iter().map(|(start, _)| *start).collect();
+            progress.loaded_at = Some(bounds.iter().map(|(_, end)| *end).collect());
+        });
+        for partition in 0..PARTITIONS {
+            tokio::spawn(Arc::clone(&self).tail(partition, shutdown.clone()));
+        }
+    }
+
+    /// The topic's (start, end) offsets per partition, after creating it if needed.
+    async fn prepare(&self) -> Result<Vec<(u64, u64)>, GatewayError> {
+        let mut broker = self.broker.clone();
+        let create = CreateTopicRequest {
+            name: TOPIC.into(),
+            partitions: PARTITIONS,
+            // Kept for ever: the log is the registry.
+            retention: Some(RetentionPolicy {
+                max_age: Some(prost_types::Duration::default()),
+                max_bytes: Some(0),
+            }),
+        };
+        match broker.create_topic(create).await {
+            Ok(_) => {}
+            Err(status) if status.code() == Code::AlreadyExists => {}
+            Err(status) => return Err(GatewayError::Broker(status)),
+        }
+        let described = broker
+            .describe_topic(DescribeTopicRequest { name: TOPIC.into() })
+            .await
+            .map_err(GatewayError::Broker)?
+            .into_inner();
+        let mut partitions = described.topic.map(|t| t.partitions).unwrap_or_default();
+        if partitions.len() != PARTITIONS as usize {
+            return Err(GatewayError::Webhooks(format!(
+                "topic {TOPIC} has {} partitions; the gateway needs {PARTITIONS} (delete it if it was made by hand)",
+                partitions.len()
+            )));
+        }
+        partitions.sort_by_key(|p| p.partition);
+        Ok(partitions
+            .into_iter()
+            .map(|p| (p.start_offset, p.end_offset))
+            .collect())
+    }
+
+    /// Follows one partition from the next unapplied record until shutdown.
+    async fn tail(self: Arc<Self>, partition: u32, shutdown: Shutdown) {
+        let mut delay = RETRY_MIN;
+        loop {
+            let offset = self.progress.borrow().next[partition as usize];
+            let request = SubscribeRequest {
+                topic: TOPIC.into(),
+                partition,
+                offset,
+                ..SubscribeRequest::default()
+            };
+            let mut broker = self.broker.clone();
+            let subscribed = tokio::select! {
+                subscribed = broker.subscribe(request) => subscribed,
+                () = shutdown.wait() => return,
+            };
+            match subscribed {
+                Ok(stream) => {
+                    let mut stream = stream.into_inner();
+                    loop {
+                        let message = tokio::select! {
+                            message = stream.message() => message,
+                            () = shutdown.wait() => return,
+                        };
+                        let chunk = match message {
+                            Ok(Some(response)) => match response.message {
+                                Some(Message::Records(chunk)) => chunk,
+                                _ => continue,
+                            },
+                            Ok(None) => break,
+                            Err(status) => {
+                                tracing::debug!(partition, code = ?status.code(), message = status.message(), "webhook registry stream ended; resuming");
+                                break;
+                            }
+                        };
+                        delay = RETRY_MIN;
+                        for record in chunk.records {
+                            let expected = self.progress.borrow().next[partition as usize];
+                            if record.offset < expected {
+                                continue;
+                            }
+                            match record.event.as_ref().map(Change::from_event) {
+                                Some(Ok(change)) => self.apply(partition, change),
+                                Some(Err(error)) => {
+                                    metrics::counter!(
+                                        "runnel_gateway_webhook_records_skipped_total"
+                                    )
+                                    .increment(1);
+                                    tracing::error!(partition, offset = record.offset, %error, "a webhook registry record this gateway cannot read; skipped");
+                                }
+                                None => {}
+                            }
+                            self.progress
+                                .send_modify(|p| p.next[partition as usize] = record.offset + 1);
+                        }
+                    }
+                }
+                Err(status) if status.code() == Code::OutOfRange => {
+                    // Only if someone shortened the topic's retention: say so loudly.
+                    tracing::error!(
+                        partition,
+                        offset,
+                        message = status.message(),
+                        "the webhook registry log no longer reaches this gateway's position"
+                    );
+                    if let Ok(bounds) = self.prepare().await {
+                        self.progress.send_modify(|p| {
+                            p.next[partition as usize] = bounds[partition as usize].0
+                        });
+                    }
+                }
+                Err(status) => {
+                    tracing::debug!(partition, code = ?status.code(), message = status.message(), "cannot follow the webhook registry");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.wait() => return,
+            }
+            delay = (delay * 2).min(RETRY_MAX);
+        }
+    }
+}
