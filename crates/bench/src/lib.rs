@@ -9,6 +9,7 @@ mod analyzer;
 mod broker;
 mod gateway;
 mod ingest;
+mod store_catchup;
 mod stream;
 
 use anyhow::Result;
@@ -32,6 +33,8 @@ pub enum BenchCommand {
     /// Get throughput and latency over gRPC and HTTP, and live fan-out: how many watchers
     /// the gateway holds and how fast a write reaches them.
     Gateway(gateway::GatewayArgs),
+    /// How fast a new, empty store replica materialises the results log until it serves.
+    StoreCatchup(store_catchup::StoreCatchupArgs),
 }
 
 /// Runs the benchmark `what` asks for and prints its figures.
@@ -42,6 +45,7 @@ pub async fn run(what: BenchCommand) -> Result<ExitCode> {
         BenchCommand::Broker(args) => broker::run(args).await,
         BenchCommand::Analyzer(args) => analyzer::run(args).await,
         BenchCommand::Gateway(args) => gateway::run(args).await,
+        BenchCommand::StoreCatchup(args) => store_catchup::run(args).await,
     }
 }
 

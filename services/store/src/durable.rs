@@ -37,7 +37,7 @@ use redb::{
 use runnel_log::FsyncPolicy;
 use runnel_proto::Millis;
 use runnel_proto::v1::QueryResult;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -278,9 +278,15 @@ impl Durable {
         Ok(value)
     }
 
-    /// Writes `results` (validated) in one transaction, committed per the fsync policy, and
-    /// returns them with their sequences and — with `history` — the new state of each
-    /// series they touched, with at most `history` windows each.
+    /// Writes `results` (validated) in one transaction, committed per the fsync policy
+    /// (without `history`: not made durable, see below), and returns them with their
+    /// sequences and — with `history` — the new state of each series they touched, with at
+    /// most `history` windows each.
+    ///
+    /// A replica catching up with the results log writes without `history` (it serves
+    /// nothing yet) and calls [`Durable::sync`] once caught up: a crash before that takes
+    /// it back to its last durable commit, whose applied position it then reads the log
+    /// from again, so deferring the fsyncs loses nothing.
     pub(crate) fn put(
         &self,
         mut results: Vec<QueryResult>,
@@ -288,7 +294,11 @@ impl Durable {
         history: Option<usize>,
     ) -> Result<Written> {
         let feed_entries = self.feed_entries;
-        self.write(self.durability, move |txn| {
+        let durability = match history {
+            Some(_) => self.durability,
+            None => Durability::None,
+        };
+        self.write(durability, move |txn| {
             let mut meta = txn.open_table(META)?;
             let mut next = meta.get(NEXT_SEQUENCE)?.map_or(1, |v| v.value());
             if sequences == Sequences::Given {
@@ -306,18 +316,24 @@ impl Durable {
             let mut feed = txn.open_table(FEED)?;
             let mut series = txn.open_table(SERIES)?;
             let mut queries = txn.open_table(QUERIES)?;
-            let mut touched: BTreeMap<(String, String), u64> = BTreeMap::new();
-            let mut kept = Vec::with_capacity(results.len());
+            // Number the results in order, keeping only what is new: what supersedes the
+            // stored version of its window, or an earlier one in this batch.
+            let mut kept: Vec<QueryResult> = Vec::with_capacity(results.len());
+            let mut in_batch: HashMap<(String, String, i64), usize> = HashMap::new();
             for mut result in results {
                 let start = start_of(&result);
-                let held = stored
-                    .get((result.query.as_str(), result.key.as_str(), start))?
-                    .map(|v| QueryResult::decode(v.value()))
-                    .transpose()
-                    .map_err(|e| {
-                        redb::Error::Corrupted(format!("a stored result does not decode: {e}"))
-                    })?;
-                let news = held.is_none_or(|held| supersedes(&held, &result));
+                let id = (result.query.clone(), result.key.clone(), start);
+                let news = match in_batch.get(&id) {
+                    Some(&earlier) => supersedes(&kept[earlier], &result),
+                    None => stored
+                        .get((result.query.as_str(), result.key.as_str(), start))?
+                        .map(|v| QueryResult::decode(v.value()))
+                        .transpose()
+                        .map_err(|e| {
+                            redb::Error::Corrupted(format!("a stored result does not decode: {e}"))
+                        })?
+                        .is_none_or(|held| supersedes(&held, &result)),
+                };
                 let sequence = match sequences {
                     // Nothing new takes no sequence of its own.
                     Sequences::Assign if !news => continue,
@@ -337,18 +353,58 @@ impl Durable {
                     continue;
                 }
                 result.sequence = sequence;
-                let (query, key) = (result.query.as_str(), result.key.as_str());
-                stored.insert((query, key, start), result.encode_to_vec().as_slice())?;
+                in_batch.insert(id, kept.len());
+                kept.push(result);
+            }
+            // Then write each table in its own key order: a batch of many keys touches each
+            // B-tree page once, in order, rather than jumping about (what makes a replica's
+            // catch-up fast). Within a batch a later write of the same window wins, as it
+            // would one by one.
+            let mut by_key: Vec<(&str, &str, i64, u64, &QueryResult)> = kept
+                .iter()
+                .map(|r| (r.query.as_str(), r.key.as_str(), start_of(r), r.sequence, r))
+                .collect();
+            by_key.sort_unstable_by(|a, b| (a.0, a.1, a.2, a.3).cmp(&(b.0, b.1, b.2, b.3)));
+            let mut encoded = Vec::new();
+            for &(query, key, start, _, result) in &by_key {
+                encoded.clear();
+                result.encode(&mut encoded).map_err(|error| {
+                    redb::Error::Corrupted(format!("a result does not encode: {error}"))
+                })?;
+                stored.insert((query, key, start), encoded.as_slice())?;
+            }
+            let mut by_window: Vec<(&str, i64, &str, u64)> = by_key
+                .iter()
+                .map(|&(q, k, s, seq, _)| (q, s, k, seq))
+                .collect();
+            by_window.sort_unstable();
+            for &(query, start, key, sequence) in &by_window {
                 windows.insert((query, start, key), sequence)?;
-                feed.insert(sequence, (query, key, start))?;
-                series.insert((query, key), sequence)?;
+            }
+            for result in &kept {
+                feed.insert(
+                    result.sequence,
+                    (result.query.as_str(), result.key.as_str(), start_of(result)),
+                )?;
+            }
+            // Each series' and each query's last state, once.
+            let mut touched: BTreeMap<(String, String), u64> = BTreeMap::new();
+            let mut newest_windows: BTreeMap<&str, i64> = BTreeMap::new();
+            for &(query, key, start, sequence, _) in &by_key {
+                touched.insert((query.to_owned(), key.to_owned()), sequence);
+                let newest = newest_windows.entry(query).or_insert(start);
+                *newest = (*newest).max(start);
+            }
+            for ((query, key), sequence) in &touched {
+                series.insert((query.as_str(), key.as_str()), *sequence)?;
+            }
+            for (query, start) in newest_windows {
                 let newest = queries.get(query)?.map(|v| v.value());
                 if newest.is_none_or(|newest| start > newest) {
                     queries.insert(query, start)?;
                 }
-                touched.insert((query.to_owned(), key.to_owned()), sequence);
-                kept.push(result);
             }
+            drop(by_key);
             meta.insert(NEXT_SEQUENCE, next)?;
             // Trim the feed to its last `feed_entries` writes.
             let keep_from = next.saturating_sub(feed_entries);
@@ -797,6 +853,73 @@ mod tests {
             }) => {}
             other => panic!("expected a cursor ahead of the store, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn log_numbered_results_keep_their_sequences_and_are_applied_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Durable::open(dir.path(), FsyncPolicy::Never, 1000, Sequencing::Log).unwrap();
+        let numbered = |key: &str, sequence| QueryResult {
+            sequence,
+            ..result("q", key, 0, sequence as f64)
+        };
+        // A fresh replica may start past the log's deleted start.
+        store
+            .put(
+                vec![numbered("a", 41), numbered("b", 42)],
+                Sequences::Given,
+                None,
+            )
+            .unwrap();
+        assert_eq!(store.last_sequence().unwrap(), 42);
+        // Applied again (the same records read twice), they are skipped.
+        let again = store
+            .put(
+                vec![numbered("a", 42), numbered("c", 43)],
+                Sequences::Given,
+                None,
+            )
+            .unwrap();
+        let applied: Vec<u64> = again.results.iter().map(|r| r.sequence).collect();
+        assert_eq!(applied, [43]);
+        assert_eq!(
+            store
+                .series("q", "b", 1)
+                .unwrap()
+                .latest()
+                .unwrap()
+                .sequence,
+            42
+        );
+        assert!(
+            store
+                .put(
+                    vec![numbered("d", 50), numbered("e", 49)],
+                    Sequences::Given,
+                    None
+                )
+                .is_err(),
+            "sequences must increase"
+        );
+        assert_eq!(
+            store.last_sequence().unwrap(),
+            43,
+            "a refused batch writes nothing"
+        );
+        drop(store);
+        // Numbered by the log, the database is refused to a store that numbers itself.
+        let error = Durable::open(dir.path(), FsyncPolicy::Never, 1000, Sequencing::Local)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("store.broker"), "{error}");
+        let local = tempfile::tempdir().unwrap();
+        open(local.path())
+            .put(vec![result("q", "a", 0, 1.0)], Sequences::Assign, None)
+            .unwrap();
+        let error = Durable::open(local.path(), FsyncPolicy::Never, 1000, Sequencing::Log)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("rebuild from the log"), "{error}");
     }
 
     proptest! {

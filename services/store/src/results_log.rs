@@ -50,10 +50,12 @@ use tonic::Code;
 pub(crate) const TOPIC: &str = "_store.results";
 /// The event type of a result in the log, and its encoding's version.
 pub(crate) const RESULT_TYPE: &str = "runnel.store.result.v1";
-/// Results applied in one transaction at most, when the log has that many waiting.
-const MAX_APPLY_BATCH: usize = 20_000;
-/// Decoded chunks between the reader of the log and the applier.
-const CHUNKS_AHEAD: usize = 16;
+/// Results applied in one transaction at most, when the log has that many waiting: large,
+/// as a transaction copies each B-tree page it touches once however often it touches it.
+const MAX_APPLY_BATCH: usize = 200_000;
+/// Decoded chunks between the reader of the log and the applier (a chunk is what one
+/// broker read returns, bounded in bytes).
+const CHUNKS_AHEAD: usize = 64;
 /// Longest wait between attempts to reach the broker.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -272,6 +274,10 @@ impl ResultsLog {
         let resumed_at = applier.applied();
         loop {
             if !ready && applier.applied() >= target {
+                // What catch-up wrote without fsync (see `Durable::put`) is made durable
+                // before the replica serves anything of it.
+                let durable = Arc::clone(applier.tiers().durable());
+                tokio::task::spawn_blocking(move || durable.sync()).await??;
                 applier.tiers().rank_from_disk().await?;
                 ready = true;
                 caught_up.send_replace(true);

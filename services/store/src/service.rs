@@ -39,6 +39,8 @@ const FEED_PAGE: usize = 1000;
 const DEFAULT_TOP_K: usize = 10;
 /// `TopK` never answers more than this many keys.
 const MAX_TOP_K: usize = 1000;
+/// How long a `Watch` with a cursor another replica gave waits for this one to apply it.
+const CURSOR_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Where a `Put` goes.
 pub(crate) enum Writes {
@@ -100,6 +102,25 @@ impl<H: HotTier> StoreService<H> {
                 target: *target,
             }),
             _ => Ok(()),
+        }
+    }
+
+    /// A cursor from a replica that has applied more of the results log than this one (a
+    /// client failing over) is valid: waits, for at most [`CURSOR_WAIT`], until this replica
+    /// has applied it too. A cursor beyond the log's end is left for the feed to refuse.
+    async fn reach_cursor(&self, after: u64) -> Result<()> {
+        let Writes::Log { log, .. } = &self.writes else {
+            return Ok(());
+        };
+        if after <= self.applier.applied() || after > log.bounds().await?.1 {
+            return Ok(());
+        }
+        tokio::select! {
+            reached = tokio::time::timeout(CURSOR_WAIT, self.applier.applied_through(after)) => {
+                // Timed out: the feed check that follows says how far this replica is.
+                reached.unwrap_or(Ok(()))
+            }
+            () = self.shutdown.wait() => Err(StoreError::NotFollowing),
         }
     }
 
@@ -196,6 +217,7 @@ impl<H: HotTier> StoreService<H> {
         let durable = Arc::clone(self.applier.tiers().durable());
         let cursor = match request.after_sequence {
             Some(after) => {
+                self.reach_cursor(after).await?;
                 // Refuse an expired cursor now, as the call's status, not mid-stream.
                 let check = Arc::clone(&durable);
                 tokio::task::spawn_blocking(move || check.feed(after, 0)).await??;

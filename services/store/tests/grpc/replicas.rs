@@ -206,6 +206,25 @@ async fn any_replica_answers_and_cursors_are_valid_on_every_replica() {
                 *sent
             );
         }
+        // A cursor from the replica written through is valid at once on the other, even
+        // before that one has applied it: the watch waits for it, it does not refuse it.
+        put(&mut a.client, vec![result("q", "late", 0, 1.0)])
+            .await
+            .unwrap();
+        let newest = get(&mut a.client, "q", "late").await.unwrap().sequence;
+        let mut from_newest = b
+            .client
+            .watch(WatchRequest {
+                after_sequence: Some(newest),
+                ..WatchRequest::default()
+            })
+            .await
+            .expect("a cursor from another replica is valid here");
+        put(&mut a.client, vec![result("q", "later", 0, 1.0)])
+            .await
+            .unwrap();
+        let next = from_newest.get_mut().message().await.unwrap().unwrap();
+        assert_eq!((next.key.as_str(), next.sequence), ("later", newest + 1));
         // And the same cursor on A gives the same results, bit for bit.
         let on_a = a.feed(cursor, after.len()).await;
         let on_b = b.feed(cursor, after.len()).await;
