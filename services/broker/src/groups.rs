@@ -38,6 +38,9 @@ pub(crate) enum MemberView {
 struct Member {
     /// Which subscription holds the membership: a rejoin with the same id replaces it.
     incarnation: u64,
+    /// The generation this subscription joined at: anything it writes carries this one or
+    /// a later one, so an earlier subscription with the same id cannot write as it.
+    joined_at: u64,
     session_timeout: Duration,
     deadline: Instant,
     view: watch::Sender<MemberView>,
@@ -48,6 +51,11 @@ struct Group {
     partitions: u32,
     generation: u64,
     members: BTreeMap<String, Member>,
+    /// Per partition, the generation since which its current owner has held it without a
+    /// break: a write fenced by any generation from then on is still the owner's.
+    owned_since: Vec<u64>,
+    /// Per partition, the owner it had after the last rebalance.
+    owners: Vec<Option<String>>,
 }
 
 impl Group {
@@ -56,12 +64,17 @@ impl Group {
         self.generation += 1;
         let ids: Vec<&String> = self.members.keys().collect();
         let mut owned: HashMap<&String, Vec<u32>> = HashMap::new();
-        if !ids.is_empty() {
-            for partition in 0..self.partitions {
-                owned
-                    .entry(ids[partition as usize % ids.len()])
-                    .or_default()
-                    .push(partition);
+        self.owners.resize(self.partitions as usize, None);
+        self.owned_since.resize(self.partitions as usize, 0);
+        for partition in 0..self.partitions {
+            let owner = (!ids.is_empty()).then(|| ids[partition as usize % ids.len()]);
+            if let Some(owner) = owner {
+                owned.entry(owner).or_default().push(partition);
+            }
+            let slot = partition as usize;
+            if self.owners[slot].as_ref() != owner {
+                self.owners[slot] = owner.cloned();
+                self.owned_since[slot] = self.generation;
             }
         }
         for (id, member) in &self.members {
@@ -144,11 +157,15 @@ impl Coordinator {
             partitions,
             generation: 0,
             members: BTreeMap::new(),
+            owned_since: Vec::new(),
+            owners: Vec::new(),
         });
         let replaced = entry.members.insert(
             member_id.to_owned(),
             Member {
                 incarnation,
+                // The rebalance below makes it so.
+                joined_at: entry.generation + 1,
                 session_timeout,
                 deadline: now + session_timeout,
                 view,
@@ -216,16 +233,31 @@ impl Coordinator {
                 member.session_timeout
             )));
         }
-        if generation != group_state.generation {
+        // A generation from before this subscription joined (an earlier subscription with
+        // the same id, paused or cut off) or one the group never had is refused; a later
+        // one stands as long as the partitions it names have not changed owner since — a
+        // rebalance that moves other partitions does not fence this member's writes.
+        if generation < member.joined_at || generation > group_state.generation {
             return Err(BrokerError::NotAMember(format!(
-                "generation {generation} is stale: group {group:?} is at generation {}; use the latest assignment",
-                group_state.generation
+                "generation {generation} is stale: {member_id:?} joined group {group:?} again at generation {} (the group is at {}); use the latest assignment",
+                member.joined_at, group_state.generation
             )));
         }
         for partition in partitions {
             if group_state.owner_of(partition).map(String::as_str) != Some(member_id) {
                 return Err(BrokerError::NotAMember(format!(
-                    "{member_id:?} does not own partition {partition} in generation {generation}"
+                    "{member_id:?} does not own partition {partition} in generation {}",
+                    group_state.generation
+                )));
+            }
+            let since = group_state
+                .owned_since
+                .get(partition as usize)
+                .copied()
+                .unwrap_or(u64::MAX);
+            if since > generation {
+                return Err(BrokerError::NotAMember(format!(
+                    "generation {generation} is stale for partition {partition}: it changed owner at generation {since}; use the latest assignment"
                 )));
             }
         }
@@ -334,34 +366,49 @@ mod tests {
     }
 
     #[test]
-    fn commits_are_fenced_by_generation_and_ownership() {
+    fn writes_are_fenced_by_ownership_since_their_generation_and_by_rejoins() {
         let coordinator = Arc::new(Coordinator::default());
         let now = Instant::now();
-        let a = coordinator.join("g", "t", 2, "a", SESSION, now);
+        let refused = |member: &str, generation: u64, partitions: &[u32], why: &str| {
+            let error = coordinator
+                .heartbeat(
+                    "g",
+                    "t",
+                    member,
+                    generation,
+                    partitions.iter().copied(),
+                    now,
+                )
+                .unwrap_err();
+            assert!(error.to_string().contains(why), "{error}");
+        };
+        let _a = coordinator.join("g", "t", 3, "a", SESSION, now);
+        let _b = coordinator.join("g", "t", 3, "b", SESSION, now);
+        // Generation 2: a owns 0 and 2 (since 1), b owns 1 (since 2). A write of a's from
+        // generation 1 is still a's: those partitions never left it.
         coordinator
-            .heartbeat("g", "t", "a", 1, [0, 1], now)
+            .heartbeat("g", "t", "a", 1, [0, 2], now)
             .unwrap();
-        let _b = coordinator.join("g", "t", 2, "b", SESSION, now);
-        let stale = coordinator
-            .heartbeat("g", "t", "a", 1, [0], now)
-            .unwrap_err();
-        assert!(
-            stale.to_string().contains("generation 1 is stale"),
-            "{stale}"
-        );
+        refused("a", 1, &[1], "does not own partition 1");
+        refused("b", 1, &[1], "joined group \"g\" again at generation 2");
+        refused("a", 3, &[0], "stale");
+        let _c = coordinator.join("g", "t", 3, "c", SESSION, now);
+        // Generation 3: partition 2 moved to c; a keeps 0 and may still write for it.
+        refused("a", 2, &[2], "does not own partition 2");
         coordinator.heartbeat("g", "t", "a", 2, [0], now).unwrap();
-        let foreign = coordinator
-            .heartbeat("g", "t", "a", 2, [1], now)
-            .unwrap_err();
-        assert!(
-            foreign.to_string().contains("does not own partition 1"),
-            "{foreign}"
-        );
-        let stranger = coordinator
-            .heartbeat("g", "t", "z", 2, [], now)
-            .unwrap_err();
-        assert!(stranger.to_string().contains("not a member"), "{stranger}");
-        drop(a);
+        coordinator.heartbeat("g", "t", "c", 3, [2], now).unwrap();
+        // A second subscription with a's id (the first one paused, say): the first one's
+        // generations are void, even for partitions the id keeps.
+        let _a_again = coordinator.join("g", "t", 3, "a", SESSION, now);
+        refused("a", 3, &[0], "joined group \"g\" again at generation 4");
+        coordinator.heartbeat("g", "t", "a", 4, [0], now).unwrap();
+        // c leaves: partition 2 comes back to a, which held it before — but not since 4.
+        drop(_c);
+        refused("a", 4, &[2], "changed owner at generation 5");
+        coordinator
+            .heartbeat("g", "t", "a", 5, [0, 2], now)
+            .unwrap();
+        refused("z", 5, &[], "not a member");
     }
 
     #[test]

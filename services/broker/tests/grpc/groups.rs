@@ -235,8 +235,9 @@ async fn commits_are_fenced_by_generation_and_ownership(engine: Engine) {
                 ..PartitionOffset::default()
             }],
         };
+    // A generation from before `b` joined is not `b`'s.
     let stale = client
-        .commit_offsets(commit("a", first_generation, 0, 0))
+        .commit_offsets(commit("b", first_generation, 1, 0))
         .await
         .unwrap_err();
     assert_eq!(stale.code(), Code::FailedPrecondition);
