@@ -212,10 +212,24 @@ impl<H: HotTier> StoreService<H> {
         request: WatchRequest,
     ) -> Result<ReceiverStream<Result<QueryResult, Status>>> {
         let filter = ResultFilter::new(&request)?;
-        self.check_caught_up()?;
+        // A live watch ("from now on") is taken while this replica still catches up: its
+        // "now" is the log's end when the replica started, so everything written since —
+        // which the replica applies and announces as it catches up — reaches the watcher,
+        // and nothing older. (Refused, a gateway would connect late and its live clients
+        // miss what was written in between.) A resume waits until the replica serves.
+        let catching_up = match &self.writes {
+            Writes::Log {
+                caught_up, target, ..
+            } if !*caught_up.borrow() => Some(*target),
+            _ => None,
+        };
+        if request.after_sequence.is_some() {
+            self.check_caught_up()?;
+        }
         let (live, announced) = self.applier.subscribe();
         let durable = Arc::clone(self.applier.tiers().durable());
         let cursor = match request.after_sequence {
+            None if let Some(target) = catching_up => Cursor::From(announced.max(target)),
             Some(after) => {
                 self.reach_cursor(after).await?;
                 // Refuse an expired cursor now, as the call's status, not mid-stream.
