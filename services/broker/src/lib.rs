@@ -37,7 +37,7 @@ use runnel_log::FsyncPolicy;
 use runnel_proto::v1::broker_server::BrokerServer;
 use runnel_server::{Listeners, ServiceConfig, Shutdown};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use storage::embedded::durability::GroupCommit;
 use storage::embedded::offsets::OffsetStore;
 use storage::embedded::topics::Topics;
@@ -92,20 +92,27 @@ pub async fn run(
     // waiting on a group commit.
     let (stop_background, background) = Shutdown::new();
     let mut tasks = Vec::new();
-    let (storage, embedded): (Arc<dyn storage::Storage>, Option<Arc<Topics>>) = match config.storage
-    {
+    let (storage, embedded, coordinator): (
+        Arc<dyn storage::Storage>,
+        Option<Arc<Topics>>,
+        Arc<Coordinator>,
+    ) = match config.storage {
         StorageEngine::Embedded => {
             let (storage, topics) = open_embedded(&config, &background, &mut tasks).await?;
-            (storage, Some(topics))
+            (storage, Some(topics), Coordinator::in_memory())
         }
         StorageEngine::Jetstream => {
             let engine =
                 jetstream::JetStream::connect(config.jetstream.clone(), config.default_retention())
                     .await?;
-            (Arc::new(engine), None)
+            // Groups live in JetStream too: every broker in front of it serves them together.
+            let coordinator = Coordinator::new(Arc::new(engine.groups()));
+            (Arc::new(engine), None, coordinator)
         }
     };
-    let coordinator = Arc::new(Coordinator::default());
+    tasks.push(tokio::spawn(
+        Arc::clone(&coordinator).follow_ledger(background.clone()),
+    ));
     {
         let storage = Arc::clone(&storage);
         let background = background.clone();
@@ -121,8 +128,12 @@ pub async fn run(
         tasks.push(tokio::spawn(async move {
             background
                 .run_every(SESSION_CHECK, || {
-                    coordinator.expire(Instant::now());
-                    async {}
+                    let coordinator = Arc::clone(&coordinator);
+                    async move {
+                        if let Err(error) = coordinator.expire(groups::now_ms()).await {
+                            tracing::warn!(%error, "could not evict members whose session ran out; trying again");
+                        }
+                    }
                 })
                 .await;
         }));

@@ -10,7 +10,7 @@
 use crate::batch::{self, StoredBatch};
 use crate::config::{BrokerConfig, MAX_SESSION_TIMEOUT};
 use crate::error::{BrokerError, Result};
-use crate::groups::Coordinator;
+use crate::groups::{self, Coordinator};
 use crate::storage::{Appended, Committed, Incoming, MAX_COMMIT_METADATA, Storage};
 use crate::subscribe::{MemberStream, stream_partition};
 use crate::topic::{self, RetentionOverride};
@@ -351,7 +351,7 @@ impl BrokerService {
         } = request;
         topic::validate_name(&name)?;
         if let Some(fence) = &fence {
-            self.check_fence(fence)?;
+            self.check_fence(fence).await?;
         }
         if events.is_empty() && batches.is_empty() {
             return Err(BrokerError::InvalidArgument(
@@ -595,14 +595,17 @@ impl BrokerService {
                 d
             }
         };
-        let membership = self.coordinator.join(
-            &request.group,
-            &request.topic,
-            count,
-            &request.member_id,
-            session_timeout,
-            Instant::now(),
-        );
+        let membership = self
+            .coordinator
+            .join(
+                &request.group,
+                &request.topic,
+                count,
+                &request.member_id,
+                session_timeout,
+                groups::now_ms(),
+            )
+            .await?;
         let member = MemberStream {
             membership,
             storage: Arc::clone(&self.storage),
@@ -621,16 +624,17 @@ impl BrokerService {
 
     /// Refuses a write on behalf of a group member that no longer owns what it writes for
     /// (FAILED_PRECONDITION), and counts it as the member's heartbeat.
-    fn check_fence(&self, fence: &GroupFence) -> Result<()> {
+    async fn check_fence(&self, fence: &GroupFence) -> Result<()> {
         self.coordinator
             .heartbeat(
                 &fence.group,
                 &fence.topic,
                 &fence.member_id,
                 fence.generation,
-                fence.partitions.iter().copied(),
-                Instant::now(),
+                &fence.partitions,
+                groups::now_ms(),
             )
+            .await
             .inspect_err(|_| {
                 metrics::counter!("runnel_broker_fenced_writes_total", "group" => fence.group.clone())
                     .increment(1);
@@ -668,14 +672,17 @@ impl BrokerService {
             );
             ends.insert(o.partition, end);
         }
-        self.coordinator.heartbeat(
-            &request.group,
-            &request.topic,
-            &request.member_id,
-            request.generation,
-            offsets.keys().copied(),
-            Instant::now(),
-        )?;
+        let partitions: Vec<u32> = offsets.keys().copied().collect();
+        self.coordinator
+            .heartbeat(
+                &request.group,
+                &request.topic,
+                &request.member_id,
+                request.generation,
+                &partitions,
+                groups::now_ms(),
+            )
+            .await?;
         let committed = if offsets.is_empty() {
             self.storage
                 .committed(&request.group, &request.topic)

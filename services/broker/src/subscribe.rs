@@ -15,7 +15,7 @@
 //! committing each chunk's offsets before sending it.
 
 use crate::error::Result;
-use crate::groups::{Coordinator, MemberView, Membership};
+use crate::groups::{self, Coordinator, MemberView, Membership};
 use crate::storage::{Committed, Follow, Storage};
 use runnel_proto::v1::subscribe_response::Message;
 use runnel_proto::v1::{
@@ -24,7 +24,6 @@ use runnel_proto::v1::{
 use runnel_server::Shutdown;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::Status;
@@ -294,14 +293,18 @@ impl MemberStream {
         let Some(last) = records.last() else {
             return false;
         };
-        if let Err(error) = self.coordinator.heartbeat(
-            &self.group,
-            &self.topic,
-            &self.member_id,
-            generation,
-            [partition],
-            Instant::now(),
-        ) {
+        if let Err(error) = self
+            .coordinator
+            .heartbeat(
+                &self.group,
+                &self.topic,
+                &self.member_id,
+                generation,
+                &[partition],
+                groups::now_ms(),
+            )
+            .await
+        {
             tracing::debug!(%error, "not delivering: the partition moved");
             return false;
         }

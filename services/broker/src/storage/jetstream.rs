@@ -10,6 +10,7 @@
 //! | retention | the stream's `max_age` and `max_bytes` (set when the topic is created) |
 //! | topic metadata | subject `runnel.meta.topics.<t>` of stream `RUNNEL_META` (written last: the commit point) |
 //! | committed offsets | subject `runnel.meta.offsets.<group>.<t>` of `RUNNEL_META`, updated by compare-and-set |
+//! | a consumer group's membership | subject `runnel.meta.groups.<group>.<t>` of `RUNNEL_META` (JSON), updated by compare-and-set and watched by every broker ([`JetStreamGroups`]) |
 //!
 //! `RUNNEL_META` keeps the last message per subject and is read with direct gets and
 //! written with `Nats-Expected-Last-Subject-Sequence` — the mechanism JetStream's own
@@ -28,13 +29,15 @@ use super::{Appended, Committed, FOLLOW_BUFFER, Follow, Incoming, Read, Retentio
 use crate::batch::{BatchHeader, StoredBatch};
 use crate::config::{JetStreamConfig, JetStreamStorage};
 use crate::error::{BrokerError, Result};
+use crate::groups::{Change, GroupKey, GroupLedger, GroupState, Revised};
 use crate::topic::{RetentionOverride, TopicMeta, retention_proto};
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, pull, push};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, stream};
 use bytes::{Buf, Bytes};
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use prost::Message as _;
 use runnel_proto::v1::{Compression, Event, PartitionInfo, Record, TopicInfo};
 use runnel_proto::{Millis, records};
@@ -49,6 +52,7 @@ const META_STREAM: &str = "RUNNEL_META";
 const META_SUBJECTS: &str = "runnel.meta.>";
 const TOPICS_PREFIX: &str = "runnel.meta.topics.";
 const OFFSETS_PREFIX: &str = "runnel.meta.offsets.";
+const GROUPS_PREFIX: &str = "runnel.meta.groups.";
 /// Direct gets in flight at once when reading.
 const READ_CONCURRENCY: usize = 64;
 /// Acks one batch may have pending at once while it publishes.
@@ -97,6 +101,16 @@ fn topic_key(topic: &str) -> String {
 
 fn offsets_key(group: &str, topic: &str) -> String {
     format!("{OFFSETS_PREFIX}{}.{}", encode(group), encode(topic))
+}
+
+fn group_key(key: &GroupKey) -> String {
+    format!("{GROUPS_PREFIX}{}.{}", encode(&key.0), encode(&key.1))
+}
+
+/// The group and topic a group key names, if it is one.
+fn parse_group_key(subject: &str) -> Option<GroupKey> {
+    let (group, topic) = subject.strip_prefix(GROUPS_PREFIX)?.split_once('.')?;
+    Some((decode(group), decode(topic)))
 }
 
 /// Unix milliseconds of a JetStream timestamp.
@@ -152,6 +166,13 @@ impl JetStream {
             writers: Mutex::default(),
             appends: tokio::sync::Semaphore::new(APPENDS),
         })
+    }
+
+    /// The consumer groups' ledger, in this cluster's metadata stream.
+    pub(crate) fn groups(&self) -> JetStreamGroups {
+        JetStreamGroups {
+            meta: self.meta.clone(),
+        }
     }
 
     async fn meta(&self, topic: &str) -> Result<Option<TopicMeta>> {
@@ -241,7 +262,7 @@ impl JetStream {
 
 /// Small values by key, last write wins per key, compare-and-set by revision: a stream
 /// that keeps one message per subject.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct MetaStore {
     context: jetstream::Context,
     stream: stream::Stream<()>,
@@ -308,12 +329,13 @@ impl MetaStore {
 
     /// Writes `value` at `key` if the key's last revision is `revision` (0: it must not
     /// exist yet).
+    /// Answers the key's new revision.
     async fn put_if(
         &self,
         key: &str,
         value: Bytes,
         revision: u64,
-    ) -> std::result::Result<(), Conflict> {
+    ) -> std::result::Result<u64, Conflict> {
         let message = PublishMessage::build()
             .payload(value)
             .expected_last_subject_sequence(revision);
@@ -323,7 +345,7 @@ impl MetaStore {
             .await
             .map_err(|e| Conflict::Failed(unavailable("metadata write", e)))?;
         match ack.await {
-            Ok(_) => Ok(()),
+            Ok(ack) => Ok(ack.sequence),
             Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
                 Err(Conflict::Lost)
             }
@@ -345,6 +367,83 @@ impl MetaStore {
         }
         keys.sort();
         Ok(keys)
+    }
+}
+
+/// Consumer groups' membership in `RUNNEL_META`: one subject per group, so every broker in
+/// front of the cluster reads, changes (by compare-and-set) and watches the same groups.
+#[derive(Debug)]
+pub(crate) struct JetStreamGroups {
+    meta: MetaStore,
+}
+
+fn parse_group(key: &GroupKey, bytes: &[u8]) -> Result<GroupState> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        BrokerError::Engine(format!(
+            "group {:?} on topic {:?}: its stored membership does not parse: {e}",
+            key.0, key.1
+        ))
+    })
+}
+
+#[tonic::async_trait]
+impl GroupLedger for JetStreamGroups {
+    async fn load(&self, key: &GroupKey) -> Result<Option<Revised>> {
+        match self.meta.get(&group_key(key)).await? {
+            Some((bytes, revision)) => Ok(Some((parse_group(key, &bytes)?, revision))),
+            None => Ok(None),
+        }
+    }
+
+    async fn store_if(
+        &self,
+        key: &GroupKey,
+        state: &GroupState,
+        revision: u64,
+    ) -> Result<Option<u64>> {
+        let json = serde_json::to_vec(state).map_err(|e| BrokerError::Engine(e.to_string()))?;
+        match self
+            .meta
+            .put_if(&group_key(key), Bytes::from(json), revision)
+            .await
+        {
+            Ok(stored) => Ok(Some(stored)),
+            Err(Conflict::Lost) => Ok(None),
+            Err(Conflict::Failed(error)) => Err(error),
+        }
+    }
+
+    async fn watch(&self) -> Result<BoxStream<'static, Result<Change>>> {
+        // What a key-value watch is: an ordered consumer from each subject's last message.
+        let consumer = self
+            .meta
+            .stream
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: self.meta.context.client().new_inbox(),
+                description: Some("runnel broker: consumer group watch".into()),
+                filter_subject: format!("{GROUPS_PREFIX}>"),
+                replay_policy: ReplayPolicy::Instant,
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                ..push::OrderedConfig::default()
+            })
+            .await
+            .map_err(|e| unavailable("group watch", e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| unavailable("group watch", e))?;
+        Ok(Box::pin(messages.filter_map(|message| async move {
+            let message = match message {
+                Ok(message) => message,
+                Err(error) => return Some(Err(unavailable("group watch", error))),
+            };
+            let key = parse_group_key(message.subject.as_str())?;
+            let revision = match message.info() {
+                Ok(info) => info.stream_sequence,
+                Err(error) => return Some(Err(unavailable("group watch", error))),
+            };
+            Some(parse_group(&key, &message.payload).map(|state| (key, state, revision)))
+        })))
     }
 }
 
@@ -440,7 +539,7 @@ impl Storage for JetStream {
             .put_if(&topic_key(name), Bytes::from(json), 0)
             .await
         {
-            Ok(()) => {}
+            Ok(_) => {}
             Err(Conflict::Lost) => return Err(BrokerError::TopicExists(name.to_owned())),
             Err(Conflict::Failed(error)) => return Err(error),
         }
@@ -749,7 +848,7 @@ impl Storage for JetStream {
             merged.extend(offsets.iter().map(|(p, c)| (*p, c.clone())));
             let json = Bytes::from(encode_offsets(&merged)?);
             match self.meta.put_if(&key, json, revision).await {
-                Ok(()) => return Ok(merged),
+                Ok(_) => return Ok(merged),
                 Err(Conflict::Lost) => continue,
                 Err(Conflict::Failed(error)) => return Err(error),
             }
@@ -879,6 +978,12 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn group_keys_round_trip(group in "[a-zA-Z0-9._-]{1,40}", topic in "[a-zA-Z0-9._-]{1,40}") {
+            let key = (group, topic);
+            prop_assert_eq!(parse_group_key(&group_key(&key)), Some(key));
+        }
+
         #[test]
         fn encoding_round_trips_without_dots(name in "[a-zA-Z0-9._-]{1,40}") {
             let encoded = encode(&name);

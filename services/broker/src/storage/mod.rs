@@ -9,8 +9,9 @@
 //! - [`JetStream`](jetstream::JetStream): NATS JetStream, for deployments that
 //!   outgrow one machine (replicated streams, any number of broker replicas in front).
 //!
-//! Consumer-group *membership* is not here: it lives in the broker process that serves the
-//! group ([`crate::groups`]); only the committed offsets are storage.
+//! Consumer-group *membership* is not here: it is [`crate::groups`]' ledger (in the broker's
+//! memory with the embedded engine, in JetStream with JetStream); only the committed
+//! offsets are storage.
 
 pub(crate) mod embedded;
 pub(crate) mod jetstream;

@@ -500,3 +500,130 @@ async fn describe_topic_shows_members_committed_offsets_and_lag(engine: Engine) 
     assert_eq!(unique, BTreeSet::from([3]));
     stop(broker).await;
 }
+
+/// What `DescribeTopic` through `client` says group `g` is: generation and members.
+async fn described(client: &mut super::Client, topic: &str) -> (u64, BTreeMap<String, Vec<u32>>) {
+    let description = client
+        .describe_topic(DescribeTopicRequest { name: topic.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let group = description
+        .groups
+        .into_iter()
+        .find(|g| g.group == "g")
+        .expect("group g is described");
+    (
+        group.generation,
+        group
+            .members
+            .into_iter()
+            .map(|m| (m.member_id, m.partitions))
+            .collect(),
+    )
+}
+
+/// Two brokers in front of one JetStream: members that subscribed through different
+/// brokers are one group — disjoint partitions, one generation, fences and commits checked
+/// by whichever broker a write reaches, and a member leaving through one broker hands its
+/// partitions to a member on the other.
+#[tokio::test]
+async fn members_on_two_jetstream_brokers_share_one_group() {
+    let Some(harness) = Harness::new(Engine::JetStream).await else {
+        return;
+    };
+    let (first_addr, first) = harness
+        .spawn_with(|c| c.data_dir = harness.dir.path().join("first"))
+        .await;
+    let (second_addr, second) = harness
+        .spawn_with(|c| c.data_dir = harness.dir.path().join("second"))
+        .await;
+    let mut one = connect(first_addr).await;
+    let mut two = connect(second_addr).await;
+    create(&mut one, "work", 4).await.unwrap();
+    let mut producer = Producer::new(one.clone(), "work", ProducerOptions::default())
+        .await
+        .unwrap();
+    producer.send(spread(3)).await.unwrap();
+
+    let mut a = GroupConsumer::join(one.clone(), "g", "work", options("a"))
+        .await
+        .unwrap();
+    assert_eq!(assignment(&mut a).await, (1, vec![0, 1, 2, 3]));
+    let mut b = GroupConsumer::join(two.clone(), "g", "work", options("b"))
+        .await
+        .unwrap();
+    assert_eq!(assignment(&mut b).await, (2, vec![1, 3]));
+    // `a`'s broker learns of `b` from JetStream, not from `b`'s broker.
+    assert_eq!(assignment(&mut a).await, (2, vec![0, 2]));
+    let from_b = records(&mut b, 6).await;
+    assert_eq!(from_b.keys().copied().collect::<Vec<_>>(), [1, 3]);
+    let expected = BTreeMap::from([("a".to_owned(), vec![0, 2]), ("b".to_owned(), vec![1, 3])]);
+    for client in [&mut one, &mut two] {
+        let (generation, members) = tokio::time::timeout(WAIT, async {
+            loop {
+                let seen = described(client, "work").await;
+                if seen.0 == 2 {
+                    return seen;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("both brokers describe generation 2");
+        assert_eq!((generation, members), (2, expected.clone()));
+    }
+
+    // A commit reaches whichever broker; `a` may not commit `b`'s partition on either.
+    let committed = b.commit(&[(1, 2), (3, 1)]).await.unwrap();
+    assert_eq!(committed, BTreeMap::from([(1, 2), (3, 1)]));
+    let stolen = two
+        .commit_offsets(CommitOffsetsRequest {
+            group: "g".into(),
+            topic: "work".into(),
+            member_id: "a".into(),
+            generation: 2,
+            offsets: vec![PartitionOffset {
+                partition: 1,
+                offset: 3,
+                metadata: Vec::new(),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stolen.code(), Code::FailedPrecondition, "{stolen:?}");
+    // A fenced write through `a`'s broker on behalf of `b` is checked against the group,
+    // not against what that broker's own members are.
+    create(&mut one, "out", 1).await.unwrap();
+    let mut out = Producer::new(one.clone(), "out", ProducerOptions::default())
+        .await
+        .unwrap();
+    out.set_fence(Some(b.fence(vec![1, 3])));
+    out.send(vec![event("r", "k", b"x")]).await.unwrap();
+    out.set_fence(Some(b.fence(vec![0])));
+    let refused = out.send(vec![event("r2", "k", b"x")]).await.unwrap_err();
+    assert!(
+        matches!(refused, runnel_client::ClientError::Broker(ref s) if s.code() == Code::FailedPrecondition),
+        "{refused:?}"
+    );
+
+    // `b` leaves through its broker: `a`, on the other, takes partitions 1 and 3 over from
+    // `b`'s commits.
+    drop(b);
+    let (generation, partitions, starts) = loop {
+        if let GroupEvent::Assigned {
+            generation,
+            partitions,
+            starts,
+        } = next(&mut a).await
+        {
+            break (generation, partitions, starts);
+        }
+    };
+    assert_eq!((generation, partitions), (3, vec![0, 1, 2, 3]));
+    let starts: Vec<(u32, u64)> = starts.iter().map(|s| (s.partition, s.offset)).collect();
+    assert_eq!(starts, [(1, 2), (3, 1)]);
+    drop(a);
+    stop(second).await;
+    stop(first).await;
+}
