@@ -505,3 +505,62 @@ async fn fetched_batches_stay_within_the_byte_budget(engine: Engine) {
     assert_eq!(one.batches.len(), 1);
     stop(broker).await;
 }
+
+both_engines!(a_producer_whose_sends_are_cancelled_midway_never_loses_a_later_batch);
+/// A send whose future is dropped midway (a caller's timeout, a cancelled handler) may or
+/// may not have reached the broker. Whichever it was, the producer's next send must not
+/// reuse its sequences — the broker would take the new batch for a retry of the old one and
+/// drop it. Cancelled at every moment from before the call leaves to after the broker
+/// stored it, every send that completed is stored, and nothing is stored twice.
+async fn a_producer_whose_sends_are_cancelled_midway_never_loses_a_later_batch(engine: Engine) {
+    let Some(harness) = Harness::new(engine).await else {
+        return;
+    };
+    let (addr, broker) = harness.spawn().await;
+    let mut client = connect(addr).await;
+    create(&mut client, "cancelled", 2).await.unwrap();
+    let mut producer = Producer::new(client.clone(), "cancelled", ProducerOptions::default())
+        .await
+        .unwrap();
+    let mut completed = BTreeSet::new();
+    let mut attempted = BTreeSet::new();
+    for round in 0..60u64 {
+        let events: Vec<Event> = (0..4)
+            .map(|i| event(&format!("r{round:02}-{i}"), &format!("k{i}"), b"x"))
+            .collect();
+        let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+        attempted.extend(ids.iter().cloned());
+        // From no time at all to well past a durable round trip, in 50 µs steps.
+        let patience = std::time::Duration::from_micros(50 * (round % 40));
+        if let Ok(sent) = tokio::time::timeout(patience, producer.send(events)).await {
+            sent.expect("a send that completes succeeds");
+            completed.extend(ids);
+        }
+    }
+    let last: Vec<Event> = (0..4)
+        .map(|i| event(&format!("last-{i}"), &format!("k{i}"), b"x"))
+        .collect();
+    producer.send(last).await.unwrap();
+    completed.extend((0..4).map(|i| format!("last-{i}")));
+    attempted.extend((0..4).map(|i| format!("last-{i}")));
+
+    let mut stored = Vec::new();
+    for partition in 0..2 {
+        stored.extend(
+            fetch_all(&mut client, "cancelled", partition)
+                .await
+                .into_iter()
+                .map(|r| r.event.unwrap().id),
+        );
+    }
+    let unique: BTreeSet<String> = stored.iter().cloned().collect();
+    assert_eq!(unique.len(), stored.len(), "nothing stored twice");
+    let lost: Vec<&String> = completed.difference(&unique).collect();
+    assert!(lost.is_empty(), "acknowledged but not stored: {lost:?}");
+    assert!(unique.is_subset(&attempted));
+    assert!(
+        completed.len() < attempted.len(),
+        "some sends were cancelled (else the test tested nothing)"
+    );
+    stop(broker).await;
+}
