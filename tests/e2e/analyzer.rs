@@ -2,7 +2,8 @@
 //! same store contents — every window of every query, bit for bit — whether the analyzer
 //! ran undisturbed, was SIGKILLed at random moments twenty times, ran as two instances
 //! with nothing on disk in common one of which was killed or paused past its session
-//! timeout, or found an older checkpoint put back after a newer one.
+//! timeout (also with each instance talking to a different broker in front of one
+//! JetStream), or found an older checkpoint put back after a newer one.
 //!
 //! The workload mixes what makes this hard: keys on every partition, events out of order
 //! within the allowed disorder, events beyond it (late, counted, sent to a side output),
@@ -20,7 +21,8 @@ use runnel_proto::v1::{
     Acks, DescribeTopicRequest, Event, FetchRequest, ListQueriesRequest, ListTopicsRequest,
     RangeRequest,
 };
-use runnel_testkit::{Deferred, eventually, holds_within};
+use runnel_testkit::nats::NatsNode;
+use runnel_testkit::{Deferred, Tool, eventually, holds_within};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 use tokio::sync::OnceCell;
@@ -164,12 +166,14 @@ pub(crate) type Window = (String, String, i64);
 /// A result's values and items, as bits.
 pub(crate) type Version = (Vec<(String, u64)>, Vec<(String, Vec<(String, u64)>)>);
 
-/// Broker, store and the analyzer config file, in one temporary directory.
+/// Broker, store and the analyzer config file, in one temporary directory — and, for a
+/// broker on JetStream, the NATS server (stopped when the cluster is dropped).
 struct Cluster {
     dir: tempfile::TempDir,
     config: std::path::PathBuf,
     broker: ServiceProcess,
     store: ServiceProcess,
+    nats: Option<NatsNode>,
 }
 
 impl Cluster {
@@ -177,7 +181,27 @@ impl Cluster {
     /// group fences on its `Put`s (a local-mode store cannot: a zombie instance's partial
     /// window could land over its successor's) — what tests of several instances need.
     async fn start(fenced_store: bool) -> Cluster {
+        Cluster::start_on(fenced_store, false).await
+    }
+
+    /// With `jetstream`, the broker keeps its topics (and its groups) in a NATS server of
+    /// the cluster's own, so that more brokers can stand in front of it.
+    async fn start_on(fenced_store: bool, jetstream: bool) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
+        let nats = if jetstream {
+            let nats_dir = dir.path().join("nats");
+            std::fs::create_dir_all(&nats_dir).expect("nats directory");
+            Some(NatsNode::start(&nats_dir, &[]).await)
+        } else {
+            None
+        };
+        let engine = match &nats {
+            Some(nats) => format!(
+                "storage = \"jetstream\"\njetstream = {{ servers = [\"{}\"], replicas = 1 }}\n",
+                nats.url
+            ),
+            None => String::new(),
+        };
         let d = dir.path().display();
         let server =
             r#"server = { grpc = "127.0.0.1:0", admin = "127.0.0.1:0", drain_timeout = "5s" }"#;
@@ -185,7 +209,7 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "[broker]\n{server}\ndata_dir = \"{d}/broker\"\ndefault_partitions = {PARTITIONS}\nfsync = \"never\"\n[store]\n{server}\ndata_dir = \"{d}/store\"\nfsync = \"never\"\n[analyzer]\n{server}\ndata_dir = \"{d}/analyzer\"\n{QUERIES_TOML}"
+                "[broker]\n{server}\ndata_dir = \"{d}/broker\"\ndefault_partitions = {PARTITIONS}\nfsync = \"never\"\n{engine}[store]\n{server}\ndata_dir = \"{d}/store\"\nfsync = \"never\"\n[analyzer]\n{server}\ndata_dir = \"{d}/analyzer\"\n{QUERIES_TOML}"
             ),
         )
         .expect("config");
@@ -205,7 +229,26 @@ impl Cluster {
             config,
             broker,
             store,
+            nats,
         }
+    }
+
+    /// Another broker in front of the same NATS server, as another pod behind the
+    /// brokers' Service would be.
+    async fn another_broker(&self, name: &str) -> ServiceProcess {
+        assert!(
+            self.nats.is_some(),
+            "only brokers on JetStream share topics"
+        );
+        let home = self.dir.path().join(name);
+        std::fs::create_dir_all(&home).expect("broker directory");
+        let env = BTreeMap::from([(
+            "RUNNEL_BROKER__DATA_DIR".to_owned(),
+            home.join("data").display().to_string(),
+        )]);
+        ServiceProcess::start("runnel-broker", &self.config, &env, &home)
+            .await
+            .unwrap_or_else(|e| panic!("broker {name} starts: {e:#}\n{}", self.logs()))
     }
 
     async fn analyzer(&self, member: &str) -> ServiceProcess {
@@ -222,10 +265,15 @@ impl Cluster {
     /// An analyzer as if on a machine of its own: its own data directory (which an
     /// analyzer that keeps its checkpoints on disk would use) and its own log.
     async fn analyzer_apart(&self, member: &str) -> ServiceProcess {
+        self.analyzer_apart_on(member, &self.broker).await
+    }
+
+    /// An analyzer apart that talks to `broker`.
+    async fn analyzer_apart_on(&self, member: &str, broker: &ServiceProcess) -> ServiceProcess {
         let home = self.dir.path().join(member);
         std::fs::create_dir_all(&home).expect("instance directory");
         let env = BTreeMap::from([
-            ("RUNNEL_ANALYZER__BROKER".to_owned(), self.broker.url()),
+            ("RUNNEL_ANALYZER__BROKER".to_owned(), broker.url()),
             ("RUNNEL_ANALYZER__STORE".to_owned(), self.store.url()),
             ("RUNNEL_ANALYZER__MEMBER_ID".to_owned(), member.to_owned()),
             (
@@ -637,6 +685,43 @@ async fn two_instances_share_the_partitions_and_survive_losing_one() {
             .any(|t| t.name == "_analyzer.topics.keyed.checkpoints"),
         "the keyed stage checkpoints too"
     );
+}
+
+/// Two brokers in front of one JetStream, and an instance talking to each: the instances
+/// are still one group (the membership is in JetStream, not in either broker), so they
+/// share the partitions rather than each process all of them, the store (following the
+/// first broker) checks the second instance's fences against that same group, and the
+/// survivor of a kill takes over from the checkpoints — with the crash-free results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_on_two_jetstream_brokers_are_one_group() {
+    if !runnel_testkit::require(Tool::NatsServer) {
+        return;
+    }
+    let events = workload();
+    let cluster = Cluster::start_on(true, true).await;
+    let other_broker = cluster.another_broker("broker-b").await;
+    let first = cluster
+        .analyzer_apart_on("instance-a", &cluster.broker)
+        .await;
+    let mut second = cluster.analyzer_apart_on("instance-b", &other_broker).await;
+    let mut producers = HashMap::from([
+        ("events", cluster.producer("events").await),
+        ("meetup", cluster.producer("meetup").await),
+    ]);
+    let (before, rest) = events.split_at(events.len() / 3);
+    let (during, after) = rest.split_at(rest.len() / 2);
+    produce(&mut producers, before).await;
+    shared(&cluster, [&first, &second]).await;
+    produce(&mut producers, during).await;
+    eventually(
+        Duration::from_secs(60),
+        Deferred(|| format!("everything produced to be checkpointed\n{}", cluster.logs())),
+        || cluster.checkpointed(),
+    )
+    .await;
+    second.kill().await.expect("SIGKILL");
+    produce(&mut producers, after).await;
+    check_against_reference(&cluster, &[&first], &events).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
