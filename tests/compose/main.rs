@@ -4,13 +4,15 @@
 //!
 //! Under ingest load through the collector's published port, the broker's container is
 //! killed (SIGKILL) and started again, one analyzer replica is cut off the network and put
-//! back, another analyzer replica is killed and started again, and a store replica is
-//! killed and replaced by a new one with an empty volume. Every batch the collector
-//! acknowledged must then be reflected in the results read through every gateway replica
-//! (each at its own published port) — the same everywhere, and exactly once: each batch
-//! has a key of its own, so its window counts exactly its events, never twice as many. One
-//! event's trace must cross all five services, received by our own OTLP sink running next
-//! to them.
+//! back, another is frozen (`docker pause`) past its session timeout and let go, another
+//! is killed and started again, and a store replica is killed and replaced by a new one
+//! with an empty volume. Every batch the collector acknowledged must then be reflected in
+//! the results read through every gateway replica (each at its own published port) — the
+//! same everywhere, and exactly once: each batch has a key of its own, so its window counts
+//! exactly its events, never twice as many. A `Watch` through one gateway sees every
+//! window's result exactly once though that gateway is killed while it follows (the client
+//! resumes on the other with its last sequence). One event's trace must cross all five
+//! services, received by our own OTLP sink running next to them.
 //!
 //! It runs when `RUNNEL_COMPOSE_E2E=1` (`cargo xtask compose-test` builds the images and
 //! sets it; `.ci/run` does that when a Docker engine is present), and otherwise says why it
@@ -266,7 +268,7 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
                 .expect("port"),
         ));
     }
-    let (gateway_addr, http_addr) = gateways[0];
+    let gateway_addr = gateways[0].0;
     let collector = CollectorClient::new(
         tonic::transport::Endpoint::from_shared(format!("http://{collector_addr}"))
             .expect("url")
@@ -339,6 +341,51 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
         "after the analyzer is back",
     )
     .await;
+
+    // Fault 2b: an analyzer replica frozen past its session timeout (10 s) while events
+    // keep coming, then let go: the group evicts it and deals its partitions to the
+    // others; woken, it finds its generation stale — whatever it still writes is fenced —
+    // and rejoins.
+    let evictions = |logs: &str| logs.matches("member evicted: session timed out").count();
+    let evicted_before = evictions(
+        &project
+            .compose(&["logs", "--no-color", "broker"])
+            .await
+            .expect("broker logs"),
+    );
+    project
+        .pause("analyzer", 3)
+        .await
+        .expect("pause an analyzer");
+    eprintln!("analyzer #3 paused");
+    let evicted = holds_within(WAIT, || async {
+        let logs = project
+            .compose(&["logs", "--no-color", "broker"])
+            .await
+            .ok()?;
+        (evictions(&logs) > evicted_before).then_some(())
+    })
+    .await;
+    if evicted.is_none() {
+        panic!(
+            "the paused analyzer was never evicted\n{}",
+            project.logs().await
+        );
+    }
+    let now = *progressed.borrow();
+    wait_progress(
+        &mut progressed,
+        now + PROGRESS,
+        "while an analyzer is paused",
+    )
+    .await;
+    project
+        .unpause("analyzer", 3)
+        .await
+        .expect("unpause the analyzer");
+    eprintln!("analyzer #3 evicted and let go");
+    let now = *progressed.borrow();
+    wait_progress(&mut progressed, now + PROGRESS, "after the analyzer woke").await;
 
     // Fault 3: kill -9 of an analyzer replica and of a store replica under load. The
     // analyzer's partitions move to the others, which restore their checkpoints from the
@@ -439,15 +486,50 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
     let acked_keys: HashSet<&str> = acked.iter().map(String::as_str).collect();
     let failed_keys: HashSet<&str> = failed.iter().map(String::as_str).collect();
     let mut results: HashMap<String, QueryResult> = HashMap::new();
+    // Fault 4: the gateway the watch follows is killed once the first result is in; the
+    // client resumes on the other gateway after the last sequence it saw, and must see
+    // every window's result once — none missed in the switch, none twice.
+    let mut failed_over = false;
     let complete = tokio::time::timeout(WAIT, async {
         while !(acked_keys.iter().all(|k| results.contains_key(*k))
             && results.contains_key("traced"))
         {
             match live.message().await {
                 Ok(Some(result)) => {
-                    results.insert(result.key.clone(), result);
+                    let key = result.key.clone();
+                    if let Some(earlier) = results.insert(key.clone(), result) {
+                        return Err(format!(
+                            "{key}'s result came twice: sequences {} and {}",
+                            earlier.sequence, results[&key].sequence
+                        ));
+                    }
                 }
                 other => return Err(format!("the watch ended: {other:?}")),
+            }
+            if !failed_over {
+                failed_over = true;
+                let last = results.values().map(|r| r.sequence).max().unwrap_or(0);
+                project
+                    .kill("gateway", 1)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                eprintln!("gateway #1 killed mid-watch; resuming on #2 after sequence {last}");
+                let mut other = GatewayClient::new(
+                    tonic::transport::Endpoint::from_shared(format!("http://{}", gateways[1].0))
+                        .expect("url")
+                        .connect_lazy(),
+                );
+                let mut resume = tonic::Request::new(WatchRequest {
+                    query: QUERY.into(),
+                    after_sequence: Some(last),
+                    ..Default::default()
+                });
+                resume.set_timeout(WAIT * 2);
+                live = other
+                    .watch(resume)
+                    .await
+                    .map_err(|status| format!("resume on gateway #2: {status}"))?
+                    .into_inner();
             }
         }
         Ok(())
@@ -485,6 +567,28 @@ async fn compose_pipeline_keeps_every_acknowledged_event_once_through_faults_and
             "batch {key}: every event once"
         );
     }
+    // The killed gateway comes back (with new host ports, perhaps).
+    let gateway_1 = project.container("gateway", 1).await.expect("gateway #1");
+    let before = HashMap::from([(
+        gateway_1.clone(),
+        project
+            .health_so_far()
+            .get(&gateway_1)
+            .copied()
+            .unwrap_or(0),
+    )]);
+    project
+        .start("gateway", 1)
+        .await
+        .expect("start the gateway");
+    let healthy = project.wait_healthy(&["gateway"], &before, WAIT).await;
+    or_fail(&project, healthy).await;
+    gateways[0] = (
+        project.published("gateway", 1, 7105).await.expect("port"),
+        project.published("gateway", 1, 8080).await.expect("port"),
+    );
+    let http_addr = gateways[0].1;
+
     // The same through every gateway replica's HTTP API and gRPC `Get`, from the stores'
     // durable state: each replica answers every key with the result the watch saw. The
     // store replicas materialise the broker's results log each at its own pace, so a

@@ -252,6 +252,22 @@ impl ComposeProject {
         Ok(())
     }
 
+    /// Freezes every process of replica `replica` of `service` (`docker pause`: the
+    /// cgroup freezer, as SIGSTOP does to one process): its connections stay open and
+    /// silent.
+    pub async fn pause(&self, service: &str, replica: usize) -> Result<()> {
+        let id = self.container(service, replica).await?;
+        docker(&["pause", &id]).await?;
+        Ok(())
+    }
+
+    /// Lets a paused replica run on where it stopped.
+    pub async fn unpause(&self, service: &str, replica: usize) -> Result<()> {
+        let id = self.container(service, replica).await?;
+        docker(&["unpause", &id]).await?;
+        Ok(())
+    }
+
     /// Starts replica `replica` of `service` again after a kill (same volumes, same
     /// network alias).
     pub async fn start(&self, service: &str, replica: usize) -> Result<()> {
