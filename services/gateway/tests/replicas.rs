@@ -279,6 +279,33 @@ async fn replicas_share_webhooks_and_deliver_each_result_once() {
     let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "delivered more than once: {twice:?}");
 
+    // Either replica tells how delivery went: the one delivering from its own task, the
+    // other from the cursors committed to the group — the same count once committed.
+    let delivering = owner(&[&a, &b], id).await;
+    for (replica, gateway) in [&a, &b].into_iter().enumerate() {
+        let from = if replica == delivering {
+            "this replica"
+        } else {
+            "last commit"
+        };
+        let hook = eventually(WAIT, "the delivery status on every replica", || async {
+            gateway
+                .get(&format!("/v1/webhooks/{id}"))
+                .await
+                .filter(|hook| hook["status"]["delivered"] == counts.len() as u64)
+        })
+        .await;
+        assert_eq!(hook["status_from"], from, "{hook}");
+        assert_eq!(hook["delivered_here"], replica == delivering, "{hook}");
+        assert_eq!(hook["status"]["failures"], 0, "{hook}");
+    }
+    let listed = b.get("/v1/webhooks").await.expect("list");
+    assert_eq!(
+        listed["webhooks"][0]["status"]["delivered"],
+        counts.len() as u64,
+        "{listed}"
+    );
+
     a.stop().await;
     b.stop().await;
     core.services.stop(Duration::from_secs(15)).await.unwrap();

@@ -87,12 +87,23 @@ enum Committed {
     Failed(String),
 }
 
-/// A delivery task's request to commit its partition's cursors.
+/// What the group member is asked to do.
 #[derive(Debug)]
-struct CommitRequest {
-    partition: u32,
-    reply: oneshot::Sender<Committed>,
+enum MemberRequest {
+    /// A delivery task's: commit its partition's cursors.
+    Commit {
+        partition: u32,
+        reply: oneshot::Sender<Committed>,
+    },
+    /// The API's: read every partition's last committed cursors, whichever replica
+    /// committed them.
+    ReadCommitted {
+        reply: oneshot::Sender<Result<Vec<PartitionOffset>, String>>,
+    },
 }
+
+/// How long the API waits for the committed cursors before it answers without them.
+const READ_COMMITTED_PATIENCE: Duration = Duration::from_secs(2);
 
 /// The deliveries of this replica, and its membership of the delivery group.
 #[derive(Debug)]
@@ -101,8 +112,8 @@ pub(crate) struct Deliveries {
     hub: Arc<Hub>,
     config: WebhookConfig,
     client: reqwest::Client,
-    commits: mpsc::Sender<CommitRequest>,
-    requests: Mutex<Option<mpsc::Receiver<CommitRequest>>>,
+    commits: mpsc::Sender<MemberRequest>,
+    requests: Mutex<Option<mpsc::Receiver<MemberRequest>>>,
     shutdown: Shutdown,
 }
 
@@ -237,6 +248,43 @@ impl Deliveries {
         running.status.lock().ok().map(|s| s.clone())
     }
 
+    /// Every webhook's delivery status as last committed to the group — by whichever
+    /// replica delivers it — or `None` if this replica cannot tell now (not in the group,
+    /// or the broker did not answer within a couple of seconds). It lacks `last_error`,
+    /// which only the delivering replica knows, and is as of that replica's last commit.
+    pub(crate) async fn committed_statuses(&self) -> Option<BTreeMap<u64, DeliveryStatus>> {
+        let (reply, answer) = oneshot::channel();
+        let asked = async {
+            self.commits
+                .send(MemberRequest::ReadCommitted { reply })
+                .await
+                .ok()?;
+            answer.await.ok()
+        };
+        let offsets = match tokio::time::timeout(READ_COMMITTED_PATIENCE, asked).await {
+            Ok(Some(Ok(offsets))) => offsets,
+            Ok(Some(Err(error))) => {
+                tracing::debug!(%error, "cannot read the committed webhook cursors");
+                return None;
+            }
+            Ok(None) | Err(_) => return None,
+        };
+        let mut statuses = BTreeMap::new();
+        for offset in offsets {
+            match record::decode_cursors(&offset.metadata) {
+                Ok(cursors) => statuses.extend(
+                    cursors
+                        .into_iter()
+                        .map(|(id, cursor)| (id, DeliveryStatus::from(cursor))),
+                ),
+                Err(error) => {
+                    tracing::debug!(partition = offset.partition, %error, "committed webhook cursors unreadable");
+                }
+            }
+        }
+        Some(statuses)
+    }
+
     /// Webhooks this replica delivers whose last attempt failed.
     pub(crate) fn failing(&self) -> usize {
         self.state.lock().map_or(0, |state| {
@@ -284,7 +332,7 @@ impl Deliveries {
         broker: Peer,
         max_message_bytes: usize,
         registry: Arc<Registry>,
-        mut requests: mpsc::Receiver<CommitRequest>,
+        mut requests: mpsc::Receiver<MemberRequest>,
     ) {
         // The topic exists once the registry has read it.
         tokio::select! {
@@ -337,7 +385,7 @@ impl Deliveries {
         self: &Arc<Self>,
         consumer: &mut GroupConsumer<SubscribeResponse>,
         registry: &Registry,
-        requests: &mut mpsc::Receiver<CommitRequest>,
+        requests: &mut mpsc::Receiver<MemberRequest>,
     ) {
         loop {
             tokio::select! {
@@ -363,10 +411,20 @@ impl Deliveries {
                         return;
                     }
                 },
-                Some(request) = requests.recv() => {
-                    let committed = self.commit(consumer, request.partition).await;
-                    let _ = request.reply.send(committed);
-                }
+                Some(request) = requests.recv() => match request {
+                    MemberRequest::Commit { partition, reply } => {
+                        let committed = self.commit(consumer, partition).await;
+                        let _ = reply.send(committed);
+                    }
+                    MemberRequest::ReadCommitted { reply } => {
+                        // No offsets: the broker answers with every partition's commit.
+                        let read = consumer
+                            .commit_with_metadata(Vec::new())
+                            .await
+                            .map_err(|e| e.to_string());
+                        let _ = reply.send(read);
+                    }
+                },
                 () = self.shutdown.wait() => return,
             }
         }
@@ -567,7 +625,7 @@ impl Deliveries {
             let (reply, answer) = oneshot::channel();
             if self
                 .commits
-                .send(CommitRequest { partition, reply })
+                .send(MemberRequest::Commit { partition, reply })
                 .await
                 .is_err()
             {

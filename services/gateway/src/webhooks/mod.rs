@@ -44,6 +44,7 @@ use runnel_security::Peer;
 use runnel_server::Shutdown;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -233,29 +234,36 @@ impl Webhooks {
         self.registry
             .write(Change::Registered(hook.clone()))
             .await?;
-        let mut answer = self.view(&hook);
+        let mut answer = self.view(&hook, None);
         answer["secret"] = serde_json::Value::String(secret);
         Ok(answer)
     }
 
     /// Every webhook, without secrets.
     pub(crate) async fn list(&self) -> Result<Vec<serde_json::Value>, GatewayError> {
-        Ok(self
-            .registry
-            .webhooks()
-            .await?
+        let hooks = self.registry.webhooks().await?;
+        let committed = if hooks.iter().any(|h| self.deliveries.status(h.id).is_none()) {
+            self.deliveries.committed_statuses().await
+        } else {
+            None
+        };
+        Ok(hooks
             .iter()
-            .map(|hook| self.view(hook))
+            .map(|hook| self.view(hook, committed.as_ref()))
             .collect())
     }
 
     /// One webhook and its delivery status, without its secret.
     pub(crate) async fn get(&self, id: u64) -> Result<Option<serde_json::Value>, GatewayError> {
-        Ok(self
-            .registry
-            .webhook(id)
-            .await?
-            .map(|hook| self.view(&hook)))
+        let Some(hook) = self.registry.webhook(id).await? else {
+            return Ok(None);
+        };
+        let committed = if self.deliveries.status(id).is_none() {
+            self.deliveries.committed_statuses().await
+        } else {
+            None
+        };
+        Ok(Some(self.view(&hook, committed.as_ref())))
     }
 
     /// Forgets a webhook, which stops its delivery on whichever replica delivers it; false
@@ -278,10 +286,23 @@ impl Webhooks {
         self.deliveries.failing()
     }
 
-    /// A webhook as the API shows it (no secret). Its delivery status is known to the
-    /// replica that delivers it; the others say which partition it is in.
-    fn view(&self, hook: &Webhook) -> serde_json::Value {
-        let status = self.deliveries.status(hook.id);
+    /// A webhook as the API shows it (no secret), with its delivery status: live from the
+    /// replica that delivers it, else as last committed to the group (`committed`), else
+    /// none.
+    fn view(
+        &self,
+        hook: &Webhook,
+        committed: Option<&BTreeMap<u64, DeliveryStatus>>,
+    ) -> serde_json::Value {
+        let here = self.deliveries.status(hook.id);
+        let delivered_here = here.is_some();
+        let (status, status_from) = match here {
+            Some(status) => (Some(status), Some("this replica")),
+            None => match committed.and_then(|c| c.get(&hook.id)) {
+                Some(status) => (Some(status.clone()), Some("last commit")),
+                None => (None, None),
+            },
+        };
         serde_json::json!({
             "id": hook.id,
             "url": hook.url,
@@ -291,8 +312,9 @@ impl Webhooks {
             "where": hook.predicates,
             "created_at": hook.created_at,
             "partition": partition_of(hook.id),
-            "delivered_here": status.is_some(),
+            "delivered_here": delivered_here,
             "status": status,
+            "status_from": status_from,
         })
     }
 }
