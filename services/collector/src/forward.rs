@@ -1,5 +1,9 @@
 //! The message log's downstream: batches go to the broker as idempotent record batches,
 //! stamped with the log's producer id and sequences, one `Produce` per topic.
+//!
+//! Every call asks for DURABLE acks, whatever the broker's own `fsync` policy: the log
+//! frees an entry once the broker acknowledged it, so the broker must have fsync'd it by
+//! then, or a broker crash would lose what the collector had promised to keep.
 
 use runnel_msglog::{Batch, DeliveryError, Downstream};
 use runnel_proto::v1::broker_client::BrokerClient;
@@ -34,7 +38,7 @@ impl Downstream for BrokerDownstream {
         let calls = topics.iter().map(|(topic, indexes)| {
             let request = ProduceRequest {
                 topic: topic.to_string(),
-                acks: Acks::Default as i32,
+                acks: Acks::Durable as i32,
                 batches: indexes
                     .iter()
                     .map(|&i| {

@@ -1,8 +1,58 @@
 //! `Ingest`: receipts at each ack level, refusals naming the field.
 
-use crate::{event, start};
-use runnel_proto::v1::{AckLevel, Event, FetchRequest, IngestRequest, ListTopicsRequest};
+use crate::{event, start, start_with_broker};
+use runnel_proto::v1::{
+    AckLevel, DescribeTopicRequest, Event, FetchRequest, IngestRequest, ListTopicsRequest,
+};
 use tonic::Code;
+
+/// The collector frees its message log's entries once the broker acknowledged them, so
+/// the broker must have fsync'd them by then — also on a broker that, left to itself,
+/// syncs only every hour: what `STORED` answered is on the broker's disk.
+#[tokio::test]
+async fn what_the_collector_stored_is_fsynced_by_a_broker_that_syncs_on_an_interval() {
+    let mut stack = start_with_broker(
+        |broker| {
+            broker.fsync = runnel_log::FsyncPolicy::Interval(std::time::Duration::from_secs(3600));
+        },
+        |_| {},
+    )
+    .await;
+    let events: Vec<Event> = (0..40)
+        .map(|i| event(&format!("d-{i}"), &format!("k-{}", i % 8)))
+        .collect();
+    let receipts = stack
+        .collector
+        .ingest(IngestRequest {
+            events,
+            ack_level: AckLevel::Stored as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .receipts;
+    assert_eq!(receipts.len(), 40);
+    let topic = stack
+        .broker
+        .describe_topic(DescribeTopicRequest {
+            name: "events".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .topic
+        .unwrap();
+    let stored: u64 = topic.partitions.iter().map(|p| p.end_offset).sum();
+    assert_eq!(stored, 40);
+    for partition in &topic.partitions {
+        assert_eq!(
+            partition.durable_offset, partition.end_offset,
+            "partition {} acknowledged records the broker had not fsync'd",
+            partition.partition
+        );
+    }
+}
 
 #[tokio::test]
 async fn receipts_say_where_the_broker_wrote_each_event() {

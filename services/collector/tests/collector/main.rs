@@ -42,12 +42,21 @@ fn telemetry() {
 
 /// A broker, a store and a collector configured by `configure`.
 pub(crate) async fn start(configure: impl FnOnce(&mut CollectorConfig)) -> Stack {
+    start_with_broker(|_| {}, configure).await
+}
+
+/// [`start`], with the broker configured by `configure_broker` too.
+pub(crate) async fn start_with_broker(
+    configure_broker: impl FnOnce(&mut BrokerConfig),
+    configure: impl FnOnce(&mut CollectorConfig),
+) -> Stack {
     telemetry();
     let dir = tempfile::tempdir().unwrap();
-    let broker_config = BrokerConfig {
+    let mut broker_config = BrokerConfig {
         data_dir: dir.path().join("broker"),
         ..BrokerConfig::default()
     };
+    configure_broker(&mut broker_config);
     let mut broker_service = Services::new();
     let broker = broker_service
         .start_on_loopback("broker", runnel_broker::run, broker_config)
