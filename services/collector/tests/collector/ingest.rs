@@ -26,7 +26,6 @@ async fn what_the_collector_stored_is_fsynced_by_a_broker_that_syncs_on_an_inter
         .ingest(IngestRequest {
             events,
             ack_level: AckLevel::Stored as i32,
-            ..Default::default()
         })
         .await
         .unwrap()
