@@ -8,6 +8,12 @@
 //! UNAVAILABLE) rather than answer from a partial registry. A change is written with the idempotent producer (acknowledged once
 //! fsync'd) and answered once this replica has read it back, so a client that registers
 //! a webhook sees it in its next call.
+//!
+//! A partition holds at most [`MAX_HOOKS_PER_PARTITION`] webhooks (their cursors share one
+//! commit). Replicas that register at once each check that bound against what they have
+//! read, so together they could pass it; the log settles it: every replica applies the
+//! log in the same order and ignores a registration that finds its partition full, and
+//! the replica that wrote it reads that back and refuses the call.
 
 use super::delivery::Deliveries;
 use super::record::{Change, MAX_HOOKS_PER_PARTITION, Webhook};
@@ -228,7 +234,15 @@ impl Registry {
                 .is_some_and(|next| *next > position.offset)
         });
         match tokio::time::timeout(self.request_timeout, applied).await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => match change {
+                Change::Registered(hook) if !self.lock()?.contains_key(&hook.id) => {
+                    Err(GatewayError::InvalidArgument(format!(
+                        "no room for webhook {}: its partition filled up with registrations made at once through other gateway replicas; register again",
+                        hook.id
+                    )))
+                }
+                _ => Ok(()),
+            },
             _ => Err(GatewayError::Unavailable(format!(
                 "webhook {} was written to the broker but this gateway has not read it back within {:?}; \
                  list webhooks again shortly",
@@ -242,18 +256,25 @@ impl Registry {
         match change {
             Change::Registered(hook) => {
                 let hook = Arc::new(hook);
-                let fresh = self
+                let admitted = self
                     .hooks
                     .lock()
-                    .map(|mut hooks| hooks.insert(hook.id, Arc::clone(&hook)).is_none())
-                    .unwrap_or(false);
-                if fresh {
-                    self.deliveries.offer(partition, &hook);
-                } else {
-                    tracing::warn!(
+                    .map(|mut hooks| admit(&mut hooks, Arc::clone(&hook)))
+                    .unwrap_or(Admission::PartitionFull);
+                match admitted {
+                    Admission::Fresh => self.deliveries.offer(partition, &hook),
+                    Admission::Replaced => tracing::warn!(
                         webhook = hook.id,
                         "a webhook registered twice; the later registration replaces it"
-                    );
+                    ),
+                    Admission::PartitionFull => {
+                        metrics::counter!("runnel_gateway_webhooks_refused_total").increment(1);
+                        tracing::warn!(
+                            webhook = hook.id,
+                            partition,
+                            "a registration found its partition full (registered at once through several replicas); ignored"
+                        );
+                    }
                 }
             }
             Change::Deleted(id) => {
@@ -418,5 +439,77 @@ impl Registry {
             }
             delay = (delay * 2).min(RETRY_MAX);
         }
+    }
+}
+
+/// What applying a registration did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// A new webhook.
+    Fresh,
+    /// An id registered before: the later registration replaces it.
+    Replaced,
+    /// Its partition already holds [`MAX_HOOKS_PER_PARTITION`] webhooks: ignored.
+    PartitionFull,
+}
+
+/// Adds `hook` to `hooks` unless its partition is full — a decision that depends on the
+/// log alone, so every replica makes the same one.
+fn admit(hooks: &mut BTreeMap<u64, Arc<Webhook>>, hook: Arc<Webhook>) -> Admission {
+    if let Some(existing) = hooks.get_mut(&hook.id) {
+        *existing = hook;
+        return Admission::Replaced;
+    }
+    let partition = partition_of(hook.id);
+    let in_partition = hooks
+        .keys()
+        .filter(|id| partition_of(**id) == partition)
+        .count();
+    if in_partition >= MAX_HOOKS_PER_PARTITION {
+        return Admission::PartitionFull;
+    }
+    hooks.insert(hook.id, hook);
+    Admission::Fresh
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hook(id: u64) -> Arc<Webhook> {
+        Arc::new(Webhook {
+            id,
+            url: "http://127.0.0.1:9/hook".into(),
+            query: String::new(),
+            keys: Vec::new(),
+            key_prefix: String::new(),
+            predicates: Vec::new(),
+            secret: "0123456789abcdef".into(),
+            created_at: String::new(),
+            after_sequence: 0,
+        })
+    }
+
+    #[test]
+    fn a_full_partition_refuses_registrations_in_log_order_and_others_still_admit() {
+        let mut hooks = BTreeMap::new();
+        let full = partition_of(1);
+        let mut ids = (1..).filter(|id| partition_of(*id) == full);
+        for id in ids.by_ref().take(MAX_HOOKS_PER_PARTITION) {
+            assert_eq!(admit(&mut hooks, hook(id)), Admission::Fresh);
+        }
+        // Two registrations that raced through two replicas: both find it full, on every
+        // replica, because every replica applies them after the same ones.
+        let late: Vec<u64> = ids.take(2).collect();
+        for id in &late {
+            assert_eq!(admit(&mut hooks, hook(*id)), Admission::PartitionFull);
+            assert!(!hooks.contains_key(id));
+        }
+        assert_eq!(hooks.len(), MAX_HOOKS_PER_PARTITION);
+        // Another partition has room; an id seen before replaces its registration.
+        let elsewhere = (1..).find(|id| partition_of(*id) != full).unwrap();
+        assert_eq!(admit(&mut hooks, hook(elsewhere)), Admission::Fresh);
+        assert_eq!(admit(&mut hooks, hook(1)), Admission::Replaced);
+        assert_eq!(hooks.len(), MAX_HOOKS_PER_PARTITION + 1);
     }
 }
