@@ -100,6 +100,11 @@ pub struct GatewayConfig {
     pub pipeline: BTreeMap<String, String>,
     /// Webhook delivery.
     pub webhooks: WebhookConfig,
+    /// Web pages, by origin (`scheme://host[:port]`), whose browsers may register or delete
+    /// webhooks and open WebSockets here, besides the gateway's own (its dashboard); `"*"`
+    /// allows any page. A request with another `Origin` is refused with 403. Requests
+    /// without one (curl, servers) are not affected.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for GatewayConfig {
@@ -117,6 +122,7 @@ impl Default for GatewayConfig {
             max_poll_wait: Duration::from_secs(60),
             pipeline: BTreeMap::new(),
             webhooks: WebhookConfig::default(),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -177,6 +183,11 @@ impl ServiceConfig for GatewayConfig {
                 &format!("pipeline.{name}"),
                 format!("{url:?} is not an http:// or https:// URL"),
             );
+        }
+        for (i, origin) in self.allowed_origins.iter().enumerate() {
+            if let Err(reason) = crate::origin::check_origin(origin) {
+                return invalid(&format!("allowed_origins[{i}]"), reason);
+            }
         }
         let hooks = &self.webhooks;
         if !(1..=8192).contains(&hooks.max_hooks) {

@@ -70,6 +70,8 @@ pub(crate) struct Api {
     pub(crate) max_poll_wait: Duration,
     /// Services whose health `/v1/pipeline` reports, by name.
     pub(crate) pipeline: Arc<BTreeMap<String, runnel_security::Peer>>,
+    /// Which web pages' browsers may change things or open WebSockets.
+    pub(crate) origins: Arc<crate::origin::Origins>,
 }
 
 /// The HTTP routes.
@@ -103,6 +105,10 @@ pub(crate) fn router(api: Api) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&api.origins),
+            crate::origin::guard,
+        ))
         .layer(middleware::from_fn(traced))
         .with_state(api)
 }

@@ -24,6 +24,7 @@ mod error;
 mod grpc;
 mod http;
 mod live;
+mod origin;
 mod results;
 mod webhooks;
 
@@ -114,6 +115,7 @@ pub async fn run(
         webhooks: webhooks.clone(),
         max_poll_wait: config.max_poll_wait,
         pipeline: Arc::new(pipeline),
+        origins: Arc::new(origin::Origins::new(&config.allowed_origins)),
     });
     // TLS, authentication and limits as on the gRPC port; small JSON answers and live
     // events do not wait for a delayed ACK (the listener turns Nagle off).

@@ -976,3 +976,97 @@ async fn without_an_analyzer_to_ask_every_query_answers_as_if_it_existed() {
         stack.stop().await;
     }
 }
+
+/// What a page on another site could make the user's browser send is refused: a webhook
+/// registration from a foreign `Origin`, a `text/plain` one (which a page can send without
+/// asking first), a WebSocket opened from a foreign page. The gateway's own pages, origins
+/// configured in `allowed_origins`, and clients that send no `Origin` get through.
+#[tokio::test]
+async fn cross_site_requests_from_a_browser_are_refused() {
+    let stack = start(|c| c.allowed_origins = vec!["https://ops.example.com".into()]).await;
+    let client = reqwest::Client::new();
+    let registration = serde_json::json!({ "url": "http://127.0.0.1:9/hook" });
+    let register = |origin: Option<&str>| {
+        let mut request = client.post(stack.url("/v1/webhooks")).json(&registration);
+        if let Some(origin) = origin {
+            request = request.header("Origin", origin);
+        }
+        request.send()
+    };
+    let own = format!("http://{}", stack.http);
+    for (origin, allowed) in [
+        (Some("http://evil.example"), false),
+        (Some("null"), false),
+        (Some(own.as_str()), true),
+        (Some("https://ops.example.com"), true),
+        (None, true),
+    ] {
+        let response = register(origin).await.unwrap();
+        let status = response.status().as_u16();
+        if allowed {
+            assert_eq!(status, 201, "{origin:?}");
+        } else {
+            assert_eq!(status, 403, "{origin:?}");
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert!(
+                body["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("gateway.allowed_origins"),
+                "{body}"
+            );
+        }
+    }
+    // A body a page could post cross-site without a preflight.
+    let plain = client
+        .post(stack.url("/v1/webhooks"))
+        .header("Content-Type", "text/plain")
+        .body(registration.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 415);
+    let listed = stack.json("/v1/webhooks").await;
+    assert_eq!(
+        listed["webhooks"].as_array().unwrap().len(),
+        3,
+        "only the three allowed registrations"
+    );
+    // A deletion from a foreign page is refused too.
+    let id = listed["webhooks"][0]["id"].as_u64().unwrap();
+    let deleted = client
+        .delete(stack.url(&format!("/v1/webhooks/{id}")))
+        .header("Origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 403);
+
+    // WebSockets: a foreign page's upgrade is refused before it is upgraded.
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut foreign = format!("ws://{}/v1/ws?query=q", stack.http)
+        .into_client_request()
+        .unwrap();
+    foreign
+        .headers_mut()
+        .insert("Origin", "http://evil.example".parse().unwrap());
+    match tokio_tungstenite::connect_async(foreign).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403);
+        }
+        other => panic!(
+            "a cross-origin WebSocket was not refused: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    let mut own_page = format!("ws://{}/v1/ws?query=q", stack.http)
+        .into_client_request()
+        .unwrap();
+    own_page
+        .headers_mut()
+        .insert("Origin", own.parse().unwrap());
+    tokio_tungstenite::connect_async(own_page)
+        .await
+        .expect("the gateway's own pages open WebSockets");
+    stack.stop().await;
+}
