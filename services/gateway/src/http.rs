@@ -586,7 +586,12 @@ async fn queries(
 }
 
 /// The health of every service the gateway knows, and of its own live streams.
-async fn pipeline(State(api): State<Api>) -> Response {
+async fn pipeline(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    // It speaks for the whole pipeline, every query's results included.
+    allow(&caller, Action::ReadResults, Resource::AnyQuery)?;
     let checks = api.pipeline.iter().map(|(name, channel)| {
         let channel = channel.clone();
         async move {
@@ -607,7 +612,7 @@ async fn pipeline(State(api): State<Api>) -> Response {
         }
     });
     let services = futures::future::join_all(checks).await;
-    Json(serde_json::json!({
+    Ok(Json(serde_json::json!({
         "services": services,
         "gateway": {
             "store_stream": if api.hub.connected() { "connected" } else { "reconnecting" },
@@ -616,7 +621,7 @@ async fn pipeline(State(api): State<Api>) -> Response {
             "webhooks_failing": api.webhooks.as_ref().map_or(0, |w| w.failing()),
         },
     }))
-    .into_response()
+    .into_response())
 }
 
 #[cfg(test)]

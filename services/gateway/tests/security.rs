@@ -69,8 +69,14 @@ async fn reads_need_credentials_and_a_grant_for_the_query() {
     };
     gateway_config.server.auth = AuthConfig {
         enabled: true,
-        tokens: vec![token("dashboard", "rnl_dashboard")],
-        grants: vec![grant("dashboard", Action::ReadResults, &["public.*"])],
+        tokens: vec![
+            token("dashboard", "rnl_dashboard"),
+            token("operator", "rnl_operator"),
+        ],
+        grants: vec![
+            grant("dashboard", Action::ReadResults, &["public.*"]),
+            grant("operator", Action::ReadResults, &["*"]),
+        ],
         ..AuthConfig::default()
     };
     let gateway = services
@@ -149,6 +155,15 @@ async fn reads_need_credentials_and_a_grant_for_the_query() {
         403,
         "a watch of every query needs a grant for *"
     );
+    // The pipeline's health, too: it speaks for every query.
+    for (token, expected) in [
+        (None, 401),
+        (Some("rnl_dashboard"), 403),
+        (Some("rnl_operator"), 200),
+    ] {
+        let pipeline = http_get("/v1/pipeline", token).await.unwrap();
+        assert_eq!(pipeline.status(), expected, "{token:?}");
+    }
 
     let reader = runnel_security::connect(&gateway_url, &plain, Some("rnl_dashboard"))
         .await

@@ -228,6 +228,10 @@ async function refreshHealth() {
   try {
     const response = await fetch("/v1/pipeline");
     const health = await response.json();
+    if (!response.ok) {
+      $("gateway-stats").textContent = `pipeline health: ${health.error}`;
+      return;
+    }
     const rows = $("health-rows");
     rows.replaceChildren();
     for (const service of health.services) {
