@@ -145,12 +145,14 @@ pub async fn serve_when_ready(
     let readiness = Readiness::default();
     let admin_app = admin::router(readiness.clone());
     let admin_incoming = accept(admin, Protocol::Admin, tls.clone(), config)?;
-    let admin_shutdown = shutdown.clone();
-    let admin_task = tokio::spawn(async move {
-        axum::serve(admin_incoming, admin_app)
-            .with_graceful_shutdown(async move { admin_shutdown.wait().await })
-            .await
-    });
+    // With the same header-read timeout as the HTTP API: a client that sends a request's
+    // head slowly must not hold an admin connection open for as long as it likes.
+    let admin_task = tokio::spawn(crate::http::serve(
+        admin_incoming,
+        admin_app,
+        config.limits.header_read_timeout,
+        shutdown.clone(),
+    ));
 
     let grpc_incoming = accept(grpc, Protocol::Grpc, tls, config)?;
     let grpc_shutdown = shutdown.clone();

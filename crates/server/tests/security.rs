@@ -631,6 +631,25 @@ async fn an_http_client_that_sends_its_headers_too_slowly_is_let_go() {
 }
 
 #[tokio::test]
+async fn an_admin_client_that_sends_its_headers_too_slowly_is_let_go() {
+    let mut config = base();
+    config.limits.header_read_timeout = Duration::from_millis(200);
+    let running = start(config).await;
+    let rest = exchange(running.admin, b"GET /metrics HTTP/1.1\r\nhost: local").await;
+    assert!(
+        rest.is_empty() || rest.starts_with("HTTP/1.1 408"),
+        "{rest}"
+    );
+    let live = exchange(
+        running.admin,
+        b"GET /live HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(live.starts_with("HTTP/1.1 200"), "{live}");
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn http_shutdown_stops_accepting_and_ends_once_responses_are_done() {
     let (addr, trigger, served) = start_http(base()).await;
     assert!(exchange(addr, GET_WHO).await.starts_with("HTTP/1.1 200"));
