@@ -1070,3 +1070,82 @@ async fn cross_site_requests_from_a_browser_are_refused() {
         .expect("the gateway's own pages open WebSockets");
     stack.stop().await;
 }
+
+/// A receiver that answers with a redirect to another receiver is not followed (the
+/// redirect is its refusal, not an address to post to), and a receiver that cannot be
+/// reached shows the kind of failure — never the network's own error text.
+#[tokio::test]
+async fn webhooks_follow_no_redirect_and_show_failure_classes_only() {
+    use axum::routing::post;
+    let target = receiver(0).await;
+    let location = target.url.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move || {
+            let location = location.clone();
+            async move {
+                (
+                    axum::http::StatusCode::TEMPORARY_REDIRECT,
+                    [(axum::http::header::LOCATION, location)],
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redirecting = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    // A port nothing listens on: bound, then let go.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/hook", listener.local_addr().unwrap())
+    };
+
+    let mut stack = start(|c| c.webhooks.initial_backoff = Duration::from_millis(20)).await;
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for url in [&redirecting, &closed] {
+        let created: serde_json::Value = client
+            .post(stack.url("/v1/webhooks"))
+            .json(&serde_json::json!({ "url": url, "query": "q" }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.push(created["id"].as_u64().unwrap());
+    }
+    stack.put(vec![result("q", "a", 0, 5.0)]).await;
+    let redirected = eventually(
+        WAIT,
+        "a failed attempt at the redirecting receiver",
+        || async {
+            let hook = stack.json(&format!("/v1/webhooks/{}", ids[0])).await;
+            (hook["status"]["failures"].as_u64() >= Some(2)).then_some(hook)
+        },
+    )
+    .await;
+    assert_eq!(redirected["status"]["last_status"], 307, "{redirected}");
+    assert_eq!(
+        redirected["status"]["last_outcome"], "refused",
+        "{redirected}"
+    );
+    assert!(
+        target.deliveries.lock().unwrap().is_empty() && *target.attempts.lock().unwrap() == 0,
+        "the redirect was followed"
+    );
+    let unreachable = eventually(WAIT, "a failed attempt at the closed port", || async {
+        let hook = stack.json(&format!("/v1/webhooks/{}", ids[1])).await;
+        (hook["status"]["failures"].as_u64() >= Some(1)).then_some(hook)
+    })
+    .await;
+    assert_eq!(
+        unreachable["status"]["last_outcome"], "no_answer",
+        "{unreachable}"
+    );
+    assert_eq!(
+        unreachable["status"]["last_error"], "could not connect",
+        "{unreachable}"
+    );
+    stack.stop().await;
+}

@@ -117,6 +117,17 @@ pub(crate) struct Deliveries {
     shutdown: Shutdown,
 }
 
+/// What kind of failure a delivery attempt that got no answer was.
+fn failure_class(error: &reqwest::Error) -> &'static str {
+    if error.is_timeout() {
+        "no answer within the timeout"
+    } else if error.is_connect() {
+        "could not connect"
+    } else {
+        "the exchange failed"
+    }
+}
+
 fn millis(at: &Option<String>) -> Option<i64> {
     at.as_deref()
         .and_then(|text| runnel_proto::json::parse_time(text).ok())
@@ -167,6 +178,9 @@ impl Deliveries {
     ) -> Result<Arc<Deliveries>, GatewayError> {
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
+            // A redirect is the receiver's answer, not an address to post to: following
+            // it would let a receiver point deliveries at anything the gateway reaches.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| GatewayError::Webhooks(format!("http client: {e}")))?;
         let (commits, requests) = mpsc::channel(64);
@@ -684,7 +698,16 @@ impl Deliveries {
                     Some(format!("the receiver answered {}", response.status())),
                     Outcome::Refused,
                 ),
-                Err(error) => (error.status(), Some(error.to_string()), Outcome::NoAnswer),
+                Err(error) => {
+                    // The status shows what kind of failure it was, never the network's own
+                    // words (which would make the API a port scanner); the log has them.
+                    tracing::debug!(webhook = id, %error, "webhook delivery attempt failed");
+                    (
+                        error.status(),
+                        Some(failure_class(&error).to_owned()),
+                        Outcome::NoAnswer,
+                    )
+                }
             };
             match status.lock() {
                 Ok(mut s) => {
