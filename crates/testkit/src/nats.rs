@@ -79,6 +79,16 @@ impl NatsNode {
         );
     }
 
+    /// Reads the node's log until a line contains `needle`; false if the log ends first.
+    async fn logs(&mut self, needle: &str) -> bool {
+        while let Ok(Some(line)) = self.log.next_line().await {
+            if line.contains(needle) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Kills the node with SIGKILL.
     pub async fn kill(&mut self) {
         self.child.kill().await.expect("kill nats-server");
@@ -118,7 +128,22 @@ pub async fn cluster(root: &Path) -> Vec<NatsNode> {
         ];
         nodes.push(NatsNode::start(&dir, &args).await);
     }
-    // Any node logs the election of the JetStream metadata leader once the cluster formed.
-    nodes[0].wait_for_log("metadata leader").await;
+    // The nodes log the election of the JetStream metadata leader once the cluster formed;
+    // whichever logs it first will do (the leader's own line differs from the others').
+    let elected = {
+        let first = futures::future::select_all(
+            nodes
+                .iter_mut()
+                .map(|n| Box::pin(n.logs("metadata leader"))),
+        );
+        matches!(
+            tokio::time::timeout(START_TIMEOUT, first).await,
+            Ok((true, _, _))
+        )
+    };
+    assert!(
+        elected,
+        "no node logged the election of a JetStream metadata leader within {START_TIMEOUT:?}"
+    );
     nodes
 }
