@@ -357,17 +357,13 @@ impl Durable {
             // series holds many more windows in that span than the batch: those are looked
             // up one by one.
             let mut news = vec![false; results.len()];
-            for in_series in
-                order.chunk_by(|&a, &b| same_series(&results, a, b))
-            {
+            for in_series in order.chunk_by(|&a, &b| same_series(&results, a, b)) {
                 let (query, key, first) = window_of(&results, &starts, in_series[0]);
                 let last = starts[in_series[in_series.len() - 1]];
                 let mut scan = stored.range((query, key, first)..=(query, key, last))?;
                 let mut pending = scan.next().transpose()?;
                 let mut skips = in_series.len();
-                for versions in
-                    in_series.chunk_by(|&a, &b| same_window(&results, &starts, a, b))
-                {
+                for versions in in_series.chunk_by(|&a, &b| same_window(&results, &starts, a, b)) {
                     let start = starts[versions[0]];
                     let held = loop {
                         let Some((window, bytes)) = &pending else {
@@ -483,9 +479,7 @@ impl Durable {
             let series = match history {
                 Some(history) => touched
                     .iter()
-                    .map(|&(query, key, version)| {
-                        series_of(&stored, query, key, version, history)
-                    })
+                    .map(|&(query, key, version)| series_of(&stored, query, key, version, history))
                     .collect::<std::result::Result<Vec<_>, redb::Error>>()?,
                 None => Vec::new(),
             };
@@ -1036,5 +1030,123 @@ mod tests {
             prop_assert_eq!(fed.len(), expected.len());
             prop_assert!(fed.windows(2).all(|w| w[0].sequence < w[1].sequence));
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Applying a batch leaves the database exactly as applying its results one by one
+        /// would — every table, the results announced and the position applied — whatever
+        /// the batch repeats, rewrites, replays or leaves unchanged, numbered by the store
+        /// or by the log.
+        #[test]
+        fn a_batch_writes_what_its_results_one_by_one_write(
+            writes in proptest::collection::vec((0u8..3, 0i64..4, 0u8..3, 0u64..4), 1..60),
+            chunk in 1usize..60,
+            log in any::<bool>(),
+            history in proptest::option::of(1usize..4),
+        ) {
+            let (sequencing, sequences) = if log {
+                (Sequencing::Log, Sequences::Given)
+            } else {
+                (Sequencing::Local, Sequences::Assign)
+            };
+            let results: Vec<QueryResult> = writes
+                .iter()
+                .enumerate()
+                .map(|(i, &(key, window, count, input_offset))| QueryResult {
+                    input_offset,
+                    // Numbered by the log: its offset + 1, from past a deleted start.
+                    sequence: if log { i as u64 + 7 } else { 0 },
+                    ..result(if key == 2 { "r" } else { "q" }, &format!("k{key}"), window * 10, f64::from(count))
+                })
+                .collect();
+            let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let one_by_one = Durable::open(dirs.0.path(), FsyncPolicy::Never, 1000, sequencing).unwrap();
+            let batched = Durable::open(dirs.1.path(), FsyncPolicy::Never, 1000, sequencing).unwrap();
+            let mut announced = (Vec::new(), Vec::new());
+            let mut applied = (0, 0);
+            for result in &results {
+                let written = one_by_one.put(vec![result.clone()], sequences, history).unwrap();
+                announced.0.extend(written.results);
+                applied.0 = written.applied;
+            }
+            let mut series = BTreeMap::new();
+            for batch in results.chunks(chunk) {
+                let written = batched.put(batch.to_vec(), sequences, history).unwrap();
+                announced.1.extend(written.results);
+                applied.1 = written.applied;
+                for state in written.series {
+                    let latest = state.latest().unwrap();
+                    series.insert((latest.query.clone(), latest.key.clone()), state);
+                }
+            }
+            prop_assert_eq!(&announced.0, &announced.1);
+            prop_assert_eq!(applied.0, applied.1);
+            prop_assert_eq!(contents(&one_by_one), contents(&batched));
+            // Each series' last state, as a batch returns it, is the stored one.
+            if let Some(history) = history {
+                for ((query, key), state) in series {
+                    prop_assert_eq!(one_by_one.series(&query, &key, history).unwrap(), state);
+                }
+            }
+        }
+    }
+
+    /// Every table of `store`, in key order; results decoded, as a map's encoding has no
+    /// fixed order.
+    #[allow(clippy::type_complexity)]
+    fn contents(
+        store: &Durable,
+    ) -> (
+        Vec<((String, String, i64), QueryResult)>,
+        Vec<((String, i64, String), u64)>,
+        Vec<(u64, (String, String, i64))>,
+        Vec<((String, String), u64)>,
+        Vec<(String, i64)>,
+        Vec<(String, u64)>,
+    ) {
+        store
+            .read(|txn| {
+                let mut results = Vec::new();
+                for entry in txn.open_table(RESULTS)?.iter()? {
+                    let (window, bytes) = entry?;
+                    let (query, key, start) = window.value();
+                    results.push((
+                        (query.to_owned(), key.to_owned(), start),
+                        stored_result(bytes.value())?,
+                    ));
+                }
+                let mut windows = Vec::new();
+                for entry in txn.open_table(WINDOWS)?.iter()? {
+                    let (window, sequence) = entry?;
+                    let (query, start, key) = window.value();
+                    windows.push(((query.to_owned(), start, key.to_owned()), sequence.value()));
+                }
+                let mut feed = Vec::new();
+                for entry in txn.open_table(FEED)?.iter()? {
+                    let (sequence, window) = entry?;
+                    let (query, key, start) = window.value();
+                    feed.push((sequence.value(), (query.to_owned(), key.to_owned(), start)));
+                }
+                let mut series = Vec::new();
+                for entry in txn.open_table(SERIES)?.iter()? {
+                    let (id, version) = entry?;
+                    let (query, key) = id.value();
+                    series.push(((query.to_owned(), key.to_owned()), version.value()));
+                }
+                let mut queries = Vec::new();
+                for entry in txn.open_table(QUERIES)?.iter()? {
+                    let (query, start) = entry?;
+                    queries.push((query.value().to_owned(), start.value()));
+                }
+                let mut meta = Vec::new();
+                for entry in txn.open_table(META)?.iter()? {
+                    let (name, value) = entry?;
+                    meta.push((name.value().to_owned(), value.value()));
+                }
+                Ok((results, windows, feed, series, queries, meta))
+            })
+            .unwrap()
     }
 }
