@@ -37,7 +37,7 @@ use redb::{
 use runnel_log::FsyncPolicy;
 use runnel_proto::Millis;
 use runnel_proto::v1::QueryResult;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -171,6 +171,29 @@ pub(crate) fn supersedes(held: &QueryResult, incoming: &QueryResult) -> bool {
 
 pub(crate) fn start_of(result: &QueryResult) -> i64 {
     result.window_start.map(Millis::from).unwrap_or_default().0
+}
+
+/// Whether the `a`th and `b`th of `results` are of one series, `(query, key)`.
+fn same_series(results: &[QueryResult], a: usize, b: usize) -> bool {
+    (&results[a].query, &results[a].key) == (&results[b].query, &results[b].key)
+}
+
+/// A result as stored in the `results` table.
+fn stored_result(bytes: &[u8]) -> std::result::Result<QueryResult, redb::Error> {
+    QueryResult::decode(bytes)
+        .map_err(|e| redb::Error::Corrupted(format!("a stored result does not decode: {e}")))
+}
+
+/// Whether the `a`th and `b`th of `results` (their starts in `starts`) are one window.
+fn same_window(results: &[QueryResult], starts: &[i64], a: usize, b: usize) -> bool {
+    window_of(results, starts, a) == window_of(results, starts, b)
+}
+
+/// The window the `i`th of `results` is a version of, its start given in `starts`: its key
+/// in the `results` table.
+fn window_of<'a>(results: &'a [QueryResult], starts: &[i64], i: usize) -> (&'a str, &'a str, i64) {
+    let result = &results[i];
+    (result.query.as_str(), result.key.as_str(), starts[i])
 }
 
 impl Durable {
@@ -316,24 +339,63 @@ impl Durable {
             let mut feed = txn.open_table(FEED)?;
             let mut series = txn.open_table(SERIES)?;
             let mut queries = txn.open_table(QUERIES)?;
-            // Number the results in order, keeping only what is new: what supersedes the
-            // stored version of its window, or an earlier one in this batch.
-            let mut kept: Vec<QueryResult> = Vec::with_capacity(results.len());
-            let mut in_batch: HashMap<(String, String, i64), usize> = HashMap::new();
-            for mut result in results {
-                let start = start_of(&result);
-                let id = (result.query.clone(), result.key.clone(), start);
-                let news = match in_batch.get(&id) {
-                    Some(&earlier) => supersedes(&kept[earlier], &result),
-                    None => stored
-                        .get((result.query.as_str(), result.key.as_str(), start))?
-                        .map(|v| QueryResult::decode(v.value()))
-                        .transpose()
-                        .map_err(|e| {
-                            redb::Error::Corrupted(format!("a stored result does not decode: {e}"))
-                        })?
-                        .is_none_or(|held| supersedes(&held, &result)),
-                };
+            let starts: Vec<i64> = results.iter().map(start_of).collect();
+            // The batch in window order — `(query, key, window_start)`, then write order — so
+            // that every lookup and write below walks the B-trees in key order, touching each
+            // page once rather than jumping about (what makes a replica's catch-up fast), and
+            // a window's versions in the batch sit together.
+            let mut order: Vec<usize> = (0..results.len()).collect();
+            order.sort_unstable_by(|&a, &b| {
+                window_of(&results, &starts, a)
+                    .cmp(&window_of(&results, &starts, b))
+                    .then(a.cmp(&b))
+            });
+            // Which results are new: each supersedes the stored version of its window, or
+            // the last new one before it in this batch. Series by series, the stored versions
+            // of the windows a series has in the batch are read in one ordered scan (a
+            // catching-up replica writes many windows of each series per batch), unless the
+            // series holds many more windows in that span than the batch: those are looked
+            // up one by one.
+            let mut news = vec![false; results.len()];
+            for in_series in order.chunk_by(|&a, &b| same_series(&results, a, b)) {
+                let (query, key, first) = window_of(&results, &starts, in_series[0]);
+                let last = starts[in_series[in_series.len() - 1]];
+                let mut scan = stored.range((query, key, first)..=(query, key, last))?;
+                let mut pending = scan.next().transpose()?;
+                let mut skips = in_series.len();
+                for versions in in_series.chunk_by(|&a, &b| same_window(&results, &starts, a, b)) {
+                    let start = starts[versions[0]];
+                    let held = loop {
+                        let Some((window, bytes)) = &pending else {
+                            break None;
+                        };
+                        let held_start = window.value().2;
+                        if held_start == start {
+                            break Some(stored_result(bytes.value())?);
+                        }
+                        if held_start > start {
+                            break None;
+                        }
+                        if skips == 0 {
+                            break stored
+                                .get((query, key, start))?
+                                .map(|bytes| stored_result(bytes.value()))
+                                .transpose()?;
+                        }
+                        skips -= 1;
+                        pending = scan.next().transpose()?;
+                    };
+                    let mut latest: Option<&QueryResult> = held.as_ref();
+                    for &i in versions {
+                        if latest.is_none_or(|latest| supersedes(latest, &results[i])) {
+                            news[i] = true;
+                            latest = Some(&results[i]);
+                        }
+                    }
+                }
+            }
+            // Then number them in write order, keeping only what is new.
+            for (result, &news) in results.iter_mut().zip(&news) {
                 let sequence = match sequences {
                     // Nothing new takes no sequence of its own.
                     Sequences::Assign if !news => continue,
@@ -353,50 +415,50 @@ impl Durable {
                     continue;
                 }
                 result.sequence = sequence;
-                in_batch.insert(id, kept.len());
-                kept.push(result);
             }
-            // Then write each table in its own key order: a batch of many keys touches each
-            // B-tree page once, in order, rather than jumping about (what makes a replica's
-            // catch-up fast). Within a batch a later write of the same window wins, as it
-            // would one by one.
-            let mut by_key: Vec<(&str, &str, i64, u64, &QueryResult)> = kept
-                .iter()
-                .map(|r| (r.query.as_str(), r.key.as_str(), start_of(r), r.sequence, r))
-                .collect();
-            by_key.sort_unstable_by(|a, b| (a.0, a.1, a.2, a.3).cmp(&(b.0, b.1, b.2, b.3)));
+            // Only the last new version of a window is stored (and indexed by window): an
+            // earlier one in the batch would be replaced in this same transaction. Each still
+            // has its entry in the feed, in sequence order, which skips it when read as it
+            // would skip it written one by one.
             let mut encoded = Vec::new();
-            for &(query, key, start, _, result) in &by_key {
+            let mut by_window: Vec<(&str, i64, &str, u64)> = Vec::with_capacity(results.len());
+            // Each series' last write, and each query's newest window, in key order.
+            let mut touched: Vec<(&str, &str, u64)> = Vec::new();
+            let mut newest_windows: Vec<(&str, i64)> = Vec::new();
+            for versions in order.chunk_by(|&a, &b| same_window(&results, &starts, a, b)) {
+                let Some(&i) = versions.iter().rev().find(|&&i| news[i]) else {
+                    continue;
+                };
+                let result = &results[i];
+                let (query, key, start) = window_of(&results, &starts, i);
                 encoded.clear();
                 result.encode(&mut encoded).map_err(|error| {
                     redb::Error::Corrupted(format!("a result does not encode: {error}"))
                 })?;
                 stored.insert((query, key, start), encoded.as_slice())?;
+                by_window.push((query, start, key, result.sequence));
+                match touched.last_mut() {
+                    Some((q, k, version)) if (*q, *k) == (query, key) => {
+                        *version = (*version).max(result.sequence);
+                    }
+                    _ => touched.push((query, key, result.sequence)),
+                }
+                match newest_windows.last_mut() {
+                    Some((q, newest)) if *q == query => *newest = (*newest).max(start),
+                    _ => newest_windows.push((query, start)),
+                }
             }
-            let mut by_window: Vec<(&str, i64, &str, u64)> = by_key
-                .iter()
-                .map(|&(q, k, s, seq, _)| (q, s, k, seq))
-                .collect();
             by_window.sort_unstable();
             for &(query, start, key, sequence) in &by_window {
                 windows.insert((query, start, key), sequence)?;
             }
-            for result in &kept {
-                feed.insert(
-                    result.sequence,
-                    (result.query.as_str(), result.key.as_str(), start_of(result)),
-                )?;
+            for (i, result) in results.iter().enumerate() {
+                if news[i] {
+                    feed.insert(result.sequence, window_of(&results, &starts, i))?;
+                }
             }
-            // Each series' and each query's last state, once.
-            let mut touched: BTreeMap<(String, String), u64> = BTreeMap::new();
-            let mut newest_windows: BTreeMap<&str, i64> = BTreeMap::new();
-            for &(query, key, start, sequence, _) in &by_key {
-                touched.insert((query.to_owned(), key.to_owned()), sequence);
-                let newest = newest_windows.entry(query).or_insert(start);
-                *newest = (*newest).max(start);
-            }
-            for ((query, key), sequence) in &touched {
-                series.insert((query.as_str(), key.as_str()), *sequence)?;
+            for &(query, key, version) in &touched {
+                series.insert((query, key), version)?;
             }
             for (query, start) in newest_windows {
                 let newest = queries.get(query)?.map(|v| v.value());
@@ -404,7 +466,6 @@ impl Durable {
                     queries.insert(query, start)?;
                 }
             }
-            drop(by_key);
             meta.insert(NEXT_SEQUENCE, next)?;
             // Trim the feed to its last `feed_entries` writes.
             let keep_from = next.saturating_sub(feed_entries);
@@ -417,15 +478,18 @@ impl Durable {
             }
             let series = match history {
                 Some(history) => touched
-                    .into_iter()
-                    .map(|((query, key), version)| {
-                        series_of(&stored, &query, &key, version, history)
-                    })
+                    .iter()
+                    .map(|&(query, key, version)| series_of(&stored, query, key, version, history))
                     .collect::<std::result::Result<Vec<_>, redb::Error>>()?,
                 None => Vec::new(),
             };
+            drop((by_window, touched));
             Ok(Written {
-                results: kept.into_iter().map(Arc::new).collect(),
+                results: results
+                    .into_iter()
+                    .zip(news)
+                    .filter_map(|(result, news)| news.then(|| Arc::new(result)))
+                    .collect(),
                 applied: next - 1,
                 series,
             })
@@ -636,10 +700,7 @@ fn series_of(
             more = true;
             break;
         }
-        let bytes = entry?.1.value().to_vec();
-        let result = QueryResult::decode(bytes.as_slice())
-            .map_err(|e| redb::Error::Corrupted(format!("a stored result does not decode: {e}")))?;
-        newest_first.push(result);
+        newest_first.push(stored_result(entry?.1.value())?);
     }
     newest_first.reverse();
     let complete_from = match (more, newest_first.first()) {
@@ -657,6 +718,7 @@ fn series_of(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     fn result(query: &str, key: &str, start: i64, count: f64) -> QueryResult {
         QueryResult {
@@ -968,5 +1030,123 @@ mod tests {
             prop_assert_eq!(fed.len(), expected.len());
             prop_assert!(fed.windows(2).all(|w| w[0].sequence < w[1].sequence));
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Applying a batch leaves the database exactly as applying its results one by one
+        /// would — every table, the results announced and the position applied — whatever
+        /// the batch repeats, rewrites, replays or leaves unchanged, numbered by the store
+        /// or by the log.
+        #[test]
+        fn a_batch_writes_what_its_results_one_by_one_write(
+            writes in proptest::collection::vec((0u8..3, 0i64..4, 0u8..3, 0u64..4), 1..60),
+            chunk in 1usize..60,
+            log in any::<bool>(),
+            history in proptest::option::of(1usize..4),
+        ) {
+            let (sequencing, sequences) = if log {
+                (Sequencing::Log, Sequences::Given)
+            } else {
+                (Sequencing::Local, Sequences::Assign)
+            };
+            let results: Vec<QueryResult> = writes
+                .iter()
+                .enumerate()
+                .map(|(i, &(key, window, count, input_offset))| QueryResult {
+                    input_offset,
+                    // Numbered by the log: its offset + 1, from past a deleted start.
+                    sequence: if log { i as u64 + 7 } else { 0 },
+                    ..result(if key == 2 { "r" } else { "q" }, &format!("k{key}"), window * 10, f64::from(count))
+                })
+                .collect();
+            let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let one_by_one = Durable::open(dirs.0.path(), FsyncPolicy::Never, 1000, sequencing).unwrap();
+            let batched = Durable::open(dirs.1.path(), FsyncPolicy::Never, 1000, sequencing).unwrap();
+            let mut announced = (Vec::new(), Vec::new());
+            let mut applied = (0, 0);
+            for result in &results {
+                let written = one_by_one.put(vec![result.clone()], sequences, history).unwrap();
+                announced.0.extend(written.results);
+                applied.0 = written.applied;
+            }
+            let mut series = BTreeMap::new();
+            for batch in results.chunks(chunk) {
+                let written = batched.put(batch.to_vec(), sequences, history).unwrap();
+                announced.1.extend(written.results);
+                applied.1 = written.applied;
+                for state in written.series {
+                    let latest = state.latest().unwrap();
+                    series.insert((latest.query.clone(), latest.key.clone()), state);
+                }
+            }
+            prop_assert_eq!(&announced.0, &announced.1);
+            prop_assert_eq!(applied.0, applied.1);
+            prop_assert_eq!(contents(&one_by_one), contents(&batched));
+            // Each series' last state, as a batch returns it, is the stored one.
+            if let Some(history) = history {
+                for ((query, key), state) in series {
+                    prop_assert_eq!(one_by_one.series(&query, &key, history).unwrap(), state);
+                }
+            }
+        }
+    }
+
+    /// Every table of `store`, in key order; results decoded, as a map's encoding has no
+    /// fixed order.
+    #[allow(clippy::type_complexity)]
+    fn contents(
+        store: &Durable,
+    ) -> (
+        Vec<((String, String, i64), QueryResult)>,
+        Vec<((String, i64, String), u64)>,
+        Vec<(u64, (String, String, i64))>,
+        Vec<((String, String), u64)>,
+        Vec<(String, i64)>,
+        Vec<(String, u64)>,
+    ) {
+        store
+            .read(|txn| {
+                let mut results = Vec::new();
+                for entry in txn.open_table(RESULTS)?.iter()? {
+                    let (window, bytes) = entry?;
+                    let (query, key, start) = window.value();
+                    results.push((
+                        (query.to_owned(), key.to_owned(), start),
+                        stored_result(bytes.value())?,
+                    ));
+                }
+                let mut windows = Vec::new();
+                for entry in txn.open_table(WINDOWS)?.iter()? {
+                    let (window, sequence) = entry?;
+                    let (query, start, key) = window.value();
+                    windows.push(((query.to_owned(), start, key.to_owned()), sequence.value()));
+                }
+                let mut feed = Vec::new();
+                for entry in txn.open_table(FEED)?.iter()? {
+                    let (sequence, window) = entry?;
+                    let (query, key, start) = window.value();
+                    feed.push((sequence.value(), (query.to_owned(), key.to_owned(), start)));
+                }
+                let mut series = Vec::new();
+                for entry in txn.open_table(SERIES)?.iter()? {
+                    let (id, version) = entry?;
+                    let (query, key) = id.value();
+                    series.push(((query.to_owned(), key.to_owned()), version.value()));
+                }
+                let mut queries = Vec::new();
+                for entry in txn.open_table(QUERIES)?.iter()? {
+                    let (query, start) = entry?;
+                    queries.push((query.value().to_owned(), start.value()));
+                }
+                let mut meta = Vec::new();
+                for entry in txn.open_table(META)?.iter()? {
+                    let (name, value) = entry?;
+                    meta.push((name.value().to_owned(), value.value()));
+                }
+                Ok((results, windows, feed, series, queries, meta))
+            })
+            .unwrap()
     }
 }

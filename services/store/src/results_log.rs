@@ -305,15 +305,27 @@ impl ResultsLog {
                     None => break log_error("the subscription ended"),
                 };
                 let mut failed = None;
-                while batch.len() < MAX_APPLY_BATCH {
+                // Gathered first and moved into the batch once, at its final size: growing
+                // it chunk by chunk moved every result several times, while the applier
+                // waited.
+                let mut waiting = Vec::new();
+                let mut size = batch.len();
+                while size < MAX_APPLY_BATCH {
                     match chunks.try_recv() {
-                        Ok(Ok(more)) => batch.extend(more),
+                        Ok(Ok(more)) => {
+                            size += more.len();
+                            waiting.push(more);
+                        }
                         Ok(Err(error)) => {
                             failed = Some(error);
                             break;
                         }
                         Err(_) => break,
                     }
+                }
+                batch.reserve_exact(size - batch.len());
+                for more in waiting {
+                    batch.extend(more);
                 }
                 let expected = applier.applied() + 1;
                 if let Some(first) = batch.first()
