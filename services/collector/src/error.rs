@@ -8,6 +8,9 @@ pub enum CollectorError {
     /// The client sent something unacceptable; the message says what.
     #[error("{0}")]
     InvalidEvent(String),
+    /// A `Track` token that belongs to another caller.
+    #[error("{0}")]
+    NotYours(String),
     /// The broker could not be reached or refused the batch.
     #[error("broker: {0}")]
     Broker(Status),
@@ -54,6 +57,7 @@ impl From<CollectorError> for Status {
     fn from(error: CollectorError) -> Status {
         match error {
             CollectorError::InvalidEvent(message) => Status::invalid_argument(message),
+            CollectorError::NotYours(message) => Status::permission_denied(message),
             CollectorError::Broker(status) => match status.code() {
                 // The client can retry these: nothing was acknowledged.
                 Code::Unavailable

@@ -116,10 +116,13 @@ impl Collector for CollectorService {
     ) -> Result<Response<TrackResponse>, Status> {
         // Track ingests the token's event into the default topic.
         self.may_produce(&request, "")?;
+        let principal = runnel_security::caller(&request)?
+            .principal()
+            .map(str::to_owned);
         let span = tracing::info_span!("collector.track");
         let response = self
             .tracker
-            .track(&self.intake, request.into_inner())
+            .track(&self.intake, request.into_inner(), principal.as_deref())
             .instrument(span)
             .await?;
         Ok(Response::new(response))

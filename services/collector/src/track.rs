@@ -23,6 +23,18 @@ pub(crate) const TYPES: [&str; 3] = ["click", "cart", "purchase"];
 /// The longest token accepted back from a client.
 const MAX_TOKEN_BYTES: usize = 128;
 
+/// The end of a token issued to an authenticated caller: `-` and 32 hex digits of the
+/// SHA-256 of its principal. A token names its events and its score, so a caller that
+/// learns another's token must not be able to read that score or add to that history:
+/// with authentication on, a token is taken back only from the principal it names.
+/// (Callers cannot choose their principal, so the tag needs no secret.)
+fn principal_tag(principal: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(principal.as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("-{hex}")
+}
+
 /// What a score lookup found, and when.
 struct Cached {
     at: Instant,
@@ -61,17 +73,27 @@ impl Tracker {
         }
     }
 
+    /// Takes one event for `request`'s token (issuing one if it has none), made by
+    /// `principal` (`None` without authentication).
     pub(crate) async fn track(
         &self,
         intake: &Intake,
         request: TrackRequest,
+        principal: Option<&str>,
     ) -> Result<TrackResponse, CollectorError> {
         let issued = request.token.is_empty();
+        let tag = principal.map(principal_tag).unwrap_or_default();
         let token = if issued {
             metrics::counter!("runnel_collector_track_tokens_issued_total").increment(1);
-            format!("tk-{:032x}", rand::random::<u128>())
+            format!("tk-{:032x}{tag}", rand::random::<u128>())
         } else {
             check_token(&request.token)?;
+            if !request.token.ends_with(&tag) {
+                metrics::counter!("runnel_collector_track_tokens_refused_total").increment(1);
+                return Err(CollectorError::NotYours(
+                    "token: it was issued to another caller (or before tokens were bound to their callers); call Track without a token for one of your own".into(),
+                ));
+            }
             request.token
         };
         if !TYPES.contains(&request.r#type.as_str()) {
@@ -185,6 +207,15 @@ fn check_token(token: &str) -> Result<(), CollectorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tags_name_the_principal_and_differ_between_principals() {
+        let alice = principal_tag("alice");
+        assert_eq!(alice.len(), 33);
+        assert_eq!(alice, principal_tag("alice"));
+        assert_ne!(alice, principal_tag("mallory"));
+        check_token(&format!("tk-{:032x}{alice}", 7u128)).unwrap();
+    }
 
     #[test]
     fn tokens_are_checked() {

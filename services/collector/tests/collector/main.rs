@@ -20,6 +20,8 @@ use tonic::transport::Channel;
 pub(crate) struct Stack {
     _dir: tempfile::TempDir,
     pub(crate) collector: CollectorClient<Channel>,
+    /// Where the collector's gRPC API listens, for clients with credentials of their own.
+    pub(crate) collector_addr: SocketAddr,
     pub(crate) broker: BrokerClient<runnel_client::Peer>,
     pub(crate) store: StoreClient<Channel>,
     pub(crate) udp: SocketAddr,
@@ -95,6 +97,7 @@ pub(crate) async fn start_with_broker(
     Stack {
         _dir: dir,
         collector: CollectorClient::connect(collector_url).await.unwrap(),
+        collector_addr: collector.grpc,
         broker: BrokerClient::new(
             runnel_client::connect(&broker_url, &Default::default(), None)
                 .await

@@ -452,3 +452,58 @@ async fn track_issues_a_token_and_answers_with_its_latest_score() {
     let stored = stored_ids(&mut stack.broker, "events", 4, 5).await;
     assert_eq!(stored[partition].len(), 5, "{stored:?}");
 }
+
+/// With authentication on, a `Track` token is bound to the caller it was issued to: its
+/// owner goes on with it, while another caller who learnt it can neither read its score nor
+/// add events to it (`PERMISSION_DENIED`), and gets tokens of its own.
+#[tokio::test]
+async fn track_tokens_are_bound_to_the_caller_they_were_issued_to() {
+    use runnel_security::auth::token_sha256;
+    use runnel_security::{Action, AuthConfig, ConnectConfig, GrantConfig, TokenConfig};
+    let token = |principal: &str, secret: &str| TokenConfig {
+        principal: principal.into(),
+        sha256: token_sha256(secret),
+    };
+    let stack = start(|c| {
+        c.server.auth = AuthConfig {
+            enabled: true,
+            tokens: vec![token("alice", "rnl_alice"), token("mallory", "rnl_mallory")],
+            grants: vec![GrantConfig {
+                principal: "*".into(),
+                allow: vec![Action::Produce],
+                topics: vec!["*".into()],
+                queries: vec![],
+            }],
+            ..AuthConfig::default()
+        };
+    })
+    .await;
+    let url = format!("http://{}", stack.collector_addr);
+    let as_caller = |secret: &'static str| {
+        let url = url.clone();
+        async move {
+            let peer = runnel_security::connect(&url, &ConnectConfig::default(), Some(secret))
+                .await
+                .unwrap();
+            runnel_proto::v1::collector_client::CollectorClient::new(peer)
+        }
+    };
+    let (mut alice, mut mallory) = (as_caller("rnl_alice").await, as_caller("rnl_mallory").await);
+    let track = |token: &str| TrackRequest {
+        token: token.into(),
+        r#type: "click".into(),
+        ..Default::default()
+    };
+    let issued = alice.track(track("")).await.unwrap().into_inner().token;
+    let again = alice.track(track(&issued)).await.unwrap().into_inner();
+    assert_eq!(again.token, issued, "its owner goes on with it");
+    let stolen = mallory.track(track(&issued)).await.unwrap_err();
+    assert_eq!(stolen.code(), tonic::Code::PermissionDenied, "{stolen:?}");
+    // Nor does a token issued without authentication (no owner) pass.
+    let unbound = format!("tk-{:032x}", 7u128);
+    let refused = alice.track(track(&unbound)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let own = mallory.track(track("")).await.unwrap().into_inner().token;
+    assert_ne!(own, issued);
+    mallory.track(track(&own)).await.unwrap();
+}
