@@ -337,12 +337,8 @@ impl Coordinator {
             extend
         })
         .await?;
-        verdict.unwrap_or_else(|| {
-            // No state at all: the group never had a member.
-            Err(BrokerError::NotAMember(format!(
-                "{member_id:?} is not a member of group {group:?} on topic {topic:?}; subscribe again"
-            )))
-        })
+        // No state at all: the group never had a member.
+        verdict.unwrap_or_else(|| Err(state::not_a_member(group, topic, member_id)))
     }
 
     /// Evicts every member whose session ran out by `now_ms`, rebalancing their groups.
@@ -587,13 +583,14 @@ mod tests {
 
     /// Waits until `coordinator` describes group `g` at `generation`.
     async fn until_described(coordinator: &Coordinator, generation: u64) {
-        tokio::time::timeout(WAIT, async {
-            while coordinator.describe("t").get("g").map(|g| g.generation) != Some(generation) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("the broker sees the group's latest generation");
+        runnel_testkit::eventually(
+            WAIT,
+            "the broker to see the group's latest generation",
+            || async {
+                coordinator.describe("t").get("g").map(|g| g.generation) == Some(generation)
+            },
+        )
+        .await;
     }
 
     #[tokio::test]

@@ -53,6 +53,13 @@ pub(crate) struct GroupState {
     pub(crate) removed: Vec<Removal>,
 }
 
+/// The refusal of a member the group does not have (any more).
+pub(crate) fn not_a_member(group: &str, topic: &str, member_id: &str) -> BrokerError {
+    BrokerError::NotAMember(format!(
+        "{member_id:?} is not a member of group {group:?} on topic {topic:?}; subscribe again"
+    ))
+}
+
 impl GroupState {
     /// A group with no members yet.
     pub(crate) fn new(partitions: u32) -> GroupState {
@@ -168,9 +175,7 @@ impl GroupState {
         now_ms: u64,
     ) -> Result<()> {
         let Some(member) = self.members.get(member_id) else {
-            return Err(BrokerError::NotAMember(format!(
-                "{member_id:?} is not a member of group {group:?} on topic {topic:?}; subscribe again"
-            )));
+            return Err(not_a_member(group, topic, member_id));
         };
         // Past its deadline a member is gone, whether or not a sweep has removed it yet:
         // a process that was paused that long must not keep writing as the owner.

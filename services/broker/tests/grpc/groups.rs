@@ -560,17 +560,15 @@ async fn members_on_two_jetstream_brokers_share_one_group() {
     assert_eq!(from_b.keys().copied().collect::<Vec<_>>(), [1, 3]);
     let expected = BTreeMap::from([("a".to_owned(), vec![0, 2]), ("b".to_owned(), vec![1, 3])]);
     for client in [&mut one, &mut two] {
-        let (generation, members) = tokio::time::timeout(WAIT, async {
-            loop {
-                let seen = described(client, "work").await;
-                if seen.0 == 2 {
-                    return seen;
+        let (generation, members) =
+            runnel_testkit::eventually(WAIT, "both brokers to describe generation 2", || {
+                let mut client = client.clone();
+                async move {
+                    let seen = described(&mut client, "work").await;
+                    (seen.0 == 2).then_some(seen)
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .expect("both brokers describe generation 2");
+            })
+            .await;
         assert_eq!((generation, members), (2, expected.clone()));
     }
 
