@@ -687,7 +687,7 @@ async fn two_instances_share_the_partitions_and_survive_losing_one() {
         assert_eq!(topic.partitions.len(), PARTITIONS as usize, "{name}");
         let retention = topic.retention.expect("retention");
         assert_eq!(retention.max_age.map(|a| a.seconds), Some(7 * 24 * 3600));
-        assert_eq!(retention.max_bytes, Some(1 << 30));
+        assert_eq!(retention.max_bytes, Some(256 << 20));
     }
     assert!(
         topics

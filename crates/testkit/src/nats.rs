@@ -13,6 +13,13 @@ use tokio::process::{Child, ChildStderr, Command};
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The store limits the tests' nodes run with. JetStream reserves each stream's `max_bytes`
+/// against `max_file_store` (`max_memory_store`) when it is created, and by default that
+/// limit is 75 % of the disk (memory) free at start: the same test would pass on a machine
+/// with a large free disk and be refused on one with little. The tests write little, so a
+/// limit far above any disk makes them independent of the machine's free space.
+pub const TEST_STORE_LIMIT: u64 = 1 << 40;
+
 /// One running `nats-server` with JetStream.
 pub struct NatsNode {
     /// The client URL, e.g. `nats://127.0.0.1:42447`.
@@ -23,9 +30,23 @@ pub struct NatsNode {
 
 impl NatsNode {
     /// Starts a node storing under `dir` with `args` (cluster settings, say), and waits for
-    /// "Server is ready" in its log.
+    /// "Server is ready" in its log. Its store limits are [`TEST_STORE_LIMIT`].
     pub async fn start(dir: &Path, args: &[String]) -> NatsNode {
+        NatsNode::start_with_store_limit(dir, args, TEST_STORE_LIMIT).await
+    }
+
+    /// [`start`](NatsNode::start), with `max_file_store` and `max_memory_store` set to
+    /// `limit` bytes (written to `nats.conf` in `dir`).
+    pub async fn start_with_store_limit(dir: &Path, args: &[String], limit: u64) -> NatsNode {
+        let config = dir.join("nats.conf");
+        std::fs::write(
+            &config,
+            format!("jetstream {{\n  max_file_store: {limit}\n  max_memory_store: {limit}\n}}\n"),
+        )
+        .expect("write nats.conf");
         let mut child = Command::new("nats-server")
+            .arg("-c")
+            .arg(&config)
             .arg("-js")
             .arg("-sd")
             .arg(dir)

@@ -26,7 +26,7 @@
 //!
 //! **Retention.** The broker has no compaction, so the checkpoint topic is created with a
 //! time retention (`checkpoint_retention`, default 7 days) and a size retention per
-//! partition (`checkpoint_retention_bytes`, default 1 GiB, which bounds what a busy
+//! partition (`checkpoint_retention_bytes`, default 256 MiB, which bounds what a busy
 //! partition's checkpoints take), and every task checkpoints again at least every
 //! `checkpoint_refresh` (default 1 h) even when its partition is idle: the records its
 //! group's commit points at are always far younger than the retention and among the newest

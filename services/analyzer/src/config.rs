@@ -49,7 +49,9 @@ pub struct AnalyzerConfig {
     /// The size retention of each checkpoint topic partition (0: none), set when the
     /// analyzer creates them. Without compaction a busy partition writes its whole state
     /// every `checkpoint_interval`; this bounds the disk that takes, while the checkpoint
-    /// its group's commit points at is always among the newest.
+    /// its group's commit points at is always among the newest. Keep it above twice the
+    /// largest state a partition holds. JetStream reserves it, per partition, against its
+    /// `max_file_store` when the topic is created.
     pub checkpoint_retention_bytes: u64,
     /// The consumer-group prefix: query `q` reads as group `<group>.q` (and, re-keyed,
     /// `<group>.q.keyed`). Instances with the same prefix share the work.
@@ -394,7 +396,7 @@ impl Default for AnalyzerConfig {
             checkpoint_interval: Duration::from_secs(1),
             checkpoint_refresh: Duration::from_secs(3600),
             checkpoint_retention: Duration::from_secs(7 * 24 * 3600),
-            checkpoint_retention_bytes: 1 << 30,
+            checkpoint_retention_bytes: 256 << 20,
             group: "runnel-analyzer".into(),
             member_id: None,
             session_timeout: Duration::from_secs(10),

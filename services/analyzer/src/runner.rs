@@ -981,7 +981,7 @@ mod tests {
                 checkpoint_interval: Duration::from_secs(1),
                 checkpoint_refresh: Duration::from_secs(3600),
                 checkpoint_retention: Duration::from_secs(7 * 86400),
-                checkpoint_retention_bytes: 1 << 30,
+                checkpoint_retention_bytes: 256 << 20,
                 group: "g".into(),
                 member_id: "m".into(),
                 session_timeout: Duration::from_secs(10),

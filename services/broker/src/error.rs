@@ -75,6 +75,12 @@ pub enum BrokerError {
     /// the call may succeed if made again.
     #[error("{0}")]
     Engine(String),
+    /// The storage engine has no room for what was asked: JetStream reserves each stream's
+    /// `max_bytes` against its `max_file_store` (or `max_memory_store`) when the stream is
+    /// created, so a topic whose partitions together ask for more than is left is refused.
+    /// Retrying does not help; the message says what would.
+    #[error("{0}")]
+    EngineFull(String),
     /// A file or directory operation failed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -153,6 +159,7 @@ impl From<BrokerError> for Status {
                 Status::failed_precondition(error.to_string())
             }
             BrokerError::SequenceTooOld { .. } => Status::already_exists(error.to_string()),
+            BrokerError::EngineFull(message) => Status::resource_exhausted(message),
             BrokerError::Engine(message) => {
                 tracing::warn!(%message, "storage engine unavailable");
                 Status::unavailable("the storage engine is unavailable; retry")
@@ -196,6 +203,10 @@ mod tests {
                     end: 3,
                 },
                 Code::OutOfRange,
+            ),
+            (
+                BrokerError::EngineFull("no room for topic \"t\"".into()),
+                Code::ResourceExhausted,
             ),
             (
                 BrokerError::Io {

@@ -124,6 +124,51 @@ fn unavailable(what: &str, error: impl std::fmt::Display) -> BrokerError {
     BrokerError::Engine(format!("jetstream {what}: {error}"))
 }
 
+/// Why a partition's stream could not be created. JetStream reserves a stream's
+/// `max_bytes` against the server's store limit when the stream is created; a refusal for
+/// lack of room is final (retrying cannot help), and says what would.
+fn stream_not_created(
+    topic: &str,
+    partition: u32,
+    reserved: i64,
+    error: &jetstream::context::CreateStreamError,
+) -> BrokerError {
+    use jetstream::ErrorCode;
+    use jetstream::context::CreateStreamErrorKind;
+    if let CreateStreamErrorKind::JetStream(js) = error.kind() {
+        let code = js.error_code();
+        if code == ErrorCode::STORAGE_RESOURCES_EXCEEDED
+            || code == ErrorCode::MEMORY_RESOURCES_EXCEEDED
+            || code == ErrorCode::INSUFFICIENT_RESOURCES
+            || code == ErrorCode::ACCOUNT_RESOURCES_EXCEEDED
+        {
+            return BrokerError::EngineFull(full_message(topic, partition, reserved, js));
+        }
+    }
+    unavailable("create stream", error)
+}
+
+/// What an operator reads when JetStream has no room for a partition's stream.
+fn full_message(
+    topic: &str,
+    partition: u32,
+    reserved: i64,
+    error: impl std::fmt::Display,
+) -> String {
+    let asked = if reserved > 0 {
+        format!("a retention of {reserved} bytes")
+    } else {
+        "its stream".to_owned()
+    };
+    format!(
+        "jetstream has no room for topic {topic:?} partition {partition} ({error}): \
+         JetStream reserves each stream's retention max_bytes against the server's \
+         max_file_store (max_memory_store for memory storage) when it is created, and \
+         {asked} does not fit next to the streams already there; lower the topic's \
+         retention.max_bytes or raise the server's store limit"
+    )
+}
+
 /// One broker's turn to publish a batch to a partition.
 type PartitionTurn = Arc<tokio::sync::Mutex<()>>;
 
@@ -522,11 +567,12 @@ impl Storage for JetStream {
                 allow_direct: true,
                 ..stream::Config::default()
             };
+            let reserved = config.max_bytes;
             // Idempotent: a creation that died half-way left empty streams behind.
             self.context
                 .get_or_create_stream(config)
                 .await
-                .map_err(|e| unavailable("create stream", e))?;
+                .map_err(|e| stream_not_created(name, partition, reserved, &e))?;
         }
         let meta = TopicMeta {
             name: name.to_owned(),

@@ -6,8 +6,10 @@ use runnel_client::{Producer, ProducerOptions};
 use runnel_proto::records;
 use runnel_proto::v1::{
     Acks, Compression, CreateTopicRequest, DescribeTopicRequest, Event, FetchRequest,
-    ProduceRequest, RecordBatch, RetentionPolicy,
+    ListTopicsRequest, ProduceRequest, RecordBatch, RetentionPolicy,
 };
+use runnel_testkit::Tool;
+use runnel_testkit::nats::NatsNode;
 use std::collections::BTreeSet;
 use tonic::Code;
 
@@ -420,6 +422,69 @@ async fn retention_deletes_old_segments_and_moves_the_start_offset() {
         .into_inner();
     assert_eq!(first.records[0].offset, partition.start_offset);
     assert_eq!(first.start_offset, partition.start_offset);
+    stop(broker).await;
+}
+
+/// JetStream reserves a stream's size retention against its store limit when the stream
+/// is created. A topic that does not fit is refused as RESOURCE_EXHAUSTED, with a message
+/// that says what would help — not as UNAVAILABLE, which a client would retry forever —
+/// and is not listed; what fits is created and works.
+#[tokio::test]
+async fn a_topic_jetstream_has_no_room_for_is_refused_as_resource_exhausted() {
+    if !runnel_testkit::require(Tool::NatsServer) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let nats_dir = dir.path().join("nats");
+    std::fs::create_dir_all(&nats_dir).unwrap();
+    let nats = NatsNode::start_with_store_limit(&nats_dir, &[], 64 << 20).await;
+    let harness = Harness {
+        engine: Engine::JetStream,
+        dir,
+        nats: Some(nats),
+    };
+    let (addr, broker) = harness.spawn().await;
+    let mut client = connect(addr).await;
+    let request = |name: &str, partitions, max_bytes| CreateTopicRequest {
+        name: name.into(),
+        partitions,
+        retention: Some(RetentionPolicy {
+            max_age: None,
+            max_bytes: Some(max_bytes),
+        }),
+    };
+    client
+        .create_topic(request("fits", 2, 16 << 20))
+        .await
+        .expect("2 × 16 MiB fit in 64 MiB");
+    for _ in 0..2 {
+        let refused = client
+            .create_topic(request("too-big", 1, 1 << 30))
+            .await
+            .expect_err("1 GiB does not fit in what is left of 64 MiB");
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        for needle in ["\"too-big\"", "max_file_store", "retention.max_bytes"] {
+            assert!(refused.message().contains(needle), "{needle}: {refused:?}");
+        }
+    }
+    let names: Vec<String> = client
+        .list_topics(ListTopicsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .topics
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert!(names.contains(&"fits".to_owned()), "{names:?}");
+    assert!(!names.contains(&"too-big".to_owned()), "{names:?}");
+    let mut producer = Producer::new(client.clone(), "fits", ProducerOptions::default())
+        .await
+        .unwrap();
+    producer
+        .send(vec![event("e1", "k", b"fits")])
+        .await
+        .expect("the topic that fit takes events");
     stop(broker).await;
 }
 
