@@ -1,5 +1,6 @@
 //! [`LogFile`]: one append-only file of CRC32C-framed records.
 
+use crate::faults::{self, Op};
 use crate::{Error, FORMAT_VERSION, FsyncPolicy, Result};
 use bytes::Bytes;
 use std::fs::{File, OpenOptions};
@@ -95,6 +96,7 @@ impl LogFile {
             );
             file.set_len(end)?;
             file.sync_all()?;
+            faults::truncated(path, end);
         }
         Ok((
             LogFile {
@@ -190,7 +192,9 @@ impl LogFile {
         }
         if let Err(error) = self.write_vectored_at(&mut slices) {
             // Best effort: the next open cuts a partial frame off anyway.
-            let _ = self.file.set_len(self.len);
+            if let Ok(_permit) = faults::before(&self.path, Op::Write) {
+                let _ = self.file.set_len(self.len);
+            }
             return Err(error.into());
         }
         self.len = at;
@@ -203,6 +207,7 @@ impl LogFile {
 
     /// Writes every slice at the end of the file, however many calls that takes.
     fn write_vectored_at(&mut self, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+        let _permit = faults::before(&self.path, Op::Write)?;
         (&self.file).seek(SeekFrom::Start(self.len))?;
         while !slices.is_empty() {
             match (&self.file).write_vectored(slices) {
@@ -294,13 +299,18 @@ impl LogFile {
     /// A second handle on the file that syncs it from another thread while appends go on:
     /// what a group commit fsyncs without holding up writers.
     pub fn sync_handle(&self) -> Result<SyncHandle> {
-        Ok(SyncHandle(self.file.try_clone()?))
+        Ok(SyncHandle {
+            file: self.file.try_clone()?,
+            path: self.path.clone(),
+        })
     }
 
     /// Forces everything appended so far to disk.
     pub fn sync(&mut self) -> Result<()> {
         if self.dirty {
+            let _permit = faults::before(&self.path, Op::Sync)?;
             self.file.sync_data()?;
+            faults::synced(&self.path, self.len);
             self.dirty = false;
         }
         self.last_sync = Instant::now();
@@ -387,12 +397,19 @@ pub(crate) fn scan(file: &File, file_len: u64, mut visit: impl FnMut(u64, &[u8])
 
 /// Syncs a [`LogFile`]'s data from anywhere: see [`LogFile::sync_handle`].
 #[derive(Debug)]
-pub struct SyncHandle(File);
+pub struct SyncHandle {
+    file: File,
+    path: PathBuf,
+}
 
 impl SyncHandle {
     /// `fdatasync`s everything written to the file so far, by any handle.
     pub fn sync(&self) -> std::io::Result<()> {
-        self.0.sync_data()
+        let _permit = faults::before(&self.path, Op::Sync)?;
+        let written = faults::written(&self.file);
+        self.file.sync_data()?;
+        faults::synced(&self.path, written);
+        Ok(())
     }
 }
 

@@ -16,13 +16,53 @@
 //! runs past the end of the file, a zero length (a pre-allocated or zero-filled tail), or a
 //! checksum mismatch all end the scan.
 //!
+//! With the `faults` feature (tests only), [`faults`] can make appends and fsyncs fail with
+//! `EIO` or `ENOSPC` and simulate a power cut that drops everything not yet fsync'd.
+//!
 //! [`write_atomic`] and [`read_atomic`] store a single framed payload that is replaced
 //! whole (write to a temporary file, fsync, rename, fsync the directory): checkpoints and
 //! metadata.
 
 mod atomic;
+#[cfg(feature = "faults")]
+pub mod faults;
 mod file;
 mod policy;
+
+/// Without the `faults` feature, the fault-injection hooks do nothing.
+#[cfg(not(feature = "faults"))]
+mod faults {
+    use std::path::Path;
+
+    /// What a hook is called for.
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) enum Op {
+        /// An append.
+        Write,
+        /// An fsync.
+        Sync,
+    }
+
+    /// Nothing to hold.
+    #[derive(Debug)]
+    pub(crate) struct Permit;
+
+    #[inline(always)]
+    pub(crate) fn before(_path: &Path, _op: Op) -> std::io::Result<Permit> {
+        Ok(Permit)
+    }
+
+    #[inline(always)]
+    pub(crate) fn written(_file: &std::fs::File) -> u64 {
+        0
+    }
+
+    #[inline(always)]
+    pub(crate) fn synced(_path: &Path, _len: u64) {}
+
+    #[inline(always)]
+    pub(crate) fn truncated(_path: &Path, _len: u64) {}
+}
 
 pub use atomic::{read_atomic, write_atomic, write_atomic_via};
 pub use file::{FRAME_HEADER_LEN, HEADER_LEN, LogFile, MAX_FRAME_LEN, Recovery, SyncHandle};
