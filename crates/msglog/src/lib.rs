@@ -219,6 +219,14 @@ pub enum Error {
     /// until a write succeeds again.
     #[error("the message log cannot write: {0}; retry later")]
     DiskFull(String),
+    /// An fsync of the log failed. What it covered may not be on disk even if a later
+    /// fsync succeeds (the kernel may drop the dirty pages and clear the error), so the log
+    /// accepts nothing more — and never says `Logged` again — until it is reopened.
+    #[error(
+        "the message log could not make its writes durable ({0}); it accepts nothing until \
+         it is reopened (restart the collector)"
+    )]
+    SyncFailed(String),
     /// `Logged` was asked of a log in [`Mode::None`].
     #[error("ack level LOGGED needs a message log (mode rbml, sbml or hml); this one is mode none")]
     NotLogging,
@@ -263,6 +271,8 @@ pub(crate) struct Budget {
     max: u64,
     failing: Mutex<Option<String>>,
     is_failing: AtomicBool,
+    /// Set for good by a failed fsync: see [`Error::SyncFailed`].
+    sync_failed: Mutex<Option<String>>,
 }
 
 impl Budget {
@@ -272,11 +282,15 @@ impl Budget {
             max,
             failing: Mutex::new(None),
             is_failing: AtomicBool::new(false),
+            sync_failed: Mutex::new(None),
         }
     }
 
     fn try_reserve(&self, bytes: u64) -> Result<(), Error> {
         if self.is_failing.load(Ordering::Acquire) {
+            if let Some(reason) = self.sync_failure() {
+                return Err(Error::SyncFailed(reason));
+            }
             let reason = self
                 .failing
                 .lock()
@@ -318,8 +332,41 @@ impl Budget {
         self.used.load(Ordering::Acquire)
     }
 
-    /// Writes fail: refuse submissions until one succeeds.
+    /// Whether writes fail and may succeed again: the writer then tries now and then. (A
+    /// failed fsync is not retried: only reopening the log clears it.)
+    pub(crate) fn writes_failing(&self) -> bool {
+        self.is_failing.load(Ordering::Acquire) && self.sync_failure().is_none()
+    }
+
+    /// Why an fsync failed, if one did: the log refuses everything until reopened.
+    pub(crate) fn sync_failure(&self) -> Option<String> {
+        self.sync_failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// An fsync failed: refuse submissions for good (until the log is reopened).
+    pub(crate) fn set_sync_failed(&self, reason: String) {
+        let mut sync_failed = self.sync_failed.lock().unwrap_or_else(|e| e.into_inner());
+        if sync_failed.is_none() {
+            tracing::error!(
+                error = %reason,
+                "message log fsync failed: refusing submissions until the log is reopened"
+            );
+            metrics::counter!("runnel_msglog_sync_failures_total").increment(1);
+        }
+        *sync_failed = Some(reason.clone());
+        drop(sync_failed);
+        *self.failing.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+        self.is_failing.store(true, Ordering::Release);
+    }
+
+    /// Writes fail: refuse submissions until one succeeds (a failed fsync stays failed).
     pub(crate) fn set_failing(&self, reason: Option<String>) {
+        if self.sync_failure().is_some() {
+            return;
+        }
         let failing = reason.is_some();
         *self.failing.lock().unwrap_or_else(|e| e.into_inner()) = reason;
         if self.is_failing.swap(failing, Ordering::AcqRel) != failing {

@@ -296,6 +296,9 @@ fn sync_loop(
     budget: Arc<Budget>,
 ) {
     let mut last_sync: Option<Instant> = None;
+    // After a failed fsync nothing written is known to be durable: every later job is
+    // answered as if its fsync failed too (once delivered), until the log is reopened.
+    let mut failed: Option<String> = None;
     while let Ok(first) = jobs.recv() {
         if let (FsyncPolicy::Interval(every), Some(last)) = (policy, last_sync) {
             let due = last + every;
@@ -307,7 +310,7 @@ fn sync_loop(
         let mut batch = vec![first];
         batch.extend(jobs.try_iter());
         let started = Instant::now();
-        let mut result = Ok(());
+        let mut result = failed.clone().map_or(Ok(()), Err);
         let mut synced: Vec<*const SyncHandle> = Vec::new();
         for job in &batch {
             let handle = Arc::as_ptr(&job.handle);
@@ -322,9 +325,12 @@ fn sync_loop(
         last_sync = Some(Instant::now());
         metrics::counter!("runnel_msglog_fsyncs_total").increment(1);
         metrics::histogram!("runnel_msglog_fsync_seconds").record(started.elapsed().as_secs_f64());
-        if let Err(reason) = &result {
-            tracing::error!(error = %reason, "message log fsync failed");
-            budget.set_failing(Some(format!("fsync failed: {reason}")));
+        if let Err(reason) = &result
+            && failed.is_none()
+        {
+            let reason = format!("fsync failed: {reason}");
+            budget.set_sync_failed(reason.clone());
+            failed = Some(reason);
         }
         for job in batch {
             match &result {
@@ -420,7 +426,7 @@ impl Writer {
                     if work {
                         break;
                     }
-                    if self.unwritten.is_some() || self.budget.is_failing.load(Ordering::Acquire) {
+                    if self.unwritten.is_some() || self.budget.writes_failing() {
                         // Writes failed: try again now and then, so that the log accepts
                         // submissions again as soon as the disk takes writes.
                         let (guard, timeout) = self
@@ -456,9 +462,7 @@ impl Writer {
             }
             match released {
                 Some(through) => self.release(through),
-                None if self.unwritten.is_some()
-                    || self.budget.is_failing.load(Ordering::Acquire) =>
-                {
+                None if self.unwritten.is_some() || self.budget.writes_failing() => {
                     self.release(self.released_written);
                 }
                 None => {}

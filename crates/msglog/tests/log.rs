@@ -7,6 +7,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
 use runnel_log::FsyncPolicy;
+use runnel_log::faults::{self, Fault, Op};
 use runnel_msglog::{
     AckLevel, Batch, DeliveryError, Destination, Downstream, Error, LogConfig, MessageLog, Mode,
     Part, Submission,
@@ -559,6 +560,86 @@ async fn a_full_disk_refuses_and_recovers() {
         let mut seen = std::collections::HashSet::new();
         assert!(messages.iter().all(|m| seen.insert(m)), "no duplicates");
     }
+}
+
+/// An fsync that failed may have left what it covered off the disk — the kernel can drop
+/// the dirty pages and report success on the next fsync — so the log never says `Logged`
+/// again until it is reopened: the submission whose fsync failed is answered only once
+/// delivered, later ones are refused with `SyncFailed` even when writes and fsyncs work
+/// again, and the reopened log accepts and logs again. Nothing accepted is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failed_fsync_the_log_says_logged_no_more_until_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = FakeBroker::default();
+    broker.down.store(true, Ordering::Relaxed);
+    let config = || LogConfig {
+        shards: 1,
+        ..config(Mode::Rbml)
+    };
+    let (log, _) = MessageLog::open(config(), dir.path(), broker.clone()).unwrap();
+    let logged = |tag: &str| submission(tag, 1, 1, AckLevel::Logged);
+    log.submit(logged("before")).unwrap().wait().await.unwrap();
+
+    faults::fail_next(dir.path(), Op::Sync, Fault::Eio);
+    // What is accepted until the syncer has seen its fsync fail (at least the first).
+    let mut accepted = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    let refusal = tokio::time::timeout(WAIT, async {
+        loop {
+            match log.submit(logged(&format!("during{}", accepted.len()))) {
+                Ok(ticket) => accepted.push(tokio::spawn(ticket.wait())),
+                Err(refusal) => break refusal,
+            }
+            tick.tick().await;
+        }
+    })
+    .await
+    .expect("the failed fsync refuses submissions");
+    assert!(matches!(refusal, Error::SyncFailed(_)), "{refusal}");
+    // The broker is down, so any answer now could only be a false LOGGED.
+    assert!(
+        accepted.iter().all(|ticket| !ticket.is_finished()),
+        "LOGGED after a failed fsync"
+    );
+
+    // Delivery frees and releases what was accepted: the log writes (and fsyncs) again,
+    // which before cleared the failure. It still refuses, through several of the writer's
+    // one-second retry rounds.
+    broker.down.store(false, Ordering::Relaxed);
+    let during = accepted.len();
+    for ticket in accepted {
+        ticket.await.unwrap().expect("answered once delivered");
+    }
+    eventually(WAIT, "the backlog to drain", || async {
+        log.stats().pending_bytes == 0
+    })
+    .await;
+    let mut rounds = tokio::time::interval(Duration::from_millis(100));
+    for _ in 0..25 {
+        rounds.tick().await;
+        let refusal = log.submit(logged("still refused")).unwrap_err();
+        assert!(matches!(refusal, Error::SyncFailed(_)), "{refusal}");
+    }
+    log.close(Duration::from_secs(5)).await;
+    drop(log);
+
+    let (log, _) = MessageLog::open(config(), dir.path(), broker.clone()).unwrap();
+    log.submit(logged("after"))
+        .expect("a reopened log accepts")
+        .wait()
+        .await
+        .expect("and logs");
+    log.close(Duration::from_secs(5)).await;
+    let expected: Vec<String> = std::iter::once("before".to_owned())
+        .chain((0..during).map(|i| format!("during{i}")))
+        .chain(std::iter::once("after".to_owned()))
+        .map(|tag| format!("{tag}-p0-0"))
+        .collect();
+    assert_eq!(
+        broker.messages(&destination(0)),
+        expected,
+        "everything accepted, once, in order"
+    );
 }
 
 struct Tmpfs {

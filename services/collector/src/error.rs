@@ -87,6 +87,11 @@ impl From<CollectorError> for Status {
                     LogError::NotLogging => Status::failed_precondition(error.to_string()),
                     LogError::Invalid(message) => Status::invalid_argument(message),
                     LogError::Closed => Status::unavailable("the collector is stopping; retry"),
+                    LogError::SyncFailed(_) => {
+                        metrics::counter!("runnel_collector_refused_total", "reason" => "log_failed")
+                            .increment(1);
+                        Status::unavailable(error.to_string())
+                    }
                     LogError::Io { .. } | LogError::Corrupt { .. } | LogError::Gap { .. } => {
                         tracing::error!(%error, "message log failure");
                         Status::internal("message log failure; see the collector's log")
@@ -103,5 +108,27 @@ impl From<CollectorError> for Status {
                 Status::internal("collector failure; see the collector's log")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn a_log_that_cannot_fsync_sends_clients_elsewhere() {
+        let full = Status::from(CollectorError::Log(runnel_msglog::Error::DiskFull(
+            "No space left on device".into(),
+        )));
+        assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+        let unsynced = Status::from(CollectorError::Log(runnel_msglog::Error::SyncFailed(
+            "fsync failed: Input/output error".into(),
+        )));
+        assert_eq!(unsynced.code(), Code::Unavailable, "{unsynced:?}");
+        assert!(
+            unsynced.message().contains("restart the collector"),
+            "{unsynced:?}"
+        );
     }
 }
