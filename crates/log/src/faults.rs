@@ -11,7 +11,9 @@
 //! - [`power_cut`] simulates losing power: every file under the directory is cut back to
 //!   what its last successful fsync covered (what a file never synced held is lost whole),
 //!   and from then on every write and fsync there fails with `EIO`, as on a machine that
-//!   is off, until [`heal`] (the machine is back: reopen what was open).
+//!   is off, until [`heal`] (the machine is back: reopen what was open). What an fsync
+//!   covered is known for the files under a directory given to [`watch`] before they were
+//!   opened.
 //!
 //! The cut is the worst case a real power cut allows for an append-only file — nothing
 //! unsynced survives — and a write or fsync in progress finishes before the cut starts, so
@@ -67,6 +69,8 @@ struct State {
     rules: Vec<Rule>,
     /// Directories whose power is off.
     cut: Vec<PathBuf>,
+    /// Directories whose files' fsyncs are followed, for [`power_cut`].
+    watched: Vec<PathBuf>,
     /// Each file's length as its last successful fsync left it durable.
     durable: HashMap<PathBuf, u64>,
 }
@@ -80,6 +84,13 @@ static IN_FLIGHT: RwLock<()> = RwLock::new(());
 fn with_state<T>(f: impl FnOnce(&mut State) -> T) -> T {
     let mut state = STATE.lock().unwrap_or_else(|e| e.into_inner());
     f(state.get_or_insert_with(State::default))
+}
+
+/// Follows what the fsyncs of the files under `dir` cover from now on, so that a
+/// [`power_cut`] there knows what to keep: call it before opening them.
+pub fn watch(dir: &Path) {
+    ARMED.store(true, Ordering::Release);
+    with_state(|state| state.watched.push(dir.to_owned()));
 }
 
 /// Makes the next `op` on a file under `dir` fail with `fault`, once.
@@ -104,8 +115,9 @@ fn arm(dir: &Path, op: Op, fault: Fault, once: bool) {
     });
 }
 
-/// Simulates a power cut under `dir`: waits for the writes and fsyncs in progress, cuts
-/// every file there that was written through the layer back to its last fsync, and fails
+/// Simulates a power cut under `dir` (which must be [`watch`]ed): waits for the writes and
+/// fsyncs in progress, cuts every file opened there since back to its last fsync (a file
+/// that was never synced is emptied), and fails
 /// every later write and fsync there with `EIO` until [`heal`]. Returns how many bytes
 /// were cut.
 pub fn power_cut(dir: &Path) -> io::Result<u64> {
@@ -136,7 +148,7 @@ pub fn power_cut(dir: &Path) -> io::Result<u64> {
     Ok(cut)
 }
 
-/// Takes every fault under `dir` away (and the power is back).
+/// Takes every fault under `dir` away (and the power is back); its files stay watched.
 pub fn heal(dir: &Path) {
     with_state(|state| {
         state.rules.retain(|rule| !rule.under.starts_with(dir));
@@ -161,11 +173,10 @@ pub(crate) fn before(path: &Path, op: Op) -> io::Result<Permit> {
         if state.cut.iter().any(|dir| path.starts_with(dir)) {
             return Err(Fault::Eio.error());
         }
-        // Every file written from now on is tracked: durable so far is what is on disk
-        // when the layer first sees it (written and synced before any fault was armed).
-        if !state.durable.contains_key(path) {
-            let on_disk = std::fs::metadata(path).map_or(0, |m| m.len());
-            state.durable.insert(path.to_owned(), on_disk);
+        // A watched file written before any fsync of it was seen: nothing of it is
+        // known to be durable.
+        if state.watched.iter().any(|dir| path.starts_with(dir)) {
+            state.durable.entry(path.to_owned()).or_default();
         }
         let hit = state
             .rules
@@ -201,8 +212,10 @@ pub(crate) fn synced(path: &Path, len: u64) {
         return;
     }
     with_state(|state| {
-        let durable = state.durable.entry(path.to_owned()).or_default();
-        *durable = (*durable).max(len);
+        if state.watched.iter().any(|dir| path.starts_with(dir)) {
+            let durable = state.durable.entry(path.to_owned()).or_default();
+            *durable = (*durable).max(len);
+        }
     });
 }
 

@@ -28,7 +28,8 @@ pub struct Recovery {
     pub created: bool,
 }
 
-/// An open record file, positioned at its end.
+/// An open record file, positioned at its end. Everything [`LogFile::open`] found in it is
+/// durable by the time it returns: it fsyncs what a crashed writer left unsynced.
 ///
 /// Appends take `&mut self`; reads take `&self` and use positioned reads, so a shared
 /// reference can serve readers while no append is running.
@@ -75,6 +76,8 @@ impl LogFile {
             file.write_all_at(&header, 0)?;
             file.sync_all()?;
             sync_parent(path)?;
+            faults::truncated(path, 0);
+            faults::synced(path, HEADER_LEN);
             recovery.created = true;
         } else {
             let mut found = [0u8; HEADER_LEN as usize];
@@ -97,6 +100,14 @@ impl LogFile {
             file.set_len(end)?;
             file.sync_all()?;
             faults::truncated(path, end);
+            faults::synced(path, end);
+        } else if recovery.frames > 0 {
+            // A process killed before its fsync left its frames in the page cache: readable,
+            // so found here, but not yet durable. The callers treat what recovery found as
+            // durable (acknowledged, served to readers), so make it so before they do.
+            let _permit = faults::before(path, Op::Sync)?;
+            file.sync_data()?;
+            faults::synced(path, end);
         }
         Ok((
             LogFile {
