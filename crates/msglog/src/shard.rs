@@ -285,6 +285,12 @@ struct SyncJob {
     handoff: Vec<Outbound>,
     /// Everything queued before the close was handed over.
     drained: bool,
+    /// Whether the group is in the file. One whose write failed passes through the syncer
+    /// all the same — not synced, its waiters answered once delivered — so that its
+    /// entries reach the delivery task after the groups before it, which still wait for
+    /// their fsync: delivery must keep id order, or a producer sequence would go backwards
+    /// and the broker would take the earlier entries for retries it already stored.
+    written: bool,
 }
 
 /// The syncer thread: fsyncs whatever the writer wrote since the last fsync (one fsync for
@@ -312,7 +318,7 @@ fn sync_loop(
         let started = Instant::now();
         let mut result = failed.clone().map_or(Ok(()), Err);
         let mut synced: Vec<*const SyncHandle> = Vec::new();
-        for job in &batch {
+        for job in batch.iter().filter(|job| job.written) {
             let handle = Arc::as_ptr(&job.handle);
             if synced.contains(&handle) {
                 continue;
@@ -333,17 +339,13 @@ fn sync_loop(
             failed = Some(reason);
         }
         for job in batch {
-            match &result {
-                Ok(()) => {
-                    for waiter in job.waiters {
-                        let _ = waiter.send(Ok(()));
-                    }
+            if job.written && result.is_ok() {
+                for waiter in job.waiters {
+                    let _ = waiter.send(Ok(()));
                 }
-                Err(_) if !job.waiters.is_empty() => {
-                    // Not known to be durable: answer once delivered instead.
-                    let _ = to_forwarder.send(ToForwarder::WhenDelivered(job.through, job.waiters));
-                }
-                Err(_) => {}
+            } else if !job.waiters.is_empty() {
+                // Not known to be durable: answer once delivered instead.
+                let _ = to_forwarder.send(ToForwarder::WhenDelivered(job.through, job.waiters));
             }
             if !job.handoff.is_empty() {
                 let _ = to_forwarder.send(ToForwarder::Entries(job.handoff));
@@ -583,10 +585,7 @@ impl Writer {
                 let entries: Vec<Entry> = outbound.iter().map(|o| o.entry.clone()).collect();
                 match self.write(EntryKind::Received, &entries, first, through) {
                     Ok(()) => self.after_durable(through, waiters, outbound, false),
-                    Err(()) => {
-                        let _ = self.to_forwarder.send(ToForwarder::Entries(outbound));
-                        self.when_delivered(through, waiters);
-                    }
+                    Err(()) => self.after_unwritten(through, waiters, outbound),
                 }
             }
         }
@@ -691,6 +690,7 @@ impl Writer {
                     waiters,
                     handoff,
                     drained,
+                    written: true,
                 };
                 if let Err(mpsc::SendError(job)) = jobs.send(job) {
                     // The syncer only stops after this thread: not reached.
@@ -708,6 +708,35 @@ impl Writer {
                     let _ = self.to_forwarder.send(ToForwarder::Drained);
                 }
             }
+        }
+    }
+
+    /// RBML: the write of entries through `through` failed. They are delivered from memory
+    /// and `waiters` answered once they are delivered — in order behind the groups still
+    /// waiting for their fsync (see [`SyncJob::written`]).
+    fn after_unwritten(
+        &mut self,
+        through: u64,
+        waiters: Vec<LoggedSender>,
+        handoff: Vec<Outbound>,
+    ) {
+        if let (Some((jobs, _)), Some(segments)) = (&self.syncer, &self.segments) {
+            let job = SyncJob {
+                handle: segments.sync_handle(),
+                through,
+                waiters,
+                handoff,
+                drained: false,
+                written: false,
+            };
+            // The syncer only stops after this thread: not reached.
+            if let Err(mpsc::SendError(job)) = jobs.send(job) {
+                let _ = self.to_forwarder.send(ToForwarder::Entries(job.handoff));
+                self.when_delivered(job.through, job.waiters);
+            }
+        } else {
+            let _ = self.to_forwarder.send(ToForwarder::Entries(handoff));
+            self.when_delivered(through, waiters);
         }
     }
 

@@ -503,6 +503,83 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    /// Simulated power cuts (runnel-log's fault layer: every file back to its last fsync,
+    /// every later write and fsync failing) at a random moment among `Logged` submissions,
+    /// with the broker up or down, group commits on every write or on an interval: once the
+    /// power is back and the log reopened, every message whose submission was answered
+    /// `Logged` (or stored) is delivered, and none twice.
+    #[test]
+    fn a_power_cut_loses_nothing_acknowledged_logged(
+        submissions in 1usize..24,
+        cut_after in any::<proptest::sample::Index>(),
+        broker_up in any::<bool>(),
+        interval in any::<bool>(),
+        mode in prop_oneof![Just(Mode::Rbml), Just(Mode::Hml)],
+    ) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            faults::watch(dir.path());
+            let mut config = config(mode);
+            config.segment_bytes = 2048;
+            if interval {
+                config.fsync = FsyncPolicy::Interval(Duration::from_millis(2));
+            }
+            let broker = FakeBroker::default();
+            broker.down.store(!broker_up, Ordering::Relaxed);
+            let (log, _) = MessageLog::open(config.clone(), dir.path(), broker.clone()).unwrap();
+            let cut_at = cut_after.index(submissions + 1);
+            let mut tickets = Vec::new();
+            for i in 0..submissions {
+                if i == cut_at {
+                    faults::power_cut(dir.path()).unwrap();
+                }
+                match log.submit(submission(&format!("s{i}"), 2, 2, AckLevel::Logged)) {
+                    Ok(ticket) => tickets.push((i, tokio::spawn(ticket.wait()))),
+                    Err(_) => break,
+                }
+                tokio::task::yield_now().await;
+            }
+            if cut_at == submissions {
+                faults::power_cut(dir.path()).unwrap();
+            }
+            // What is answered from now on had its fsync (or delivery) before the cut:
+            // nothing written after it reaches the disk.
+            log.close(Duration::from_millis(200)).await;
+            drop(log);
+            let mut acknowledged = Vec::new();
+            for (i, ticket) in tickets {
+                let answer = tokio::time::timeout(Duration::from_secs(5), ticket).await;
+                if let Ok(Ok(Ok(_))) = answer {
+                    acknowledged.push(i);
+                }
+            }
+            faults::heal(dir.path());
+            broker.down.store(false, Ordering::Relaxed);
+            let (log, _) = MessageLog::open(config, dir.path(), broker.clone()).unwrap();
+            eventually(WAIT, "the replay", || async { log.stats().pending_bytes == 0 }).await;
+            log.close(Duration::from_secs(1)).await;
+            let all = broker.all();
+            for messages in all.values() {
+                let mut seen = std::collections::HashSet::new();
+                assert!(messages.iter().all(|m| seen.insert(m)), "a message twice: {messages:?}");
+            }
+            for i in acknowledged {
+                for p in 0..2u32 {
+                    let delivered = broker.messages(&destination(p));
+                    for j in 0..2 {
+                        let message = format!("s{i}-p{p}-{j}");
+                        assert!(delivered.contains(&message), "{message} was logged and is lost: {delivered:?}");
+                    }
+                }
+            }
+        });
+    }
+}
+
 /// A real full disk: a 256 KiB tmpfs. Writes fail, the log refuses submissions with
 /// `DiskFull` instead of losing them, what it had accepted is still delivered, and once
 /// the disk has room again (segments deleted as the backlog drains) it accepts again.
