@@ -42,6 +42,9 @@ pub struct LogFile {
     policy: FsyncPolicy,
     /// Whether bytes were written since the last successful sync.
     dirty: bool,
+    /// Whether a failed write may have left bytes past `len` that could not be cut off
+    /// yet: the next append cuts them first, or fails.
+    torn: bool,
     last_sync: Instant,
 }
 
@@ -116,6 +119,7 @@ impl LogFile {
                 len: end,
                 policy,
                 dirty: false,
+                torn: false,
                 last_sync: Instant::now(),
             },
             recovery,
@@ -137,6 +141,7 @@ impl LogFile {
             len,
             policy: FsyncPolicy::Never,
             dirty: false,
+            torn: false,
             last_sync: Instant::now(),
         })
     }
@@ -161,7 +166,9 @@ impl LogFile {
     ///
     /// On error nothing is promised about the frames: the file may or may not hold them
     /// (a failed sync leaves them written but not known to be durable). A failed write is
-    /// cut back off so that the next append starts at a frame boundary.
+    /// cut back off so that the next append starts at a frame boundary — if that cut fails
+    /// too, the next append makes it first — so after a failed *write* (a full disk, say)
+    /// appending again is safe, and succeeds once the disk takes writes.
     pub fn append(&mut self, payloads: &[&[u8]]) -> Result<Vec<u64>> {
         let frames: Vec<[&[u8]; 1]> = payloads.iter().map(|p| [*p]).collect();
         let frames: Vec<&[&[u8]]> = frames.iter().map(|f| f.as_slice()).collect();
@@ -201,11 +208,14 @@ impl LogFile {
                     .map(|p| IoSlice::new(p)),
             );
         }
+        if self.torn {
+            self.cut_back()?;
+        }
         if let Err(error) = self.write_vectored_at(&mut slices) {
-            // Best effort: the next open cuts a partial frame off anyway.
-            if let Ok(_permit) = faults::before(&self.path, Op::Write) {
-                let _ = self.file.set_len(self.len);
-            }
+            // What the failed write left past the last whole frame goes, now or before the
+            // next append (a torn tail that outlived a crash is cut by the next open).
+            self.torn = true;
+            let _ = self.cut_back();
             return Err(error.into());
         }
         self.len = at;
@@ -214,6 +224,14 @@ impl LogFile {
             self.sync()?;
         }
         Ok(positions)
+    }
+
+    /// Cuts off whatever a failed write left past the last whole frame.
+    fn cut_back(&mut self) -> std::io::Result<()> {
+        let _permit = faults::before(&self.path, Op::Write)?;
+        self.file.set_len(self.len)?;
+        self.torn = false;
+        Ok(())
     }
 
     /// Writes every slice at the end of the file, however many calls that takes.

@@ -108,6 +108,19 @@ pub enum BrokerError {
         /// What is wrong.
         reason: String,
     },
+    /// A batch could not be written (a full disk, say): nothing of it was stored, and the
+    /// partition takes the next append as if it had not been tried.
+    #[error(
+        "topic {topic:?} partition {partition}: the batch was not stored: {reason}; retry later"
+    )]
+    NotWritten {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// What went wrong, without paths.
+        reason: String,
+    },
     /// An append failed part-way, so the partition's file may hold records its index does
     /// not know about; it refuses further appends until a restart recovers it from disk.
     #[error(
@@ -160,6 +173,7 @@ impl From<BrokerError> for Status {
             }
             BrokerError::SequenceTooOld { .. } => Status::already_exists(error.to_string()),
             BrokerError::EngineFull(message) => Status::resource_exhausted(message),
+            BrokerError::NotWritten { .. } => Status::unavailable(error.to_string()),
             BrokerError::Engine(message) => {
                 tracing::warn!(%message, "storage engine unavailable");
                 Status::unavailable("the storage engine is unavailable; retry")

@@ -3,6 +3,7 @@
 
 use super::{Engine, Harness, connect, create, event, fetch_all, keyed_events, stop};
 use runnel_client::{Producer, ProducerOptions};
+use runnel_log::faults::{self, Fault, Op};
 use runnel_proto::records;
 use runnel_proto::v1::{
     Acks, Compression, CreateTopicRequest, DescribeTopicRequest, Event, FetchRequest,
@@ -627,5 +628,54 @@ async fn a_producer_whose_sends_are_cancelled_midway_never_loses_a_later_batch(e
         completed.len() < attempted.len(),
         "some sends were cancelled (else the test tested nothing)"
     );
+    stop(broker).await;
+}
+
+/// A full disk refuses a batch — UNAVAILABLE, saying so, nothing of it stored — and the
+/// partition takes the next batch as soon as the disk does, rather than staying disabled
+/// until a restart; a restart then finds exactly what was acknowledged.
+#[tokio::test]
+async fn a_partition_takes_appends_again_once_the_disk_has_room() {
+    let Some(harness) = Harness::new(Engine::Embedded).await else {
+        return;
+    };
+    let (addr, broker) = harness.spawn().await;
+    let mut client = connect(addr).await;
+    create(&mut client, "full", 1).await.unwrap();
+    let produce = |id: &str| {
+        batches_request(
+            "full",
+            vec![batch(0, &[event(id, "k", b"x")], Compression::None)],
+        )
+    };
+    client.produce(produce("e1")).await.unwrap();
+
+    faults::fail_next(harness.dir.path(), Op::Write, Fault::Enospc);
+    let refused = client.produce(produce("e2")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("disk is full"), "{refused:?}");
+    assert!(
+        !refused
+            .message()
+            .contains(&harness.dir.path().display().to_string()),
+        "no paths: {refused:?}"
+    );
+
+    let acks = client
+        .produce(produce("e3"))
+        .await
+        .expect("the partition takes appends again")
+        .into_inner()
+        .batch_acks;
+    assert_eq!(acks[0].base_offset, 1, "the refused batch took no offset");
+    let ids = |records: Vec<runnel_proto::v1::Record>| -> Vec<String> {
+        records.into_iter().map(|r| r.event.unwrap().id).collect()
+    };
+    assert_eq!(ids(fetch_all(&mut client, "full", 0).await), ["e1", "e3"]);
+    stop(broker).await;
+
+    let (addr, broker) = harness.spawn().await;
+    let mut client = connect(addr).await;
+    assert_eq!(ids(fetch_all(&mut client, "full", 0).await), ["e1", "e3"]);
     stop(broker).await;
 }

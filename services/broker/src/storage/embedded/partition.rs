@@ -294,9 +294,22 @@ impl PartitionLog {
             producer_id: batch.producer_id,
             base_sequence: batch.base_sequence,
         };
-        let appended = self.active().append(&header, &batch.records);
-        if let Err(error) = appended {
-            return Err(self.fail(BrokerError::Segment(error)));
+        if let Err(error) = self.active().append(&header, &batch.records) {
+            // The write failed (a full disk, say) and was cut back off: nothing of the batch
+            // is in the file or the index, and the next append tries again — unlike a failed
+            // fsync or roll, which may have left the files ahead of the state.
+            tracing::warn!(
+                topic = %self.topic,
+                partition = self.partition,
+                %error,
+                "a batch could not be written; nothing of it was stored"
+            );
+            metrics::counter!("runnel_broker_write_errors_total").increment(1);
+            return Err(BrokerError::NotWritten {
+                topic: self.topic.clone(),
+                partition: self.partition,
+                reason: not_written_reason(&error),
+            });
         }
         self.last_time = time;
         if batch.producer_id != 0 {
@@ -469,6 +482,21 @@ impl PartitionLog {
     /// Blocking: fsyncs everything (at shutdown).
     pub(crate) fn sync(&mut self) -> Result<()> {
         self.active().sync().map_err(BrokerError::Segment)
+    }
+}
+
+/// What a client is told about a failed write: the kind of OS error, never a path.
+fn not_written_reason(error: &super::segment::SegmentError) -> String {
+    match error {
+        super::segment::SegmentError::Log {
+            source: runnel_log::Error::Io(io),
+            ..
+        } if io.kind() == std::io::ErrorKind::StorageFull => "the broker's disk is full".into(),
+        super::segment::SegmentError::Log {
+            source: runnel_log::Error::Io(io),
+            ..
+        } => format!("the broker's disk refused the write ({})", io.kind()),
+        _ => "the broker could not write it".into(),
     }
 }
 
