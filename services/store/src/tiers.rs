@@ -103,7 +103,20 @@ impl<H: HotTier> Tiers<H> {
             let (query, key) = (latest.query.as_str(), latest.key.as_str());
             let updated = match self.config.strategy(query) {
                 CacheStrategy::WriteThrough => {
-                    self.hot.store(query, key, series.clone(), None).await
+                    match self.hot.store(query, key, series.clone(), None).await {
+                        Ok(()) => Ok(()),
+                        // The hot tier may still hold an older version of the series (Redis
+                        // at `maxmemory` with `noeviction` refuses the write but takes the
+                        // marker): drop it, remembering this version so that no older fill
+                        // comes back, rather than let reads serve a result older than
+                        // long-term storage.
+                        Err(error) => {
+                            hot_failed(&error);
+                            self.hot
+                                .forget(query, key, series.version, self.config.ttl)
+                                .await
+                        }
+                    }
                 }
                 CacheStrategy::ReadThrough | CacheStrategy::RefreshAhead => {
                     self.hot
@@ -383,6 +396,91 @@ mod tests {
             }
             other => panic!("expected a hit, got {other:?}"),
         }
+    }
+
+    /// A hot tier that refuses new series (as Redis at `maxmemory` with `noeviction` does)
+    /// while it still serves what it holds and takes markers.
+    struct RefusesWrites {
+        inner: Memory,
+        refuse: std::sync::atomic::AtomicBool,
+    }
+
+    impl HotTier for RefusesWrites {
+        async fn series(&self, query: &str, key: &str) -> Result<Lookup> {
+            self.inner.series(query, key).await
+        }
+
+        async fn store(
+            &self,
+            query: &str,
+            key: &str,
+            series: Series,
+            ttl: Option<Duration>,
+        ) -> Result<()> {
+            if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(crate::error::StoreError::Hot(
+                    "OOM command not allowed when used memory > 'maxmemory'".into(),
+                ));
+            }
+            self.inner.store(query, key, series, ttl).await
+        }
+
+        async fn forget(&self, query: &str, key: &str, version: u64, ttl: Duration) -> Result<()> {
+            self.inner.forget(query, key, version, ttl).await
+        }
+
+        async fn rank(&self, query: &str, scores: Scores, keep: usize) -> Result<()> {
+            self.inner.rank(query, scores, keep).await
+        }
+
+        async fn top(&self, query: &str, k: usize) -> Result<Option<Ranking>> {
+            self.inner.top(query, k).await
+        }
+    }
+
+    /// A write-through the hot tier refuses must not leave the older version it holds to
+    /// be served: reads go to long-term storage until the hot tier takes writes again.
+    #[tokio::test]
+    async fn a_refused_write_through_never_leaves_an_older_result_to_serve() {
+        let dir = tempfile::tempdir().unwrap();
+        let durable = Arc::new(
+            Durable::open(
+                dir.path(),
+                FsyncPolicy::Never,
+                1000,
+                crate::durable::Sequencing::Local,
+            )
+            .unwrap(),
+        );
+        let hot = RefusesWrites {
+            inner: Memory::new(1 << 20),
+            refuse: std::sync::atomic::AtomicBool::new(false),
+        };
+        let tiers = Tiers::new(durable, hot, HotConfig::default());
+        tiers
+            .put(vec![result("k", 0, 1.0)], Sequences::Assign, true)
+            .await
+            .unwrap();
+        tiers
+            .hot
+            .refuse
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tiers
+            .put(vec![result("k", 0, 2.0)], Sequences::Assign, true)
+            .await
+            .expect("long-term storage took it");
+        let latest = tiers.latest("q", "k").await.unwrap().unwrap();
+        assert_eq!(latest.values["count"], 2.0, "not the older hot result");
+        tiers
+            .hot
+            .refuse
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        tiers
+            .put(vec![result("k", 10, 3.0)], Sequences::Assign, true)
+            .await
+            .unwrap();
+        let latest = tiers.latest("q", "k").await.unwrap().unwrap();
+        assert_eq!(latest.values["count"], 3.0);
     }
 
     #[tokio::test]

@@ -571,3 +571,54 @@ async fn replicas_over_one_redis_share_the_hot_data() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Redis at `maxmemory` with `noeviction` refuses a write-through: the store then drops
+/// the older series Redis holds (a versioned marker, which Redis still takes) rather than
+/// leave it to be served instead of what long-term storage has.
+#[tokio::test]
+async fn a_full_redis_never_serves_a_result_older_than_long_term_storage() {
+    if !runnel_testkit::require(Tool::RedisServer) {
+        return;
+    }
+    let server = RedisServer::start().await.unwrap();
+    let url = server.url.clone();
+    let backend = Backend::Redis(Box::new(server));
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = spawn_store(dir.path(), &backend, |_| {}).await;
+    put(
+        &mut store.client,
+        vec![result("meetup_topics", "Rust", 0, 4.0)],
+    )
+    .await
+    .unwrap();
+    let seen = get(&mut store.client, "meetup_topics", "Rust").await;
+    assert_eq!(seen.map(|r| r.values["count"]), Some(4.0));
+
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for (setting, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(setting)
+            .arg(value)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+    put(
+        &mut store.client,
+        vec![result("meetup_topics", "Rust", 0, 5.0)],
+    )
+    .await
+    .expect("long-term storage takes it whatever Redis does");
+    let seen = get(&mut store.client, "meetup_topics", "Rust").await;
+    assert_eq!(
+        seen.map(|r| r.values["count"]),
+        Some(5.0),
+        "not the older result Redis held"
+    );
+    store.stop().await;
+}
