@@ -241,6 +241,7 @@ async fn open_embedded(
         offsets,
         group_commit,
         config.writeback_bytes,
+        config.fsync == FsyncPolicy::Always,
     );
     Ok((Arc::new(storage), topics))
 }

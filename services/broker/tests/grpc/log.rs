@@ -686,10 +686,11 @@ proptest::proptest! {
 
     /// Simulated power cuts (runnel-log's fault layer: every file back to what its last
     /// fsync covered, every later write and fsync failing) while two clients produce with
-    /// DURABLE acks, one record per request, to a partition with small segments (so cuts
-    /// land around rolls too): after the power is back and the broker restarted, every
-    /// acknowledged record is at the offset it was acknowledged at, and offsets still run
-    /// on without a gap.
+    /// DURABLE acks and one with LEADER acks, one record per request, to a partition with
+    /// small segments (so cuts land around rolls too), and a reader follows it with Fetch:
+    /// after the power is back
+    /// and the broker restarted, every acknowledged record — and every record the reader
+    /// saw — is at the offset it had, and offsets still run on without a gap.
     #[test]
     fn a_power_cut_loses_nothing_acknowledged_durable(
         cut_after in 0usize..40,
@@ -714,7 +715,12 @@ async fn power_cut_round(cut_after: usize, per_client: usize) {
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, u64)>::new()));
     let cut = std::sync::Arc::new(tokio::sync::Notify::new());
     let mut clients = Vec::new();
-    for name in ["a", "b"] {
+    // `c` asks only for LEADER acks: nothing of its own makes its records durable.
+    for (name, acks) in [
+        ("a", Acks::Durable),
+        ("b", Acks::Durable),
+        ("c", Acks::Leader),
+    ] {
         let mut client = client.clone();
         let acked = std::sync::Arc::clone(&acked);
         let cut = std::sync::Arc::clone(&cut);
@@ -724,12 +730,15 @@ async fn power_cut_round(cut_after: usize, per_client: usize) {
                 let request = ProduceRequest {
                     topic: "cut".into(),
                     events: vec![event(&id, "k", &[7u8; 2000])],
-                    acks: Acks::Durable as i32,
+                    acks: acks as i32,
                     ..Default::default()
                 };
                 let Ok(response) = client.produce(request).await else {
                     continue;
                 };
+                if acks != Acks::Durable {
+                    continue;
+                }
                 let offset = response.into_inner().positions[0].offset;
                 let mut acked = acked.lock().unwrap();
                 acked.push((id, offset));
@@ -739,6 +748,42 @@ async fn power_cut_round(cut_after: usize, per_client: usize) {
             }
         }));
     }
+    // A reader follows the partition with Fetch meanwhile: what it sees must never be
+    // taken back by the cut (the broker shows only what is fsync'd).
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u64, String)>::new()));
+    let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let reader = tokio::spawn({
+        let mut client = client.clone();
+        let seen = std::sync::Arc::clone(&seen);
+        let reading = std::sync::Arc::clone(&reading);
+        async move {
+            let mut next = 0;
+            let mut poll = tokio::time::interval(Duration::from_millis(1));
+            while reading.load(std::sync::atomic::Ordering::Relaxed) {
+                poll.tick().await;
+                let Ok(fetched) = client
+                    .fetch(FetchRequest {
+                        topic: "cut".into(),
+                        partition: 0,
+                        offset: next,
+                        max_records: 100,
+                        ..Default::default()
+                    })
+                    .await
+                else {
+                    continue;
+                };
+                let mut seen = seen.lock().unwrap();
+                for record in fetched.into_inner().records {
+                    next = record.offset + 1;
+                    seen.push((
+                        record.offset,
+                        record.event.map(|e| e.id).unwrap_or_default(),
+                    ));
+                }
+            }
+        }
+    });
     let power = tokio::spawn({
         let dir = harness.dir.path().to_owned();
         async move {
@@ -753,6 +798,8 @@ async fn power_cut_round(cut_after: usize, per_client: usize) {
         power.abort();
         faults::power_cut(harness.dir.path()).unwrap();
     }
+    reading.store(false, std::sync::atomic::Ordering::Relaxed);
+    reader.await.unwrap();
     // The machine is off: the broker's shutdown cannot write either.
     let _ = broker.stop(Duration::from_secs(10)).await;
     faults::heal(harness.dir.path());
@@ -762,6 +809,17 @@ async fn power_cut_round(cut_after: usize, per_client: usize) {
     let stored = fetch_all(&mut client, "cut", 0).await;
     for (at, record) in stored.iter().enumerate() {
         assert_eq!(record.offset, at as u64, "offsets run on");
+    }
+    for (offset, id) in seen.lock().unwrap().iter() {
+        let found = stored
+            .get(*offset as usize)
+            .and_then(|r| r.event.as_ref())
+            .map(|e| e.id.as_str());
+        assert_eq!(
+            found,
+            Some(id.as_str()),
+            "a reader saw {id} at offset {offset}"
+        );
     }
     for (id, offset) in acked.lock().unwrap().iter() {
         let found = stored

@@ -1,7 +1,9 @@
 //! The embedded engine's follower of one partition: reads what the partition holds from an
-//! offset on, then waits on its end offset for more, handing records on in chunks through
-//! a bounded channel (see [`Storage::follow`](crate::storage::Storage::follow)).
+//! offset on, then waits on its end offset (with durable reads, its durable offset) for
+//! more, handing records on in chunks through a bounded channel (see
+//! [`Storage::follow`](crate::storage::Storage::follow)).
 
+use super::durability::GroupCommit;
 use super::partition::Partition;
 use crate::error::{BrokerError, Result};
 use runnel_proto::v1::Record;
@@ -19,6 +21,9 @@ pub(crate) struct PartitionReader {
     pub(crate) next: u64,
     pub(crate) max_bytes: usize,
     pub(crate) shutdown: Shutdown,
+    /// With durable reads, the group commit to ask for an fsync of what this reader waits
+    /// for: it reads only below the durable offset.
+    pub(crate) durable_reads: Option<Arc<GroupCommit>>,
 }
 
 impl PartitionReader {
@@ -29,13 +34,32 @@ impl PartitionReader {
         sink: mpsc::Sender<std::result::Result<Vec<Record>, Status>>,
     ) {
         let mut end = self.partition.watch_end();
+        let mut durable = self.partition.watch_durable();
         loop {
-            let available = *end.borrow_and_update();
+            let written = *end.borrow_and_update();
+            let available = match &self.durable_reads {
+                None => written,
+                Some(group_commit) => {
+                    let synced = *durable.borrow_and_update();
+                    if synced.failed {
+                        let failed = BrokerError::PartitionFailed {
+                            topic: self.partition.topic().to_owned(),
+                            partition: self.partition.id(),
+                        };
+                        let _ = sink.send(Err(failed.into())).await;
+                        return;
+                    }
+                    if self.next >= synced.offset && synced.offset < written {
+                        group_commit.request(&self.partition);
+                    }
+                    synced.offset
+                }
+            };
             if self.next < available {
                 let partition = Arc::clone(&self.partition);
                 let (from, max_bytes) = (self.next, self.max_bytes.min(READ_BYTES));
                 let read = tokio::task::spawn_blocking(move || -> Result<Vec<Record>> {
-                    let read = partition.read(from, max_bytes)?;
+                    let read = partition.read_below(from, max_bytes, available)?;
                     let mut records = Vec::new();
                     for batch in read.batches {
                         records.extend(batch.records(partition.id(), from, usize::MAX).map_err(
@@ -87,6 +111,11 @@ impl PartitionReader {
             }
             tokio::select! {
                 changed = end.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                changed = durable.changed(), if self.durable_reads.is_some() => {
                     if changed.is_err() {
                         return;
                     }

@@ -37,6 +37,11 @@ pub(crate) struct Embedded {
     offsets: Arc<OffsetStore>,
     group_commit: Arc<GroupCommit>,
     writeback_bytes: u64,
+    /// With `fsync = "always"`: readers (`Fetch`, `Subscribe`) and group commits see only
+    /// what is fsync'd, so that an OS crash can never take back a record a consumer saw and
+    /// hand its offset to another; a reader waiting past the durable offset asks the group
+    /// commit for an fsync.
+    durable_reads: bool,
 }
 
 impl Embedded {
@@ -45,13 +50,30 @@ impl Embedded {
         offsets: Arc<OffsetStore>,
         group_commit: Arc<GroupCommit>,
         writeback_bytes: u64,
+        durable_reads: bool,
     ) -> Embedded {
         Embedded {
             topics,
             offsets,
             group_commit,
             writeback_bytes,
+            durable_reads,
         }
+    }
+
+    /// The offset below which readers may see records: the durable offset with durable
+    /// reads, once what was appended before the call is fsync'd (asked for here), else the
+    /// end offset.
+    async fn visible_end(&self, partition: &Arc<Partition>, from: u64) -> Result<u64> {
+        if !self.durable_reads {
+            return Ok(partition.end_offset());
+        }
+        let end = partition.end_offset();
+        if from < end && partition.durable_offset() < end {
+            self.group_commit.request(partition);
+            partition.wait_durable(end).await?;
+        }
+        Ok(partition.durable_offset())
     }
 
     fn topic(&self, name: &str) -> Result<Arc<Topic>> {
@@ -131,7 +153,8 @@ impl Storage for Embedded {
 
     async fn read(&self, topic: &str, partition: u32, from: u64, max_bytes: usize) -> Result<Read> {
         let partition = self.partition(topic, partition)?;
-        tokio::task::spawn_blocking(move || partition.read(from, max_bytes)).await?
+        let visible = self.visible_end(&partition, from).await?;
+        tokio::task::spawn_blocking(move || partition.read_below(from, max_bytes, visible)).await?
     }
 
     async fn offset_for_time(&self, topic: &str, partition: u32, time: Millis) -> Result<u64> {
@@ -141,7 +164,12 @@ impl Storage for Embedded {
 
     async fn bounds(&self, topic: &str, partition: u32) -> Result<(u64, u64)> {
         let partition = self.partition(topic, partition)?;
-        Ok((partition.start_offset(), partition.end_offset()))
+        let end = if self.durable_reads {
+            partition.durable_offset()
+        } else {
+            partition.end_offset()
+        };
+        Ok((partition.start_offset(), end))
     }
 
     async fn follow(
@@ -157,6 +185,7 @@ impl Storage for Embedded {
             next: from,
             max_bytes,
             shutdown,
+            durable_reads: self.durable_reads.then(|| Arc::clone(&self.group_commit)),
         };
         let (sender, receiver) = mpsc::channel(FOLLOW_BUFFER);
         tokio::spawn(reader.run(sender));
@@ -223,7 +252,7 @@ mod tests {
         let (stop, stopped) = runnel_server::Shutdown::new();
         let committer = tokio::spawn(Arc::clone(&group_commit).run(stopped));
         let size = batch(0).records.len() as u64;
-        let storage = Embedded::new(Arc::clone(&topics), offsets, group_commit, 3 * size);
+        let storage = Embedded::new(Arc::clone(&topics), offsets, group_commit, 3 * size, false);
         storage
             .create_topic("t", 1, RetentionOverride::default())
             .await

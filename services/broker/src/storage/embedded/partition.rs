@@ -609,6 +609,21 @@ impl Partition {
         self.end.subscribe()
     }
 
+    /// A receiver that sees every new durable offset (and a failed fsync).
+    pub(crate) fn watch_durable(&self) -> watch::Receiver<Durable> {
+        self.durable.subscribe()
+    }
+
+    /// Blocking: [`Partition::read`], without the batches at or beyond `limit` (a durable
+    /// offset, which is always a batch boundary).
+    pub(crate) fn read_below(&self, from: u64, max_bytes: usize, limit: u64) -> Result<Read> {
+        let mut read = self.read(from, max_bytes)?;
+        read.batches
+            .retain(|batch| batch.header.base_offset < limit);
+        read.end = read.end.min(limit);
+        Ok(read)
+    }
+
     fn publish(&self, log: &PartitionLog) {
         self.start.store(log.start_offset(), Ordering::Release);
         self.size_bytes.store(log.size_bytes(), Ordering::Release);
