@@ -834,3 +834,48 @@ async fn power_cut_round(cut_after: usize, per_client: usize) {
     }
     stop(broker).await;
 }
+
+/// After a failed fsync a partition shows readers what is durable and nothing more: a
+/// reader behind the durable offset still gets it, one past it gets the failure, never a
+/// record that may not be on disk.
+#[tokio::test]
+async fn a_partition_whose_fsync_failed_shows_only_what_is_durable() {
+    let Some(harness) = Harness::new(Engine::Embedded).await else {
+        return;
+    };
+    let (addr, broker) = harness.spawn().await;
+    let mut client = connect(addr).await;
+    create(&mut client, "synced", 1).await.unwrap();
+    let produce = |id: &str, acks: Acks| ProduceRequest {
+        topic: "synced".into(),
+        events: vec![event(id, "k", b"x")],
+        acks: acks as i32,
+        ..Default::default()
+    };
+    client
+        .produce(produce("durable", Acks::Durable))
+        .await
+        .unwrap();
+    faults::fail_every(harness.dir.path(), Op::Sync, Fault::Eio);
+    client
+        .produce(produce("in the page cache", Acks::Leader))
+        .await
+        .unwrap();
+    let fetch = |offset| FetchRequest {
+        topic: "synced".into(),
+        partition: 0,
+        offset,
+        ..Default::default()
+    };
+    let past = client.fetch(fetch(1)).await.unwrap_err();
+    assert_eq!(past.code(), Code::Internal, "{past:?}");
+    let behind = client.fetch(fetch(0)).await.unwrap().into_inner();
+    let ids: Vec<String> = behind
+        .records
+        .into_iter()
+        .map(|r| r.event.unwrap().id)
+        .collect();
+    assert_eq!(ids, ["durable"]);
+    faults::heal(harness.dir.path());
+    let _ = broker.stop(Duration::from_secs(10)).await;
+}

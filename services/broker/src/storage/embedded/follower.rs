@@ -41,15 +41,16 @@ impl PartitionReader {
                 None => written,
                 Some(group_commit) => {
                     let synced = *durable.borrow_and_update();
-                    if synced.failed {
-                        let failed = BrokerError::PartitionFailed {
-                            topic: self.partition.topic().to_owned(),
-                            partition: self.partition.id(),
-                        };
-                        let _ = sink.send(Err(failed.into())).await;
-                        return;
-                    }
                     if self.next >= synced.offset && synced.offset < written {
+                        if synced.failed {
+                            // What follows will never be durable: nothing more to show.
+                            let failed = BrokerError::PartitionFailed {
+                                topic: self.partition.topic().to_owned(),
+                                partition: self.partition.id(),
+                            };
+                            let _ = sink.send(Err(failed.into())).await;
+                            return;
+                        }
                         group_commit.request(&self.partition);
                     }
                     synced.offset

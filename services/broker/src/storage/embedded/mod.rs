@@ -61,15 +61,16 @@ impl Embedded {
         }
     }
 
-    /// The offset below which readers may see records: the durable offset with durable
-    /// reads, once what was appended before the call is fsync'd (asked for here), else the
-    /// end offset.
+    /// The offset below which a reader from `from` may see records: with durable reads,
+    /// the durable offset — and when the reader has read everything durable but not all that
+    /// was appended, once that is fsync'd (asked for here) — else the end offset.
     async fn visible_end(&self, partition: &Arc<Partition>, from: u64) -> Result<u64> {
         if !self.durable_reads {
             return Ok(partition.end_offset());
         }
         let end = partition.end_offset();
-        if from < end && partition.durable_offset() < end {
+        let durable = partition.durable_offset();
+        if from >= durable && durable < end {
             self.group_commit.request(partition);
             partition.wait_durable(end).await?;
         }
