@@ -329,8 +329,11 @@ fn sync_loop(
             }
         }
         last_sync = Some(Instant::now());
-        metrics::counter!("runnel_msglog_fsyncs_total").increment(1);
-        metrics::histogram!("runnel_msglog_fsync_seconds").record(started.elapsed().as_secs_f64());
+        if !synced.is_empty() {
+            metrics::counter!("runnel_msglog_fsyncs_total").increment(1);
+            metrics::histogram!("runnel_msglog_fsync_seconds")
+                .record(started.elapsed().as_secs_f64());
+        }
         if let Err(reason) = &result
             && failed.is_none()
         {

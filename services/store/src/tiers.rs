@@ -360,6 +360,14 @@ mod tests {
     }
 
     fn tiers(dir: &std::path::Path, configure: impl FnOnce(&mut HotConfig)) -> Arc<Tiers<Memory>> {
+        tiers_over(dir, Memory::new(1 << 20), configure)
+    }
+
+    fn tiers_over<H: HotTier>(
+        dir: &std::path::Path,
+        hot: H,
+        configure: impl FnOnce(&mut HotConfig),
+    ) -> Arc<Tiers<H>> {
         let durable = Arc::new(
             Durable::open(
                 dir,
@@ -371,7 +379,7 @@ mod tests {
         );
         let mut config = HotConfig::default();
         configure(&mut config);
-        Tiers::new(durable, Memory::new(1 << 20), config)
+        Tiers::new(durable, hot, config)
     }
 
     async fn lookup(tiers: &Tiers<Memory>, key: &str) -> Lookup {
@@ -443,38 +451,29 @@ mod tests {
     #[tokio::test]
     async fn a_refused_write_through_never_leaves_an_older_result_to_serve() {
         let dir = tempfile::tempdir().unwrap();
-        let durable = Arc::new(
-            Durable::open(
-                dir.path(),
-                FsyncPolicy::Never,
-                1000,
-                crate::durable::Sequencing::Local,
-            )
-            .unwrap(),
-        );
         let hot = RefusesWrites {
             inner: Memory::new(1 << 20),
             refuse: std::sync::atomic::AtomicBool::new(false),
         };
-        let tiers = Tiers::new(durable, hot, HotConfig::default());
+        let tiers = tiers_over(dir.path(), hot, |_| {});
+        let refuse = |on| {
+            tiers
+                .hot
+                .refuse
+                .store(on, std::sync::atomic::Ordering::Relaxed)
+        };
         tiers
             .put(vec![result("k", 0, 1.0)], Sequences::Assign, true)
             .await
             .unwrap();
-        tiers
-            .hot
-            .refuse
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        refuse(true);
         tiers
             .put(vec![result("k", 0, 2.0)], Sequences::Assign, true)
             .await
             .expect("long-term storage took it");
         let latest = tiers.latest("q", "k").await.unwrap().unwrap();
         assert_eq!(latest.values["count"], 2.0, "not the older hot result");
-        tiers
-            .hot
-            .refuse
-            .store(false, std::sync::atomic::Ordering::Relaxed);
+        refuse(false);
         tiers
             .put(vec![result("k", 10, 3.0)], Sequences::Assign, true)
             .await

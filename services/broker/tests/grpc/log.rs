@@ -810,24 +810,22 @@ async fn power_cut_round(cut_after: usize, per_client: usize) {
     for (at, record) in stored.iter().enumerate() {
         assert_eq!(record.offset, at as u64, "offsets run on");
     }
-    for (offset, id) in seen.lock().unwrap().iter() {
-        let found = stored
-            .get(*offset as usize)
+    let id_at = |offset: u64| {
+        stored
+            .get(offset as usize)
             .and_then(|r| r.event.as_ref())
-            .map(|e| e.id.as_str());
+            .map(|e| e.id.as_str())
+    };
+    for (offset, id) in seen.lock().unwrap().iter() {
         assert_eq!(
-            found,
+            id_at(*offset),
             Some(id.as_str()),
             "a reader saw {id} at offset {offset}"
         );
     }
     for (id, offset) in acked.lock().unwrap().iter() {
-        let found = stored
-            .get(*offset as usize)
-            .and_then(|r| r.event.as_ref())
-            .map(|e| e.id.as_str());
         assert_eq!(
-            found,
+            id_at(*offset),
             Some(id.as_str()),
             "{id} was acknowledged DURABLE at offset {offset}"
         );

@@ -150,14 +150,13 @@ impl PartitionLog {
                 }
                 segments.push(segment);
             }
-            let mut segment =
+            let segment =
                 Segment::recover(dir, active, settings.segment_policy(), interval, |header| {
                     record(&mut producers, header)
                 })
                 .map_err(BrokerError::Segment)?;
-            // What a crash left in the page cache is on disk from here on, so the durable
-            // offset can start at the end.
-            segment.sync().map_err(BrokerError::Segment)?;
+            // Opening the segment fsync'd what a crash left in the page cache
+            // (`LogFile::open`), so the durable offset can start at the end.
             segments.push(segment);
         } else {
             segments.push(
@@ -487,16 +486,16 @@ impl PartitionLog {
 
 /// What a client is told about a failed write: the kind of OS error, never a path.
 fn not_written_reason(error: &super::segment::SegmentError) -> String {
-    match error {
-        super::segment::SegmentError::Log {
-            source: runnel_log::Error::Io(io),
-            ..
-        } if io.kind() == std::io::ErrorKind::StorageFull => "the broker's disk is full".into(),
-        super::segment::SegmentError::Log {
-            source: runnel_log::Error::Io(io),
-            ..
-        } => format!("the broker's disk refused the write ({})", io.kind()),
-        _ => "the broker could not write it".into(),
+    let super::segment::SegmentError::Log {
+        source: runnel_log::Error::Io(io),
+        ..
+    } = error
+    else {
+        return "the broker could not write it".into();
+    };
+    match io.kind() {
+        std::io::ErrorKind::StorageFull => "the broker's disk is full".into(),
+        kind => format!("the broker's disk refused the write ({kind})"),
     }
 }
 
