@@ -405,3 +405,119 @@ async fn a_full_log_answers_resource_exhausted_and_loses_nothing() {
     })
     .await;
 }
+
+const RETRY_ROUNDS: usize = 30;
+
+/// Ingests batches at STORED to whatever collector is at `url`, half of the events keyless,
+/// resending every call that was not acknowledged — the same events, the same ids — until
+/// it is, as `docs/collector.md` tells clients to; returns how many calls were resent.
+async fn ingest_resending(
+    url: String,
+    acknowledged: Arc<Mutex<Vec<String>>>,
+    stop: watch::Receiver<bool>,
+    prefix: &'static str,
+) -> u64 {
+    let channel = runnel_client::connect_lazy(&url, &Default::default()).expect("url");
+    let mut client = CollectorClient::new(channel);
+    let (mut next, mut resent) = (0u64, 0u64);
+    while !*stop.borrow() {
+        let ids: Vec<String> = (0..BATCH)
+            .map(|_| {
+                next += 1;
+                format!("{prefix}-{next}")
+            })
+            .collect();
+        let events: Vec<Event> = ids
+            .iter()
+            .cloned()
+            .map(|id| {
+                let keyless = id.ends_with(['0', '2', '4', '6', '8']);
+                let mut event = event(id);
+                if keyless {
+                    event.key.clear();
+                }
+                event
+            })
+            .collect();
+        loop {
+            let request = IngestRequest {
+                events: events.clone(),
+                ack_level: AckLevel::Stored as i32,
+            };
+            let call = tokio::time::timeout(Duration::from_secs(5), client.ingest(request));
+            match call.await {
+                Ok(Ok(_)) => break,
+                Ok(Err(_)) | Err(_) => {
+                    resent += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        acknowledged.lock().unwrap().extend(ids);
+    }
+    resent
+}
+
+/// Clients that resend every unacknowledged call with the same ids, while the collector and
+/// the broker are each killed with SIGKILL thirty times: every event is stored exactly
+/// once. The resends do carry events the pipeline already had (the collector logged them,
+/// or the broker stored them, before the kill cut the answer off); the broker recognises
+/// them by `(source, id)`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resent_calls_are_stored_once_through_thirty_kills_of_the_collector_and_the_broker() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut broker, mut collector) = start(dir.path(), "").await;
+    let acknowledged = Arc::new(Mutex::new(Vec::new()));
+    let (stop, stopped) = watch::channel(false);
+    let clients: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|prefix| {
+            tokio::spawn(ingest_resending(
+                collector.url(),
+                Arc::clone(&acknowledged),
+                stopped.clone(),
+                prefix,
+            ))
+        })
+        .collect();
+    for round in 0..RETRY_ROUNDS * 2 {
+        let before = acknowledged.lock().unwrap().len();
+        eventually(
+            Duration::from_secs(60),
+            Deferred(|| {
+                format!(
+                    "round {round}: progress\n{}\n{}",
+                    collector.log(),
+                    broker.log()
+                )
+            }),
+            || async { acknowledged.lock().unwrap().len() >= before + BATCH * 3 },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..100))).await;
+        if round % 2 == 0 {
+            collector.kill().await.expect("SIGKILL collector");
+            collector = collector.restart().await.expect("collector restarts");
+        } else {
+            broker.kill().await.expect("SIGKILL broker");
+            broker = broker.restart().await.expect("broker restarts");
+        }
+    }
+    stop.send(true).expect("stop");
+    let mut resent = 0;
+    for client in clients {
+        resent += tokio::time::timeout(Duration::from_secs(120), client)
+            .await
+            .expect("clients stop")
+            .expect("client");
+    }
+    assert!(resent > 0, "no call was resent: the kills tested nothing");
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert_exactly_once(&broker.url(), &acknowledged, || {
+        format!("{}\n{}", collector.log(), broker.log())
+    })
+    .await;
+    // Every event sent was acknowledged in the end, so the broker holds nothing else.
+    let stored = stored(&broker.url(), "events").await;
+    assert_eq!(stored.len(), acknowledged.len(), "only what was sent, once");
+}

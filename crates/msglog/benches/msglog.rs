@@ -8,7 +8,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use runnel_log::FsyncPolicy;
 use runnel_msglog::{
     AckLevel, Batch, DeliveryError, Destination, Downstream, LogConfig, MessageLog, Mode, Part,
-    Submission,
+    Placement, Submission,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,10 +24,10 @@ const PARTITIONS: u32 = 4;
 struct Sink(Arc<AtomicU64>);
 
 impl Downstream for Sink {
-    async fn deliver(&self, batches: Vec<Batch>) -> Result<Vec<u64>, DeliveryError> {
+    async fn deliver(&self, batches: Vec<Batch>) -> Result<Vec<Placement>, DeliveryError> {
         Ok(batches
             .iter()
-            .map(|b| self.0.fetch_add(u64::from(b.count), Ordering::Relaxed))
+            .map(|b| Placement::From(self.0.fetch_add(u64::from(b.count), Ordering::Relaxed)))
             .collect())
     }
 }

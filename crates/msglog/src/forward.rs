@@ -41,6 +41,34 @@ pub struct Batch {
     pub trace: Option<TraceHeaders>,
 }
 
+/// Where the downstream stored a delivered batch's messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// At consecutive offsets from this one.
+    From(u64),
+    /// At these offsets, one per message in order: a downstream that recognises retried
+    /// messages answers them with their originals' offsets.
+    At(Vec<u64>),
+}
+
+impl Placement {
+    /// The offset of the `count` messages from the `first`th on, if they are consecutive.
+    pub fn run(&self, first: u64, count: u32) -> Option<u64> {
+        match self {
+            Placement::From(base) => Some(base + first),
+            Placement::At(offsets) => {
+                let start = usize::try_from(first).ok()?;
+                let run = offsets.get(start..start.checked_add(count as usize)?)?;
+                let head = *run.first()?;
+                run.iter()
+                    .zip(head..)
+                    .all(|(&offset, expected)| offset == expected)
+                    .then_some(head)
+            }
+        }
+    }
+}
+
 /// Why a call downstream did not succeed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DeliveryError {
@@ -61,13 +89,13 @@ pub enum DeliveryError {
 
 /// Where entries go once logged: the broker, in the collector.
 pub trait Downstream: Send + Sync + 'static {
-    /// Stores the batches, in order per destination, and answers with each one's offset
-    /// (of its first message). A batch with a producer id and sequence the downstream
-    /// already stored must be answered with its original offset, not stored again.
+    /// Stores the batches, in order per destination, and answers with where each one's
+    /// messages are. A batch with a producer id and sequence the downstream already stored
+    /// must be answered with its original offsets, not stored again.
     fn deliver(
         &self,
         batches: Vec<Batch>,
-    ) -> impl Future<Output = Result<Vec<u64>, DeliveryError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Placement>, DeliveryError>> + Send;
 }
 
 /// An entry on its way downstream.
@@ -322,19 +350,21 @@ impl<D: Downstream> Forwarder<D> {
         let plan = self.plan(count);
         let mut offsets = vec![None; count];
         match self.call(plan.batches.clone()).await? {
-            Ok(bases) => {
-                for (members, base) in plan.members.iter().zip(bases) {
+            Ok(placements) => {
+                for (members, placement) in plan.members.iter().zip(placements) {
                     for &(index, before) in members {
-                        offsets[index] = Some(base + before);
+                        offsets[index] = placement.run(before, self.pending[index].entry.count);
                     }
                 }
             }
             Err(()) => {
                 // Some batch was stored before: find out batch by batch.
                 for (batch, members) in plan.batches.into_iter().zip(&plan.members) {
-                    if let Ok(bases) = self.call(vec![batch]).await? {
+                    if let Ok(placements) = self.call(vec![batch]).await? {
                         for &(index, before) in members {
-                            offsets[index] = bases.first().map(|base| base + before);
+                            offsets[index] = placements
+                                .first()
+                                .and_then(|p| p.run(before, self.pending[index].entry.count));
                         }
                     }
                 }
@@ -345,7 +375,7 @@ impl<D: Downstream> Forwarder<D> {
 
     /// Makes one call until it succeeds (`Ok(offsets)`) or is answered `AlreadyStored`
     /// (`Err(())`); `None` if the close deadline passed first.
-    async fn call(&self, batches: Vec<Batch>) -> Option<Result<Vec<u64>, ()>> {
+    async fn call(&self, batches: Vec<Batch>) -> Option<Result<Vec<Placement>, ()>> {
         let mut delay = Duration::from_millis(20);
         let expected = batches.len();
         loop {

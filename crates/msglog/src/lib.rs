@@ -56,7 +56,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
-pub use forward::{Batch, DeliveryError, Downstream};
+pub use forward::{Batch, DeliveryError, Downstream, Placement};
 
 /// Where, relative to delivery, messages are logged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

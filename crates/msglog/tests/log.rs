@@ -10,7 +10,7 @@ use runnel_log::FsyncPolicy;
 use runnel_log::faults::{self, Fault, Op};
 use runnel_msglog::{
     AckLevel, Batch, DeliveryError, Destination, Downstream, Error, LogConfig, MessageLog, Mode,
-    Part, Submission,
+    Part, Placement, Submission,
 };
 use runnel_testkit::eventually;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -111,7 +111,7 @@ fn split(body: &Bytes) -> Vec<Bytes> {
 }
 
 impl Downstream for FakeBroker {
-    async fn deliver(&self, batches: Vec<Batch>) -> Result<Vec<u64>, DeliveryError> {
+    async fn deliver(&self, batches: Vec<Batch>) -> Result<Vec<Placement>, DeliveryError> {
         let delay = self.delay_ms.load(Ordering::Relaxed);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay as u64)).await;
@@ -175,7 +175,7 @@ impl Downstream for FakeBroker {
         if too_old {
             return Err(DeliveryError::AlreadyStored);
         }
-        Ok(offsets)
+        Ok(offsets.into_iter().map(Placement::From).collect())
     }
 }
 

@@ -24,7 +24,7 @@ mod partitioning;
 pub mod records;
 mod time;
 
-pub use partitioning::partition_for_key;
+pub use partitioning::{event_identity, partition_for_event, partition_for_key};
 pub use time::{Millis, now_millis};
 
 /// The encoded `FileDescriptorSet` of `runnel.v1`, for gRPC server reflection.

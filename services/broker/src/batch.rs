@@ -9,7 +9,9 @@
 //! offset  size  field
 //!      0     1  format version (1)
 //!      1     1  compression (0 none, 1 lz4)
-//!      2     2  reserved (0)
+//!      2     1  flags: bit 0 set when the batch was deduplicated (its events'
+//!                 identities are remembered, see `storage::embedded::recent`)
+//!      3     1  reserved (0)
 //!      4     4  record count            u32 LE
 //!      8     8  base offset             u64 LE  (assigned by the broker)
 //!     16     8  append time, Unix ms    i64 LE  (assigned by the broker)
@@ -39,7 +41,13 @@ pub(crate) struct BatchHeader {
     pub(crate) append_time: Millis,
     pub(crate) producer_id: u64,
     pub(crate) base_sequence: u64,
+    /// Stored by a producer that asked for deduplication: its events' identities are to be
+    /// remembered (also when the partition is recovered).
+    pub(crate) deduplicated: bool,
 }
+
+/// Header flag: [`BatchHeader::deduplicated`].
+const DEDUPLICATED: u8 = 1;
 
 impl BatchHeader {
     /// The offset after this batch's last record.
@@ -52,6 +60,7 @@ impl BatchHeader {
         let mut out = [0u8; HEADER_LEN];
         out[0] = FORMAT_VERSION;
         out[1] = self.compression as u8;
+        out[2] = if self.deduplicated { DEDUPLICATED } else { 0 };
         out[4..8].copy_from_slice(&self.record_count.to_le_bytes());
         out[8..16].copy_from_slice(&self.base_offset.to_le_bytes());
         out[16..24].copy_from_slice(&self.append_time.0.to_le_bytes());
@@ -82,6 +91,7 @@ impl BatchHeader {
             append_time: Millis(u64_at(16) as i64),
             producer_id: u64_at(24),
             base_sequence: u64_at(32),
+            deduplicated: head[2] & DEDUPLICATED != 0,
         })
     }
 }
@@ -157,12 +167,14 @@ impl StoredBatch {
 /// Checks a producer's records body before anything is stored: it decompresses within
 /// `max_len` bytes and holds exactly `count` records that are each a valid `Event` with an
 /// id. Consumers rely on this: one malformed batch would otherwise stop every reader of
-/// the partition at its offset.
+/// the partition at its offset. With `identities`, each record's identity (see
+/// [`runnel_proto::event_identity`]) is pushed onto it, in order.
 pub(crate) fn validate(
     compression: Compression,
     records: &Bytes,
     count: u32,
     max_len: usize,
+    mut identities: Option<&mut Vec<u128>>,
 ) -> Result<(), String> {
     if count == 0 {
         return Err("record_count is 0: a batch needs at least one record".into());
@@ -170,6 +182,9 @@ pub(crate) fn validate(
     let held = records::visit(compression, records, max_len, 0, usize::MAX, |i, event| {
         if event.id.is_empty() {
             return Err(RecordsError::from(format!("record {i} has no event id")));
+        }
+        if let Some(identities) = identities.as_deref_mut() {
+            identities.push(runnel_proto::event_identity(&event.source, &event.id));
         }
         Ok(())
     })
@@ -207,6 +222,7 @@ mod tests {
             append_time: Millis(1_714_564_800_123),
             producer_id: u64::MAX,
             base_sequence: 77,
+            deduplicated: true,
         };
         assert_eq!(BatchHeader::decode(&header.encode()), Ok(header));
         assert_eq!(header.next_offset(), (1 << 40) + 1000);
@@ -226,36 +242,51 @@ mod tests {
     #[test]
     fn validation_says_what_is_wrong() {
         let body = encode_events(&[event(1), event(2)]);
-        validate(Compression::None, &body, 2, 1 << 20).unwrap();
+        validate(Compression::None, &body, 2, 1 << 20, None).unwrap();
         assert!(
-            validate(Compression::None, &body, 3, 1 << 20)
+            validate(Compression::None, &body, 3, 1 << 20, None)
                 .unwrap_err()
                 .contains("says 3 records")
         );
         assert!(
-            validate(Compression::None, &body, 0, 1 << 20)
+            validate(Compression::None, &body, 0, 1 << 20, None)
                 .unwrap_err()
                 .contains("record_count is 0")
         );
         assert!(
-            validate(Compression::None, &body.slice(..body.len() - 1), 2, 1 << 20)
-                .unwrap_err()
-                .contains("record 1")
+            validate(
+                Compression::None,
+                &body.slice(..body.len() - 1),
+                2,
+                1 << 20,
+                None
+            )
+            .unwrap_err()
+            .contains("record 1")
         );
         let no_id = encode_events(&[Event::default()]);
         assert!(
-            validate(Compression::None, &no_id, 1, 1 << 20)
+            validate(Compression::None, &no_id, 1, 1 << 20, None)
                 .unwrap_err()
                 .contains("no event id")
         );
         let compressed = compress(Compression::Lz4, &body);
-        validate(Compression::Lz4, &compressed, 2, 1 << 20).unwrap();
+        validate(Compression::Lz4, &compressed, 2, 1 << 20, None).unwrap();
         assert!(
-            validate(Compression::Lz4, &compressed, 2, 10)
+            validate(Compression::Lz4, &compressed, 2, 10, None)
                 .unwrap_err()
                 .contains("limit is 10")
         );
-        assert!(validate(Compression::Lz4, &Bytes::from_static(&[1, 2]), 2, 1 << 20).is_err());
+        assert!(
+            validate(
+                Compression::Lz4,
+                &Bytes::from_static(&[1, 2]),
+                2,
+                1 << 20,
+                None
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -268,6 +299,7 @@ mod tests {
             append_time: Millis(42),
             producer_id: 0,
             base_sequence: 0,
+            deduplicated: false,
         };
         let body = compress(Compression::Lz4, &encode_events(&events));
         let mut frame = header.encode().to_vec();
@@ -303,7 +335,7 @@ mod tests {
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300), count in 0u32..10, lz4 in any::<bool>()) {
             let codec = if lz4 { Compression::Lz4 } else { Compression::None };
             let bytes = Bytes::from(bytes);
-            let _ = validate(codec, &bytes, count, 1 << 16);
+            let _ = validate(codec, &bytes, count, 1 << 16, None);
             let _ = BatchHeader::decode(&bytes);
             let _ = StoredBatch::parse(bytes);
         }

@@ -2,6 +2,7 @@
 
 use crate::storage::Retention;
 use crate::storage::embedded::partition::LogSettings;
+use crate::storage::embedded::recent::Window;
 use runnel_log::FsyncPolicy;
 use runnel_server::{ConfigError, ServerConfig, ServiceConfig};
 use serde::{Deserialize, Serialize};
@@ -62,6 +63,16 @@ pub struct BrokerConfig {
     /// A group member's session timeout when it does not ask for one.
     #[serde(with = "humantime_serde")]
     pub group_session_timeout: Duration,
+    /// How long a partition of the embedded engine remembers the identities
+    /// (`(source, id)`) of events stored by producers that ask for deduplication (the
+    /// collector always does): a retry within this window is recognised and not stored
+    /// again. JetStream's equivalent is `jetstream.duplicate_window`.
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
+    /// At most this many identities per partition (about 64 bytes of memory each), the
+    /// oldest forgotten first: at high rates this, not `dedup_window`, bounds how late a
+    /// retry can come. `0` turns recognition off.
+    pub dedup_max_events: usize,
     /// Where topics live: `"embedded"` (this broker's own log under `data_dir`) or
     /// `"jetstream"` (a NATS JetStream cluster, see `jetstream`).
     pub storage: StorageEngine,
@@ -101,7 +112,10 @@ pub struct JetStreamConfig {
     pub replicas: usize,
     /// File or memory storage.
     pub storage: JetStreamStorage,
-    /// How long JetStream remembers message ids to drop an idempotent producer's retries.
+    /// How long JetStream remembers message ids to drop retries: an idempotent
+    /// producer's batches, and events of producers that ask for deduplication (by
+    /// `(source, id)`). Set when a topic is created. JetStream keeps every id of the window
+    /// in memory, unbounded by count.
     #[serde(with = "humantime_serde")]
     pub duplicate_window: Duration,
     /// How long to wait to connect.
@@ -118,7 +132,7 @@ impl Default for JetStreamConfig {
             servers: vec!["nats://127.0.0.1:4222".into()],
             replicas: 1,
             storage: JetStreamStorage::File,
-            duplicate_window: Duration::from_secs(120),
+            duplicate_window: DEDUP_WINDOW,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
         }
@@ -143,11 +157,17 @@ impl Default for BrokerConfig {
             retention_check_interval: Duration::from_secs(30),
             producer_expiry: Duration::from_secs(7 * 24 * 3600),
             group_session_timeout: Duration::from_secs(10),
+            dedup_window: DEDUP_WINDOW,
+            dedup_max_events: 1_000_000,
             storage: StorageEngine::Embedded,
             jetstream: JetStreamConfig::default(),
         }
     }
 }
+
+/// How long retries are recognised by default: longer than a client's sensible retry
+/// horizon.
+const DEDUP_WINDOW: Duration = Duration::from_secs(15 * 60);
 
 /// The longest session a group member may ask for.
 pub const MAX_SESSION_TIMEOUT: Duration = Duration::from_secs(300);
@@ -161,6 +181,10 @@ impl BrokerConfig {
             segment_age: self.segment_age,
             index_interval: self.index_interval_bytes,
             producer_expiry: self.producer_expiry,
+            dedup: Window {
+                age: self.dedup_window,
+                max_events: self.dedup_max_events,
+            },
         }
     }
 
@@ -247,6 +271,20 @@ impl ServiceConfig for BrokerConfig {
                 section,
                 "producer_expiry",
                 "must be at least 1m",
+            ));
+        }
+        if self.dedup_window > Duration::from_secs(7 * 24 * 3600) {
+            return Err(ConfigError::invalid(
+                section,
+                "dedup_window",
+                "must be at most 7d",
+            ));
+        }
+        if self.dedup_max_events > 100_000_000 {
+            return Err(ConfigError::invalid(
+                section,
+                "dedup_max_events",
+                "must be at most 100000000",
             ));
         }
         if !(Duration::from_millis(100)..=MAX_SESSION_TIMEOUT).contains(&self.group_session_timeout)

@@ -14,7 +14,7 @@ const MAX_LEN: usize = 1 << 20;
 /// on that.
 pub fn producer_batch(compression: Compression, count: u32, records: &[u8]) {
     let body = Bytes::copy_from_slice(records);
-    if batch::validate(compression, &body, count, MAX_LEN).is_err() {
+    if batch::validate(compression, &body, count, MAX_LEN, None).is_err() {
         return;
     }
     let header = BatchHeader {
@@ -24,6 +24,7 @@ pub fn producer_batch(compression: Compression, count: u32, records: &[u8]) {
         append_time: Millis(1_714_564_800_000),
         producer_id: 0,
         base_sequence: 0,
+        deduplicated: false,
     };
     let mut frame = header.encode().to_vec();
     frame.extend_from_slice(records);

@@ -252,6 +252,7 @@ impl BrokerService {
         events: Vec<Event>,
         partition: Option<u32>,
         batches: Vec<RecordBatch>,
+        deduplicate: bool,
     ) -> Result<Vec<Unit>> {
         let mut units = Vec::new();
         if !events.is_empty() {
@@ -259,10 +260,21 @@ impl BrokerService {
             if let Some(partition) = partition {
                 Self::check_partition(topic, partition, count)?;
             }
+            let identities: Vec<u128> = if deduplicate {
+                events
+                    .iter()
+                    .map(|e| runnel_proto::event_identity(&e.source, &e.id))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let mut groups: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
             for (i, event) in events.iter().enumerate() {
                 let p = partition.unwrap_or_else(|| {
-                    if event.key.is_empty() {
+                    if deduplicate {
+                        // A retry must meet its original: keyless events go by identity.
+                        runnel_proto::partition_for_event(&event.key, identities[i], count)
+                    } else if event.key.is_empty() {
                         self.round_robin.fetch_add(1, Ordering::Relaxed) % count
                     } else {
                         runnel_proto::partition_for_key(&event.key, count)
@@ -289,6 +301,8 @@ impl BrokerService {
                         records,
                         producer_id: 0,
                         base_sequence: 0,
+                        identities: deduplicate
+                            .then(|| indexes.iter().map(|&i| identities[i]).collect()),
                     },
                     validate: false,
                     origin: Origin::Events(indexes),
@@ -330,6 +344,7 @@ impl BrokerService {
                     records: batch.records,
                     producer_id: batch.producer_id,
                     base_sequence: batch.base_sequence,
+                    identities: None,
                 },
                 validate: true,
                 origin: Origin::Batch(i),
@@ -348,6 +363,7 @@ impl BrokerService {
             partition,
             batches,
             fence,
+            deduplicate,
         } = request;
         topic::validate_name(&name)?;
         if let Some(fence) = &fence {
@@ -371,7 +387,7 @@ impl BrokerService {
         let event_count = events.len();
         let batch_count = batches.len();
         let count = self.produce_target(&name).await?;
-        let units = self.plan(&name, count, events, partition, batches)?;
+        let units = self.plan(&name, count, events, partition, batches, deduplicate)?;
 
         // Each partition's units in request order; partitions in parallel.
         let mut per_partition: BTreeMap<u32, Vec<Unit>> = BTreeMap::new();
@@ -391,11 +407,13 @@ impl BrokerService {
                     .map(|u| u.batch.records.len())
                     .sum();
                 let units = if checked <= INLINE_CHECK_BYTES {
-                    validate_units(&units, max_len)?;
+                    let mut units = units;
+                    validate_units(&mut units, max_len, deduplicate)?;
                     units
                 } else {
                     tokio::task::spawn_blocking(move || {
-                        validate_units(&units, max_len).map(|()| units)
+                        let mut units = units;
+                        validate_units(&mut units, max_len, deduplicate).map(|()| units)
                     })
                     .await
                     .map_err(BrokerError::from)
@@ -419,7 +437,7 @@ impl BrokerService {
 
         let mut positions = vec![RecordPosition::default(); event_count];
         let mut batch_acks = vec![BatchAck::default(); batch_count];
-        let (mut records, mut bytes, mut first_error) = (0u64, 0u64, None);
+        let (mut records, mut bytes, mut duplicates, mut first_error) = (0u64, 0u64, 0u64, None);
         for result in results {
             let (p, stored) = match result {
                 Ok(done) => done,
@@ -433,10 +451,13 @@ impl BrokerService {
                     Appended::Stored {
                         base_offset,
                         scattered,
+                        duplicates: retried,
                         ..
                     } => {
-                        records += count;
-                        bytes += size;
+                        records += count - u64::from(retried);
+                        duplicates += u64::from(retried);
+                        // A batch partly stored counts its share of the bytes.
+                        bytes += size * (count - u64::from(retried)) / count.max(1);
                         (base_offset, false, scattered)
                     }
                     Appended::Duplicate { base_offset } => (base_offset, true, None),
@@ -458,6 +479,7 @@ impl BrokerService {
                             partition: p,
                             base_offset,
                             duplicate,
+                            offsets: scattered.unwrap_or_default(),
                         };
                     }
                 }
@@ -478,6 +500,7 @@ impl BrokerService {
         Ok(ProduceResponse {
             positions,
             batch_acks,
+            duplicates,
         })
     }
 
@@ -712,13 +735,17 @@ impl BrokerService {
 }
 
 /// Checks every pre-encoded batch of `units`.
-fn validate_units(units: &[Unit], max_len: usize) -> Result<()> {
-    for unit in units.iter().filter(|u| u.validate) {
+/// Checks the pre-encoded batches among `units`; with `deduplicate`, also gives each its
+/// records' identities.
+fn validate_units(units: &mut [Unit], max_len: usize, deduplicate: bool) -> Result<()> {
+    for unit in units.iter_mut().filter(|u| u.validate) {
+        let mut identities = deduplicate.then(Vec::new);
         batch::validate(
             unit.batch.compression,
             &unit.batch.records,
             unit.batch.record_count,
             max_len,
+            identities.as_mut(),
         )
         .map_err(|reason| {
             BrokerError::InvalidArgument(format!(
@@ -726,6 +753,7 @@ fn validate_units(units: &[Unit], max_len: usize) -> Result<()> {
                 unit.partition
             ))
         })?;
+        unit.batch.identities = identities;
     }
     Ok(())
 }

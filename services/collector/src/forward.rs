@@ -4,8 +4,14 @@
 //! Every call asks for DURABLE acks, whatever the broker's own `fsync` policy: the log
 //! frees an entry once the broker acknowledged it, so the broker must have fsync'd it by
 //! then, or a broker crash would lose what the collector had promised to keep.
+//!
+//! Every call also asks the broker to deduplicate: an event whose `(source, id)` the
+//! partition already holds — a client's retry of an event the collector took in before,
+//! perhaps through another collector replica — is not stored again, and answers with the
+//! stored event's offset. The log's producer ids and sequences go along but are then not
+//! what the broker goes by.
 
-use runnel_msglog::{Batch, DeliveryError, Downstream};
+use runnel_msglog::{Batch, DeliveryError, Downstream, Placement};
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::{Acks, Compression, ProduceRequest, RecordBatch};
 use runnel_security::Peer;
@@ -23,7 +29,7 @@ pub(crate) struct BrokerDownstream {
 }
 
 impl Downstream for BrokerDownstream {
-    async fn deliver(&self, batches: Vec<Batch>) -> Result<Vec<u64>, DeliveryError> {
+    async fn deliver(&self, batches: Vec<Batch>) -> Result<Vec<Placement>, DeliveryError> {
         // One request per topic, each holding its batches in log order.
         let mut topics: Vec<(std::sync::Arc<str>, Vec<usize>)> = Vec::new();
         for (index, batch) in batches.iter().enumerate() {
@@ -39,6 +45,7 @@ impl Downstream for BrokerDownstream {
             let request = ProduceRequest {
                 topic: topic.to_string(),
                 acks: Acks::Durable as i32,
+                deduplicate: true,
                 batches: indexes
                     .iter()
                     .map(|&i| {
@@ -66,12 +73,13 @@ impl Downstream for BrokerDownstream {
             async move { broker.produce(request).await }.instrument(span)
         });
         let results = futures::future::join_all(calls).await;
-        let mut offsets = vec![0u64; batches.len()];
+        let mut offsets = vec![Placement::From(0); batches.len()];
         let mut failure = None;
         for ((_, indexes), result) in topics.iter().zip(results) {
             match result {
                 Ok(response) => {
-                    let acks = response.into_inner().batch_acks;
+                    let response = response.into_inner();
+                    let acks = response.batch_acks;
                     if acks.len() != indexes.len() {
                         failure.get_or_insert(DeliveryError::Failed {
                             reason: format!(
@@ -84,8 +92,15 @@ impl Downstream for BrokerDownstream {
                         continue;
                     }
                     for (&index, ack) in indexes.iter().zip(acks) {
-                        offsets[index] = ack.base_offset;
+                        offsets[index] = if ack.offsets.is_empty() {
+                            Placement::From(ack.base_offset)
+                        } else {
+                            Placement::At(ack.offsets)
+                        };
                     }
+                    // Events clients sent again that the pipeline already had.
+                    metrics::counter!("runnel_collector_retried_events_total")
+                        .increment(response.duplicates);
                 }
                 // The broker had a batch already and no longer knows where: stored.
                 Err(status) if status.code() == Code::AlreadyExists => {

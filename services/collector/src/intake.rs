@@ -12,7 +12,6 @@ use runnel_proto::v1::{AckLevel, Event, EventReceipt, RecordPosition};
 use runnel_telemetry::propagation::inject_into_headers;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The collector's way into the message log.
 #[derive(Debug)]
@@ -25,7 +24,6 @@ pub(crate) struct Intake {
     auto_create_topics: bool,
     max_part_bytes: usize,
     max_part_events: u32,
-    round_robin: AtomicU32,
 }
 
 /// A batch taken in: await it with [`Accepted::receipts`].
@@ -109,7 +107,6 @@ impl Intake {
             auto_create_topics,
             max_part_bytes,
             max_part_events,
-            round_robin: AtomicU32::new(0),
         }
     }
 
@@ -152,11 +149,10 @@ impl Intake {
         let mut placement = Vec::with_capacity(events.len());
         let mut ids = Vec::with_capacity(events.len());
         for mut event in events {
-            let partition = if event.key.is_empty() {
-                self.round_robin.fetch_add(1, Ordering::Relaxed) % partitions
-            } else {
-                runnel_proto::partition_for_key(&event.key, partitions)
-            };
+            // Keyless events go by identity, so that a client's retry meets its original
+            // in the broker, which recognises it there.
+            let identity = runnel_proto::event_identity(&event.source, &event.id);
+            let partition = runnel_proto::partition_for_event(&event.key, identity, partitions);
             event
                 .headers
                 .extend(trace.iter().map(|(k, v)| (k.clone(), v.clone())));

@@ -35,12 +35,12 @@ use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, pull, push};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, stream};
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use prost::Message as _;
+use runnel_proto::Millis;
 use runnel_proto::v1::{Compression, Event, PartitionInfo, Record, TopicInfo};
-use runnel_proto::{Millis, records};
 use runnel_server::Shutdown;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -492,34 +492,6 @@ impl GroupLedger for JetStreamGroups {
     }
 }
 
-/// Splits a records body into its records' encoded events, without decoding them.
-fn split_records(batch: &Incoming, max_len: usize) -> Result<Vec<Bytes>> {
-    let plain = match batch.compression {
-        Compression::None => batch.records.clone(),
-        compressed => {
-            let events = records::decode(compressed, &batch.records, max_len)
-                .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
-            return Ok(events
-                .iter()
-                .map(|e| Bytes::from(e.encode_to_vec()))
-                .collect());
-        }
-    };
-    let mut buf = plain.clone();
-    let mut out = Vec::with_capacity(batch.record_count as usize);
-    while buf.has_remaining() {
-        let len = prost::decode_length_delimiter(&mut buf)
-            .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
-        if len > buf.remaining() {
-            return Err(BrokerError::InvalidArgument(
-                "a record runs past the end of the batch".into(),
-            ));
-        }
-        out.push(buf.split_to(len));
-    }
-    Ok(out)
-}
-
 /// A stored message as a one-record batch.
 fn as_batch(sequence: u64, time: Millis, payload: &[u8]) -> StoredBatch {
     let mut body = Vec::with_capacity(payload.len() + 5);
@@ -533,6 +505,7 @@ fn as_batch(sequence: u64, time: Millis, payload: &[u8]) -> StoredBatch {
             append_time: time,
             producer_id: 0,
             base_sequence: 0,
+            deduplicated: false,
         },
         records: Bytes::from(body),
     }
@@ -629,7 +602,7 @@ impl Storage for JetStream {
         _durable: bool,
     ) -> Result<Appended> {
         self.stream(topic, partition).await?;
-        let records = split_records(&batch, usize::MAX)?;
+        let records = batch.split_records(usize::MAX)?;
         let subject = subject(topic, partition);
         let writer = self.writer(topic, partition);
         // At most APPENDS batches publish at once, each with at most WINDOW acks pending:
@@ -656,7 +629,11 @@ impl Storage for JetStream {
                 settle(oldest.await.map_err(|e| unavailable("publish ack", e))?);
             }
             let mut message = PublishMessage::build().payload(record);
-            if batch.producer_id != 0 {
+            if let Some(identities) = &batch.identities {
+                // JetStream recognises the retried event within the stream's duplicate
+                // window, and acknowledges it with its original's sequence.
+                message = message.message_id(format!("e{:032x}", identities[i]));
+            } else if batch.producer_id != 0 {
                 message = message.message_id(format!(
                     "{:016x}-{}",
                     batch.producer_id,
@@ -674,14 +651,19 @@ impl Storage for JetStream {
             settle(ack.await.map_err(|e| unavailable("publish ack", e))?);
         }
         let base_offset = sequences.first().map_or(0, |s| s - 1);
-        if duplicates == sequences.len() {
+        if duplicates == sequences.len() && batch.identities.is_none() {
             return Ok(Appended::Duplicate { base_offset });
         }
         let contiguous = sequences.windows(2).all(|w| w[1] == w[0] + 1);
         Ok(Appended::Stored {
             base_offset,
-            next_offset: sequences.last().copied().unwrap_or(base_offset),
+            next_offset: sequences.iter().max().copied().unwrap_or(base_offset),
             scattered: (!contiguous).then(|| sequences.iter().map(|s| s - 1).collect()),
+            duplicates: if batch.identities.is_some() {
+                duplicates as u32
+            } else {
+                0
+            },
         })
     }
 
@@ -1036,34 +1018,5 @@ mod tests {
             prop_assert!(!encoded.contains('.'));
             prop_assert_eq!(decode(&encoded), name);
         }
-    }
-
-    #[test]
-    fn records_split_without_decoding() {
-        let events: Vec<Event> = (0..3)
-            .map(|i| Event {
-                id: format!("e{i}"),
-                ..Event::default()
-            })
-            .collect();
-        let incoming = Incoming {
-            compression: Compression::None,
-            record_count: 3,
-            records: records::encode(&events),
-            producer_id: 0,
-            base_sequence: 0,
-        };
-        let split = split_records(&incoming, usize::MAX).unwrap();
-        let decoded: Vec<Event> = split
-            .iter()
-            .map(|b| Event::decode(b.clone()).unwrap())
-            .collect();
-        assert_eq!(decoded, events);
-        let lz4 = Incoming {
-            compression: Compression::Lz4,
-            records: records::compress(Compression::Lz4, &records::encode(&events)),
-            ..incoming
-        };
-        assert_eq!(split_records(&lz4, 1 << 20).unwrap(), split);
     }
 }

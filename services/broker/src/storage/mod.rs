@@ -19,8 +19,9 @@ pub(crate) mod jetstream;
 pub(crate) use embedded::Embedded;
 
 use crate::batch::StoredBatch;
-use crate::error::Result;
+use crate::error::{BrokerError, Result};
 use crate::topic::RetentionOverride;
+use bytes::Buf;
 use bytes::Bytes;
 use runnel_proto::Millis;
 use runnel_proto::v1::{Compression, Record, TopicInfo};
@@ -72,17 +73,55 @@ pub(crate) struct Incoming {
     pub(crate) records: Bytes,
     pub(crate) producer_id: u64,
     pub(crate) base_sequence: u64,
+    /// Set when the producer asked for deduplication: each record's identity (its event's
+    /// `(source, id)`, see [`runnel_proto::event_identity`]), in batch order. The producer
+    /// id and sequence are then not used.
+    pub(crate) identities: Option<Vec<u128>>,
+}
+
+impl Incoming {
+    /// Splits the records body into its records' encoded events, without decoding them
+    /// unless the body is compressed.
+    pub(crate) fn split_records(&self, max_len: usize) -> Result<Vec<Bytes>> {
+        let plain = match self.compression {
+            Compression::None => self.records.clone(),
+            compressed => {
+                let events = runnel_proto::records::decode(compressed, &self.records, max_len)
+                    .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+                return Ok(events
+                    .iter()
+                    .map(|e| Bytes::from(prost::Message::encode_to_vec(e)))
+                    .collect());
+            }
+        };
+        let mut buf = plain;
+        let mut out = Vec::with_capacity(self.record_count as usize);
+        while buf.has_remaining() {
+            let len = prost::decode_length_delimiter(&mut buf)
+                .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+            if len > buf.remaining() {
+                return Err(BrokerError::InvalidArgument(
+                    "a record runs past the end of the batch".into(),
+                ));
+            }
+            out.push(buf.split_to(len));
+        }
+        Ok(out)
+    }
 }
 
 /// What an append did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Appended {
     /// Stored at offsets `[base_offset, next_offset)` — or, when `scattered` is set (an
-    /// engine that could not keep the batch together), at exactly those offsets.
+    /// engine that could not keep the batch together, or records recognised as retries of
+    /// stored events, which keep their originals' offsets), at exactly those offsets.
     Stored {
         base_offset: u64,
         next_offset: u64,
         scattered: Option<Vec<u64>>,
+        /// Records recognised as retries and not written.
+        duplicates: u32,
     },
     /// A retry of a batch stored before at `base_offset`: nothing written.
     Duplicate { base_offset: u64 },
@@ -149,4 +188,42 @@ pub(crate) trait Storage: Send + Sync + std::fmt::Debug + 'static {
     async fn committed(&self, group: &str, topic: &str) -> Result<BTreeMap<u32, Committed>>;
     /// Every group with committed offsets on a topic (the offsets alone).
     async fn groups_of(&self, topic: &str) -> Result<BTreeMap<String, BTreeMap<u32, u64>>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message as _;
+    use runnel_proto::records;
+    use runnel_proto::v1::Event;
+
+    #[test]
+    fn records_split_without_decoding() {
+        let events: Vec<Event> = (0..3)
+            .map(|i| Event {
+                id: format!("e{i}"),
+                ..Event::default()
+            })
+            .collect();
+        let incoming = Incoming {
+            compression: Compression::None,
+            record_count: 3,
+            records: records::encode(&events),
+            producer_id: 0,
+            base_sequence: 0,
+            identities: None,
+        };
+        let split = incoming.split_records(usize::MAX).unwrap();
+        let decoded: Vec<Event> = split
+            .iter()
+            .map(|b| Event::decode(b.clone()).unwrap())
+            .collect();
+        assert_eq!(decoded, events);
+        let lz4 = Incoming {
+            compression: Compression::Lz4,
+            records: records::compress(Compression::Lz4, &records::encode(&events)),
+            ..incoming
+        };
+        assert_eq!(lz4.split_records(1 << 20).unwrap(), split);
+    }
 }

@@ -184,13 +184,15 @@ async fn an_idempotent_producer_stores_each_batch_once_across_retries_and_restar
         .await
         .unwrap()
         .into_inner()
-        .batch_acks[0];
+        .batch_acks
+        .remove(0);
     let again = client
         .produce(batches_request("once", vec![retry.clone()]))
         .await
         .unwrap()
         .into_inner()
-        .batch_acks[0];
+        .batch_acks
+        .remove(0);
     assert!(!first.duplicate && again.duplicate);
     assert_eq!(again.base_offset, first.base_offset);
     stop(broker).await;
@@ -203,7 +205,8 @@ async fn an_idempotent_producer_stores_each_batch_once_across_retries_and_restar
         .await
         .unwrap()
         .into_inner()
-        .batch_acks[0];
+        .batch_acks
+        .remove(0);
     assert!(after.duplicate);
     assert_eq!(after.base_offset, first.base_offset);
     if harness.engine == Engine::Embedded {
@@ -227,6 +230,124 @@ async fn an_idempotent_producer_stores_each_batch_once_across_retries_and_restar
         stored += fetch_all(&mut client, "once", partition).await.len();
     }
     assert_eq!(stored, 30 + 2, "every event exactly once");
+    stop(broker).await;
+}
+
+both_engines!(retried_events_are_stored_once_across_requests_batches_and_restarts);
+async fn retried_events_are_stored_once_across_requests_batches_and_restarts(engine: Engine) {
+    let Some(harness) = Harness::new(engine).await else {
+        return;
+    };
+    let (addr, broker) = harness.spawn().await;
+    let mut client = connect(addr).await;
+    create(&mut client, "dedup", 3).await.unwrap();
+    // Keyless events: placed by identity, so a retry meets its original.
+    let events: Vec<Event> = (0..12)
+        .map(|i| event(&format!("e-{i}"), "", b"body"))
+        .collect();
+    let request = |events: Vec<Event>| ProduceRequest {
+        topic: "dedup".into(),
+        events,
+        deduplicate: true,
+        ..Default::default()
+    };
+    let first = client
+        .produce(request(events.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.duplicates, 0);
+    // Sent again, with two new events in between: the twelve are recognised.
+    let mut again = events.clone();
+    again.insert(5, event("new-1", "", b"body"));
+    again.push(event("new-2", "", b"body"));
+    let second = client.produce(request(again)).await.unwrap().into_inner();
+    assert_eq!(second.duplicates, 12);
+    let mut answered = second.positions.clone();
+    answered.remove(5);
+    answered.pop();
+    assert_eq!(
+        answered, first.positions,
+        "a retry is answered where its original is"
+    );
+
+    // As a pre-encoded batch (what the collector sends), with another producer id and
+    // sequence: the events, not the sequence, are what is recognised.
+    let partition = first.positions[0].partition;
+    let in_partition: Vec<Event> = events
+        .iter()
+        .zip(&first.positions)
+        .filter(|(_, p)| p.partition == partition)
+        .map(|(e, _)| e.clone())
+        .collect();
+    let mut retry = batch(partition, &in_partition, Compression::Lz4);
+    retry.producer_id = 77;
+    let answer = client
+        .produce(ProduceRequest {
+            topic: "dedup".into(),
+            batches: vec![retry.clone()],
+            deduplicate: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.duplicates, in_partition.len() as u64);
+    let expected: Vec<u64> = first
+        .positions
+        .iter()
+        .filter(|p| p.partition == partition)
+        .map(|p| p.offset)
+        .collect();
+    let ack = &answer.batch_acks[0];
+    let offsets = if ack.offsets.is_empty() {
+        (ack.base_offset..ack.base_offset + expected.len() as u64).collect()
+    } else {
+        ack.offsets.clone()
+    };
+    assert_eq!(offsets, expected);
+    stop(broker).await;
+
+    // After a restart the broker still recognises them.
+    let (addr, broker) = harness.spawn().await;
+    let mut client = connect(addr).await;
+    let third = client
+        .produce(request(events.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(third.duplicates, 12);
+    assert_eq!(third.positions, first.positions);
+    let mut stored = Vec::new();
+    for p in 0..3 {
+        stored.extend(
+            fetch_all(&mut client, "dedup", p)
+                .await
+                .into_iter()
+                .map(|r| r.event.unwrap().id),
+        );
+    }
+    stored.sort();
+    let mut expected: Vec<String> = (0..12).map(|i| format!("e-{i}")).collect();
+    expected.extend(["new-1".to_string(), "new-2".to_string()]);
+    expected.sort();
+    assert_eq!(stored, expected, "every event once, nothing more");
+    // Without `deduplicate` an event is stored as sent.
+    let plain = client
+        .produce(ProduceRequest {
+            topic: "dedup".into(),
+            events: events[..1].to_vec(),
+            partition: Some(partition),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(plain.duplicates, 0);
+    assert_eq!(
+        plain.positions[0].offset,
+        fetch_all(&mut client, "dedup", partition).await.len() as u64 - 1
+    );
     stop(broker).await;
 }
 

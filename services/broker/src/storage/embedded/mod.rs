@@ -1,7 +1,8 @@
 //! The embedded engine: this broker's own segmented log on local disk, the default.
 //!
 //! Each topic is a directory of partitions ([`topics`]); each partition a log of segments
-//! ([`partition`], [`segment`], [`index`]) with its idempotent producers ([`producers`]);
+//! ([`partition`], [`segment`], [`index`]) with its idempotent producers ([`producers`])
+//! and the identities of its recent events, to recognise retried events ([`recent`]);
 //! DURABLE acks share fsyncs through the group commit ([`durability`]); consumer groups'
 //! committed offsets are a log of their own ([`offsets`]); and [`follower`] follows a
 //! partition live for `Subscribe`.
@@ -12,6 +13,7 @@ mod index;
 pub(crate) mod offsets;
 pub(crate) mod partition;
 mod producers;
+pub(crate) mod recent;
 pub(crate) mod segment;
 pub(crate) mod topics;
 
@@ -233,6 +235,7 @@ mod tests {
             records: runnel_proto::records::encode(&events),
             producer_id: 0,
             base_sequence: 0,
+            identities: None,
         }
     }
 
@@ -246,6 +249,10 @@ mod tests {
             segment_age: Duration::from_secs(3600),
             index_interval: 4096,
             producer_expiry: Duration::from_secs(3600),
+            dedup: recent::Window {
+                age: Duration::from_secs(900),
+                max_events: 1000,
+            },
         };
         let topics = Arc::new(Topics::open(dir.path(), settings, Retention::default()).unwrap());
         let offsets = Arc::new(OffsetStore::open(dir.path(), FsyncPolicy::Always).unwrap());
@@ -287,6 +294,10 @@ mod tests {
             segment_age: Duration::from_secs(3600),
             index_interval: 4096,
             producer_expiry: Duration::from_secs(3600),
+            dedup: recent::Window {
+                age: Duration::from_secs(900),
+                max_events: 1000,
+            },
         };
         let log = partition::PartitionLog::open(dir.path(), "t", 0, settings).unwrap();
         let partition = Partition::new(log);

@@ -19,6 +19,7 @@
 //! broker refuses to start with.
 
 use super::producers::{ProducerTable, StoredRun, Verdict};
+use super::recent::{RecentEvents, Window};
 use super::segment::{Segment, file_stem};
 use crate::batch::{BatchHeader, StoredBatch};
 use crate::error::{BrokerError, Result};
@@ -43,6 +44,8 @@ pub(crate) struct LogSettings {
     pub(crate) index_interval: u64,
     /// Producers silent this long are forgotten.
     pub(crate) producer_expiry: Duration,
+    /// How long and how many event identities are remembered to recognise retries.
+    pub(crate) dedup: Window,
 }
 
 impl LogSettings {
@@ -70,6 +73,8 @@ pub(crate) struct PartitionLog {
     /// Oldest first; the last one takes appends. Never empty.
     segments: Vec<Segment>,
     producers: ProducerTable,
+    /// The identities of recent deduplicated events.
+    recent: RecentEvents,
     /// The append clock: never goes back, so append times order like offsets.
     last_time: i64,
     /// Set when a write or an fsync failed: the files may then hold what the state does not
@@ -183,16 +188,19 @@ impl PartitionLog {
             .rev()
             .find_map(Segment::last_time)
             .unwrap_or(i64::MIN);
-        let log = PartitionLog {
+        let recent = RecentEvents::new(settings.dedup);
+        let mut log = PartitionLog {
             topic: topic.to_owned(),
             partition,
             dir: dir.to_owned(),
             settings,
             segments,
             producers,
+            recent,
             last_time,
             failed: false,
         };
+        log.remember_recent_events()?;
         tracing::debug!(
             topic,
             partition,
@@ -200,9 +208,57 @@ impl PartitionLog {
             end = log.end_offset(),
             segments = log.segments.len(),
             producers = log.producers.len(),
+            recent_events = log.recent.len(),
             "partition recovered"
         );
         Ok(log)
+    }
+
+    /// Recovery: reads back the identities of the deduplicated events the window still
+    /// holds — those appended within its age of the newest append, at most its count —
+    /// so that retries are recognised across restarts as they were before.
+    fn remember_recent_events(&mut self) -> Result<()> {
+        let window = self.settings.dedup;
+        if window.max_events == 0 || self.last_time == i64::MIN {
+            return Ok(());
+        }
+        let age = i64::try_from(window.age.as_millis()).unwrap_or(i64::MAX);
+        let since = self.offset_for_time(self.last_time.saturating_sub(age))?;
+        let end = self.end_offset();
+        let mut next = since.max(end.saturating_sub(window.max_events as u64));
+        while next < end {
+            let read = self.read(next, 1 << 20)?;
+            let Some(last) = read.batches.last() else {
+                break;
+            };
+            let after = last.header.next_offset();
+            for batch in read.batches.iter().filter(|b| b.header.deduplicated) {
+                let first = batch.header.base_offset;
+                let skip = usize::try_from(next.saturating_sub(first)).unwrap_or(usize::MAX);
+                let corrupt = |reason: String| BrokerError::Corrupt {
+                    path: self.dir.clone(),
+                    position: first,
+                    reason,
+                };
+                runnel_proto::records::visit(
+                    batch.header.compression,
+                    &batch.records,
+                    usize::MAX,
+                    skip,
+                    usize::MAX,
+                    |i, event| {
+                        let identity = runnel_proto::event_identity(&event.source, &event.id);
+                        self.recent
+                            .insert(identity, first + i as u64, batch.header.append_time.0);
+                        Ok(())
+                    },
+                )
+                .map_err(|e| corrupt(e.to_string()))?;
+            }
+            next = after;
+        }
+        self.recent.expire(self.last_time);
+        Ok(())
     }
 
     fn active(&mut self) -> &mut Segment {
@@ -251,9 +307,12 @@ impl PartitionLog {
     }
 
     /// Blocking: stores a batch (or recognises a retry), appended at `now` or later.
-    pub(crate) fn append(&mut self, batch: Incoming, now: Millis) -> Result<Appended> {
+    pub(crate) fn append(&mut self, mut batch: Incoming, now: Millis) -> Result<Appended> {
         if self.failed {
             return Err(self.failed_error());
+        }
+        if let Some(identities) = batch.identities.take() {
+            return self.append_deduplicated(batch, &identities, now);
         }
         if batch.producer_id != 0 {
             match self
@@ -280,6 +339,123 @@ impl PartitionLog {
                 }
             }
         }
+        let (time, base_offset) = self.write(&batch, false, now)?;
+        if batch.producer_id != 0 {
+            let run = StoredRun {
+                base_sequence: batch.base_sequence,
+                record_count: batch.record_count,
+                base_offset,
+            };
+            self.producers.record(batch.producer_id, run, time);
+        }
+        Ok(Appended::Stored {
+            base_offset,
+            next_offset: self.end_offset(),
+            scattered: None,
+            duplicates: 0,
+        })
+    }
+
+    /// Stores the records of a batch whose identities are not remembered (nor repeated
+    /// earlier in the batch) and remembers them; the others are retries, answered with
+    /// their originals' offsets.
+    ///
+    /// A producer's sequence still recognises a whole batch it stored before — which
+    /// outlasts the identities' window (a collector replaying its log after a long
+    /// outage) — but is never a reason to refuse one: a batch partly recognised by its
+    /// events is stored without its producer id, so the next one seems to leave a gap.
+    fn append_deduplicated(
+        &mut self,
+        batch: Incoming,
+        identities: &[u128],
+        now: Millis,
+    ) -> Result<Appended> {
+        if batch.producer_id != 0
+            && let Verdict::Duplicate(base_offset) =
+                self.producers
+                    .check(batch.producer_id, batch.base_sequence, batch.record_count)
+        {
+            return Ok(Appended::Duplicate { base_offset });
+        }
+        let time = now.0.max(self.last_time);
+        self.recent.expire(time);
+        let end = self.end_offset();
+        let mut offsets = Vec::with_capacity(identities.len());
+        let mut kept: Vec<usize> = Vec::with_capacity(identities.len());
+        let mut in_batch: std::collections::HashMap<u128, u64> = std::collections::HashMap::new();
+        for (i, &identity) in identities.iter().enumerate() {
+            if let Some(stored) = self
+                .recent
+                .get(identity)
+                .or(in_batch.get(&identity).copied())
+            {
+                offsets.push(stored);
+                continue;
+            }
+            let offset = end + kept.len() as u64;
+            in_batch.insert(identity, offset);
+            kept.push(i);
+            offsets.push(offset);
+        }
+        let duplicates = (identities.len() - kept.len()) as u32;
+        if duplicates > 0 {
+            metrics::counter!("runnel_broker_duplicate_events_total", "topic" => self.topic.clone())
+                .increment(u64::from(duplicates));
+        }
+        if kept.is_empty() {
+            return Ok(Appended::Stored {
+                base_offset: offsets[0],
+                next_offset: end,
+                scattered: Some(offsets),
+                duplicates,
+            });
+        }
+        let batch = if duplicates == 0 {
+            batch
+        } else {
+            let records = batch.split_records(usize::MAX)?;
+            let mut body = bytes::BytesMut::new();
+            for &i in &kept {
+                let mut length = Vec::with_capacity(5);
+                prost::encode_length_delimiter(records[i].len(), &mut length)
+                    .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+                body.extend_from_slice(&length);
+                body.extend_from_slice(&records[i]);
+            }
+            Incoming {
+                compression: runnel_proto::v1::Compression::None,
+                record_count: kept.len() as u32,
+                records: body.freeze(),
+                producer_id: 0,
+                base_sequence: 0,
+                identities: None,
+            }
+        };
+        let (time, base_offset) = self.write(&batch, true, now)?;
+        for (n, &i) in kept.iter().enumerate() {
+            self.recent
+                .insert(identities[i], base_offset + n as u64, time);
+        }
+        if batch.producer_id != 0 {
+            let run = StoredRun {
+                base_sequence: batch.base_sequence,
+                record_count: batch.record_count,
+                base_offset,
+            };
+            self.producers.record(batch.producer_id, run, time);
+        }
+        let contiguous = duplicates == 0;
+        Ok(Appended::Stored {
+            base_offset: offsets[0],
+            next_offset: self.end_offset(),
+            scattered: (!contiguous).then_some(offsets),
+            duplicates,
+        })
+    }
+
+    /// Writes a batch at the end of the log (rolling first if due), and returns its append
+    /// time and base offset.
+    fn write(&mut self, batch: &Incoming, deduplicated: bool, now: Millis) -> Result<(i64, u64)> {
         let time = now.0.max(self.last_time);
         if self.needs_roll(time) {
             self.roll(time).map_err(|e| self.fail(e))?;
@@ -292,6 +468,7 @@ impl PartitionLog {
             append_time: Millis(time),
             producer_id: batch.producer_id,
             base_sequence: batch.base_sequence,
+            deduplicated,
         };
         if let Err(error) = self.active().append(&header, &batch.records) {
             // The write failed (a full disk, say) and was cut back off: nothing of the batch
@@ -311,19 +488,7 @@ impl PartitionLog {
             });
         }
         self.last_time = time;
-        if batch.producer_id != 0 {
-            let run = StoredRun {
-                base_sequence: batch.base_sequence,
-                record_count: batch.record_count,
-                base_offset,
-            };
-            self.producers.record(batch.producer_id, run, time);
-        }
-        Ok(Appended::Stored {
-            base_offset,
-            next_offset: header.next_offset(),
-            scattered: None,
-        })
+        Ok((time, base_offset))
     }
 
     /// Whether the active segment is full or old enough to be sealed before an append at
@@ -771,6 +936,10 @@ mod tests {
             segment_age: Duration::from_secs(3600),
             index_interval: 128,
             producer_expiry: Duration::from_secs(3600),
+            dedup: crate::storage::embedded::recent::Window {
+                age: Duration::from_secs(900),
+                max_events: 1000,
+            },
         }
     }
 
@@ -795,6 +964,7 @@ mod tests {
             records: records::encode(&events(first, count)),
             producer_id: 0,
             base_sequence: 0,
+            identities: None,
         }
     }
 
@@ -839,6 +1009,7 @@ mod tests {
                     base_offset: i * 10,
                     next_offset: i * 10 + 10,
                     scattered: None,
+                    duplicates: 0,
                 }
             );
         }
@@ -980,6 +1151,170 @@ mod tests {
         assert_eq!(log.end_offset(), 1001);
     }
 
+    /// A deduplicated batch of the events with these ids (source "app").
+    fn deduplicated(ids: &[u64]) -> Incoming {
+        let events: Vec<Event> = ids
+            .iter()
+            .map(|&i| Event {
+                id: format!("e-{i}"),
+                source: "app".into(),
+                payload: format!("payload of record {i:>200}").into_bytes().into(),
+                ..Event::default()
+            })
+            .collect();
+        Incoming {
+            compression: Compression::None,
+            record_count: events.len() as u32,
+            records: records::encode(&events),
+            producer_id: 0,
+            base_sequence: 0,
+            identities: Some(
+                events
+                    .iter()
+                    .map(|e| runnel_proto::event_identity(&e.source, &e.id))
+                    .collect(),
+            ),
+        }
+    }
+
+    fn ids(list: &[u64]) -> Vec<String> {
+        list.iter().map(|i| format!("e-{i}")).collect()
+    }
+
+    #[test]
+    fn retried_events_are_stored_once_and_answered_with_their_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = open(dir.path(), 64 * 1024);
+        let first = log.append(deduplicated(&[0, 1, 2]), Millis(0)).unwrap();
+        assert_eq!(
+            first,
+            Appended::Stored {
+                base_offset: 0,
+                next_offset: 3,
+                scattered: None,
+                duplicates: 0
+            }
+        );
+        // The whole batch again: nothing written, the original offsets.
+        let again = log.append(deduplicated(&[0, 1, 2]), Millis(1)).unwrap();
+        assert_eq!(
+            again,
+            Appended::Stored {
+                base_offset: 0,
+                next_offset: 3,
+                scattered: Some(vec![0, 1, 2]),
+                duplicates: 3
+            }
+        );
+        // Part old, part new, and one id twice within the batch.
+        let mixed = log.append(deduplicated(&[3, 1, 4, 3]), Millis(2)).unwrap();
+        assert_eq!(
+            mixed,
+            Appended::Stored {
+                base_offset: 3,
+                next_offset: 5,
+                scattered: Some(vec![3, 1, 4, 3]),
+                duplicates: 2
+            }
+        );
+        assert_eq!(ids_from(&log, 0), ids(&[0, 1, 2, 3, 4]));
+        // Another source's event with the same id is another event.
+        let mut other = deduplicated(&[0]);
+        other.identities = Some(vec![runnel_proto::event_identity("other", "e-0")]);
+        log.append(other, Millis(3)).unwrap();
+        assert_eq!(log.end_offset(), 6);
+        // A batch that does not ask for deduplication is stored as it is.
+        log.append(incoming(0, 1), Millis(4)).unwrap();
+        assert_eq!(log.end_offset(), 7);
+        // A producer sequence that leaves a gap is no reason to refuse a batch whose
+        // events are what the broker goes by.
+        for (sequence, id) in [(100, 10), (500, 11)] {
+            let mut batch = deduplicated(&[id]);
+            (batch.producer_id, batch.base_sequence) = (9, sequence);
+            log.append(batch, Millis(5)).unwrap();
+        }
+        assert_eq!(log.end_offset(), 9);
+    }
+
+    #[test]
+    fn retries_are_recognised_across_restarts_within_the_window_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let window = |max_events| LogSettings {
+            dedup: crate::storage::embedded::recent::Window {
+                age: Duration::from_secs(60),
+                max_events,
+            },
+            ..settings(2048)
+        };
+        let mut log = PartitionLog::open(dir.path(), "t", 0, window(1000)).unwrap();
+        for i in 0..50u64 {
+            // Appended one second apart, rolling segments on the way.
+            log.append(deduplicated(&[i]), Millis(i as i64 * 1000))
+                .unwrap();
+        }
+        // Events that did not ask for deduplication are not remembered.
+        log.append(incoming(100, 1), Millis(50_000)).unwrap();
+        assert!(log.segment_count() > 1);
+        drop(log);
+
+        let mut log = PartitionLog::open(dir.path(), "t", 0, window(1000)).unwrap();
+        let retry = log.append(deduplicated(&[0, 49]), Millis(50_000)).unwrap();
+        assert_eq!(
+            retry,
+            Appended::Stored {
+                base_offset: 0,
+                next_offset: 51,
+                scattered: Some(vec![0, 49]),
+                duplicates: 2
+            }
+        );
+        let mut not_remembered = deduplicated(&[100]);
+        not_remembered.identities = Some(vec![runnel_proto::event_identity("", "e-100")]);
+        log.append(not_remembered, Millis(50_000)).unwrap();
+        assert_eq!(log.end_offset(), 52, "the plain event was not recognised");
+        // Past the window, event 0 (appended at 0 s) is stored again; 49 is not.
+        let late = log.append(deduplicated(&[0, 49]), Millis(61_000)).unwrap();
+        assert_eq!(
+            late,
+            Appended::Stored {
+                base_offset: 52,
+                next_offset: 53,
+                scattered: Some(vec![52, 49]),
+                duplicates: 1
+            }
+        );
+        drop(log);
+
+        // With a count of 10, only the last 10 deduplicated records are read back.
+        let mut log = PartitionLog::open(dir.path(), "t", 0, window(10)).unwrap();
+        let retry = log.append(deduplicated(&[45, 30]), Millis(61_000)).unwrap();
+        assert_eq!(
+            retry,
+            Appended::Stored {
+                base_offset: 45,
+                next_offset: 54,
+                scattered: Some(vec![45, 53]),
+                duplicates: 1
+            }
+        );
+        // A producer's whole batch is recognised by its sequence after its events left
+        // the window (a collector replaying its log after a long outage), across restarts.
+        let mut whole = deduplicated(&[70, 71]);
+        (whole.producer_id, whole.base_sequence) = (5, 0);
+        log.append(whole.clone(), Millis(61_000)).unwrap();
+        assert_eq!(log.end_offset(), 56);
+        assert_eq!(
+            log.append(whole.clone(), Millis(500_000)).unwrap(),
+            Appended::Duplicate { base_offset: 54 }
+        );
+        drop(log);
+        let mut log = PartitionLog::open(dir.path(), "t", 0, window(10)).unwrap();
+        assert_eq!(
+            log.append(whole, Millis(500_000)).unwrap(),
+            Appended::Duplicate { base_offset: 54 }
+        );
+    }
+
     #[test]
     fn offsets_that_do_not_run_on_across_segments_stop_recovery() {
         let dir = tempfile::tempdir().unwrap();
@@ -1031,7 +1366,7 @@ mod tests {
             prop_assert_eq!(log.end_offset(), kept);
             prop_assert_eq!(ids_from(&log, 0), expected_ids(0..kept));
             let appended = log.append(incoming(kept, 3), Millis(0)).unwrap();
-            prop_assert_eq!(appended, Appended::Stored { base_offset: kept, next_offset: kept + 3, scattered: None });
+            prop_assert_eq!(appended, Appended::Stored { base_offset: kept, next_offset: kept + 3, scattered: None, duplicates: 0 });
         }
     }
 }

@@ -415,6 +415,7 @@ mod tests {
             append_time: Millis(time),
             producer_id: 0,
             base_sequence: 0,
+            deduplicated: false,
         }
     }
 
