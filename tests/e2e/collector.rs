@@ -22,12 +22,17 @@ const BATCH: usize = 20;
 
 /// A broker and a collector, each its own process, with the collector's settings `extra`.
 async fn start(dir: &Path, extra: &str) -> (ServiceProcess, ServiceProcess) {
+    start_with(dir, "", extra).await
+}
+
+/// A broker with the settings `engine` and a collector with the settings `extra`.
+async fn start_with(dir: &Path, engine: &str, extra: &str) -> (ServiceProcess, ServiceProcess) {
     let config = dir.join("runnel.toml");
     let d = dir.display();
     std::fs::write(
         &config,
         format!(
-            "[broker]\ndata_dir = \"{d}/broker\"\ndefault_partitions = {PARTITIONS}\n\
+            "[broker]\ndata_dir = \"{d}/broker\"\ndefault_partitions = {PARTITIONS}\n{engine}\n\
              [broker.server]\ngrpc = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
              [collector]\ndata_dir = \"{d}/collector\"\nudp = \"off\"\ntopic_partitions = {PARTITIONS}\n{extra}\n\
              [collector.server]\ngrpc = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ndrain_timeout = \"2s\"\n"
@@ -466,7 +471,29 @@ async fn ingest_resending(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resent_calls_are_stored_once_through_thirty_kills_of_the_collector_and_the_broker() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut broker, mut collector) = start(dir.path(), "").await;
+    resent_calls_through_kills(dir.path(), "").await;
+}
+
+/// The same on JetStream: the broker in front of it is killed, JetStream recognises the
+/// retried events by their message ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resent_calls_are_stored_once_through_thirty_kills_on_jetstream() {
+    if !runnel_testkit::require(runnel_testkit::Tool::NatsServer) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats_dir = dir.path().join("nats");
+    std::fs::create_dir_all(&nats_dir).expect("nats directory");
+    let nats = runnel_testkit::nats::NatsNode::start(&nats_dir, &[]).await;
+    let engine = format!(
+        "storage = \"jetstream\"\njetstream = {{ servers = [\"{}\"], replicas = 1 }}",
+        nats.url
+    );
+    resent_calls_through_kills(dir.path(), &engine).await;
+}
+
+async fn resent_calls_through_kills(dir: &Path, engine: &str) {
+    let (mut broker, mut collector) = start_with(dir, engine, "").await;
     let acknowledged = Arc::new(Mutex::new(Vec::new()));
     let (stop, stopped) = watch::channel(false);
     let clients: Vec<_> = ["a", "b"]

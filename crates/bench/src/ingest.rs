@@ -57,6 +57,10 @@ pub struct IngestArgs {
     ack: Ack,
     #[command(flatten)]
     log: LogArgs,
+    /// Event identities each partition of the in-process broker remembers to recognise
+    /// retries (`broker.dedup_max_events`); 0 turns recognition off, to measure its cost.
+    #[arg(long, default_value_t = BrokerConfig::default().dedup_max_events)]
+    dedup_events: usize,
     /// Mutual TLS on both hops (client → collector → broker), certificate authentication
     /// and grants checked on every call, with development certificates made for the run.
     #[arg(long, conflicts_with = "collector")]
@@ -120,6 +124,7 @@ pub(crate) async fn run(args: IngestArgs) -> Result<ExitCode> {
             let certs = args.secure.then(|| data.path().join("certs"));
             start_in_process(
                 args.fsync,
+                args.dedup_events,
                 &args.log,
                 certs.as_deref(),
                 data.path(),
@@ -186,12 +191,13 @@ async fn measure(
     drive(args, channel.clone(), warmup, "warmup").await?;
 
     eprintln!(
-        "bench: {} events of {} bytes, batches of {}, {} concurrent clients, broker fsync {}, log {} (fsync {}), ack {}{}",
+        "bench: {} events of {} bytes, batches of {}, {} concurrent clients, broker fsync {} (remembering {} event ids per partition), log {} (fsync {}), ack {}{}",
         args.events,
         args.size,
         args.batch,
         args.concurrency,
         args.fsync,
+        args.dedup_events,
         args.log.mode,
         args.log.fsync,
         args.ack.name(),
@@ -264,6 +270,7 @@ fn make_certs(dir: &std::path::Path) -> Result<()> {
 /// both hops run over mutual TLS with authentication and grants.
 pub(crate) async fn start_in_process(
     broker_fsync: FsyncPolicy,
+    dedup_max_events: usize,
     log: &LogArgs,
     secure_certs: Option<&std::path::Path>,
     data: &std::path::Path,
@@ -294,6 +301,7 @@ pub(crate) async fn start_in_process(
         server: broker_server,
         data_dir: data.join("broker"),
         fsync: broker_fsync,
+        dedup_max_events,
         ..BrokerConfig::default()
     };
     broker.validate()?;
@@ -419,6 +427,7 @@ mod tests {
         let certs = data.path().join("certs");
         let (url, connect) = start_in_process(
             FsyncPolicy::Never,
+            BrokerConfig::default().dedup_max_events,
             &log,
             Some(&certs),
             data.path(),

@@ -65,9 +65,16 @@ pub(crate) async fn run(args: StreamArgs) -> Result<ExitCode> {
     let url = match &args.collector {
         Some(url) => url.clone(),
         None => {
-            start_in_process(args.fsync, &args.log, None, data.path(), &mut services)
-                .await?
-                .0
+            start_in_process(
+                args.fsync,
+                runnel_broker::BrokerConfig::default().dedup_max_events,
+                &args.log,
+                None,
+                data.path(),
+                &mut services,
+            )
+            .await?
+            .0
         }
     };
     let (histogram, acked, elapsed) = services

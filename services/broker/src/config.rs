@@ -69,9 +69,9 @@ pub struct BrokerConfig {
     /// again. JetStream's equivalent is `jetstream.duplicate_window`.
     #[serde(with = "humantime_serde")]
     pub dedup_window: Duration,
-    /// At most this many identities per partition (about 64 bytes of memory each), the
-    /// oldest forgotten first: at high rates this, not `dedup_window`, bounds how late a
-    /// retry can come. `0` turns recognition off.
+    /// The last this many events of each partition are always among those remembered
+    /// (up to twice as many are, at most 50 bytes of memory each): at high rates this, not
+    /// `dedup_window`, bounds how late a retry can come. `0` turns recognition off.
     pub dedup_max_events: usize,
     /// Where topics live: `"embedded"` (this broker's own log under `data_dir`) or
     /// `"jetstream"` (a NATS JetStream cluster, see `jetstream`).
@@ -158,7 +158,7 @@ impl Default for BrokerConfig {
             producer_expiry: Duration::from_secs(7 * 24 * 3600),
             group_session_timeout: Duration::from_secs(10),
             dedup_window: DEDUP_WINDOW,
-            dedup_max_events: 1_000_000,
+            dedup_max_events: 500_000,
             storage: StorageEngine::Embedded,
             jetstream: JetStreamConfig::default(),
         }
@@ -273,6 +273,17 @@ impl ServiceConfig for BrokerConfig {
                 "must be at least 1m",
             ));
         }
+        // JetStream refuses to create a stream with a shorter window, and would be asked
+        // again and again.
+        if !(Duration::from_millis(100)..=Duration::from_secs(7 * 24 * 3600))
+            .contains(&self.jetstream.duplicate_window)
+        {
+            return Err(ConfigError::invalid(
+                section,
+                "jetstream.duplicate_window",
+                "must be between 100ms (JetStream's least) and 7d",
+            ));
+        }
         if self.dedup_window > Duration::from_secs(7 * 24 * 3600) {
             return Err(ConfigError::invalid(
                 section,
@@ -316,7 +327,19 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         type Case = (fn(&mut BrokerConfig), &'static str);
-        let cases: [Case; 10] = [
+        let cases: [Case; 13] = [
+            (
+                |c| c.jetstream.duplicate_window = Duration::from_millis(10),
+                "broker.jetstream.duplicate_window",
+            ),
+            (
+                |c| c.dedup_window = Duration::from_secs(30 * 24 * 3600),
+                "broker.dedup_window",
+            ),
+            (
+                |c| c.dedup_max_events = 1_000_000_000,
+                "broker.dedup_max_events",
+            ),
             (|c| c.segment_bytes = 10, "broker.segment_bytes"),
             (|c| c.segment_age = Duration::ZERO, "broker.segment_age"),
             (

@@ -380,23 +380,7 @@ impl PartitionLog {
         let time = now.0.max(self.last_time);
         self.recent.expire(time);
         let end = self.end_offset();
-        let mut offsets = Vec::with_capacity(identities.len());
-        let mut kept: Vec<usize> = Vec::with_capacity(identities.len());
-        let mut in_batch: std::collections::HashMap<u128, u64> = std::collections::HashMap::new();
-        for (i, &identity) in identities.iter().enumerate() {
-            if let Some(stored) = self
-                .recent
-                .get(identity)
-                .or(in_batch.get(&identity).copied())
-            {
-                offsets.push(stored);
-                continue;
-            }
-            let offset = end + kept.len() as u64;
-            in_batch.insert(identity, offset);
-            kept.push(i);
-            offsets.push(offset);
-        }
+        let (offsets, kept) = self.recent.classify(identities, end);
         let duplicates = (identities.len() - kept.len()) as u32;
         if duplicates > 0 {
             metrics::counter!("runnel_broker_duplicate_events_total", "topic" => self.topic.clone())
@@ -1272,28 +1256,44 @@ mod tests {
         not_remembered.identities = Some(vec![runnel_proto::event_identity("", "e-100")]);
         log.append(not_remembered, Millis(50_000)).unwrap();
         assert_eq!(log.end_offset(), 52, "the plain event was not recognised");
-        // Past the window, event 0 (appended at 0 s) is stored again; 49 is not.
-        let late = log.append(deduplicated(&[0, 49]), Millis(61_000)).unwrap();
+        // Within the window of its append, 49 is recognised at 61 s; past twice the
+        // window nothing is, and both are stored again.
+        let late = log.append(deduplicated(&[49]), Millis(61_000)).unwrap();
         assert_eq!(
             late,
             Appended::Stored {
-                base_offset: 52,
-                next_offset: 53,
-                scattered: Some(vec![52, 49]),
+                base_offset: 49,
+                next_offset: 52,
+                scattered: Some(vec![49]),
                 duplicates: 1
             }
         );
+        let later = log.append(deduplicated(&[0, 49]), Millis(200_000)).unwrap();
+        assert_eq!(
+            later,
+            Appended::Stored {
+                base_offset: 52,
+                next_offset: 54,
+                scattered: None,
+                duplicates: 0
+            }
+        );
+        let ids: Vec<u64> = (100..120).collect();
+        log.append(deduplicated(&ids), Millis(200_000)).unwrap();
+        assert_eq!(log.end_offset(), 74);
         drop(log);
 
         // With a count of 10, only the last 10 deduplicated records are read back.
         let mut log = PartitionLog::open(dir.path(), "t", 0, window(10)).unwrap();
-        let retry = log.append(deduplicated(&[45, 30]), Millis(61_000)).unwrap();
+        let retry = log
+            .append(deduplicated(&[119, 100]), Millis(200_000))
+            .unwrap();
         assert_eq!(
             retry,
             Appended::Stored {
-                base_offset: 45,
-                next_offset: 54,
-                scattered: Some(vec![45, 53]),
+                base_offset: 73,
+                next_offset: 75,
+                scattered: Some(vec![73, 74]),
                 duplicates: 1
             }
         );
@@ -1301,17 +1301,17 @@ mod tests {
         // the window (a collector replaying its log after a long outage), across restarts.
         let mut whole = deduplicated(&[70, 71]);
         (whole.producer_id, whole.base_sequence) = (5, 0);
-        log.append(whole.clone(), Millis(61_000)).unwrap();
-        assert_eq!(log.end_offset(), 56);
+        log.append(whole.clone(), Millis(200_000)).unwrap();
+        assert_eq!(log.end_offset(), 77);
         assert_eq!(
-            log.append(whole.clone(), Millis(500_000)).unwrap(),
-            Appended::Duplicate { base_offset: 54 }
+            log.append(whole.clone(), Millis(900_000)).unwrap(),
+            Appended::Duplicate { base_offset: 75 }
         );
         drop(log);
         let mut log = PartitionLog::open(dir.path(), "t", 0, window(10)).unwrap();
         assert_eq!(
-            log.append(whole, Millis(500_000)).unwrap(),
-            Appended::Duplicate { base_offset: 54 }
+            log.append(whole, Millis(900_000)).unwrap(),
+            Appended::Duplicate { base_offset: 75 }
         );
     }
 
