@@ -788,16 +788,23 @@ mod tests {
             .unwrap();
         assert_eq!(first.applied, 1);
         // A replay sends the window's versions again: an older one (it reflects fewer
-        // records) and the same one. Neither is news.
+        // records) and the same one — computed later, with other trace headers. Neither
+        // is news, and the first version's emitted_at stays.
+        let recomputed = QueryResult {
+            emitted_at: Some(Millis(99).into()),
+            headers: [("traceparent".to_owned(), "00-replay".to_owned())].into(),
+            ..at(2.0, 9)
+        };
         let replay = store
             .put(
-                vec![at(1.0, 4), at(2.0, 7), at(2.0, 9)],
+                vec![at(1.0, 4), at(2.0, 7), recomputed],
                 Sequences::Assign,
                 None,
             )
             .unwrap();
         assert!(replay.results.is_empty(), "{:?}", replay.results);
         assert_eq!(replay.applied, 1);
+        assert_eq!(store.range("q", "a", 0, 1, 10).unwrap()[0].emitted_at, None);
         // A newer version is; so is a client's own write (no offset) that changes it.
         let newer = store
             .put(vec![at(3.0, 12), at(4.0, 0)], Sequences::Assign, None)
