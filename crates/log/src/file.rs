@@ -56,6 +56,20 @@ impl LogFile {
         path: &Path,
         magic: [u8; 8],
         policy: FsyncPolicy,
+        visit: impl FnMut(u64, &[u8]),
+    ) -> Result<(LogFile, Recovery)> {
+        Self::open_keeping(path, magic, policy, 0, visit)
+    }
+
+    /// [`LogFile::open`] for a file whose first `durable` bytes are known to have been
+    /// fsync'd (a recovery point the caller saved): a frame that does not check out there
+    /// is damage, not a torn tail, and is refused with [`Error::Damaged`] instead of being
+    /// cut off with everything after it. Beyond `durable`, a bad frame is a torn tail.
+    pub fn open_keeping(
+        path: &Path,
+        magic: [u8; 8],
+        policy: FsyncPolicy,
+        durable: u64,
         mut visit: impl FnMut(u64, &[u8]),
     ) -> Result<(LogFile, Recovery)> {
         let file = OpenOptions::new()
@@ -92,6 +106,12 @@ impl LogFile {
             recovery.frames += 1;
             visit(position, payload);
         })?;
+        if end < durable {
+            return Err(Error::Damaged {
+                position: end,
+                durable,
+            });
+        }
         if end < on_disk {
             recovery.truncated_bytes = on_disk - end;
             tracing::warn!(
@@ -600,6 +620,43 @@ mod tests {
             assert_eq!(frames.len(), whole + 1);
             assert_eq!(frames.last().unwrap().1, b"after the crash");
         }
+    }
+
+    #[test]
+    fn damage_inside_what_was_durable_is_refused_not_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (mut file, _, _) = open(&path);
+        let positions = file
+            .append(&[b"first frame".as_slice(), b"second frame", b"third frame"])
+            .unwrap();
+        file.sync().unwrap();
+        let durable = file.len();
+        drop(file);
+        // A flipped byte in the second frame's payload.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[positions[1] as usize + FRAME_HEADER_LEN as usize + 2] ^= 0x20;
+        std::fs::write(&path, &bytes).unwrap();
+        let error = LogFile::open_keeping(&path, MAGIC, FsyncPolicy::Never, durable, |_, _| {})
+            .expect_err("damage is refused");
+        assert!(
+            matches!(error, Error::Damaged { position, .. } if position == positions[1]),
+            "{error}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing was cut off");
+        // A file cut short below what was durable is damage too.
+        std::fs::write(&path, &bytes[..positions[1] as usize]).unwrap();
+        assert!(matches!(
+            LogFile::open_keeping(&path, MAGIC, FsyncPolicy::Never, durable, |_, _| {}),
+            Err(Error::Damaged { .. })
+        ));
+        // Beyond what was durable, the same damage is a torn tail, cut off.
+        std::fs::write(&path, &bytes).unwrap();
+        let (file, recovery) =
+            LogFile::open_keeping(&path, MAGIC, FsyncPolicy::Never, positions[1], |_, _| {})
+                .unwrap();
+        assert_eq!(file.len(), positions[1]);
+        assert!(recovery.truncated_bytes > 0);
     }
 
     #[test]

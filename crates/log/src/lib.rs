@@ -102,6 +102,18 @@ pub enum Error {
     /// A payload is empty or larger than [`MAX_FRAME_LEN`].
     #[error("payload of {0} bytes cannot be framed (1 to {MAX_FRAME_LEN} bytes)")]
     PayloadSize(usize),
+    /// Recovery met a frame that does not check out inside the part of the file known to
+    /// have been made durable: damage (a flipped bit, a bad sector, a file cut by hand), not
+    /// the torn tail of a crash. Nothing is cut off.
+    #[error(
+        "the frame at byte {position} is damaged, inside the first {durable} bytes, which were known durable: not a torn tail, so nothing was cut off"
+    )]
+    Damaged {
+        /// Where the first bad frame starts.
+        position: u64,
+        /// How much of the file was known durable.
+        durable: u64,
+    },
 }
 
 /// The crate's result type.

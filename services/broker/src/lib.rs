@@ -165,6 +165,9 @@ pub async fn run(
     Ok(())
 }
 
+/// How often each partition's recovery point is saved, when more is known fsync'd.
+const RECOVERY_POINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Opens the embedded engine — topics, offsets, group commit — and starts its background
 /// work (group commits, interval fsyncs, retention) on `background`.
 async fn open_embedded(
@@ -205,6 +208,26 @@ async fn open_embedded(
                             tokio::task::spawn_blocking(move || topics.sync_due()).await
                         {
                             tracing::error!(%error, "periodic fsync task failed");
+                        }
+                    }
+                })
+                .await;
+        }));
+    }
+    {
+        // Recovery points: what recovery must find intact (see `partition`).
+        let topics = Arc::clone(&topics);
+        let background = background.clone();
+        tasks.push(tokio::spawn(async move {
+            background
+                .run_every(RECOVERY_POINT_INTERVAL, || {
+                    let topics = Arc::clone(&topics);
+                    async move {
+                        // Failures are logged where they happen; the next tick tries again.
+                        if let Err(error) =
+                            tokio::task::spawn_blocking(move || topics.save_recovery_points()).await
+                        {
+                            tracing::error!(%error, "recovery point task failed");
                         }
                     }
                 })

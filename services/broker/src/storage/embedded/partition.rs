@@ -28,7 +28,7 @@ use runnel_log::{FsyncPolicy, SyncHandle};
 use runnel_proto::Millis;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -84,6 +84,44 @@ pub(crate) struct PartitionLog {
 
 fn producers_path(dir: &Path, offset: u64) -> PathBuf {
     dir.join(format!("{}.producers", file_stem(offset)))
+}
+
+/// The partition's recovery point: how much of which segment is known fsync'd, so that
+/// recovery can tell damage (a bad frame inside it) from a torn tail (one beyond it).
+const RECOVERY_POINT: &str = "recovery-point";
+/// Its magic; the trailing digit is the content's version.
+const RECOVERY_POINT_MAGIC: [u8; 8] = *b"RNLRCPT1";
+
+/// A segment's base offset and how many bytes of it are known fsync'd.
+pub(crate) type Extent = (u64, u64);
+
+/// Blocking: the saved recovery point, if there is a readable one.
+fn read_recovery_point(dir: &Path) -> Option<Extent> {
+    let path = dir.join(RECOVERY_POINT);
+    match runnel_log::read_atomic(&path, RECOVERY_POINT_MAGIC) {
+        Ok(Some(bytes)) => {
+            let base = bytes.get(..8)?.try_into().ok().map(u64::from_le_bytes)?;
+            let len = bytes.get(8..16)?.try_into().ok().map(u64::from_le_bytes)?;
+            Some((base, len))
+        }
+        Ok(None) => None,
+        Err(error) => {
+            // Without it recovery is as before: a bad frame in the active segment is taken
+            // for a torn tail.
+            tracing::warn!(path = %path.display(), %error, "the recovery point cannot be read; recovering without it");
+            None
+        }
+    }
+}
+
+/// Blocking: saves a recovery point.
+fn write_recovery_point(dir: &Path, (base, len): Extent) -> Result<()> {
+    let mut payload = [0u8; 16];
+    payload[..8].copy_from_slice(&base.to_le_bytes());
+    payload[8..].copy_from_slice(&len.to_le_bytes());
+    let path = dir.join(RECOVERY_POINT);
+    runnel_log::write_atomic(&path, RECOVERY_POINT_MAGIC, &payload)
+        .map_err(|source| BrokerError::Segment(super::segment::SegmentError::Log { path, source }))
 }
 
 /// The base offsets named by files with `extension` in `dir`, sorted.
@@ -155,11 +193,21 @@ impl PartitionLog {
                 }
                 segments.push(segment);
             }
-            let segment =
-                Segment::recover(dir, active, settings.segment_policy(), interval, |header| {
-                    record(&mut producers, header)
-                })
-                .map_err(BrokerError::Segment)?;
+            // What the recovery point says was fsync'd of the active segment must be there,
+            // frame for frame: a bad frame inside it is damage, refused, never cut off.
+            let durable = match read_recovery_point(dir) {
+                Some((base, len)) if base == active => len,
+                _ => 0,
+            };
+            let segment = Segment::recover(
+                dir,
+                active,
+                settings.segment_policy(),
+                interval,
+                durable,
+                |header| record(&mut producers, header),
+            )
+            .map_err(BrokerError::Segment)?;
             // Opening the segment fsync'd what a crash left in the page cache
             // (`LogFile::open`), so the durable offset can start at the end.
             segments.push(segment);
@@ -614,12 +662,19 @@ impl PartitionLog {
 
     /// What a group commit needs: the end offset now and a handle that syncs everything
     /// up to it (older segments were synced when sealed).
-    pub(crate) fn sync_point(&self) -> Result<(u64, SyncHandle)> {
+    pub(crate) fn sync_point(&self) -> Result<(u64, SyncHandle, Extent)> {
         let active = &self.segments[self.segments.len() - 1];
         Ok((
             self.end_offset(),
             active.sync_handle().map_err(BrokerError::Segment)?,
+            self.active_extent(),
         ))
+    }
+
+    /// The active segment's base offset and its length in bytes.
+    pub(crate) fn active_extent(&self) -> Extent {
+        let active = &self.segments[self.segments.len() - 1];
+        (active.base_offset(), active.size_bytes())
     }
 
     /// Blocking: fsyncs if the interval policy's time has come.
@@ -680,6 +735,12 @@ pub(crate) struct Partition {
     segments: AtomicU64,
     /// Bytes appended since a background writeback was last asked for.
     unsynced: AtomicU64,
+    /// The partition's directory, for its recovery point.
+    dir: PathBuf,
+    /// How much of which segment is known fsync'd …
+    synced: Mutex<Extent>,
+    /// … and what the saved recovery point says.
+    saved: Mutex<Extent>,
 }
 
 impl Partition {
@@ -699,7 +760,31 @@ impl Partition {
             size_bytes: AtomicU64::new(log.size_bytes()),
             segments: AtomicU64::new(log.segment_count() as u64),
             unsynced: AtomicU64::new(0),
+            dir: log.dir.clone(),
+            // Recovery fsync'd what it found.
+            synced: Mutex::new(log.active_extent()),
+            saved: Mutex::new((0, 0)),
             log: RwLock::new(log),
+        }
+    }
+
+    /// Blocking: saves the recovery point if more is known fsync'd than it says — every
+    /// second or so, and at a clean stop. Between saves, a bad frame written since is taken
+    /// for a torn tail, as without one.
+    pub(crate) fn save_recovery_point(&self) -> Result<()> {
+        let synced = *self.synced.lock().map_err(|_| self.failed_error())?;
+        let mut saved = self.saved.lock().map_err(|_| self.failed_error())?;
+        if synced <= *saved {
+            return Ok(());
+        }
+        write_recovery_point(&self.dir, synced)?;
+        *saved = synced;
+        Ok(())
+    }
+
+    fn record_synced(&self, extent: Extent) {
+        if let Ok(mut synced) = self.synced.lock() {
+            *synced = (*synced).max(extent);
         }
     }
 
@@ -853,7 +938,7 @@ impl Partition {
     /// Blocking: fsyncs up to the end offset as of now, without holding the lock during
     /// the fsync, and publishes the durable offset. What one group commit does.
     pub(crate) fn sync_to_end(&self) -> Result<()> {
-        let (end, handle) = self.read_lock()?.sync_point()?;
+        let (end, handle, extent) = self.read_lock()?.sync_point()?;
         if end <= self.durable_offset() {
             return Ok(());
         }
@@ -867,6 +952,7 @@ impl Partition {
             self.durable.send_modify(|d| d.failed = true);
             return Err(self.failed_error());
         }
+        self.record_synced(extent);
         self.durable.send_if_modified(|d| {
             let more = end > d.offset;
             d.offset = d.offset.max(end);
@@ -882,7 +968,12 @@ impl Partition {
 
     /// Blocking: fsyncs everything (at shutdown).
     pub(crate) fn sync(&self) -> Result<()> {
-        self.write()?.sync()?;
+        let extent = {
+            let mut log = self.write()?;
+            log.sync()?;
+            log.active_extent()
+        };
+        self.record_synced(extent);
         let end = self.end_offset();
         self.durable.send_modify(|d| d.offset = d.offset.max(end));
         Ok(())
@@ -1313,6 +1404,57 @@ mod tests {
             log.append(whole, Millis(900_000)).unwrap(),
             Appended::Duplicate { base_offset: 75 }
         );
+    }
+
+    #[test]
+    fn a_damaged_frame_inside_what_was_fsynced_stops_recovery_instead_of_cutting_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), 1 << 30);
+        let partition = Partition::new(log);
+        for i in 0..10 {
+            partition.append(incoming(i * 10, 10), Millis(0)).unwrap();
+        }
+        partition.sync().unwrap();
+        partition.save_recovery_point().unwrap();
+        // Appended after the recovery point was saved: beyond it, a torn tail is cut.
+        partition.append(incoming(100, 10), Millis(0)).unwrap();
+        drop(partition);
+        let segment = dir.path().join(format!("{}.log", file_stem(0)));
+        let intact = std::fs::read(&segment).unwrap();
+
+        let mut torn = intact.clone();
+        torn.extend_from_slice(&[0xAB; 100]);
+        std::fs::write(&segment, &torn).unwrap();
+        let log = open(dir.path(), 1 << 30);
+        assert_eq!(
+            log.end_offset(),
+            110,
+            "a torn tail beyond the recovery point is cut"
+        );
+        drop(log);
+
+        // A flipped byte in the middle of what was fsync'd: refused, nothing cut off.
+        let mut damaged = std::fs::read(&segment).unwrap();
+        let middle = damaged.len() / 3;
+        damaged[middle] ^= 0x01;
+        std::fs::write(&segment, &damaged).unwrap();
+        let error = PartitionLog::open(dir.path(), "t", 0, settings(1 << 30)).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains("damaged") && message.contains("docs/broker.md"),
+            "{message}"
+        );
+        assert_eq!(
+            std::fs::read(&segment).unwrap(),
+            damaged,
+            "nothing was cut off"
+        );
+
+        // Without a recovery point the damage would pass for a torn tail and take every
+        // later record with it: what the recovery point is for.
+        std::fs::remove_file(dir.path().join(RECOVERY_POINT)).unwrap();
+        let log = open(dir.path(), 1 << 30);
+        assert!(log.end_offset() < 100, "{}", log.end_offset());
     }
 
     #[test]

@@ -104,30 +104,57 @@ impl Segment {
 
     /// Blocking: opens the active segment after any kind of stop. Every batch is checked;
     /// a torn tail is cut; `visit` sees every batch header in order.
+    ///
+    /// `durable` is how many bytes of the file were known fsync'd (the partition's
+    /// recovery point; 0 when unknown): a bad frame there is damage, refused as
+    /// [`SegmentError::Corrupt`], not a torn tail to cut off.
     pub(crate) fn recover(
         dir: &Path,
         base_offset: u64,
         policy: FsyncPolicy,
         interval: u64,
+        durable: u64,
         mut visit: impl FnMut(&BatchHeader),
     ) -> Result<Segment, SegmentError> {
         let (log_path, index_path) = Self::paths(dir, base_offset);
         let mut scanned: Scanned = Vec::new();
         let mut corruption: Option<(u64, String)> = None;
-        let (file, recovery) = LogFile::open(&log_path, LOG_MAGIC, policy, |position, payload| {
-            if corruption.is_none() {
-                match BatchHeader::decode(payload) {
-                    Ok(header) => {
-                        scanned.push((position, header, FRAME_HEADER_LEN + payload.len() as u64))
+        let opened = LogFile::open_keeping(
+            &log_path,
+            LOG_MAGIC,
+            policy,
+            durable,
+            |position, payload| {
+                if corruption.is_none() {
+                    match BatchHeader::decode(payload) {
+                        Ok(header) => scanned.push((
+                            position,
+                            header,
+                            FRAME_HEADER_LEN + payload.len() as u64,
+                        )),
+                        Err(reason) => corruption = Some((position, reason)),
                     }
-                    Err(reason) => corruption = Some((position, reason)),
                 }
+            },
+        );
+        let (file, recovery) = match opened {
+            Ok(opened) => opened,
+            Err(runnel_log::Error::Damaged { position, durable }) => {
+                return Err(SegmentError::Corrupt {
+                    path: log_path,
+                    position,
+                    reason: format!(
+                        "a damaged frame inside the first {durable} bytes, which were fsync'd: not a torn tail, so nothing after it was cut off (see \"A damaged partition\" in docs/broker.md)"
+                    ),
+                });
             }
-        })
-        .map_err(|source| SegmentError::Log {
-            path: log_path.clone(),
-            source,
-        })?;
+            Err(source) => {
+                return Err(SegmentError::Log {
+                    path: log_path.clone(),
+                    source,
+                });
+            }
+        };
         if let Some((position, reason)) = corruption {
             return Err(SegmentError::Corrupt {
                 path: log_path,
@@ -501,7 +528,7 @@ mod tests {
         let bytes = std::fs::read(&log_path).unwrap();
         std::fs::write(&log_path, &bytes[..bytes.len() - 7]).unwrap();
         let mut seen = Vec::new();
-        let mut segment = Segment::recover(dir.path(), 1000, FsyncPolicy::Never, 256, |h| {
+        let mut segment = Segment::recover(dir.path(), 1000, FsyncPolicy::Never, 256, 0, |h| {
             seen.push(h.base_offset)
         })
         .unwrap();
@@ -513,7 +540,7 @@ mod tests {
         segment.append(&header(1040, 1, 99), b"y").unwrap();
         drop(segment);
         let error =
-            Segment::recover(dir.path(), 1000, FsyncPolicy::Never, 256, |_| {}).unwrap_err();
+            Segment::recover(dir.path(), 1000, FsyncPolicy::Never, 256, 0, |_| {}).unwrap_err();
         assert!(matches!(error, SegmentError::Corrupt { .. }), "{error}");
         assert!(
             error

@@ -189,9 +189,14 @@ impl Topics {
         deleted
     }
 
-    /// Blocking: syncs every partition now (at shutdown).
+    /// Blocking: syncs every partition now and saves its recovery point (at shutdown).
     pub(crate) fn sync_all(&self) -> Result<()> {
-        self.each_partition(|p| p.sync())
+        self.each_partition(|p| p.sync().and_then(|()| p.save_recovery_point()))
+    }
+
+    /// Blocking: saves each partition's recovery point where more is known fsync'd.
+    pub(crate) fn save_recovery_points(&self) -> Result<()> {
+        self.each_partition(|p| p.save_recovery_point())
     }
 
     fn each_partition(&self, sync: impl Fn(&Partition) -> Result<()>) -> Result<()> {
@@ -203,7 +208,7 @@ impl Topics {
                         topic = topic.name(),
                         partition = partition.id(),
                         %error,
-                        "fsync failed"
+                        "fsync or recovery point failed"
                     );
                     first_error.get_or_insert(error);
                 }
