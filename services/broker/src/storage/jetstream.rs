@@ -367,7 +367,20 @@ impl MetaStore {
     async fn get(&self, key: &str) -> Result<Option<(Bytes, u64)>> {
         match self.stream.direct_get_last_for_subject(key).await {
             Ok(message) => Ok(Some((message.payload, message.sequence))),
-            Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            // Any replica may answer a direct get, and one that has not caught up yet does
+            // not know a write just acknowledged — a topic created a moment ago would look
+            // missing. The stream's leader confirms a miss.
+            Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => {
+                match self.stream.get_last_raw_message_by_subject(key).await {
+                    Ok(message) => Ok(Some((message.payload, message.sequence))),
+                    Err(error)
+                        if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound =>
+                    {
+                        Ok(None)
+                    }
+                    Err(error) => Err(unavailable("metadata read", error)),
+                }
+            }
             Err(error) => Err(unavailable("metadata read", error)),
         }
     }
