@@ -212,16 +212,12 @@ async fn logged_events_survive_twenty_sigkills_of_the_collector_exactly_once() {
     let mut replayed = 0u64;
     for round in 0..ROUNDS {
         // Let some batches be acknowledged, then kill at a moment nobody chose.
-        eventually(
-            Duration::from_secs(60),
-            Deferred(|| {
-                format!(
-                    "round {round}: progress\n{}\n{}",
-                    collector.log(),
-                    broker.log()
-                )
-            }),
-            || async { acknowledged.lock().unwrap().len() >= before + BATCH * 5 },
+        await_acknowledged(
+            &acknowledged,
+            before + BATCH * 5,
+            round,
+            &collector,
+            &broker,
         )
         .await;
         tokio::time::sleep(Duration::from_millis(rand::random_range(0..150))).await;
@@ -246,6 +242,28 @@ async fn logged_events_survive_twenty_sigkills_of_the_collector_exactly_once() {
     assert_exactly_once(&broker.url(), &acknowledged, || {
         format!("{}\n{}", collector.log(), broker.log())
     })
+    .await;
+}
+
+/// Waits until at least `count` events are acknowledged; fails with both services' logs.
+async fn await_acknowledged(
+    acknowledged: &Mutex<Vec<String>>,
+    count: usize,
+    round: usize,
+    collector: &ServiceProcess,
+    broker: &ServiceProcess,
+) {
+    eventually(
+        Duration::from_secs(60),
+        Deferred(|| {
+            format!(
+                "round {round}: progress\n{}\n{}",
+                collector.log(),
+                broker.log()
+            )
+        }),
+        || async { acknowledged.lock().unwrap().len() >= count },
+    )
     .await;
 }
 
@@ -454,6 +472,7 @@ async fn ingest_resending(
                 Ok(Ok(_)) => break,
                 Ok(Err(_)) | Err(_) => {
                     resent += 1;
+                    // A client's backoff before it resends, as a real one would.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
@@ -509,18 +528,15 @@ async fn resent_calls_through_kills(dir: &Path, engine: &str) {
         .collect();
     for round in 0..RETRY_ROUNDS * 2 {
         let before = acknowledged.lock().unwrap().len();
-        eventually(
-            Duration::from_secs(60),
-            Deferred(|| {
-                format!(
-                    "round {round}: progress\n{}\n{}",
-                    collector.log(),
-                    broker.log()
-                )
-            }),
-            || async { acknowledged.lock().unwrap().len() >= before + BATCH * 3 },
+        await_acknowledged(
+            &acknowledged,
+            before + BATCH * 3,
+            round,
+            &collector,
+            &broker,
         )
         .await;
+        // Not a wait for readiness (progress was awaited above): a random moment to strike.
         tokio::time::sleep(Duration::from_millis(rand::random_range(0..100))).await;
         if round % 2 == 0 {
             collector.kill().await.expect("SIGKILL collector");

@@ -165,6 +165,30 @@ pub async fn run(
     Ok(())
 }
 
+/// Runs `work` over the topics on a blocking thread every `every`, until `background`
+/// stops; a tick that panics is logged as `what`'s failure and the next one runs anyway.
+fn every_tick(
+    background: &Shutdown,
+    every: std::time::Duration,
+    topics: &Arc<Topics>,
+    what: &'static str,
+    work: fn(&Topics),
+) -> tokio::task::JoinHandle<()> {
+    let (background, topics) = (background.clone(), Arc::clone(topics));
+    tokio::spawn(async move {
+        background
+            .run_every(every, || {
+                let topics = Arc::clone(&topics);
+                async move {
+                    if let Err(error) = tokio::task::spawn_blocking(move || work(&topics)).await {
+                        tracing::error!(%error, task = what, "background task failed");
+                    }
+                }
+            })
+            .await;
+    })
+}
+
 /// How often each partition's recovery point is saved, when more is known fsync'd.
 const RECOVERY_POINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -196,69 +220,39 @@ async fn open_embedded(
         Arc::clone(&group_commit).run(background.clone()),
     ));
     if let FsyncPolicy::Interval(every) = config.fsync {
-        let topics = Arc::clone(&topics);
-        let background = background.clone();
-        tasks.push(tokio::spawn(async move {
-            background
-                .run_every(every, || {
-                    let topics = Arc::clone(&topics);
-                    async move {
-                        // Errors are logged where they happen; the next tick tries again.
-                        if let Err(error) =
-                            tokio::task::spawn_blocking(move || topics.sync_due()).await
-                        {
-                            tracing::error!(%error, "periodic fsync task failed");
-                        }
-                    }
-                })
-                .await;
-        }));
+        // Errors are logged where they happen; the next tick tries again.
+        tasks.push(every_tick(
+            background,
+            every,
+            &topics,
+            "periodic fsync",
+            |topics| {
+                let _ = topics.sync_due();
+            },
+        ));
     }
-    {
-        // Recovery points: what recovery must find intact (see `partition`).
-        let topics = Arc::clone(&topics);
-        let background = background.clone();
-        tasks.push(tokio::spawn(async move {
-            background
-                .run_every(RECOVERY_POINT_INTERVAL, || {
-                    let topics = Arc::clone(&topics);
-                    async move {
-                        // Failures are logged where they happen; the next tick tries again.
-                        if let Err(error) =
-                            tokio::task::spawn_blocking(move || topics.save_recovery_points()).await
-                        {
-                            tracing::error!(%error, "recovery point task failed");
-                        }
-                    }
-                })
-                .await;
-        }));
-    }
-    {
-        let topics = Arc::clone(&topics);
-        let background = background.clone();
-        let every = config.retention_check_interval;
-        tasks.push(tokio::spawn(async move {
-            background
-                .run_every(every, || {
-                    let topics = Arc::clone(&topics);
-                    async move {
-                        let now = runnel_proto::now_millis();
-                        match tokio::task::spawn_blocking(move || topics.enforce_retention(now))
-                            .await
-                        {
-                            Ok(deleted) if deleted > 0 => {
-                                metrics::counter!("runnel_broker_segments_deleted_total")
-                                    .increment(deleted as u64);
-                            }
-                            Ok(_) => {}
-                            Err(error) => tracing::error!(%error, "retention task failed"),
-                        }
-                    }
-                })
-                .await;
-        }));
-    }
+    // Recovery points: what recovery must find intact (see `partition`).
+    tasks.push(every_tick(
+        background,
+        RECOVERY_POINT_INTERVAL,
+        &topics,
+        "recovery point",
+        |topics| {
+            let _ = topics.save_recovery_points();
+        },
+    ));
+    tasks.push(every_tick(
+        background,
+        config.retention_check_interval,
+        &topics,
+        "retention",
+        |topics| {
+            let deleted = topics.enforce_retention(runnel_proto::now_millis());
+            if deleted > 0 {
+                metrics::counter!("runnel_broker_segments_deleted_total").increment(deleted as u64);
+            }
+        },
+    ));
     let storage = storage::Embedded::new(
         Arc::clone(&topics),
         offsets,

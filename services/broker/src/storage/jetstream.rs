@@ -645,7 +645,12 @@ impl Storage for JetStream {
             if let Some(identities) = &batch.identities {
                 // JetStream recognises the retried event within the stream's duplicate
                 // window, and acknowledges it with its original's sequence.
-                message = message.message_id(format!("e{:032x}", identities[i]));
+                let Some(identity) = identities.get(i) else {
+                    return Err(BrokerError::InvalidArgument(
+                        "a batch holds more records than identities".into(),
+                    ));
+                };
+                message = message.message_id(format!("e{identity:032x}"));
             } else if batch.producer_id != 0 {
                 message = message.message_id(format!(
                     "{:016x}-{}",

@@ -388,14 +388,7 @@ impl PartitionLog {
             }
         }
         let (time, base_offset) = self.write(&batch, false, now)?;
-        if batch.producer_id != 0 {
-            let run = StoredRun {
-                base_sequence: batch.base_sequence,
-                record_count: batch.record_count,
-                base_offset,
-            };
-            self.producers.record(batch.producer_id, run, time);
-        }
+        self.record_run(&batch, base_offset, time);
         Ok(Appended::Stored {
             base_offset,
             next_offset: self.end_offset(),
@@ -424,6 +417,13 @@ impl PartitionLog {
                     .check(batch.producer_id, batch.base_sequence, batch.record_count)
         {
             return Ok(Appended::Duplicate { base_offset });
+        }
+        if identities.len() != batch.record_count as usize {
+            return Err(BrokerError::InvalidArgument(format!(
+                "{} identities for a batch of {} records",
+                identities.len(),
+                batch.record_count
+            )));
         }
         let time = now.0.max(self.last_time);
         self.recent.expire(time);
@@ -468,6 +468,18 @@ impl PartitionLog {
             self.recent
                 .insert(identities[i], base_offset + n as u64, time);
         }
+        self.record_run(&batch, base_offset, time);
+        let contiguous = duplicates == 0;
+        Ok(Appended::Stored {
+            base_offset: offsets[0],
+            next_offset: self.end_offset(),
+            scattered: (!contiguous).then_some(offsets),
+            duplicates,
+        })
+    }
+
+    /// Remembers an idempotent producer's batch, stored at `base_offset` at `time`.
+    fn record_run(&mut self, batch: &Incoming, base_offset: u64, time: i64) {
         if batch.producer_id != 0 {
             let run = StoredRun {
                 base_sequence: batch.base_sequence,
@@ -476,13 +488,6 @@ impl PartitionLog {
             };
             self.producers.record(batch.producer_id, run, time);
         }
-        let contiguous = duplicates == 0;
-        Ok(Appended::Stored {
-            base_offset: offsets[0],
-            next_offset: self.end_offset(),
-            scattered: (!contiguous).then_some(offsets),
-            duplicates,
-        })
     }
 
     /// Writes a batch at the end of the log (rolling first if due), and returns its append
