@@ -6,9 +6,10 @@
 use runnel_e2e::ServiceProcess;
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::collector_client::CollectorClient;
-use runnel_proto::v1::{AckLevel, Event, FetchRequest, IngestRequest, StreamRequest};
+use runnel_proto::v1::store_client::StoreClient;
+use runnel_proto::v1::{AckLevel, Event, FetchRequest, IngestRequest, RangeRequest, StreamRequest};
 use runnel_testkit::{Deferred, eventually};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,11 +23,17 @@ const BATCH: usize = 20;
 
 /// A broker and a collector, each its own process, with the collector's settings `extra`.
 async fn start(dir: &Path, extra: &str) -> (ServiceProcess, ServiceProcess) {
-    start_with(dir, "", extra).await
+    start_with(dir, "", extra, "").await
 }
 
-/// A broker with the settings `engine` and a collector with the settings `extra`.
-async fn start_with(dir: &Path, engine: &str, extra: &str) -> (ServiceProcess, ServiceProcess) {
+/// A broker with the settings `engine` and a collector with the settings `extra`; the
+/// config file also holds `sections`, for other services.
+async fn start_with(
+    dir: &Path,
+    engine: &str,
+    extra: &str,
+    sections: &str,
+) -> (ServiceProcess, ServiceProcess) {
     let config = dir.join("runnel.toml");
     let d = dir.display();
     std::fs::write(
@@ -35,7 +42,7 @@ async fn start_with(dir: &Path, engine: &str, extra: &str) -> (ServiceProcess, S
             "[broker]\ndata_dir = \"{d}/broker\"\ndefault_partitions = {PARTITIONS}\n{engine}\n\
              [broker.server]\ngrpc = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
              [collector]\ndata_dir = \"{d}/collector\"\nudp = \"off\"\ntopic_partitions = {PARTITIONS}\n{extra}\n\
-             [collector.server]\ngrpc = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ndrain_timeout = \"2s\"\n"
+             [collector.server]\ngrpc = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ndrain_timeout = \"2s\"\n{sections}"
         ),
     )
     .expect("config");
@@ -431,6 +438,51 @@ async fn a_full_log_answers_resource_exhausted_and_loses_nothing() {
 
 const RETRY_ROUNDS: usize = 30;
 
+/// Where the retry clients' event time starts.
+const T0: i64 = 1_700_000_000_000;
+
+/// The query the retry test checks the analyzer with: events per payload key (so through
+/// the re-keying stage, keyless events too) and second of event time. With an hour of
+/// allowed disorder no event is late, so every window holds exactly the events sent for
+/// it, however the kills interleave them.
+const PER_SECOND: &str = r#"
+[store]
+data_dir = "STORE_DIR"
+server = { grpc = "127.0.0.1:0", admin = "127.0.0.1:0", drain_timeout = "2s" }
+[analyzer]
+server = { grpc = "127.0.0.1:0", admin = "127.0.0.1:0", drain_timeout = "2s" }
+checkpoint_interval = "50ms"
+session_timeout = "2s"
+[[analyzer.queries]]
+name = "per_second"
+topic = "events"
+event_type = "reading"
+key = "payload.k"
+window = "1s"
+out_of_orderness = "1h"
+idle_timeout = "1h"
+aggregates = [{ fn = "count" }]
+"#;
+
+/// The retry clients' event `prefix-n`: keyed by its id's hash, or (even `n`) keyless, with
+/// that key in its payload too, `n` hundredths of a second after [`T0`].
+fn retried_event(id: String) -> Event {
+    let n: i64 = id
+        .rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("prefix-n");
+    let mut event = event(id);
+    event.payload = serde_json::to_vec(&serde_json::json!({ "value": 1, "k": event.key }))
+        .expect("json")
+        .into();
+    if n % 2 == 0 {
+        event.key.clear();
+    }
+    event.event_time = Some(runnel_proto::Millis(T0 + n * 10).into());
+    event
+}
+
 /// Ingests batches at STORED to whatever collector is at `url`, half of the events keyless,
 /// resending every call that was not acknowledged — the same events, the same ids — until
 /// it is, as `docs/collector.md` tells clients to; returns how many calls were resent.
@@ -450,45 +502,45 @@ async fn ingest_resending(
                 format!("{prefix}-{next}")
             })
             .collect();
-        let events: Vec<Event> = ids
-            .iter()
-            .cloned()
-            .map(|id| {
-                let keyless = id.ends_with(['0', '2', '4', '6', '8']);
-                let mut event = event(id);
-                if keyless {
-                    event.key.clear();
-                }
-                event
-            })
-            .collect();
-        loop {
-            let request = IngestRequest {
-                events: events.clone(),
-                ack_level: AckLevel::Stored as i32,
-            };
-            let call = tokio::time::timeout(Duration::from_secs(5), client.ingest(request));
-            match call.await {
-                Ok(Ok(_)) => break,
-                Ok(Err(_)) | Err(_) => {
-                    resent += 1;
-                    // A client's backoff before it resends, as a real one would.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        }
+        let events: Vec<Event> = ids.iter().cloned().map(retried_event).collect();
+        resent += ingest_until_acknowledged(&mut client, events).await;
         acknowledged.lock().unwrap().extend(ids);
     }
     resent
 }
 
+/// Sends `events` at STORED until a call is acknowledged; how many calls were resent.
+async fn ingest_until_acknowledged(
+    client: &mut CollectorClient<runnel_client::Peer>,
+    events: Vec<Event>,
+) -> u64 {
+    let mut resent = 0;
+    loop {
+        let request = IngestRequest {
+            events: events.clone(),
+            ack_level: AckLevel::Stored as i32,
+        };
+        let call = tokio::time::timeout(Duration::from_secs(5), client.ingest(request));
+        match call.await {
+            Ok(Ok(_)) => return resent,
+            Ok(Err(_)) | Err(_) => {
+                resent += 1;
+                // A client's backoff before it resends, as a real one would.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
 /// Clients that resend every unacknowledged call with the same ids, while the collector and
-/// the broker are each killed with SIGKILL thirty times: every event is stored exactly
-/// once. The resends do carry events the pipeline already had (the collector logged them,
-/// or the broker stored them, before the kill cut the answer off); the broker recognises
-/// them by `(source, id)`.
+/// the broker are each killed with SIGKILL thirty times (and the analyzer fifteen): every
+/// event is stored exactly once, and every window of a query over them counts exactly the
+/// events sent for it — what a run without a crash gives. The resends do carry events the
+/// pipeline already had (the collector logged them, or the broker stored them, before the
+/// kill cut the answer off); the broker recognises them by `(source, id)`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resent_calls_are_stored_once_through_thirty_kills_of_the_collector_and_the_broker() {
+async fn resent_calls_are_stored_and_counted_once_through_thirty_kills_of_the_collector_and_the_broker()
+ {
     let dir = tempfile::tempdir().expect("tempdir");
     resent_calls_through_kills(dir.path(), "").await;
 }
@@ -496,7 +548,7 @@ async fn resent_calls_are_stored_once_through_thirty_kills_of_the_collector_and_
 /// The same on JetStream: the broker in front of it is killed, JetStream recognises the
 /// retried events by their message ids.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resent_calls_are_stored_once_through_thirty_kills_on_jetstream() {
+async fn resent_calls_are_stored_and_counted_once_through_thirty_kills_on_jetstream() {
     if !runnel_testkit::require(runnel_testkit::Tool::NatsServer) {
         return;
     }
@@ -512,7 +564,19 @@ async fn resent_calls_are_stored_once_through_thirty_kills_on_jetstream() {
 }
 
 async fn resent_calls_through_kills(dir: &Path, engine: &str) {
-    let (mut broker, mut collector) = start_with(dir, engine, "").await;
+    let sections = PER_SECOND.replace("STORE_DIR", &dir.join("store").display().to_string());
+    let (mut broker, mut collector) = start_with(dir, engine, "", &sections).await;
+    let config = dir.join("runnel.toml");
+    let store = ServiceProcess::start("runnel-store", &config, &BTreeMap::new(), dir)
+        .await
+        .expect("store starts");
+    let env = BTreeMap::from([
+        ("RUNNEL_ANALYZER__BROKER".to_owned(), broker.url()),
+        ("RUNNEL_ANALYZER__STORE".to_owned(), store.url()),
+    ]);
+    let mut analyzer = ServiceProcess::start("runnel-analyzer", &config, &env, dir)
+        .await
+        .expect("analyzer starts");
     let acknowledged = Arc::new(Mutex::new(Vec::new()));
     let (stop, stopped) = watch::channel(false);
     let clients: Vec<_> = ["a", "b"]
@@ -545,6 +609,10 @@ async fn resent_calls_through_kills(dir: &Path, engine: &str) {
             broker.kill().await.expect("SIGKILL broker");
             broker = broker.restart().await.expect("broker restarts");
         }
+        if round % 4 == 1 {
+            analyzer.kill().await.expect("SIGKILL analyzer");
+            analyzer = analyzer.restart().await.expect("analyzer restarts");
+        }
     }
     stop.send(true).expect("stop");
     let mut resent = 0;
@@ -556,11 +624,92 @@ async fn resent_calls_through_kills(dir: &Path, engine: &str) {
     }
     assert!(resent > 0, "no call was resent: the kills tested nothing");
     let acknowledged = acknowledged.lock().unwrap().clone();
-    assert_exactly_once(&broker.url(), &acknowledged, || {
-        format!("{}\n{}", collector.log(), broker.log())
-    })
-    .await;
+    let logs = || {
+        format!(
+            "{}\n{}\n{}\n{}",
+            collector.log(),
+            broker.log(),
+            analyzer.log(),
+            store.log()
+        )
+    };
+    assert_exactly_once(&broker.url(), &acknowledged, logs).await;
     // Every event sent was acknowledged in the end, so the broker holds nothing else.
     let stored = stored(&broker.url(), "events").await;
     assert_eq!(stored.len(), acknowledged.len(), "only what was sent, once");
+
+    // An event far ahead in every partition closes every window.
+    let channel = runnel_client::connect_lazy(&collector.url(), &Default::default()).expect("url");
+    let closing: Vec<Event> = (0..PARTITIONS)
+        .map(|partition| {
+            let key = (0..)
+                .map(|i| format!("clock-{i}"))
+                .find(|k| runnel_proto::partition_for_key(k, PARTITIONS) == partition)
+                .expect("a key for every partition");
+            Event {
+                id: format!("end-{partition}"),
+                source: "e2e".into(),
+                r#type: "clock".into(),
+                key,
+                event_time: Some(runnel_proto::Millis(T0 + 10 * 3_600_000).into()),
+                ..Event::default()
+            }
+        })
+        .collect();
+    ingest_until_acknowledged(&mut CollectorClient::new(channel), closing).await;
+    let mut expected: BTreeMap<(String, i64), f64> = BTreeMap::new();
+    for id in acknowledged {
+        let event = retried_event(id.clone());
+        let start = runnel_proto::Millis::from(event.event_time.expect("time")).0 / 1000 * 1000;
+        *expected.entry((self::event(id).key, start)).or_default() += 1.0;
+    }
+    let keys: BTreeSet<String> = expected.keys().map(|(key, _)| key.clone()).collect();
+    let windows = Mutex::new(BTreeMap::new());
+    let what = Deferred(|| {
+        let windows = windows.lock().unwrap();
+        let differ: Vec<_> = expected
+            .iter()
+            .filter(|(w, count)| windows.get(*w) != Some(*count))
+            .take(5)
+            .map(|(w, count)| (w, count, windows.get(w)))
+            .collect();
+        format!(
+            "every window as a crash-free run has it: {} windows, {} in the store; differing \
+             (window, expected, stored): {differ:?}\n{}",
+            expected.len(),
+            windows.len(),
+            logs()
+        )
+    });
+    eventually(Duration::from_secs(120), what, || async {
+        let Ok(mut client) = StoreClient::connect(store.url()).await else {
+            return false;
+        };
+        let mut seen = BTreeMap::new();
+        for key in &keys {
+            let Ok(page) = client
+                .range(RangeRequest {
+                    query: "per_second".into(),
+                    key: key.clone(),
+                    limit: 10_000,
+                    ..Default::default()
+                })
+                .await
+            else {
+                return false;
+            };
+            for result in page.into_inner().results {
+                let start = result
+                    .window_start
+                    .map(runnel_proto::Millis::from)
+                    .unwrap_or_default()
+                    .0;
+                seen.insert((result.key, start), result.values["count"]);
+            }
+        }
+        let done = seen == expected;
+        *windows.lock().unwrap() = seen;
+        done
+    })
+    .await;
 }

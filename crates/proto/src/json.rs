@@ -27,7 +27,8 @@
 //! Results of list-valued aggregates (top-k, samples) also have
 //! `"items": {"<name>": [{"item": "/home", "value": 9.0}, …]}`.
 //! `sequence` is the store's position of the write in its change feed (0 before the result
-//! is stored): the cursor live clients resume after.
+//! is stored): the cursor live clients resume after. An early version of an open window
+//! (a query with `emit = "on_update"`) has `"partial": true`; a final one has no `partial`.
 
 use crate::Millis;
 use crate::v1::{Event, QueryResult};
@@ -154,6 +155,9 @@ pub fn result_json(result: &QueryResult) -> serde_json::Value {
         "emitted_at": rfc3339(ms(result.emitted_at)),
         "sequence": result.sequence,
     });
+    if result.partial {
+        json["partial"] = serde_json::Value::Bool(true);
+    }
     // Only results of list-valued aggregates (top-k, samples) carry items.
     if !result.items.is_empty() {
         let items: serde_json::Map<String, serde_json::Value> = result
@@ -194,6 +198,12 @@ mod tests {
         assert_eq!(json["window_end_ms"], 1_714_564_860_000i64);
         assert_eq!(json["values"]["count"], 3.0);
         assert!(json.get("items").is_none(), "no lists, no items: {json}");
+        assert!(json.get("partial").is_none(), "final: {json}");
+        let early = result_json(&QueryResult {
+            partial: true,
+            ..result
+        });
+        assert_eq!(early["partial"], true);
     }
 
     #[test]

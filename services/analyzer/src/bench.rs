@@ -171,7 +171,7 @@ pub fn run_operator(
             task.observe_source(&plan, record, &mut inputs, &mut out, now);
         }
         figures.events += chunk.records.len() as u64;
-        task.flush(&plan, None, &mut out);
+        task.flush(&plan, &mut out);
         figures.results += out.results.len() as u64;
         out.results.clear();
         if let Some(every) = checkpoint_every

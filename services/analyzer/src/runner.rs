@@ -38,7 +38,7 @@ use crate::event::{RawRecordChunk, RawSubscribeResponse};
 use crate::path::Scalar;
 use crate::plan::Plan;
 use crate::rekey;
-use crate::task::{Counters, Outputs, Task};
+use crate::task::{Clock, Counters, Outputs, Task};
 use crate::window::Emission;
 use runnel_client::{
     ClientError, ConsumerOptions, GroupConsumer, GroupEvent, Producer, ProducerOptions,
@@ -501,21 +501,15 @@ impl StageRunner {
         checkpoints: &Checkpoints,
         member: &mut Member,
     ) -> Result<Flow, AnalyzerError> {
-        let now = Instant::now();
         let mut out = std::mem::take(&mut state.pending);
-        let instance = self.instance_watermark(state, now);
         let mut marks: Vec<Event> = Vec::new();
         for task in state.tasks.values_mut() {
-            let fire = match self.stage {
-                Stage::Source => instance,
-                Stage::Keyed => task.sources_firing_watermark(&self.plan, now),
-            };
-            if self.plan.key.is_some() && self.stage == Stage::Source {
+            if self.re_keys() {
                 if let Some(watermark) = task.announce(&self.plan) {
                     marks.push(rekey::mark(task.partition, task.next_offset, watermark));
                 }
             } else {
-                task.flush(&self.plan, fire, &mut out);
+                task.flush(&self.plan, &mut out);
             }
         }
         if !out.is_empty() || !marks.is_empty() {
@@ -528,9 +522,13 @@ impl StageRunner {
         Ok(Flow::Continue)
     }
 
-    /// The firing watermark of a source stage's tasks: the least own watermark of the
-    /// partitions that are not idle (all idle: the greatest), so that an idle partition's
-    /// windows fire as the others move on.
+    /// Whether this stage re-keys events for the keyed stage (and so holds no windows).
+    fn re_keys(&self) -> bool {
+        self.plan.key.is_some() && self.stage == Stage::Source
+    }
+
+    /// What an idle source partition's watermark moves up to: the least watermark of the
+    /// instance's partitions that are not idle (all idle: the greatest).
     fn instance_watermark(&self, state: &Running, now: Instant) -> Option<i64> {
         let mut active = state
             .tasks
@@ -680,6 +678,7 @@ impl StageRunner {
                     headers,
                     items: window.items,
                     input_offset: window.input_offset,
+                    partial: window.partial,
                     // Assigned by the store.
                     sequence: 0,
                 }
@@ -727,10 +726,11 @@ impl StageRunner {
         Ok(Flow::Continue)
     }
 
-    /// Checkpoints every task that moved since its last checkpoint, or whose checkpoint is
-    /// `checkpoint_refresh` old: its state to the checkpoint topic, then one commit of
-    /// every such task's offset with the handle to its state. Everything the tasks
-    /// produced has been written by now. `Rejoin` if this member was fenced.
+    /// Checkpoints every task that moved since its last checkpoint, whose checkpoint is
+    /// `checkpoint_refresh` old, or whose idle partition's watermark moved now: its state to
+    /// the checkpoint topic, then one commit of every such task's offset with the handle to
+    /// its state. Everything the tasks produced has been written by now. `Rejoin` if this
+    /// member was fenced.
     async fn checkpoint(
         &self,
         state: &mut Running,
@@ -739,17 +739,52 @@ impl StageRunner {
     ) -> Result<Flow, AnalyzerError> {
         let now = Instant::now();
         state.last_checkpoint = now;
+        // Idle partitions' watermarks move here, so that the checkpoint records the advance
+        // before any window it closes is written (the next step writes them).
+        let mut advanced: HashMap<u32, Clock> = HashMap::new();
+        if !self.re_keys() {
+            let target = match self.stage {
+                Stage::Source => self.instance_watermark(state, now),
+                Stage::Keyed => None,
+            };
+            for task in state.tasks.values_mut() {
+                if let Some(before) = task.advance_idle(&self.plan, target, now) {
+                    advanced.insert(task.partition, before);
+                }
+            }
+        }
         let refresh = self.context.checkpoint_refresh;
         let due: Vec<(u32, crate::task::TaskState)> = state
             .tasks
             .values()
             .filter(|t| {
-                state.saved.get(&t.partition).is_none_or(|saved| {
-                    saved.offset != t.next_offset || now.duration_since(saved.at) >= refresh
-                })
+                advanced.contains_key(&t.partition)
+                    || state.saved.get(&t.partition).is_none_or(|saved| {
+                        saved.offset != t.next_offset || now.duration_since(saved.at) >= refresh
+                    })
             })
             .map(|t| (t.partition, t.state()))
             .collect();
+        let flow = self.save(state, checkpoints, member, due, now).await;
+        for (partition, before) in advanced {
+            let committed = state.saved.get(&partition).is_some_and(|s| s.at == now);
+            if let (false, Some(task)) = (committed, state.tasks.get_mut(&partition)) {
+                task.put_back(before);
+            }
+        }
+        flow
+    }
+
+    /// Writes the `due` tasks' states to the checkpoint topic and commits their offsets
+    /// with the handles to them, each committed one `saved` at `now`.
+    async fn save(
+        &self,
+        state: &mut Running,
+        checkpoints: &Checkpoints,
+        member: &mut Member,
+        due: Vec<(u32, crate::task::TaskState)>,
+        now: Instant,
+    ) -> Result<Flow, AnalyzerError> {
         if due.is_empty() {
             return Ok(Flow::Continue);
         }

@@ -141,7 +141,13 @@ impl Task {
             next_offset: 0,
             clock: match sources {
                 None => Clock::Own(None),
-                Some(n) => Clock::Sources(vec![SourceClock::default(); n as usize]),
+                Some(n) => Clock::Sources(vec![
+                    SourceClock {
+                        seen: Some(now),
+                        ..SourceClock::default()
+                    };
+                    n as usize
+                ]),
             },
             windows: KeyedWindows::default(),
             blooms: blooms(plan),
@@ -200,6 +206,12 @@ impl Task {
         task.windows = KeyedWindows::restore(state.windows, &plan.rules)?;
         task.next_offset = state.next_offset;
         task.clock = state.clock;
+        if let Clock::Sources(sources) = &mut task.clock {
+            // Idle only if nothing is heard of it for the idle timeout from now on.
+            for source in sources {
+                source.seen = Some(now);
+            }
+        }
         task.counters = state.counters;
         Ok(task)
     }
@@ -216,23 +228,73 @@ impl Task {
         }
     }
 
-    /// For a re-keyed task, the watermark over the source partitions heard of within the
-    /// idle timeout (all silent: the most advanced one) — what decides when its windows
-    /// fire. A source task's firing watermark is the runner's business (it spans tasks).
-    pub(crate) fn sources_firing_watermark(&self, plan: &Plan, now: Instant) -> Option<i64> {
-        let Clock::Sources(sources) = &self.clock else {
-            return None;
+    /// Moves the watermark of what has gone idle up to the watermark of what has not, when
+    /// that closes one of this task's windows — so that an idle partition's windows do not
+    /// wait for it, and what it delivers for them afterwards is late: a window that reached
+    /// clients is final. For a source partition, `target` is the watermark of the
+    /// instance's partitions that are not idle, and the advance happens once the partition
+    /// itself is. A re-keyed task moves each source partition it has not heard of for the
+    /// idle timeout up to the sources it has heard of (all silent: to the most advanced);
+    /// `target` is not used.
+    ///
+    /// Idleness is processing time, so a replay would not advance at the same record: the
+    /// clock it had is returned, for the runner to checkpoint the advance before anything it
+    /// closes is written, and to put the clock back if the checkpoint was not committed.
+    pub(crate) fn advance_idle(
+        &mut self,
+        plan: &Plan,
+        target: Option<i64>,
+        now: Instant,
+    ) -> Option<Clock> {
+        let idle_since = |seen: Instant| now.saturating_duration_since(seen) >= plan.idle_timeout;
+        let current = self.own_watermark(plan);
+        let advanced = match &self.clock {
+            Clock::Own(_) => {
+                let target = target?;
+                if !idle_since(self.last_seen) || current.is_some_and(|w| w >= target) {
+                    return None;
+                }
+                Clock::Own(Some(target.saturating_add(plan.out_of_orderness)))
+            }
+            Clock::Sources(sources) => {
+                let mut heard = sources
+                    .iter()
+                    .filter(|s| s.seen.is_some_and(|t| !idle_since(t)));
+                let target = match heard.next() {
+                    Some(first) => heard
+                        .try_fold(first.watermark?, |min, s| s.watermark.map(|w| min.min(w)))?,
+                    None => sources.iter().filter_map(|s| s.watermark).max()?,
+                };
+                let moved = sources
+                    .iter()
+                    .map(|s| {
+                        let mut s = s.clone();
+                        if s.seen.is_none_or(idle_since) {
+                            s.watermark = Some(s.watermark.map_or(target, |w| w.max(target)));
+                        }
+                        s
+                    })
+                    .collect();
+                Clock::Sources(moved)
+            }
         };
-        let active = |s: &&SourceClock| {
-            s.seen
-                .is_some_and(|seen| now.saturating_duration_since(seen) < plan.idle_timeout)
-        };
-        let mut live = sources.iter().filter(active).peekable();
-        if live.peek().is_none() {
-            return sources.iter().filter_map(|s| s.watermark).max();
+        let before = std::mem::replace(&mut self.clock, advanced);
+        let after = self.own_watermark(plan);
+        let closes = self
+            .windows
+            .next_close()
+            .is_some_and(|end| after.is_some_and(|w| end <= w));
+        if after > current && closes {
+            Some(before)
+        } else {
+            self.clock = before;
+            None
         }
-        live.map(|s| s.watermark)
-            .try_fold(i64::MAX, |min, w| w.map(|w| min.min(w)))
+    }
+
+    /// Puts back the clock [`Task::advance_idle`] replaced, whose advance was not recorded.
+    pub(crate) fn put_back(&mut self, clock: Clock) {
+        self.clock = clock;
     }
 
     /// Whether the partition has been quiet for the idle timeout.
@@ -425,13 +487,13 @@ impl Task {
         );
     }
 
-    /// Emits what is due: windows reach `fire` (at least the partition's own watermark),
-    /// state goes at the own watermark plus the allowed lateness.
-    pub(crate) fn flush(&mut self, plan: &Plan, fire: Option<i64>, out: &mut Outputs) {
+    /// Emits what is due: windows close at the partition's own watermark (which
+    /// [`Task::advance_idle`] moves for an idle partition), state goes at that watermark
+    /// plus the allowed lateness.
+    pub(crate) fn flush(&mut self, plan: &Plan, out: &mut Outputs) {
         let own = self.own_watermark(plan);
-        let fire = fire.max(own);
         let before = out.results.len();
-        self.windows.flush(&plan.rules, fire, own, &mut out.results);
+        self.windows.flush(&plan.rules, own, &mut out.results);
         // A version reflects every record before the task's offset: later versions of a
         // window carry greater offsets, and a replay's older ones are recognisable as such.
         for emission in &mut out.results[before..] {
@@ -506,8 +568,6 @@ mod tests {
         late: Vec<Bytes>,
         keyed: Vec<Event>,
         offset: u64,
-        /// The firing watermark the runner would pass (`None`: the task's own).
-        fire: Option<i64>,
         /// Flush after every event (else only when told, as after a chunk of records).
         eager: bool,
     }
@@ -523,7 +583,6 @@ mod tests {
                 late: Vec::new(),
                 keyed: Vec::new(),
                 offset: 0,
-                fire: None,
                 eager: true,
             }
         }
@@ -541,7 +600,7 @@ mod tests {
             self.task
                 .observe_source(&self.plan, &record, &mut inputs, &mut out, Instant::now());
             if self.eager {
-                self.task.flush(&self.plan, self.fire, &mut out);
+                self.task.flush(&self.plan, &mut out);
             }
             self.results.extend(out.results);
             self.late.extend(out.late);
@@ -550,7 +609,7 @@ mod tests {
 
         fn flush(&mut self) {
             let mut out = Outputs::default();
-            self.task.flush(&self.plan, self.fire, &mut out);
+            self.task.flush(&self.plan, &mut out);
             self.results.extend(out.results);
         }
 
@@ -775,17 +834,133 @@ mod tests {
         assert_eq!(feed.take(), [row("p1", 0, 60, 3.0)], "still above: updated");
     }
 
+    /// Long after the idle timeout of every test query.
+    fn much_later() -> Instant {
+        Instant::now() + std::time::Duration::from_secs(3600)
+    }
+
     #[test]
-    fn a_partition_that_fires_early_re_emits_what_its_own_watermark_still_accepts() {
-        // The runner fires an idle partition's windows at the other partitions' watermark
-        // (here 100 s); the partition's own watermark (7 - 2 = 5 s) still takes 8 s.
+    fn an_idle_partition_s_windows_close_at_the_others_watermark_and_stay_final() {
         let mut feed = Feed::new(TUMBLING);
-        feed.fire = Some(100 * S);
         feed.at("a", 7 * S, 1.0);
-        assert_eq!(feed.take(), [row("a", 0, 10, 1.0)]);
+        // Not idle yet, or nothing the advance would close: the clock stays.
+        assert!(
+            feed.task
+                .advance_idle(&feed.plan, Some(100 * S), Instant::now())
+                .is_none()
+        );
+        assert!(
+            feed.task
+                .advance_idle(&feed.plan, Some(9 * S), much_later())
+                .is_none()
+        );
+        // Idle, and the instance's other partitions are at 100 s: [0, 10 s) closes.
+        let before = feed
+            .task
+            .advance_idle(&feed.plan, Some(100 * S), much_later());
+        assert_eq!(before, Some(Clock::Own(Some(7 * S))));
+        // What a checkpoint taken now restores closes the window in the same way.
+        let restored = Task::restore(&feed.plan, 0, None, feed.task.state(), Instant::now())
+            .expect("restores");
+        for mut task in [
+            restored,
+            std::mem::replace(
+                &mut feed.task,
+                Task::new(&feed.plan, 0, None, Instant::now()),
+            ),
+        ] {
+            let mut out = Outputs::default();
+            task.flush(&feed.plan, &mut out);
+            assert_eq!(out.results.len(), 1);
+            assert_eq!(
+                (out.results[0].values["count"], out.results[0].partial),
+                (1.0, false)
+            );
+            feed.task = task;
+        }
+        // What the partition delivers for it afterwards is late: the result stays final.
         feed.at("a", 8 * S, 1.0);
-        assert_eq!(feed.take(), [row("a", 0, 10, 2.0)]);
-        assert_eq!(feed.task.counters.late, 0);
+        assert!(
+            feed.take().is_empty(),
+            "the closed window is not emitted again"
+        );
+        assert_eq!(feed.task.counters.late, 1);
+    }
+
+    #[test]
+    fn an_advance_that_was_not_recorded_is_put_back() {
+        let mut feed = Feed::new(TUMBLING);
+        feed.at("a", 7 * S, 1.0);
+        let before = feed
+            .task
+            .advance_idle(&feed.plan, Some(100 * S), much_later())
+            .expect("advances");
+        feed.task.put_back(before);
+        feed.flush();
+        assert!(feed.take().is_empty(), "nothing closed");
+        feed.at("a", 8 * S, 1.0);
+        assert_eq!(feed.task.counters.late, 0, "on time by the clock put back");
+    }
+
+    #[test]
+    fn a_keyed_task_moves_a_silent_source_up_to_the_sources_it_hears_of() {
+        let plan = plan("name = \"q\"\nkey = \"payload.k\"\nwindow = \"10s\"\n");
+        let long_ago = Instant::now()
+            .checked_sub(std::time::Duration::from_secs(3600))
+            .expect("an hour of uptime");
+        let mut task = Task::new(&plan, 0, Some(2), long_ago);
+        let record = |offset: u64, event: Event| RawRecord {
+            partition: 0,
+            offset,
+            append_time: None,
+            event: event.encode_to_vec().into(),
+        };
+        // The default aggregates, count and sum of `value`.
+        let inputs = [(0, Scalar::Num(2.0)), (1, Scalar::Num(2.0))];
+        let keyed = |source: u32, offset: u64, ms: i64| {
+            rekey::keyed_event(source, offset, 0, "x", ms, &inputs, None)
+        };
+        let now = Instant::now();
+        task.observe_keyed(&plan, &record(0, keyed(1, 0, 5 * S)), long_ago);
+        task.observe_keyed(&plan, &record(1, rekey::mark(0, 9, 30 * S)), now);
+        task.observe_keyed(&plan, &record(2, rekey::mark(1, 1, 6 * S)), long_ago);
+        let mut out = Outputs::default();
+        task.flush(&plan, &mut out);
+        assert!(out.results.is_empty(), "source 1 holds [0, 10 s) open");
+        // Source 1, silent for an hour, moves up to source 0's 30 s.
+        let before = task.advance_idle(&plan, None, now).expect("advances");
+        assert!(matches!(before, Clock::Sources(_)));
+        task.flush(&plan, &mut out);
+        assert_eq!(out.results.len(), 1);
+        assert_eq!(out.results[0].values["count"], 1.0);
+        // Source 1 speaks again, for the closed window: late, not applied.
+        task.observe_keyed(&plan, &record(3, keyed(1, 2, 7 * S)), now);
+        assert_eq!(task.counters.late, 1);
+    }
+
+    #[test]
+    fn on_update_versions_are_partial_until_the_window_closes_then_final_once() {
+        let mut feed = Feed::new(
+            "name = \"q\"\nwindow = \"10s\"\nout_of_orderness = \"0s\"\nemit = \"on_update\"\n",
+        );
+        feed.at("a", S, 1.0);
+        feed.at("a", 2 * S, 1.0);
+        feed.at("b", 10 * S, 1.0);
+        let versions: Vec<(String, f64, bool)> = feed
+            .results
+            .iter()
+            .map(|r| (r.key.clone(), r.values["count"], r.partial))
+            .collect();
+        let v = |key: &str, count: f64, partial: bool| (key.to_owned(), count, partial);
+        assert_eq!(
+            versions,
+            [
+                v("a", 1.0, true),
+                v("a", 2.0, true),
+                v("a", 2.0, false),
+                v("b", 1.0, true)
+            ]
+        );
     }
 
     #[test]
@@ -821,7 +996,7 @@ mod tests {
         }
         assert_eq!(keyed.counters.duplicates, 13);
         let mut out = Outputs::default();
-        keyed.flush(&plan, None, &mut out);
+        keyed.flush(&plan, &mut out);
         let counts: BTreeMap<String, (f64, f64)> = out
             .results
             .iter()

@@ -8,17 +8,19 @@
 //! - **Session** `gap`: per key, events closer than `gap` to each other form one window
 //!   `[first, last + gap)`; an event that bridges two sessions merges them.
 //!
-//! Two watermarks drive a window (see [`crate::task`] for where they come from):
+//! The partition's watermark drives a window (see [`crate::task`] for where it comes from):
 //!
-//! - it **fires** — its result is emitted, with `emit = "on_close"` — once the *firing*
-//!   watermark reaches its end. That one also moves for partitions that have gone idle.
-//! - its state is **dropped** once the partition's own watermark passes its end plus the
-//!   allowed lateness. Until then a late event still updates it, and the window is emitted
-//!   again. An event is **late** — counted, sent to the side output, not applied — when
-//!   every window it belongs to is past that point (for sessions: when the event is more
-//!   than the allowed lateness behind the watermark).
+//! - it **fires** — it closes, and its result is emitted — once the watermark reaches its
+//!   end. With `emit = "on_update"` it is also emitted after every change before that,
+//!   marked partial;
+//! - its state is **dropped** once the watermark passes its end plus the allowed lateness.
+//!   Until then a late event still updates it, and the window is emitted again. An event is
+//!   **late** — counted, sent to the side output, not applied — when every window it
+//!   belongs to is past that point (for sessions: when the event is more than the allowed
+//!   lateness behind the watermark).
 //!
-//! The partition's own watermark is a function of what the partition delivered, so which
+//! The watermark is a function of what the partition delivered — and of the moments it was
+//! found idle, which checkpoints record before anything they close is written — so which
 //! events are late, and what every window finally holds, do not depend on timing: a
 //! restart from a checkpoint ends with the same results as a run without one.
 
@@ -88,7 +90,8 @@ fn last_end(t: i64, size: i64, slide: i64) -> i64 {
 pub enum EmitMode {
     /// When the watermark passes the window's end (and again for each late update).
     OnClose,
-    /// After every batch of events that changed the window.
+    /// After every batch of events that changed the window, marked partial until the
+    /// watermark passes the window's end, and then once more, final.
     OnUpdate,
 }
 
@@ -126,6 +129,9 @@ pub(crate) struct Emission {
     /// How far the task had read its input partition when it emitted this version
     /// (`QueryResult.input_offset`); set by the task.
     pub(crate) input_offset: u64,
+    /// Emitted before the window closed (`QueryResult.partial`): an early version of
+    /// `emit = "on_update"`, or a window `max_open_windows` forced out.
+    pub(crate) partial: bool,
 }
 
 /// What an event contributes: its time, the aggregates' inputs (by aggregate index), a
@@ -179,6 +185,12 @@ impl KeyedWindows {
     /// Open windows.
     pub(crate) fn open(&self) -> usize {
         self.open
+    }
+
+    /// The earliest end of a window that has not fired yet (or a little earlier: entries
+    /// of sessions that grew stay behind).
+    pub(crate) fn next_close(&self) -> Option<i64> {
+        self.fire_at.keys().next().copied()
     }
 
     fn schedule(&mut self, key: &str, end: i64, lateness: i64) {
@@ -271,15 +283,14 @@ impl KeyedWindows {
         }
     }
 
-    /// Emits what is due and drops what may go: windows whose end the firing watermark
-    /// `fire` has reached, windows changed since the last flush (with `on_update`, or after
-    /// they fired), and windows the partition's watermark `own` has passed by the allowed
-    /// lateness — plus, beyond `max_open_windows`, the oldest.
+    /// Emits what is due and drops what may go: windows whose end the partition's
+    /// `watermark` has reached, windows changed since the last flush (with `on_update`, or
+    /// after they fired), and windows the watermark has passed by the allowed lateness —
+    /// plus, beyond `max_open_windows`, the oldest.
     pub(crate) fn flush(
         &mut self,
         rules: &WindowRules,
-        fire: Option<i64>,
-        own: Option<i64>,
+        watermark: Option<i64>,
         out: &mut Vec<Emission>,
     ) {
         let sessions = matches!(rules.spec, WindowSpec::Session { .. });
@@ -300,7 +311,7 @@ impl KeyedWindows {
                 out.push(e);
             }
         };
-        if let Some(fire) = fire {
+        if let Some(fire) = watermark {
             while let Some(entry) = self.fire_at.first_entry() {
                 if *entry.key() > fire {
                     break;
@@ -310,10 +321,10 @@ impl KeyedWindows {
                         continue;
                     };
                     for w in windows.iter_mut().filter(|w| w.end <= fire && !w.fired) {
+                        // Emitted in either mode: with `on_update` this is the version
+                        // that says the window is final.
                         w.fired = true;
-                        if rules.emit == EmitMode::OnClose {
-                            emit(&key, w, out);
-                        }
+                        emit(&key, w, out);
                     }
                 }
             }
@@ -331,7 +342,7 @@ impl KeyedWindows {
                 }
             }
         }
-        let mut drop_until = own;
+        let mut drop_until = watermark;
         while let Some(entry) = self.drop_at.first_entry() {
             let due = drop_until.is_some_and(|w| *entry.key() <= w);
             let forced = !due && self.open > rules.max_open_windows;
@@ -451,5 +462,6 @@ fn report(rules: &WindowRules, key: &str, w: &mut Window) -> Option<Emission> {
         items,
         trace: w.trace.as_deref().map(str::to_owned),
         input_offset: 0,
+        partial: !w.fired,
     })
 }

@@ -162,10 +162,14 @@ pub(crate) struct Durable {
 
 /// Whether `incoming` is a newer version of the window whose version `held` is stored:
 /// it differs, and — when both come from the analyzer — it is not older (a replay sends a
-/// window's older versions again, with the smaller input offsets they had).
+/// window's older versions again, with the smaller input offsets they had; at one offset, a
+/// partial version is older than the final one).
 pub(crate) fn supersedes(held: &QueryResult, incoming: &QueryResult) -> bool {
-    let differs = held.values != incoming.values || held.items != incoming.items;
-    let older = incoming.input_offset != 0 && incoming.input_offset < held.input_offset;
+    let differs = held.values != incoming.values
+        || held.items != incoming.items
+        || held.partial != incoming.partial;
+    let age = |r: &QueryResult| (r.input_offset, !r.partial);
+    let older = incoming.input_offset != 0 && age(incoming) < age(held);
     differs && !older
 }
 
@@ -843,6 +847,35 @@ mod tests {
             .unwrap();
         assert!(replayed.results.is_empty());
         assert_eq!(replayed.applied, 7);
+    }
+
+    #[test]
+    fn a_final_version_replaces_the_partial_one_it_equals_and_no_partial_one_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let at = |count: f64, input_offset: u64, partial: bool| QueryResult {
+            input_offset,
+            partial,
+            ..result("q", "a", 0, count)
+        };
+        let sequenced =
+            |written: Written| -> Vec<u64> { written.results.iter().map(|r| r.sequence).collect() };
+        let early = store
+            .put(vec![at(2.0, 7, true)], Sequences::Assign, None)
+            .unwrap();
+        assert_eq!(sequenced(early), [1]);
+        // The window closes with nothing new: the same values, now final — news to a client.
+        let closed = store
+            .put(vec![at(2.0, 7, false)], Sequences::Assign, None)
+            .unwrap();
+        assert_eq!(sequenced(closed), [2]);
+        // A replay sends the partial version again: older, dropped.
+        let replay = store
+            .put(vec![at(2.0, 7, true)], Sequences::Assign, None)
+            .unwrap();
+        assert!(replay.results.is_empty(), "{:?}", replay.results);
+        let held = &store.range("q", "a", 0, 1, 10).unwrap()[0];
+        assert_eq!((held.values["count"], held.partial), (2.0, false));
     }
 
     #[test]
