@@ -164,11 +164,7 @@ pub(crate) type Snapshot = BTreeMap<Window, Version>;
 pub(crate) type Window = (String, String, i64);
 
 /// A result's values and items, as bits, and whether it is partial.
-pub(crate) type Version = (
-    Vec<(String, u64)>,
-    Vec<(String, Vec<(String, u64)>)>,
-    bool,
-);
+pub(crate) type Version = (Vec<(String, u64)>, Vec<(String, Vec<(String, u64)>)>, bool);
 
 /// Broker, store and the analyzer config file, in one temporary directory — and, for a
 /// broker on JetStream, the NATS server (stopped when the cluster is dropped).
@@ -428,7 +424,10 @@ pub(crate) fn version(r: &runnel_proto::v1::QueryResult) -> (Window, Version) {
         .collect();
     items.sort();
     let start = Millis::from(r.window_start.expect("start")).0;
-    ((r.query.clone(), r.key.clone(), start), (values, items, r.partial))
+    (
+        (r.query.clone(), r.key.clone(), start),
+        (values, items, r.partial),
+    )
 }
 
 /// The keys each query can have results for.

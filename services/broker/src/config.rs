@@ -34,6 +34,10 @@ pub struct BrokerConfig {
     /// cache — what a power cut would lose, and what the kernel would otherwise flush in
     /// one go, stalling every writer — bounded. `0` leaves writeback to the kernel.
     pub writeback_bytes: u64,
+    /// Whether start-up reads every sealed segment back in the background and checks every
+    /// frame's checksum, stopping a partition with damage (sealed segments open from their
+    /// indexes without being read). Turn off to spare the read of a large data directory.
+    pub verify_sealed: bool,
     /// Whether `Produce` to an unknown topic creates it (with `default_partitions`)
     /// instead of failing with `NotFound`.
     pub auto_create_topics: bool,
@@ -146,6 +150,7 @@ impl Default for BrokerConfig {
             data_dir: PathBuf::from("runnel-data/broker"),
             fsync: FsyncPolicy::Always,
             writeback_bytes: 8 * 1024 * 1024,
+            verify_sealed: true,
             auto_create_topics: true,
             default_partitions: 4,
             max_batch_events: 10_000,

@@ -98,7 +98,8 @@ pub enum BrokerError {
         source: runnel_log::Error,
     },
     /// A file passed its checksums but does not hold what the broker wrote there: a bug or
-    /// outside interference. The broker refuses to start rather than reissue offsets.
+    /// outside interference. Found in a partition's files, it stops that partition
+    /// ([`BrokerError::Damaged`]) rather than reissue offsets.
     #[error("{} is corrupt at position {position}: {reason}", path.display())]
     Corrupt {
         /// The file involved.
@@ -133,6 +134,22 @@ pub enum BrokerError {
         /// The partition.
         partition: u32,
     },
+    /// A partition's files hold a frame that fails its checksum (or is not what the broker
+    /// wrote there) where no crash can have torn it: the partition takes no reads and no
+    /// writes, so nothing after the damage is dropped or handed out again, until an
+    /// operator repairs it. The broker's other partitions go on.
+    #[error(
+        "topic {topic:?} partition {partition} is damaged and takes no reads or writes until an \
+         operator repairs it (see \"A damaged partition\" in docs/broker.md): {detail}"
+    )]
+    Damaged {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// What was found where, for the operator.
+        detail: String,
+    },
     /// A blocking disk task panicked or was cancelled.
     #[error("disk task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -148,6 +165,29 @@ pub enum BrokerError {
 pub(crate) type Result<T, E = BrokerError> = std::result::Result<T, E>;
 
 impl BrokerError {
+    /// Whether this is damage found in a partition's own files (a bad frame, a header
+    /// that fails its checksum, offsets that do not run on) rather than the machine
+    /// failing around them: damage stops that partition, not the broker.
+    pub(crate) fn is_damage(&self) -> bool {
+        use crate::storage::embedded::segment::SegmentError;
+        let bad = |source: &runnel_log::Error| {
+            matches!(
+                source,
+                runnel_log::Error::Damaged { .. }
+                    | runnel_log::Error::DamagedHeader
+                    | runnel_log::Error::BadFrame { .. }
+                    | runnel_log::Error::BadMagic { .. }
+            )
+        };
+        match self {
+            BrokerError::Corrupt { .. } | BrokerError::Damaged { .. } => true,
+            BrokerError::Segment(SegmentError::Corrupt { .. }) => true,
+            BrokerError::Segment(SegmentError::Log { source, .. }) => bad(source),
+            BrokerError::Log { source, .. } => bad(source),
+            _ => false,
+        }
+    }
+
     /// An I/O error about `path`.
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> BrokerError {
         let path = path.into();
@@ -174,6 +214,13 @@ impl From<BrokerError> for Status {
             BrokerError::SequenceTooOld { .. } => Status::already_exists(error.to_string()),
             BrokerError::EngineFull(message) => Status::resource_exhausted(message),
             BrokerError::NotWritten { .. } => Status::unavailable(error.to_string()),
+            BrokerError::Damaged {
+                topic, partition, ..
+            } => Status::data_loss(format!(
+                "topic {topic:?} partition {partition} is damaged: a stored frame fails its \
+                 checksum. It takes no reads or writes until an operator repairs it; the \
+                 broker's log names the file"
+            )),
             BrokerError::Engine(message) => {
                 tracing::warn!(%message, "storage engine unavailable");
                 Status::unavailable("the storage engine is unavailable; retry")
@@ -221,6 +268,14 @@ mod tests {
             (
                 BrokerError::EngineFull("no room for topic \"t\"".into()),
                 Code::ResourceExhausted,
+            ),
+            (
+                BrokerError::Damaged {
+                    topic: "t".into(),
+                    partition: 0,
+                    detail: "/secret/path is corrupt at position 9".into(),
+                },
+                Code::DataLoss,
             ),
             (
                 BrokerError::Io {

@@ -215,6 +215,14 @@ async fn open_embedded(
     let now = runnel_proto::now_millis();
     tokio::task::spawn_blocking(move || expired.enforce_retention(now)).await?;
 
+    if config.verify_sealed {
+        // In the background: serving does not wait for a read of every sealed segment.
+        let (verified, stop) = (Arc::clone(&topics), background.clone());
+        tasks.push(tokio::task::spawn_blocking(move || {
+            verified.verify_sealed(&|| stop.is_triggered())
+        }));
+    }
+
     let group_commit = Arc::new(GroupCommit::default());
     tasks.push(tokio::spawn(
         Arc::clone(&group_commit).run(background.clone()),

@@ -998,3 +998,123 @@ async fn a_partition_whose_fsync_failed_shows_only_what_is_durable() {
     faults::heal(harness.dir.path());
     let _ = broker.stop(Duration::from_secs(10)).await;
 }
+
+/// The segment files of `partition` of `topic` under a test broker's data directory, in
+/// offset order.
+fn segment_files(harness: &Harness, topic: &str, partition: u32) -> Vec<std::path::PathBuf> {
+    let dir = harness
+        .dir
+        .path()
+        .join("broker/topics")
+        .join(topic)
+        .join(partition.to_string());
+    let mut logs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    logs
+}
+
+/// Flips one bit in the middle of `path`.
+fn flip_middle(path: &std::path::Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A flipped bit in the middle of a sealed segment (found by the read-back of sealed
+/// segments at start) and one inside the fsync'd part of an active segment (found by
+/// recovery) stop those two partitions — every read and write answered DATA_LOSS — while
+/// the topic's third partition, and the broker, go on. Neither file is cut.
+#[tokio::test]
+async fn a_flipped_bit_stops_its_partition_with_data_loss_and_cuts_nothing() {
+    let Some(harness) = Harness::new(Engine::Embedded).await else {
+        return;
+    };
+    // Recovery reads back no events for retries (it would find the damage to the first
+    // segment): that is left to the read-back of sealed segments.
+    let small_segments = |c: &mut runnel_broker::BrokerConfig| {
+        c.segment_bytes = 64 * 1024;
+        c.dedup_max_events = 0;
+    };
+    let (addr, broker) = harness.spawn_with(small_segments).await;
+    let mut client = connect(addr).await;
+    create(&mut client, "flipped", 3).await.unwrap();
+    let events = |partition: u32, round: usize| -> Vec<Event> {
+        (0..20)
+            .map(|i| event(&format!("p{partition}-{round}-{i}"), "k", &[7u8; 1000]))
+            .collect()
+    };
+    for partition in 0..3 {
+        for round in 0..40 {
+            let request = batches_request(
+                "flipped",
+                vec![batch(
+                    partition,
+                    &events(partition, round),
+                    Compression::None,
+                )],
+            );
+            client.produce(request).await.unwrap();
+        }
+    }
+    stop(broker).await;
+
+    let sealed = segment_files(&harness, "flipped", 0);
+    assert!(sealed.len() > 3, "several segments: {sealed:?}");
+    flip_middle(&sealed[0]);
+    let active = segment_files(&harness, "flipped", 1);
+    flip_middle(active.last().unwrap());
+    let sizes = |files: &[std::path::PathBuf]| -> Vec<u64> {
+        files
+            .iter()
+            .map(|f| std::fs::metadata(f).unwrap().len())
+            .collect()
+    };
+    let (sealed_sizes, active_sizes) = (sizes(&sealed), sizes(&active));
+
+    let (addr, broker) = harness.spawn_with(small_segments).await;
+    let mut client = connect(addr).await;
+    let fetch = |partition: u32, offset: u64| FetchRequest {
+        topic: "flipped".into(),
+        partition,
+        offset,
+        ..Default::default()
+    };
+    let produce = |partition: u32| {
+        batches_request(
+            "flipped",
+            vec![batch(partition, &events(partition, 99), Compression::None)],
+        )
+    };
+    // The active segment's damage is found by recovery: stopped from the start.
+    let status = client.fetch(fetch(1, 0)).await.unwrap_err();
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    assert!(status.message().contains("damaged"), "{status:?}");
+    let status = client.produce(produce(1)).await.unwrap_err();
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    // The sealed segment's damage is found by the read-back in the background: then even a
+    // read far beyond it, in an intact segment, is refused, and so is a write.
+    runnel_testkit::eventually(
+        Duration::from_secs(30),
+        "the sealed segment's damage to stop partition 0",
+        || {
+            let mut client = client.clone();
+            async move {
+                matches!(client.fetch(fetch(0, 790)).await, Err(s) if s.code() == Code::DataLoss)
+            }
+        },
+    )
+    .await;
+    let status = client.produce(produce(0)).await.unwrap_err();
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    // The other partition serves on.
+    client.produce(produce(2)).await.unwrap();
+    assert_eq!(fetch_all(&mut client, "flipped", 2).await.len(), 820);
+    stop(broker).await;
+    assert_eq!(sizes(&sealed), sealed_sizes, "nothing cut from partition 0");
+    assert_eq!(sizes(&active), active_sizes, "nothing cut from partition 1");
+}

@@ -86,8 +86,11 @@ impl Embedded {
             .ok_or_else(|| BrokerError::TopicNotFound(name.to_owned()))
     }
 
+    /// The partition, unless damage stopped it.
     fn partition(&self, topic: &str, partition: u32) -> Result<Arc<Partition>> {
-        Ok(Arc::clone(self.topic(topic)?.partition(partition)?))
+        let partition = Arc::clone(self.topic(topic)?.partition(partition)?);
+        partition.usable()?;
+        Ok(partition)
     }
 
     fn defaults(&self) -> Retention {

@@ -15,12 +15,12 @@
 //!
 //! Offsets are never reissued: an append takes the end offset and moves it on only after
 //! the batch is written, recovery cuts only a batch that was torn mid-write (never
-//! acknowledged, never visible), and anything else that does not run on is corruption the
-//! broker refuses to start with.
+//! acknowledged, never visible), and anything else that does not run on is damage that
+//! stops the partition ([`Partition::damaged`]): every read and write of it is refused.
 
 use super::producers::{ProducerTable, StoredRun, Verdict};
 use super::recent::{RecentEvents, Window};
-use super::segment::{Segment, file_stem};
+use super::segment::{Segment, SegmentError, file_stem};
 use crate::batch::{BatchHeader, StoredBatch};
 use crate::error::{BrokerError, Result};
 use crate::storage::{Appended, Incoming, Read, Retention};
@@ -28,7 +28,7 @@ use runnel_log::{FsyncPolicy, SyncHandle};
 use runnel_proto::Millis;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -317,6 +317,12 @@ impl PartitionLog {
     /// The first offset still stored.
     pub(crate) fn start_offset(&self) -> u64 {
         self.segments[0].base_offset()
+    }
+
+    /// The base offsets of the sealed segments.
+    fn sealed_bases(&self) -> Vec<u64> {
+        let sealed = &self.segments[..self.segments.len() - 1];
+        sealed.iter().map(Segment::base_offset).collect()
     }
 
     /// The offset the next record will get.
@@ -729,8 +735,11 @@ pub(crate) struct Partition {
     id: u32,
     topic: String,
     /// Appends, rolls and retention take it for writing, reads for reading. Only blocking
-    /// threads take it.
-    log: RwLock<PartitionLog>,
+    /// threads take it. None for a partition found damaged when the broker started.
+    log: Option<RwLock<PartitionLog>>,
+    /// What damage was found in the partition's files, at start or since: then it takes
+    /// no reads and no writes.
+    damage: OnceLock<String>,
     /// The end offset, published after every append while the lock is still held, so it
     /// never goes backwards and never shows a record that is not fully written.
     end: watch::Sender<u64>,
@@ -769,7 +778,118 @@ impl Partition {
             // Recovery fsync'd what it found.
             synced: Mutex::new(log.active_extent()),
             saved: Mutex::new((0, 0)),
-            log: RwLock::new(log),
+            log: Some(RwLock::new(log)),
+            damage: OnceLock::new(),
+        }
+    }
+
+    /// A partition whose files were found damaged when the broker started (`detail` says
+    /// what and where): it is there, and answers every read and write with
+    /// [`BrokerError::Damaged`].
+    pub(crate) fn damaged(topic: &str, id: u32, dir: &Path, detail: String) -> Partition {
+        let partition = Partition {
+            id,
+            topic: topic.to_owned(),
+            end: watch::Sender::new(0),
+            durable: watch::Sender::new(Durable {
+                offset: 0,
+                failed: true,
+            }),
+            start: AtomicU64::new(0),
+            size_bytes: AtomicU64::new(0),
+            segments: AtomicU64::new(0),
+            unsynced: AtomicU64::new(0),
+            dir: dir.to_owned(),
+            synced: Mutex::new((0, 0)),
+            saved: Mutex::new((0, 0)),
+            log: None,
+            damage: OnceLock::new(),
+        };
+        partition.mark_damaged(detail);
+        partition
+    }
+
+    /// Stops the partition for good (until an operator repairs it and restarts the
+    /// broker): damage was found in its files.
+    pub(crate) fn mark_damaged(&self, detail: String) {
+        if self.damage.set(detail).is_ok() {
+            let detail = self.damage.get().map(String::as_str).unwrap_or_default();
+            tracing::error!(topic = %self.topic, partition = self.id, %detail, "partition damaged: it takes no reads or writes until repaired (see \"A damaged partition\" in docs/broker.md)");
+            metrics::gauge!("runnel_broker_damaged_partitions").increment(1.0);
+            self.durable.send_modify(|d| d.failed = true);
+        }
+    }
+
+    /// Blocking: reads every sealed segment back and checks every frame (see
+    /// [`Segment::verify`]), without holding the partition's lock while it reads: damage
+    /// stops the partition. A segment retention deletes meanwhile is skipped. Returns the
+    /// segments and bytes verified.
+    pub(crate) fn verify_sealed(&self) -> (u64, u64) {
+        let Ok(bases) = self.read_lock().map(|log| log.sealed_bases()) else {
+            return (0, 0);
+        };
+        let (mut segments, mut bytes) = (0, 0);
+        for base in bases {
+            match Segment::verify(&self.dir, base) {
+                Ok(len) => {
+                    segments += 1;
+                    bytes += len;
+                    metrics::counter!("runnel_broker_verified_bytes_total").increment(len);
+                }
+                Err(SegmentError::Log {
+                    source: runnel_log::Error::Io(error),
+                    ..
+                }) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    let error = BrokerError::Segment(error);
+                    if error.is_damage() {
+                        self.mark_damaged(error.to_string());
+                        break;
+                    }
+                    tracing::warn!(topic = %self.topic, partition = self.id, %error, "a sealed segment could not be verified");
+                }
+            }
+        }
+        (segments, bytes)
+    }
+
+    /// Whether damage stopped the partition.
+    pub(crate) fn is_damaged(&self) -> bool {
+        self.damage.get().is_some()
+    }
+
+    /// [`BrokerError::Damaged`] if damage stopped the partition.
+    pub(crate) fn usable(&self) -> Result<()> {
+        match self.is_damaged() {
+            true => Err(self.damaged_error()),
+            false => Ok(()),
+        }
+    }
+
+    fn damaged_error(&self) -> BrokerError {
+        BrokerError::Damaged {
+            topic: self.topic.clone(),
+            partition: self.id,
+            detail: self.damage.get().cloned().unwrap_or_default(),
+        }
+    }
+
+    /// The log, unless damage stopped the partition.
+    fn log(&self) -> Result<&RwLock<PartitionLog>> {
+        match (&self.log, self.is_damaged()) {
+            (Some(log), false) => Ok(log),
+            _ => Err(self.damaged_error()),
+        }
+    }
+
+    /// Stops the partition if `result` failed on damage in its files.
+    fn noting_damage<T>(&self, result: Result<T>) -> Result<T> {
+        match result {
+            Err(error) if error.is_damage() => {
+                self.mark_damaged(error.to_string());
+                Err(self.damaged_error())
+            }
+            other => other,
         }
     }
 
@@ -894,7 +1014,11 @@ impl Partition {
         if batch.records.len() > INLINE_APPEND_BYTES {
             return Err(batch);
         }
-        let Ok(mut log) = self.log.try_write() else {
+        let lock = match self.log() {
+            Ok(lock) => lock,
+            Err(damaged) => return Ok(Err(damaged)),
+        };
+        let Ok(mut log) = lock.try_write() else {
             return Err(batch);
         };
         if log.needs_roll(now.0.max(log.last_time)) {
@@ -907,7 +1031,8 @@ impl Partition {
 
     /// Blocking: see [`PartitionLog::read`].
     pub(crate) fn read(&self, from: u64, max_bytes: usize) -> Result<Read> {
-        self.read_lock()?.read(from, max_bytes)
+        let read = self.read_lock()?.read(from, max_bytes);
+        self.noting_damage(read)
     }
 
     /// Blocking: see [`PartitionLog::offset_for_time`].
@@ -933,6 +1058,7 @@ impl Partition {
             .map(|d| *d);
         match reached {
             Ok(Durable { failed: false, .. }) => Ok(()),
+            _ if self.is_damaged() => Err(self.damaged_error()),
             _ => Err(BrokerError::PartitionFailed {
                 topic: self.topic.clone(),
                 partition: self.id,
@@ -951,7 +1077,7 @@ impl Partition {
             // After a failed fsync the kernel may have dropped the dirty pages: what was
             // written is no longer known to be anywhere. Stop, loudly.
             tracing::error!(topic = %self.topic, partition = self.id, %error, "fsync failed");
-            if let Ok(mut log) = self.log.write() {
+            if let Ok(mut log) = self.write() {
                 log.failed = true;
             }
             self.durable.send_modify(|d| d.failed = true);
@@ -987,11 +1113,11 @@ impl Partition {
     // A poisoned lock means a panic mid-operation: the state may not match the files, so
     // the partition is treated like one whose write failed.
     fn write(&self) -> Result<RwLockWriteGuard<'_, PartitionLog>> {
-        self.log.write().map_err(|_| self.failed_error())
+        self.log()?.write().map_err(|_| self.failed_error())
     }
 
     fn read_lock(&self) -> Result<RwLockReadGuard<'_, PartitionLog>> {
-        self.log.read().map_err(|_| self.failed_error())
+        self.log()?.read().map_err(|_| self.failed_error())
     }
 
     fn failed_error(&self) -> BrokerError {

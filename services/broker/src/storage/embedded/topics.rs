@@ -11,7 +11,8 @@
 //! is fsync'd before `CreateTopic` answers. So after a crash a topic either exists whole or
 //! not at all; whatever is left in `staging/` was never acknowledged and is removed at
 //! start. Inside `topics/`, a directory without a readable `topic.meta` or a missing
-//! partition is damage the broker will not guess about: it refuses to start.
+//! partition is damage the broker will not guess about: it refuses to start. Damage inside
+//! a partition's files stops only that partition.
 
 use super::partition::{LogSettings, Partition, PartitionLog, sync_dir};
 use crate::error::{BrokerError, Result};
@@ -174,7 +175,7 @@ impl Topics {
         let mut deleted = 0;
         for topic in self.list() {
             let retention = topic.retention(self.defaults);
-            for partition in topic.partitions() {
+            for partition in topic.partitions().iter().filter(|p| !p.is_damaged()) {
                 match partition.enforce_retention(retention, now) {
                     Ok(n) => deleted += n,
                     Err(error) => tracing::error!(
@@ -187,6 +188,33 @@ impl Topics {
             }
         }
         deleted
+    }
+
+    /// Blocking: reads back every sealed segment of every partition and checks every
+    /// frame (the broker opens them from their indexes without reading them): a partition
+    /// with damage stops. Logs a summary; what start-up runs in the background, until
+    /// `stopping` says to stop.
+    pub(crate) fn verify_sealed(&self, stopping: &dyn Fn() -> bool) {
+        let started = std::time::Instant::now();
+        let (mut segments, mut bytes, mut damaged) = (0u64, 0u64, 0usize);
+        for topic in self.list() {
+            for partition in topic.partitions().iter().filter(|p| !p.is_damaged()) {
+                if stopping() {
+                    return;
+                }
+                let (s, b) = partition.verify_sealed();
+                segments += s;
+                bytes += b;
+                damaged += usize::from(partition.is_damaged());
+            }
+        }
+        tracing::info!(
+            segments,
+            bytes,
+            damaged_partitions = damaged,
+            seconds = started.elapsed().as_secs_f64(),
+            "sealed segments verified"
+        );
     }
 
     /// Blocking: syncs every partition now and saves its recovery point (at shutdown).
@@ -202,7 +230,7 @@ impl Topics {
     fn each_partition(&self, sync: impl Fn(&Partition) -> Result<()>) -> Result<()> {
         let mut first_error = None;
         for topic in self.list() {
-            for partition in topic.partitions() {
+            for partition in topic.partitions().iter().filter(|p| !p.is_damaged()) {
                 if let Err(error) = sync(partition) {
                     tracing::error!(
                         topic = topic.name(),
@@ -304,8 +332,15 @@ fn open_topic(dir: &Path, name: &str, settings: &LogSettings) -> Result<Topic> {
         if !partition_dir.is_dir() {
             return Err(corrupt(format!("partition {partition} is missing")));
         }
-        let log = PartitionLog::open(&partition_dir, name, partition, settings.clone())?;
-        partitions.push(Partition::new(log));
+        let opened = match PartitionLog::open(&partition_dir, name, partition, settings.clone()) {
+            Ok(log) => Partition::new(log),
+            // Damage stops that partition, not the broker: the others serve on.
+            Err(error) if error.is_damage() => {
+                Partition::damaged(name, partition, &partition_dir, error.to_string())
+            }
+            Err(error) => return Err(error),
+        };
+        partitions.push(opened);
     }
     Ok(Topic::new(meta.name, partitions, meta.retention))
 }
