@@ -13,6 +13,7 @@ mod crash;
 mod healthcheck;
 mod hostile;
 mod pipeline;
+mod repair;
 mod scale;
 mod tracing;
 mod track;

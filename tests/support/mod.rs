@@ -11,4 +11,4 @@ pub mod compose;
 pub mod otlp;
 pub mod process;
 
-pub use process::{PARTITIONS, Pipeline, ServiceProcess};
+pub use process::{PARTITIONS, Pipeline, ServiceProcess, binary_dir};

@@ -1,6 +1,6 @@
 //! `runnel`: the whole pipeline in one process (`runnel up`), the client commands `send`,
-//! `get`, `watch` and `bench` (the harnesses are in `runnel-bench`), and `certs` / `auth`
-//! for a secured pipeline.
+//! `get`, `watch` and `bench` (the harnesses are in `runnel-bench`), `certs` / `auth`
+//! for a secured pipeline, and `broker repair` for a damaged partition.
 //!
 //! An app crate: `runnel up` runs the five services in-process. The two app crates,
 //! `runnel-cli` and `runnel-bench`, are the only crates that import services; every other
@@ -11,6 +11,7 @@ mod client;
 mod demo;
 mod json;
 mod read;
+mod repair;
 mod send;
 mod up;
 
@@ -41,6 +42,11 @@ enum Command {
     Bench {
         #[command(subcommand)]
         what: runnel_bench::BenchCommand,
+    },
+    /// Look after an embedded broker's files (with the broker stopped).
+    Broker {
+        #[command(subcommand)]
+        what: repair::BrokerCommand,
     },
     /// Make a development CA and certificates for TLS and mutual TLS.
     Certs {
@@ -73,6 +79,7 @@ fn main() -> ExitCode {
             Command::Get(args) => read::get(args).await,
             Command::Watch(args) => read::watch(args).await,
             Command::Bench { what } => runnel_bench::run(what).await,
+            Command::Broker { what } => repair::run(what),
             Command::Certs { what } => certs::certs(what),
             Command::Auth { what } => certs::auth(what),
         }

@@ -150,6 +150,13 @@ pub enum BrokerError {
         /// What was found where, for the operator.
         detail: String,
     },
+    /// Another process holds the data directory's lock: a broker already runs on it (or
+    /// `runnel broker repair` does).
+    #[error(
+        "{} is in use by another broker (or by `runnel broker repair`): one process at a time",
+        .0.display()
+    )]
+    DataDirInUse(PathBuf),
     /// A blocking disk task panicked or was cancelled.
     #[error("disk task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -230,6 +237,7 @@ impl From<BrokerError> for Status {
             | BrokerError::Log { .. }
             | BrokerError::Corrupt { .. }
             | BrokerError::PartitionFailed { .. }
+            | BrokerError::DataDirInUse(_)
             | BrokerError::Task(_)
             | BrokerError::Config(_)
             | BrokerError::Serve(_) => {

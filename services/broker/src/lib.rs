@@ -30,6 +30,7 @@ mod topic;
 
 pub use config::{BrokerConfig, JetStreamConfig, JetStreamStorage, StorageEngine};
 pub use error::BrokerError;
+pub use storage::embedded::repair::{Damage, Repair, repair};
 pub use storage::embedded::segment::SegmentError;
 
 use groups::Coordinator;

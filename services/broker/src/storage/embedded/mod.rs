@@ -14,6 +14,7 @@ pub(crate) mod offsets;
 pub(crate) mod partition;
 mod producers;
 pub(crate) mod recent;
+pub(crate) mod repair;
 pub(crate) mod segment;
 pub(crate) mod topics;
 

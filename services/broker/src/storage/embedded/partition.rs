@@ -88,7 +88,7 @@ fn producers_path(dir: &Path, offset: u64) -> PathBuf {
 
 /// The partition's recovery point: how much of which segment is known fsync'd, so that
 /// recovery can tell damage (a bad frame inside it) from a torn tail (one beyond it).
-const RECOVERY_POINT: &str = "recovery-point";
+pub(crate) const RECOVERY_POINT: &str = "recovery-point";
 /// Its magic; the trailing digit is the content's version.
 const RECOVERY_POINT_MAGIC: [u8; 8] = *b"RNLRCPT1";
 
@@ -96,7 +96,7 @@ const RECOVERY_POINT_MAGIC: [u8; 8] = *b"RNLRCPT1";
 pub(crate) type Extent = (u64, u64);
 
 /// Blocking: the saved recovery point, if there is a readable one.
-fn read_recovery_point(dir: &Path) -> Option<Extent> {
+pub(crate) fn read_recovery_point(dir: &Path) -> Option<Extent> {
     let path = dir.join(RECOVERY_POINT);
     match runnel_log::read_atomic(&path, RECOVERY_POINT_MAGIC) {
         Ok(Some(bytes)) => {
@@ -125,7 +125,7 @@ fn write_recovery_point(dir: &Path, (base, len): Extent) -> Result<()> {
 }
 
 /// The base offsets named by files with `extension` in `dir`, sorted.
-fn offsets_of(dir: &Path, extension: &str) -> std::io::Result<Vec<u64>> {
+pub(crate) fn offsets_of(dir: &Path, extension: &str) -> std::io::Result<Vec<u64>> {
     let mut offsets = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name();
@@ -821,7 +821,7 @@ impl Partition {
     }
 
     /// Blocking: reads every sealed segment back and checks every frame (see
-    /// [`Segment::verify`]), without holding the partition's lock while it reads: damage
+    /// [`Segment::check`]), without holding the partition's lock while it reads: damage
     /// stops the partition. A segment retention deletes meanwhile is skipped. Returns the
     /// segments and bytes verified.
     pub(crate) fn verify_sealed(&self) -> (u64, u64) {
@@ -830,7 +830,12 @@ impl Partition {
         };
         let (mut segments, mut bytes) = (0, 0);
         for base in bases {
-            match Segment::verify(&self.dir, base) {
+            let checked =
+                Segment::check(&self.dir, base).and_then(|checked| match checked.damage() {
+                    Some(damage) => Err(damage),
+                    None => Ok(checked.len),
+                });
+            match checked {
                 Ok(len) => {
                     segments += 1;
                     bytes += len;

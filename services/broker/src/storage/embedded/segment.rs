@@ -46,6 +46,32 @@ pub enum SegmentError {
     },
 }
 
+/// What reading a segment back found ([`Segment::check`]).
+#[derive(Debug)]
+pub(crate) struct Checked {
+    /// The segment's log file.
+    pub(crate) path: PathBuf,
+    /// Its length.
+    pub(crate) len: u64,
+    /// Where its good frames end: the end of the file, or where the damage starts.
+    pub(crate) good_bytes: u64,
+    /// The offset after the last good batch.
+    pub(crate) next_offset: u64,
+    /// What is wrong at `good_bytes`, if anything.
+    pub(crate) damage: Option<String>,
+}
+
+impl Checked {
+    /// The damage as an error, if there is any.
+    pub(crate) fn damage(&self) -> Option<SegmentError> {
+        self.damage.as_ref().map(|reason| SegmentError::Corrupt {
+            path: self.path.clone(),
+            position: self.good_bytes,
+            reason: reason.clone(),
+        })
+    }
+}
+
 /// One segment.
 #[derive(Debug)]
 pub(crate) struct Segment {
@@ -206,31 +232,71 @@ impl Segment {
         Ok(segment)
     }
 
-    /// Blocking: reads every frame of the sealed segment at `base_offset` in `dir`, checking
+    /// Blocking: reads every frame of the segment at `base_offset` in `dir` back, checking
     /// each one's checksum and batch header and that offsets run on from the base — what
-    /// opening it from its index skips. Returns the bytes read.
-    pub(crate) fn verify(dir: &Path, base_offset: u64) -> Result<u64, SegmentError> {
+    /// opening a sealed segment from its index skips. Does not write. `Err` only when the
+    /// file cannot be read at all.
+    pub(crate) fn check(dir: &Path, base_offset: u64) -> Result<Checked, SegmentError> {
         let (log_path, _) = Self::paths(dir, base_offset);
-        let file =
-            LogFile::open_sealed(&log_path, LOG_MAGIC).map_err(|source| SegmentError::Log {
-                path: log_path.clone(),
-                source,
-            })?;
-        let mut next = base_offset;
-        for (position, header, _) in scan(&file)? {
-            if header.base_offset != next {
-                return Err(SegmentError::Corrupt {
-                    path: log_path,
-                    position,
-                    reason: format!(
-                        "expected a batch at offset {next}, found one at {}",
-                        header.base_offset
-                    ),
-                });
+        let failed = |source| SegmentError::Log {
+            path: log_path.clone(),
+            source,
+        };
+        let len = std::fs::metadata(&log_path)
+            .map_err(|e| failed(e.into()))?
+            .len();
+        let mut checked = Checked {
+            path: log_path.clone(),
+            len,
+            good_bytes: 0,
+            next_offset: base_offset,
+            damage: None,
+        };
+        let file = match LogFile::open_sealed(&log_path, LOG_MAGIC) {
+            Ok(file) => file,
+            Err(e @ (runnel_log::Error::DamagedHeader | runnel_log::Error::BadMagic { .. })) => {
+                checked.damage = Some(e.to_string());
+                return Ok(checked);
             }
-            next = header.next_offset();
+            Err(e) => return Err(failed(e)),
+        };
+        let mut position = HEADER_LEN;
+        checked.good_bytes = position;
+        while position < len {
+            let frames = match file.read_frames(position, SCAN_CHUNK) {
+                Ok(frames) => frames,
+                // The frames before a bad one are read again on their own.
+                Err(runnel_log::Error::BadFrame { position: bad, .. }) if bad > position => {
+                    let good = usize::try_from(bad - position).unwrap_or(usize::MAX);
+                    file.read_frames(position, good).map_err(failed)?
+                }
+                Err(e @ runnel_log::Error::BadFrame { .. }) => {
+                    checked.damage = Some(e.to_string());
+                    return Ok(checked);
+                }
+                Err(e) => return Err(failed(e)),
+            };
+            for (at, payload) in frames {
+                let header = match BatchHeader::decode(&payload) {
+                    Ok(header) if header.base_offset == checked.next_offset => header,
+                    Ok(header) => {
+                        checked.damage = Some(format!(
+                            "expected a batch at offset {}, found one at {}",
+                            checked.next_offset, header.base_offset
+                        ));
+                        return Ok(checked);
+                    }
+                    Err(reason) => {
+                        checked.damage = Some(reason);
+                        return Ok(checked);
+                    }
+                };
+                position = at + FRAME_HEADER_LEN + payload.len() as u64;
+                checked.good_bytes = position;
+                checked.next_offset = header.next_offset();
+            }
         }
-        Ok(file.len())
+        Ok(checked)
     }
 
     /// Rebuilds offsets, times and the index from scanned batches, checking that offsets

@@ -44,6 +44,30 @@ pub(crate) struct Topics {
     /// Serialises topic creation, which is rare: two creators of one name must not both
     /// build it, and the loser must see `AlreadyExists`.
     creating: tokio::sync::Mutex<()>,
+    /// The data directory's lock, held while the topics are open (see [`lock_data_dir`]).
+    _lock: fs::File,
+}
+
+/// Blocking: takes `<data_dir>/lock`, an exclusive advisory lock that two brokers — or a
+/// broker and `runnel broker repair` — would otherwise both write the files under. The OS
+/// lets go of it when the process ends, however it ends.
+pub(crate) fn lock_data_dir(data_dir: &Path) -> Result<fs::File> {
+    fs::create_dir_all(data_dir).map_err(BrokerError::io(data_dir))?;
+    let path = data_dir.join("lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(BrokerError::io(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(BrokerError::DataDirInUse(data_dir.to_owned())),
+        Err(fs::TryLockError::Error(error)) => Err(BrokerError::Io {
+            path,
+            source: error,
+        }),
+    }
 }
 
 impl Topics {
@@ -54,6 +78,7 @@ impl Topics {
         settings: LogSettings,
         defaults: Retention,
     ) -> Result<Topics> {
+        let lock = lock_data_dir(data_dir)?;
         let root = data_dir.join("topics");
         let staging = data_dir.join("staging");
         for dir in [&root, &staging] {
@@ -113,6 +138,7 @@ impl Topics {
             defaults,
             topics: RwLock::new(topics),
             creating: tokio::sync::Mutex::new(()),
+            _lock: lock,
         })
     }
 
