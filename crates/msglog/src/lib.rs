@@ -252,6 +252,20 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A frame that was fsync'd does not check out: damage (a flipped bit, a bad sector, a
+    /// file cut by hand), not the torn tail of a crash. Nothing was cut off; the log does
+    /// not open until an operator decides (see "A damaged message log" in
+    /// docs/collector.md).
+    #[error(
+        "{} is damaged at byte {position}, inside what was fsync'd: not a torn tail, so nothing was cut off (see \"A damaged message log\" in docs/collector.md)",
+        path.display()
+    )]
+    Damaged {
+        /// The segment.
+        path: PathBuf,
+        /// Where the first bad frame starts.
+        position: u64,
+    },
     /// Entry ids do not run on: a segment is missing or was cut short.
     #[error("{}: ids jump from {expected} to {found}: a segment is missing or damaged", path.display())]
     Gap {

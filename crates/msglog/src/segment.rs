@@ -44,6 +44,8 @@ pub(crate) struct Segments {
     dir: PathBuf,
     sealed: VecDeque<Sealed>,
     active: LogFile,
+    /// The first id of the active segment (its name).
+    active_first: u64,
     /// The sync handle of the active segment, shared with the syncer thread.
     active_sync: Arc<SyncHandle>,
     segment_bytes: u64,
@@ -51,6 +53,40 @@ pub(crate) struct Segments {
 
 fn segment_path(dir: &Path, first_id: u64) -> PathBuf {
     dir.join(format!("{first_id:020}.log"))
+}
+
+/// The shard's recovery point: which segment (by first id) is fsync'd how far.
+const RECOVERY_POINT: &str = "recovery-point";
+/// Its magic; the trailing digit is the content's version.
+const RECOVERY_POINT_MAGIC: [u8; 8] = *b"RNMRCPT1";
+
+/// The recovery point of the shard in `dir`, if one was saved and reads back whole.
+fn read_recovery_point(dir: &Path) -> Option<(u64, u64)> {
+    let path = dir.join(RECOVERY_POINT);
+    match runnel_log::read_atomic(&path, RECOVERY_POINT_MAGIC) {
+        Ok(Some(bytes)) => {
+            let first = bytes.get(..8)?.try_into().ok().map(u64::from_le_bytes)?;
+            let len = bytes.get(8..16)?.try_into().ok().map(u64::from_le_bytes)?;
+            Some((first, len))
+        }
+        Ok(None) => None,
+        Err(error) => {
+            // Without it a bad frame in the active segment is taken for a torn tail.
+            tracing::warn!(path = %path.display(), %error, "the recovery point cannot be read; recovering without it");
+            None
+        }
+    }
+}
+
+/// Blocking: saves the recovery point of the shard in `dir`: the segment whose first id is
+/// `first` is fsync'd through byte `len`.
+pub(crate) fn write_recovery_point(dir: &Path, (first, len): (u64, u64)) -> Result<(), Error> {
+    let mut payload = [0u8; 16];
+    payload[..8].copy_from_slice(&first.to_le_bytes());
+    payload[8..].copy_from_slice(&len.to_le_bytes());
+    let path = dir.join(RECOVERY_POINT);
+    runnel_log::write_atomic(&path, RECOVERY_POINT_MAGIC, &payload)
+        .map_err(|source| Error::Io { path, source })
 }
 
 fn io(path: &Path) -> impl FnOnce(runnel_log::Error) -> Error + '_ {
@@ -64,6 +100,10 @@ impl Segments {
     /// Opens (or creates) the shard directory `dir` and scans every segment: checks that
     /// ids run on without a gap, cuts a torn tail off the active segment, and returns the
     /// entries not yet released. Sealed segments that are wholly released are deleted.
+    ///
+    /// What was fsync'd — a sealed segment whole, the active one as far as the recovery
+    /// point says — must be there frame for frame: a bad frame in it is damage, refused as
+    /// [`Error::Damaged`] with nothing cut off, never taken for a torn tail.
     pub(crate) fn open(dir: &Path, segment_bytes: u64) -> Result<(Segments, Recovered), Error> {
         std::fs::create_dir_all(dir).map_err(|e| Error::Io {
             path: dir.to_owned(),
@@ -89,6 +129,7 @@ impl Segments {
         }
         firsts.sort_unstable();
 
+        let recovery_point = read_recovery_point(dir);
         let mut recovered = Recovered::default();
         let mut expected: Option<u64> = None;
         let mut sealed = VecDeque::new();
@@ -106,50 +147,64 @@ impl Segments {
             }
             let mut next = first;
             let mut problem: Option<String> = None;
-            let (file, recovery) = LogFile::open(&path, MAGIC, FsyncPolicy::Never, |_, payload| {
-                if problem.is_some() {
-                    return;
-                }
-                match record::decode(payload) {
-                    Ok(Record::Entry(kind, entry)) => {
-                        if entry.id != next {
-                            problem = Some(format!("entry {} where {next} was expected", entry.id));
-                        } else {
-                            next += 1;
-                            if entry.id > recovered.released_through {
-                                recovered.pending.push_back((kind, entry));
+            let durable = match recovery_point {
+                // A sealed segment was fsync'd whole when it was rolled.
+                _ if i + 1 < firsts.len() => std::fs::metadata(&path).map_or(0, |m| m.len()),
+                Some((segment, len)) if segment == first => len,
+                _ => 0,
+            };
+            let opened =
+                LogFile::open_keeping(&path, MAGIC, FsyncPolicy::Never, durable, |_, payload| {
+                    if problem.is_some() {
+                        return;
+                    }
+                    match record::decode(payload) {
+                        Ok(Record::Entry(kind, entry)) => {
+                            if entry.id != next {
+                                problem =
+                                    Some(format!("entry {} where {next} was expected", entry.id));
+                            } else {
+                                next += 1;
+                                if entry.id > recovered.released_through {
+                                    recovered.pending.push_back((kind, entry));
+                                }
                             }
                         }
-                    }
-                    Ok(Record::Skipped { first, last }) => {
-                        if first != next {
-                            problem = Some(format!(
-                                "skipped {first}..={last} where {next} was expected"
-                            ));
-                        } else {
-                            next = last + 1;
-                        }
-                    }
-                    Ok(Record::Released { through }) => {
-                        if through >= next {
-                            problem = Some(format!(
-                                "released through {through}, but only {next} ids were written"
-                            ));
-                        } else if through > recovered.released_through {
-                            recovered.released_through = through;
-                            while recovered
-                                .pending
-                                .front()
-                                .is_some_and(|(_, e)| e.id <= through)
-                            {
-                                recovered.pending.pop_front();
+                        Ok(Record::Skipped { first, last }) => {
+                            if first != next {
+                                problem = Some(format!(
+                                    "skipped {first}..={last} where {next} was expected"
+                                ));
+                            } else {
+                                next = last + 1;
                             }
                         }
+                        Ok(Record::Released { through }) => {
+                            if through >= next {
+                                problem = Some(format!(
+                                    "released through {through}, but only {next} ids were written"
+                                ));
+                            } else if through > recovered.released_through {
+                                recovered.released_through = through;
+                                while recovered
+                                    .pending
+                                    .front()
+                                    .is_some_and(|(_, e)| e.id <= through)
+                                {
+                                    recovered.pending.pop_front();
+                                }
+                            }
+                        }
+                        Err(reason) => problem = Some(reason),
                     }
-                    Err(reason) => problem = Some(reason),
+                });
+            let (file, recovery) = match opened {
+                Ok(opened) => opened,
+                Err(runnel_log::Error::Damaged { position, .. }) => {
+                    return Err(Error::Damaged { path, position });
                 }
-            })
-            .map_err(io(&path))?;
+                Err(source) => return Err(Error::Io { path, source }),
+            };
             if let Some(reason) = problem {
                 return Err(Error::Corrupt { path, reason });
             }
@@ -167,13 +222,14 @@ impl Segments {
         }
         // Ids start at 1, so that "released through 0" means nothing was.
         recovered.next_id = expected.unwrap_or(1);
-        let active = match active {
-            Some(file) => file,
-            None => {
+        let (active, active_first) = match (active, firsts.last()) {
+            (Some(file), Some(&first)) => (file, first),
+            _ => {
                 let path = segment_path(dir, recovered.next_id);
-                LogFile::open(&path, MAGIC, FsyncPolicy::Never, |_, _| {})
+                let file = LogFile::open(&path, MAGIC, FsyncPolicy::Never, |_, _| {})
                     .map_err(io(&path))?
-                    .0
+                    .0;
+                (file, recovered.next_id)
             }
         };
         let active_sync = Arc::new(active.sync_handle().map_err(io(active.path()))?);
@@ -181,6 +237,7 @@ impl Segments {
             dir: dir.to_owned(),
             sealed,
             active,
+            active_first,
             active_sync,
             segment_bytes,
         };
@@ -195,6 +252,16 @@ impl Segments {
         let path = self.active.path().to_owned();
         self.active.append_parts(&parts).map_err(io(&path))?;
         Ok(())
+    }
+
+    /// The shard's directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The active segment (by its first id) and its length: what an fsync now covers.
+    pub(crate) fn active_extent(&self) -> (u64, u64) {
+        (self.active_first, self.active.len())
     }
 
     /// The sync handle of the active segment.
@@ -220,6 +287,7 @@ impl Segments {
         let sync = Arc::new(file.sync_handle().map_err(io(&path))?);
         let old = std::mem::replace(&mut self.active, file);
         self.active_sync = sync;
+        self.active_first = next_id;
         self.sealed.push_back(Sealed {
             path: old.path().to_owned(),
             last: next_id - 1,
@@ -320,6 +388,65 @@ mod tests {
         assert!(names.iter().all(|&first| first > 1), "{names:?}");
         assert!(names.iter().any(|&first| first <= 13), "{names:?}");
         assert_eq!(segments.count(), names.len());
+    }
+
+    /// Flips one bit in the middle of `path`; returns the damaged bytes.
+    fn flip_middle(path: &Path) -> Vec<u8> {
+        let mut bytes = std::fs::read(path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x08;
+        std::fs::write(path, &bytes).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn a_bad_frame_in_a_sealed_segment_is_damage_and_nothing_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut segments, _) = Segments::open(dir.path(), 400).unwrap();
+        write(&mut segments, 1..=30);
+        drop(segments);
+        let first = segment_path(dir.path(), 1);
+        let damaged = flip_middle(&first);
+        let error = Segments::open(dir.path(), 400).unwrap_err();
+        assert!(
+            matches!(error, Error::Damaged { ref path, .. } if *path == first),
+            "{error}"
+        );
+        assert_eq!(
+            std::fs::read(&first).unwrap(),
+            damaged,
+            "nothing was cut off"
+        );
+    }
+
+    #[test]
+    fn in_the_active_segment_a_bad_frame_is_damage_inside_the_recovery_point_and_a_torn_tail_beyond()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut segments, _) = Segments::open(dir.path(), 1 << 20).unwrap();
+        write(&mut segments, 1..=20);
+        segments.sync().unwrap();
+        write_recovery_point(dir.path(), segments.active_extent()).unwrap();
+        // Written after the recovery point was saved: a torn tail there is cut, as ever.
+        write(&mut segments, 21..=22);
+        drop(segments);
+        let active = segment_path(dir.path(), 1);
+        let mut torn = std::fs::read(&active).unwrap();
+        torn.extend_from_slice(&[0xAB; 40]);
+        std::fs::write(&active, &torn).unwrap();
+        let (segments, recovered) = Segments::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(recovered.next_id, 23);
+        assert!(recovered.truncated_bytes > 0);
+        drop(segments);
+
+        let damaged = flip_middle(&active);
+        let error = Segments::open(dir.path(), 1 << 20).unwrap_err();
+        assert!(matches!(error, Error::Damaged { .. }), "{error}");
+        assert_eq!(
+            std::fs::read(&active).unwrap(),
+            damaged,
+            "nothing was cut off"
+        );
     }
 
     #[test]

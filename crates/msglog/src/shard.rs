@@ -215,7 +215,8 @@ pub(crate) fn start<D: Downstream>(
                     let to_forwarder = to_forwarder.clone();
                     let budget = Arc::clone(&budget);
                     let policy = config.fsync;
-                    move || sync_loop(receiver, policy, to_forwarder, budget)
+                    let dir = dir.map(Path::to_owned).unwrap_or_default();
+                    move || sync_loop(receiver, policy, to_forwarder, budget, &dir)
                 })
                 .map_err(|e| Error::Io {
                     path: dir.map(Path::to_owned).unwrap_or_default(),
@@ -280,6 +281,9 @@ struct SyncJob {
     handle: Arc<SyncHandle>,
     /// The last entry id the fsync covers.
     through: u64,
+    /// The active segment (by first id) and its length when the job was made: what the
+    /// fsync makes durable, for the recovery point.
+    extent: (u64, u64),
     waiters: Vec<LoggedSender>,
     /// RBML: entries to deliver once durable.
     handoff: Vec<Outbound>,
@@ -294,14 +298,17 @@ struct SyncJob {
 }
 
 /// The syncer thread: fsyncs whatever the writer wrote since the last fsync (one fsync for
-/// every group written meanwhile: the group commit), then answers.
+/// every group written meanwhile: the group commit), then answers; about once a second it
+/// saves how far the active segment is fsync'd as the shard's recovery point in `dir`.
 fn sync_loop(
     jobs: mpsc::Receiver<SyncJob>,
     policy: FsyncPolicy,
     to_forwarder: tokio_mpsc::UnboundedSender<ToForwarder>,
     budget: Arc<Budget>,
+    dir: &Path,
 ) {
     let mut last_sync: Option<Instant> = None;
+    let mut recovery = RecoveryPoint::default();
     // After a failed fsync nothing written is known to be durable: every later job is
     // answered as if its fsync failed too (once delivered), until the log is reopened.
     let mut failed: Option<String> = None;
@@ -334,6 +341,10 @@ fn sync_loop(
             metrics::histogram!("runnel_msglog_fsync_seconds")
                 .record(started.elapsed().as_secs_f64());
         }
+        if result.is_ok() {
+            let extents = batch.iter().filter(|job| job.written).map(|job| job.extent);
+            recovery.durable = recovery.durable.max(extents.max());
+        }
         if let Err(reason) = &result
             && failed.is_none()
         {
@@ -355,6 +366,37 @@ fn sync_loop(
             }
             if job.drained {
                 let _ = to_forwarder.send(ToForwarder::Drained);
+            }
+        }
+        if failed.is_none() {
+            recovery.save_if_due(dir);
+        }
+    }
+}
+
+/// What the syncer knows fsync'd, and what the saved recovery point says.
+#[derive(Default)]
+struct RecoveryPoint {
+    durable: Option<(u64, u64)>,
+    saved: Option<(u64, u64)>,
+    at: Option<Instant>,
+}
+
+impl RecoveryPoint {
+    /// Saves the recovery point if more is fsync'd than it says and a second has passed
+    /// since it was last saved (two fsyncs and a rename: not for every group).
+    fn save_if_due(&mut self, dir: &Path) {
+        let recent = self
+            .at
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1));
+        let Some(durable) = self.durable.filter(|d| Some(*d) > self.saved && !recent) else {
+            return;
+        };
+        self.at = Some(Instant::now());
+        match crate::segment::write_recovery_point(dir, durable) {
+            Ok(()) => self.saved = Some(durable),
+            Err(error) => {
+                tracing::warn!(%error, "the message log's recovery point was not saved; the next one tries again");
             }
         }
     }
@@ -481,14 +523,24 @@ impl Writer {
                 break;
             }
         }
+        let mut synced = self.budget.sync_failure().is_none();
         if let Some(segments) = &mut self.segments
             && let Err(error) = segments.sync()
         {
             tracing::error!(%error, "final fsync of the message log failed");
+            synced = false;
         }
         if let Some((jobs, thread)) = self.syncer.take() {
             drop(jobs);
             let _ = thread.join();
+            // The syncer is done: this is the last word on what is fsync'd.
+            if let Some(segments) = &self.segments
+                && synced
+                && let Err(error) =
+                    crate::segment::write_recovery_point(segments.dir(), segments.active_extent())
+            {
+                tracing::warn!(%error, "the message log's recovery point was not saved at close");
+            }
         }
     }
 
@@ -690,6 +742,7 @@ impl Writer {
                 let job = SyncJob {
                     handle: segments.sync_handle(),
                     through,
+                    extent: segments.active_extent(),
                     waiters,
                     handoff,
                     drained,
@@ -726,6 +779,7 @@ impl Writer {
         if let (Some((jobs, _)), Some(segments)) = (&self.syncer, &self.segments) {
             let job = SyncJob {
                 handle: segments.sync_handle(),
+                extent: segments.active_extent(),
                 through,
                 waiters,
                 handoff,

@@ -350,6 +350,8 @@ async fn a_replay_of_delivered_entries_stores_nothing_twice() {
 /// Rewrites every segment without its `Released` records (kind 3).
 fn forget_releases(dir: &Path) {
     const MAGIC: [u8; 8] = *b"RNLMSGL1";
+    // The segments are written anew: what a recovery point said of the old ones is void.
+    forget_recovery_points(dir);
     for path in segment_files(dir) {
         if path.extension().is_none_or(|e| e != "log") {
             continue;
@@ -435,6 +437,16 @@ async fn released_segments_are_deleted() {
     log.close(Duration::from_secs(1)).await;
 }
 
+/// Deletes every shard's recovery point: a crash before the first was saved (they are
+/// saved about once a second, and at a clean close).
+fn forget_recovery_points(dir: &Path) {
+    for path in segment_files(dir) {
+        if path.file_name().is_some_and(|n| n == "recovery-point") {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+}
+
 fn segment_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
     for shard in std::fs::read_dir(dir).unwrap() {
@@ -489,6 +501,8 @@ proptest! {
             let mut torn = written[..keep].to_vec();
             torn.extend_from_slice(&garbage);
             std::fs::write(&segment, &torn).unwrap();
+            // The close saved a recovery point over everything; the crash came before one.
+            forget_recovery_points(dir.path());
 
             broker.down.store(false, Ordering::Relaxed);
             let (log, _) = MessageLog::open(one_shard, dir.path(), broker.clone()).unwrap();
@@ -746,4 +760,48 @@ impl Drop for Tmpfs {
             let _ = std::process::Command::new("umount").arg(mount).status();
         }
     }
+}
+
+/// The syncer saves a recovery point once something is fsync'd, and the close saves the
+/// last one: a flipped bit inside what it covers is refused as damage when the log is
+/// reopened — nothing is cut off, so no LOGGED message after it silently goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_bit_in_what_was_fsynced_stops_the_log_from_opening_and_cuts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut one_shard = config(Mode::Rbml);
+    one_shard.shards = 1;
+    one_shard.segment_bytes = 1 << 20;
+    let broker = FakeBroker::default();
+    broker.down.store(true, Ordering::Relaxed);
+    let (log, _) = MessageLog::open(one_shard.clone(), dir.path(), broker.clone()).unwrap();
+    let saved = |dir: &Path| {
+        segment_files(dir)
+            .iter()
+            .any(|f| f.file_name().is_some_and(|n| n == "recovery-point"))
+    };
+    for i in 0..10 {
+        let ticket = log.submit(submission(&format!("a{i}"), 1, 2, AckLevel::Logged));
+        ticket.unwrap().wait().await.unwrap();
+    }
+    eventually(WAIT, "a recovery point after the first fsync", || async {
+        saved(dir.path())
+    })
+    .await;
+    log.close(Duration::ZERO).await;
+    drop(log);
+    let segment = segment_files(dir.path())
+        .into_iter()
+        .find(|f| f.extension().is_some_and(|e| e == "log"))
+        .unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x02;
+    std::fs::write(&segment, &bytes).unwrap();
+    let error = MessageLog::open(one_shard, dir.path(), broker).unwrap_err();
+    assert!(matches!(error, Error::Damaged { .. }), "{error}");
+    assert_eq!(
+        std::fs::read(&segment).unwrap(),
+        bytes,
+        "nothing was cut off"
+    );
 }

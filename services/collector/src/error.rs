@@ -92,7 +92,10 @@ impl From<CollectorError> for Status {
                             .increment(1);
                         Status::unavailable(error.to_string())
                     }
-                    LogError::Io { .. } | LogError::Corrupt { .. } | LogError::Gap { .. } => {
+                    LogError::Io { .. }
+                    | LogError::Corrupt { .. }
+                    | LogError::Damaged { .. }
+                    | LogError::Gap { .. } => {
                         tracing::error!(%error, "message log failure");
                         Status::internal("message log failure; see the collector's log")
                     }
