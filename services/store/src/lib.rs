@@ -181,6 +181,23 @@ async fn serve<H: HotTier>(
         (writes, Some(follower), ready)
     };
     let mut background = Vec::new();
+    // A replica cannot know whether it stopped owing the hot tier an invalidation: it pays
+    // one now if the hot tier answers, else as soon as it does.
+    tiers.owe_invalidation();
+    tiers.settle().await;
+    {
+        let (tiers, shutdown) = (Arc::clone(&tiers), local.clone());
+        background.push(tokio::spawn(async move {
+            shutdown
+                .run_every(tiers::SETTLE_INTERVAL, || {
+                    let tiers = Arc::clone(&tiers);
+                    async move {
+                        tiers.settle().await;
+                    }
+                })
+                .await;
+        }));
+    }
     if let FsyncPolicy::Interval(every) = config.fsync {
         let (durable, shutdown) = (Arc::clone(&durable), local.clone());
         background.push(tokio::spawn(async move {

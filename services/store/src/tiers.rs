@@ -22,6 +22,7 @@ use crate::hot::{Cached, HotTier, Lookup, Ranking, Scores};
 use runnel_proto::Millis;
 use runnel_proto::v1::QueryResult;
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +33,10 @@ pub(crate) struct Tiers<H> {
     config: HotConfig,
     /// Series with a refresh-ahead reload in flight, so that a hot key is reloaded once.
     refreshing: Mutex<HashSet<(String, String)>>,
+    /// The hot tier owes an invalidation of everything it holds: a write reached neither
+    /// it nor its marker (Redis unreachable), so it may hold an older version that no
+    /// one knows to drop. Until it is done, this replica reads past the hot tier.
+    owed: AtomicBool,
 }
 
 /// A query's top keys and their results.
@@ -45,6 +50,9 @@ pub(crate) struct TopResults {
     pub(crate) results: Vec<QueryResult>,
 }
 
+/// How often a replica that owes the hot tier an invalidation tries to pay it.
+pub(crate) const SETTLE_INTERVAL: Duration = Duration::from_millis(250);
+
 fn hot_failed(error: &crate::error::StoreError) {
     metrics::counter!("runnel_store_hot_errors_total").increment(1);
     tracing::warn!(%error, "hot tier failed; serving from long-term storage");
@@ -57,11 +65,41 @@ impl<H: HotTier> Tiers<H> {
             hot,
             config,
             refreshing: Mutex::new(HashSet::new()),
+            owed: AtomicBool::new(false),
         })
     }
 
     pub(crate) fn durable(&self) -> &Arc<Durable> {
         &self.durable
+    }
+
+    /// Notes that the hot tier is owed an invalidation of everything it holds (see
+    /// [`Tiers::settle`]): after a write that reached neither it nor its marker, and at
+    /// start — a replica cannot know whether it stopped owing one.
+    pub(crate) fn owe_invalidation(&self) {
+        self.owed.store(true, Ordering::Release);
+    }
+
+    /// Pays the invalidation the hot tier is owed, if it is owed one and answers: true
+    /// when nothing is owed (any more). The store calls it at start and then every
+    /// [`SETTLE_INTERVAL`]; reads go past the hot tier meanwhile.
+    pub(crate) async fn settle(&self) -> bool {
+        if !self.owed.load(Ordering::Acquire) {
+            return true;
+        }
+        match self.hot.invalidate_all().await {
+            Ok(()) => {
+                self.owed.store(false, Ordering::Release);
+                tracing::info!(
+                    "hot tier invalidated: what it held before is read from long-term storage again"
+                );
+                true
+            }
+            Err(error) => {
+                hot_failed(&error);
+                false
+            }
+        }
     }
 
     fn ttl(&self, query: &str) -> Option<Duration> {
@@ -125,7 +163,10 @@ impl<H: HotTier> Tiers<H> {
                 }
             };
             if let Err(error) = updated {
+                // Neither the write nor its marker arrived: the older version may still be
+                // held. Everything held is invalidated once the hot tier answers again.
                 hot_failed(&error);
+                self.owe_invalidation();
             }
         }
         // Rankings, window by window in time order, so the newest window ends up ranked.
@@ -155,6 +196,9 @@ impl<H: HotTier> Tiers<H> {
     /// The series of `query` and `key`: from the hot tier, or loaded from long-term storage
     /// (and kept hot, per the query's strategy).
     async fn series(self: &Arc<Self>, query: &str, key: &str) -> Result<Arc<Series>> {
+        if self.owed.load(Ordering::Acquire) {
+            return Ok(Arc::new(self.load(query, key).await?));
+        }
         match self.hot.series(query, key).await {
             Ok(Lookup::Hit(cached)) => {
                 self.refresh_if_due(query, key, &cached);
@@ -435,6 +479,10 @@ mod tests {
 
         async fn forget(&self, query: &str, key: &str, version: u64, ttl: Duration) -> Result<()> {
             self.inner.forget(query, key, version, ttl).await
+        }
+
+        async fn invalidate_all(&self) -> Result<()> {
+            self.inner.invalidate_all().await
         }
 
         async fn rank(&self, query: &str, scores: Scores, keep: usize) -> Result<()> {

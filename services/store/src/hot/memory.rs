@@ -163,6 +163,11 @@ impl HotTier for Memory {
         Ok(())
     }
 
+    async fn invalidate_all(&self) -> Result<()> {
+        self.series.invalidate_all();
+        Ok(())
+    }
+
     async fn forget(&self, query: &str, key: &str, version: u64, ttl: Duration) -> Result<()> {
         let marker = Arc::new(Entry {
             series: None,

@@ -87,6 +87,11 @@ pub(crate) trait HotTier: Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<()>> + Send;
 
+    /// Makes every series held so far stale (rankings are left alone). What a write that
+    /// reached neither the hot tier nor its marker needs — the older version may still be
+    /// held, under a key no one else knows to drop — and what a replica does at start, in
+    /// case it stopped owing one.
+    fn invalidate_all(&self) -> impl Future<Output = Result<()>> + Send;
     /// Folds `scores` into `query`'s ranking: a newer window replaces the ranking, the
     /// current one is updated, an older one is ignored. At most `keep` keys are kept.
     fn rank(

@@ -5,7 +5,10 @@
 //!
 //! - `P:s:<len(query)>:<query><key>` — a hash per series: `v` its version, `d` the
 //!   protobuf-encoded [`Series`] (absent on a stale marker), `e` when it expires (Unix ms,
-//!   0: never), with a Redis TTL to match;
+//!   0: never), with a Redis TTL to match, and `g` the epoch it was stored in;
+//! - `P:epoch` — a counter: a series stored in an older epoch is stale. A replica moves it
+//!   on when it starts, and when a write reached neither Redis nor its marker, once Redis
+//!   answers again ([`HotTier::invalidate_all`]); every lookup reads it with the series;
 //! - `P:{<len>:<query>}:w` — a hash with the `start` and `end` of the query's most recent
 //!   window, and `P:{<len>:<query>}:z` — a sorted set of that window's keys by value (one
 //!   hash tag, so both live on one Redis Cluster slot).
@@ -23,16 +26,18 @@ use redis::aio::ConnectionManager;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Replaces a series (or marks it stale) unless a newer version is held.
-/// KEYS: series. ARGV: version, blob, stale ("1"/"0"), ttl ms (0: none), expires at ms.
+/// Replaces a series (or marks it stale) unless a newer version is held, stamped with the
+/// current epoch.
+/// KEYS: series, epoch. ARGV: version, blob, stale ("1"/"0"), ttl ms (0: none), expires at ms.
 const STORE: &str = r"
 local held = redis.call('HGET', KEYS[1], 'v')
 if held and tonumber(held) > tonumber(ARGV[1]) then return 0 end
+local epoch = redis.call('GET', KEYS[2]) or '0'
 if ARGV[3] == '1' then
   redis.call('HDEL', KEYS[1], 'd')
-  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'e', ARGV[5])
+  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'e', ARGV[5], 'g', epoch)
 else
-  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2], 'e', ARGV[5])
+  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2], 'e', ARGV[5], 'g', epoch)
 end
 if tonumber(ARGV[4]) > 0 then
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
@@ -40,6 +45,14 @@ else
   redis.call('PERSIST', KEYS[1])
 end
 return 1
+";
+
+/// A series and the epoch it was stored in, with the current epoch ('' for what is absent).
+/// KEYS: series, epoch.
+const LOOKUP: &str = r"
+local held = redis.call('HMGET', KEYS[1], 'd', 'e', 'g')
+local epoch = redis.call('GET', KEYS[2]) or '0'
+return {held[1] or '', held[2] or '', held[3] or '0', epoch}
 ";
 
 /// Folds scores into a query's ranking.
@@ -78,6 +91,7 @@ pub(crate) struct Redis {
     connection: ConnectionManager,
     prefix: String,
     store: Arc<redis::Script>,
+    lookup: Arc<redis::Script>,
     rank: Arc<redis::Script>,
     top: Arc<redis::Script>,
 }
@@ -107,6 +121,7 @@ impl Redis {
             connection,
             prefix: prefix.to_owned(),
             store: Arc::new(redis::Script::new(STORE)),
+            lookup: Arc::new(redis::Script::new(LOOKUP)),
             rank: Arc::new(redis::Script::new(RANK)),
             top: Arc::new(redis::Script::new(TOP)),
         })
@@ -114,6 +129,12 @@ impl Redis {
 
     fn series_key(&self, query: &str, key: &str) -> String {
         format!("{}:s:{}:{query}{key}", self.prefix, query.len())
+    }
+
+    /// The counter every series is stamped with: a series stored under an older one is
+    /// stale ([`HotTier::invalidate_all`] moves it on).
+    fn epoch_key(&self) -> String {
+        format!("{}:epoch", self.prefix)
     }
 
     fn ranking_keys(&self, query: &str) -> (String, String) {
@@ -137,6 +158,7 @@ impl Redis {
         let _: i64 = self
             .store
             .key(self.series_key(query, key))
+            .key(self.epoch_key())
             .arg(version)
             .arg(blob.unwrap_or_default())
             .arg(if stale { "1" } else { "0" })
@@ -176,14 +198,19 @@ impl Redis {
 
 impl HotTier for Redis {
     async fn series(&self, query: &str, key: &str) -> Result<Lookup> {
-        let (blob, expires_at): (Option<Vec<u8>>, Option<i64>) = redis::cmd("HMGET")
-            .arg(self.series_key(query, key))
-            .arg("d")
-            .arg("e")
-            .query_async(&mut self.connection.clone())
+        let (blob, expires_at, stored_in, epoch): (Vec<u8>, String, String, String) = self
+            .lookup
+            .key(self.series_key(query, key))
+            .key(self.epoch_key())
+            .invoke_async(&mut self.connection.clone())
             .await
             .map_err(failed)?;
+        let blob = Some(blob).filter(|b| !b.is_empty());
+        let expires_at = expires_at.parse::<i64>().ok();
         let lookup = match (blob, expires_at) {
+            // Stored before the hot tier was last invalidated: maybe older than a write
+            // that never reached it.
+            (Some(_), _) if stored_in != epoch => Lookup::Stale,
             (Some(blob), expires_at) => {
                 let series = Series::decode(blob.as_slice()).map_err(|e| {
                     StoreError::Hot(format!("a series in Redis does not decode: {e}"))
@@ -221,6 +248,15 @@ impl HotTier for Redis {
 
     async fn forget(&self, query: &str, key: &str, version: u64, ttl: Duration) -> Result<()> {
         self.put(query, key, version, None, Some(ttl)).await
+    }
+
+    async fn invalidate_all(&self) -> Result<()> {
+        let _: i64 = redis::cmd("INCR")
+            .arg(self.epoch_key())
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(failed)?;
+        Ok(())
     }
 
     async fn rank(&self, query: &str, scores: Scores, keep: usize) -> Result<()> {

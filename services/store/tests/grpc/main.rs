@@ -622,3 +622,110 @@ async fn a_full_redis_never_serves_a_result_older_than_long_term_storage() {
     );
     store.stop().await;
 }
+
+/// A way to a Redis server that the test can cut: while cut, every connection through it
+/// is dropped and every new one refused, as for a store that lost its network to Redis.
+struct CuttableRedis {
+    url: String,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl CuttableRedis {
+    async fn to(server: &RedisServer) -> CuttableRedis {
+        let socket = server
+            .url
+            .strip_prefix("redis+unix://")
+            .expect("the test server listens on a socket")
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}", listener.local_addr().unwrap());
+        let (cut, cuts) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut cuts = cuts.clone();
+                if *cuts.borrow() {
+                    continue;
+                }
+                let socket = socket.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::UnixStream::connect(&socket).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cuts.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        CuttableRedis { url, cut }
+    }
+}
+
+/// A write-through that reaches neither Redis nor its marker (Redis unreachable) leaves
+/// the older version in Redis, under a key no one knows to drop. The store reads past Redis
+/// until it can invalidate everything Redis holds (a new epoch), and never serves the older
+/// version — not while Redis is away, not once it is back.
+#[tokio::test]
+async fn an_unreachable_redis_never_serves_an_older_result_once_it_is_back() {
+    if !runnel_testkit::require(Tool::RedisServer) {
+        return;
+    }
+    let server = RedisServer::start().await.unwrap();
+    let way = CuttableRedis::to(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = spawn_store(dir.path(), &Backend::Memory, |c| {
+        c.hot.backend = HotBackend::Redis;
+        c.hot.redis_url = way.url.clone();
+    })
+    .await;
+    let redis = redis::Client::open(server.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let epoch_key = format!("{}:epoch", StoreConfig::default().hot.redis_prefix);
+    let epoch = || {
+        let mut redis = redis.clone();
+        let key = epoch_key.clone();
+        async move {
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<i64>>(&mut redis)
+                .await
+                .unwrap()
+                .unwrap_or(0)
+        }
+    };
+    put(&mut store.client, vec![result("q", "k", 0, 4.0)])
+        .await
+        .unwrap();
+    let count = |r: Option<QueryResult>| r.map(|r| r.values["count"]);
+    assert_eq!(count(get(&mut store.client, "q", "k").await), Some(4.0));
+
+    way.cut.send_replace(true);
+    put(&mut store.client, vec![result("q", "k", 0, 5.0)])
+        .await
+        .expect("long-term storage takes it whatever Redis does");
+    assert_eq!(count(get(&mut store.client, "q", "k").await), Some(5.0));
+    let before = epoch().await;
+
+    way.cut.send_replace(false);
+    let mut client = store.client.clone();
+    runnel_testkit::eventually(
+        Duration::from_secs(30),
+        "the store to invalidate what Redis held, and never serve the older result",
+        || {
+            let mut client = client.clone();
+            async move {
+                let served = count(get(&mut client, "q", "k").await);
+                assert_eq!(served, Some(5.0), "never the older result Redis held");
+                epoch().await > before
+            }
+        },
+    )
+    .await;
+    // Redis serves the series again, refilled from long-term storage.
+    assert_eq!(count(get(&mut client, "q", "k").await), Some(5.0));
+    store.stop().await;
+}
