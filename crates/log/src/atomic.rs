@@ -7,6 +7,40 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// The bytes of a file holding `payload` framed under `magic`.
+fn encode(magic: [u8; 8], payload: &[u8]) -> Result<Vec<u8>> {
+    if payload.is_empty() || payload.len() > MAX_FRAME_LEN {
+        return Err(Error::PayloadSize(payload.len()));
+    }
+    let mut bytes =
+        Vec::with_capacity(HEADER_LEN as usize + FRAME_HEADER_LEN as usize + payload.len());
+    bytes.extend_from_slice(&header(magic));
+    bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    bytes.extend_from_slice(payload);
+    Ok(bytes)
+}
+
+/// Rewrites the file [`write_atomic`] made at `path` in place with a `payload` of the same
+/// length, without an fsync: for a small record whose newer value is good to have on disk
+/// but may be lost (a recovery point refreshed after every fsync of what it describes,
+/// between durable saves). After a crash the file holds the old value or the new one, or
+/// — should the write tear — one that [`read_atomic`] refuses. `false` (nothing written)
+/// if there is no such file yet.
+pub fn overwrite_in_place(path: &Path, magic: [u8; 8], payload: &[u8]) -> Result<bool> {
+    let bytes = encode(magic, payload)?;
+    let file = match fs::OpenOptions::new().write(true).open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(error) => return Err(error.into()),
+    };
+    if file.metadata()?.len() != bytes.len() as u64 {
+        return Ok(false);
+    }
+    std::os::unix::fs::FileExt::write_all_at(&file, &bytes, 0)?;
+    Ok(true)
+}
+
 /// Durably replaces `path` with `payload` framed under `magic`: writes `<path>.tmp`,
 /// fsyncs it, renames it over `path` and fsyncs the directory.
 pub fn write_atomic(path: &Path, magic: [u8; 8], payload: &[u8]) -> Result<()> {
@@ -22,15 +56,7 @@ pub fn write_atomic_via(
     magic: [u8; 8],
     payload: &[u8],
 ) -> Result<()> {
-    if payload.is_empty() || payload.len() > MAX_FRAME_LEN {
-        return Err(Error::PayloadSize(payload.len()));
-    }
-    let mut bytes =
-        Vec::with_capacity(HEADER_LEN as usize + FRAME_HEADER_LEN as usize + payload.len());
-    bytes.extend_from_slice(&header(magic));
-    bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    bytes.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
-    bytes.extend_from_slice(payload);
+    let bytes = encode(magic, payload)?;
     let mut file = File::create(temporary)?;
     file.write_all(&bytes)?;
     file.sync_all()?;
@@ -116,5 +142,18 @@ mod tests {
         }
         fs::write(&path, &good).unwrap();
         assert!(read_atomic(&path, *b"RNLOTHR1").is_err());
+    }
+
+    #[test]
+    fn an_overwrite_in_place_needs_the_file_and_its_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("point");
+        assert!(!overwrite_in_place(&path, MAGIC, b"12345678").unwrap());
+        assert!(!path.exists(), "nothing is created");
+        write_atomic(&path, MAGIC, b"12345678").unwrap();
+        assert!(overwrite_in_place(&path, MAGIC, b"87654321").unwrap());
+        assert_eq!(read_atomic(&path, MAGIC).unwrap().unwrap(), b"87654321");
+        assert!(!overwrite_in_place(&path, MAGIC, b"longer than before").unwrap());
+        assert_eq!(read_atomic(&path, MAGIC).unwrap().unwrap(), b"87654321");
     }
 }

@@ -64,7 +64,7 @@ mod faults {
     pub(crate) fn truncated(_path: &Path, _len: u64) {}
 }
 
-pub use atomic::{read_atomic, write_atomic, write_atomic_via};
+pub use atomic::{overwrite_in_place, read_atomic, write_atomic, write_atomic_via};
 pub use file::{FRAME_HEADER_LEN, HEADER_LEN, LogFile, MAX_FRAME_LEN, Recovery, SyncHandle};
 pub use policy::FsyncPolicy;
 

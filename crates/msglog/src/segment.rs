@@ -78,14 +78,29 @@ fn read_recovery_point(dir: &Path) -> Option<(u64, u64)> {
     }
 }
 
-/// Blocking: saves the recovery point of the shard in `dir`: the segment whose first id is
-/// `first` is fsync'd through byte `len`.
-pub(crate) fn write_recovery_point(dir: &Path, (first, len): (u64, u64)) -> Result<(), Error> {
+/// A recovery point's contents: the segment whose first id is `first` is fsync'd through
+/// byte `len`.
+fn recovery_point((first, len): (u64, u64)) -> [u8; 16] {
     let mut payload = [0u8; 16];
     payload[..8].copy_from_slice(&first.to_le_bytes());
     payload[8..].copy_from_slice(&len.to_le_bytes());
+    payload
+}
+
+/// Blocking: saves the recovery point of the shard in `dir` durably.
+pub(crate) fn write_recovery_point(dir: &Path, extent: (u64, u64)) -> Result<(), Error> {
     let path = dir.join(RECOVERY_POINT);
-    runnel_log::write_atomic(&path, RECOVERY_POINT_MAGIC, &payload)
+    runnel_log::write_atomic(&path, RECOVERY_POINT_MAGIC, &recovery_point(extent))
+        .map_err(|source| Error::Io { path, source })
+}
+
+/// Blocking: rewrites the saved recovery point of the shard in `dir` in place, without an
+/// fsync (see [`runnel_log::overwrite_in_place`]): if a crash loses it, the older point
+/// stands, which only says less.
+pub(crate) fn refresh_recovery_point(dir: &Path, extent: (u64, u64)) -> Result<(), Error> {
+    let path = dir.join(RECOVERY_POINT);
+    runnel_log::overwrite_in_place(&path, RECOVERY_POINT_MAGIC, &recovery_point(extent))
+        .map(|_| ())
         .map_err(|source| Error::Io { path, source })
 }
 

@@ -374,27 +374,35 @@ fn sync_loop(
     }
 }
 
-/// What the syncer knows fsync'd, and what the saved recovery point says.
+/// What the syncer knows fsync'd, and what the recovery point says.
 #[derive(Default)]
 struct RecoveryPoint {
     durable: Option<(u64, u64)>,
-    saved: Option<(u64, u64)>,
+    /// When it was last saved durably.
     at: Option<Instant>,
+    /// What the file says now (rewritten in place since the last durable save).
+    written: Option<(u64, u64)>,
 }
 
 impl RecoveryPoint {
-    /// Saves the recovery point if more is fsync'd than it says and a second has passed
-    /// since it was last saved (two fsyncs and a rename: not for every group).
+    /// After an fsync: saves the recovery point durably if more is fsync'd than it says and
+    /// a second has passed since it was last saved (two fsyncs and a rename: not for every
+    /// group); in between, rewrites it in place (one write, no fsync).
     fn save_if_due(&mut self, dir: &Path) {
+        let Some(durable) = self.durable.filter(|d| Some(*d) > self.written) else {
+            return;
+        };
         let recent = self
             .at
             .is_some_and(|at| at.elapsed() < Duration::from_secs(1));
-        let Some(durable) = self.durable.filter(|d| Some(*d) > self.saved && !recent) else {
-            return;
+        let written = if recent {
+            crate::segment::refresh_recovery_point(dir, durable)
+        } else {
+            self.at = Some(Instant::now());
+            crate::segment::write_recovery_point(dir, durable)
         };
-        self.at = Some(Instant::now());
-        match crate::segment::write_recovery_point(dir, durable) {
-            Ok(()) => self.saved = Some(durable),
+        match written {
+            Ok(()) => self.written = Some(durable),
             Err(error) => {
                 tracing::warn!(%error, "the message log's recovery point was not saved; the next one tries again");
             }

@@ -805,3 +805,56 @@ async fn a_flipped_bit_in_what_was_fsynced_stops_the_log_from_opening_and_cuts_n
         "nothing was cut off"
     );
 }
+
+/// Within the second after a durable save of the recovery point, every fsync rewrites it
+/// in place: a copy of the shard as a crash would leave it (page cache and all) refuses a
+/// flipped bit in what the last fsync covered, instead of taking it for a torn tail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_to_what_the_last_fsync_covered_is_refused_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut one_shard = config(Mode::Rbml);
+    one_shard.shards = 1;
+    one_shard.segment_bytes = 1 << 20;
+    let broker = FakeBroker::default();
+    broker.down.store(true, Ordering::Relaxed);
+    let (log, _) = MessageLog::open(one_shard.clone(), dir.path(), broker.clone()).unwrap();
+    for i in 0..10 {
+        let ticket = log.submit(submission(&format!("a{i}"), 1, 2, AckLevel::Logged));
+        ticket.unwrap().wait().await.unwrap();
+    }
+    let shard = dir.path().join("shard-00");
+    let segment = segment_files(dir.path())
+        .into_iter()
+        .find(|f| f.extension().is_some_and(|e| e == "log"))
+        .unwrap();
+    // The recovery point's last eight bytes: how far the segment is known fsync'd.
+    let covered = || {
+        let point = std::fs::read(shard.join("recovery-point")).unwrap_or_default();
+        point
+            .last_chunk::<8>()
+            .map_or(0, |len| u64::from_le_bytes(*len))
+    };
+    let written = std::fs::metadata(&segment).unwrap().len();
+    eventually(WAIT, "the recovery point to cover every LOGGED message", || async {
+        covered() == written
+    })
+    .await;
+    // What a crash now leaves behind.
+    let crashed = tempfile::tempdir().unwrap();
+    let copy = crashed.path().join("shard-00");
+    std::fs::create_dir(&copy).unwrap();
+    for file in std::fs::read_dir(&shard).unwrap() {
+        let file = file.unwrap().path();
+        std::fs::copy(&file, copy.join(file.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(dir.path().join("shards"), crashed.path().join("shards")).unwrap();
+    log.close(Duration::ZERO).await;
+    drop(log);
+    let copied = copy.join(segment.file_name().unwrap());
+    let mut bytes = std::fs::read(&copied).unwrap();
+    let last = bytes.len() - 20;
+    bytes[last] ^= 0x02;
+    std::fs::write(&copied, &bytes).unwrap();
+    let error = MessageLog::open(one_shard, crashed.path(), broker).unwrap_err();
+    assert!(matches!(error, Error::Damaged { .. }), "{error}");
+}

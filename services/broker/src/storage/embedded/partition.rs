@@ -114,13 +114,18 @@ pub(crate) fn read_recovery_point(dir: &Path) -> Option<Extent> {
     }
 }
 
-/// Blocking: saves a recovery point.
-fn write_recovery_point(dir: &Path, (base, len): Extent) -> Result<()> {
+/// A recovery point's contents.
+fn recovery_point((base, len): Extent) -> [u8; 16] {
     let mut payload = [0u8; 16];
     payload[..8].copy_from_slice(&base.to_le_bytes());
     payload[8..].copy_from_slice(&len.to_le_bytes());
+    payload
+}
+
+/// Blocking: saves a recovery point.
+fn write_recovery_point(dir: &Path, extent: Extent) -> Result<()> {
     let path = dir.join(RECOVERY_POINT);
-    runnel_log::write_atomic(&path, RECOVERY_POINT_MAGIC, &payload)
+    runnel_log::write_atomic(&path, RECOVERY_POINT_MAGIC, &recovery_point(extent))
         .map_err(|source| BrokerError::Segment(super::segment::SegmentError::Log { path, source }))
 }
 
@@ -898,9 +903,9 @@ impl Partition {
         }
     }
 
-    /// Blocking: saves the recovery point if more is known fsync'd than it says — every
-    /// second or so, and at a clean stop. Between saves, a bad frame written since is taken
-    /// for a torn tail, as without one.
+    /// Blocking: saves the recovery point durably if more is known fsync'd than it says —
+    /// every second or so, and at a clean stop. Between saves, group commits refresh it in
+    /// place ([`Partition::refresh_recovery_point`]).
     pub(crate) fn save_recovery_point(&self) -> Result<()> {
         let synced = *self.synced.lock().map_err(|_| self.failed_error())?;
         let mut saved = self.saved.lock().map_err(|_| self.failed_error())?;
@@ -916,6 +921,26 @@ impl Partition {
         if let Ok(mut synced) = self.synced.lock() {
             *synced = (*synced).max(extent);
         }
+    }
+
+    /// Blocking, after a group commit made `extent` durable: rewrites the saved recovery
+    /// point in place, without an fsync (a pwrite, not two fsyncs and a rename), so that
+    /// damage to what was fsync'd since the last save is told from a torn tail too. If a
+    /// crash loses the rewrite, the older point stands, which only says less.
+    fn refresh_recovery_point(&self, extent: Extent) {
+        let Ok(saved) = self.saved.lock() else {
+            return;
+        };
+        if extent <= *saved {
+            return;
+        }
+        let path = self.dir.join(RECOVERY_POINT);
+        if let Err(error) =
+            runnel_log::overwrite_in_place(&path, RECOVERY_POINT_MAGIC, &recovery_point(extent))
+        {
+            tracing::debug!(path = %path.display(), %error, "the recovery point was not refreshed");
+        }
+        drop(saved);
     }
 
     /// The partition's number within its topic.
@@ -1089,6 +1114,7 @@ impl Partition {
             return Err(self.failed_error());
         }
         self.record_synced(extent);
+        self.refresh_recovery_point(extent);
         self.durable.send_if_modified(|d| {
             let more = end > d.offset;
             d.offset = d.offset.max(end);
@@ -1591,6 +1617,36 @@ mod tests {
         std::fs::remove_file(dir.path().join(RECOVERY_POINT)).unwrap();
         let log = open(dir.path(), 1 << 30);
         assert!(log.end_offset() < 100, "{}", log.end_offset());
+    }
+
+    #[test]
+    fn damage_to_what_a_group_commit_fsynced_since_the_last_save_is_refused_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let partition = Partition::new(open(dir.path(), 1 << 30));
+        partition.append(incoming(0, 10), Millis(0)).unwrap();
+        partition.sync().unwrap();
+        partition.save_recovery_point().unwrap();
+        let saved = std::fs::metadata(dir.path().join(format!("{}.log", file_stem(0))))
+            .unwrap()
+            .len();
+        // Group commits after the last durable save (within the second before a crash).
+        for i in 1..10 {
+            partition.append(incoming(i * 10, 10), Millis(0)).unwrap();
+            partition.sync_to_end().unwrap();
+        }
+        drop(partition);
+        let segment = dir.path().join(format!("{}.log", file_stem(0)));
+        let mut damaged = std::fs::read(&segment).unwrap();
+        let at = (saved as usize + damaged.len()) / 2;
+        damaged[at] ^= 0x01;
+        std::fs::write(&segment, &damaged).unwrap();
+        let error = PartitionLog::open(dir.path(), "t", 0, settings(1 << 30)).unwrap_err();
+        assert!(error.to_string().contains("damaged"), "{error}");
+        assert_eq!(
+            std::fs::read(&segment).unwrap(),
+            damaged,
+            "nothing was cut off"
+        );
     }
 
     #[test]
