@@ -89,6 +89,7 @@ impl LogFile {
             if start[..] != header[..start.len()] {
                 return Err(bad_magic(magic, &start));
             }
+            let _permit = faults::before(path, Op::Write)?;
             file.set_len(0)?;
             file.write_all_at(&header, 0)?;
             file.sync_all()?;

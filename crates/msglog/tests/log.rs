@@ -835,9 +835,11 @@ async fn damage_to_what_the_last_fsync_covered_is_refused_after_a_crash() {
             .map_or(0, |len| u64::from_le_bytes(*len))
     };
     let written = std::fs::metadata(&segment).unwrap().len();
-    eventually(WAIT, "the recovery point to cover every LOGGED message", || async {
-        covered() == written
-    })
+    eventually(
+        WAIT,
+        "the recovery point to cover every LOGGED message",
+        || async { covered() == written },
+    )
     .await;
     // What a crash now leaves behind.
     let crashed = tempfile::tempdir().unwrap();

@@ -802,6 +802,48 @@ async fn a_partition_takes_appends_again_once_the_disk_has_room() {
     stop(broker).await;
 }
 
+/// A full disk when a segment is to be started: the append that would start it is refused
+/// (UNAVAILABLE, nothing stored), and the next one starts it — before, the partition took
+/// no append until the broker was restarted.
+#[tokio::test]
+async fn a_segment_a_full_disk_kept_from_starting_is_started_by_the_next_append() {
+    let Some(harness) = Harness::new(Engine::Embedded).await else {
+        return;
+    };
+    let small_segments = |c: &mut runnel_broker::BrokerConfig| c.segment_bytes = 64 * 1024;
+    let (addr, broker) = harness.spawn_with(small_segments).await;
+    let mut client = connect(addr).await;
+    create(&mut client, "rolling", 1).await.unwrap();
+    let produce = |round: usize| {
+        let events: Vec<Event> = (0..4)
+            .map(|i| event(&format!("r{round}-{i}"), "k", &[9u8; 1000]))
+            .collect();
+        batches_request("rolling", vec![batch(0, &events, Compression::None)])
+    };
+    let mut round = 0;
+    // Until the active segment is full: the next append starts a new one.
+    while describe(&mut client, "rolling").await[0].size_bytes < 64 * 1024 {
+        client.produce(produce(round)).await.unwrap();
+        round += 1;
+    }
+    faults::fail_next(harness.dir.path(), Op::Write, Fault::Enospc);
+    let refused = client.produce(produce(round)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("disk is full"), "{refused:?}");
+    client
+        .produce(produce(round + 1))
+        .await
+        .expect("the next append starts the segment");
+    let stored = fetch_all(&mut client, "rolling", 0).await;
+    let offsets: Vec<u64> = stored.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, (0..(round as u64 + 1) * 4).collect::<Vec<_>>());
+    stop(broker).await;
+    let (addr, broker) = harness.spawn_with(small_segments).await;
+    let mut client = connect(addr).await;
+    assert_eq!(fetch_all(&mut client, "rolling", 0).await, stored);
+    stop(broker).await;
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(100))]
 

@@ -506,7 +506,7 @@ impl PartitionLog {
     fn write(&mut self, batch: &Incoming, deduplicated: bool, now: Millis) -> Result<(i64, u64)> {
         let time = now.0.max(self.last_time);
         if self.needs_roll(time) {
-            self.roll(time).map_err(|e| self.fail(e))?;
+            self.roll(time)?;
         }
         let base_offset = self.end_offset();
         let header = BatchHeader {
@@ -552,9 +552,38 @@ impl PartitionLog {
 
     /// Blocking: seals the active segment and starts the next one. The producer table is
     /// saved as of the boundary first, so recovery never replays more than one segment.
+    ///
+    /// A failed fsync of the segment stops the partition (what it was to write may be lost).
+    /// Whatever fails after it — the index, the snapshot, the next segment's file, on a full
+    /// disk say — leaves the files consistent: the segment is whole and fsync'd, and a
+    /// snapshot or a next segment that was not finished is redone by the next try. So the
+    /// append is refused as not written, and the next one rolls again.
     fn roll(&mut self, now: i64) -> Result<()> {
         let end = self.end_offset();
-        self.active().seal().map_err(BrokerError::Segment)?;
+        if let Err(error) = self.active().sync() {
+            return Err(self.fail(BrokerError::Segment(error)));
+        }
+        self.start_next_segment(end, now).map_err(|error| {
+            tracing::warn!(topic = %self.topic, partition = self.partition, %error, "a new segment could not be started; the next append tries again");
+            metrics::counter!("runnel_broker_write_errors_total").increment(1);
+            let reason = match &error {
+                BrokerError::Segment(error) => not_written_reason(error),
+                BrokerError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+                    "the broker's disk is full".into()
+                }
+                _ => "the broker could not start a new segment".into(),
+            };
+            BrokerError::NotWritten {
+                topic: self.topic.clone(),
+                partition: self.partition,
+                reason,
+            }
+        })
+    }
+
+    /// The rest of [`PartitionLog::roll`], once the active segment is fsync'd.
+    fn start_next_segment(&mut self, end: u64, now: i64) -> Result<()> {
+        self.active().write_index().map_err(BrokerError::Segment)?;
         let expiry = i64::try_from(self.settings.producer_expiry.as_millis()).unwrap_or(i64::MAX);
         self.producers.expire(now.saturating_sub(expiry));
         let path = producers_path(&self.dir, end);

@@ -479,9 +479,9 @@ impl Segment {
             })
     }
 
-    /// Blocking: seals the segment — fsync, then its index — before the next one starts.
-    pub(crate) fn seal(&mut self) -> Result<(), SegmentError> {
-        self.sync()?;
+    /// Blocking: writes the index of a segment being sealed, once it is fsync'd whole —
+    /// what lets a restart open it without reading it.
+    pub(crate) fn write_index(&self) -> Result<(), SegmentError> {
         self.save_index()
     }
 
@@ -590,7 +590,8 @@ mod tests {
     fn sealed_segments_reopen_from_their_index_or_a_scan() {
         let dir = tempfile::tempdir().unwrap();
         let mut segment = filled(dir.path(), 20);
-        segment.seal().unwrap();
+        segment.sync().unwrap();
+        segment.write_index().unwrap();
         let expected = segment.read(1000, usize::MAX, true).unwrap();
         drop(segment);
         let reopened = Segment::open_sealed(dir.path(), 1000, 256).unwrap();
