@@ -128,6 +128,33 @@ pub struct JetStreamConfig {
     /// How long one JetStream request may take.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// TLS to the NATS servers (and a client certificate, for servers that verify them).
+    pub tls: NatsTlsConfig,
+}
+
+/// TLS on the broker's connections to NATS.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsTlsConfig {
+    /// Require TLS. Also on when a server URL is `tls://…` or any file below is set.
+    pub enabled: bool,
+    /// PEM file of the CA certificates the servers' certificates must chain to (without
+    /// it, the system's roots).
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate, with `key`, for servers that verify clients (mTLS).
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+}
+
+impl NatsTlsConfig {
+    /// Whether the connections to `servers` use TLS.
+    pub(crate) fn required(&self, servers: &[String]) -> bool {
+        self.enabled
+            || self.ca.is_some()
+            || self.cert.is_some()
+            || servers.iter().any(|s| s.starts_with("tls://"))
+    }
 }
 
 impl Default for JetStreamConfig {
@@ -139,6 +166,7 @@ impl Default for JetStreamConfig {
             duplicate_window: DEDUP_WINDOW,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
+            tls: NatsTlsConfig::default(),
         }
     }
 }
@@ -278,6 +306,29 @@ impl ServiceConfig for BrokerConfig {
                 "must be at least 1m",
             ));
         }
+        let tls = &self.jetstream.tls;
+        if tls.cert.is_some() != tls.key.is_some() {
+            return Err(ConfigError::invalid(
+                section,
+                "jetstream.tls",
+                "cert and key go together: set both, or neither",
+            ));
+        }
+        for (key, file) in [
+            ("jetstream.tls.ca", &tls.ca),
+            ("jetstream.tls.cert", &tls.cert),
+            ("jetstream.tls.key", &tls.key),
+        ] {
+            if let Some(path) = file
+                && !path.is_file()
+            {
+                return Err(ConfigError::invalid(
+                    section,
+                    key,
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+        }
         // JetStream refuses to create a stream with a shorter window, and would be asked
         // again and again.
         if !(Duration::from_millis(100)..=Duration::from_secs(7 * 24 * 3600))
@@ -332,10 +383,18 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         type Case = (fn(&mut BrokerConfig), &'static str);
-        let cases: [Case; 13] = [
+        let cases: [Case; 15] = [
             (
                 |c| c.jetstream.duplicate_window = Duration::from_millis(10),
                 "broker.jetstream.duplicate_window",
+            ),
+            (
+                |c| c.jetstream.tls.cert = Some(PathBuf::from("Cargo.toml")),
+                "broker.jetstream.tls",
+            ),
+            (
+                |c| c.jetstream.tls.ca = Some(PathBuf::from("/nonexistent/ca.pem")),
+                "broker.jetstream.tls.ca",
             ),
             (
                 |c| c.dedup_window = Duration::from_secs(30 * 24 * 3600),

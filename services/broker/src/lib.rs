@@ -28,7 +28,7 @@ mod storage;
 mod subscribe;
 mod topic;
 
-pub use config::{BrokerConfig, JetStreamConfig, JetStreamStorage, StorageEngine};
+pub use config::{BrokerConfig, JetStreamConfig, JetStreamStorage, NatsTlsConfig, StorageEngine};
 pub use error::BrokerError;
 pub use storage::embedded::repair::{Damage, Repair, repair};
 pub use storage::embedded::segment::SegmentError;

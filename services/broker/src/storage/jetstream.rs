@@ -191,17 +191,28 @@ pub(crate) struct JetStream {
 impl JetStream {
     /// Connects to the cluster and opens (creating if needed) the metadata buckets.
     pub(crate) async fn connect(config: JetStreamConfig, defaults: Retention) -> Result<JetStream> {
-        let client = async_nats::ConnectOptions::new()
+        let mut options = async_nats::ConnectOptions::new()
             .connection_timeout(config.connect_timeout)
             .request_timeout(Some(config.request_timeout))
-            .retry_on_initial_connect()
+            .retry_on_initial_connect();
+        let tls = &config.tls;
+        if tls.required(&config.servers) {
+            options = options.require_tls(true);
+            if let Some(ca) = &tls.ca {
+                options = options.add_root_certificates(ca.clone());
+            }
+            if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
+        }
+        let client = options
             .connect(config.servers.clone())
             .await
             .map_err(|e| unavailable("connect", e))?;
         let mut context = jetstream::new(client);
         context.set_timeout(config.request_timeout);
         let meta = MetaStore::open(&context, &config).await?;
-        tracing::info!(servers = ?config.servers, replicas = config.replicas, "jetstream engine connected");
+        tracing::info!(servers = ?config.servers, replicas = config.replicas, tls = config.tls.required(&config.servers), "jetstream engine connected");
         Ok(JetStream {
             context,
             meta,

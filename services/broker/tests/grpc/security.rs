@@ -152,3 +152,101 @@ async fn grants_decide_per_topic_who_produces_consumes_and_creates(engine: Engin
     assert_eq!(status.code(), Code::Unauthenticated);
     stop(broker).await;
 }
+
+/// The broker's link to NATS over TLS with client certificates: against a real
+/// `nats-server` that requires TLS and verifies clients, a broker with the CA and its
+/// certificate creates topics and stores and reads records; one without a certificate gets
+/// nowhere.
+#[tokio::test]
+async fn the_broker_talks_to_a_nats_server_that_requires_mutual_tls() {
+    use runnel_security::certs::DevCa;
+    if !runnel_testkit::require(runnel_testkit::Tool::NatsServer) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = DevCa::generate("test ca", 1).unwrap();
+    let loopback = ["127.0.0.1".to_owned(), "localhost".to_owned()];
+    let server = ca.issue("nats", &loopback, 1).unwrap();
+    let client = ca.issue("broker", &[], 1).unwrap();
+    let file = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let ca_file = file("ca.pem", &ca.cert_pem);
+    let (server_cert, server_key) = (
+        file("nats.pem", &server.cert_pem),
+        file("nats.key", &server.key_pem),
+    );
+    let (client_cert, client_key) = (
+        file("broker.pem", &client.cert_pem),
+        file("broker.key", &client.key_pem),
+    );
+    let nats_dir = dir.path().join("nats");
+    std::fs::create_dir_all(&nats_dir).unwrap();
+    let path = |p: &std::path::Path| p.display().to_string();
+    let args = [
+        "--tlsverify".to_owned(),
+        "--tlscert".to_owned(),
+        path(&server_cert),
+        "--tlskey".to_owned(),
+        path(&server_key),
+        "--tlscacert".to_owned(),
+        path(&ca_file),
+    ];
+    let nats = runnel_testkit::nats::NatsNode::start(&nats_dir, &args).await;
+    let server_url = nats.url.replacen("nats://", "tls://", 1);
+
+    let with_tls = |cert: Option<(std::path::PathBuf, std::path::PathBuf)>| {
+        let (server_url, ca_file, data) = (
+            server_url.clone(),
+            ca_file.clone(),
+            dir.path().join("broker"),
+        );
+        move |c: &mut runnel_broker::BrokerConfig| {
+            c.data_dir = data;
+            c.storage = runnel_broker::StorageEngine::Jetstream;
+            c.jetstream.servers = vec![server_url];
+            c.jetstream.connect_timeout = std::time::Duration::from_secs(2);
+            c.jetstream.request_timeout = std::time::Duration::from_secs(2);
+            c.jetstream.tls = runnel_broker::NatsTlsConfig {
+                enabled: true,
+                ca: Some(ca_file),
+                cert: cert.as_ref().map(|(cert, _)| cert.clone()),
+                key: cert.map(|(_, key)| key),
+            };
+        }
+    };
+    let mut config = runnel_broker::BrokerConfig::default();
+    with_tls(Some((client_cert.clone(), client_key.clone())))(&mut config);
+    let mut broker = runnel_testkit::Services::new();
+    let addrs = broker
+        .start_on_loopback("broker", runnel_broker::run, config)
+        .await;
+    let mut client = crate::connect(addrs.grpc).await;
+    crate::create(&mut client, "secured", 1).await.unwrap();
+    client
+        .produce(ProduceRequest {
+            topic: "secured".into(),
+            events: vec![event("e1", "k", b"over tls")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let records = crate::fetch_all(&mut client, "secured", 0).await;
+    assert_eq!(records.len(), 1);
+    stop(broker).await;
+
+    // Without a client certificate the server refuses the broker: it never serves.
+    let mut config = runnel_broker::BrokerConfig::default();
+    with_tls(None)(&mut config);
+    let mut refused = runnel_testkit::Services::new();
+    refused
+        .start_on_loopback("broker", runnel_broker::run, config)
+        .await;
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(60), refused.next_ended())
+        .await
+        .expect("the broker gives up")
+        .expect("it ended");
+    assert!(ended.result().is_err(), "{ended:?}");
+}
