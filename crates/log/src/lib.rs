@@ -21,13 +21,14 @@
 //!
 //! [`write_atomic`] and [`read_atomic`] store a single framed payload that is replaced
 //! whole (write to a temporary file, fsync, rename, fsync the directory): checkpoints and
-//! metadata.
+//! metadata. [`recovery`] keeps a log's recovery point with them.
 
 mod atomic;
 #[cfg(feature = "faults")]
 pub mod faults;
 mod file;
 mod policy;
+pub mod recovery;
 
 /// Without the `faults` feature, the fault-injection hooks do nothing.
 #[cfg(not(feature = "faults"))]

@@ -55,53 +55,30 @@ fn segment_path(dir: &Path, first_id: u64) -> PathBuf {
     dir.join(format!("{first_id:020}.log"))
 }
 
-/// The shard's recovery point: which segment (by first id) is fsync'd how far.
-const RECOVERY_POINT: &str = "recovery-point";
-/// Its magic; the trailing digit is the content's version.
+/// The magic of the shard's recovery point ([`runnel_log::recovery`]: which segment, by
+/// first id, is fsync'd how far); the trailing digit is the content's version.
 const RECOVERY_POINT_MAGIC: [u8; 8] = *b"RNMRCPT1";
 
 /// The recovery point of the shard in `dir`, if one was saved and reads back whole.
 fn read_recovery_point(dir: &Path) -> Option<(u64, u64)> {
-    let path = dir.join(RECOVERY_POINT);
-    match runnel_log::read_atomic(&path, RECOVERY_POINT_MAGIC) {
-        Ok(Some(bytes)) => {
-            let first = bytes.get(..8)?.try_into().ok().map(u64::from_le_bytes)?;
-            let len = bytes.get(8..16)?.try_into().ok().map(u64::from_le_bytes)?;
-            Some((first, len))
-        }
-        Ok(None) => None,
-        Err(error) => {
-            // Without it a bad frame in the active segment is taken for a torn tail.
-            tracing::warn!(path = %path.display(), %error, "the recovery point cannot be read; recovering without it");
-            None
-        }
-    }
-}
-
-/// A recovery point's contents: the segment whose first id is `first` is fsync'd through
-/// byte `len`.
-fn recovery_point((first, len): (u64, u64)) -> [u8; 16] {
-    let mut payload = [0u8; 16];
-    payload[..8].copy_from_slice(&first.to_le_bytes());
-    payload[8..].copy_from_slice(&len.to_le_bytes());
-    payload
+    runnel_log::recovery::load(dir, RECOVERY_POINT_MAGIC)
 }
 
 /// Blocking: saves the recovery point of the shard in `dir` durably.
 pub(crate) fn write_recovery_point(dir: &Path, extent: (u64, u64)) -> Result<(), Error> {
-    let path = dir.join(RECOVERY_POINT);
-    runnel_log::write_atomic(&path, RECOVERY_POINT_MAGIC, &recovery_point(extent))
-        .map_err(|source| Error::Io { path, source })
+    runnel_log::recovery::save(dir, RECOVERY_POINT_MAGIC, extent).map_err(|source| Error::Io {
+        path: dir.join(runnel_log::recovery::FILE_NAME),
+        source,
+    })
 }
 
 /// Blocking: rewrites the saved recovery point of the shard in `dir` in place, without an
-/// fsync (see [`runnel_log::overwrite_in_place`]): if a crash loses it, the older point
-/// stands, which only says less.
+/// fsync: if a crash loses it, the older point stands, which only says less.
 pub(crate) fn refresh_recovery_point(dir: &Path, extent: (u64, u64)) -> Result<(), Error> {
-    let path = dir.join(RECOVERY_POINT);
-    runnel_log::overwrite_in_place(&path, RECOVERY_POINT_MAGIC, &recovery_point(extent))
-        .map(|_| ())
-        .map_err(|source| Error::Io { path, source })
+    runnel_log::recovery::refresh(dir, RECOVERY_POINT_MAGIC, extent).map_err(|source| Error::Io {
+        path: dir.join(runnel_log::recovery::FILE_NAME),
+        source,
+    })
 }
 
 fn io(path: &Path) -> impl FnOnce(runnel_log::Error) -> Error + '_ {

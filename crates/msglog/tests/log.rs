@@ -767,22 +767,12 @@ impl Drop for Tmpfs {
 /// reopened — nothing is cut off, so no LOGGED message after it silently goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_bit_in_what_was_fsynced_stops_the_log_from_opening_and_cuts_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut one_shard = config(Mode::Rbml);
-    one_shard.shards = 1;
-    one_shard.segment_bytes = 1 << 20;
-    let broker = FakeBroker::default();
-    broker.down.store(true, Ordering::Relaxed);
-    let (log, _) = MessageLog::open(one_shard.clone(), dir.path(), broker.clone()).unwrap();
+    let (dir, one_shard, broker, log) = ten_logged_messages().await;
     let saved = |dir: &Path| {
         segment_files(dir)
             .iter()
             .any(|f| f.file_name().is_some_and(|n| n == "recovery-point"))
     };
-    for i in 0..10 {
-        let ticket = log.submit(submission(&format!("a{i}"), 1, 2, AckLevel::Logged));
-        ticket.unwrap().wait().await.unwrap();
-    }
     eventually(WAIT, "a recovery point after the first fsync", || async {
         saved(dir.path())
     })
@@ -811,17 +801,7 @@ async fn a_flipped_bit_in_what_was_fsynced_stops_the_log_from_opening_and_cuts_n
 /// flipped bit in what the last fsync covered, instead of taking it for a torn tail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damage_to_what_the_last_fsync_covered_is_refused_after_a_crash() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut one_shard = config(Mode::Rbml);
-    one_shard.shards = 1;
-    one_shard.segment_bytes = 1 << 20;
-    let broker = FakeBroker::default();
-    broker.down.store(true, Ordering::Relaxed);
-    let (log, _) = MessageLog::open(one_shard.clone(), dir.path(), broker.clone()).unwrap();
-    for i in 0..10 {
-        let ticket = log.submit(submission(&format!("a{i}"), 1, 2, AckLevel::Logged));
-        ticket.unwrap().wait().await.unwrap();
-    }
+    let (dir, one_shard, broker, log) = ten_logged_messages().await;
     let shard = dir.path().join("shard-00");
     let segment = segment_files(dir.path())
         .into_iter()
@@ -859,4 +839,20 @@ async fn damage_to_what_the_last_fsync_covered_is_refused_after_a_crash() {
     std::fs::write(&copied, &bytes).unwrap();
     let error = MessageLog::open(one_shard, crashed.path(), broker).unwrap_err();
     assert!(matches!(error, Error::Damaged { .. }), "{error}");
+}
+
+/// A one-shard RBML log, its broker down, holding ten submissions acknowledged LOGGED.
+async fn ten_logged_messages() -> (tempfile::TempDir, LogConfig, FakeBroker, MessageLog) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut one_shard = config(Mode::Rbml);
+    one_shard.shards = 1;
+    one_shard.segment_bytes = 1 << 20;
+    let broker = FakeBroker::default();
+    broker.down.store(true, Ordering::Relaxed);
+    let (log, _) = MessageLog::open(one_shard.clone(), dir.path(), broker.clone()).unwrap();
+    for i in 0..10 {
+        let ticket = log.submit(submission(&format!("a{i}"), 1, 2, AckLevel::Logged));
+        ticket.unwrap().wait().await.unwrap();
+    }
+    (dir, one_shard, broker, log)
 }

@@ -86,47 +86,24 @@ fn producers_path(dir: &Path, offset: u64) -> PathBuf {
     dir.join(format!("{}.producers", file_stem(offset)))
 }
 
-/// The partition's recovery point: how much of which segment is known fsync'd, so that
-/// recovery can tell damage (a bad frame inside it) from a torn tail (one beyond it).
-pub(crate) const RECOVERY_POINT: &str = "recovery-point";
-/// Its magic; the trailing digit is the content's version.
+/// The magic of the partition's recovery point ([`runnel_log::recovery`]: how much of which
+/// segment, by base offset, is known fsync'd); the trailing digit is the content's version.
 const RECOVERY_POINT_MAGIC: [u8; 8] = *b"RNLRCPT1";
 
 /// A segment's base offset and how many bytes of it are known fsync'd.
-pub(crate) type Extent = (u64, u64);
+pub(crate) use runnel_log::recovery::Extent;
 
-/// Blocking: the saved recovery point, if there is a readable one.
+/// Blocking: the partition's saved recovery point, if there is a readable one.
 pub(crate) fn read_recovery_point(dir: &Path) -> Option<Extent> {
-    let path = dir.join(RECOVERY_POINT);
-    match runnel_log::read_atomic(&path, RECOVERY_POINT_MAGIC) {
-        Ok(Some(bytes)) => {
-            let base = bytes.get(..8)?.try_into().ok().map(u64::from_le_bytes)?;
-            let len = bytes.get(8..16)?.try_into().ok().map(u64::from_le_bytes)?;
-            Some((base, len))
-        }
-        Ok(None) => None,
-        Err(error) => {
-            // Without it recovery is as before: a bad frame in the active segment is taken
-            // for a torn tail.
-            tracing::warn!(path = %path.display(), %error, "the recovery point cannot be read; recovering without it");
-            None
-        }
-    }
-}
-
-/// A recovery point's contents.
-fn recovery_point((base, len): Extent) -> [u8; 16] {
-    let mut payload = [0u8; 16];
-    payload[..8].copy_from_slice(&base.to_le_bytes());
-    payload[8..].copy_from_slice(&len.to_le_bytes());
-    payload
+    runnel_log::recovery::load(dir, RECOVERY_POINT_MAGIC)
 }
 
 /// Blocking: saves a recovery point.
 fn write_recovery_point(dir: &Path, extent: Extent) -> Result<()> {
-    let path = dir.join(RECOVERY_POINT);
-    runnel_log::write_atomic(&path, RECOVERY_POINT_MAGIC, &recovery_point(extent))
-        .map_err(|source| BrokerError::Segment(super::segment::SegmentError::Log { path, source }))
+    runnel_log::recovery::save(dir, RECOVERY_POINT_MAGIC, extent).map_err(|source| {
+        let path = dir.join(runnel_log::recovery::FILE_NAME);
+        BrokerError::Segment(super::segment::SegmentError::Log { path, source })
+    })
 }
 
 /// The base offsets named by files with `extension` in `dir`, sorted.
@@ -963,11 +940,8 @@ impl Partition {
         if extent <= *saved {
             return;
         }
-        let path = self.dir.join(RECOVERY_POINT);
-        if let Err(error) =
-            runnel_log::overwrite_in_place(&path, RECOVERY_POINT_MAGIC, &recovery_point(extent))
-        {
-            tracing::debug!(path = %path.display(), %error, "the recovery point was not refreshed");
+        if let Err(error) = runnel_log::recovery::refresh(&self.dir, RECOVERY_POINT_MAGIC, extent) {
+            tracing::debug!(dir = %self.dir.display(), %error, "the recovery point was not refreshed");
         }
         drop(saved);
     }
@@ -1643,7 +1617,7 @@ mod tests {
 
         // Without a recovery point the damage would pass for a torn tail and take every
         // later record with it: what the recovery point is for.
-        std::fs::remove_file(dir.path().join(RECOVERY_POINT)).unwrap();
+        std::fs::remove_file(dir.path().join(runnel_log::recovery::FILE_NAME)).unwrap();
         let log = open(dir.path(), 1 << 30);
         assert!(log.end_offset() < 100, "{}", log.end_offset());
     }

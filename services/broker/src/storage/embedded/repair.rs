@@ -13,10 +13,11 @@
 //!
 //! It holds the data directory's lock, so it refuses to run beside a broker.
 
-use super::partition::{RECOVERY_POINT, offsets_of, read_recovery_point, sync_dir};
+use super::partition::{offsets_of, read_recovery_point, sync_dir};
 use super::segment::{Checked, Segment, file_stem};
 use super::topics::lock_data_dir;
 use crate::error::{BrokerError, Result};
+use runnel_log::recovery::FILE_NAME as RECOVERY_POINT;
 use runnel_log::{FsyncPolicy, HEADER_LEN};
 use std::fs;
 use std::path::{Path, PathBuf};
