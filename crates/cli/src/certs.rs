@@ -113,7 +113,9 @@ pub(crate) fn auth(command: AuthCommand) -> Result<ExitCode> {
             println!("{token}");
             eprintln!(
                 "give the token (above) to {principal:?}; add this to each service that should accept it:\n\n\
-                 [[<service>.server.auth.tokens]]\nprincipal = \"{principal}\"\nsha256 = \"{hash}\"\n"
+                 [[<service>.server.auth.tokens]]\nprincipal = \"{principal}\"\nsha256 = \"{hash}\"\n\n\
+                 and grant it what it may do as \"token:{principal}\", e.g.\n\n\
+                 [[<service>.server.auth.grants]]\nprincipal = \"token:{principal}\"\nallow = [\"produce\"]\ntopics = [\"events\"]\n"
             );
             Ok(ExitCode::SUCCESS)
         }

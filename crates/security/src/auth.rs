@@ -10,6 +10,9 @@
 //!   reloaded when they change, for key rotation.
 //! - **Client certificates** (with `auth.mtls`): the verified certificate's common name.
 //!
+//! The principal says which of the three named the caller — `token:<name>`,
+//! `jwt:<subject>`, `cert:<common name>` — so that they cannot collide.
+//!
 //! A presented token is decisive: a bad token is refused even on a connection with a good
 //! client certificate. Refusals say only "missing", "invalid" or "expired" — never which
 //! check failed or what was expected — and are counted by reason.
@@ -17,7 +20,7 @@
 use crate::SecurityError;
 use crate::config::{AuthConfig, JwtAlgorithm, JwtConfig};
 use crate::incoming::PeerInfo;
-use crate::policy::{Caller, Policy};
+use crate::policy::{Caller, Policy, PrincipalKind};
 use crate::reload::Reloading;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use std::collections::HashMap;
@@ -239,7 +242,8 @@ impl Authenticator {
                 let hash = hex::decode(&t.sha256).map_err(|_| {
                     SecurityError::Invalid("auth.tokens[].sha256 is not hex".into())
                 })?;
-                Ok((hash, Arc::from(t.principal.as_str())))
+                let name = t.principal.strip_prefix("token:").unwrap_or(&t.principal);
+                Ok((hash, PrincipalKind::Token.principal(name)))
             })
             .collect::<Result<_, SecurityError>>()?;
         Ok(Authenticator {
@@ -279,7 +283,7 @@ impl Authenticator {
         let principal = match headers.get(http::header::AUTHORIZATION) {
             Some(value) => self.verify_header(value)?,
             None => match peer.and_then(|p| p.certificate_name.clone()) {
-                Some(name) if self.mtls => name,
+                Some(name) if self.mtls => PrincipalKind::Cert.principal(&name),
                 _ => return Err(AuthError::Missing),
             },
         };
@@ -300,7 +304,9 @@ impl Authenticator {
         if let Some(jwt) = &self.jwt
             && token.bytes().filter(|&b| b == b'.').count() == 2
         {
-            return jwt.verify(token).map(Arc::from);
+            return jwt
+                .verify(token)
+                .map(|name| PrincipalKind::Jwt.principal(&name));
         }
         let hash = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
         self.tokens

@@ -8,7 +8,7 @@
 //! from the operator's own PKI (cert-manager, Vault, …), which Runnel reads the same way.
 
 use crate::config::GrantConfig;
-use crate::{Action, SecurityError};
+use crate::{Action, PrincipalKind, SecurityError};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -154,27 +154,49 @@ pub const CLIENT: &str = "client";
 /// list `runnel certs init` writes and the secure deployment files carry.
 pub fn pipeline_grants(service: &str) -> Vec<GrantConfig> {
     use Action::{Consume, Manage, Produce, ReadResults, WriteResults};
-    let grant =
-        |principal: &str, allow: &[Action], topics: &[&str], queries: &[&str]| GrantConfig {
-            principal: principal.to_owned(),
-            allow: allow.to_vec(),
-            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
-            queries: queries.iter().map(|q| (*q).to_owned()).collect(),
-        };
+    let grant = |name: &str, allow: &[Action], topics: &[&str], queries: &[&str]| GrantConfig {
+        principal: PrincipalKind::Cert.principal(name).to_string(),
+        allow: allow.to_vec(),
+        topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+        queries: queries.iter().map(|q| (*q).to_owned()).collect(),
+        groups: Vec::new(),
+    };
+    let with_groups = |mut grant: GrantConfig, groups: &[&str]| {
+        grant.groups = groups.iter().map(|g| (*g).to_owned()).collect();
+        grant
+    };
     let all: &[&str] = &["*"];
     match service {
         // Tap reads the topics it serves.
         "collector" => vec![grant(CLIENT, &[Produce, Consume], all, &[])],
+        // `*` covers neither the reserved `_…` topics nor the reserved `runnel-…` groups:
+        // each service is granted its own by name, and nobody else reaches them.
         "broker" => vec![
             // Topics created on demand (Publish), and read for Tap.
             grant("collector", &[Produce, Consume, Manage], all, &[]),
-            // Re-keyed stages, output and side-output topics are the analyzer's own.
-            grant("analyzer", &[Produce, Consume, Manage], all, &[]),
-            // The results log every store replica writes and materialises.
-            grant("store", &[Produce, Consume, Manage], &["_store.*"], &[]),
+            // Source topics, output and side-output topics; its re-keyed stages and
+            // checkpoints (`_analyzer.…`) and its consumer groups are its own.
+            with_groups(
+                grant(
+                    "analyzer",
+                    &[Produce, Consume, Manage],
+                    &["*", "_analyzer.*"],
+                    &[],
+                ),
+                &["runnel-analyzer.*"],
+            ),
+            // The results log every store replica writes and materialises, fenced by the
+            // analyzer's groups (their members' results come through the store).
+            with_groups(
+                grant("store", &[Produce, Consume, Manage], &["_store.*"], &[]),
+                &["runnel-analyzer.*"],
+            ),
             // Webhook registrations and the delivery group's cursors.
-            grant("gateway", &[Produce, Consume, Manage], &["_gateway.*"], &[]),
-            grant(CLIENT, &[Produce, Consume, Manage], all, &[]),
+            with_groups(
+                grant("gateway", &[Produce, Consume, Manage], &["_gateway.*"], &[]),
+                &["runnel-gateway.*"],
+            ),
+            with_groups(grant(CLIENT, &[Produce, Consume, Manage], all, &[]), all),
         ],
         "analyzer" => vec![
             // The gateway asks which queries exist (ListQueries) to tell an unknown query

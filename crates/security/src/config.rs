@@ -11,7 +11,7 @@
 //! `server.`) that is wrong, so the service's loader can report `broker.server.tls.cert:
 //! …` before it binds a port.
 
-use crate::policy::Action;
+use crate::policy::{Action, PrincipalKind};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -167,7 +167,8 @@ impl ConnectConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
-    /// Who presents it.
+    /// Who presents it: a name (`sensors`), which authenticates as `token:sensors` — the
+    /// principal its grants name. (`token:sensors` here means the same.)
     pub principal: String,
     /// Hex SHA-256 of the token.
     pub sha256: String,
@@ -273,8 +274,9 @@ impl JwtConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrantConfig {
-    /// The caller: a token's principal, a JWT's principal claim, a client certificate's
-    /// common name — or `*` for every authenticated caller.
+    /// The caller, typed by what authenticated it: `token:<a token's principal>`,
+    /// `jwt:<a JWT's principal claim>`, `cert:<a client certificate's common name>` — or
+    /// `*` for every authenticated caller.
     pub principal: String,
     /// What it may do: `produce`, `consume`, `manage` (topics); `read_results`,
     /// `write_results`, `manage` (queries).
@@ -285,6 +287,11 @@ pub struct GrantConfig {
     /// The queries it applies to, the same way.
     #[serde(default)]
     pub queries: Vec<String>,
+    /// The consumer groups it applies to (`consume`: join, commit, describe), the same
+    /// way. Wildcards never cover the reserved `runnel-…` groups, nor topic wildcards the
+    /// reserved `_…` topics: those are granted by their own names or prefixes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 /// Longest principal, topic or query pattern in a grant.
@@ -344,6 +351,17 @@ impl AuthConfig {
                     format!("needs 1-{MAX_NAME} bytes"),
                 ));
             }
+            if let Some((kind, _)) = PrincipalKind::split(&token.principal)
+                && kind != PrincipalKind::Token
+            {
+                return Err(invalid(
+                    format!("auth.tokens[{i}].principal"),
+                    format!(
+                        "{:?} names another kind of caller: a token's principal is a name, and it authenticates as \"token:<name>\"",
+                        token.principal
+                    ),
+                ));
+            }
             let hex_ok = token.sha256.len() == 64 && hex::decode(&token.sha256).is_ok();
             if !hex_ok {
                 return Err(invalid(
@@ -363,6 +381,8 @@ impl AuthConfig {
                     format!("needs 1-{MAX_NAME} bytes"),
                 ));
             }
+            PrincipalKind::check_grant_principal(&grant.principal)
+                .map_err(|reason| invalid(key("principal"), reason))?;
             if grant.allow.is_empty() {
                 return Err(invalid(key("allow"), "grants nothing"));
             }
@@ -372,16 +392,26 @@ impl AuthConfig {
             for pattern in &grant.queries {
                 check_pattern(&key("queries"), pattern)?;
             }
+            for pattern in &grant.groups {
+                check_pattern(&key("groups"), pattern)?;
+            }
+            if !grant.groups.is_empty() && !grant.allow.contains(&Action::Consume) {
+                return Err(invalid(
+                    key("groups"),
+                    "only consume applies to consumer groups",
+                ));
+            }
             for action in &grant.allow {
                 let applies = match action {
-                    Action::Produce | Action::Consume => !grant.topics.is_empty(),
+                    Action::Produce => !grant.topics.is_empty(),
+                    Action::Consume => !grant.topics.is_empty() || !grant.groups.is_empty(),
                     Action::ReadResults | Action::WriteResults => !grant.queries.is_empty(),
                     Action::Manage => !grant.topics.is_empty() || !grant.queries.is_empty(),
                 };
                 if !applies {
                     return Err(invalid(
                         key("allow"),
-                        format!("{action} needs the topics or queries it applies to"),
+                        format!("{action} needs the topics, queries or groups it applies to"),
                     ));
                 }
             }
@@ -486,10 +516,11 @@ mod tests {
 
     fn grant(allow: Vec<Action>, topics: &[&str], queries: &[&str]) -> GrantConfig {
         GrantConfig {
-            principal: "p".into(),
+            principal: "token:p".into(),
             allow,
             topics: topics.iter().map(|s| s.to_string()).collect(),
             queries: queries.iter().map(|s| s.to_string()).collect(),
+            groups: Vec::new(),
         }
     }
 
@@ -548,6 +579,27 @@ mod tests {
                 grant(vec![Action::ReadResults], &[], &[""]),
                 "auth.grants[0].queries",
             ),
+            (
+                GrantConfig {
+                    groups: vec!["g*".into()],
+                    ..grant(vec![Action::Produce], &["t"], &[])
+                },
+                "auth.grants[0].groups",
+            ),
+            (
+                GrantConfig {
+                    groups: vec!["a*b".into()],
+                    ..grant(vec![Action::Consume], &[], &[])
+                },
+                "auth.grants[0].groups",
+            ),
+            (
+                GrantConfig {
+                    principal: "p".into(),
+                    ..grant(vec![Action::Produce], &["t"], &[])
+                },
+                "auth.grants[0].principal",
+            ),
         ];
         for (bad, key) in cases {
             let mut auth = token_auth();
@@ -558,8 +610,34 @@ mod tests {
         auth.grants = vec![
             grant(vec![Action::Produce, Action::Manage], &["sensors.*"], &[]),
             grant(vec![Action::ReadResults], &[], &["*"]),
+            GrantConfig {
+                principal: "*".into(),
+                groups: vec!["dashboards.*".into()],
+                ..grant(vec![Action::Consume], &[], &[])
+            },
         ];
         auth.validate(None).unwrap();
+
+        // A grant written before principals were typed fails with how to write it now.
+        let mut auth = token_auth();
+        auth.grants = vec![GrantConfig {
+            principal: "analyzer".into(),
+            ..grant(vec![Action::Produce], &["t"], &[])
+        }];
+        let error = auth.validate(None).unwrap_err().to_string();
+        assert!(
+            error.contains("auth.grants[0].principal") && error.contains("\"cert:analyzer\""),
+            "{error}"
+        );
+        // A token's principal is a name, or typed as a token.
+        let mut auth = token_auth();
+        auth.tokens[0].principal = "token:p".into();
+        auth.validate(None).unwrap();
+        auth.tokens[0].principal = "cert:p".into();
+        assert_eq!(
+            auth.validate(None).unwrap_err().key,
+            "auth.tokens[0].principal"
+        );
     }
 
     #[test]

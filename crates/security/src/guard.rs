@@ -415,7 +415,7 @@ mod tests {
         headers.insert(http::header::AUTHORIZATION, "Bearer rnl_t".parse().unwrap());
         assert_eq!(
             guard.admit(&headers, None, false).unwrap().principal(),
-            Some("p")
+            Some("token:p")
         );
         guard.admit(&headers, None, false).unwrap();
         assert!(matches!(

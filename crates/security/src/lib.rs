@@ -38,7 +38,10 @@ pub use connect::{
 };
 pub use guard::{Guard, GuardLayer};
 pub use incoming::{AcceptOptions, Incoming, PeerInfo, SecureStream, accept};
-pub use policy::{AccessDenied, Action, Caller, Policy, Resource, authorize, caller};
+pub use policy::{
+    AccessDenied, Action, Caller, Policy, PrincipalKind, RESERVED_GROUP_PREFIX,
+    RESERVED_TOPIC_PREFIX, Resource, authorize, caller,
+};
 pub use tls::{Protocol, ServerTls};
 
 use std::path::PathBuf;

@@ -6,6 +6,18 @@
 //! extensions, and a service asks [`Caller::authorize`] at the point where a request names
 //! a topic or a query. Nothing is allowed that no grant allows; with authentication off the
 //! policy is open and every check passes.
+//!
+//! Principals are typed — `token:<name>`, `jwt:<subject>`, `cert:<common name>` — so a
+//! static token, a JWT subject and a certificate spelled alike are three callers, never
+//! one ([`PrincipalKind`]).
+//!
+//! Two namespaces are **reserved** for the pipeline's own services: topics whose names
+//! start with `_` (`_analyzer.…`, `_store.…`, `_gateway.…`) and consumer groups whose
+//! names start with `runnel-` (`runnel-analyzer.…`, `runnel-gateway.webhooks`). A
+//! wildcard (`*`, `sensors.*`) never reaches into them: only a grant that names a reserved
+//! name, or a prefix inside the namespace (`_analyzer.*`), does — as NATS keeps `>` out
+//! of `$SYS`. So a client granted every topic and every group cannot read the results log,
+//! take the analyzer's partitions or commit its offsets.
 
 use crate::config::GrantConfig;
 use serde::{Deserialize, Serialize};
@@ -19,7 +31,8 @@ pub enum Action {
     /// Write events to a topic (collector `Ingest`, broker `Produce`; creating the topic
     /// on first use when the broker auto-creates topics).
     Produce,
-    /// Read a topic (broker `Fetch`, `Subscribe`, `CommitOffsets`).
+    /// Read a topic (broker `Fetch`, `Subscribe`, `CommitOffsets`); on a consumer group:
+    /// join it, commit its offsets, write fenced by it, and see it described.
     Consume,
     /// Read a query's results (store and gateway `Get`, `Range`, `Watch`).
     ReadResults,
@@ -64,6 +77,8 @@ pub enum Resource<'a> {
     AnyTopic,
     /// Every query's results (e.g. a `Watch` without a query name).
     AnyQuery,
+    /// One consumer group.
+    Group(&'a str),
 }
 
 impl<'a> Resource<'a> {
@@ -85,9 +100,70 @@ impl fmt::Display for Resource<'_> {
             Resource::Query(name) => write!(f, "query {name:?}"),
             Resource::AnyTopic => f.write_str("every topic"),
             Resource::AnyQuery => f.write_str("every query"),
+            Resource::Group(name) => write!(f, "consumer group {name:?}"),
         }
     }
 }
+
+/// The kind of credential that named a caller: the first part of its principal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrincipalKind {
+    /// A static bearer token (`auth.tokens`): `token:<its principal>`.
+    Token,
+    /// A JWT: `jwt:<its principal claim>`.
+    Jwt,
+    /// A client certificate verified by mutual TLS: `cert:<its common name>`.
+    Cert,
+}
+
+impl PrincipalKind {
+    const ALL: [PrincipalKind; 3] = [
+        PrincipalKind::Token,
+        PrincipalKind::Jwt,
+        PrincipalKind::Cert,
+    ];
+
+    fn prefix(self) -> &'static str {
+        match self {
+            PrincipalKind::Token => "token:",
+            PrincipalKind::Jwt => "jwt:",
+            PrincipalKind::Cert => "cert:",
+        }
+    }
+
+    /// The principal of a caller of this kind named `name`.
+    pub fn principal(self, name: &str) -> Arc<str> {
+        Arc::from(format!("{}{name}", self.prefix()))
+    }
+
+    /// The kind and the name of a typed principal (`cert:analyzer`), if it is one.
+    pub fn split(principal: &str) -> Option<(PrincipalKind, &str)> {
+        PrincipalKind::ALL.into_iter().find_map(|kind| {
+            principal
+                .strip_prefix(kind.prefix())
+                .filter(|name| !name.is_empty())
+                .map(|name| (kind, name))
+        })
+    }
+
+    /// Why `principal` cannot name a grant's caller, with how to write it instead: it must
+    /// be `*` or typed.
+    pub fn check_grant_principal(principal: &str) -> Result<(), String> {
+        if principal == "*" || PrincipalKind::split(principal).is_some() {
+            return Ok(());
+        }
+        Err(format!(
+            "{principal:?} does not say what kind of caller it is: write \"cert:{principal}\" \
+             (client certificate), \"token:{principal}\" (static token) or \"jwt:{principal}\" \
+             (JWT subject), or \"*\" for every caller"
+        ))
+    }
+}
+
+/// The start of every topic name reserved for the pipeline's own services.
+pub const RESERVED_TOPIC_PREFIX: &str = "_";
+/// The start of every consumer group name reserved for the pipeline's own services.
+pub const RESERVED_GROUP_PREFIX: &str = "runnel-";
 
 /// A name, a prefix (`sensors.*`) or everything (`*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,12 +182,18 @@ impl Pattern {
         }
     }
 
-    /// Whether the pattern covers `name`; `None` asks whether it covers every name.
-    fn covers(&self, name: Option<&str>) -> bool {
+    /// Whether the pattern covers `name`; `None` asks whether it covers every name. Names
+    /// starting with `reserved` are covered only by their exact name or by a prefix that
+    /// itself starts with `reserved`: a wildcard never reaches into the namespace.
+    fn covers(&self, name: Option<&str>, reserved: Option<&str>) -> bool {
+        let inside = |text: &str| reserved.is_some_and(|r| text.starts_with(r));
         match (self, name) {
-            (Pattern::All, _) => true,
+            (Pattern::All, None) => true,
+            (Pattern::All, Some(name)) => !inside(name),
             (Pattern::Exact(exact), Some(name)) => exact == name,
-            (Pattern::Prefix(prefix), Some(name)) => name.starts_with(prefix.as_str()),
+            (Pattern::Prefix(prefix), Some(name)) => {
+                name.starts_with(prefix.as_str()) && (!inside(name) || inside(prefix))
+            }
             (Pattern::Exact(_) | Pattern::Prefix(_), None) => false,
         }
     }
@@ -124,6 +206,7 @@ struct Grant {
     allow: Vec<Action>,
     topics: Vec<Pattern>,
     queries: Vec<Pattern>,
+    groups: Vec<Pattern>,
 }
 
 /// The grants of one service.
@@ -154,6 +237,7 @@ impl Policy {
                     allow: g.allow.clone(),
                     topics: g.topics.iter().map(|t| Pattern::parse(t)).collect(),
                     queries: g.queries.iter().map(|q| Pattern::parse(q)).collect(),
+                    groups: g.groups.iter().map(|q| Pattern::parse(q)).collect(),
                 })
                 .collect(),
         }
@@ -171,15 +255,17 @@ impl Policy {
         let Some(principal) = principal else {
             return false;
         };
+        let (patterns, name, reserved): (fn(&Grant) -> &[Pattern], _, _) = match resource {
+            Resource::Topic(name) => (|g| &g.topics, Some(name), Some(RESERVED_TOPIC_PREFIX)),
+            Resource::AnyTopic => (|g| &g.topics, None, None),
+            Resource::Query(name) => (|g| &g.queries, Some(name), None),
+            Resource::AnyQuery => (|g| &g.queries, None, None),
+            Resource::Group(name) => (|g| &g.groups, Some(name), Some(RESERVED_GROUP_PREFIX)),
+        };
         self.grants.iter().any(|grant| {
             grant.principal.as_deref().is_none_or(|p| p == principal)
                 && grant.allow.contains(&action)
-                && match resource {
-                    Resource::Topic(name) => grant.topics.iter().any(|p| p.covers(Some(name))),
-                    Resource::Query(name) => grant.queries.iter().any(|p| p.covers(Some(name))),
-                    Resource::AnyTopic => grant.topics.iter().any(|p| p.covers(None)),
-                    Resource::AnyQuery => grant.queries.iter().any(|p| p.covers(None)),
-                }
+                && patterns(grant).iter().any(|p| p.covers(name, reserved))
         })
     }
 }
@@ -272,7 +358,12 @@ mod tests {
             allow: allow.to_vec(),
             topics: topics.iter().map(|s| s.to_string()).collect(),
             queries: queries.iter().map(|s| s.to_string()).collect(),
+            groups: Vec::new(),
         }
+    }
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
     }
 
     fn caller(principal: &str, policy: &Arc<Policy>) -> Caller {
@@ -324,6 +415,93 @@ mod tests {
         assert!(stranger.may(Action::Consume, Resource::Topic("public")));
         let anonymous = Caller::new(None, Arc::clone(&policy));
         assert!(!anonymous.may(Action::Consume, Resource::Topic("public")));
+    }
+
+    #[test]
+    fn groups_need_their_own_grant_and_wildcards_stay_out_of_reserved_names() {
+        let mut everything = grant("cert:client", &[Action::Consume], &["*"], &[]);
+        everything.groups = strings(&["*"]);
+        let mut dashboards = grant("token:dash", &[Action::Consume], &["events"], &[]);
+        dashboards.groups = strings(&["dashboards.*"]);
+        let mut analyzer = grant(
+            "cert:analyzer",
+            &[Action::Consume],
+            &["*", "_analyzer.*"],
+            &[],
+        );
+        analyzer.groups = strings(&["runnel-analyzer.*"]);
+        let policy = Arc::new(Policy::from_grants(&[
+            everything,
+            dashboards,
+            analyzer,
+            grant("token:reader", &[Action::Consume], &["events"], &[]),
+            grant("token:prefix", &[Action::Consume], &["_*"], &[]),
+        ]));
+
+        // Consuming a topic says nothing about the groups on it.
+        let reader = caller("token:reader", &policy);
+        assert!(reader.may(Action::Consume, Resource::Topic("events")));
+        assert!(!reader.may(Action::Consume, Resource::Group("runnel-analyzer.q")));
+        assert!(!reader.may(Action::Consume, Resource::Group("anything")));
+
+        let dash = caller("token:dash", &policy);
+        assert!(dash.may(Action::Consume, Resource::Group("dashboards.live")));
+        assert!(!dash.may(Action::Consume, Resource::Group("runnel-analyzer.q")));
+
+        // `*` covers every group and topic but the reserved ones.
+        let client = caller("cert:client", &policy);
+        assert!(client.may(Action::Consume, Resource::Group("mine")));
+        assert!(client.may(Action::Consume, Resource::Topic("events")));
+        assert!(!client.may(Action::Consume, Resource::Group("runnel-analyzer.q")));
+        assert!(!client.may(Action::Consume, Resource::Group("runnel-gateway.webhooks")));
+        assert!(!client.may(Action::Consume, Resource::Topic("_store.results")));
+        assert!(!client.may(Action::Consume, Resource::Topic("_analyzer.q.keyed")));
+
+        // Only a grant naming the reserved prefix reaches inside it.
+        let analyzer = caller("cert:analyzer", &policy);
+        assert!(analyzer.may(Action::Consume, Resource::Group("runnel-analyzer.q")));
+        assert!(analyzer.may(Action::Consume, Resource::Topic("_analyzer.q.keyed")));
+        assert!(analyzer.may(Action::Consume, Resource::Topic("events")));
+        assert!(!analyzer.may(Action::Consume, Resource::Group("runnel-gateway.webhooks")));
+        assert!(!analyzer.may(Action::Consume, Resource::Topic("_store.results")));
+        let prefix = caller("token:prefix", &policy);
+        assert!(prefix.may(Action::Consume, Resource::Topic("_store.results")));
+        assert!(!prefix.may(Action::Consume, Resource::Topic("events")));
+
+        let denied = reader
+            .authorize(Action::Consume, Resource::Group("runnel-analyzer.q"))
+            .unwrap_err();
+        assert_eq!(
+            denied.to_string(),
+            "\"token:reader\" may not consume from consumer group \"runnel-analyzer.q\""
+        );
+    }
+
+    #[test]
+    fn principals_are_typed_and_untyped_grant_principals_say_how_to_migrate() {
+        assert_eq!(&*PrincipalKind::Cert.principal("analyzer"), "cert:analyzer");
+        assert_eq!(
+            PrincipalKind::split("jwt:analyzer"),
+            Some((PrincipalKind::Jwt, "analyzer"))
+        );
+        assert_eq!(PrincipalKind::split("token:"), None);
+        assert_eq!(PrincipalKind::split("analyzer"), None);
+        PrincipalKind::check_grant_principal("*").unwrap();
+        PrincipalKind::check_grant_principal("token:ops").unwrap();
+        let error = PrincipalKind::check_grant_principal("analyzer").unwrap_err();
+        assert!(error.contains("\"cert:analyzer\""), "{error}");
+        assert!(!error.contains('\n'), "one line: {error}");
+
+        // The same name under another kind gets nothing.
+        let policy = Arc::new(Policy::from_grants(&[grant(
+            "cert:analyzer",
+            &[Action::WriteResults],
+            &[],
+            &["*"],
+        )]));
+        assert!(caller("cert:analyzer", &policy).may(Action::WriteResults, Resource::Query("q")));
+        assert!(!caller("jwt:analyzer", &policy).may(Action::WriteResults, Resource::Query("q")));
+        assert!(!caller("token:analyzer", &policy).may(Action::WriteResults, Resource::Query("q")));
     }
 
     #[test]

@@ -97,7 +97,7 @@ fn hs256_tokens_are_checked_for_signature_expiry_audience_and_issuer() {
     let (auth, _dir) = hs256();
     assert_eq!(
         principal(&auth, &sign_hs(&claims("alice"), SECRET)),
-        Ok("alice".into())
+        Ok("jwt:alice".into())
     );
 
     let mut expired = claims("alice");
@@ -111,7 +111,7 @@ fn hs256_tokens_are_checked_for_signature_expiry_audience_and_issuer() {
     just["exp"] = json!(now() - 1);
     assert_eq!(
         principal(&auth, &sign_hs(&just, SECRET)),
-        Ok("alice".into())
+        Ok("jwt:alice".into())
     );
 
     let wrong_key = sign_hs(
@@ -168,7 +168,7 @@ fn rs256_tokens_are_checked_against_a_pem_key() {
     config.public_key_file = Some(fixture("jwt-signer.pub.pem"));
     let auth = authenticator(config);
     let good = sign_rs(&claims("svc"), "jwt-signer.key.pem", None);
-    assert_eq!(principal(&auth, &good), Ok("svc".into()));
+    assert_eq!(principal(&auth, &good), Ok("jwt:svc".into()));
     let forged = sign_rs(&claims("svc"), "jwt-other.key.pem", None);
     assert_eq!(principal(&auth, &forged), Err(AuthError::Invalid));
     // The classic confusion: an HS256 token keyed with the public key's text.
@@ -191,10 +191,10 @@ fn rs256_tokens_are_checked_against_the_jwks_key_their_kid_names() {
     config.jwks_file = Some(fixture("jwks-signer.json"));
     let auth = authenticator(config);
     let good = sign_rs(&claims("svc"), "jwt-signer.key.pem", Some("signer-2026"));
-    assert_eq!(principal(&auth, &good), Ok("svc".into()));
+    assert_eq!(principal(&auth, &good), Ok("jwt:svc".into()));
     // A set of one key also verifies a token without a kid.
     let no_kid = sign_rs(&claims("svc"), "jwt-signer.key.pem", None);
-    assert_eq!(principal(&auth, &no_kid), Ok("svc".into()));
+    assert_eq!(principal(&auth, &no_kid), Ok("jwt:svc".into()));
     let unknown_kid = sign_rs(&claims("svc"), "jwt-signer.key.pem", Some("retired"));
     assert_eq!(principal(&auth, &unknown_kid), Err(AuthError::Invalid));
     let forged = sign_rs(&claims("svc"), "jwt-other.key.pem", Some("signer-2026"));
@@ -222,7 +222,10 @@ fn static_tokens_match_by_hash_and_certificates_name_callers_when_allowed() {
         ..AuthConfig::default()
     };
     let auth = Authenticator::new(&config).unwrap();
-    assert_eq!(principal(&auth, "rnl_sensor-token"), Ok("sensors".into()));
+    assert_eq!(
+        principal(&auth, "rnl_sensor-token"),
+        Ok("token:sensors".into())
+    );
     assert_eq!(
         principal(&auth, "rnl_sensor-tokeN"),
         Err(AuthError::Invalid)
@@ -249,7 +252,7 @@ fn static_tokens_match_by_hash_and_certificates_name_callers_when_allowed() {
     let by_cert = auth
         .authenticate(&http::HeaderMap::new(), Some(&peer))
         .unwrap();
-    assert_eq!(by_cert.principal(), Some("collector"));
+    assert_eq!(by_cert.principal(), Some("cert:collector"));
     // A presented token decides, even on a connection with a good certificate.
     assert_eq!(
         auth.authenticate(&bearer("rnl_wrong"), Some(&peer))
@@ -274,6 +277,54 @@ fn static_tokens_match_by_hash_and_certificates_name_callers_when_allowed() {
             .unwrap_err(),
         AuthError::Missing
     );
+}
+
+/// A JWT whose subject is spelled like a service's certificate name, and a static token
+/// whose principal is, are other callers than the service: they get none of its grants.
+#[test]
+fn a_jwt_subject_or_token_named_like_a_service_gets_none_of_its_grants() {
+    use runnel_security::{Action, GrantConfig, Resource};
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let config = AuthConfig {
+        enabled: true,
+        mtls: true,
+        tokens: vec![TokenConfig {
+            principal: "analyzer".into(),
+            sha256: runnel_security::auth::token_sha256("rnl_impostor"),
+        }],
+        jwt: Some(JwtConfig {
+            secret_file: Some(secret),
+            ..jwt_config(JwtAlgorithm::HS256)
+        }),
+        grants: vec![GrantConfig {
+            principal: "cert:analyzer".into(),
+            allow: vec![Action::WriteResults],
+            topics: Vec::new(),
+            queries: vec!["*".into()],
+            groups: Vec::new(),
+        }],
+    };
+    let auth = Authenticator::new(&config).unwrap();
+    let write = Resource::Query("avg_value_per_key");
+
+    let mut peer = PeerInfo::unknown(1);
+    peer.certificate_name = Some(Arc::from("analyzer"));
+    let service = auth
+        .authenticate(&http::HeaderMap::new(), Some(&peer))
+        .unwrap();
+    assert!(service.may(Action::WriteResults, write));
+
+    let jwt = auth
+        .authenticate(&bearer(&sign_hs(&claims("analyzer"), SECRET)), None)
+        .unwrap();
+    assert_eq!(jwt.principal(), Some("jwt:analyzer"));
+    assert!(!jwt.may(Action::WriteResults, write));
+
+    let token = auth.authenticate(&bearer("rnl_impostor"), None).unwrap();
+    assert_eq!(token.principal(), Some("token:analyzer"));
+    assert!(!token.may(Action::WriteResults, write));
 }
 
 #[test]

@@ -485,7 +485,7 @@ mod tests {
         let f = file(&format!(
             "[example.server]\ngrpc = \"0.0.0.0:7000\"\n[example.server.tls]\ncert = {cert:?}\nkey = {cert:?}\n\
              [example.server.auth]\nenabled = true\n[[example.server.auth.tokens]]\nprincipal = \"sensors\"\nsha256 = \"{}\"\n\
-             [[example.server.auth.grants]]\nprincipal = \"sensors\"\nallow = [\"produce\"]\ntopics = [\"sensors.*\"]\n\
+             [[example.server.auth.grants]]\nprincipal = \"token:sensors\"\nallow = [\"produce\"]\ntopics = [\"sensors.*\"]\n\
              [example.server.limits]\nrate_limit = 100\n",
             "0".repeat(64)
         ));
@@ -516,6 +516,22 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("secret"), "{err}");
+
+        // A grant written before principals were typed: one line that says how to write it.
+        let f = file(
+            "[example.server.auth]\nenabled = true\nmtls = false\n\
+             tokens = [{ principal = \"sensors\", sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\" }]\n\
+             [[example.server.auth.grants]]\nprincipal = \"sensors\"\nallow = [\"produce\"]\ntopics = [\"sensors.*\"]\n",
+        );
+        let err = load_from::<Example>(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid configuration: example.server.auth.grants[0].principal: ")
+                && err.contains("\"token:sensors\"")
+                && !err.contains('\n'),
+            "{err}"
+        );
     }
 
     #[test]

@@ -231,12 +231,14 @@ async fn healthy(peer: Peer) -> Result<(), Status> {
         .map(|_| ())
 }
 
-fn open_grant(principal: &str) -> GrantConfig {
+/// Every query's results to the caller whose client certificate is named `name`.
+fn open_grant(name: &str) -> GrantConfig {
     GrantConfig {
-        principal: principal.into(),
+        principal: format!("cert:{name}"),
         allow: vec![Action::ReadResults],
         topics: vec![],
         queries: vec!["*".into()],
+        groups: vec![],
     }
 }
 
@@ -290,7 +292,7 @@ async fn mutual_tls_admits_certificates_from_the_client_ca_and_names_the_caller(
     let client = connect(&running, "https", &certs.connect(Some("client")), None)
         .await
         .unwrap();
-    assert_eq!(describe(client, "q").await.unwrap(), "client");
+    assert_eq!(describe(client, "q").await.unwrap(), "cert:client");
 
     // A valid certificate without a grant: authenticated, and still refused.
     let intruder = connect(&running, "https", &certs.connect(Some("intruder")), None)
@@ -369,10 +371,11 @@ fn token_auth(grants: Vec<GrantConfig>) -> AuthConfig {
 async fn tokens_authenticate_and_grants_decide_per_query() {
     let running = start(ServerConfig {
         auth: token_auth(vec![GrantConfig {
-            principal: "analyst".into(),
+            principal: "token:analyst".into(),
             allow: vec![Action::ReadResults],
             topics: vec![],
             queries: vec!["allowed".into(), "team.*".into()],
+            groups: vec![],
         }]),
         ..base()
     })
@@ -381,8 +384,14 @@ async fn tokens_authenticate_and_grants_decide_per_query() {
     let good = connect(&running, "http", &plain, Some("rnl_analyst-secret"))
         .await
         .unwrap();
-    assert_eq!(describe(good.clone(), "allowed").await.unwrap(), "analyst");
-    assert_eq!(describe(good.clone(), "team.a").await.unwrap(), "analyst");
+    assert_eq!(
+        describe(good.clone(), "allowed").await.unwrap(),
+        "token:analyst"
+    );
+    assert_eq!(
+        describe(good.clone(), "team.a").await.unwrap(),
+        "token:analyst"
+    );
     let denied = describe(good, "other").await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
     assert!(denied.message().contains("\"other\""), "{denied:?}");

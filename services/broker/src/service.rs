@@ -795,6 +795,19 @@ fn decode_records(
     Ok(records)
 }
 
+/// Checks that the caller of `request` may consume `topic` through consumer group
+/// `group`: joining the group, committing its offsets and heartbeating in it each need
+/// `consume` on both, so that a reader of a topic cannot take another group's partitions
+/// or move its offsets.
+fn authorize_group<T>(
+    request: &Request<T>,
+    group: &str,
+    topic: &str,
+) -> std::result::Result<(), Status> {
+    authorize(request, Action::Consume, Resource::Topic(topic))?;
+    authorize(request, Action::Consume, Resource::Group(group))
+}
+
 /// Whether `caller` may do anything with `topic`: produce, consume or manage it.
 fn may_use(caller: &Caller, topic: &str) -> bool {
     [Action::Produce, Action::Consume, Action::Manage]
@@ -841,9 +854,13 @@ impl Broker for BrokerService {
                 Resource::Topic(&request.get_ref().name),
             )?;
         }
-        Ok(Response::new(
-            self.serve_describe_topic(request.into_inner()).await?,
-        ))
+        let caller = runnel_security::caller(&request)?.clone();
+        let mut description = self.serve_describe_topic(request.into_inner()).await?;
+        // A group is described only to callers that may consume through it.
+        description
+            .groups
+            .retain(|group| caller.may(Action::Consume, Resource::Group(&group.group)));
+        Ok(Response::new(description))
     }
 
     async fn produce(
@@ -855,6 +872,11 @@ impl Broker for BrokerService {
             Action::Produce,
             Resource::Topic(&request.get_ref().topic),
         )?;
+        // A fenced write is a heartbeat of the group's member: it needs the group's own
+        // permission (the store, which relays the analyzer's fenced results, has it too).
+        if let Some(fence) = &request.get_ref().fence {
+            authorize(&request, Action::Consume, Resource::Group(&fence.group))?;
+        }
         Ok(Response::new(
             self.serve_produce(request.into_inner()).await?,
         ))
@@ -883,6 +905,9 @@ impl Broker for BrokerService {
             Action::Consume,
             Resource::Topic(&request.get_ref().topic),
         )?;
+        if !request.get_ref().group.is_empty() {
+            authorize_group(&request, &request.get_ref().group, &request.get_ref().topic)?;
+        }
         Ok(Response::new(
             self.serve_subscribe(request.into_inner()).await?,
         ))
@@ -892,11 +917,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<CommitOffsetsRequest>,
     ) -> std::result::Result<Response<CommitOffsetsResponse>, Status> {
-        authorize(
-            &request,
-            Action::Consume,
-            Resource::Topic(&request.get_ref().topic),
-        )?;
+        authorize_group(&request, &request.get_ref().group, &request.get_ref().topic)?;
         Ok(Response::new(
             self.serve_commit(request.into_inner()).await?,
         ))

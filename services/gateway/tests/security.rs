@@ -22,12 +22,14 @@ fn token(principal: &str, secret: &str) -> TokenConfig {
     }
 }
 
+/// A grant to the static token named `principal`.
 fn grant(principal: &str, allow: Action, queries: &[&str]) -> GrantConfig {
     GrantConfig {
-        principal: principal.into(),
+        principal: format!("token:{principal}"),
         allow: vec![allow],
         topics: vec![],
         queries: queries.iter().map(|q| q.to_string()).collect(),
+        groups: vec![],
     }
 }
 

@@ -20,13 +20,26 @@ async fn as_principal(addr: SocketAddr, token: &str) -> crate::Client {
     BrokerClient::new(peer)
 }
 
+/// A grant to the static token named `principal`.
 fn grant(principal: &str, allow: &[Action], topics: &[&str]) -> GrantConfig {
     GrantConfig {
-        principal: principal.into(),
+        principal: format!("token:{principal}"),
         allow: allow.to_vec(),
         topics: topics.iter().map(|t| t.to_string()).collect(),
         queries: vec![],
+        groups: vec![],
     }
+}
+
+/// Static tokens `rnl_<name>` for each of `names`.
+fn tokens(names: &[&str]) -> Vec<TokenConfig> {
+    names
+        .iter()
+        .map(|p| TokenConfig {
+            principal: (*p).into(),
+            sha256: token_sha256(&format!("rnl_{p}")),
+        })
+        .collect()
 }
 
 both_engines!(grants_decide_per_topic_who_produces_consumes_and_creates);
@@ -38,13 +51,7 @@ async fn grants_decide_per_topic_who_produces_consumes_and_creates(engine: Engin
         .spawn_with(|config| {
             config.server.auth = AuthConfig {
                 enabled: true,
-                tokens: ["ops", "sensors", "reader"]
-                    .into_iter()
-                    .map(|p| TokenConfig {
-                        principal: p.into(),
-                        sha256: token_sha256(&format!("rnl_{p}")),
-                    })
-                    .collect(),
+                tokens: tokens(&["ops", "sensors", "reader"]),
                 grants: vec![
                     grant("ops", &[Action::Manage], &["*"]),
                     grant("sensors", &[Action::Produce], &["sensors.*"]),
@@ -150,6 +157,151 @@ async fn grants_decide_per_topic_who_produces_consumes_and_creates(engine: Engin
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
+    stop(broker).await;
+}
+
+both_engines!(consuming_a_topic_is_not_enough_to_join_commit_to_or_see_a_group);
+/// Consumer groups have grants of their own: a caller that may consume `events` cannot join
+/// the analyzer's group, commit its offsets, keep its member alive with fenced writes or see
+/// it described; a wildcard group grant stays out of the reserved `runnel-…` groups; the
+/// analyzer, granted its groups by name, does all of it.
+async fn consuming_a_topic_is_not_enough_to_join_commit_to_or_see_a_group(engine: Engine) {
+    use runnel_proto::v1::{CommitOffsetsRequest, GroupFence, PartitionOffset, SubscribeRequest};
+    let Some(harness) = Harness::new(engine).await else {
+        return;
+    };
+    let with_groups = |mut grant: GrantConfig, groups: &[&str]| {
+        grant.groups = groups.iter().map(|g| g.to_string()).collect();
+        grant
+    };
+    let (addr, broker) = harness
+        .spawn_with(|config| {
+            config.server.auth = AuthConfig {
+                enabled: true,
+                tokens: tokens(&["reader", "client", "analyzer"]),
+                grants: vec![
+                    grant(
+                        "reader",
+                        &[Action::Consume, Action::Produce, Action::Manage],
+                        &["events"],
+                    ),
+                    with_groups(grant("client", &[Action::Consume], &["*"]), &["*"]),
+                    with_groups(
+                        grant("analyzer", &[Action::Consume, Action::Produce], &["events"]),
+                        &["runnel-analyzer.*"],
+                    ),
+                ],
+                ..AuthConfig::default()
+            };
+        })
+        .await;
+    let mut reader = as_principal(addr, "rnl_reader").await;
+    let mut client = as_principal(addr, "rnl_client").await;
+    let mut analyzer = as_principal(addr, "rnl_analyzer").await;
+    reader
+        .create_topic(CreateTopicRequest {
+            name: "events".into(),
+            partitions: 2,
+            retention: None,
+        })
+        .await
+        .unwrap();
+    const GROUP: &str = "runnel-analyzer.avg_value_per_key";
+    let join = |group: &str, member: &str| SubscribeRequest {
+        topic: "events".into(),
+        group: group.into(),
+        member_id: member.into(),
+        ..Default::default()
+    };
+    let commit = |member: &str, generation: u64| CommitOffsetsRequest {
+        group: GROUP.into(),
+        topic: "events".into(),
+        member_id: member.into(),
+        generation,
+        offsets: vec![PartitionOffset {
+            partition: 0,
+            offset: 0,
+            metadata: Vec::new(),
+        }],
+    };
+    let denied = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains(GROUP), "{status:?}");
+    };
+
+    // The analyzer joins its group and commits.
+    let mut member = analyzer
+        .subscribe(join(GROUP, "analyzer-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let generation = loop {
+        match member.message().await.unwrap().unwrap().message {
+            Some(runnel_proto::v1::subscribe_response::Message::Assignment(a)) => {
+                break a.generation;
+            }
+            _ => continue,
+        }
+    };
+    analyzer
+        .commit_offsets(commit("analyzer-1", generation))
+        .await
+        .unwrap();
+
+    // A reader of the topic can neither join, commit, heartbeat nor see the group.
+    denied(reader.subscribe(join(GROUP, "intruder")).await.unwrap_err());
+    denied(
+        reader
+            .commit_offsets(commit("analyzer-1", generation))
+            .await
+            .unwrap_err(),
+    );
+    denied(
+        reader
+            .produce(ProduceRequest {
+                topic: "events".into(),
+                events: vec![event("e-1", "k", b"{}")],
+                fence: Some(GroupFence {
+                    group: GROUP.into(),
+                    topic: "events".into(),
+                    member_id: "analyzer-1".into(),
+                    generation,
+                    partitions: vec![0],
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+    );
+    let described = |client: &mut crate::Client| {
+        let mut client = client.clone();
+        async move {
+            client
+                .describe_topic(DescribeTopicRequest {
+                    name: "events".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .groups
+                .into_iter()
+                .map(|g| g.group)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(described(&mut analyzer).await, [GROUP]);
+    assert!(described(&mut reader).await.is_empty());
+
+    // `*` on groups covers the client's own groups, never the reserved ones.
+    denied(client.subscribe(join(GROUP, "intruder")).await.unwrap_err());
+    let mut own = client
+        .subscribe(join("dashboards", "client-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(own.message().await.unwrap().is_some());
+    assert_eq!(described(&mut client).await, ["dashboards"]);
+    drop((member, own));
     stop(broker).await;
 }
 

@@ -473,6 +473,7 @@ async fn track_tokens_are_bound_to_the_caller_they_were_issued_to() {
                 allow: vec![Action::Produce],
                 topics: vec!["*".into()],
                 queries: vec![],
+                groups: vec![],
             }],
             ..AuthConfig::default()
         };
