@@ -175,6 +175,11 @@ impl<'de> Deserialize<'de> for WindowConfig {
 pub struct QueryConfig {
     /// The query's name: `[a-zA-Z0-9_.-]`, unique. Results carry it.
     pub name: String,
+    /// The query in SQL (`SELECT … FROM <topic> GROUP BY <key>, TUMBLE(…)`, see
+    /// `docs/queries.md`), instead of the fields below: a query gives `name` and `sql`, or
+    /// `name` and the table form.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sql: Option<String>,
     /// The topic the query reads.
     pub topic: String,
     /// What results are grouped by: `key` (the event key, the default) or any field —
@@ -251,6 +256,7 @@ impl Default for QueryConfig {
     fn default() -> Self {
         QueryConfig {
             name: "avg_value_per_key".into(),
+            sql: None,
             topic: "events".into(),
             key: "key".into(),
             time: "event_time".into(),

@@ -31,6 +31,7 @@ mod rekey;
 mod runner;
 mod service;
 mod sketch;
+mod sql;
 mod task;
 mod window;
 

@@ -59,6 +59,24 @@ impl QueryConfig {
     /// it into a plan.
     pub(crate) fn compile(&self, i: usize) -> Result<Plan, ConfigError> {
         let section = AnalyzerConfig::SECTION;
+        if let Some(sql) = &self.sql {
+            let only_sql = QueryConfig {
+                name: self.name.clone(),
+                sql: Some(sql.clone()),
+                ..QueryConfig::default()
+            };
+            if *self != only_sql {
+                return Err(ConfigError::invalid(
+                    section,
+                    &format!("queries[{i}].sql"),
+                    "a query is given either in SQL (name and sql) or as a table, not both",
+                ));
+            }
+            let table = crate::sql::compile(&self.name, sql).map_err(|error| {
+                ConfigError::invalid(section, &format!("queries[{i}].sql"), error.to_string())
+            })?;
+            return table.compile(i);
+        }
         let key = |field: &str| format!("queries[{i}].{field}");
         let fail =
             |field: &str, message: String| ConfigError::invalid(section, &key(field), message);
