@@ -42,6 +42,10 @@ pub struct WebhookConfig {
     /// another replica (the delivery group's session timeout).
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
+    /// A PEM file of CA certificates that `https://` receivers' certificates may chain to,
+    /// besides the system's trusted roots (for receivers with a private CA).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
 }
 
 impl Default for WebhookConfig {
@@ -53,6 +57,7 @@ impl Default for WebhookConfig {
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(60),
             session_timeout: Duration::from_secs(10),
+            ca: None,
         }
     }
 }
@@ -208,6 +213,14 @@ impl ServiceConfig for GatewayConfig {
                 "must be more than 0s and at most webhooks.max_backoff".into(),
             );
         }
+        if let Some(ca) = &hooks.ca
+            && !ca.is_file()
+        {
+            return invalid(
+                "webhooks.ca",
+                format!("{} is not a readable file", ca.display()),
+            );
+        }
         Ok(())
     }
 }
@@ -228,7 +241,7 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         type Case = (fn(&mut GatewayConfig), &'static str);
-        let cases: [Case; 7] = [
+        let cases: [Case; 8] = [
             (|c| c.store = "127.0.0.1:7104".into(), "gateway.store"),
             (|c| c.broker = "localhost:7102".into(), "gateway.broker"),
             (|c| c.max_watchers = 0, "gateway.max_watchers"),
@@ -243,6 +256,10 @@ mod tests {
             (
                 |c| c.webhooks.initial_backoff = Duration::from_secs(600),
                 "gateway.webhooks.initial_backoff",
+            ),
+            (
+                |c| c.webhooks.ca = Some("/nonexistent/ca.pem".into()),
+                "gateway.webhooks.ca",
             ),
         ];
         for (mutate, key) in cases {

@@ -558,7 +558,8 @@ struct Receiver {
     attempts: Arc<Mutex<u32>>,
 }
 
-async fn receiver(failures: u32) -> Receiver {
+/// What a receiver records, and the app that records it, failing the first `failures`.
+fn receiver_app(failures: u32) -> (axum::Router, Receiver) {
     use axum::routing::post;
     let deliveries = Arc::new(Mutex::new(Vec::new()));
     let attempts = Arc::new(Mutex::new(0u32));
@@ -592,14 +593,59 @@ async fn receiver(failures: u32) -> Receiver {
             },
         ),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Receiver {
-        url,
+    let receiver = Receiver {
+        url: String::new(),
         deliveries,
         attempts,
-    }
+    };
+    (app, receiver)
+}
+
+/// A plain-http receiver on loopback.
+async fn receiver(failures: u32) -> Receiver {
+    let (app, mut receiver) = receiver_app(failures);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    receiver.url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    receiver
+}
+
+/// An https receiver on loopback with the certificate `cert`.
+async fn tls_receiver(cert: &runnel_security::certs::Issued) -> Receiver {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let (app, mut receiver) = receiver_app(0);
+    let chain = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    receiver.url = format!("https://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    receiver
 }
 
 fn hex_of(bytes: &[u8]) -> String {
@@ -1147,5 +1193,76 @@ async fn webhooks_follow_no_redirect_and_show_failure_classes_only() {
         unreachable["status"]["last_error"], "could not connect",
         "{unreachable}"
     );
+    stack.stop().await;
+}
+
+/// Registers a webhook for query `q` at `url`: the answer's status and body.
+async fn register(stack: &Stack, url: &str) -> (u16, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .post(stack.url("/v1/webhooks"))
+        .json(&serde_json::json!({ "url": url, "query": "q" }))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+/// https receivers: one whose certificate chains to `webhooks.ca` gets the signed
+/// delivery; one whose certificate chains to nothing the gateway trusts gets nothing, and
+/// its status says the TLS handshake failed.
+#[tokio::test]
+async fn https_webhooks_are_delivered_to_trusted_receivers_only() {
+    use runnel_security::certs::DevCa;
+    let names = ["127.0.0.1".to_owned(), "localhost".to_owned()];
+    let (ca, _) = DevCa::generate("webhook receivers' CA", 1).unwrap();
+    let (other, _) = DevCa::generate("an unknown CA", 1).unwrap();
+    let trusted = tls_receiver(&ca.issue("receiver", &names, 1).unwrap()).await;
+    let untrusted = tls_receiver(&other.issue("receiver", &names, 1).unwrap()).await;
+    let certs = tempfile::tempdir().unwrap();
+    let ca_file = certs.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+
+    let mut stack = start(|c| {
+        c.webhooks.initial_backoff = Duration::from_millis(20);
+        c.webhooks.ca = Some(ca_file);
+    })
+    .await;
+    let mut ids = Vec::new();
+    for hook in [&trusted, &untrusted] {
+        let (status, body) = register(&stack, &hook.url).await;
+        assert_eq!(status, 201, "{}: {body}", hook.url);
+        ids.push(body["id"].as_u64().unwrap());
+    }
+    stack.put(vec![result("q", "a", 0, 5.0)]).await;
+    eventually(WAIT, "delivered over https", || async {
+        trusted.deliveries.lock().unwrap().len() == 1
+    })
+    .await;
+    {
+        let deliveries = trusted.deliveries.lock().unwrap();
+        let (headers, body) = &deliveries[0];
+        assert!(
+            headers["x-runnel-signature"]
+                .to_str()
+                .unwrap()
+                .starts_with("sha256="),
+            "{headers:?}"
+        );
+        assert_eq!(body["body"]["results"][0]["key"], "a");
+    }
+    let failed = eventually(
+        WAIT,
+        "a failed attempt at the untrusted receiver",
+        || async {
+            let hook = stack.json(&format!("/v1/webhooks/{}", ids[1])).await;
+            (hook["status"]["failures"].as_u64() >= Some(1)).then_some(hook)
+        },
+    )
+    .await;
+    assert_eq!(
+        failed["status"]["last_error"], "the TLS handshake failed",
+        "{failed}"
+    );
+    assert_eq!(*untrusted.attempts.lock().unwrap(), 0);
     stack.stop().await;
 }

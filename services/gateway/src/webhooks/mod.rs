@@ -14,6 +14,9 @@
 //! `webhooks.timeout`) is a failure, retried after `initial_backoff`, doubling up to
 //! `max_backoff`, with jitter, for as long as the webhook exists.
 //!
+//! Deliveries are sent by [`outbound`], over TLS for `https://` URLs; redirects are not
+//! followed.
+//!
 //! Nothing is kept on the gateway's disk: every replica reaches the same webhooks through
 //! the broker (`gateway.broker`; without it webhooks are refused).
 //!
@@ -29,6 +32,7 @@
 //!   owner stopped between the receiver's answer and the commit.
 
 mod delivery;
+mod outbound;
 mod record;
 mod registry;
 
@@ -62,7 +66,7 @@ const MAX_URL_BYTES: usize = 2048;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Registration {
-    /// Where deliveries are POSTed: an `http://` URL.
+    /// Where deliveries are POSTed: an `http://` or `https://` URL.
     pub(crate) url: String,
     /// Only results of this query (empty: every query).
     #[serde(default)]
@@ -170,8 +174,9 @@ impl Webhooks {
         config: WebhookConfig,
         shutdown: Shutdown,
     ) -> Result<Arc<Webhooks>, GatewayError> {
+        let outbound = outbound::Outbound::new(&config)?;
         let deliveries =
-            delivery::Deliveries::new(Arc::clone(&hub), config.clone(), shutdown.clone())?;
+            delivery::Deliveries::new(Arc::clone(&hub), config.clone(), outbound, shutdown.clone());
         let registry = Registry::start(
             broker.clone(),
             max_message_bytes,
@@ -199,9 +204,10 @@ impl Webhooks {
         mut registration: Registration,
     ) -> Result<serde_json::Value, GatewayError> {
         let bad = |m: String| Err(GatewayError::InvalidArgument(m));
-        if !registration.url.starts_with("http://") || registration.url.len() > MAX_URL_BYTES {
+        let scheme = registration.url.split("://").next().unwrap_or_default();
+        if !["http", "https"].contains(&scheme) || registration.url.len() > MAX_URL_BYTES {
             return bad(format!(
-                "url must be an http:// URL of at most {MAX_URL_BYTES} bytes"
+                "url must be an http:// or https:// URL of at most {MAX_URL_BYTES} bytes"
             ));
         }
         if registration.url.parse::<http::Uri>().is_err() {
