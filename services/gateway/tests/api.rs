@@ -551,6 +551,13 @@ async fn a_slow_client_is_bounded_and_told_while_others_keep_up() {
     }
 }
 
+/// Webhooks to receivers on this host (loopback, plain http), which only an allowlist
+/// lets through, retried quickly.
+fn loopback_webhooks(c: &mut GatewayConfig) {
+    c.webhooks.allow = vec!["127.0.0.1/32".into()];
+    c.webhooks.initial_backoff = Duration::from_millis(20);
+}
+
 /// A webhook receiver that fails the first `failures` deliveries, and records the rest.
 struct Receiver {
     url: String,
@@ -655,7 +662,7 @@ fn hex_of(bytes: &[u8]) -> String {
 #[tokio::test]
 async fn webhooks_retry_until_accepted_and_survive_a_restart() {
     let hook = receiver(2).await;
-    let mut stack = start(|c| c.webhooks.initial_backoff = Duration::from_millis(20)).await;
+    let mut stack = start(loopback_webhooks).await;
     let client = reqwest::Client::new();
     let secret = "0123456789abcdef-secret";
     let created: serde_json::Value = client
@@ -733,10 +740,7 @@ async fn webhooks_retry_until_accepted_and_survive_a_restart() {
     // The registration and its cursor survive a restart of the gateway; what was written
     // meanwhile is delivered once it is back.
     let dir = stack.stop().await;
-    let mut stack = start_in(dir, |c| {
-        c.webhooks.initial_backoff = Duration::from_millis(20)
-    })
-    .await;
+    let mut stack = start_in(dir, loopback_webhooks).await;
     stack.put(vec![result("q", "d", 0, 9.0)]).await;
     eventually(WAIT, "delivered after the restart", || async {
         hook.deliveries.lock().unwrap().len() == 2
@@ -1029,7 +1033,11 @@ async fn without_an_analyzer_to_ask_every_query_answers_as_if_it_existed() {
 /// configured in `allowed_origins`, and clients that send no `Origin` get through.
 #[tokio::test]
 async fn cross_site_requests_from_a_browser_are_refused() {
-    let stack = start(|c| c.allowed_origins = vec!["https://ops.example.com".into()]).await;
+    let stack = start(|c| {
+        c.allowed_origins = vec!["https://ops.example.com".into()];
+        c.webhooks.allow = vec!["127.0.0.1/32".into()];
+    })
+    .await;
     let client = reqwest::Client::new();
     let registration = serde_json::json!({ "url": "http://127.0.0.1:9/hook" });
     let register = |origin: Option<&str>| {
@@ -1146,7 +1154,7 @@ async fn webhooks_follow_no_redirect_and_show_failure_classes_only() {
         format!("http://{}/hook", listener.local_addr().unwrap())
     };
 
-    let mut stack = start(|c| c.webhooks.initial_backoff = Duration::from_millis(20)).await;
+    let mut stack = start(loopback_webhooks).await;
     let client = reqwest::Client::new();
     let mut ids = Vec::new();
     for url in [&redirecting, &closed] {
@@ -1207,6 +1215,145 @@ async fn register(stack: &Stack, url: &str) -> (u16, serde_json::Value) {
     (response.status().as_u16(), response.json().await.unwrap())
 }
 
+/// Without an allowlist, webhooks may target only public addresses over https: a
+/// receiver on loopback is refused however its URL names it — plain http, https, a name
+/// resolving to loopback, IPv6 loopback, an IPv4-mapped IPv6 address — and so is a URL
+/// with credentials. Nothing is registered and the receiver is never called (these
+/// tests reach loopback only; the refusals of private, link-local and unique-local
+/// addresses are the target module's unit tests, which connect nowhere).
+#[tokio::test]
+async fn webhooks_to_loopback_are_refused_without_an_allowlist() {
+    let hook = receiver(0).await;
+    let port = hook
+        .url
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    let mut stack = start(|c| c.webhooks.initial_backoff = Duration::from_millis(20)).await;
+    for (url, says) in [
+        (hook.url.clone(), "127.0.0.1 is a loopback address"),
+        (
+            format!("https://127.0.0.1:{port}/hook"),
+            "127.0.0.1 is a loopback address",
+        ),
+        (
+            format!("https://localhost:{port}/hook"),
+            "localhost resolves to a loopback address",
+        ),
+        (
+            format!("https://[::1]:{port}/hook"),
+            "::1 is a loopback address",
+        ),
+        (
+            format!("https://[::ffff:127.0.0.1]:{port}/hook"),
+            "is a loopback address",
+        ),
+        (
+            format!("https://user:secret@127.0.0.1:{port}/hook"),
+            "user name or password",
+        ),
+        (format!("ftp://127.0.0.1:{port}/hook"), "https://"),
+    ] {
+        let (status, body) = register(&stack, &url).await;
+        assert_eq!(status, 400, "{url}: {body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.starts_with("url: "), "{url}: {error}");
+        assert!(error.contains(says), "{url}: {error}");
+    }
+    let (status, body) = register(&stack, &format!("http://localhost:{port}/hook")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("gateway.webhooks.allow"),
+        "{body}"
+    );
+    let listed = stack.json("/v1/webhooks").await;
+    assert_eq!(listed["webhooks"], serde_json::json!([]), "{listed}");
+    stack.put(vec![result("q", "a", 0, 5.0)]).await;
+    assert_eq!(*hook.attempts.lock().unwrap(), 0);
+    stack.stop().await;
+}
+
+/// An allowlisted host name may be reached over plain http at whatever it resolves to,
+/// while an address the allowlist does not list is still refused.
+#[tokio::test]
+async fn an_allowlisted_name_is_delivered_to() {
+    let hook = receiver(0).await;
+    let port = hook
+        .url
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    let mut stack = start(|c| {
+        c.webhooks.allow = vec!["LOCALHOST".into()];
+        c.webhooks.initial_backoff = Duration::from_millis(20);
+    })
+    .await;
+    let (status, body) = register(&stack, &hook.url).await;
+    assert_eq!(status, 400, "127.0.0.1 is not listed: {body}");
+    let (status, body) = register(&stack, &format!("http://localhost:{port}/hook")).await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_u64().unwrap();
+    stack.put(vec![result("q", "a", 0, 5.0)]).await;
+    eventually(WAIT, "delivered to the listed name", || async {
+        let status = stack.json(&format!("/v1/webhooks/{id}")).await;
+        status["status"]["delivered"] == 1
+    })
+    .await;
+    assert_eq!(hook.deliveries.lock().unwrap().len(), 1);
+    stack.stop().await;
+}
+
+/// A target is checked again when a delivery connects, not only when it was registered:
+/// a webhook registered while its address was allowlisted gets nothing once the gateway
+/// runs without that allowlist (as a name that resolves elsewhere after registering —
+/// DNS rebinding — would), and its status says why in one class.
+#[tokio::test]
+async fn deliveries_check_the_address_again_when_they_connect() {
+    let hook = receiver(0).await;
+    let mut stack = start(loopback_webhooks).await;
+    let (status, body) = register(&stack, &hook.url).await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_u64().unwrap();
+    stack.put(vec![result("q", "a", 0, 5.0)]).await;
+    eventually(WAIT, "delivered while allowlisted", || async {
+        hook.deliveries.lock().unwrap().len() == 1
+    })
+    .await;
+
+    let dir = stack.stop().await;
+    let mut stack = start_in(dir, |c| {
+        c.webhooks.initial_backoff = Duration::from_millis(20);
+    })
+    .await;
+    stack.put(vec![result("q", "b", 0, 6.0)]).await;
+    let refused = eventually(WAIT, "a refused attempt", || async {
+        let hook = stack.json(&format!("/v1/webhooks/{id}")).await;
+        (hook["status"]["failures"].as_u64() >= Some(2)).then_some(hook)
+    })
+    .await;
+    assert_eq!(
+        refused["status"]["last_error"], "address refused",
+        "{refused}"
+    );
+    assert_eq!(refused["status"]["last_outcome"], "no_answer", "{refused}");
+    assert_eq!(refused["status"]["delivered"], 1, "{refused}");
+    assert_eq!(
+        *hook.attempts.lock().unwrap(),
+        1,
+        "no connection after the first"
+    );
+    stack.stop().await;
+}
+
 /// https receivers: one whose certificate chains to `webhooks.ca` gets the signed
 /// delivery; one whose certificate chains to nothing the gateway trusts gets nothing, and
 /// its status says the TLS handshake failed.
@@ -1223,7 +1370,7 @@ async fn https_webhooks_are_delivered_to_trusted_receivers_only() {
     std::fs::write(&ca_file, &ca.cert_pem).unwrap();
 
     let mut stack = start(|c| {
-        c.webhooks.initial_backoff = Duration::from_millis(20);
+        loopback_webhooks(c);
         c.webhooks.ca = Some(ca_file);
     })
     .await;

@@ -14,8 +14,9 @@
 //! `webhooks.timeout`) is a failure, retried after `initial_backoff`, doubling up to
 //! `max_backoff`, with jitter, for as long as the webhook exists.
 //!
-//! Deliveries are sent by [`outbound`], over TLS for `https://` URLs; redirects are not
-//! followed.
+//! Targets are limited by [`target`]: `https://` and public addresses only, unless
+//! `webhooks.allow` lists them — checked at registration and, after resolving, before
+//! every connection a delivery opens ([`outbound`]). Redirects are not followed.
 //!
 //! Nothing is kept on the gateway's disk: every replica reaches the same webhooks through
 //! the broker (`gateway.broker`; without it webhooks are refused).
@@ -35,6 +36,9 @@ mod delivery;
 mod outbound;
 mod record;
 mod registry;
+mod target;
+
+pub(crate) use target::Allowed;
 
 use crate::config::WebhookConfig;
 use crate::error::GatewayError;
@@ -66,7 +70,8 @@ const MAX_URL_BYTES: usize = 2048;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Registration {
-    /// Where deliveries are POSTed: an `http://` or `https://` URL.
+    /// Where deliveries are POSTed: an `https://` URL (or `http://`, to a target in
+    /// `webhooks.allow`).
     pub(crate) url: String,
     /// Only results of this query (empty: every query).
     #[serde(default)]
@@ -162,6 +167,7 @@ pub(crate) struct Webhooks {
     deliveries: Arc<delivery::Deliveries>,
     hub: Arc<Hub>,
     config: WebhookConfig,
+    policy: Arc<target::Policy>,
 }
 
 impl Webhooks {
@@ -174,7 +180,11 @@ impl Webhooks {
         config: WebhookConfig,
         shutdown: Shutdown,
     ) -> Result<Arc<Webhooks>, GatewayError> {
-        let outbound = outbound::Outbound::new(&config)?;
+        let policy = Arc::new(
+            target::Policy::new(&config.allow)
+                .map_err(|e| GatewayError::Webhooks(format!("gateway.webhooks.{e}")))?,
+        );
+        let outbound = outbound::Outbound::new(&config, Arc::clone(&policy))?;
         let deliveries =
             delivery::Deliveries::new(Arc::clone(&hub), config.clone(), outbound, shutdown.clone());
         let registry = Registry::start(
@@ -195,6 +205,7 @@ impl Webhooks {
             deliveries,
             hub,
             config,
+            policy,
         }))
     }
 
@@ -204,14 +215,11 @@ impl Webhooks {
         mut registration: Registration,
     ) -> Result<serde_json::Value, GatewayError> {
         let bad = |m: String| Err(GatewayError::InvalidArgument(m));
-        let scheme = registration.url.split("://").next().unwrap_or_default();
-        if !["http", "https"].contains(&scheme) || registration.url.len() > MAX_URL_BYTES {
-            return bad(format!(
-                "url must be an http:// or https:// URL of at most {MAX_URL_BYTES} bytes"
-            ));
+        if registration.url.len() > MAX_URL_BYTES {
+            return bad(format!("url must be at most {MAX_URL_BYTES} bytes"));
         }
-        if registration.url.parse::<http::Uri>().is_err() {
-            return bad(format!("url {:?} does not parse", registration.url));
+        if let Err(refusal) = self.policy.check_registration(&registration.url).await {
+            return bad(format!("url: {refusal}"));
         }
         if !registration.query.is_empty() {
             crate::results::check_query(&registration.query)?;

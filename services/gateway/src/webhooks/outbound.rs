@@ -1,7 +1,12 @@
 //! The HTTP client deliveries are POSTed with: HTTP/1.1 over TCP, or over TLS (rustls,
-//! ring) for `https://`, through a connector of its own that resolves each host itself.
+//! ring) for `https://`, through a connector that applies the target policy
+//! ([`super::target`]) to every connection it opens.
 //!
-//! No proxy is used, and redirects are never followed: a 3xx answer is the receiver's refusal, not an address to post to, or a
+//! The connector parses each URL again and resolves its host itself, keeping only the
+//! addresses the policy allows, so what a delivery connects to is decided when it
+//! connects, not when the webhook was registered: a name that resolves to an internal
+//! address later (DNS rebinding) is refused. No proxy is used, and redirects are never
+//! followed: a 3xx answer is the receiver's refusal, not an address to post to, or a
 //! receiver could point deliveries at anything the gateway reaches.
 //!
 //! A certificate must chain to the system's trusted roots or to `webhooks.ca`. A failed
@@ -9,6 +14,7 @@
 //! kind of failure it was and never the network's own words (which would make the API a
 //! port scanner), and the detail for the gateway's debug log.
 
+use super::target::{ADDRESS_REFUSED, Host, Policy, Refusal, URL_REFUSED, Unreachable};
 use crate::config::WebhookConfig;
 use crate::error::GatewayError;
 use bytes::Bytes;
@@ -48,10 +54,14 @@ pub(crate) struct Outbound {
 }
 
 impl Outbound {
-    /// A client for `config`'s timeout and trusted roots.
-    pub(crate) fn new(config: &WebhookConfig) -> Result<Outbound, GatewayError> {
+    /// A client for `config`'s policy, timeout and trusted roots.
+    pub(crate) fn new(
+        config: &WebhookConfig,
+        policy: Arc<Policy>,
+    ) -> Result<Outbound, GatewayError> {
         let tls = tls_config(config.ca.as_deref())?;
         let connector = Connector {
+            policy,
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
         };
         let client = Client::builder(TokioExecutor::new())
@@ -77,7 +87,7 @@ impl Outbound {
             request = request.header(*name, value);
         }
         let request = request.body(Full::new(body)).map_err(|e| Failed {
-            class: "url refused",
+            class: URL_REFUSED,
             detail: e.to_string(),
         })?;
         match tokio::time::timeout(self.timeout, self.client.request(request)).await {
@@ -161,9 +171,9 @@ fn tls_config(ca: Option<&Path>) -> Result<rustls::ClientConfig, GatewayError> {
 #[derive(Debug, thiserror::Error)]
 enum ConnectError {
     #[error("{0}")]
-    Url(String),
-    #[error("lookup: {0}")]
-    Lookup(std::io::Error),
+    Refused(Refusal),
+    #[error("{0}")]
+    Unreachable(Unreachable),
     #[error("connect: {0}")]
     Connect(std::io::Error),
     #[error("tls: {0}")]
@@ -173,48 +183,43 @@ enum ConnectError {
 impl ConnectError {
     fn class(&self) -> &'static str {
         match self {
-            ConnectError::Url(_) => "url refused",
-            ConnectError::Lookup(_) | ConnectError::Connect(_) => "could not connect",
+            ConnectError::Refused(refusal) => refusal.class(),
+            ConnectError::Unreachable(Unreachable::Refused { .. }) => ADDRESS_REFUSED,
+            ConnectError::Unreachable(Unreachable::Lookup(_)) | ConnectError::Connect(_) => {
+                "could not connect"
+            }
             ConnectError::Tls(_) => "the TLS handshake failed",
         }
     }
 }
 
-/// Opens the connections deliveries are sent on.
+/// Opens the connections deliveries are sent on, to allowed addresses only.
 #[derive(Clone)]
 struct Connector {
+    policy: Arc<Policy>,
     tls: tokio_rustls::TlsConnector,
 }
 
 impl std::fmt::Debug for Connector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connector").finish_non_exhaustive()
+        f.debug_struct("Connector")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
     }
 }
 
 impl Connector {
     async fn connect(self, uri: http::Uri) -> Result<Stream, ConnectError> {
-        let https = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return Err(ConnectError::Url("not http or https".into())),
-        };
-        let Some(host) = uri.host() else {
-            return Err(ConnectError::Url("no host".into()));
-        };
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let addrs: Vec<_> = tokio::net::lookup_host((host.as_str(), port))
+        let target = self.policy.target_of(&uri).map_err(ConnectError::Refused)?;
+        let addrs = self
+            .policy
+            .resolve(&target)
             .await
-            .map_err(ConnectError::Lookup)?
-            .collect();
+            .map_err(ConnectError::Unreachable)?;
         let mut error = None;
         for addr in addrs {
             match TcpStream::connect(addr).await {
-                Ok(tcp) => return self.handshake(https, host, tcp).await,
+                Ok(tcp) => return self.handshake(target.https, target.host, tcp).await,
                 Err(e) => error = Some(e),
             }
         }
@@ -228,7 +233,7 @@ impl Connector {
     async fn handshake(
         &self,
         https: bool,
-        host: String,
+        host: Host,
         tcp: TcpStream,
     ) -> Result<Stream, ConnectError> {
         // Deliveries are small: send each at once.
@@ -236,9 +241,12 @@ impl Connector {
         if !https {
             return Ok(Stream::Plain(tcp));
         }
-        let name = ServerName::try_from(host).map_err(|e| {
-            ConnectError::Tls(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
-        })?;
+        let name = match host {
+            Host::Ip(ip) => ServerName::IpAddress(ip.into()),
+            Host::Name(name) => ServerName::try_from(name).map_err(|e| {
+                ConnectError::Tls(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+            })?,
+        };
         let tls = self
             .tls
             .connect(name, tcp)
