@@ -42,6 +42,23 @@ pub struct WebhookConfig {
     /// another replica (the delivery group's session timeout).
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
+    /// Targets webhooks may reach although they are not public, or over plain `http://`.
+    /// Each entry is an IP network in CIDR form (`"10.1.0.0/16"`, `"::1/128"`; a bare
+    /// address is that one address) or an exact host name (`"receiver.internal"`, any
+    /// case). Without an entry, a webhook URL must be `https://` and every address its
+    /// host is or resolves to must be public: loopback, private, link-local, unique-local,
+    /// shared (CGNAT), multicast, reserved, documentation and benchmarking addresses are
+    /// refused, at registration and again, after resolving, before every delivery.
+    /// A URL is allowlisted — and may be `http://` — when its host name is listed, or its
+    /// host is an IP address inside a listed network; an address inside a listed network
+    /// may be reached under any name (over `https://`); every address a listed name
+    /// resolves to may be reached. Example: `allow = ["127.0.0.1/32"]` for receivers on the
+    /// gateway's own host.
+    pub allow: Vec<String>,
+    /// A PEM file of CA certificates that `https://` receivers' certificates may chain to,
+    /// besides the system's trusted roots (for receivers with a private CA).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
 }
 
 impl Default for WebhookConfig {
@@ -53,6 +70,8 @@ impl Default for WebhookConfig {
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(60),
             session_timeout: Duration::from_secs(10),
+            allow: Vec::new(),
+            ca: None,
         }
     }
 }
@@ -208,6 +227,19 @@ impl ServiceConfig for GatewayConfig {
                 "must be more than 0s and at most webhooks.max_backoff".into(),
             );
         }
+        for (i, entry) in hooks.allow.iter().enumerate() {
+            if let Err(reason) = crate::webhooks::Allowed::parse(entry) {
+                return invalid(&format!("webhooks.allow[{i}]"), reason);
+            }
+        }
+        if let Some(ca) = &hooks.ca
+            && !ca.is_file()
+        {
+            return invalid(
+                "webhooks.ca",
+                format!("{} is not a readable file", ca.display()),
+            );
+        }
         Ok(())
     }
 }
@@ -228,7 +260,7 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         type Case = (fn(&mut GatewayConfig), &'static str);
-        let cases: [Case; 7] = [
+        let cases: [Case; 10] = [
             (|c| c.store = "127.0.0.1:7104".into(), "gateway.store"),
             (|c| c.broker = "localhost:7102".into(), "gateway.broker"),
             (|c| c.max_watchers = 0, "gateway.max_watchers"),
@@ -243,6 +275,18 @@ mod tests {
             (
                 |c| c.webhooks.initial_backoff = Duration::from_secs(600),
                 "gateway.webhooks.initial_backoff",
+            ),
+            (
+                |c| c.webhooks.allow = vec!["127.0.0.1/8".into(), "*.internal".into()],
+                "gateway.webhooks.allow[1]",
+            ),
+            (
+                |c| c.webhooks.allow = vec!["10.0.0.0/33".into()],
+                "gateway.webhooks.allow[0]",
+            ),
+            (
+                |c| c.webhooks.ca = Some("/nonexistent/ca.pem".into()),
+                "gateway.webhooks.ca",
             ),
         ];
         for (mutate, key) in cases {

@@ -551,6 +551,13 @@ async fn a_slow_client_is_bounded_and_told_while_others_keep_up() {
     }
 }
 
+/// Webhooks to receivers on this host (loopback, plain http), which only an allowlist
+/// lets through, retried quickly.
+fn loopback_webhooks(c: &mut GatewayConfig) {
+    c.webhooks.allow = vec!["127.0.0.1/32".into()];
+    c.webhooks.initial_backoff = Duration::from_millis(20);
+}
+
 /// A webhook receiver that fails the first `failures` deliveries, and records the rest.
 struct Receiver {
     url: String,
@@ -558,7 +565,8 @@ struct Receiver {
     attempts: Arc<Mutex<u32>>,
 }
 
-async fn receiver(failures: u32) -> Receiver {
+/// What a receiver records, and the app that records it, failing the first `failures`.
+fn receiver_app(failures: u32) -> (axum::Router, Receiver) {
     use axum::routing::post;
     let deliveries = Arc::new(Mutex::new(Vec::new()));
     let attempts = Arc::new(Mutex::new(0u32));
@@ -592,14 +600,59 @@ async fn receiver(failures: u32) -> Receiver {
             },
         ),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Receiver {
-        url,
+    let receiver = Receiver {
+        url: String::new(),
         deliveries,
         attempts,
-    }
+    };
+    (app, receiver)
+}
+
+/// A plain-http receiver on loopback.
+async fn receiver(failures: u32) -> Receiver {
+    let (app, mut receiver) = receiver_app(failures);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    receiver.url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    receiver
+}
+
+/// An https receiver on loopback with the certificate `cert`.
+async fn tls_receiver(cert: &runnel_security::certs::Issued) -> Receiver {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let (app, mut receiver) = receiver_app(0);
+    let chain = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    receiver.url = format!("https://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    receiver
 }
 
 fn hex_of(bytes: &[u8]) -> String {
@@ -609,7 +662,7 @@ fn hex_of(bytes: &[u8]) -> String {
 #[tokio::test]
 async fn webhooks_retry_until_accepted_and_survive_a_restart() {
     let hook = receiver(2).await;
-    let mut stack = start(|c| c.webhooks.initial_backoff = Duration::from_millis(20)).await;
+    let mut stack = start(loopback_webhooks).await;
     let client = reqwest::Client::new();
     let secret = "0123456789abcdef-secret";
     let created: serde_json::Value = client
@@ -687,10 +740,7 @@ async fn webhooks_retry_until_accepted_and_survive_a_restart() {
     // The registration and its cursor survive a restart of the gateway; what was written
     // meanwhile is delivered once it is back.
     let dir = stack.stop().await;
-    let mut stack = start_in(dir, |c| {
-        c.webhooks.initial_backoff = Duration::from_millis(20)
-    })
-    .await;
+    let mut stack = start_in(dir, loopback_webhooks).await;
     stack.put(vec![result("q", "d", 0, 9.0)]).await;
     eventually(WAIT, "delivered after the restart", || async {
         hook.deliveries.lock().unwrap().len() == 2
@@ -983,7 +1033,11 @@ async fn without_an_analyzer_to_ask_every_query_answers_as_if_it_existed() {
 /// configured in `allowed_origins`, and clients that send no `Origin` get through.
 #[tokio::test]
 async fn cross_site_requests_from_a_browser_are_refused() {
-    let stack = start(|c| c.allowed_origins = vec!["https://ops.example.com".into()]).await;
+    let stack = start(|c| {
+        c.allowed_origins = vec!["https://ops.example.com".into()];
+        c.webhooks.allow = vec!["127.0.0.1/32".into()];
+    })
+    .await;
     let client = reqwest::Client::new();
     let registration = serde_json::json!({ "url": "http://127.0.0.1:9/hook" });
     let register = |origin: Option<&str>| {
@@ -1100,7 +1154,7 @@ async fn webhooks_follow_no_redirect_and_show_failure_classes_only() {
         format!("http://{}/hook", listener.local_addr().unwrap())
     };
 
-    let mut stack = start(|c| c.webhooks.initial_backoff = Duration::from_millis(20)).await;
+    let mut stack = start(loopback_webhooks).await;
     let client = reqwest::Client::new();
     let mut ids = Vec::new();
     for url in [&redirecting, &closed] {
@@ -1147,5 +1201,215 @@ async fn webhooks_follow_no_redirect_and_show_failure_classes_only() {
         unreachable["status"]["last_error"], "could not connect",
         "{unreachable}"
     );
+    stack.stop().await;
+}
+
+/// Registers a webhook for query `q` at `url`: the answer's status and body.
+async fn register(stack: &Stack, url: &str) -> (u16, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .post(stack.url("/v1/webhooks"))
+        .json(&serde_json::json!({ "url": url, "query": "q" }))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+/// Without an allowlist, webhooks may target only public addresses over https: a
+/// receiver on loopback is refused however its URL names it — plain http, https, a name
+/// resolving to loopback, IPv6 loopback, an IPv4-mapped IPv6 address — and so is a URL
+/// with credentials. Nothing is registered and the receiver is never called (these
+/// tests reach loopback only; the refusals of private, link-local and unique-local
+/// addresses are the target module's unit tests, which connect nowhere).
+#[tokio::test]
+async fn webhooks_to_loopback_are_refused_without_an_allowlist() {
+    let hook = receiver(0).await;
+    let port = hook
+        .url
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    let mut stack = start(|c| c.webhooks.initial_backoff = Duration::from_millis(20)).await;
+    for (url, says) in [
+        (hook.url.clone(), "127.0.0.1 is a loopback address"),
+        (
+            format!("https://127.0.0.1:{port}/hook"),
+            "127.0.0.1 is a loopback address",
+        ),
+        (
+            format!("https://localhost:{port}/hook"),
+            "localhost resolves to a loopback address",
+        ),
+        (
+            format!("https://[::1]:{port}/hook"),
+            "::1 is a loopback address",
+        ),
+        (
+            format!("https://[::ffff:127.0.0.1]:{port}/hook"),
+            "is a loopback address",
+        ),
+        (
+            format!("https://user:secret@127.0.0.1:{port}/hook"),
+            "user name or password",
+        ),
+        (format!("ftp://127.0.0.1:{port}/hook"), "https://"),
+    ] {
+        let (status, body) = register(&stack, &url).await;
+        assert_eq!(status, 400, "{url}: {body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.starts_with("url: "), "{url}: {error}");
+        assert!(error.contains(says), "{url}: {error}");
+    }
+    let (status, body) = register(&stack, &format!("http://localhost:{port}/hook")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("gateway.webhooks.allow"),
+        "{body}"
+    );
+    let listed = stack.json("/v1/webhooks").await;
+    assert_eq!(listed["webhooks"], serde_json::json!([]), "{listed}");
+    stack.put(vec![result("q", "a", 0, 5.0)]).await;
+    assert_eq!(*hook.attempts.lock().unwrap(), 0);
+    stack.stop().await;
+}
+
+/// An allowlisted host name may be reached over plain http at whatever it resolves to,
+/// while an address the allowlist does not list is still refused.
+#[tokio::test]
+async fn an_allowlisted_name_is_delivered_to() {
+    let hook = receiver(0).await;
+    let port = hook
+        .url
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    let mut stack = start(|c| {
+        c.webhooks.allow = vec!["LOCALHOST".into()];
+        c.webhooks.initial_backoff = Duration::from_millis(20);
+    })
+    .await;
+    let (status, body) = register(&stack, &hook.url).await;
+    assert_eq!(status, 400, "127.0.0.1 is not listed: {body}");
+    let (status, body) = register(&stack, &format!("http://localhost:{port}/hook")).await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_u64().unwrap();
+    stack.put(vec![result("q", "a", 0, 5.0)]).await;
+    eventually(WAIT, "delivered to the listed name", || async {
+        let status = stack.json(&format!("/v1/webhooks/{id}")).await;
+        status["status"]["delivered"] == 1
+    })
+    .await;
+    assert_eq!(hook.deliveries.lock().unwrap().len(), 1);
+    stack.stop().await;
+}
+
+/// A target is checked again when a delivery connects, not only when it was registered:
+/// a webhook registered while its address was allowlisted gets nothing once the gateway
+/// runs without that allowlist (as a name that resolves elsewhere after registering —
+/// DNS rebinding — would), and its status says why in one class.
+#[tokio::test]
+async fn deliveries_check_the_address_again_when_they_connect() {
+    let hook = receiver(0).await;
+    let mut stack = start(loopback_webhooks).await;
+    let (status, body) = register(&stack, &hook.url).await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_u64().unwrap();
+    stack.put(vec![result("q", "a", 0, 5.0)]).await;
+    eventually(WAIT, "delivered while allowlisted", || async {
+        hook.deliveries.lock().unwrap().len() == 1
+    })
+    .await;
+
+    let dir = stack.stop().await;
+    let mut stack = start_in(dir, |c| {
+        c.webhooks.initial_backoff = Duration::from_millis(20);
+    })
+    .await;
+    stack.put(vec![result("q", "b", 0, 6.0)]).await;
+    let refused = eventually(WAIT, "a refused attempt", || async {
+        let hook = stack.json(&format!("/v1/webhooks/{id}")).await;
+        (hook["status"]["failures"].as_u64() >= Some(2)).then_some(hook)
+    })
+    .await;
+    assert_eq!(
+        refused["status"]["last_error"], "address refused",
+        "{refused}"
+    );
+    assert_eq!(refused["status"]["last_outcome"], "no_answer", "{refused}");
+    assert_eq!(refused["status"]["delivered"], 1, "{refused}");
+    assert_eq!(
+        *hook.attempts.lock().unwrap(),
+        1,
+        "no connection after the first"
+    );
+    stack.stop().await;
+}
+
+/// https receivers: one whose certificate chains to `webhooks.ca` gets the signed
+/// delivery; one whose certificate chains to nothing the gateway trusts gets nothing, and
+/// its status says the TLS handshake failed.
+#[tokio::test]
+async fn https_webhooks_are_delivered_to_trusted_receivers_only() {
+    use runnel_security::certs::DevCa;
+    let names = ["127.0.0.1".to_owned(), "localhost".to_owned()];
+    let (ca, _) = DevCa::generate("webhook receivers' CA", 1).unwrap();
+    let (other, _) = DevCa::generate("an unknown CA", 1).unwrap();
+    let trusted = tls_receiver(&ca.issue("receiver", &names, 1).unwrap()).await;
+    let untrusted = tls_receiver(&other.issue("receiver", &names, 1).unwrap()).await;
+    let certs = tempfile::tempdir().unwrap();
+    let ca_file = certs.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+
+    let mut stack = start(|c| {
+        loopback_webhooks(c);
+        c.webhooks.ca = Some(ca_file);
+    })
+    .await;
+    let mut ids = Vec::new();
+    for hook in [&trusted, &untrusted] {
+        let (status, body) = register(&stack, &hook.url).await;
+        assert_eq!(status, 201, "{}: {body}", hook.url);
+        ids.push(body["id"].as_u64().unwrap());
+    }
+    stack.put(vec![result("q", "a", 0, 5.0)]).await;
+    eventually(WAIT, "delivered over https", || async {
+        trusted.deliveries.lock().unwrap().len() == 1
+    })
+    .await;
+    {
+        let deliveries = trusted.deliveries.lock().unwrap();
+        let (headers, body) = &deliveries[0];
+        assert!(
+            headers["x-runnel-signature"]
+                .to_str()
+                .unwrap()
+                .starts_with("sha256="),
+            "{headers:?}"
+        );
+        assert_eq!(body["body"]["results"][0]["key"], "a");
+    }
+    let failed = eventually(
+        WAIT,
+        "a failed attempt at the untrusted receiver",
+        || async {
+            let hook = stack.json(&format!("/v1/webhooks/{}", ids[1])).await;
+            (hook["status"]["failures"].as_u64() >= Some(1)).then_some(hook)
+        },
+    )
+    .await;
+    assert_eq!(
+        failed["status"]["last_error"], "the TLS handshake failed",
+        "{failed}"
+    );
+    assert_eq!(*untrusted.attempts.lock().unwrap(), 0);
     stack.stop().await;
 }

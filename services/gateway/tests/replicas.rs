@@ -140,6 +140,8 @@ impl Core {
         config.webhooks.max_batch = MAX_BATCH;
         config.webhooks.initial_backoff = Duration::from_millis(20);
         config.webhooks.session_timeout = SESSION_TIMEOUT;
+        // The receivers are on loopback, plain http: allowlisted.
+        config.webhooks.allow = vec!["127.0.0.1/32".into()];
         let gateway = services
             .start_on_loopback("gateway", runnel_gateway::run, config)
             .await;

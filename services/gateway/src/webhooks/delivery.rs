@@ -15,11 +15,11 @@
 //! A commit refused with FAILED_PRECONDITION means the group has moved on without this
 //! replica (it was evicted, or p was reassigned): its deliveries for p stop at once.
 
+use super::outbound::Outbound;
 use super::record::{self, Cursor, Outcome, Webhook};
 use super::registry::Registry;
 use super::{DeliveryStatus, GROUP, PARTITIONS, TOPIC, now, partition_of, signature};
 use crate::config::{SlowClientPolicy, WebhookConfig};
-use crate::error::GatewayError;
 use crate::live::{Hub, LiveItem, Published, Start};
 use futures::FutureExt;
 use runnel_client::{ClientError, ConsumerOptions, GroupConsumer, GroupEvent};
@@ -111,21 +111,10 @@ pub(crate) struct Deliveries {
     state: Mutex<State>,
     hub: Arc<Hub>,
     config: WebhookConfig,
-    client: reqwest::Client,
+    outbound: Outbound,
     commits: mpsc::Sender<MemberRequest>,
     requests: Mutex<Option<mpsc::Receiver<MemberRequest>>>,
     shutdown: Shutdown,
-}
-
-/// What kind of failure a delivery attempt that got no answer was.
-fn failure_class(error: &reqwest::Error) -> &'static str {
-    if error.is_timeout() {
-        "no answer within the timeout"
-    } else if error.is_connect() {
-        "could not connect"
-    } else {
-        "the exchange failed"
-    }
 }
 
 fn millis(at: &Option<String>) -> Option<i64> {
@@ -174,25 +163,19 @@ impl Deliveries {
     pub(crate) fn new(
         hub: Arc<Hub>,
         config: WebhookConfig,
+        outbound: Outbound,
         shutdown: Shutdown,
-    ) -> Result<Arc<Deliveries>, GatewayError> {
-        let client = reqwest::Client::builder()
-            .timeout(config.timeout)
-            // A redirect is the receiver's answer, not an address to post to: following
-            // it would let a receiver point deliveries at anything the gateway reaches.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| GatewayError::Webhooks(format!("http client: {e}")))?;
+    ) -> Arc<Deliveries> {
         let (commits, requests) = mpsc::channel(64);
-        Ok(Arc::new(Deliveries {
+        Arc::new(Deliveries {
             state: Mutex::new(State::default()),
             hub,
             config,
-            client,
+            outbound,
             commits,
             requests: Mutex::new(Some(requests)),
             shutdown,
-        }))
+        })
     }
 
     /// Joins the delivery group once the registry is loaded, and stays in it (rejoining
@@ -670,43 +653,36 @@ impl Deliveries {
         let results: Vec<serde_json::Value> = batch.iter().map(|r| result_json(r)).collect();
         let body = serde_json::to_vec(&serde_json::json!({ "webhook": id, "results": results }))
             .unwrap_or_default();
+        let body = bytes::Bytes::from(body);
         let mut backoff = self.config.initial_backoff;
         loop {
             let timestamp = runnel_proto::now_millis().0.to_string();
             let Ok(signature) = signature(&hook.secret, &timestamp, &body) else {
                 return false;
             };
-            let attempt = self
-                .client
-                .post(&hook.url)
-                .header("content-type", "application/json")
-                .header("x-runnel-webhook", id.to_string())
-                .header("x-runnel-timestamp", &timestamp)
-                .header("x-runnel-signature", signature)
-                .body(body.clone())
-                .send();
+            let headers = [
+                ("content-type", "application/json".to_owned()),
+                ("x-runnel-webhook", id.to_string()),
+                ("x-runnel-timestamp", timestamp),
+                ("x-runnel-signature", signature),
+            ];
+            let attempt = self.outbound.post(&hook.url, &headers, body.clone());
             let outcome = tokio::select! {
                 outcome = attempt => outcome,
                 () = self.shutdown.wait() => return false,
             };
             let (code, error, outcome) = match outcome {
-                Ok(response) if response.status().is_success() => {
-                    (Some(response.status()), None, Outcome::Accepted)
-                }
-                Ok(response) => (
-                    Some(response.status()),
-                    Some(format!("the receiver answered {}", response.status())),
+                Ok(code) if code.is_success() => (Some(code), None, Outcome::Accepted),
+                Ok(code) => (
+                    Some(code),
+                    Some(format!("the receiver answered {code}")),
                     Outcome::Refused,
                 ),
-                Err(error) => {
+                Err(failed) => {
                     // The status shows what kind of failure it was, never the network's own
                     // words (which would make the API a port scanner); the log has them.
-                    tracing::debug!(webhook = id, %error, "webhook delivery attempt failed");
-                    (
-                        error.status(),
-                        Some(failure_class(&error).to_owned()),
-                        Outcome::NoAnswer,
-                    )
+                    tracing::debug!(webhook = id, error = %failed.detail, "webhook delivery attempt failed");
+                    (None, Some(failed.class.to_owned()), Outcome::NoAnswer)
                 }
             };
             match status.lock() {

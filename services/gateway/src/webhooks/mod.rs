@@ -14,6 +14,10 @@
 //! `webhooks.timeout`) is a failure, retried after `initial_backoff`, doubling up to
 //! `max_backoff`, with jitter, for as long as the webhook exists.
 //!
+//! Targets are limited by [`target`]: `https://` and public addresses only, unless
+//! `webhooks.allow` lists them — checked at registration and, after resolving, before
+//! every connection a delivery opens ([`outbound`]). Redirects are not followed.
+//!
 //! Nothing is kept on the gateway's disk: every replica reaches the same webhooks through
 //! the broker (`gateway.broker`; without it webhooks are refused).
 //!
@@ -29,8 +33,12 @@
 //!   owner stopped between the receiver's answer and the commit.
 
 mod delivery;
+mod outbound;
 mod record;
 mod registry;
+mod target;
+
+pub(crate) use target::Allowed;
 
 use crate::config::WebhookConfig;
 use crate::error::GatewayError;
@@ -62,7 +70,8 @@ const MAX_URL_BYTES: usize = 2048;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Registration {
-    /// Where deliveries are POSTed: an `http://` URL.
+    /// Where deliveries are POSTed: an `https://` URL (or `http://`, to a target in
+    /// `webhooks.allow`).
     pub(crate) url: String,
     /// Only results of this query (empty: every query).
     #[serde(default)]
@@ -158,6 +167,7 @@ pub(crate) struct Webhooks {
     deliveries: Arc<delivery::Deliveries>,
     hub: Arc<Hub>,
     config: WebhookConfig,
+    policy: Arc<target::Policy>,
 }
 
 impl Webhooks {
@@ -170,8 +180,13 @@ impl Webhooks {
         config: WebhookConfig,
         shutdown: Shutdown,
     ) -> Result<Arc<Webhooks>, GatewayError> {
+        let policy = Arc::new(
+            target::Policy::new(&config.allow)
+                .map_err(|e| GatewayError::Webhooks(format!("gateway.webhooks.{e}")))?,
+        );
+        let outbound = outbound::Outbound::new(&config, Arc::clone(&policy))?;
         let deliveries =
-            delivery::Deliveries::new(Arc::clone(&hub), config.clone(), shutdown.clone())?;
+            delivery::Deliveries::new(Arc::clone(&hub), config.clone(), outbound, shutdown.clone());
         let registry = Registry::start(
             broker.clone(),
             max_message_bytes,
@@ -190,6 +205,7 @@ impl Webhooks {
             deliveries,
             hub,
             config,
+            policy,
         }))
     }
 
@@ -199,13 +215,11 @@ impl Webhooks {
         mut registration: Registration,
     ) -> Result<serde_json::Value, GatewayError> {
         let bad = |m: String| Err(GatewayError::InvalidArgument(m));
-        if !registration.url.starts_with("http://") || registration.url.len() > MAX_URL_BYTES {
-            return bad(format!(
-                "url must be an http:// URL of at most {MAX_URL_BYTES} bytes"
-            ));
+        if registration.url.len() > MAX_URL_BYTES {
+            return bad(format!("url must be at most {MAX_URL_BYTES} bytes"));
         }
-        if registration.url.parse::<http::Uri>().is_err() {
-            return bad(format!("url {:?} does not parse", registration.url));
+        if let Err(refusal) = self.policy.check_registration(&registration.url).await {
+            return bad(format!("url: {refusal}"));
         }
         if !registration.query.is_empty() {
             crate::results::check_query(&registration.query)?;
