@@ -323,6 +323,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "msglog_records",
     "udp_datagrams",
     "subscribe_events",
+    "sql_queries",
 ];
 
 /// Runs each fuzz target for `seconds` (default 60). cargo-fuzz needs nightly compiler

@@ -1,6 +1,7 @@
 //! Entry points for the fuzz targets in `fuzz/` (the `fuzzing` feature only): what the
 //! analyzer reads out of bytes that producers and the broker sent — events read in place
-//! from the `Subscribe` stream, and field paths over their JSON payloads.
+//! from the `Subscribe` stream, field paths over their JSON payloads, and continuous
+//! queries in SQL.
 
 use crate::event::{EventView, RawMessage, RawSubscribeResponse};
 use crate::path::FieldRef;
@@ -66,5 +67,16 @@ pub fn subscribe_message(bytes: &[u8]) {
         for (name, value) in &event.attributes {
             assert_eq!(view.attribute(name), Some(value.as_str()), "{name}");
         }
+    }
+}
+
+/// Compiles `sql` as a continuous query, and what it compiles to into a plan: never a
+/// panic, and a refusal always says what is wrong.
+pub fn compile_sql(sql: &str) {
+    match crate::sql::compile("q", sql) {
+        Ok(query) => {
+            let _ = query.compile(0);
+        }
+        Err(error) => assert!(!error.message.is_empty(), "an empty refusal for {sql:?}"),
     }
 }
