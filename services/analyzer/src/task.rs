@@ -1165,7 +1165,8 @@ mod tests {
                 by_table.at(key, *ms, f64::from(*v));
                 by_sql.at(key, *ms, f64::from(*v));
             }
-            let versions = |feed: &Feed| -> Vec<(String, i64, i64, bool, Vec<(String, u64)>)> {
+            type Version = (String, i64, i64, bool, Vec<(String, u64)>);
+            let versions = |feed: &Feed| -> Vec<Version> {
                 feed.results
                     .iter()
                     .map(|r| {
