@@ -1323,6 +1323,30 @@ mod tests {
         }
     }
 
+    /// The README's example query is the shipped `avg_value_per_key`, in SQL.
+    #[test]
+    fn the_readme_s_query_is_the_shipped_one() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("[[analyzer.queries]]")
+            .expect("the README's query");
+        let end = start
+            + readme[start..]
+                .find("[store]")
+                .expect("the section after it");
+        #[derive(serde::Deserialize)]
+        struct Queries {
+            analyzer: crate::config::AnalyzerConfig,
+        }
+        let text = format!("[analyzer]\n{}", &readme[start..end]);
+        let parsed: Queries = toml::from_str(&text).unwrap();
+        let [query] = parsed.analyzer.queries.as_slice() else {
+            panic!("one query in the README");
+        };
+        let compiled = compile(&query.name, query.sql.as_deref().unwrap()).unwrap();
+        assert_eq!(resolved(compiled), resolved(default_queries()[0].clone()));
+    }
+
     fn error(sql: &str) -> String {
         compile("q", sql).unwrap_err().to_string()
     }
