@@ -7,14 +7,24 @@
 //! a result is announced only once it is committed, so a watcher never sees a result that
 //! a crash could take back, and the last sequence applied is published for a `Put` that
 //! waits to read its own writes on this replica.
+//!
+//! A query's deletion goes the same way ([`Applier::delete_query`], or a tombstone in the
+//! log): it takes a sequence, which is published, but announces nothing — watchers are not
+//! told of deletions.
 
 use crate::durable::{Sequences, Written};
 use crate::error::{Result, StoreError};
 use crate::hot::HotTier;
-use crate::tiers::Tiers;
+use crate::results_log::Entry;
+use crate::tiers::{Deleted, Tiers};
 use runnel_proto::v1::QueryResult;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::sync::{Mutex, broadcast, watch};
+
+/// Deletions whose counts are kept for the `DeleteQuery` calls waiting for them: far more
+/// than can be in flight at once.
+const DELETIONS_KEPT: usize = 1024;
 
 /// Writes results and announces them.
 pub(crate) struct Applier<H> {
@@ -26,6 +36,8 @@ pub(crate) struct Applier<H> {
     written: broadcast::Sender<Arc<QueryResult>>,
     /// The last sequence announced on `written`.
     applied: watch::Sender<u64>,
+    /// The last deletions applied: `(sequence, results deleted)`, oldest first.
+    deletions: std::sync::Mutex<VecDeque<(u64, u64)>>,
 }
 
 impl<H: HotTier> Applier<H> {
@@ -38,6 +50,7 @@ impl<H: HotTier> Applier<H> {
             writer: Mutex::new(()),
             written: broadcast::Sender::new(watch_buffer),
             applied: watch::Sender::new(last_sequence),
+            deletions: std::sync::Mutex::new(VecDeque::new()),
         }
     }
 
@@ -50,10 +63,74 @@ impl<H: HotTier> Applier<H> {
         self.write(results, Sequences::Assign, true).await
     }
 
-    /// Applies results of the results log, which carry their sequences; those applied
-    /// already are skipped. Without `hot` the hot tier is left alone (see [`Tiers::put`]).
-    pub(crate) async fn apply(&self, results: Vec<QueryResult>, hot: bool) -> Result<()> {
-        self.write(results, Sequences::Given, hot).await
+    /// One replica, no broker: deletes every result of `query` (a valid name); answers how
+    /// many.
+    pub(crate) async fn delete_query(&self, query: &str) -> Result<u64> {
+        Ok(self.delete(query, None, true).await?.results)
+    }
+
+    /// Applies records of the results log, in order, which carry their sequences; those
+    /// applied already are skipped. Without `hot` the hot tier is left alone (see
+    /// [`Tiers::put`]).
+    pub(crate) async fn apply(&self, entries: Vec<Entry>, hot: bool) -> Result<()> {
+        // The results between two deletions (rare) are written in one transaction.
+        let mut results = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match entry {
+                Entry::Result(result) => results.push(result),
+                Entry::DeleteQuery { query, sequence } => {
+                    if !results.is_empty() {
+                        self.write(std::mem::take(&mut results), Sequences::Given, hot)
+                            .await?;
+                    }
+                    self.delete(&query, Some(sequence), hot).await?;
+                }
+            }
+        }
+        if !results.is_empty() {
+            self.write(results, Sequences::Given, hot).await?;
+        }
+        Ok(())
+    }
+
+    /// How many results the deletion at `sequence` deleted here, if it was applied lately.
+    pub(crate) fn deleted_by(&self, sequence: u64) -> Option<u64> {
+        let deletions = self.deletions.lock().ok()?;
+        deletions
+            .iter()
+            .find(|&&(applied, _)| applied == sequence)
+            .map(|&(_, deleted)| deleted)
+    }
+
+    async fn delete(&self, query: &str, given: Option<u64>, hot: bool) -> Result<Deleted> {
+        let writer = self.writer.lock().await;
+        let deleted = self.tiers.delete_query(query, given, hot).await?;
+        if deleted.applied {
+            if let Ok(mut deletions) = self.deletions.lock() {
+                if deletions.len() == DELETIONS_KEPT {
+                    deletions.pop_front();
+                }
+                deletions.push_back((deleted.sequence, deleted.results));
+            }
+            self.publish(deleted.sequence);
+            tracing::info!(
+                query,
+                sequence = deleted.sequence,
+                deleted = deleted.results,
+                "deleted every result of a query"
+            );
+        }
+        drop(writer);
+        metrics::counter!("runnel_store_results_deleted_total").increment(deleted.results);
+        Ok(deleted)
+    }
+
+    /// Publishes `applied` as the last sequence applied, if it is later.
+    fn publish(&self, applied: u64) {
+        if applied > *self.applied.borrow() {
+            self.applied.send_replace(applied);
+            metrics::gauge!("runnel_store_last_sequence").set(applied as f64);
+        }
     }
 
     async fn write(
@@ -71,10 +148,7 @@ impl<H: HotTier> Applier<H> {
             // No watchers is not an error.
             let _ = self.written.send(result);
         }
-        if applied > *self.applied.borrow() {
-            self.applied.send_replace(applied);
-            metrics::gauge!("runnel_store_last_sequence").set(applied as f64);
-        }
+        self.publish(applied);
         drop(writer);
         metrics::counter!("runnel_store_results_written_total").increment(count);
         Ok(())

@@ -24,8 +24,12 @@
 //! the broker (a result's sequence is its log offset + 1, the same on every replica; the
 //! last sequence applied is then also where to read the log on from, committed in the same
 //! transaction as the results it covers). The feed keeps the last `feed_entries` writes; an
-//! entry whose result was rewritten since (or deleted by retention) is skipped when read, as
-//! the later write has its own entry.
+//! entry whose result was rewritten since (or deleted by retention, or by its query's
+//! deletion) is skipped when read, as the later write has its own entry.
+//!
+//! A query's deletion (`DeleteQuery`) removes its rows from `results`, `windows`, `series`
+//! and `queries` in bounded transactions, and takes a sequence of its own (with a broker: its
+//! tombstone's offset + 1), applied by the last of them; it has no feed entry.
 //!
 //! [`Durable`] is synchronous and does disk I/O: call it from blocking threads only.
 
@@ -75,9 +79,9 @@ pub(crate) enum Sequences {
     Given,
 }
 
-/// Results deleted by retention in one transaction, so that a large backlog does not make
-/// one huge commit.
-const RETENTION_BATCH: usize = 10_000;
+/// Results deleted in one transaction, by retention or a query's deletion, so that a large
+/// backlog or query does not make one huge commit (nor hold its keys in memory at once).
+pub(crate) const RETENTION_BATCH: usize = 10_000;
 
 /// The recent windows of one `(query, key)`, as the hot tier holds them.
 #[derive(Clone, PartialEq, Message)]
@@ -138,6 +142,23 @@ pub(crate) struct Expired {
     pub(crate) results: u64,
     /// The series they belonged to, for the hot tier to forget.
     pub(crate) series: BTreeSet<(String, String)>,
+}
+
+/// What one transaction of a query's deletion ([`Durable::delete_query`]) did.
+#[derive(Debug)]
+pub(crate) struct DeletedBatch {
+    /// The deletion's sequence: given by the results log, or the next one.
+    pub(crate) sequence: u64,
+    /// Results deleted by this transaction.
+    pub(crate) results: u64,
+    /// The keys whose series lost results, for the hot tier to forget.
+    pub(crate) keys: BTreeSet<String>,
+    /// Whether the deletion is complete: the query has no result left, the `queries` table
+    /// no longer lists it, and its sequence is applied. Also true, with nothing deleted,
+    /// for a deletion applied already.
+    pub(crate) done: bool,
+    /// Whether this call applied the deletion's sequence (false: applied already).
+    pub(crate) applied: bool,
 }
 
 /// A page of the change feed.
@@ -673,6 +694,87 @@ impl Durable {
         Ok(expired)
     }
 
+    /// Deletes up to `limit` results of `query` in one transaction; the transaction that
+    /// finds no more than `limit` left also forgets the query (`queries`) and applies the
+    /// deletion's sequence — `given` (from the results log), or the next one. Call it until
+    /// it is done. It is idempotent: a deletion cut short (a crash between transactions)
+    /// has not applied its sequence, so the log gives it again and it deletes what is left;
+    /// one whose sequence is applied already deletes nothing — not what was written after
+    /// it. The feed keeps its entries of the deleted results; reading skips them, as for
+    /// results deleted by retention.
+    ///
+    /// With `durable` (a replica serving) each transaction is committed per the fsync
+    /// policy; without it (a replica catching up with the log, see [`Durable::put`]) not
+    /// made durable until the replica has caught up.
+    pub(crate) fn delete_query(
+        &self,
+        query: &str,
+        given: Option<u64>,
+        limit: usize,
+        durable: bool,
+    ) -> Result<DeletedBatch> {
+        let durability = if durable {
+            self.durability
+        } else {
+            Durability::None
+        };
+        self.write(durability, |txn| {
+            let mut meta = txn.open_table(META)?;
+            let next = meta.get(NEXT_SEQUENCE)?.map_or(1, |v| v.value());
+            let sequence = match given {
+                Some(sequence) if sequence < next => {
+                    return Ok(DeletedBatch {
+                        sequence,
+                        results: 0,
+                        keys: BTreeSet::new(),
+                        done: true,
+                        applied: false,
+                    });
+                }
+                Some(sequence) => sequence,
+                None => next,
+            };
+            let mut results = txn.open_table(RESULTS)?;
+            let mut windows = txn.open_table(WINDOWS)?;
+            let mut series = txn.open_table(SERIES)?;
+            let mut doomed: Vec<(String, i64)> = Vec::new();
+            let mut more = false;
+            for entry in results.range((query, "", i64::MIN)..)? {
+                let (window, _) = entry?;
+                let (held_query, key, start) = window.value();
+                if held_query != query {
+                    break;
+                }
+                if doomed.len() == limit {
+                    more = true;
+                    break;
+                }
+                doomed.push((key.to_owned(), start));
+            }
+            for (key, start) in &doomed {
+                results.remove((query, key.as_str(), *start))?;
+                windows.remove((query, *start, key.as_str()))?;
+            }
+            let count = doomed.len() as u64;
+            let keys: BTreeSet<String> = doomed.into_iter().map(|(key, _)| key).collect();
+            for key in &keys {
+                series.remove((query, key.as_str()))?;
+            }
+            let deleted = DeletedBatch {
+                sequence,
+                results: count,
+                keys,
+                done: !more,
+                applied: !more,
+            };
+            if !more {
+                txn.open_table(QUERIES)?.remove(query)?;
+                meta.insert(NEXT_SEQUENCE, sequence + 1)?;
+            }
+            Ok(deleted)
+        })
+    }
+
     /// Gives the space of deleted results back to the file system. Waits for running
     /// transactions and holds off new ones while it runs.
     pub(crate) fn compact(&self) -> Result<bool> {
@@ -1022,6 +1124,133 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("rebuild from the log"), "{error}");
+    }
+
+    /// Deletes `query` in transactions of `limit` results; answers what each deleted.
+    fn delete(store: &Durable, query: &str, given: Option<u64>, limit: usize) -> Vec<u64> {
+        let mut counts = Vec::new();
+        loop {
+            let batch = store.delete_query(query, given, limit, true).unwrap();
+            counts.push(batch.results);
+            if batch.done {
+                return counts;
+            }
+        }
+    }
+
+    #[test]
+    fn a_query_is_deleted_in_bounded_transactions_and_can_be_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let batch = (0..25)
+            .map(|i| result("q", &format!("k{}", i % 5), (i / 5) * 10, 1.0))
+            .chain([result("r", "k0", 0, 2.0)])
+            .collect();
+        store.put(batch, Sequences::Assign, Some(4)).unwrap();
+        let first = store.delete_query("q", None, 10, true).unwrap();
+        assert_eq!(
+            (first.results, first.done, first.applied),
+            (10, false, false)
+        );
+        assert_eq!(
+            first.sequence, 27,
+            "the next sequence, taken by the last transaction"
+        );
+        assert_eq!(store.last_sequence().unwrap(), 26);
+        assert_eq!(delete(&store, "q", None, 10), [10, 5]);
+        assert_eq!(store.last_sequence().unwrap(), 27);
+        assert_eq!(store.queries().unwrap(), ["r"]);
+        assert_eq!(store.newest_window("q").unwrap(), None);
+        for key in ["k0", "k4"] {
+            assert!(
+                store
+                    .range("q", key, i64::MIN, i64::MAX, 100)
+                    .unwrap()
+                    .is_empty()
+            );
+            assert_eq!(store.series("q", key, 4).unwrap().version, 0);
+        }
+        assert_eq!(
+            store
+                .series("r", "k0", 1)
+                .unwrap()
+                .latest()
+                .unwrap()
+                .sequence,
+            26
+        );
+        // The feed skips every write of the deleted query.
+        let fed: Vec<u64> = store
+            .feed(0, 100)
+            .unwrap()
+            .results
+            .iter()
+            .map(|r| r.sequence)
+            .collect();
+        assert_eq!(fed, [26]);
+        // Nothing left to delete: none deleted.
+        assert_eq!(delete(&store, "q", None, 10), [0]);
+        // The query comes back with its next write, which its older feed entries never show.
+        store
+            .put(vec![result("q", "k0", 0, 3.0)], Sequences::Assign, Some(4))
+            .unwrap();
+        let latest = store.series("q", "k0", 4).unwrap();
+        assert_eq!(latest.latest().unwrap().values["count"], 3.0);
+        assert_eq!(latest.version, 29);
+        let fed: Vec<u64> = store
+            .feed(0, 100)
+            .unwrap()
+            .results
+            .iter()
+            .map(|r| r.sequence)
+            .collect();
+        assert_eq!(fed, [26, 29]);
+        assert_eq!(store.queries().unwrap(), ["q", "r"]);
+    }
+
+    #[test]
+    fn a_logged_deletion_cut_short_is_finished_when_given_again_and_applied_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Durable::open(dir.path(), FsyncPolicy::Never, 1000, Sequencing::Log).unwrap();
+        let numbered = |query: &str, key: usize, start: i64, sequence| QueryResult {
+            sequence,
+            ..result(query, &format!("k{key}"), start, 1.0)
+        };
+        let results = (0..30)
+            .map(|i| numbered("q", i % 3, (i as i64 / 3) * 10, i as u64 + 1))
+            .chain([numbered("r", 0, 0, 31)])
+            .collect();
+        store.put(results, Sequences::Given, None).unwrap();
+        // The tombstone at sequence 32: one transaction, then a crash.
+        let first = store.delete_query("q", Some(32), 10, false).unwrap();
+        assert_eq!((first.results, first.done), (10, false));
+        store.sync().unwrap();
+        drop(store);
+        let store = Durable::open(dir.path(), FsyncPolicy::Never, 1000, Sequencing::Log).unwrap();
+        assert_eq!(
+            store.last_sequence().unwrap(),
+            31,
+            "the tombstone is not applied yet"
+        );
+        // The log gives it again: what is left goes.
+        assert_eq!(delete(&store, "q", Some(32), 10), [10, 10]);
+        assert_eq!(store.last_sequence().unwrap(), 32);
+        store
+            .put(vec![numbered("q", 0, 0, 33)], Sequences::Given, None)
+            .unwrap();
+        // Given again once applied, it deletes nothing — not what came after it.
+        let again = store.delete_query("q", Some(32), 10, true).unwrap();
+        assert_eq!((again.results, again.done, again.applied), (0, true, false));
+        assert_eq!(
+            store
+                .series("q", "k0", 1)
+                .unwrap()
+                .latest()
+                .unwrap()
+                .sequence,
+            33
+        );
+        assert_eq!(store.queries().unwrap(), ["q", "r"]);
     }
 
     proptest! {

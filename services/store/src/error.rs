@@ -93,6 +93,12 @@ pub enum StoreError {
         /// The log's end when the replica started.
         target: u64,
     },
+    /// A `DeleteQuery` through the results log was applied, but this replica no longer
+    /// knows how many results it deleted (so many deletions were applied since).
+    #[error(
+        "the deletion at sequence {0} is applied, but so many deletions were applied since that its count is gone"
+    )]
+    DeletionCountGone(u64),
     /// The store stopped following the results log (it is shutting down or failed).
     #[error("the store stopped following the results log; retry on another replica")]
     NotFollowing,
@@ -140,6 +146,7 @@ impl From<StoreError> for Status {
             StoreError::CatchingUp { .. } | StoreError::NotFollowing => {
                 Status::unavailable(error.to_string())
             }
+            StoreError::DeletionCountGone(_) => Status::unknown(error.to_string()),
             StoreError::Log(_) => {
                 tracing::error!(%error, "results log failure");
                 Status::unavailable("the store cannot reach the results log in the broker")

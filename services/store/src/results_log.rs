@@ -19,11 +19,18 @@
 //! result it holds has left every replica's long-term storage, so a rebuilt replica has
 //! every result the others have.
 //!
-//! **Encoding** ([`encode`], [`decode`]): each result is one event whose `type` is
-//! [`RESULT_TYPE`] (the version: a store that meets a type it does not know stops with an
-//! error rather than skip a result) and whose `payload` is the `QueryResult` protobuf with
-//! `sequence` unset (the offset gives it); its `id` is `<query>/<key>/<window start ms>`,
-//! for whoever reads the topic, and is not read back. No event key: one partition.
+//! **Encoding** ([`encode`], [`encode_deletion`], [`decode`]): a record is one of two
+//! kinds, told apart by the event's `type` (which is also the version: a store that meets a
+//! type it does not know stops with an error rather than skip or misread a record):
+//!
+//! - a result, [`RESULT_TYPE`]: the `payload` is the `QueryResult` protobuf with `sequence`
+//!   unset (the offset gives it); its `id` is `<query>/<key>/<window start ms>`;
+//! - a query's deletion (a tombstone, `DeleteQuery`), [`DELETE_QUERY_TYPE`]: the `payload`
+//!   is the `DeleteQueryRequest` protobuf; its `id` is `<query>/delete`. Every replica
+//!   deletes every result of the query it holds when it applies the record, so all of them
+//!   delete exactly the results written before it in the log, and keep those after it.
+//!
+//! Ids are for whoever reads the topic and are not read back. No event key: one partition.
 
 use crate::apply::Applier;
 use crate::error::{Result, StoreError};
@@ -35,8 +42,8 @@ use runnel_proto::Millis;
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::subscribe_response::Message as Part;
 use runnel_proto::v1::{
-    Acks, CreateTopicRequest, DescribeTopicRequest, Event, GroupFence, QueryResult, Record,
-    RetentionPolicy, SubscribeRequest,
+    Acks, CreateTopicRequest, DeleteQueryRequest, DescribeTopicRequest, Event, GroupFence,
+    QueryResult, Record, RetentionPolicy, SubscribeRequest,
 };
 use runnel_security::{ConnectConfig, Peer};
 use runnel_server::Shutdown;
@@ -50,6 +57,9 @@ use tonic::Code;
 pub(crate) const TOPIC: &str = "_store.results";
 /// The event type of a result in the log, and its encoding's version.
 pub(crate) const RESULT_TYPE: &str = "runnel.store.result.v1";
+/// The event type of a query's deletion (a tombstone) in the log, and its encoding's
+/// version.
+pub(crate) const DELETE_QUERY_TYPE: &str = "runnel.store.delete_query.v1";
 /// Results applied in one transaction at most, when the log has that many waiting: large,
 /// as a transaction copies each B-tree page it touches once however often it touches it.
 const MAX_APPLY_BATCH: usize = 200_000;
@@ -74,8 +84,45 @@ pub(crate) fn encode(result: &QueryResult) -> Event {
     }
 }
 
-/// The result a record of the log holds, its sequence set from the record's offset.
-pub(crate) fn decode(record: &Record) -> Result<QueryResult> {
+/// The deletion of every result of `query` as an event of the log.
+pub(crate) fn encode_deletion(query: &str) -> Event {
+    let payload = DeleteQueryRequest {
+        query: query.to_owned(),
+    };
+    Event {
+        id: format!("{query}/delete"),
+        r#type: DELETE_QUERY_TYPE.to_owned(),
+        payload: payload.encode_to_vec().into(),
+        ..Event::default()
+    }
+}
+
+/// One record of the log, decoded: what a replica applies at its sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Entry {
+    /// A result, its sequence set from the record's offset.
+    Result(QueryResult),
+    /// Every result of `query` written before it is deleted.
+    DeleteQuery {
+        /// The query.
+        query: String,
+        /// The record's offset + 1.
+        sequence: u64,
+    },
+}
+
+impl Entry {
+    /// The record's offset + 1.
+    pub(crate) fn sequence(&self) -> u64 {
+        match self {
+            Entry::Result(result) => result.sequence,
+            Entry::DeleteQuery { sequence, .. } => *sequence,
+        }
+    }
+}
+
+/// What a record of the log holds, its sequence set from the record's offset.
+pub(crate) fn decode(record: &Record) -> Result<Entry> {
     let bad = |reason: String| StoreError::BadRecord {
         offset: record.offset,
         reason,
@@ -84,9 +131,19 @@ pub(crate) fn decode(record: &Record) -> Result<QueryResult> {
         .event
         .as_ref()
         .ok_or_else(|| bad("the record holds no event".into()))?;
+    if event.r#type == DELETE_QUERY_TYPE {
+        let deletion = DeleteQueryRequest::decode(event.payload.as_ref())
+            .map_err(|error| bad(format!("the deletion does not decode: {error}")))?;
+        runnel_proto::names::validate_query_name(&deletion.query)
+            .map_err(|error| bad(format!("not a valid deletion: {error}")))?;
+        return Ok(Entry::DeleteQuery {
+            query: deletion.query,
+            sequence: record.offset + 1,
+        });
+    }
     if event.r#type != RESULT_TYPE {
         return Err(bad(format!(
-            "its type is {:?}, not {RESULT_TYPE:?}: written by a newer store, or not by a store",
+            "its type is {:?}, not {RESULT_TYPE:?} or {DELETE_QUERY_TYPE:?}: written by a newer store, or not by a store",
             event.r#type
         )));
     }
@@ -95,7 +152,7 @@ pub(crate) fn decode(record: &Record) -> Result<QueryResult> {
     validate::validate(std::slice::from_ref(&result), 1)
         .map_err(|error| bad(format!("not a valid result: {error}")))?;
     result.sequence = record.offset + 1;
-    Ok(result)
+    Ok(Entry::Result(result))
 }
 
 /// The results log: where `Put` writes, what every replica follows.
@@ -237,7 +294,16 @@ impl ResultsLog {
         results: &[QueryResult],
         fence: Option<GroupFence>,
     ) -> Result<u64> {
-        let events: Vec<Event> = results.iter().map(encode).collect();
+        self.send(results.iter().map(encode).collect(), fence).await
+    }
+
+    /// Appends the deletion of every result of `query` (a valid name); answers with its
+    /// sequence once the broker holds it durably.
+    pub(crate) async fn append_deletion(&self, query: &str) -> Result<u64> {
+        self.send(vec![encode_deletion(query)], None).await
+    }
+
+    async fn send(&self, events: Vec<Event>, fence: Option<GroupFence>) -> Result<u64> {
         let mut producer = self.producer.lock().await;
         producer.set_fence(fence);
         let positions = producer.send(events).await.map_err(|error| match error {
@@ -256,10 +322,10 @@ impl ResultsLog {
             .ok_or_else(|| log_error("the broker acknowledged no record"))
     }
 
-    /// Follows the log from where `applier` is and applies every result, until `shutdown`;
+    /// Follows the log from where `applier` is and applies every record, until `shutdown`;
     /// sets `caught_up` once it has applied the log up to `target` (its end on start-up)
     /// and ranked from disk. Returns an error only for what retrying cannot fix: a record
-    /// that is not a result, a gap in the log, or a log that no longer holds what this
+    /// it cannot apply, a gap in the log, or a log that no longer holds what this
     /// replica has not applied yet.
     pub(crate) async fn follow<H: HotTier>(
         self: Arc<Self>,
@@ -329,14 +395,14 @@ impl ResultsLog {
                 }
                 let expected = applier.applied() + 1;
                 if let Some(first) = batch.first()
-                    && first.sequence > expected
+                    && first.sequence() > expected
                 {
                     reader.abort();
                     return Err(StoreError::BadRecord {
                         offset: expected - 1,
                         reason: format!(
                             "the log continued at offset {} instead: records are missing",
-                            first.sequence - 1
+                            first.sequence() - 1
                         ),
                     });
                 }
@@ -394,10 +460,10 @@ impl ResultsLog {
 }
 
 impl ResultsLog {
-    /// Reads the log from `from` on and sends its results, decoded, in chunks, until the
+    /// Reads the log from `from` on and sends its records, decoded, in chunks, until the
     /// stream or the receiver ends. A fresh replica (`from` 0) starts at the first record
     /// kept.
-    async fn read(self: Arc<Self>, from: u64, chunks: mpsc::Sender<Result<Vec<QueryResult>>>) {
+    async fn read(self: Arc<Self>, from: u64, chunks: mpsc::Sender<Result<Vec<Entry>>>) {
         let subscribed = async {
             let offset = if from == 0 {
                 self.bounds().await?.0
@@ -580,10 +646,72 @@ mod tests {
                 sequence: old_sequence,
                 ..QueryResult::default()
             };
-            let decoded = decode(&record(offset, encode(&result))).unwrap();
+            let Entry::Result(decoded) = decode(&record(offset, encode(&result))).unwrap() else {
+                panic!("a result decodes as a result");
+            };
             prop_assert_eq!(decoded.sequence, offset + 1);
             prop_assert_eq!(QueryResult { sequence: old_sequence, ..decoded }, result);
         }
+
+        /// Whatever query a deletion names, it comes back from the log as a deletion of
+        /// that query, with the sequence its offset gives it — never as a result.
+        #[test]
+        fn a_deletion_round_trips_with_its_offset_as_sequence(
+            query in "[a-z][a-z0-9_.-]{0,60}",
+            offset in 0u64..u64::MAX - 1,
+        ) {
+            let decoded = decode(&record(offset, encode_deletion(&query))).unwrap();
+            prop_assert_eq!(decoded, Entry::DeleteQuery { query, sequence: offset + 1 });
+        }
+    }
+
+    #[test]
+    fn a_deletion_is_its_own_kind_of_record() {
+        let event = encode_deletion("q");
+        assert_eq!(event.r#type, "runnel.store.delete_query.v1");
+        assert_eq!(event.id, "q/delete");
+        assert_ne!(
+            event.r#type, RESULT_TYPE,
+            "an older store must not take it for a result"
+        );
+        assert_eq!(
+            DeleteQueryRequest::decode(event.payload.as_ref()).unwrap(),
+            DeleteQueryRequest { query: "q".into() }
+        );
+        assert_eq!(
+            decode(&record(9, event)).unwrap(),
+            Entry::DeleteQuery {
+                query: "q".into(),
+                sequence: 10
+            }
+        );
+        // A deletion that names no valid query, or whose payload does not decode, is
+        // refused by offset rather than applied.
+        let nameless = encode_deletion("");
+        let garbage = Event {
+            payload: vec![0xff, 0xff, 0xff].into(),
+            ..encode_deletion("q")
+        };
+        for (event, says) in [
+            (nameless, "not a valid deletion"),
+            (garbage, "does not decode"),
+        ] {
+            let error = decode(&record(41, event)).unwrap_err().to_string();
+            assert!(error.contains("offset 41"), "{error}");
+            assert!(error.contains(says), "{error} should say {says}");
+        }
+        // And a result's record, read as what an older store reads, is still a result.
+        let result = QueryResult {
+            query: "q".into(),
+            key: "k".into(),
+            window_start: Some(Millis(0).into()),
+            window_end: Some(Millis(10).into()),
+            ..QueryResult::default()
+        };
+        assert!(matches!(
+            decode(&record(0, encode(&result))).unwrap(),
+            Entry::Result(_)
+        ));
     }
 
     #[test]
@@ -621,6 +749,6 @@ mod tests {
             ..record(7, Event::default())
         };
         assert!(decode(&empty).is_err());
-        assert_eq!(decode(&record(0, encode(&result))).unwrap().sequence, 1);
+        assert_eq!(decode(&record(0, encode(&result))).unwrap().sequence(), 1);
     }
 }

@@ -8,6 +8,11 @@
 //! reads the change feed on disk until it has caught up, so a watcher sees every write after
 //! its cursor, in order, whatever its speed. Each result continues the trace it carries in
 //! its headers (the analyzer's span that emitted it).
+//!
+//! `DeleteQuery` deletes every result of a query the way `Put` writes: straight into this
+//! store, or as a tombstone in the results log that every replica applies at its position,
+//! answering once this replica has applied it. Watchers are not told of it: they receive
+//! nothing for the deletion, and a resumed watch skips the deleted results.
 
 use crate::apply::Applier;
 use crate::durable::Durable;
@@ -19,8 +24,8 @@ use runnel_proto::Millis;
 use runnel_proto::filter::ResultFilter;
 use runnel_proto::v1::store_server::Store;
 use runnel_proto::v1::{
-    GetRequest, GetResponse, PutRequest, PutResponse, QueryResult, RangeRequest, RangeResponse,
-    TopKRequest, TopKResponse, WatchRequest,
+    DeleteQueryRequest, DeleteQueryResponse, GetRequest, GetResponse, PutRequest, PutResponse,
+    QueryResult, RangeRequest, RangeResponse, TopKRequest, TopKResponse, WatchRequest,
 };
 use runnel_security::{Action, Resource, authorize};
 use runnel_server::Shutdown;
@@ -154,6 +159,24 @@ impl<H: HotTier> StoreService<H> {
         Ok(PutResponse {
             written: count as u32,
         })
+    }
+
+    async fn serve_delete_query(&self, request: DeleteQueryRequest) -> Result<DeleteQueryResponse> {
+        check_names(&request.query, "")?;
+        let deleted = match &self.writes {
+            Writes::Local => self.applier.delete_query(&request.query).await?,
+            Writes::Log { log, .. } => {
+                let sequence = log.append_deletion(&request.query).await?;
+                tokio::select! {
+                    applied = self.applier.applied_through(sequence) => applied?,
+                    () = self.shutdown.wait() => return Err(StoreError::NotFollowing),
+                }
+                self.applier
+                    .deleted_by(sequence)
+                    .ok_or(StoreError::DeletionCountGone(sequence))?
+            }
+        };
+        Ok(DeleteQueryResponse { deleted })
     }
 
     async fn serve_get(&self, request: GetRequest) -> Result<GetResponse> {
@@ -370,6 +393,20 @@ impl<H: HotTier> Store for StoreService<H> {
             authorize(&request, Action::WriteResults, Resource::Query(query))?;
         }
         Ok(Response::new(self.serve_put(request.into_inner()).await?))
+    }
+
+    async fn delete_query(
+        &self,
+        request: Request<DeleteQueryRequest>,
+    ) -> std::result::Result<Response<DeleteQueryResponse>, Status> {
+        authorize(
+            &request,
+            Action::WriteResults,
+            Resource::Query(&request.get_ref().query),
+        )?;
+        Ok(Response::new(
+            self.serve_delete_query(request.into_inner()).await?,
+        ))
     }
 
     async fn get(

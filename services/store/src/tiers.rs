@@ -16,7 +16,7 @@
 //! window, not a copy of anything a read could load.
 
 use crate::config::{CacheStrategy, HotConfig};
-use crate::durable::{Durable, Sequences, Series, Written, start_of};
+use crate::durable::{Durable, RETENTION_BATCH, Sequences, Series, Written, start_of};
 use crate::error::Result;
 use crate::hot::{Cached, HotTier, Lookup, Ranking, Scores};
 use runnel_proto::Millis;
@@ -48,6 +48,17 @@ pub(crate) struct TopResults {
     pub(crate) ranked_by: String,
     /// The keys' results in that window, highest first.
     pub(crate) results: Vec<QueryResult>,
+}
+
+/// What a query's deletion did ([`Tiers::delete_query`]).
+#[derive(Debug, Default)]
+pub(crate) struct Deleted {
+    /// The deletion's sequence.
+    pub(crate) sequence: u64,
+    /// Results deleted.
+    pub(crate) results: u64,
+    /// Whether this call applied the deletion (false: it was applied already).
+    pub(crate) applied: bool,
 }
 
 /// How often a replica that owes the hot tier an invalidation tries to pay it.
@@ -177,14 +188,15 @@ impl<H: HotTier> Tiers<H> {
             };
             let start = start_of(result);
             let end = result.window_end.map(Millis::from).unwrap_or_default().0;
-            windows
+            let scores = windows
                 .entry((result.query.as_str(), start))
                 .or_insert_with(|| Scores {
                     window: (start, end),
                     keys: Vec::new(),
-                })
-                .keys
-                .push((result.key.clone(), value));
+                    version: 0,
+                });
+            scores.keys.push((result.key.clone(), value));
+            scores.version = scores.version.max(result.sequence);
         }
         for ((query, _), scores) in windows {
             if let Err(error) = self.hot.rank(query, scores, self.config.top_keys).await {
@@ -319,6 +331,11 @@ impl<H: HotTier> Tiers<H> {
                 results.push(result.clone());
             }
         }
+        if results.is_empty() {
+            // Ranked keys none of which has a result in the window any more (deleted since,
+            // by retention or the query's deletion): no results.
+            return Ok(None);
+        }
         Ok(Some(TopResults {
             window,
             ranked_by: self.config.rank_by(query).to_owned(),
@@ -356,18 +373,68 @@ impl<H: HotTier> Tiers<H> {
                 .iter()
                 .filter_map(|r| Some((r.key.clone(), *r.values.get(rank_by)?)))
                 .collect();
+            let version = results.iter().map(|r| r.sequence).max().unwrap_or_default();
             self.hot
                 .rank(
                     &query,
                     Scores {
                         window: (start, end),
                         keys,
+                        version,
                     },
                     self.config.top_keys,
                 )
                 .await?;
         }
         Ok(())
+    }
+
+    /// Deletes every result of `query` from long-term storage, in bounded transactions,
+    /// and — with `hot` — from the hot tier: each series it had is forgotten with the
+    /// deletion's sequence as its version (so no fill from before the deletion brings it
+    /// back, and the query's next writes are taken), and its ranking is dropped. The
+    /// caller serialises writes. Without `hot` (a replica catching up) the hot tier is left
+    /// alone, as by [`Tiers::put`].
+    pub(crate) async fn delete_query(
+        &self,
+        query: &str,
+        given: Option<u64>,
+        hot: bool,
+    ) -> Result<Deleted> {
+        let mut deleted = Deleted::default();
+        loop {
+            let durable = Arc::clone(&self.durable);
+            let name = query.to_owned();
+            let batch = tokio::task::spawn_blocking(move || {
+                durable.delete_query(&name, given, RETENTION_BATCH, hot)
+            })
+            .await??;
+            deleted.results += batch.results;
+            deleted.sequence = batch.sequence;
+            deleted.applied = batch.applied;
+            if hot {
+                for key in &batch.keys {
+                    let forgotten = self
+                        .hot
+                        .forget(query, key, batch.sequence, self.config.ttl)
+                        .await;
+                    if let Err(error) = forgotten {
+                        // The series may still be held: everything held is invalidated once
+                        // the hot tier answers again.
+                        hot_failed(&error);
+                        self.owe_invalidation();
+                    }
+                }
+            }
+            if batch.done {
+                break;
+            }
+        }
+        if hot && let Err(error) = self.hot.drop_ranking(query, deleted.sequence).await {
+            // A ranking left behind names keys without results: `TopK` answers none.
+            hot_failed(&error);
+        }
+        Ok(deleted)
     }
 
     /// Forgets series whose windows retention deleted, so reads reload what is left.
@@ -487,6 +554,10 @@ mod tests {
 
         async fn rank(&self, query: &str, scores: Scores, keep: usize) -> Result<()> {
             self.inner.rank(query, scores, keep).await
+        }
+
+        async fn drop_ranking(&self, query: &str, version: u64) -> Result<()> {
+            self.inner.drop_ranking(query, version).await
         }
 
         async fn top(&self, query: &str, k: usize) -> Result<Option<Ranking>> {

@@ -52,12 +52,22 @@ struct Window {
     start: i64,
     end: i64,
     scores: HashMap<String, f64>,
+    /// The greatest sequence scored.
+    version: u64,
+}
+
+/// One query's ranking.
+#[derive(Debug, Default)]
+struct Ranked {
+    window: Option<Window>,
+    /// The sequence of the query's last deletion: older scores are refused.
+    dropped: u64,
 }
 
 /// The in-process backend.
 pub(crate) struct Memory {
     series: Cache<String, Arc<Entry>>,
-    rankings: Mutex<HashMap<String, Window>>,
+    rankings: Mutex<HashMap<String, Ranked>>,
 }
 
 impl std::fmt::Debug for Memory {
@@ -102,7 +112,7 @@ impl Memory {
         }
     }
 
-    fn rankings(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Window>>> {
+    fn rankings(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Ranked>>> {
         self.rankings.lock().map_err(|_| StoreError::Failed)
     }
 
@@ -187,10 +197,15 @@ impl HotTier for Memory {
     async fn rank(&self, query: &str, scores: Scores, keep: usize) -> Result<()> {
         let mut rankings = self.rankings()?;
         let (start, end) = scores.window;
-        let window = rankings.entry(query.to_owned()).or_insert_with(|| Window {
+        let ranked = rankings.entry(query.to_owned()).or_default();
+        if scores.version <= ranked.dropped {
+            return Ok(());
+        }
+        let window = ranked.window.get_or_insert_with(|| Window {
             start,
             end,
             scores: HashMap::new(),
+            version: 0,
         });
         if start < window.start {
             return Ok(());
@@ -200,8 +215,10 @@ impl HotTier for Memory {
                 start,
                 end,
                 scores: HashMap::new(),
+                version: 0,
             };
         }
+        window.version = window.version.max(scores.version);
         window.scores.extend(scores.keys);
         // Trim in bulk, not per write: twice the bound, down to the bound.
         if window.scores.len() > keep.saturating_mul(2) {
@@ -211,9 +228,22 @@ impl HotTier for Memory {
         Ok(())
     }
 
+    async fn drop_ranking(&self, query: &str, version: u64) -> Result<()> {
+        let mut rankings = self.rankings()?;
+        let ranked = rankings.entry(query.to_owned()).or_default();
+        if ranked.window.as_ref().is_none_or(|w| w.version < version) {
+            ranked.window = None;
+        }
+        ranked.dropped = ranked.dropped.max(version);
+        Ok(())
+    }
+
     async fn top(&self, query: &str, k: usize) -> Result<Option<Ranking>> {
         let rankings = self.rankings()?;
-        Ok(rankings.get(query).map(|window| Ranking {
+        let window = rankings
+            .get(query)
+            .and_then(|ranked| ranked.window.as_ref());
+        Ok(window.map(|window| Ranking {
             window: (window.start, window.end),
             top: top_k(
                 window
@@ -299,6 +329,7 @@ mod tests {
         let scores = |start, keys: &[(&str, f64)]| Scores {
             window: (start, start + 10),
             keys: keys.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            version: 1,
         };
         assert_eq!(hot.top("q", 3).await.unwrap(), None);
         hot.rank("q", scores(10, &[("a", 1.0), ("b", 3.0)]), 100)
@@ -312,5 +343,26 @@ mod tests {
         hot.rank("q", scores(20, &[("c", 1.0)]), 100).await.unwrap();
         let ranking = hot.top("q", 3).await.unwrap().unwrap();
         assert_eq!(ranking.top, [("c".to_owned(), 1.0)]);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_ranking_refuses_older_scores_and_keeps_newer_ones() {
+        let hot = Memory::new(1 << 20);
+        let scores = |start, key: &str, version| Scores {
+            window: (start, start + 10),
+            keys: vec![(key.to_owned(), 1.0)],
+            version,
+        };
+        hot.rank("q", scores(10, "a", 3), 100).await.unwrap();
+        hot.drop_ranking("q", 5).await.unwrap();
+        assert_eq!(hot.top("q", 3).await.unwrap(), None);
+        // Scores of writes before the deletion (a replica behind it) are refused.
+        hot.rank("q", scores(20, "old", 4), 100).await.unwrap();
+        assert_eq!(hot.top("q", 3).await.unwrap(), None);
+        // Those after it rank again, and a late drop of the same deletion keeps them.
+        hot.rank("q", scores(0, "new", 6), 100).await.unwrap();
+        hot.drop_ranking("q", 5).await.unwrap();
+        let ranking = hot.top("q", 3).await.unwrap().unwrap();
+        assert_eq!(ranking.top, [("new".to_owned(), 1.0)]);
     }
 }

@@ -61,6 +61,9 @@ pub(crate) struct Scores {
     pub(crate) window: (i64, i64),
     /// `(key, value)`.
     pub(crate) keys: Vec<(String, f64)>,
+    /// The greatest sequence among the writes scored: a ranking dropped by a query's
+    /// deletion with a later sequence refuses them.
+    pub(crate) version: u64,
 }
 
 /// An in-memory data store.
@@ -100,6 +103,12 @@ pub(crate) trait HotTier: Send + Sync + 'static {
         scores: Scores,
         keep: usize,
     ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Drops `query`'s ranking for the query's deletion at sequence `version`, unless it
+    /// holds writes after the deletion (another replica sharing the hot tier applied it
+    /// earlier, and newer results since); scores of writes before it are refused from now
+    /// on (a replica sharing the hot tier that has not applied the deletion yet).
+    fn drop_ranking(&self, query: &str, version: u64) -> impl Future<Output = Result<()>> + Send;
 
     /// The top `k` keys of `query`'s most recent window, if it has one.
     fn top(&self, query: &str, k: usize) -> impl Future<Output = Result<Option<Ranking>>> + Send;

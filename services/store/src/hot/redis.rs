@@ -10,8 +10,9 @@
 //!   on when it starts, and when a write reached neither Redis nor its marker, once Redis
 //!   answers again ([`HotTier::invalidate_all`]); every lookup reads it with the series;
 //! - `P:{<len>:<query>}:w` — a hash with the `start` and `end` of the query's most recent
-//!   window, and `P:{<len>:<query>}:z` — a sorted set of that window's keys by value (one
-//!   hash tag, so both live on one Redis Cluster slot).
+//!   window, `v` the greatest sequence ranked in it, and `x` the sequence of the query's last
+//!   deletion (older scores are refused); and `P:{<len>:<query>}:z` — a sorted set of that
+//!   window's keys by value (one hash tag, so both live on one Redis Cluster slot).
 //!
 //! Every change is one Lua script, so replicas racing on one series or ranking never
 //! interleave: a series is replaced only by a newer version, a ranking only moves forward.
@@ -55,22 +56,47 @@ local epoch = redis.call('GET', KEYS[2]) or '0'
 return {held[1] or '', held[2] or '', held[3] or '0', epoch}
 ";
 
-/// Folds scores into a query's ranking.
-/// KEYS: window hash, sorted set. ARGV: start, end, keep, then value, key pairs.
+/// Folds scores into a query's ranking, unless the query was deleted after them.
+/// KEYS: window hash, sorted set. ARGV: start, end, keep, version, then value, key pairs.
 const RANK: &str = r"
+local dropped = redis.call('HGET', KEYS[1], 'x')
+local version = tonumber(ARGV[4])
+if dropped and tonumber(dropped) >= version then return 0 end
 local held = redis.call('HGET', KEYS[1], 'start')
 local start = tonumber(ARGV[1])
 if held and tonumber(held) > start then return 0 end
 if (not held) or tonumber(held) < start then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'start', ARGV[1], 'end', ARGV[2])
+  redis.call('HDEL', KEYS[1], 'v')
 end
-for i = 4, #ARGV, 2 do
+local ranked = redis.call('HGET', KEYS[1], 'v')
+if (not ranked) or tonumber(ranked) < version then
+  redis.call('HSET', KEYS[1], 'v', ARGV[4])
+end
+for i = 5, #ARGV, 2 do
   redis.call('ZADD', KEYS[2], ARGV[i], ARGV[i + 1])
 end
 local keep = tonumber(ARGV[3])
 local n = redis.call('ZCARD', KEYS[2])
 if n > keep then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - keep - 1) end
+return 1
+";
+
+/// Drops a ranking for a query's deletion, unless it holds writes after it, and refuses
+/// older scores from now on.
+/// KEYS: window hash, sorted set. ARGV: the deletion's sequence.
+const DROP: &str = r"
+local version = tonumber(ARGV[1])
+local ranked = redis.call('HGET', KEYS[1], 'v')
+if (not ranked) or tonumber(ranked) < version then
+  redis.call('DEL', KEYS[2])
+  redis.call('HDEL', KEYS[1], 'start', 'end', 'v')
+end
+local dropped = redis.call('HGET', KEYS[1], 'x')
+if (not dropped) or tonumber(dropped) < version then
+  redis.call('HSET', KEYS[1], 'x', ARGV[1])
+end
 return 1
 ";
 
@@ -93,6 +119,7 @@ pub(crate) struct Redis {
     store: Arc<redis::Script>,
     lookup: Arc<redis::Script>,
     rank: Arc<redis::Script>,
+    drop: Arc<redis::Script>,
     top: Arc<redis::Script>,
 }
 
@@ -123,6 +150,7 @@ impl Redis {
             store: Arc::new(redis::Script::new(STORE)),
             lookup: Arc::new(redis::Script::new(LOOKUP)),
             rank: Arc::new(redis::Script::new(RANK)),
+            drop: Arc::new(redis::Script::new(DROP)),
             top: Arc::new(redis::Script::new(TOP)),
         })
     }
@@ -266,11 +294,25 @@ impl HotTier for Redis {
             .key(set)
             .arg(scores.window.0)
             .arg(scores.window.1)
-            .arg(keep);
+            .arg(keep)
+            .arg(scores.version);
         for (key, value) in &scores.keys {
             invocation.arg(*value).arg(key);
         }
         let _: i64 = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(failed)?;
+        Ok(())
+    }
+
+    async fn drop_ranking(&self, query: &str, version: u64) -> Result<()> {
+        let (window, set) = self.ranking_keys(query);
+        let _: i64 = self
+            .drop
+            .key(window)
+            .key(set)
+            .arg(version)
             .invoke_async(&mut self.connection.clone())
             .await
             .map_err(failed)?;
