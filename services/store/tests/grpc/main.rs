@@ -3,12 +3,13 @@
 //! when it is not installed, unless `RUNNEL_REQUIRE_REDIS=1`).
 
 mod replicas;
+mod security;
 
 use runnel_proto::Millis;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{
-    Comparison, GetRequest, PutRequest, QueryResult, RangeRequest, TopKRequest, ValuePredicate,
-    WatchRequest,
+    Comparison, DeleteQueryRequest, GetRequest, PutRequest, QueryResult, RangeRequest, TopKRequest,
+    TopKResponse, ValuePredicate, WatchRequest,
 };
 use runnel_store::{CacheStrategy, HotBackend, StoreConfig};
 use runnel_testkit::redis::RedisServer;
@@ -152,6 +153,129 @@ async fn range(
         .unwrap()
         .into_inner()
         .results
+}
+
+async fn delete_query(
+    client: &mut StoreClient<Channel>,
+    query: &str,
+) -> Result<u64, tonic::Status> {
+    client
+        .delete_query(DeleteQueryRequest {
+            query: query.into(),
+        })
+        .await
+        .map(|r| r.into_inner().deleted)
+}
+
+async fn top_k(client: &mut StoreClient<Channel>, query: &str) -> TopKResponse {
+    client
+        .top_k(TopKRequest {
+            query: query.into(),
+            k: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Every result of query `query` and key `key`.
+async fn range_of(client: &mut StoreClient<Channel>, query: &str, key: &str) -> Vec<QueryResult> {
+    client
+        .range(RangeRequest {
+            query: query.into(),
+            key: key.into(),
+            ..RangeRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+}
+
+/// One store, no broker: a query's deletion takes every result of it out of both tiers —
+/// the hot tier held them, and a read after it finds nothing — leaves other queries alone,
+/// tells watchers nothing, survives a restart, and the query can be written again.
+#[tokio::test]
+async fn delete_query_deletes_every_result_of_one_query_from_both_tiers() {
+    for backend in backends().await {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = spawn_store(dir.path(), &backend, |_| {}).await;
+        let a: Vec<QueryResult> = (0..6)
+            .map(|i| result("a", &format!("k{}", i % 2), (i / 2) * 1000, i as f64))
+            .collect();
+        put(&mut store.client, a).await.unwrap();
+        put(&mut store.client, vec![result("b", "k0", 0, 7.0)])
+            .await
+            .unwrap();
+        // The hot tier holds A's series (write-through), and its ranking.
+        assert_eq!(get(&mut store.client, "a", "k0").await.unwrap().sequence, 5);
+        assert_eq!(top_k(&mut store.client, "a").await.results.len(), 2);
+        let mut watcher = store
+            .client
+            .watch(WatchRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+
+        assert_eq!(
+            delete_query(&mut store.client, "a").await.unwrap(),
+            6,
+            "{}",
+            backend.name()
+        );
+        for key in ["k0", "k1"] {
+            assert_eq!(
+                get(&mut store.client, "a", key).await,
+                None,
+                "{}",
+                backend.name()
+            );
+            assert!(range_of(&mut store.client, "a", key).await.is_empty());
+        }
+        assert_eq!(top_k(&mut store.client, "a").await, TopKResponse::default());
+        assert_eq!(
+            get(&mut store.client, "b", "k0").await.unwrap().values["count"],
+            7.0
+        );
+        // Nothing left: nothing deleted. A name that is not a query's is refused.
+        assert_eq!(delete_query(&mut store.client, "a").await.unwrap(), 0);
+        let status = delete_query(&mut store.client, ".a").await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        let status = delete_query(&mut store.client, "").await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+        // The query is written again: its new results are stored and served as any.
+        let again = result("a", "k0", 0, 42.0);
+        put(&mut store.client, vec![again.clone()]).await.unwrap();
+        let got = get(&mut store.client, "a", "k0").await.unwrap();
+        assert_eq!(got.values["count"], 42.0);
+        assert_eq!(range_of(&mut store.client, "a", "k0").await, [got.clone()]);
+        // The watcher saw nothing for the deletion: the next thing it sees is that write.
+        assert_eq!(watcher.message().await.unwrap(), Some(got.clone()));
+        // A resumed watch skips the deleted results.
+        let mut resumed = store
+            .client
+            .watch(WatchRequest {
+                after_sequence: Some(0),
+                ..WatchRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resumed.message().await.unwrap().unwrap().query, "b");
+        assert_eq!(resumed.message().await.unwrap(), Some(got.clone()));
+        store.stop().await;
+
+        // After a restart the deletion holds: long-term storage no longer has A's old
+        // results, nor ranks them.
+        let mut store = spawn_store(dir.path(), &backend, |_| {}).await;
+        assert_eq!(get(&mut store.client, "a", "k1").await, None);
+        assert_eq!(get(&mut store.client, "a", "k0").await, Some(got));
+        let ranked = top_k(&mut store.client, "a").await;
+        let keys: Vec<&str> = ranked.results.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["k0"]);
+        store.stop().await;
+    }
 }
 
 #[tokio::test]

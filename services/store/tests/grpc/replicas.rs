@@ -1,14 +1,14 @@
 //! Store replicas over one broker: each materialises the broker's results log, so any
 //! replica answers any read and a `Watch` cursor from one is valid on every other.
 
-use super::{Backend, backends, get, put, range, result};
+use super::{Backend, backends, delete_query, get, put, range, range_of, result, top_k};
 use runnel_broker::BrokerConfig;
 use runnel_client::{ConsumerOptions, GroupConsumer, GroupEvent};
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{
     CreateTopicRequest, DescribeTopicRequest, GroupFence, PutRequest, QueryResult, TopKRequest,
-    WatchRequest,
+    TopKResponse, WatchRequest,
 };
 use runnel_server::ListenAddrs;
 use runnel_store::StoreConfig;
@@ -232,6 +232,132 @@ async fn any_replica_answers_and_cursors_are_valid_on_every_replica() {
         a.stop().await;
         b.stop().await;
     }
+}
+
+/// Whether `replica` holds no result of query `a` for the keys the tests write.
+async fn holds_no_a(client: &mut StoreClient<Channel>) -> bool {
+    for key in ["k0", "k1", "k2"] {
+        if get(client, "a", key).await.is_some() || !range_of(client, "a", key).await.is_empty() {
+            return false;
+        }
+    }
+    top_k(client, "a").await == TopKResponse::default()
+}
+
+/// Query `a` over three keys and two windows, and query `b`.
+fn a_and_b() -> Vec<QueryResult> {
+    (0..6)
+        .map(|i| result("a", &format!("k{}", i % 3), (i / 3) * 1000, i as f64))
+        .chain([result("b", "k0", 0, 7.0), result("b", "k1", 0, 8.0)])
+        .collect()
+}
+
+/// A query's deletion goes through the results log: every replica deletes the query's
+/// results (the hot tier too), at the same position — other queries untouched, and the
+/// query's results written after the deletion kept on all of them.
+#[tokio::test]
+async fn a_query_deleted_through_one_replica_is_deleted_on_every_replica() {
+    for backend in backends().await {
+        let broker = Broker::start().await;
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut one = Replica::start(&broker, dir_a.path(), &backend).await;
+        let mut two = Replica::start(&broker, dir_b.path(), &backend).await;
+        put(&mut one.client, a_and_b()).await.unwrap();
+        // Both replicas serve A, from their hot tiers.
+        for replica in [&mut one, &mut two] {
+            let client = replica.client.clone();
+            eventually(WAIT, "A's newest result on both replicas", || {
+                let mut client = client.clone();
+                async move { get(&mut client, "a", "k2").await.map(|r| r.sequence == 6) }
+            })
+            .await;
+            assert_eq!(top_k(&mut replica.client, "a").await.results.len(), 3);
+        }
+
+        let deleted = delete_query(&mut two.client, "a").await.unwrap();
+        assert_eq!(deleted, 6, "{}", backend.name());
+        // Applied on the replica that answered, before it answered; and on the other.
+        assert!(holds_no_a(&mut two.client).await, "{}", backend.name());
+        let client = one.client.clone();
+        eventually(WAIT, "the deletion on the other replica", || {
+            let mut client = client.clone();
+            async move { holds_no_a(&mut client).await }
+        })
+        .await;
+        for replica in [&mut one, &mut two] {
+            assert_eq!(range_of(&mut replica.client, "b", "k0").await.len(), 1);
+            assert_eq!(top_k(&mut replica.client, "b").await.results.len(), 2);
+        }
+        assert_eq!(broker.log_end().await, 9, "one record: the tombstone");
+
+        // A is written again after its deletion: stored and served as any result.
+        put(&mut one.client, vec![result("a", "k0", 5000, 1.0)])
+            .await
+            .unwrap();
+        for replica in [&mut one, &mut two] {
+            let client = replica.client.clone();
+            let got = eventually(WAIT, "A's new result on both replicas", || {
+                let mut client = client.clone();
+                async move { get(&mut client, "a", "k0").await }
+            })
+            .await;
+            assert_eq!((got.sequence, got.values["count"]), (10, 1.0));
+            assert_eq!(range_of(&mut replica.client, "a", "k0").await, [got]);
+            assert!(get(&mut replica.client, "a", "k1").await.is_none());
+        }
+        // And both change feeds skip the deleted results alike.
+        let fed = one.feed(0, 3).await;
+        let sequences: Vec<u64> = fed.iter().map(|r| r.sequence).collect();
+        assert_eq!(sequences, [7, 8, 10]);
+        assert_eq!(two.feed(0, 3).await, fed);
+        one.stop().await;
+        two.stop().await;
+    }
+}
+
+/// A replica that starts after a query's deletion — restarted behind it, or rebuilt from an
+/// empty data directory — applies the tombstone as it catches up with the log: it holds
+/// none of the deleted results, and everything else.
+#[tokio::test]
+async fn a_replica_catching_up_applies_a_deletion_too() {
+    let backend = Backend::Memory;
+    let broker = Broker::start().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut one = Replica::start(&broker, dir_a.path(), &backend).await;
+    let two = Replica::start(&broker, dir_b.path(), &backend).await;
+    put(&mut one.client, a_and_b()).await.unwrap();
+    let mut client = two.client.clone();
+    eventually(WAIT, "the other replica to apply A", || {
+        let mut client = client.clone();
+        async move { get(&mut client, "a", "k2").await }
+    })
+    .await;
+    assert!(!holds_no_a(&mut client).await);
+    // The other replica stops, holding A; A is deleted and written again without it.
+    let behind = two.stop().await;
+    assert_eq!(delete_query(&mut one.client, "a").await.unwrap(), 6);
+    put(&mut one.client, vec![result("a", "k0", 5000, 1.0)])
+        .await
+        .unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    for dir in [behind.as_path(), fresh.path()] {
+        let mut replica = Replica::start(&broker, dir, &backend).await;
+        // Serving means caught up: the deletion is applied, and what came after it.
+        let got = get(&mut replica.client, "a", "k0").await.unwrap();
+        assert_eq!((got.sequence, got.values["count"]), (10, 1.0));
+        assert!(range_of(&mut replica.client, "a", "k1").await.is_empty());
+        assert!(range_of(&mut replica.client, "a", "k2").await.is_empty());
+        assert_eq!(range_of(&mut replica.client, "a", "k0").await, [got]);
+        for key in ["k0", "k1"] {
+            assert_eq!(
+                range_of(&mut replica.client, "b", key).await,
+                range_of(&mut one.client, "b", key).await
+            );
+        }
+        assert_eq!(replica.feed(0, 3).await, one.feed(0, 3).await);
+        replica.stop().await;
+    }
+    one.stop().await;
 }
 
 #[tokio::test]
