@@ -249,7 +249,10 @@ async fn delete_query_deletes_every_result_of_one_query_from_both_tiers() {
         put(&mut store.client, vec![again.clone()]).await.unwrap();
         let got = get(&mut store.client, "a", "k0").await.unwrap();
         assert_eq!(got.values["count"], 42.0);
-        assert_eq!(range_of(&mut store.client, "a", "k0").await, [got.clone()]);
+        assert_eq!(
+            range_of(&mut store.client, "a", "k0").await,
+            std::slice::from_ref(&got)
+        );
         // The watcher saw nothing for the deletion: the next thing it sees is that write.
         assert_eq!(watcher.message().await.unwrap(), Some(got.clone()));
         // A resumed watch skips the deleted results.
