@@ -17,6 +17,8 @@
 //!
 //! Writing `(query, key, window_start)` again replaces the result. `Watch` streams results
 //! once they are durable, filtered, and resumes after a sequence without a gap.
+//! `DeleteQuery` deletes every result of one query (on every replica: it is a record of the
+//! results log); watchers are not told.
 //!
 //! [`run`] is the whole service, runnable in-process (tests, the all-in-one CLI) as well as
 //! from the `runnel-store` binary.
