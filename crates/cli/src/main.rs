@@ -10,6 +10,7 @@ mod certs;
 mod client;
 mod demo;
 mod json;
+mod query;
 mod read;
 mod repair;
 mod send;
@@ -36,6 +37,11 @@ enum Command {
     Get(read::GetArgs),
     /// Print results as they are produced (one JSON object per line).
     Watch(read::WatchArgs),
+    /// Create, list, describe and drop continuous queries in SQL while the pipeline runs.
+    Query {
+        #[command(subcommand)]
+        what: query::QueryCommand,
+    },
     /// Measure throughput and latency: ingest or stream through collector → broker, the
     /// broker alone (side by side with NATS JetStream), the analyzer's operators, or the
     /// gateway's reads and fan-out.
@@ -78,6 +84,7 @@ fn main() -> ExitCode {
             Command::Send(args) => send::run(args).await,
             Command::Get(args) => read::get(args).await,
             Command::Watch(args) => read::watch(args).await,
+            Command::Query { what } => query::run(what).await,
             Command::Bench { what } => runnel_bench::run(what).await,
             Command::Broker { what } => repair::run(what),
             Command::Certs { what } => certs::certs(what),

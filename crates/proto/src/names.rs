@@ -7,8 +7,10 @@
 //!   inside the data directory (249 leaves room under the usual 255-byte file name limit).
 //! - A **group** name or **member** id is 1–249 bytes of any text: the broker only keys
 //!   committed offsets and assignments by it (JetStream keys encode it).
-//! - A **query** name is 1–128 characters from `[a-zA-Z0-9._-]`, not starting with `.`:
-//!   it is part of URLs (`/v1/queries/<name>/…`) and of the analyzer's checkpoint files.
+//! - A **query** name is 1–128 characters from `[a-zA-Z0-9._-]`, not starting with `.`
+//!   and without `..`: it is part of URLs (`/v1/queries/<name>/…`) and of the analyzer's
+//!   internal topics and groups, where `..` separates a created query's name from its
+//!   incarnation (so that no name can stand for another's).
 
 /// The longest topic name, in characters.
 pub const MAX_TOPIC_LEN: usize = 249;
@@ -101,17 +103,19 @@ fn group_rule(kind: NameKind, name: &str) -> Result<(), NameError> {
     Ok(())
 }
 
-/// Checks a query name: 1–128 characters from `[a-zA-Z0-9._-]`, not starting with `.`.
+/// Checks a query name: 1–128 characters from `[a-zA-Z0-9._-]`, not starting with `.`,
+/// without `..`.
 pub fn validate_query_name(name: &str) -> Result<(), NameError> {
     if name.is_empty()
         || name.len() > MAX_QUERY_LEN
         || !is_name_alphabet(name)
         || name.starts_with('.')
+        || name.contains("..")
     {
         return refuse(
             NameKind::Query,
             name,
-            "use 1-128 characters from [a-zA-Z0-9._-], not starting with '.'",
+            "use 1-128 characters from [a-zA-Z0-9._-], not starting with '.', without '..'",
         );
     }
     Ok(())
@@ -200,6 +204,8 @@ mod tests {
             ".hidden",
             "a b",
             "a/b",
+            "a..b",
+            "q..7",
             "ü",
             &"q".repeat(MAX_QUERY_LEN + 1),
         ] {

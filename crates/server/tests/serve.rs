@@ -42,6 +42,20 @@ impl Analyzer for Stuck {
             name.len()
         )))
     }
+
+    async fn create_query(
+        &self,
+        _: Request<runnel_proto::v1::CreateQueryRequest>,
+    ) -> Result<Response<QueryDescription>, Status> {
+        Err(Status::unimplemented("not part of this test"))
+    }
+
+    async fn drop_query(
+        &self,
+        _: Request<runnel_proto::v1::DropQueryRequest>,
+    ) -> Result<Response<runnel_proto::v1::DropQueryResponse>, Status> {
+        Err(Status::unimplemented("not part of this test"))
+    }
 }
 
 struct Running {

@@ -60,6 +60,30 @@ pub enum AnalyzerError {
         /// Why it is unusable.
         source: runnel_security::SecurityError,
     },
+    /// A request is malformed: bad SQL (with where and why), a bad name.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// `CreateQuery` named a query that exists already.
+    #[error("query {0:?} exists already")]
+    QueryExists(String),
+    /// `DropQuery` named a query from the configuration, which only a configuration
+    /// change removes.
+    #[error(
+        "query {0:?} is configured in the analyzer's configuration, not created: remove it there"
+    )]
+    Configured(String),
+    /// The broker could not be reached or refused a call the analyzer made for a client.
+    #[error("broker: {}", .0.message())]
+    Broker(Status),
+    /// The store refused a call the analyzer made for a client.
+    #[error("store: {}", .0.message())]
+    Store(Status),
+    /// The created-query log could not be read or written.
+    #[error("created queries: {0}")]
+    Registry(String),
+    /// Not ready to answer yet; the client may retry.
+    #[error("{0}")]
+    Unavailable(String),
     /// A query's task panicked.
     #[error("query task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -75,6 +99,25 @@ impl From<AnalyzerError> for Status {
     fn from(error: AnalyzerError) -> Status {
         match error {
             AnalyzerError::QueryNotFound(_) => Status::not_found(error.to_string()),
+            AnalyzerError::InvalidArgument(_) => Status::invalid_argument(error.to_string()),
+            AnalyzerError::QueryExists(_) => Status::already_exists(error.to_string()),
+            AnalyzerError::Configured(_) => Status::failed_precondition(error.to_string()),
+            AnalyzerError::Unavailable(_) => Status::unavailable(error.to_string()),
+            AnalyzerError::Broker(status) | AnalyzerError::Store(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::PermissionDenied
+                        | tonic::Code::ResourceExhausted
+                ) =>
+            {
+                Status::new(status.code(), status.message().to_owned())
+            }
+            AnalyzerError::Broker(_) | AnalyzerError::Store(_) | AnalyzerError::Registry(_) => {
+                tracing::error!(%error, "analyzer failure");
+                Status::internal(error.to_string())
+            }
             AnalyzerError::Checkpoint { .. }
             | AnalyzerError::Gap { .. }
             | AnalyzerError::StoreRejected { .. }

@@ -27,6 +27,8 @@ mod filter;
 pub mod fuzzing;
 mod path;
 mod plan;
+mod queries;
+mod registry;
 mod rekey;
 mod runner;
 mod service;
@@ -42,16 +44,15 @@ pub use error::AnalyzerError;
 pub use filter::{Literal, Predicate};
 pub use window::EmitMode;
 
-use checkpoint::Stage;
+use queries::Queries;
+use registry::Registry;
 use runnel_proto::v1::analyzer_server::AnalyzerServer;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_security::{ConnectConfig, Peer};
 use runnel_server::{Listeners, ServiceConfig, Shutdown};
-use runner::{Context, StageRunner, StageStatus};
-use service::{AnalyzerService, QueryView};
+use runner::Context;
+use service::AnalyzerService;
 use std::sync::Arc;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
 
 fn channel(key: &'static str, url: &str, connect: &ConnectConfig) -> Result<Peer, AnalyzerError> {
     // Lazy: the broker and the store may start after us, or restart; tonic reconnects. With
@@ -110,36 +111,28 @@ pub async fn run(
         shutdown: local.clone(),
     };
 
-    let mut runners = JoinSet::new();
-    let mut views = Vec::new();
-    for plan in plans {
-        let plan = Arc::new(plan);
-        let mut stage = |stage: Stage| {
-            let (status, receiver) = watch::channel(StageStatus::default());
-            runners.spawn(
-                StageRunner {
-                    plan: Arc::clone(&plan),
-                    stage,
-                    context: context.clone(),
-                    status,
-                }
-                .run(),
-            );
-            receiver
-        };
-        let source = stage(Stage::Source);
-        let keyed = plan.key.is_some().then(|| stage(Stage::Keyed));
-        views.push(QueryView {
-            name: plan.name.clone(),
-            topic: plan.topic.clone(),
-            definition: plan.definition.clone(),
-            source,
-            keyed,
-        });
+    let (failures, mut failed) = tokio::sync::mpsc::unbounded_channel();
+    let queries = Queries::new(context.clone(), failures);
+    for (plan, query) in plans.into_iter().zip(&config.queries) {
+        queries.start_configured(plan, query.sql.clone());
     }
+    // Queries created at run time: every replica follows the same log in the broker.
+    let registry = Registry::start(
+        context.broker.clone(),
+        max_message,
+        config.server.request_timeout,
+        local.clone(),
+    );
+    tokio::spawn(Arc::clone(&queries).follow(registry.watch()));
 
+    let service = AnalyzerService::new(
+        Arc::clone(&queries),
+        registry,
+        context.store.clone(),
+        config.server.request_timeout,
+    );
     let serve = runnel_server::serve_grpc!(
-        AnalyzerServer::new(AnalyzerService::new(views)),
+        AnalyzerServer::new(service),
         listeners,
         &config.server,
         local.clone()
@@ -149,30 +142,25 @@ pub async fn run(
     let served = loop {
         tokio::select! {
             served = &mut serve => break served,
-            Some(joined) = runners.join_next(), if failure.is_none() => {
-                let outcome = joined.map_err(AnalyzerError::from).and_then(|ended| ended);
-                if let Err(error) = outcome {
-                    tracing::error!(%error, "a query failed; stopping the analyzer");
-                    failure = Some(error);
-                    stop.trigger();
-                }
+            Some(error) = failed.recv(), if failure.is_none() => {
+                tracing::error!(%error, "a query failed; stopping the analyzer");
+                failure = Some(error);
+                stop.trigger();
             }
         }
     };
-    // The runners stop on the same trigger; what is left of the grace is theirs to
+    // The stages stop on the same trigger; what is left of the grace is theirs to
     // checkpoint in.
-    let drained = tokio::time::timeout(local.remaining(config.server.drain_timeout), async {
-        while let Some(joined) = runners.join_next().await {
-            if let Err(error) = joined.map_err(AnalyzerError::from).and_then(|ended| ended) {
-                failure.get_or_insert(error);
-            }
-        }
-    })
-    .await;
-    if drained.is_err() {
+    if !queries
+        .drained(local.remaining(config.server.drain_timeout))
+        .await
+    {
         tracing::warn!(
             "queries did not stop within the drain timeout; their last checkpoints stand"
         );
+    }
+    if let Ok(error) = failed.try_recv() {
+        failure.get_or_insert(error);
     }
     forward.abort();
     if let Some(error) = failure {

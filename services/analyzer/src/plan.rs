@@ -12,13 +12,19 @@ use crate::path::FieldRef;
 use crate::window::{EmitMode, WindowRules, WindowSpec};
 use runnel_proto::names;
 use runnel_server::{ConfigError, ServiceConfig};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 /// A checked query, ready to run.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
     pub(crate) name: String,
+    /// What its consumer groups and internal topics are named after: the name, or for a
+    /// query created at run time `<name>..<incarnation>` (see [`crate::registry`]).
+    pub(crate) instance: String,
+    /// Per partition of the topic, the first offset the query reads (a query created to
+    /// start from the latest records); partitions not listed are read from the start.
+    pub(crate) start_offsets: BTreeMap<u32, u64>,
     pub(crate) topic: String,
     /// `None`: the event key, so that a key's windows live with its partition.
     /// Otherwise results are re-keyed through an internal topic (see [`crate::rekey`]).
@@ -41,7 +47,7 @@ pub(crate) struct Plan {
 impl Plan {
     /// The internal topic a re-keyed query's events go through.
     pub(crate) fn keyed_topic(&self) -> String {
-        format!("{}.{}.keyed", crate::rekey::TOPIC_PREFIX, self.name)
+        format!("{}.{}.keyed", crate::rekey::TOPIC_PREFIX, self.instance)
     }
 }
 
@@ -237,6 +243,8 @@ impl QueryConfig {
         Ok(Plan {
             counts_events,
             name: self.name.clone(),
+            instance: self.name.clone(),
+            start_offsets: BTreeMap::new(),
             topic: self.topic.clone(),
             key: (key_field != FieldRef::Key).then_some(key_field),
             time,

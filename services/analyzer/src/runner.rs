@@ -205,7 +205,7 @@ impl StageRunner {
             return Ok(());
         }
         let checkpoints = Checkpoints::new(
-            &self.plan.name,
+            &self.plan.instance,
             self.stage,
             &self.plan.fingerprint,
             self.context.max_message,
@@ -225,8 +225,8 @@ impl StageRunner {
             return Ok(());
         }
         let group = match self.stage {
-            Stage::Source => format!("{}.{}", self.context.group, self.plan.name),
-            Stage::Keyed => format!("{}.{}.keyed", self.context.group, self.plan.name),
+            Stage::Source => format!("{}.{}", self.context.group, self.plan.instance),
+            Stage::Keyed => format!("{}.{}.keyed", self.context.group, self.plan.instance),
         };
         let mut state = Running {
             tasks: BTreeMap::new(),
@@ -423,7 +423,12 @@ impl StageRunner {
             let now = Instant::now();
             let task = if start.metadata.is_empty() {
                 let mut task = Task::new(&self.plan, partition, sources, now);
-                task.next_offset = start.offset;
+                // A query created to read only what came after it skips what was there.
+                let first = match self.stage {
+                    Stage::Source => self.plan.start_offsets.get(&partition).copied(),
+                    Stage::Keyed => None,
+                };
+                task.next_offset = start.offset.max(first.unwrap_or(0));
                 task
             } else {
                 let handle = Handle::decode(&start.metadata).map_err(fail)?;

@@ -874,6 +874,20 @@ impl runnel_proto::v1::analyzer_server::Analyzer for Analyzer {
     ) -> Result<tonic::Response<runnel_proto::v1::QueryDescription>, tonic::Status> {
         Err(tonic::Status::unimplemented("not needed by the gateway"))
     }
+
+    async fn create_query(
+        &self,
+        _: tonic::Request<runnel_proto::v1::CreateQueryRequest>,
+    ) -> Result<tonic::Response<runnel_proto::v1::QueryDescription>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not needed by the gateway"))
+    }
+
+    async fn drop_query(
+        &self,
+        _: tonic::Request<runnel_proto::v1::DropQueryRequest>,
+    ) -> Result<tonic::Response<runnel_proto::v1::DropQueryResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not needed by the gateway"))
+    }
 }
 
 /// Serves `analyzer` on an ephemeral port until the test ends; its URL.
