@@ -892,3 +892,234 @@ async fn count_records(cluster: &Cluster, topic: &str) -> u64 {
         .map(|t| t.partitions.iter().map(|p| p.end_offset).sum())
         .unwrap_or(0)
 }
+
+/// A query created at run time, as the test sends it.
+const CREATED_SQL: &str = "SELECT key, count(*) AS n, sum(payload.value) AS total \
+     FROM clicks WHERE type = 'click' \
+     GROUP BY key, TUMBLE(event_time, INTERVAL '10' SECOND) \
+     EMIT ON UPDATE WITH (out_of_orderness = '1h', idle_timeout = '1h')";
+
+/// `count` clicks and views on 5 keys over 6 windows, numbered from `first`.
+fn clicks(first: usize, count: usize) -> Vec<Event> {
+    (first..first + count)
+        .map(|i| Event {
+            id: format!("click-{i}"),
+            key: format!("user-{}", i % 5),
+            r#type: if i % 3 == 0 { "view" } else { "click" }.into(),
+            event_time: Some(Millis(T0 + (i as i64 % 60) * S).into()),
+            payload: serde_json::to_vec(&serde_json::json!({ "value": i % 7 }))
+                .expect("json")
+                .into(),
+            ..Event::default()
+        })
+        .collect()
+}
+
+/// (key, window start) → (n, total) over `events`, as `CREATED_SQL` computes them.
+fn clicks_expected(events: &[Event]) -> BTreeMap<(String, i64), (f64, f64)> {
+    let mut expected: BTreeMap<(String, i64), (f64, f64)> = BTreeMap::new();
+    for e in events.iter().filter(|e| e.r#type == "click") {
+        let at = Millis::from(e.event_time.expect("time")).0;
+        let value: serde_json::Value = serde_json::from_slice(&e.payload).expect("json");
+        let entry = expected
+            .entry((e.key.clone(), at.div_euclid(10 * S) * 10 * S))
+            .or_default();
+        entry.0 += 1.0;
+        entry.1 += value["value"].as_f64().expect("value");
+    }
+    expected
+}
+
+/// (key, window start) → (n, total) of query `query` in the store.
+async fn clicks_found(store_url: &str, query: &str) -> BTreeMap<(String, i64), (f64, f64)> {
+    let keys: BTreeSet<String> = (0..5).map(|k| format!("user-{k}")).collect();
+    let found = snapshot(store_url, &BTreeMap::from([(query, keys)])).await;
+    found
+        .into_iter()
+        .map(|((_, key, start), (values, _, _))| {
+            let value = |name: &str| {
+                values
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or(f64::NAN, |(_, bits)| f64::from_bits(*bits))
+            };
+            ((key, start), (value("n"), value("total")))
+        })
+        .collect()
+}
+
+/// Queries created through the API while events flow: each replica runs them, sharing
+/// their partitions; one starts from the earliest record, the other only from what came
+/// after it was created; one replica is SIGKILLed and restarted while they run; in the
+/// end every window of both equals a straightforward count of the events each should
+/// have seen. Dropped (with its results deleted), a query is gone from every replica and
+/// the store; created again under the same name, it starts from nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_created_at_run_time_run_on_every_replica_and_survive_sigkill() {
+    use runnel_proto::v1::{CreateQueryRequest, DropQueryRequest, StartFrom};
+    let cluster = Cluster::start(true).await;
+    let mut first = cluster.analyzer_apart("instance-a").await;
+    let second = cluster.analyzer_apart("instance-b").await;
+    let mut producer = cluster.producer("clicks").await;
+    let before = clicks(0, 300);
+    producer.send(before.clone()).await.expect("produced");
+
+    let create = |url: String, name: &'static str, start_from: StartFrom| async move {
+        let mut client = AnalyzerClient::connect(url).await.expect("analyzer");
+        client
+            .create_query(CreateQueryRequest {
+                name: name.into(),
+                sql: CREATED_SQL.into(),
+                start_from: start_from as i32,
+            })
+            .await
+            .unwrap_or_else(|s| panic!("create {name}: {s:?}"))
+            .into_inner()
+    };
+    let since = create(first.url(), "clicks_since", StartFrom::Latest).await;
+    assert!(since.created && since.sql == CREATED_SQL, "{since:?}");
+    create(second.url(), "clicks_all", StartFrom::Earliest).await;
+    let mut client = AnalyzerClient::connect(first.url())
+        .await
+        .expect("analyzer");
+    let again = client
+        .create_query(CreateQueryRequest {
+            name: "clicks_all".into(),
+            sql: CREATED_SQL.into(),
+            start_from: 0,
+        })
+        .await
+        .expect_err("a name in use");
+    assert_eq!(again.code(), tonic::Code::AlreadyExists);
+    let bad = client
+        .create_query(CreateQueryRequest {
+            name: "bad".into(),
+            sql: "SELECT key, count(*) FROM clicks GROUP BY key".into(),
+            start_from: 0,
+        })
+        .await
+        .expect_err("no window");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+
+    // Both replicas run both, and share their partitions out.
+    let partitions = |url: String| async move {
+        let mut client = AnalyzerClient::connect(url).await.ok()?;
+        let listed = client.list_queries(ListQueriesRequest {}).await.ok()?;
+        let owned: BTreeMap<String, usize> = listed
+            .into_inner()
+            .queries
+            .into_iter()
+            .filter(|q| q.created)
+            .map(|q| (q.name, q.partitions.len()))
+            .collect();
+        Some(owned)
+    };
+    eventually(
+        Duration::from_secs(60),
+        Deferred(|| {
+            format!(
+                "both replicas to share both created queries\n{}",
+                cluster.logs()
+            )
+        }),
+        || async {
+            let (Some(a), Some(b)) = (
+                partitions(first.url()).await,
+                partitions(second.url()).await,
+            ) else {
+                return false;
+            };
+            ["clicks_since", "clicks_all"].iter().all(|q| {
+                let (x, y) = (
+                    a.get(*q).copied().unwrap_or(0),
+                    b.get(*q).copied().unwrap_or(0),
+                );
+                x > 0 && y > 0 && x + y == PARTITIONS as usize
+            })
+        },
+    )
+    .await;
+
+    let after: Vec<Event> = clicks(300, 900);
+    for (round, chunk) in after.chunks(300).enumerate() {
+        producer.send(chunk.to_vec()).await.expect("produced");
+        if round == 1 {
+            tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 300)).await;
+            first.kill().await.expect("SIGKILL");
+            first = first
+                .restart()
+                .await
+                .unwrap_or_else(|e| panic!("restart: {e:#}\n{}", cluster.logs()));
+        }
+    }
+    let everything: Vec<Event> = before.iter().chain(&after).cloned().collect();
+    let store = cluster.store.url();
+    for (query, events) in [("clicks_all", &everything), ("clicks_since", &after)] {
+        let expected = clicks_expected(events);
+        eventually(
+            Duration::from_secs(60),
+            Deferred(|| format!("{query}'s windows to be exact\n{}", cluster.logs())),
+            || async { clicks_found(&store, query).await == expected },
+        )
+        .await;
+    }
+
+    // Dropped with its results: gone from both replicas and from the store.
+    let mut client = AnalyzerClient::connect(second.url())
+        .await
+        .expect("analyzer");
+    let dropped = client
+        .drop_query(DropQueryRequest {
+            name: "clicks_since".into(),
+            delete_results: true,
+        })
+        .await
+        .expect("drop")
+        .into_inner();
+    assert!(dropped.results_deleted > 0, "{dropped:?}");
+    assert!(clicks_found(&store, "clicks_since").await.is_empty());
+    eventually(
+        Duration::from_secs(30),
+        Deferred(|| {
+            format!(
+                "the dropped query to stop on both replicas\n{}",
+                cluster.logs()
+            )
+        }),
+        || async {
+            for url in [first.url(), second.url()] {
+                match partitions(url).await {
+                    Some(owned) if !owned.contains_key("clicks_since") => {}
+                    _ => return false,
+                }
+            }
+            true
+        },
+    )
+    .await;
+    // Created again: a new incarnation, which counts only what comes after it.
+    create(second.url(), "clicks_since", StartFrom::Latest).await;
+    let last = clicks(1200, 60);
+    producer.send(last.clone()).await.expect("produced");
+    let expected = clicks_expected(&last);
+    eventually(
+        Duration::from_secs(60),
+        Deferred(|| {
+            format!(
+                "the query created again to count only new events\n{}",
+                cluster.logs()
+            )
+        }),
+        || async { clicks_found(&store, "clicks_since").await == expected },
+    )
+    .await;
+    // The configured queries cannot be dropped through the API.
+    let configured = client
+        .drop_query(DropQueryRequest {
+            name: "counts".into(),
+            delete_results: false,
+        })
+        .await
+        .expect_err("configured");
+    assert_eq!(configured.code(), tonic::Code::FailedPrecondition);
+}
