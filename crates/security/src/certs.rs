@@ -200,8 +200,9 @@ pub fn pipeline_grants(service: &str) -> Vec<GrantConfig> {
         ],
         "analyzer" => vec![
             // The gateway asks which queries exist (ListQueries) to tell an unknown query
-            // from one with no results yet.
-            grant("gateway", &[ReadResults], &[], all),
+            // from one with no results yet, and creates and drops queries for callers that
+            // hold `manage` on them at the gateway (POST/DELETE /v1/queries).
+            grant("gateway", &[ReadResults, Manage], &[], all),
             grant(CLIENT, &[ReadResults, Manage], &[], all),
         ],
         "store" => vec![

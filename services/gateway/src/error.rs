@@ -91,9 +91,15 @@ impl From<GatewayError> for Status {
                 }
                 _ => Status::unavailable(format!("broker unavailable: {}", status.message())),
             },
-            GatewayError::Analyzer(status) => {
-                Status::unavailable(format!("analyzer unavailable: {}", status.message()))
-            }
+            GatewayError::Analyzer(status) => match status.code() {
+                // The analyzer's answer to what the client asked (CreateQuery, DropQuery).
+                Code::InvalidArgument
+                | Code::AlreadyExists
+                | Code::NotFound
+                | Code::FailedPrecondition
+                | Code::PermissionDenied => Status::new(status.code(), status.message()),
+                _ => Status::unavailable(format!("analyzer unavailable: {}", status.message())),
+            },
             GatewayError::Store(status) => match status.code() {
                 // Nothing is wrong with the call; the client may retry.
                 Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {

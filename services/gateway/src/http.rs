@@ -11,7 +11,9 @@
 //! | `GET /v1/ws?<filter>` | a WebSocket of `{"type": "result" \| "gap" \| "error", …}` messages |
 //! | `GET /v1/poll?<filter>&timeout=&limit=` | long poll: `{"results": [...], "next_after": n}` once something matches or the timeout passes |
 //! | `POST /v1/webhooks`, `GET /v1/webhooks`, `GET`/`DELETE /v1/webhooks/{id}` | webhooks and their delivery status |
-//! | `GET /v1/queries` | `{"queries": [{"name", "source_topic", "definition"}]}`: the queries the analyzer runs that the caller may read (501 when the gateway does not know the analyzer) |
+//! | `GET /v1/queries` | `{"queries": [{"name", "source_topic", "definition", "sql", "created"}]}`: the queries the analyzer runs that the caller may read (501 when the gateway does not know the analyzer) |
+//! | `POST /v1/queries` | creates a query in SQL, `{"name", "sql", "start_from": "latest" \| "earliest"}` (needs `manage` on it): 201 with the query, 400 for SQL that does not compile (with the line and column), 409 for a name in use |
+//! | `DELETE /v1/queries/{name}` | drops a created query (`?delete_results=true`: and its results): `{"results_deleted"}` |
 //! | `GET /v1/pipeline` | the health of the store (and configured services) and of this gateway's live streams |
 //! | `GET /openapi.json` | this API, described in OpenAPI 3.1 |
 //! | `GET /dashboard/` | the live dashboard |
@@ -85,7 +87,8 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/v1/poll", get(poll))
         .route("/v1/webhooks", get(list_webhooks).post(register_webhook))
         .route("/v1/webhooks/{id}", get(webhook).delete(delete_webhook))
-        .route("/v1/queries", get(queries))
+        .route("/v1/queries", get(queries).post(create_query))
+        .route("/v1/queries/{name}", axum::routing::delete(drop_query))
         .route("/v1/pipeline", get(pipeline))
         .route(
             "/openapi.json",
@@ -574,15 +577,96 @@ async fn queries(
         .queries(&caller)
         .await?
         .into_iter()
-        .map(|query| {
-            serde_json::json!({
-                "name": query.name,
-                "source_topic": query.source_topic,
-                "definition": query.definition,
-            })
-        })
+        .map(|query| query_json(&query))
         .collect();
     Ok(Json(serde_json::json!({ "queries": queries })).into_response())
+}
+
+/// A query as the HTTP API shows it.
+fn query_json(query: &runnel_proto::v1::QueryDescription) -> serde_json::Value {
+    serde_json::json!({
+        "name": query.name,
+        "source_topic": query.source_topic,
+        "definition": query.definition,
+        "sql": (!query.sql.is_empty()).then_some(&query.sql),
+        "created": query.created,
+    })
+}
+
+/// What `POST /v1/queries` takes.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewQuery {
+    name: String,
+    sql: String,
+    /// `latest` (the default) or `earliest`.
+    #[serde(default)]
+    start_from: Option<String>,
+}
+
+/// Creates a continuous query in SQL (through the analyzer): needs `manage` on it.
+async fn create_query(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let new: NewQuery =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("the body is not a query: {e}")))?;
+    allow(&caller, Action::Manage, Resource::Query(&new.name))?;
+    let start_from = match new.start_from.as_deref() {
+        None | Some("latest") => runnel_proto::v1::StartFrom::Latest,
+        Some("earliest") => runnel_proto::v1::StartFrom::Earliest,
+        Some(other) => {
+            return Err(bad(format!(
+                "start_from {other:?} is neither \"earliest\" nor \"latest\""
+            )));
+        }
+    };
+    let created = api
+        .results
+        .create_query(runnel_proto::v1::CreateQueryRequest {
+            name: new.name,
+            sql: new.sql,
+            start_from: start_from as i32,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(query_json(&created))).into_response())
+}
+
+/// Drops a query created at run time (through the analyzer): needs `manage` on it.
+/// `?delete_results=true` deletes its results too.
+async fn drop_query(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    allow(&caller, Action::Manage, Resource::Query(&name))?;
+    let mut delete_results = false;
+    for (param, value) in pairs(raw)? {
+        match (param.as_str(), value.as_str()) {
+            ("delete_results", "true") => delete_results = true,
+            ("delete_results", "false") => delete_results = false,
+            ("delete_results", other) => {
+                return Err(bad(format!(
+                    "delete_results: {other:?} is neither true nor false"
+                )));
+            }
+            (other, _) => {
+                return Err(bad(format!(
+                    "unknown parameter {other:?}; use delete_results"
+                )));
+            }
+        }
+    }
+    let results_deleted = api
+        .results
+        .drop_query(runnel_proto::v1::DropQueryRequest {
+            name,
+            delete_results,
+        })
+        .await?;
+    Ok(Json(serde_json::json!({ "results_deleted": results_deleted })).into_response())
 }
 
 /// The health of every service the gateway knows, and of its own live streams.

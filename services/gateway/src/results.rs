@@ -13,8 +13,8 @@ use runnel_proto::filter::MAX_KEY_BYTES;
 use runnel_proto::v1::analyzer_client::AnalyzerClient;
 use runnel_proto::v1::store_client::StoreClient;
 use runnel_proto::v1::{
-    GetRequest, ListQueriesRequest, QueryDescription, QueryResult, RangeRequest, TopKRequest,
-    TopKResponse,
+    CreateQueryRequest, DropQueryRequest, GetRequest, ListQueriesRequest, QueryDescription,
+    QueryResult, RangeRequest, TopKRequest, TopKResponse,
 };
 use runnel_security::{Action, Caller, ConnectConfig, Peer, Resource};
 use std::time::Duration;
@@ -182,6 +182,31 @@ impl Results {
         let mut queries = response.into_inner().queries;
         queries.retain(|q| caller.may(Action::ReadResults, Resource::Query(&q.name)));
         Ok(queries)
+    }
+
+    /// Creates a query in SQL through the analyzer (the caller's `manage` grant is checked
+    /// by the HTTP API before).
+    pub(crate) async fn create_query(
+        &self,
+        request: CreateQueryRequest,
+    ) -> Result<QueryDescription, GatewayError> {
+        let mut analyzer = self.analyzer.clone().ok_or(GatewayError::NoAnalyzer)?;
+        Ok(analyzer
+            .create_query(self.request(request))
+            .await
+            .map_err(GatewayError::Analyzer)?
+            .into_inner())
+    }
+
+    /// Drops a created query through the analyzer; the results deleted.
+    pub(crate) async fn drop_query(&self, request: DropQueryRequest) -> Result<u64, GatewayError> {
+        let mut analyzer = self.analyzer.clone().ok_or(GatewayError::NoAnalyzer)?;
+        Ok(analyzer
+            .drop_query(self.request(request))
+            .await
+            .map_err(GatewayError::Analyzer)?
+            .into_inner()
+            .results_deleted)
     }
 
     /// Fails with [`GatewayError::UnknownQuery`] when the analyzer does not run `query` and

@@ -875,18 +875,46 @@ impl runnel_proto::v1::analyzer_server::Analyzer for Analyzer {
         Err(tonic::Status::unimplemented("not needed by the gateway"))
     }
 
+    /// Answers as the analyzer would: a name it runs is taken, SQL with "oops" does not
+    /// compile, anything else is created.
     async fn create_query(
         &self,
-        _: tonic::Request<runnel_proto::v1::CreateQueryRequest>,
+        request: tonic::Request<runnel_proto::v1::CreateQueryRequest>,
     ) -> Result<tonic::Response<runnel_proto::v1::QueryDescription>, tonic::Status> {
-        Err(tonic::Status::unimplemented("not needed by the gateway"))
+        let request = request.into_inner();
+        if self.0.contains(&request.name.as_str()) {
+            return Err(tonic::Status::already_exists(format!(
+                "query {:?} exists already",
+                request.name
+            )));
+        }
+        if request.sql.contains("oops") {
+            return Err(tonic::Status::invalid_argument(
+                "line 1, column 8: oops is not a supported aggregate",
+            ));
+        }
+        Ok(tonic::Response::new(runnel_proto::v1::QueryDescription {
+            name: request.name,
+            source_topic: "events".into(),
+            sql: request.sql,
+            created: true,
+            start_from: request.start_from,
+            ..Default::default()
+        }))
     }
 
+    /// Drops anything but the queries it runs from its configuration.
     async fn drop_query(
         &self,
-        _: tonic::Request<runnel_proto::v1::DropQueryRequest>,
+        request: tonic::Request<runnel_proto::v1::DropQueryRequest>,
     ) -> Result<tonic::Response<runnel_proto::v1::DropQueryResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("not needed by the gateway"))
+        let request = request.into_inner();
+        if self.0.contains(&request.name.as_str()) {
+            return Err(tonic::Status::failed_precondition("configured"));
+        }
+        Ok(tonic::Response::new(runnel_proto::v1::DropQueryResponse {
+            results_deleted: if request.delete_results { 7 } else { 0 },
+        }))
     }
 }
 
@@ -911,6 +939,90 @@ async fn http_read(stack: &Stack, path: &str) -> (u16, serde_json::Value) {
         response.status().as_u16(),
         response.json().await.unwrap_or_default(),
     )
+}
+
+/// Queries are created and dropped through the HTTP API as through the analyzer's, with
+/// the analyzer's answers mapped to HTTP statuses.
+#[tokio::test]
+async fn queries_are_created_and_dropped_over_http() {
+    let analyzer = serve_analyzer(Analyzer(vec!["avg_value_per_key"])).await;
+    let stack = start(|config| {
+        config.pipeline.insert("analyzer".into(), analyzer);
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let create = |body: serde_json::Value| {
+        client
+            .post(stack.url("/v1/queries"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let sql = "SELECT key, count(*) FROM events GROUP BY key, TUMBLE(event_time, '1m')";
+    let created =
+        create(serde_json::json!({ "name": "clicks", "sql": sql, "start_from": "earliest" }))
+            .await
+            .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let created: serde_json::Value = created.json().await.unwrap();
+    assert_eq!(
+        (
+            created["name"].as_str(),
+            created["sql"].as_str(),
+            created["created"].as_bool()
+        ),
+        (Some("clicks"), Some(sql), Some(true))
+    );
+    for (body, status, says) in [
+        (
+            serde_json::json!({ "name": "avg_value_per_key", "sql": sql }),
+            409,
+            "exists already",
+        ),
+        (
+            serde_json::json!({ "name": "q", "sql": "SELECT oops" }),
+            400,
+            "line 1, column 8",
+        ),
+        (
+            serde_json::json!({ "name": "q", "sql": sql, "start_from": "yesterday" }),
+            400,
+            "start_from",
+        ),
+        (serde_json::json!({ "name": "q" }), 400, "not a query"),
+    ] {
+        let response = create(body.clone()).await.unwrap();
+        assert_eq!(response.status().as_u16(), status, "{body}");
+        let error: serde_json::Value = response.json().await.unwrap();
+        assert!(
+            error["error"].as_str().unwrap().contains(says),
+            "{body}: {error}"
+        );
+    }
+    let dropped = |path: &'static str| client.delete(stack.url(path)).send();
+    let response = dropped("/v1/queries/clicks?delete_results=true")
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["results_deleted"], 7);
+    assert_eq!(
+        dropped("/v1/queries/avg_value_per_key")
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        400
+    );
+    assert_eq!(
+        dropped("/v1/queries/clicks?delete_results=maybe")
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        400
+    );
+    stack.stop().await;
 }
 
 #[tokio::test]

@@ -78,6 +78,7 @@ async fn reads_need_credentials_and_a_grant_for_the_query() {
         grants: vec![
             grant("dashboard", Action::ReadResults, &["public.*"]),
             grant("operator", Action::ReadResults, &["*"]),
+            grant("operator", Action::Manage, &["ops.*"]),
         ],
         ..AuthConfig::default()
     };
@@ -165,6 +166,32 @@ async fn reads_need_credentials_and_a_grant_for_the_query() {
     ] {
         let pipeline = http_get("/v1/pipeline", token).await.unwrap();
         assert_eq!(pipeline.status(), expected, "{token:?}");
+    }
+
+    // Creating or dropping a query needs `manage` on it (this gateway knows no analyzer:
+    // a call that gets past the check answers 501).
+    let sql = "SELECT key, count(*) FROM events GROUP BY key, TUMBLE(event_time, '1m')";
+    for (token, name, expected) in [
+        ("rnl_dashboard", "public.clicks", 403),
+        ("rnl_operator", "public.clicks", 403),
+        ("rnl_operator", "ops.clicks", 501),
+    ] {
+        let created = reqwest::Client::new()
+            .post(format!("http://{http}/v1/queries"))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(serde_json::json!({ "name": name, "sql": sql }).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), expected, "{token} creates {name}");
+        let dropped = reqwest::Client::new()
+            .delete(format!("http://{http}/v1/queries/{name}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(dropped.status(), expected, "{token} drops {name}");
     }
 
     let reader = runnel_security::connect(&gateway_url, &plain, Some("rnl_dashboard"))
