@@ -23,7 +23,7 @@
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use runnel_analyzer::bench::{Operator, encode_stream, run_operator};
+use runnel_analyzer::bench::{Form, Operator, encode_stream, run_operator};
 use runnel_analyzer::{AggregateConfig, AnalyzerConfig, QueryConfig, WindowConfig};
 use runnel_broker::BrokerConfig;
 use runnel_client::{Producer, ProducerOptions};
@@ -56,6 +56,10 @@ pub struct AnalyzerArgs {
     /// Seconds of the latency run.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Also run every operator written in SQL beside its table form, alternately, three
+    /// times each: min / median / max events/s of both (the same plan: the same speed).
+    #[arg(long)]
+    sql: bool,
 }
 
 pub(crate) async fn run(args: AnalyzerArgs) -> Result<ExitCode> {
@@ -75,9 +79,9 @@ pub(crate) async fn run(args: AnalyzerArgs) -> Result<ExitCode> {
         let (plain, checkpointed) = {
             let stream = Arc::clone(&stream);
             tokio::task::spawn_blocking(move || {
-                let plain = run_operator(operator, &stream, None)?;
+                let plain = run_operator(operator, Form::Table, &stream, None)?;
                 let every = Some(Duration::from_secs(1));
-                let checkpointed = run_operator(operator, &stream, every)?;
+                let checkpointed = run_operator(operator, Form::Table, &stream, every)?;
                 Ok::<_, String>((plain, checkpointed))
             })
             .await?
@@ -99,10 +103,46 @@ pub(crate) async fn run(args: AnalyzerArgs) -> Result<ExitCode> {
             );
         }
     }
+    if args.sql {
+        forms(&stream).await?;
+    }
     if args.e2e_events > 0 {
         end_to_end(&args, dir.path()).await?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Every operator as a table and in SQL, alternately, three runs each.
+async fn forms(stream: &Arc<Vec<Bytes>>) -> Result<()> {
+    println!();
+    println!(
+        "| operator | table: min / median / max events/s | SQL: min / median / max events/s | SQL ÷ table (medians) |"
+    );
+    println!("|---|---:|---:|---:|");
+    for operator in Operator::ALL {
+        let stream = Arc::clone(stream);
+        let (table, sql) = tokio::task::spawn_blocking(move || {
+            let (mut table, mut sql) = (Vec::new(), Vec::new());
+            for _ in 0..3 {
+                table.push(run_operator(operator, Form::Table, &stream, None)?.rate());
+                sql.push(run_operator(operator, Form::Sql, &stream, None)?.rate());
+            }
+            Ok::<_, String>((table, sql))
+        })
+        .await?
+        .map_err(anyhow::Error::msg)?;
+        let spread = |mut rates: Vec<f64>| {
+            rates.sort_by(f64::total_cmp);
+            (rates[0], rates[1], rates[2])
+        };
+        let ((t0, t1, t2), (s0, s1, s2)) = (spread(table), spread(sql));
+        println!(
+            "| {} | {t0:.0} / {t1:.0} / {t2:.0} | {s0:.0} / {s1:.0} / {s2:.0} | {:.3} |",
+            operator.name(),
+            s1 / t1
+        );
+    }
+    Ok(())
 }
 
 /// The 1 s tumbling count the end-to-end runs measure.

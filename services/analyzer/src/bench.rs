@@ -52,6 +52,24 @@ impl Operator {
         }
     }
 
+    /// The same query in SQL: it compiles to the same plan.
+    fn sql(self) -> &'static str {
+        match self {
+            Operator::TumblingCount => {
+                "SELECT key, count(*) FROM bench GROUP BY key, TUMBLE(event_time, INTERVAL '1' SECOND)"
+            }
+            Operator::SlidingAverage => {
+                "SELECT key, avg(payload.value) FROM bench GROUP BY key, HOP(event_time, INTERVAL '1' SECOND, INTERVAL '10' SECOND)"
+            }
+            Operator::TopK => {
+                "SELECT key, top_k(payload.item, 10) FROM bench GROUP BY key, TUMBLE(event_time, INTERVAL '1' SECOND)"
+            }
+            Operator::DistinctCount => {
+                "SELECT key, approx_count_distinct(payload.item) FROM bench GROUP BY key, TUMBLE(event_time, INTERVAL '1' SECOND)"
+            }
+        }
+    }
+
     fn query(self) -> &'static str {
         match self {
             Operator::TumblingCount => "window = \"1s\"\naggregates = [{ fn = \"count\" }]\n",
@@ -66,6 +84,42 @@ impl Operator {
             }
         }
     }
+}
+
+/// How the measured query is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// As a TOML table.
+    Table,
+    /// In SQL.
+    Sql,
+}
+
+impl Form {
+    /// A short name for tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Form::Table => "table",
+            Form::Sql => "SQL",
+        }
+    }
+}
+
+/// The plan `operator` runs as, written in `form`.
+fn plan(operator: Operator, form: Form) -> Result<Plan, String> {
+    let query: QueryConfig = match form {
+        Form::Table => toml::from_str(&format!(
+            "name = \"bench\"\nout_of_orderness = \"0s\"\n{}",
+            operator.query()
+        ))
+        .map_err(|e| e.to_string())?,
+        Form::Sql => crate::sql::compile(
+            "bench",
+            &format!("{} WITH (out_of_orderness = '0s')", operator.sql()),
+        )
+        .map_err(|e| e.to_string())?,
+    };
+    query.compile(0).map_err(|e| e.to_string())
 }
 
 /// What one run measured.
@@ -132,19 +186,15 @@ pub fn encode_stream(events: u64, keys: u64) -> Vec<Bytes> {
     messages
 }
 
-/// Runs `operator` over `stream` (from [`encode_stream`]) on this thread, preparing a
-/// checkpoint every `checkpoint_every` if given.
+/// Runs `operator`, written in `form`, over `stream` (from [`encode_stream`]) on this
+/// thread, preparing a checkpoint every `checkpoint_every` if given.
 pub fn run_operator(
     operator: Operator,
+    form: Form,
     stream: &[Bytes],
     checkpoint_every: Option<Duration>,
 ) -> Result<OperatorFigures, String> {
-    let query: QueryConfig = toml::from_str(&format!(
-        "name = \"bench\"\nout_of_orderness = \"0s\"\n{}",
-        operator.query()
-    ))
-    .map_err(|e| e.to_string())?;
-    let plan: Plan = query.compile(0).map_err(|e| e.to_string())?;
+    let plan = plan(operator, form)?;
     let checkpoints = Checkpoints::new("bench", Stage::Source, &plan.fingerprint, 4 << 20);
     let mut task = Task::new(&plan, 0, None, Instant::now());
     let mut figures = OperatorFigures {
@@ -191,4 +241,27 @@ pub fn run_operator(
     }
     figures.elapsed = started.elapsed();
     Ok(figures)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the SQL-versus-table comparison measures is one plan twice: the same
+    /// definition, and the same results from the same stream.
+    #[test]
+    fn every_operator_in_sql_runs_as_its_table_form() {
+        let stream = encode_stream(20_000, 10);
+        for operator in Operator::ALL {
+            let (table, sql) = (
+                plan(operator, Form::Table).unwrap(),
+                plan(operator, Form::Sql).unwrap(),
+            );
+            assert_eq!(table.definition, sql.definition, "{}", operator.name());
+            let table = run_operator(operator, Form::Table, &stream, None).unwrap();
+            let sql = run_operator(operator, Form::Sql, &stream, None).unwrap();
+            assert!(table.results > 0, "{}", operator.name());
+            assert_eq!(table.results, sql.results, "{}", operator.name());
+        }
+    }
 }
