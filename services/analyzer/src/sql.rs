@@ -1261,7 +1261,7 @@ fn interval(expr: &Expr) -> Result<Duration> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::default_queries;
 
@@ -1292,7 +1292,7 @@ mod tests {
     }
 
     /// The ```sql blocks of docs/queries.md that start with `-- name: <query>`.
-    fn documented() -> Vec<(String, String)> {
+    pub(crate) fn documented() -> Vec<(String, String)> {
         let docs = include_str!("../../../docs/queries.md");
         docs.split("```sql\n")
             .skip(1)
