@@ -231,11 +231,14 @@ impl Queries {
             match created_plan(created) {
                 Ok(plan) => {
                     let (stop, stopped) = Shutdown::new();
-                    let parent = self.context.shutdown.clone();
-                    let forward = stop.clone();
+                    // The analyzer's shutdown stops it too; its own stop ends the watch.
+                    let (parent, own, forward) =
+                        (self.context.shutdown.clone(), stopped.clone(), stop.clone());
                     tokio::spawn(async move {
-                        parent.wait().await;
-                        forward.trigger();
+                        tokio::select! {
+                            () = parent.wait() => forward.trigger(),
+                            () = own.wait() => {}
+                        }
                     });
                     let context = Context {
                         shutdown: stopped,
