@@ -952,14 +952,15 @@ async fn clicks_found(store_url: &str, query: &str) -> BTreeMap<(String, i64), (
 /// their partitions; one starts from the earliest record, the other only from what came
 /// after it was created; one replica is SIGKILLed and restarted while they run; in the
 /// end every window of both equals a straightforward count of the events each should
-/// have seen. Dropped (with its results deleted), a query is gone from every replica and
-/// the store; created again under the same name, it starts from nothing.
+/// have seen. Every service is then killed and started again, and both go on exactly.
+/// Dropped (with its results deleted), a query is gone from every replica and the store;
+/// created again under the same name, it starts from nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_created_at_run_time_run_on_every_replica_and_survive_sigkill() {
     use runnel_proto::v1::{CreateQueryRequest, DropQueryRequest, StartFrom};
-    let cluster = Cluster::start(true).await;
+    let mut cluster = Cluster::start(true).await;
     let mut first = cluster.analyzer_apart("instance-a").await;
-    let second = cluster.analyzer_apart("instance-b").await;
+    let mut second = cluster.analyzer_apart("instance-b").await;
     let mut producer = cluster.producer("clicks").await;
     let before = clicks(0, 300);
     producer.send(before.clone()).await.expect("produced");
@@ -1059,6 +1060,58 @@ async fn queries_created_at_run_time_run_on_every_replica_and_survive_sigkill() 
         eventually(
             Duration::from_secs(60),
             Deferred(|| format!("{query}'s windows to be exact\n{}", cluster.logs())),
+            || async { clicks_found(&store, query).await == expected },
+        )
+        .await;
+    }
+
+    // Every service killed and started again: the created queries are still there, on
+    // both replicas, and go on from their checkpoints, exactly.
+    cluster.broker.kill().await.expect("SIGKILL");
+    cluster.broker = cluster.broker.restart().await.expect("broker restarts");
+    cluster.store.kill().await.expect("SIGKILL");
+    cluster.store = cluster.store.restart().await.expect("store restarts");
+    for analyzer in [&mut first, &mut second] {
+        analyzer.kill().await.expect("SIGKILL");
+        *analyzer = analyzer
+            .restart()
+            .await
+            .unwrap_or_else(|e| panic!("restart: {e:#}\n{}", cluster.logs()));
+    }
+    eventually(
+        Duration::from_secs(60),
+        Deferred(|| {
+            format!(
+                "both replicas to run both created queries again\n{}",
+                cluster.logs()
+            )
+        }),
+        || async {
+            for url in [first.url(), second.url()] {
+                match partitions(url).await {
+                    Some(owned) if owned.len() == 2 => {}
+                    _ => return false,
+                }
+            }
+            true
+        },
+    )
+    .await;
+    let mut producer = cluster.producer("clicks").await;
+    let more = clicks(2000, 300);
+    producer.send(more.clone()).await.expect("produced");
+    let everything: Vec<Event> = everything.into_iter().chain(more.iter().cloned()).collect();
+    let since: Vec<Event> = after.iter().chain(&more).cloned().collect();
+    for (query, events) in [("clicks_all", &everything), ("clicks_since", &since)] {
+        let expected = clicks_expected(events);
+        eventually(
+            Duration::from_secs(60),
+            Deferred(|| {
+                format!(
+                    "{query}'s windows to be exact after the restarts\n{}",
+                    cluster.logs()
+                )
+            }),
             || async { clicks_found(&store, query).await == expected },
         )
         .await;
