@@ -56,16 +56,16 @@ impl Operator {
     fn sql(self) -> &'static str {
         match self {
             Operator::TumblingCount => {
-                "SELECT key, count(*) FROM bench GROUP BY key, TUMBLE(event_time, INTERVAL '1' SECOND)"
+                "SELECT key, count(*) FROM events GROUP BY key, TUMBLE(event_time, INTERVAL '1' SECOND)"
             }
             Operator::SlidingAverage => {
-                "SELECT key, avg(payload.value) FROM bench GROUP BY key, HOP(event_time, INTERVAL '1' SECOND, INTERVAL '10' SECOND)"
+                "SELECT key, avg(payload.value) FROM events GROUP BY key, HOP(event_time, INTERVAL '1' SECOND, INTERVAL '10' SECOND)"
             }
             Operator::TopK => {
-                "SELECT key, top_k(payload.item, 10) FROM bench GROUP BY key, TUMBLE(event_time, INTERVAL '1' SECOND)"
+                "SELECT key, top_k(payload.item, 10) FROM events GROUP BY key, TUMBLE(event_time, INTERVAL '1' SECOND)"
             }
             Operator::DistinctCount => {
-                "SELECT key, approx_count_distinct(payload.item) FROM bench GROUP BY key, TUMBLE(event_time, INTERVAL '1' SECOND)"
+                "SELECT key, approx_count_distinct(payload.item) FROM events GROUP BY key, TUMBLE(event_time, INTERVAL '1' SECOND)"
             }
         }
     }

@@ -19,6 +19,7 @@ use crate::event::EventView;
 use crate::path::{FieldRef, Scalar};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::fmt;
 
 /// A literal in a predicate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,6 +74,68 @@ pub struct Predicate {
     /// This does not hold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not: Option<Box<Predicate>>,
+}
+
+impl fmt::Display for Literal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Literal::Bool(b) => write!(f, "{b}"),
+            Literal::Number(n) => write!(f, "{n}"),
+            Literal::Text(t) => write!(f, "{t:?}"),
+        }
+    }
+}
+
+impl Predicate {
+    /// The condition in words, as `DescribeQuery` shows it: `type = "click"`,
+    /// `(max > 120 or min < 40)`, `not (source starts with "test-")`.
+    pub(crate) fn in_words(&self) -> String {
+        let field = self.field.as_deref().unwrap_or("?");
+        let list = |items: &[Literal]| {
+            items
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut tests: Vec<String> = Vec::new();
+        if let Some(v) = &self.eq {
+            tests.push(format!("{field} = {v}"));
+        }
+        if let Some(v) = &self.ne {
+            tests.push(format!("{field} <> {v}"));
+        }
+        if let Some(v) = &self.one_of {
+            tests.push(format!("{field} in ({})", list(v)));
+        }
+        for (op, bound) in [
+            (">", self.gt),
+            (">=", self.ge),
+            ("<", self.lt),
+            ("<=", self.le),
+        ] {
+            if let Some(bound) = bound {
+                tests.push(format!("{field} {op} {bound}"));
+            }
+        }
+        if let Some(prefix) = &self.prefix {
+            tests.push(format!("{field} starts with {prefix:?}"));
+        }
+        if let Some(exists) = self.exists {
+            tests.push(format!(
+                "{field} is {}",
+                if exists { "present" } else { "absent" }
+            ));
+        }
+        if let Some(any) = &self.any {
+            let any: Vec<String> = any.iter().map(Predicate::in_words).collect();
+            tests.push(format!("({})", any.join(" or ")));
+        }
+        if let Some(not) = &self.not {
+            tests.push(format!("not ({})", not.in_words()));
+        }
+        tests.join(" and ")
+    }
 }
 
 /// What a predicate compares.

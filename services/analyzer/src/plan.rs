@@ -266,7 +266,9 @@ impl QueryConfig {
         })
     }
 
-    /// The query in words, for `DescribeQuery`.
+    /// The query in words, for `DescribeQuery`: an `EXPLAIN` of what runs — what is
+    /// computed (and named), per what, of which events, in which windows on which time,
+    /// with which disorder and lateness, emitted when, kept if, and where else it goes.
     fn definition(&self, configured: &[AggregateConfig]) -> String {
         let aggregates: Vec<String> = configured
             .iter()
@@ -275,10 +277,14 @@ impl QueryConfig {
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_owned))
                     .unwrap_or_default();
-                match &a.of {
+                let call = match &a.of {
                     Some(of) => format!("{f}({of})"),
                     None if matches!(a.function, Function::Count) => f,
                     None => format!("{f}({})", self.value.as_deref().unwrap_or("?")),
+                };
+                match &a.name {
+                    Some(name) => format!("{call} as {name}"),
+                    None => call,
                 }
             })
             .collect();
@@ -295,22 +301,44 @@ impl QueryConfig {
                 format!("session gap {}", humantime::format_duration(gap))
             }
         };
-        let filter = if self.filter.is_empty() && self.event_type.is_none() {
+        let mut conditions: Vec<String> = self
+            .event_type
+            .iter()
+            .map(|t| format!("type = {t:?}"))
+            .collect();
+        conditions.extend(self.filter.iter().map(Predicate::in_words));
+        let filter = if conditions.is_empty() {
             String::new()
         } else {
-            " of filtered events".into()
+            format!(" of events where {}", conditions.join(" and "))
         };
-        format!(
-            "{} per {}{filter} in {window} event-time windows, {} out-of-orderness, {} allowed lateness, emitted {}",
+        let time = match self.time.as_str() {
+            "event_time" => String::new(),
+            field => format!(" (time from {field})"),
+        };
+        let mut text = format!(
+            "{} per {} of topic {}{filter} in {window} event-time windows{time}, {} out-of-orderness, {} allowed lateness, emitted {}",
             aggregates.join(", "),
             self.key,
+            self.topic,
             humantime::format_duration(self.out_of_orderness),
             humantime::format_duration(self.allowed_lateness),
             match self.emit {
                 EmitMode::OnClose => "on close",
                 EmitMode::OnUpdate => "on every update",
             }
-        )
+        );
+        if !self.having.is_empty() {
+            let having: Vec<String> = self.having.iter().map(Predicate::in_words).collect();
+            text.push_str(&format!(", only where {}", having.join(" and ")));
+        }
+        if let Some(topic) = &self.output_topic {
+            text.push_str(&format!("; also published to topic {topic}"));
+        }
+        if let Some(topic) = &self.late_topic {
+            text.push_str(&format!("; late events to topic {topic}"));
+        }
+        text
     }
 }
 

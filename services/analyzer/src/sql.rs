@@ -1347,6 +1347,28 @@ pub(crate) mod tests {
         assert_eq!(resolved(compiled), resolved(default_queries()[0].clone()));
     }
 
+    /// `DescribeQuery` explains a query in words: every part of it.
+    #[test]
+    fn a_query_is_explained_in_words() {
+        let plan = compile(
+            "q",
+            "SELECT key, count(*) AS n, max(payload.v) FROM t \
+             WHERE type IN ('a', 'b') AND NOT source LIKE 'test-%' \
+             GROUP BY key, HOP(payload.ts, INTERVAL '1' MINUTE, INTERVAL '5' MINUTE) \
+             HAVING n > 2 OR max < 1 EMIT ON UPDATE WITH (late_topic = 'late')",
+        )
+        .unwrap()
+        .compile(0)
+        .unwrap();
+        assert_eq!(
+            plan.definition,
+            "count as n, max(payload.v) per key of topic t of events where type in (\"a\", \"b\") \
+             and not (source starts with \"test-\") in sliding 5m every 1m event-time windows \
+             (time from payload.ts), 5s out-of-orderness, 0s allowed lateness, emitted on every \
+             update, only where (n > 2 or max < 1); late events to topic late"
+        );
+    }
+
     fn error(sql: &str) -> String {
         compile("q", sql).unwrap_err().to_string()
     }
