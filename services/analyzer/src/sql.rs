@@ -164,6 +164,8 @@ fn parser_error(error: sqlparser::parser::ParserError) -> SqlError {
 fn split_tail(mut tokens: Vec<TokenWithSpan>) -> (Vec<TokenWithSpan>, Vec<TokenWithSpan>) {
     let mut depth = 0i32;
     let mut seen = false;
+    // A word after a `.` is a field's name (`payload.emit`), not a clause.
+    let mut after_period = false;
     let split = tokens.iter().position(|t| {
         match &t.token {
             Token::LParen => depth += 1,
@@ -171,6 +173,7 @@ fn split_tail(mut tokens: Vec<TokenWithSpan>) -> (Vec<TokenWithSpan>, Vec<TokenW
             Token::Word(w)
                 if depth == 0
                     && seen
+                    && !after_period
                     && w.quote_style.is_none()
                     && (w.value.eq_ignore_ascii_case("emit")
                         || w.value.eq_ignore_ascii_case("with")) =>
@@ -181,6 +184,7 @@ fn split_tail(mut tokens: Vec<TokenWithSpan>) -> (Vec<TokenWithSpan>, Vec<TokenW
             _ => {}
         }
         seen = true;
+        after_period = t.token == Token::Period;
         false
     });
     let tail = match split {
@@ -1443,6 +1447,19 @@ pub(crate) mod tests {
         );
         // The compiled query is a valid plan.
         query.compile(0).unwrap();
+    }
+
+    #[test]
+    fn fields_named_like_clauses_are_fields() {
+        let query = compile(
+            "q",
+            "SELECT payload.emit, sum(payload.with) AS total FROM t \
+             GROUP BY payload.emit, TUMBLE(event_time, '1m') EMIT ON UPDATE",
+        )
+        .unwrap();
+        assert_eq!(query.key, "payload.emit");
+        assert_eq!(query.aggregates[0].of.as_deref(), Some("payload.with"));
+        assert_eq!(query.emit, EmitMode::OnUpdate);
     }
 
     #[test]
