@@ -176,7 +176,7 @@ mod tests {
         assert_eq!(
             validate_query_name(".q").unwrap_err().to_string(),
             "query name \".q\" is invalid: use 1-128 characters from [a-zA-Z0-9._-], not \
-             starting with '.'"
+             starting with '.', without '..'"
         );
     }
 
@@ -222,6 +222,7 @@ mod tests {
 
         #[test]
         fn every_name_the_query_rule_describes_is_accepted(name in "[a-zA-Z0-9_-][a-zA-Z0-9._-]{0,127}") {
+            prop_assume!(!name.contains(".."));
             prop_assert_eq!(validate_query_name(&name), Ok(()));
         }
 
