@@ -1,6 +1,7 @@
 //! A client for Runnel's broker: an idempotent [`Producer`] that stores every event
 //! exactly once however often it has to retry, and a [`GroupConsumer`] that takes part in
-//! a consumer group — following its assignment, heartbeating, committing.
+//! a consumer group — following its assignment, heartbeating, committing — and the kept
+//! logs that services use as registries ([`open_kept`], [`follow_partition`]).
 //!
 //! Both speak the broker's gRPC API (`runnel.v1.Broker`) and nothing else; they are what
 //! the benchmarks and the tests use, and what an application embedding Runnel would. They
@@ -8,9 +9,11 @@
 //! TLS, with a client certificate and a bearer token as [`ConnectConfig`] says.
 
 mod consumer;
+mod kept;
 mod producer;
 
 pub use consumer::{ConsumerOptions, GroupConsumer, GroupEvent, StreamPart, SubscribeMessage};
+pub use kept::{follow_partition, open_kept};
 pub use producer::{Producer, ProducerOptions};
 pub use runnel_security::{ConnectConfig, Peer, connect, connect_lazy, connect_lazy_with_token};
 

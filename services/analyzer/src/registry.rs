@@ -21,11 +21,7 @@
 use crate::error::AnalyzerError;
 use runnel_client::{ClientError, Producer, ProducerOptions};
 use runnel_proto::v1::broker_client::BrokerClient;
-use runnel_proto::v1::subscribe_response::Message;
-use runnel_proto::v1::{
-    Acks, CreateTopicRequest, DescribeTopicRequest, Event, RetentionPolicy, StartFrom,
-    SubscribeRequest,
-};
+use runnel_proto::v1::{Acks, DescribeTopicRequest, Event, StartFrom};
 use runnel_security::Peer;
 use runnel_server::Shutdown;
 use serde::{Deserialize, Serialize};
@@ -396,96 +392,40 @@ impl Registry {
             s.next = start;
             s.loaded = start >= end;
         });
-        loop {
-            let offset = self.state.borrow().next;
-            let request = SubscribeRequest {
-                topic: TOPIC.into(),
-                partition: 0,
-                offset,
-                ..SubscribeRequest::default()
-            };
-            let mut broker = self.broker.clone();
-            let subscribed = tokio::select! {
-                subscribed = broker.subscribe(request) => subscribed,
-                () = shutdown.wait() => return,
-            };
-            match subscribed {
-                Ok(stream) => {
-                    let mut stream = stream.into_inner();
-                    loop {
-                        let message = tokio::select! {
-                            message = stream.message() => message,
-                            () = shutdown.wait() => return,
-                        };
-                        let chunk = match message {
-                            Ok(Some(response)) => match response.message {
-                                Some(Message::Records(chunk)) => chunk,
-                                _ => continue,
-                            },
-                            Ok(None) => break,
-                            Err(status) => {
-                                tracing::debug!(code = ?status.code(), message = status.message(), "created-query stream ended; resuming");
-                                break;
-                            }
-                        };
-                        delay = RETRY_MIN;
-                        for record in chunk.records {
-                            if record.offset < self.state.borrow().next {
-                                continue;
-                            }
-                            if let Some(event) = &record.event {
-                                self.apply(record.offset, Change::from_event(event, record.offset));
-                            } else {
-                                self.state.send_modify(|s| s.next = record.offset + 1);
-                            }
-                            if record.offset + 1 >= end {
-                                self.state.send_modify(|s| s.loaded = true);
-                            }
-                        }
+        let mark_loaded = |offset: u64| {
+            if offset + 1 >= end {
+                self.state.send_modify(|s| s.loaded = true);
+            }
+        };
+        runnel_client::follow_partition(
+            &self.broker,
+            TOPIC,
+            0,
+            || self.state.borrow().next,
+            |record| {
+                match &record.event {
+                    Some(event) => {
+                        self.apply(record.offset, Change::from_event(event, record.offset));
                     }
+                    None => self.state.send_modify(|s| s.next = record.offset + 1),
                 }
-                Err(status) => {
-                    tracing::warn!(code = ?status.code(), message = status.message(), topic = TOPIC, "cannot follow the created queries; retrying");
-                }
-            }
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = shutdown.wait() => return,
-            }
-            delay = (delay * 2).min(RETRY_MAX);
-        }
+                mark_loaded(record.offset);
+            },
+            |start| {
+                self.state.send_modify(|s| s.next = start);
+                mark_loaded(start.saturating_sub(1));
+            },
+            || shutdown.wait(),
+        )
+        .await;
     }
 
     /// The topic's (start, end) offsets, after creating it if needed.
     async fn prepare(&self) -> Result<(u64, u64), AnalyzerError> {
-        let mut broker = self.broker.clone();
-        let create = CreateTopicRequest {
-            name: TOPIC.into(),
-            partitions: 1,
-            // Kept for ever: the log is the registry.
-            retention: Some(RetentionPolicy {
-                max_age: Some(prost_types::Duration::default()),
-                max_bytes: Some(0),
-            }),
-        };
-        match broker.create_topic(create).await {
-            Ok(_) => {}
-            Err(status) if status.code() == Code::AlreadyExists => {}
-            Err(status) => return Err(AnalyzerError::Broker(status)),
-        }
-        let described = broker
-            .describe_topic(DescribeTopicRequest { name: TOPIC.into() })
+        let bounds = runnel_client::open_kept(&self.broker, TOPIC, 1)
             .await
-            .map_err(AnalyzerError::Broker)?
-            .into_inner();
-        let partitions = described.topic.map(|t| t.partitions).unwrap_or_default();
-        match partitions.as_slice() {
-            [only] => Ok((only.start_offset, only.end_offset)),
-            other => Err(AnalyzerError::Registry(format!(
-                "topic {TOPIC} has {} partitions; the analyzer needs 1 (delete it if it was made by hand)",
-                other.len()
-            ))),
-        }
+            .map_err(broker_error)?;
+        Ok(bounds.first().copied().unwrap_or_default())
     }
 }
 

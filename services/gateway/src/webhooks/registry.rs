@@ -20,18 +20,14 @@ use super::record::{Change, MAX_HOOKS_PER_PARTITION, Webhook};
 use super::{PARTITIONS, TOPIC, partition_of};
 use crate::error::GatewayError;
 use runnel_client::{ClientError, Producer, ProducerOptions};
+use runnel_proto::v1::Acks;
 use runnel_proto::v1::broker_client::BrokerClient;
-use runnel_proto::v1::subscribe_response::Message;
-use runnel_proto::v1::{
-    Acks, CreateTopicRequest, DescribeTopicRequest, RetentionPolicy, SubscribeRequest,
-};
 use runnel_security::Peer;
 use runnel_server::Shutdown;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
-use tonic::Code;
 
 /// The first delay after the broker could not be reached; doubled up to the max.
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -324,121 +320,36 @@ impl Registry {
 
     /// The topic's (start, end) offsets per partition, after creating it if needed.
     async fn prepare(&self) -> Result<Vec<(u64, u64)>, GatewayError> {
-        let mut broker = self.broker.clone();
-        let create = CreateTopicRequest {
-            name: TOPIC.into(),
-            partitions: PARTITIONS,
-            // Kept for ever: the log is the registry.
-            retention: Some(RetentionPolicy {
-                max_age: Some(prost_types::Duration::default()),
-                max_bytes: Some(0),
-            }),
-        };
-        match broker.create_topic(create).await {
-            Ok(_) => {}
-            Err(status) if status.code() == Code::AlreadyExists => {}
-            Err(status) => return Err(GatewayError::Broker(status)),
-        }
-        let described = broker
-            .describe_topic(DescribeTopicRequest { name: TOPIC.into() })
+        runnel_client::open_kept(&self.broker, TOPIC, PARTITIONS)
             .await
-            .map_err(GatewayError::Broker)?
-            .into_inner();
-        let mut partitions = described.topic.map(|t| t.partitions).unwrap_or_default();
-        if partitions.len() != PARTITIONS as usize {
-            return Err(GatewayError::Webhooks(format!(
-                "topic {TOPIC} has {} partitions; the gateway needs {PARTITIONS} (delete it if it was made by hand)",
-                partitions.len()
-            )));
-        }
-        partitions.sort_by_key(|p| p.partition);
-        Ok(partitions
-            .into_iter()
-            .map(|p| (p.start_offset, p.end_offset))
-            .collect())
+            .map_err(broker_error)
     }
 
     /// Follows one partition from the next unapplied record until shutdown.
     async fn tail(self: Arc<Self>, partition: u32, shutdown: Shutdown) {
-        let mut delay = RETRY_MIN;
-        loop {
-            let offset = self.progress.borrow().next[partition as usize];
-            let request = SubscribeRequest {
-                topic: TOPIC.into(),
-                partition,
-                offset,
-                ..SubscribeRequest::default()
-            };
-            let mut broker = self.broker.clone();
-            let subscribed = tokio::select! {
-                subscribed = broker.subscribe(request) => subscribed,
-                () = shutdown.wait() => return,
-            };
-            match subscribed {
-                Ok(stream) => {
-                    let mut stream = stream.into_inner();
-                    loop {
-                        let message = tokio::select! {
-                            message = stream.message() => message,
-                            () = shutdown.wait() => return,
-                        };
-                        let chunk = match message {
-                            Ok(Some(response)) => match response.message {
-                                Some(Message::Records(chunk)) => chunk,
-                                _ => continue,
-                            },
-                            Ok(None) => break,
-                            Err(status) => {
-                                tracing::debug!(partition, code = ?status.code(), message = status.message(), "webhook registry stream ended; resuming");
-                                break;
-                            }
-                        };
-                        delay = RETRY_MIN;
-                        for record in chunk.records {
-                            let expected = self.progress.borrow().next[partition as usize];
-                            if record.offset < expected {
-                                continue;
-                            }
-                            match record.event.as_ref().map(Change::from_event) {
-                                Some(Ok(change)) => self.apply(partition, change),
-                                Some(Err(error)) => {
-                                    metrics::counter!(
-                                        "runnel_gateway_webhook_records_skipped_total"
-                                    )
-                                    .increment(1);
-                                    tracing::error!(partition, offset = record.offset, %error, "a webhook registry record this gateway cannot read; skipped");
-                                }
-                                None => {}
-                            }
-                            self.progress
-                                .send_modify(|p| p.next[partition as usize] = record.offset + 1);
-                        }
+        let index = partition as usize;
+        runnel_client::follow_partition(
+            &self.broker,
+            TOPIC,
+            partition,
+            || self.progress.borrow().next[index],
+            |record| {
+                match record.event.as_ref().map(Change::from_event) {
+                    Some(Ok(change)) => self.apply(partition, change),
+                    Some(Err(error)) => {
+                        metrics::counter!("runnel_gateway_webhook_records_skipped_total")
+                            .increment(1);
+                        tracing::error!(partition, offset = record.offset, %error, "a webhook registry record this gateway cannot read; skipped");
                     }
+                    None => {}
                 }
-                Err(status) if status.code() == Code::OutOfRange => {
-                    // Only if someone shortened the topic's retention: say so loudly.
-                    tracing::error!(
-                        partition,
-                        offset,
-                        message = status.message(),
-                        "the webhook registry log no longer reaches this gateway's position"
-                    );
-                    if let Ok(bounds) = self.prepare().await {
-                        self.progress.send_modify(|p| {
-                            p.next[partition as usize] = bounds[partition as usize].0
-                        });
-                    }
-                }
-                Err(status) => {
-                    tracing::debug!(partition, code = ?status.code(), message = status.message(), "cannot follow the webhook registry");
-                }
-            }
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = shutdown.wait() => return,
-            }
-            delay = (delay * 2).min(RETRY_MAX);
-        }
+                self.progress
+                    .send_modify(|p| p.next[index] = record.offset + 1);
+            },
+            |start| self.progress.send_modify(|p| p.next[index] = start),
+            || shutdown.wait(),
+        )
+        .await;
     }
 }
 
