@@ -933,23 +933,7 @@ impl Compiler {
                 negated: false,
                 low,
                 high,
-            } => {
-                let field = operand(expr)?;
-                let bound =
-                    |e: &Expr| number(e).ok_or_else(|| at(e.span(), "BETWEEN takes numbers"));
-                Ok(vec![
-                    Predicate {
-                        field: Some(field.clone()),
-                        ge: Some(bound(low)?),
-                        ..Predicate::default()
-                    },
-                    Predicate {
-                        field: Some(field),
-                        le: Some(bound(high)?),
-                        ..Predicate::default()
-                    },
-                ])
-            }
+            } => Ok(between(operand(expr)?, low, high)?.to_vec()),
             other => Ok(vec![self.predicate(other, operand)?]),
         }
     }
@@ -975,13 +959,10 @@ impl Compiler {
                 left,
                 op: BinaryOperator::And,
                 right,
-            } => negate(Predicate {
-                any: Some(vec![
-                    negate(self.predicate(left, operand)?),
-                    negate(self.predicate(right, operand)?),
-                ]),
-                ..Predicate::default()
-            }),
+            } => all(vec![
+                self.predicate(left, operand)?,
+                self.predicate(right, operand)?,
+            ]),
             Expr::BinaryOp {
                 left,
                 op: BinaryOperator::Or,
@@ -1042,23 +1023,7 @@ impl Compiler {
                 low,
                 high,
             } => {
-                // A predicate holds one test: `low <= x AND x <= high`, as NOT (ANY (…)).
-                let field = operand(expr)?;
-                let bound =
-                    |e: &Expr| number(e).ok_or_else(|| at(e.span(), "BETWEEN takes numbers"));
-                let within = negate(Predicate {
-                    any: Some(vec![
-                        negate(Predicate {
-                            ge: Some(bound(low)?),
-                            ..on(field.clone())
-                        }),
-                        negate(Predicate {
-                            le: Some(bound(high)?),
-                            ..on(field)
-                        }),
-                    ]),
-                    ..Predicate::default()
-                });
+                let within = all(between(operand(expr)?, low, high)?.to_vec());
                 if *negated { negate(within) } else { within }
             }
             Expr::In {
@@ -1107,6 +1072,36 @@ impl Compiler {
             }
         })
     }
+}
+
+/// Predicates that must all hold, as one: `NOT (ANY (NOT a, NOT b, …))` — a predicate
+/// has `any` and `not`, which say everything.
+fn all(parts: Vec<Predicate>) -> Predicate {
+    let not = |p: Predicate| Predicate {
+        not: Some(Box::new(p)),
+        ..Predicate::default()
+    };
+    not(Predicate {
+        any: Some(parts.into_iter().map(not).collect()),
+        ..Predicate::default()
+    })
+}
+
+/// `field BETWEEN low AND high`: two predicates (one holds one test), both to hold.
+fn between(field: String, low: &Expr, high: &Expr) -> Result<[Predicate; 2]> {
+    let bound = |e: &Expr| number(e).ok_or_else(|| at(e.span(), "BETWEEN takes numbers"));
+    Ok([
+        Predicate {
+            field: Some(field.clone()),
+            ge: Some(bound(low)?),
+            ..Predicate::default()
+        },
+        Predicate {
+            field: Some(field),
+            le: Some(bound(high)?),
+            ..Predicate::default()
+        },
+    ])
 }
 
 /// The comparison with its sides swapped: `3 < x` is `x > 3`.
