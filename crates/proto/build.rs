@@ -26,9 +26,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("runnel_v1_descriptor.bin"))
+        // Messages are encoded into buffers sized up front (see `codec`).
+        .codec_path("crate::codec::PresizedCodec")
         // Payloads stay `Bytes` from the wire to the broker's disk: no copies.
         .bytes(".runnel.v1.Event.payload")
         .bytes(".runnel.v1.RecordBatch.records")
+        .bytes(".runnel.v1.FetchResponse.stored_batches")
+        .bytes(".runnel.v1.RecordChunk.stored_batches")
         .compile_with_config(
             prost_config,
             &files,

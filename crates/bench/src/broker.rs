@@ -17,6 +17,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use runnel_broker::BrokerConfig;
+use runnel_proto::stored::StoredBatch;
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::{
     Acks, CreateTopicRequest, Event, FetchRequest, ProduceRequest, RecordBatch,
@@ -591,19 +592,24 @@ async fn consume_runnel(url: &str, topic: &str, partitions: u32) -> Result<u64> 
                         topic: topic.clone(),
                         partition,
                         offset,
-                        as_batches: true,
+                        stored: true,
                         ..FetchRequest::default()
                     })
                     .await?
                     .into_inner();
-                if page.batches.is_empty() {
+                if page.stored_batches.is_empty() {
                     return anyhow::Ok(count);
                 }
-                count += page
-                    .batches
-                    .iter()
-                    .map(|b| u64::from(b.record_count))
-                    .sum::<u64>();
+                // Each record handed over as a consumer gets it: its offset and its
+                // encoded event (a slice of the answer, not a copy).
+                for stored in page.stored_batches {
+                    StoredBatch::parse(stored)
+                        .map_err(anyhow::Error::msg)?
+                        .encoded_events(offset, MAX_MESSAGE, |_, event| {
+                            std::hint::black_box(event);
+                            count += 1;
+                        })?;
+                }
                 offset = page.next_offset;
             }
         });

@@ -11,6 +11,7 @@
 //! which reads only the fields a query needs). The protocol is the same either way.
 
 use crate::ClientError;
+use runnel_proto::records::RecordsError;
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::subscribe_response::Message;
 use runnel_proto::v1::{
@@ -25,6 +26,10 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::{Status, Streaming};
+
+/// The largest records body of one batch, uncompressed, that a member reads (a broker
+/// accepts none larger than a request may be).
+const MAX_BATCH_BYTES: usize = 256 << 20;
 
 /// How a [`GroupConsumer`] takes part in its group.
 #[derive(Debug, Clone)]
@@ -56,8 +61,10 @@ pub trait SubscribeMessage: prost::Message + Default + Send + 'static {
     type Records: Send;
 
     /// What the message says: a new assignment or a chunk of records (`None`: neither,
-    /// e.g. a message kind this reader does not know).
-    fn into_part(self) -> Option<StreamPart<Self::Records>>;
+    /// e.g. a message kind this reader does not know). Chunks arrive as stored batches
+    /// (the member asks for them: `SubscribeRequest.stored`), which each form reads its own
+    /// way; a batch that does not read is an error.
+    fn into_part(self) -> Result<Option<StreamPart<Self::Records>>, RecordsError>;
 }
 
 /// One message of the `Subscribe` stream, taken apart.
@@ -87,8 +94,11 @@ pub enum StreamPart<R> {
 impl SubscribeMessage for SubscribeResponse {
     type Records = Vec<Record>;
 
-    fn into_part(self) -> Option<StreamPart<Vec<Record>>> {
-        match self.message? {
+    fn into_part(self) -> Result<Option<StreamPart<Vec<Record>>>, RecordsError> {
+        let Some(message) = self.message else {
+            return Ok(None);
+        };
+        Ok(match message {
             Message::Assignment(assignment) => Some(StreamPart::Assignment {
                 generation: assignment.generation,
                 partitions: assignment.partitions,
@@ -96,14 +106,26 @@ impl SubscribeMessage for SubscribeResponse {
             }),
             Message::Records(RecordChunk {
                 partition,
-                records,
+                mut records,
                 generation,
-            }) => Some(StreamPart::Records {
-                generation,
-                partition,
-                records,
-            }),
-        }
+                stored_batches,
+                first_offset,
+            }) => {
+                if !stored_batches.is_empty() {
+                    records = runnel_proto::stored::decode_records(
+                        &stored_batches,
+                        partition,
+                        first_offset,
+                        MAX_BATCH_BYTES,
+                    )?;
+                }
+                Some(StreamPart::Records {
+                    generation,
+                    partition,
+                    records,
+                })
+            }
+        })
     }
 }
 
@@ -186,7 +208,7 @@ impl<M: SubscribeMessage> GroupConsumer<M> {
         grpc.ready().await.map_err(|e| {
             ClientError::Broker(Status::unavailable(format!("broker not ready: {e}")))
         })?;
-        let codec = tonic_prost::ProstCodec::<SubscribeRequest, M>::default();
+        let codec = runnel_proto::codec::PresizedCodec::<SubscribeRequest, M>::default();
         let path = PathAndQuery::from_static("/runnel.v1.Broker/Subscribe");
         let stream = grpc
             .server_streaming(tonic::Request::new(request), path, codec)
@@ -255,7 +277,12 @@ impl<M: SubscribeMessage> GroupConsumer<M> {
             let Some(message) = self.stream.message().await.map_err(ClientError::Broker)? else {
                 return Ok(None);
             };
-            match message.into_part() {
+            let part = message.into_part().map_err(|error| {
+                ClientError::Broker(Status::data_loss(format!(
+                    "the broker sent records that do not read: {error}"
+                )))
+            })?;
+            match part {
                 Some(StreamPart::Assignment {
                     generation,
                     partitions,
@@ -357,6 +384,7 @@ fn subscription(group: &str, topic: &str, options: &ConsumerOptions) -> (String,
         delivery: options.delivery as i32,
         start_from: options.start_from as i32,
         session_timeout: Some(prost_duration(options.session_timeout)),
+        stored: true,
         ..SubscribeRequest::default()
     };
     (member_id, request)

@@ -17,11 +17,13 @@ pub mod v1 {
     tonic::include_proto!("runnel.v1");
 }
 
+pub mod codec;
 pub mod filter;
 pub mod json;
 pub mod names;
 mod partitioning;
 pub mod records;
+pub mod stored;
 mod time;
 
 pub use partitioning::{event_identity, partition_for_event, partition_for_key};

@@ -111,6 +111,31 @@ pub fn visit(
     take: usize,
     mut each: impl FnMut(usize, Event) -> Result<(), RecordsError>,
 ) -> Result<usize, RecordsError> {
+    visit_encoded(
+        compression,
+        records,
+        max_len,
+        skip,
+        take,
+        |index, record| {
+            let event = Event::decode(record)
+                .map_err(|e| RecordsError(format!("record {index} does not decode: {e}")))?;
+            each(index, event)
+        },
+    )
+}
+
+/// Hands each record (from the `skip`th on, at most `take` of them) to `each` with its
+/// index, still encoded: a slice of the (decompressed) body, not a copy. Returns how many
+/// records the body holds up to the last one handed over.
+pub fn visit_encoded(
+    compression: Compression,
+    records: &Bytes,
+    max_len: usize,
+    skip: usize,
+    take: usize,
+    mut each: impl FnMut(usize, Bytes) -> Result<(), RecordsError>,
+) -> Result<usize, RecordsError> {
     let mut buf = decompressed(compression, records, max_len)?;
     let mut index = 0usize;
     while buf.has_remaining() && index < skip.saturating_add(take) {
@@ -123,9 +148,7 @@ pub fn visit(
         }
         let record = buf.split_to(len);
         if index >= skip {
-            let event = Event::decode(record)
-                .map_err(|e| RecordsError(format!("record {index} does not decode: {e}")))?;
-            each(index, event)?;
+            each(index, record)?;
         }
         index += 1;
     }

@@ -17,7 +17,9 @@ use crate::task::{Outputs, Task};
 use bytes::Bytes;
 use prost::Message;
 use runnel_proto::Millis;
-use runnel_proto::v1::{Event, Record, RecordChunk, SubscribeResponse, subscribe_response};
+use runnel_proto::records;
+use runnel_proto::stored::{BatchHeader, StoredBatch};
+use runnel_proto::v1::{Compression, Event, RecordChunk, SubscribeResponse, subscribe_response};
 use std::time::{Duration, Instant};
 
 /// The operators measured.
@@ -147,37 +149,46 @@ impl OperatorFigures {
 }
 
 /// Encodes `events` events over `keys` keys, 1 ms of event time apart, as the broker's
-/// `Subscribe` messages of 1000 records.
+/// `Subscribe` messages as a group member gets them: each a stored batch of 1000 records.
 pub fn encode_stream(events: u64, keys: u64) -> Vec<Bytes> {
     let t0 = 1_700_000_000_000i64;
     let mut messages = Vec::new();
-    let mut records = Vec::with_capacity(1000);
+    let mut batch = Vec::with_capacity(1000);
+    let mut base_offset = 0;
     for i in 0..events {
         let payload = format!(
             "{{\"value\":{},\"item\":\"item-{}\"}}",
             (i % 97) as f64 / 4.0,
             (i * 7919) % 5000
         );
-        records.push(Record {
-            partition: 0,
-            offset: i,
-            append_time: Some(Millis(t0).into()),
-            event: Some(Event {
-                id: format!("e{i}"),
-                source: "bench".into(),
-                r#type: "reading".into(),
-                key: format!("key-{}", i % keys),
-                event_time: Some(Millis(t0 + i as i64).into()),
-                payload: payload.into_bytes().into(),
-                ..Event::default()
-            }),
+        batch.push(Event {
+            id: format!("e{i}"),
+            source: "bench".into(),
+            r#type: "reading".into(),
+            key: format!("key-{}", i % keys),
+            event_time: Some(Millis(t0 + i as i64).into()),
+            payload: payload.into_bytes().into(),
+            ..Event::default()
         });
-        if records.len() == 1000 || i + 1 == events {
+        if batch.len() == 1000 || i + 1 == events {
+            let header = BatchHeader {
+                compression: Compression::None,
+                record_count: batch.len() as u32,
+                base_offset,
+                append_time: Millis(t0),
+                producer_id: 0,
+                base_sequence: 0,
+                deduplicated: false,
+            };
+            base_offset += batch.len() as u64;
+            let stored = StoredBatch::new(header, &records::encode(&std::mem::take(&mut batch)));
             let message = SubscribeResponse {
                 message: Some(subscribe_response::Message::Records(RecordChunk {
                     partition: 0,
-                    records: std::mem::take(&mut records),
                     generation: 1,
+                    first_offset: header.base_offset,
+                    stored_batches: vec![stored.stored],
+                    records: Vec::new(),
                 })),
             };
             messages.push(Bytes::from(message.encode_to_vec()));
@@ -210,11 +221,12 @@ pub fn run_operator(
     let mut out = Outputs::default();
     for bytes in stream {
         let Ok(RawSubscribeResponse {
-            message: Some(RawMessage::Records(chunk)),
+            message: Some(RawMessage::Records(mut chunk)),
         }) = RawSubscribeResponse::decode(bytes.clone())
         else {
             continue;
         };
+        chunk.read_stored().map_err(|e| e.to_string())?;
         let now = Instant::now();
         let mut inputs = Vec::new();
         for record in &chunk.records {

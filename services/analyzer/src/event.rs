@@ -8,10 +8,15 @@
 //! their entries, nothing is allocated per event. The message types are wire-compatible
 //! with `runnel.v1.SubscribeResponse` (a message field and a `bytes` field are both
 //! length-delimited), which a property test pins against the generated types; the group
-//! member is `runnel-client`'s, decoding its stream as [`RawSubscribeResponse`].
+//! member is `runnel-client`'s, decoding its stream as [`RawSubscribeResponse`]. The member
+//! asks for stored batches (`SubscribeRequest.stored`), so the broker sends each batch as
+//! it keeps it, decoding nothing; [`RawRecordChunk::read_stored`] cuts the batch's body into
+//! the same records, each event a slice of the body.
 
 use bytes::Bytes;
 use runnel_client::StreamPart;
+use runnel_proto::records::RecordsError;
+use runnel_proto::stored::StoredBatch;
 use runnel_proto::v1::Assignment;
 
 /// `runnel.v1.SubscribeResponse`, with the records' events left encoded.
@@ -24,21 +29,30 @@ pub(crate) struct RawSubscribeResponse {
 impl runnel_client::SubscribeMessage for RawSubscribeResponse {
     type Records = RawRecordChunk;
 
-    fn into_part(self) -> Option<StreamPart<RawRecordChunk>> {
-        Some(match self.message? {
+    fn into_part(self) -> Result<Option<StreamPart<RawRecordChunk>>, RecordsError> {
+        let Some(message) = self.message else {
+            return Ok(None);
+        };
+        Ok(Some(match message {
             RawMessage::Assignment(assignment) => StreamPart::Assignment {
                 generation: assignment.generation,
                 partitions: assignment.partitions,
                 starts: assignment.starts,
             },
-            RawMessage::Records(chunk) => StreamPart::Records {
-                generation: chunk.generation,
-                partition: chunk.partition,
-                records: chunk,
-            },
-        })
+            RawMessage::Records(mut chunk) => {
+                chunk.read_stored()?;
+                StreamPart::Records {
+                    generation: chunk.generation,
+                    partition: chunk.partition,
+                    records: chunk,
+                }
+            }
+        }))
     }
 }
+
+/// The largest records body of one stored batch, uncompressed, the analyzer reads.
+const MAX_BATCH_BYTES: usize = 256 << 20;
 
 /// `runnel.v1.SubscribeResponse.message`.
 #[derive(Clone, PartialEq, prost::Oneof)]
@@ -60,6 +74,33 @@ pub(crate) struct RawRecordChunk {
     pub(crate) records: Vec<RawRecord>,
     #[prost(uint64, tag = "3")]
     pub(crate) generation: u64,
+    /// Stored batches as the broker keeps them (`runnel_proto::stored`): what the member
+    /// asks for, read into `records` by [`RawRecordChunk::read_stored`].
+    #[prost(bytes = "bytes", repeated, tag = "4")]
+    pub(crate) stored_batches: Vec<Bytes>,
+    #[prost(uint64, tag = "5")]
+    pub(crate) first_offset: u64,
+}
+
+impl RawRecordChunk {
+    /// Turns the chunk's stored batches into records from `first_offset` on, each event
+    /// a slice of its batch's body (decompressed once if it was compressed).
+    pub(crate) fn read_stored(&mut self) -> Result<(), RecordsError> {
+        for stored in std::mem::take(&mut self.stored_batches) {
+            let batch = StoredBatch::parse(stored).map_err(RecordsError::from)?;
+            let append_time = Some(prost_types::Timestamp::from(batch.header.append_time));
+            let partition = self.partition;
+            batch.encoded_events(self.first_offset, MAX_BATCH_BYTES, |offset, event| {
+                self.records.push(RawRecord {
+                    partition,
+                    offset,
+                    append_time,
+                    event,
+                });
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// `runnel.v1.Record`, its event still encoded.
@@ -258,8 +299,13 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use prost::Message;
+    use runnel_client::SubscribeMessage as _;
     use runnel_proto::Millis;
-    use runnel_proto::v1::{Event, Record, RecordChunk, SubscribeResponse, subscribe_response};
+    use runnel_proto::records;
+    use runnel_proto::stored::BatchHeader;
+    use runnel_proto::v1::{
+        Compression, Event, Record, RecordChunk, SubscribeResponse, subscribe_response,
+    };
     use std::collections::HashMap;
 
     fn event() -> impl Strategy<Value = Event> {
@@ -318,7 +364,7 @@ mod tests {
                 event: Some(e.clone()),
             }).collect();
             let message = SubscribeResponse {
-                message: Some(subscribe_response::Message::Records(RecordChunk { partition, records, generation })),
+                message: Some(subscribe_response::Message::Records(RecordChunk { partition, records, generation, ..RecordChunk::default() })),
             };
             let raw = RawSubscribeResponse::decode(message.encode_to_vec().as_slice()).unwrap();
             let Some(RawMessage::Records(chunk)) = raw.message else { panic!("records") };
@@ -327,6 +373,45 @@ mod tests {
             for (i, (raw, e)) in chunk.records.iter().zip(&events).enumerate() {
                 prop_assert_eq!(raw.offset, i as u64 * 3);
                 prop_assert_eq!(Event::decode(raw.event.clone()).unwrap(), e.clone());
+            }
+        }
+
+        /// A chunk of stored batches reads as the records the broker would have decoded:
+        /// from the chunk's first offset on, each with its batch's offset and time.
+        #[test]
+        fn stored_batches_read_as_records(events in proptest::collection::vec(event(), 1..8), split in 0usize..8, skip in 0u64..8, lz4 in any::<bool>()) {
+            let compression = if lz4 { Compression::Lz4 } else { Compression::None };
+            let split = split.min(events.len());
+            let mut stored_batches = Vec::new();
+            for (base, part) in [(50u64, &events[..split]), (50 + split as u64, &events[split..])] {
+                if part.is_empty() {
+                    continue;
+                }
+                let header = BatchHeader {
+                    compression,
+                    record_count: part.len() as u32,
+                    base_offset: base,
+                    append_time: Millis(base as i64),
+                    producer_id: 0,
+                    base_sequence: 0,
+                    deduplicated: false,
+                };
+                let body = records::compress(compression, &records::encode(part));
+                stored_batches.push(StoredBatch::new(header, &body).stored);
+            }
+            let first_offset = 50 + skip.min(events.len() as u64 - 1);
+            let message = SubscribeResponse {
+                message: Some(subscribe_response::Message::Records(RecordChunk { partition: 3, generation: 9, stored_batches, first_offset, records: Vec::new() })),
+            };
+            let raw = RawSubscribeResponse::decode(message.encode_to_vec().as_slice()).unwrap();
+            let Some(StreamPart::Records { records: chunk, .. }) = raw.into_part().unwrap() else { panic!("records") };
+            let expected: Vec<(u64, &Event)> = (50u64..).zip(&events).filter(|(o, _)| *o >= first_offset).collect();
+            prop_assert_eq!(chunk.records.len(), expected.len());
+            for (raw, (offset, e)) in chunk.records.iter().zip(expected) {
+                prop_assert_eq!(raw.offset, offset);
+                let batch_base = if offset < 50 + split as u64 { 50 } else { 50 + split as u64 };
+                prop_assert_eq!(raw.append_time, Some(Millis(batch_base as i64).into()));
+                prop_assert_eq!(&Event::decode(raw.event.clone()).unwrap(), e);
             }
         }
 

@@ -1036,6 +1036,8 @@ mod tests {
         RawRecordChunk {
             partition,
             generation: 1,
+            stored_batches: Vec::new(),
+            first_offset: offsets.first().copied().unwrap_or_default(),
             records: offsets
                 .iter()
                 .map(|&offset| RawRecord {

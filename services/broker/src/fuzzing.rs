@@ -30,7 +30,7 @@ pub fn producer_batch(compression: Compression, count: u32, records: &[u8]) {
     frame.extend_from_slice(records);
     let stored = StoredBatch::parse(Bytes::from(frame)).expect("an accepted batch parses");
     let read = stored
-        .records(0, 1000, usize::MAX)
+        .records(0, 1000, usize::MAX, usize::MAX)
         .expect("an accepted batch reads back");
     assert_eq!(read.len(), count as usize);
     assert!(
@@ -38,7 +38,7 @@ pub fn producer_batch(compression: Compression, count: u32, records: &[u8]) {
             .all(|r| r.event.as_ref().is_some_and(|e| !e.id.is_empty()))
     );
     let tail = stored
-        .records(0, 1000 + u64::from(count) / 2, 3)
+        .records(0, 1000 + u64::from(count) / 2, 3, usize::MAX)
         .expect("a range of an accepted batch reads back");
     assert!(tail.len() <= 3);
 }
@@ -47,7 +47,10 @@ pub fn producer_batch(compression: Compression, count: u32, records: &[u8]) {
 pub fn stored_header(frame: &[u8]) {
     if let Ok(stored) = StoredBatch::parse(Bytes::copy_from_slice(frame)) {
         assert!(stored.header.record_count > 0);
-        assert_eq!(stored.records.len(), frame.len() - batch::HEADER_LEN);
+        assert_eq!(
+            stored.records.len(),
+            frame.len() - runnel_proto::stored::HEADER_LEN
+        );
         assert_eq!(
             BatchHeader::decode(&stored.header.encode()),
             Ok(stored.header)

@@ -532,7 +532,10 @@ impl BrokerService {
             start_offset: read.start,
             ..FetchResponse::default()
         };
-        if request.as_batches {
+        if request.stored {
+            response.next_offset = read.batches.last().map_or(from, |b| b.header.next_offset());
+            response.stored_batches = read.batches.into_iter().map(|b| b.stored).collect();
+        } else if request.as_batches {
             response.next_offset = read.batches.last().map_or(from, |b| b.header.next_offset());
             response.batches = read.batches.iter().map(|b| b.to_proto(partition)).collect();
         } else {
@@ -583,6 +586,7 @@ impl BrokerService {
                 stream_partition(
                     request.topic,
                     request.partition,
+                    request.stored,
                     follow,
                     sender,
                     self.shutdown.clone(),
@@ -639,6 +643,7 @@ impl BrokerService {
             delivery,
             start_from,
             max_bytes: self.max_read_bytes,
+            stored: request.stored,
             shutdown: self.shutdown.clone(),
         };
         tokio::spawn(member.run(sender).in_current_span());
@@ -774,11 +779,11 @@ fn decode_records(
             break;
         }
         let decoded = batch
-            .records(partition, from, max_records - records.len())
+            .records(partition, from, max_records - records.len(), usize::MAX)
             .map_err(|reason| BrokerError::Corrupt {
                 path: format!("partition {partition}").into(),
                 position: batch.header.base_offset,
-                reason,
+                reason: reason.to_string(),
             })?;
         for record in decoded {
             let size = {

@@ -16,11 +16,9 @@
 
 use crate::error::Result;
 use crate::groups::{self, Coordinator, MemberView, Membership};
-use crate::storage::{Committed, Follow, Storage};
+use crate::storage::{Committed, Follow, Followed, Storage};
 use runnel_proto::v1::subscribe_response::Message;
-use runnel_proto::v1::{
-    Assignment, Delivery, PartitionOffset, Record, RecordChunk, StartFrom, SubscribeResponse,
-};
+use runnel_proto::v1::{Assignment, Delivery, PartitionOffset, StartFrom, SubscribeResponse};
 use runnel_server::Shutdown;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -46,6 +44,7 @@ fn stopping(output: &Outgoing) {
 pub(crate) async fn stream_partition(
     topic: String,
     partition: u32,
+    stored: bool,
     mut follow: Follow,
     output: Outgoing,
     shutdown: Shutdown,
@@ -61,15 +60,13 @@ pub(crate) async fn stream_partition(
             }
         };
         let message = match next {
-            Some(Ok(records)) => {
-                delivered.increment(records.len() as u64);
-                Ok(SubscribeResponse {
-                    message: Some(Message::Records(RecordChunk {
-                        partition,
-                        records,
-                        generation: 0,
-                    })),
-                })
+            Some(Ok(followed)) => {
+                delivered.increment(followed.next_offset() - followed.from);
+                followed
+                    .into_chunk(partition, 0, stored)
+                    .map(|chunk| SubscribeResponse {
+                        message: Some(Message::Records(chunk)),
+                    })
             }
             Some(Err(status)) => Err(status),
             None if shutdown.is_triggered() => {
@@ -91,7 +88,7 @@ pub(crate) async fn stream_partition(
 struct Chunk {
     reader: u64,
     partition: u32,
-    records: std::result::Result<Vec<Record>, Status>,
+    followed: std::result::Result<Followed, Status>,
 }
 
 /// A group member's stream.
@@ -105,6 +102,8 @@ pub(crate) struct MemberStream {
     pub(crate) delivery: Delivery,
     pub(crate) start_from: StartFrom,
     pub(crate) max_bytes: usize,
+    /// Deliver stored batches as they are (`SubscribeRequest.stored`).
+    pub(crate) stored: bool,
     pub(crate) shutdown: Shutdown,
 }
 
@@ -160,13 +159,13 @@ impl MemberStream {
             .await?;
         let chunks = chunks.clone();
         let task = tokio::spawn(async move {
-            while let Some(records) = follow.recv().await {
-                let failed = records.is_err();
+            while let Some(followed) = follow.recv().await {
+                let failed = followed.is_err();
                 if chunks
                     .send(Chunk {
                         reader,
                         partition,
-                        records,
+                        followed,
                     })
                     .await
                     .is_err()
@@ -253,18 +252,22 @@ impl MemberStream {
                     if owned.get(&chunk.partition).is_none_or(|o| o.reader != chunk.reader) {
                         continue;
                     }
-                    let records = match chunk.records {
-                        Ok(records) => records,
+                    let followed = match chunk.followed {
+                        Ok(followed) => followed,
                         Err(status) => {
                             let _ = output.send(Err(status)).await;
                             break "follower failed".to_owned();
                         }
                     };
-                    if self.delivery == Delivery::AtMostOnce && !self.commit_before_delivery(chunk.partition, &records, generation).await {
+                    if self.delivery == Delivery::AtMostOnce && !self.commit_before_delivery(chunk.partition, followed.next_offset(), generation).await {
                         continue;
                     }
-                    let message = SubscribeResponse {
-                        message: Some(Message::Records(RecordChunk { partition: chunk.partition, records, generation })),
+                    let message = match followed.into_chunk(chunk.partition, generation, self.stored) {
+                        Ok(records) => SubscribeResponse { message: Some(Message::Records(records)) },
+                        Err(status) => {
+                            let _ = output.send(Err(status)).await;
+                            break "follower failed".to_owned();
+                        }
                     };
                     if output.send(Ok(message)).await.is_err() {
                         break "client gone".to_owned();
@@ -284,15 +287,7 @@ impl MemberStream {
     }
 
     /// At most once: the group's offset moves past the records before the member sees them.
-    async fn commit_before_delivery(
-        &self,
-        partition: u32,
-        records: &[Record],
-        generation: u64,
-    ) -> bool {
-        let Some(last) = records.last() else {
-            return false;
-        };
+    async fn commit_before_delivery(&self, partition: u32, next: u64, generation: u64) -> bool {
         if let Err(error) = self
             .coordinator
             .heartbeat(
@@ -308,7 +303,7 @@ impl MemberStream {
             tracing::debug!(%error, "not delivering: the partition moved");
             return false;
         }
-        let next = BTreeMap::from([(partition, Committed::offset(last.offset + 1))]);
+        let next = BTreeMap::from([(partition, Committed::offset(next))]);
         match self.storage.commit(&self.group, &self.topic, next).await {
             Ok(_) => true,
             Err(error) => {

@@ -25,7 +25,9 @@
 //! interrupted half-way is half stored until retried), duplicates are recognised within
 //! the duplicate window only, and retention settings are fixed when the topic is created.
 
-use super::{Appended, Committed, FOLLOW_BUFFER, Follow, Incoming, Read, Retention, Storage};
+use super::{
+    Appended, Committed, FOLLOW_BUFFER, Follow, Followed, Incoming, Read, Retention, Storage,
+};
 use crate::batch::{BatchHeader, StoredBatch};
 use crate::config::{JetStreamConfig, JetStreamStorage};
 use crate::error::{BrokerError, Result};
@@ -38,9 +40,8 @@ use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use prost::Message as _;
 use runnel_proto::Millis;
-use runnel_proto::v1::{Compression, Event, PartitionInfo, Record, TopicInfo};
+use runnel_proto::v1::{Compression, PartitionInfo, TopicInfo};
 use runnel_server::Shutdown;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -521,8 +522,8 @@ fn as_batch(sequence: u64, time: Millis, payload: &[u8]) -> StoredBatch {
     let mut body = Vec::with_capacity(payload.len() + 5);
     prost::encode_length_delimiter(payload.len(), &mut body).unwrap_or_default();
     body.extend_from_slice(payload);
-    StoredBatch {
-        header: BatchHeader {
+    StoredBatch::new(
+        BatchHeader {
             compression: Compression::None,
             record_count: 1,
             base_offset: sequence - 1,
@@ -531,8 +532,8 @@ fn as_batch(sequence: u64, time: Millis, payload: &[u8]) -> StoredBatch {
             base_sequence: 0,
             deduplicated: false,
         },
-        records: Bytes::from(body),
-    }
+        &body,
+    )
 }
 
 #[tonic::async_trait]
@@ -841,7 +842,7 @@ impl Storage for JetStream {
                 let Some(chunk) = chunk else {
                     return;
                 };
-                let mut records = Vec::with_capacity(chunk.len());
+                let mut batches = Vec::with_capacity(chunk.len());
                 for message in chunk {
                     let converted = message
                         .map_err(|e| Status::unavailable(format!("jetstream follow: {e}")))
@@ -849,30 +850,26 @@ impl Storage for JetStream {
                             let info = message.info().map_err(|e| {
                                 Status::internal(format!("jetstream message info: {e}"))
                             })?;
-                            let (offset, time) = (info.stream_sequence - 1, millis(info.published));
-                            let event = Event::decode(message.payload.clone()).map_err(|e| {
-                                Status::internal(format!("record {offset} does not decode: {e}"))
-                            })?;
-                            Ok(Record {
-                                partition,
-                                offset,
-                                append_time: Some(time.into()),
-                                event: Some(event),
-                            })
+                            Ok(as_batch(
+                                info.stream_sequence,
+                                millis(info.published),
+                                &message.payload,
+                            ))
                         });
                     match converted {
-                        Ok(record) => {
-                            if record.offset > expected {
+                        Ok(batch) => {
+                            let offset = batch.header.base_offset;
+                            if offset > expected {
                                 tracing::warn!(
                                     topic,
                                     partition,
                                     from = expected,
-                                    to = record.offset,
+                                    to = offset,
                                     "skipping records deleted by retention"
                                 );
                             }
-                            expected = record.offset + 1;
-                            records.push(record);
+                            expected = offset + 1;
+                            batches.push(batch);
                         }
                         Err(status) => {
                             let _ = sender.send(Err(status)).await;
@@ -880,7 +877,11 @@ impl Storage for JetStream {
                         }
                     }
                 }
-                if sender.send(Ok(records)).await.is_err() {
+                let Some(from) = batches.first().map(|b| b.header.base_offset) else {
+                    continue;
+                };
+                let followed = Followed { from, batches };
+                if sender.send(Ok(followed)).await.is_err() {
                     return;
                 }
             }

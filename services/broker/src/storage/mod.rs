@@ -24,15 +24,73 @@ use crate::topic::RetentionOverride;
 use bytes::Buf;
 use bytes::Bytes;
 use runnel_proto::Millis;
-use runnel_proto::v1::{Compression, Record, TopicInfo};
+use runnel_proto::v1::{Compression, RecordChunk, TopicInfo};
 use runnel_server::Shutdown;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-/// Chunks of records as a follower hands them on; an error ends the stream.
-pub(crate) type Follow = mpsc::Receiver<std::result::Result<Vec<Record>, Status>>;
+/// Chunks of a partition as a follower hands them on; an error ends the stream.
+pub(crate) type Follow = mpsc::Receiver<std::result::Result<Followed, Status>>;
+
+/// What a follower read: the records of `batches` from offset `from` on (the first batch
+/// may start before it), in the stored form — decoded only for a reader that asks for
+/// decoded records.
+#[derive(Debug)]
+pub(crate) struct Followed {
+    pub(crate) from: u64,
+    pub(crate) batches: Vec<StoredBatch>,
+}
+
+impl Followed {
+    /// The offset after the last record.
+    pub(crate) fn next_offset(&self) -> u64 {
+        self.batches
+            .last()
+            .map_or(self.from, |b| b.header.next_offset())
+    }
+
+    /// The chunk a stream sends: stored batches as they are, or their records from `from`
+    /// on decoded.
+    pub(crate) fn into_chunk(
+        self,
+        partition: u32,
+        generation: u64,
+        stored: bool,
+    ) -> std::result::Result<RecordChunk, Status> {
+        if stored {
+            return Ok(RecordChunk {
+                partition,
+                generation,
+                first_offset: self.from,
+                stored_batches: self.batches.into_iter().map(|b| b.stored).collect(),
+                records: Vec::new(),
+            });
+        }
+        let mut records = Vec::new();
+        for batch in &self.batches {
+            records.extend(
+                batch
+                    .records(partition, self.from, usize::MAX, usize::MAX)
+                    .map_err(|reason| {
+                        Status::from(BrokerError::Corrupt {
+                            path: format!("partition {partition}").into(),
+                            position: batch.header.base_offset,
+                            reason: reason.to_string(),
+                        })
+                    })?,
+            );
+        }
+        Ok(RecordChunk {
+            partition,
+            generation,
+            first_offset: self.from,
+            records,
+            stored_batches: Vec::new(),
+        })
+    }
+}
 
 /// Chunks buffered between a follower and its reader.
 pub(crate) const FOLLOW_BUFFER: usize = 16;

@@ -5,9 +5,11 @@ use super::{Engine, Harness, connect, create, event, fetch_all, keyed_events, st
 use runnel_client::{Producer, ProducerOptions};
 use runnel_log::faults::{self, Fault, Op};
 use runnel_proto::records;
+use runnel_proto::stored::{self, StoredBatch};
 use runnel_proto::v1::{
     Acks, Compression, CreateTopicRequest, DescribeTopicRequest, Event, FetchRequest,
-    ListTopicsRequest, ProduceRequest, RecordBatch, RetentionPolicy,
+    ListTopicsRequest, ProduceRequest, RecordBatch, RetentionPolicy, SubscribeRequest,
+    subscribe_response,
 };
 use runnel_testkit::Tool;
 use runnel_testkit::nats::NatsNode;
@@ -110,6 +112,117 @@ async fn pre_encoded_batches_are_stored_as_sent_and_read_back_either_way(engine:
     let expected: Vec<String> = first.iter().chain(&second).map(|e| e.id.clone()).collect();
     assert_eq!(ids, expected);
     assert!(fetch_all(&mut client, "raw", 0).await.is_empty());
+    stop(broker).await;
+}
+
+both_engines!(stored_batches_are_delivered_as_kept_by_fetch_and_subscribe);
+/// Asked for stored batches, `Fetch` and `Subscribe` hand over each batch as the broker
+/// keeps it (header and body, compressed bodies untouched), and a reader of that form gets
+/// exactly the records from the offset it asked for.
+async fn stored_batches_are_delivered_as_kept_by_fetch_and_subscribe(engine: Engine) {
+    let Some(harness) = Harness::new(engine).await else {
+        return;
+    };
+    let (addr, broker) = harness.spawn().await;
+    let mut client = connect(addr).await;
+    create(&mut client, "kept", 2).await.unwrap();
+    let first = keyed_events(10);
+    let second = keyed_events(5);
+    let sent = vec![
+        batch(1, &first, Compression::Lz4),
+        batch(1, &second, Compression::None),
+    ];
+    client
+        .produce(batches_request("kept", sent.clone()))
+        .await
+        .unwrap();
+    let all: Vec<Event> = first.iter().chain(&second).cloned().collect();
+
+    let fetched = client
+        .fetch(FetchRequest {
+            topic: "kept".into(),
+            partition: 1,
+            offset: 3,
+            stored: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fetched.next_offset, 15);
+    assert!(fetched.records.is_empty() && fetched.batches.is_empty());
+    let read = stored::decode_records(&fetched.stored_batches, 1, 3, 1 << 20).unwrap();
+    assert_eq!(
+        read.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        (3..15).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        read.iter()
+            .map(|r| r.event.clone().unwrap())
+            .collect::<Vec<_>>(),
+        all[3..]
+    );
+    assert!(
+        read.iter()
+            .all(|r| r.partition == 1 && r.append_time.is_some())
+    );
+    if harness.engine == Engine::Embedded {
+        // The batches as stored: the producer's compressed body, byte for byte.
+        let kept: Vec<StoredBatch> = fetched
+            .stored_batches
+            .iter()
+            .map(|b| StoredBatch::parse(b.clone()).unwrap())
+            .collect();
+        assert_eq!(kept.len(), 2);
+        assert_eq!(kept[0].records, sent[0].records);
+        assert_eq!(
+            (kept[0].header.base_offset, kept[0].header.compression),
+            (0, Compression::Lz4)
+        );
+        assert_eq!(
+            (kept[1].header.base_offset, kept[1].header.record_count),
+            (10, 5)
+        );
+    }
+
+    let mut stream = client
+        .subscribe(SubscribeRequest {
+            topic: "kept".into(),
+            partition: 1,
+            offset: 3,
+            stored: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut streamed = Vec::new();
+    while streamed.len() < 12 {
+        let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("records arrive")
+            .unwrap()
+            .expect("the stream stays open");
+        let Some(subscribe_response::Message::Records(chunk)) = message.message else {
+            panic!("records expected, got {message:?}");
+        };
+        assert!(chunk.records.is_empty(), "stored batches only");
+        streamed.extend(
+            stored::decode_records(&chunk.stored_batches, 1, chunk.first_offset, 1 << 20).unwrap(),
+        );
+    }
+    assert_eq!(
+        streamed.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        (3..15).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        streamed
+            .into_iter()
+            .map(|r| r.event.unwrap())
+            .collect::<Vec<_>>(),
+        all[3..]
+    );
+    drop(stream);
     stop(broker).await;
 }
 

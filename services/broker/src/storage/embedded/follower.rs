@@ -6,7 +6,7 @@
 use super::durability::GroupCommit;
 use super::partition::Partition;
 use crate::error::{BrokerError, Result};
-use runnel_proto::v1::Record;
+use crate::storage::Followed;
 use runnel_server::Shutdown;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -29,10 +29,7 @@ pub(crate) struct PartitionReader {
 impl PartitionReader {
     /// Reads records into `sink` until the receiver goes away or the broker stops; a read
     /// that fails ends it with the error.
-    pub(crate) async fn run(
-        mut self,
-        sink: mpsc::Sender<std::result::Result<Vec<Record>, Status>>,
-    ) {
+    pub(crate) async fn run(mut self, sink: mpsc::Sender<std::result::Result<Followed, Status>>) {
         let mut end = self.partition.watch_end();
         let mut durable = self.partition.watch_durable();
         loop {
@@ -59,25 +56,18 @@ impl PartitionReader {
             if self.next < available {
                 let partition = Arc::clone(&self.partition);
                 let (from, max_bytes) = (self.next, self.max_bytes.min(READ_BYTES));
-                let read = tokio::task::spawn_blocking(move || -> Result<Vec<Record>> {
+                let read = tokio::task::spawn_blocking(move || -> Result<Followed> {
                     let read = partition.read_below(from, max_bytes, available)?;
-                    let mut records = Vec::new();
-                    for batch in read.batches {
-                        records.extend(batch.records(partition.id(), from, usize::MAX).map_err(
-                            |reason| BrokerError::Corrupt {
-                                path: partition.topic().into(),
-                                position: batch.header.base_offset,
-                                reason,
-                            },
-                        )?);
-                    }
-                    Ok(records)
+                    Ok(Followed {
+                        from,
+                        batches: read.batches,
+                    })
                 })
                 .await
                 .map_err(BrokerError::from)
                 .and_then(|read| read);
-                let records = match read {
-                    Ok(records) => records,
+                let followed = match read {
+                    Ok(followed) => followed,
                     Err(BrokerError::OffsetOutOfRange { start, .. }) if self.next < start => {
                         // Retention deleted what this reader had not read yet.
                         tracing::warn!(
@@ -97,10 +87,10 @@ impl PartitionReader {
                         return;
                     }
                 };
-                if let Some(last) = records.last() {
-                    self.next = last.offset + 1;
+                if !followed.batches.is_empty() {
+                    self.next = followed.next_offset();
                     tokio::select! {
-                        sent = sink.send(Ok(records)) => {
+                        sent = sink.send(Ok(followed)) => {
                             if sent.is_err() {
                                 return;
                             }

@@ -1223,7 +1223,7 @@ mod tests {
         while next < log.end_offset() {
             let read = log.read(next, 4096).unwrap();
             for batch in &read.batches {
-                for record in batch.records(0, next, usize::MAX).unwrap() {
+                for record in batch.records(0, next, usize::MAX, usize::MAX).unwrap() {
                     assert_eq!(record.offset, next, "offsets are dense");
                     next += 1;
                     ids.push(record.event.unwrap().id);
