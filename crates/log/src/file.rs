@@ -292,6 +292,25 @@ impl LogFile {
         Ok((payload, next))
     }
 
+    /// Reads `len` bytes at `position` into a buffer that is not zeroed first: a read of
+    /// megabytes would otherwise write every byte twice (the zeroing, then the copy from
+    /// the page cache), and a fresh allocation's zeroing faults in every page.
+    fn read_uninit(&self, position: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buffer = Vec::with_capacity(len);
+        while buffer.len() < len {
+            let at = position + buffer.len() as u64;
+            let read =
+                rustix::io::pread(&self.file, rustix::buffer::spare_capacity(&mut buffer), at)
+                    .map_err(std::io::Error::from)?;
+            if read == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+        }
+        // The capacity may exceed `len`: what was read past it is not this read's.
+        buffer.truncate(len);
+        Ok(buffer)
+    }
+
     /// Reads the whole frames that start at `position` and end within `max_bytes` of it
     /// (at least one, however big), with one read: each frame's position and payload, the
     /// payloads sharing one buffer. Stops early at the end of the file.
@@ -304,9 +323,7 @@ impl LogFile {
         }
         let available = self.len - position;
         let want = (max_bytes as u64).clamp(FRAME_HEADER_LEN, available.max(FRAME_HEADER_LEN));
-        let mut buffer = vec![0u8; want.min(available) as usize];
-        self.file.read_exact_at(&mut buffer, position)?;
-        let buffer = Bytes::from(buffer);
+        let buffer = Bytes::from(self.read_uninit(position, want.min(available) as usize)?);
         let mut frames = Vec::new();
         let mut at = 0usize;
         while at + FRAME_HEADER_LEN as usize <= buffer.len() {
