@@ -7,6 +7,7 @@
 
 mod analyzer;
 mod broker;
+mod e2e;
 mod gateway;
 mod ingest;
 mod store_catchup;
@@ -33,6 +34,10 @@ pub enum BenchCommand {
     /// Get throughput and latency over gRPC and HTTP, and live fan-out: how many watchers
     /// the gateway holds and how fast a write reaches them.
     Gateway(gateway::GatewayArgs),
+    /// The whole pipeline's latency, from an event's acknowledgement at the collector to
+    /// its result at a gateway `Watch` client, emitting on update and on close, at shares
+    /// of the pipeline's peak.
+    E2e(e2e::E2eArgs),
     /// How fast a new, empty store replica materialises the results log until it serves.
     StoreCatchup(store_catchup::StoreCatchupArgs),
 }
@@ -45,6 +50,7 @@ pub async fn run(what: BenchCommand) -> Result<ExitCode> {
         BenchCommand::Broker(args) => broker::run(args).await,
         BenchCommand::Analyzer(args) => analyzer::run(args).await,
         BenchCommand::Gateway(args) => gateway::run(args).await,
+        BenchCommand::E2e(args) => e2e::run(args).await,
         BenchCommand::StoreCatchup(args) => store_catchup::run(args).await,
     }
 }
