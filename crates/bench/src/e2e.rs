@@ -213,7 +213,7 @@ pub(crate) async fn run(args: E2eArgs) -> Result<ExitCode> {
                         spec(Emit::OnUpdate, Pace::Closed, args.peak_seconds),
                     )
                     .await?;
-                    let peak = median(runs.iter().map(|f| f.out_rate).collect()) as u64;
+                    let peak = crate::median(runs.iter().map(|f| f.out_rate).collect()) as u64;
                     rows.push(Row {
                         emit: Emit::OnUpdate,
                         load: format!("peak: closed loop, {} keys", args.keys),
@@ -265,11 +265,11 @@ pub(crate) async fn run(args: E2eArgs) -> Result<ExitCode> {
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row.emit.name(),
             row.load,
-            spread(row.runs.iter().map(|f| f.in_rate).collect(), 0),
-            spread(row.runs.iter().map(|f| f.out_rate).collect(), 0),
-            spread(ms(0.5), 2),
-            spread(ms(0.99), 2),
-            spread(ms(0.999), 2),
+            crate::spread(row.runs.iter().map(|f| f.in_rate).collect(), 0),
+            crate::spread(row.runs.iter().map(|f| f.out_rate).collect(), 0),
+            crate::spread(ms(0.5), 2),
+            crate::spread(ms(0.99), 2),
+            crate::spread(ms(0.999), 2),
             row.runs.iter().map(|f| f.before_ack).sum::<u64>(),
             row.runs.iter().map(|f| f.late).sum::<u64>(),
         );
@@ -320,23 +320,6 @@ async fn runs(base: &Path, runs: u32, spec: Spec) -> Result<Vec<Figures>> {
         all.push(figures);
     }
     Ok(all)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
-}
-
-/// `min / median / max` of `values`.
-fn spread(mut values: Vec<f64>, decimals: usize) -> String {
-    values.sort_by(f64::total_cmp);
-    match (values.first(), values.last()) {
-        (Some(min), Some(max)) => {
-            let mid = values[values.len() / 2];
-            format!("{min:.decimals$} / {mid:.decimals$} / {max:.decimals$}")
-        }
-        _ => String::new(),
-    }
 }
 
 /// The five services of one run, and where a client reaches them.
@@ -1017,6 +1000,5 @@ mod tests {
     fn keys_read_back_from_results() {
         assert_eq!(key_index(&key_name(42)), Some(42));
         assert_eq!(key_index("sensor-1"), None);
-        assert_eq!(spread(vec![3.0, 1.0, 2.0], 1), "1.0 / 2.0 / 3.0");
     }
 }

@@ -55,6 +55,24 @@ pub async fn run(what: BenchCommand) -> Result<ExitCode> {
     }
 }
 
+/// The median of `values` (the upper one of an even count); 0 for none.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// `min / median / max` of `values`, with `decimals` decimals.
+fn spread(mut values: Vec<f64>, decimals: usize) -> String {
+    values.sort_by(f64::total_cmp);
+    match (values.first(), values.last()) {
+        (Some(min), Some(max)) => {
+            let mid = values[values.len() / 2];
+            format!("{min:.decimals$} / {mid:.decimals$} / {max:.decimals$}")
+        }
+        _ => String::new(),
+    }
+}
+
 /// Stops the services a bench started, which drain first: one that failed, or would not
 /// stop within 30 s, fails the bench.
 async fn stop(services: Services) -> Result<()> {
@@ -62,4 +80,16 @@ async fn stop(services: Services) -> Result<()> {
         .stop(Duration::from_secs(30))
         .await
         .map_err(anyhow::Error::msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spread_is_min_median_max_whatever_the_order() {
+        assert_eq!(spread(vec![3.0, 1.0, 2.0], 1), "1.0 / 2.0 / 3.0");
+        assert_eq!(spread(vec![5.0], 0), "5 / 5 / 5");
+        assert_eq!(median(vec![9.0, 1.0, 4.0]), 4.0);
+    }
 }
