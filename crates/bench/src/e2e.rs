@@ -655,7 +655,8 @@ impl Book {
             match self.spec.emit {
                 Emit::OnUpdate => {
                     let mut answered = None;
-                    if let Some(sent) = self.waiting[k].iter_mut().find(|s| s.seq == seq) {
+                    // A key's unacknowledged event is its newest.
+                    if let Some(sent) = self.waiting[k].iter_mut().rev().find(|s| s.seq == seq) {
                         sent.acked = Some(at);
                         answered = sent.answered.map(|t| (t, sent.measured));
                     }
@@ -872,6 +873,7 @@ async fn pace(
     let mut next_client = 0;
     let mut measure_from = None;
     let mut drain_from = None;
+    let mut sent_before = 0;
     loop {
         let now = Instant::now();
         {
@@ -887,6 +889,7 @@ async fn pace(
                     {
                         book.phase = Phase::Measure;
                         measure_from = Some(now);
+                        sent_before = sent;
                     } else if now > started + WARMUP_DEADLINE {
                         bail!("no result reached the gateway within {WARMUP_DEADLINE:?}");
                     }
@@ -895,6 +898,14 @@ async fn pace(
                     if measure_from.is_some_and(|m| now >= m + Duration::from_secs(spec.seconds)) {
                         book.phase = Phase::Drain;
                         drain_from = Some(now);
+                        if let Pace::Rate(rate) = spec.pace {
+                            let offered = (sent - sent_before) as f64 / spec.seconds as f64;
+                            if offered < 0.95 * rate as f64 {
+                                eprintln!(
+                                    "bench: sent {offered:.0} events/s of the {rate} asked: every key had an event unacknowledged (raise --keys) or {MAX_OUTSTANDING} events were without a result"
+                                );
+                            }
+                        }
                     }
                 }
                 Phase::Drain => {
