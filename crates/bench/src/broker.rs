@@ -11,8 +11,10 @@
 //! fsync and its DURABLE rows say so. From 2.12 on, a JetStream batch is an atomic batch
 //! publish (`Nats-Batch-Id` / `Nats-Batch-Sequence` / `Nats-Batch-Commit` headers, at most
 //! 1000 messages, one acknowledgement at the commit) on streams that allow it; before, it
-//! is emulated with up to 256 pending acknowledgements. Each producer keeps `--in-flight` batches of `--batch` messages of `--size`
-//! payload bytes in flight, spread over the topic's partitions; a batch is acknowledged as
+//! is emulated with up to 256 pending acknowledgements.
+//!
+//! Each producer keeps `--in-flight` batches of `--batch` messages of `--size` payload
+//! bytes in flight, spread over the topic's partitions; a batch is acknowledged as
 //! `--acks` says. The records body is encoded once and resent, so the generator spends its
 //! time sending, not encoding. Latency is per batch, from send to acknowledgement. Consume
 //! reads every partition from the start as fast as it can (raw batches for the broker, an

@@ -22,10 +22,10 @@
 //! open-loop at `--rate` in calls of at most `--batch` events every millisecond, however
 //! slowly earlier calls are answered. Without `--rate`, the pipeline's peak is measured
 //! first (or taken from `--peak`): a closed loop in which each of `--keys` keys has one
-//! event at a time in the pipeline, sent again (at the next tick) once its result arrives, with the
-//! emit-on-update query (every event makes a result: the heavier of the two). Both queries
-//! are then measured at 10, 50 and 90 % of it. Every figure is min / median / max over
-//! `--runs` runs, each with its own pipeline.
+//! event at a time in the pipeline, sent again (at the next tick) once its result arrives,
+//! with the emit-on-update query (every event makes a result: the heavier of the two). Both
+//! queries are then measured at 10, 50 and 90 % of it. Every figure is min / median / max
+//! over `--runs` runs, each with its own pipeline.
 
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
