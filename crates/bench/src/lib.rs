@@ -7,6 +7,7 @@
 
 mod analyzer;
 mod broker;
+mod e2e;
 mod gateway;
 mod ingest;
 mod store_catchup;
@@ -33,6 +34,10 @@ pub enum BenchCommand {
     /// Get throughput and latency over gRPC and HTTP, and live fan-out: how many watchers
     /// the gateway holds and how fast a write reaches them.
     Gateway(gateway::GatewayArgs),
+    /// The whole pipeline's latency, from an event's acknowledgement at the collector to
+    /// its result at a gateway `Watch` client, emitting on update and on close, at shares
+    /// of the pipeline's peak.
+    E2e(e2e::E2eArgs),
     /// How fast a new, empty store replica materialises the results log until it serves.
     StoreCatchup(store_catchup::StoreCatchupArgs),
 }
@@ -45,7 +50,26 @@ pub async fn run(what: BenchCommand) -> Result<ExitCode> {
         BenchCommand::Broker(args) => broker::run(args).await,
         BenchCommand::Analyzer(args) => analyzer::run(args).await,
         BenchCommand::Gateway(args) => gateway::run(args).await,
+        BenchCommand::E2e(args) => e2e::run(args).await,
         BenchCommand::StoreCatchup(args) => store_catchup::run(args).await,
+    }
+}
+
+/// The median of `values` (the upper one of an even count); 0 for none.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// `min / median / max` of `values`, with `decimals` decimals.
+fn spread(mut values: Vec<f64>, decimals: usize) -> String {
+    values.sort_by(f64::total_cmp);
+    match (values.first(), values.last()) {
+        (Some(min), Some(max)) => {
+            let mid = values[values.len() / 2];
+            format!("{min:.decimals$} / {mid:.decimals$} / {max:.decimals$}")
+        }
+        _ => String::new(),
     }
 }
 
@@ -56,4 +80,16 @@ async fn stop(services: Services) -> Result<()> {
         .stop(Duration::from_secs(30))
         .await
         .map_err(anyhow::Error::msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spread_is_min_median_max_whatever_the_order() {
+        assert_eq!(spread(vec![3.0, 1.0, 2.0], 1), "1.0 / 2.0 / 3.0");
+        assert_eq!(spread(vec![5.0], 0), "5 / 5 / 5");
+        assert_eq!(median(vec![9.0, 1.0, 4.0]), 4.0);
+    }
 }
