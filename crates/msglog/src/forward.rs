@@ -139,6 +139,40 @@ pub(crate) struct Forwarder<D> {
     pub(crate) max_batch_messages: u32,
     pub(crate) max_call_bytes: usize,
     pub(crate) call_timeout: Duration,
+    pub(crate) joiner: Joiner,
+}
+
+/// Where the batches made of several chunks are joined: the broker takes a batch's
+/// messages as one contiguous `records` field. One allocation serves a whole call, and is
+/// reclaimed by the next call once the batches of this one are dropped (delivered), so the
+/// hot path neither grows a buffer by doubling nor touches fresh pages, which the kernel
+/// zeroes on their first touch.
+#[derive(Debug, Default)]
+pub(crate) struct Joiner {
+    buffer: BytesMut,
+    /// The largest allocation made so far: a new one is never smaller, so that calls of
+    /// varying sizes reuse it. At most one call's bytes: bounded by `max_call_bytes` and one
+    /// entry.
+    capacity: usize,
+}
+
+impl Joiner {
+    /// Makes room for `bytes` more: in what is left of the buffer, in the whole buffer
+    /// reclaimed if no batch holds any of it any more, or else in a new one.
+    fn reserve(&mut self, bytes: usize) {
+        if !self.buffer.try_reclaim(bytes) {
+            self.capacity = self.capacity.max(bytes);
+            self.buffer = BytesMut::with_capacity(self.capacity);
+        }
+    }
+
+    /// The chunks joined, in room made by [`Joiner::reserve`].
+    fn join(&mut self, chunks: &[Bytes]) -> Bytes {
+        for chunk in chunks {
+            self.buffer.extend_from_slice(chunk);
+        }
+        self.buffer.split().freeze()
+    }
 }
 
 /// Waiters keyed by the entry id they wait for.
@@ -286,7 +320,7 @@ impl<D: Downstream> Forwarder<D> {
     }
 
     /// Groups the first `count` pending entries into batches.
-    fn plan(&self, count: usize) -> Plan {
+    fn plan(&mut self, count: usize) -> Plan {
         let mut batches: Vec<Batch> = Vec::new();
         let mut members: Vec<Vec<(usize, u64)>> = Vec::new();
         let mut chunks: Vec<Vec<Bytes>> = Vec::new();
@@ -309,7 +343,7 @@ impl<D: Downstream> Forwarder<D> {
                     members[b].push((index, u64::from(batches[b].count)));
                     batches[b].count += entry.count;
                     sizes[b] += entry.body.len();
-                    chunks[b].push(entry.body.clone());
+                    chunks[b].extend_from_slice(entry.body.chunks());
                 }
                 None => {
                     if !outbound.replayed {
@@ -325,19 +359,24 @@ impl<D: Downstream> Forwarder<D> {
                     });
                     members.push(vec![(index, 0)]);
                     sizes.push(entry.body.len());
-                    chunks.push(vec![entry.body.clone()]);
+                    chunks.push(entry.body.chunks().to_vec());
                 }
             }
         }
-        for ((batch, parts), size) in batches.iter_mut().zip(chunks).zip(sizes) {
+        // A batch of one chunk goes as it is; the others are joined, all into one
+        // allocation made (or reclaimed) for the whole call.
+        let joined = chunks
+            .iter()
+            .zip(&sizes)
+            .filter(|(parts, _)| parts.len() > 1)
+            .map(|(_, size)| size)
+            .sum();
+        self.joiner.reserve(joined);
+        for (batch, mut parts) in batches.iter_mut().zip(chunks) {
             batch.body = if parts.len() == 1 {
-                parts.into_iter().next().unwrap_or_default()
+                parts.pop().unwrap_or_default()
             } else {
-                let mut body = BytesMut::with_capacity(size);
-                for part in &parts {
-                    body.extend_from_slice(part);
-                }
-                body.freeze()
+                self.joiner.join(&parts)
             };
         }
         Plan { batches, members }
@@ -482,5 +521,43 @@ impl<D: Downstream> Forwarder<D> {
             }
         }
         self.shared.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(parts: &[&'static [u8]]) -> Vec<Bytes> {
+        parts.iter().map(|p| Bytes::from_static(p)).collect()
+    }
+
+    #[test]
+    fn the_joiner_reuses_its_buffer_once_the_batches_are_gone_and_never_while_held() {
+        let mut joiner = Joiner::default();
+        joiner.reserve(10);
+        let first = joiner.join(&chunks(&[b"abc", b"", b"de"]));
+        let second = joiner.join(&chunks(&[b"fgh", b"ij"]));
+        assert_eq!((&first[..], &second[..]), (&b"abcde"[..], &b"fghij"[..]));
+        // Both batches of the call share one allocation, back to back.
+        assert_eq!(second.as_ptr(), first.as_ptr().wrapping_add(5));
+        let address = first.as_ptr();
+
+        // While a batch of the last call is held, the next call gets other memory.
+        drop(second);
+        joiner.reserve(4);
+        let held = joiner.join(&chunks(&[b"kl", b"mn"]));
+        assert_eq!(&first[..], b"abcde", "a held batch is never overwritten");
+        assert_eq!(&held[..], b"klmn");
+        assert_ne!(held.as_ptr(), address);
+        let address = held.as_ptr();
+
+        // Once they are all gone, the next call's batches reuse that allocation, which is as
+        // large as the largest call so far.
+        drop((first, held));
+        joiner.reserve(10);
+        let again = joiner.join(&chunks(&[b"0123", b"456789"]));
+        assert_eq!(&again[..], b"0123456789");
+        assert_eq!(again.as_ptr(), address, "the allocation was reclaimed");
     }
 }

@@ -191,7 +191,7 @@ pub struct Submission {
 
 /// Messages of one destination as logged and delivered.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// Consecutive within a shard.
     pub id: u64,
     /// Where the messages go.
@@ -202,8 +202,79 @@ pub struct Entry {
     pub base_sequence: u64,
     /// Messages in `body`.
     pub count: u32,
-    /// The messages.
-    pub body: Bytes,
+    /// The messages, as the chunks the submissions brought them in.
+    pub body: Body,
+}
+
+/// An entry's messages: the chunks of the submissions merged into it, in order, kept as
+/// they came. They reach the segment file as parts of one vectored write (the frame's
+/// checksum is computed over the parts, so the bytes on disk are those of the chunks
+/// concatenated), and are copied at most once, into the batch delivered downstream.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Body {
+    /// One `Bytes` for a single chunk, so that the common entry clones without allocating.
+    chunks: BodyChunks,
+    len: usize,
+}
+
+#[derive(Debug, Clone)]
+enum BodyChunks {
+    One(Bytes),
+    Many(Arc<[Bytes]>),
+}
+
+impl Default for BodyChunks {
+    fn default() -> Self {
+        BodyChunks::One(Bytes::new())
+    }
+}
+
+impl Body {
+    /// The chunks, in order.
+    pub(crate) fn from_chunks(mut chunks: Vec<Bytes>) -> Body {
+        let len = chunks.iter().map(Bytes::len).sum();
+        let chunks = if chunks.len() == 1 {
+            BodyChunks::One(chunks.pop().unwrap_or_default())
+        } else {
+            BodyChunks::Many(chunks.into())
+        };
+        Body { chunks, len }
+    }
+
+    /// The chunks, in order; their concatenation is the messages.
+    pub(crate) fn chunks(&self) -> &[Bytes] {
+        match &self.chunks {
+            BodyChunks::One(chunk) => std::slice::from_ref(chunk),
+            BodyChunks::Many(chunks) => chunks,
+        }
+    }
+
+    /// Bytes of messages.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl From<Bytes> for Body {
+    fn from(chunk: Bytes) -> Body {
+        Body {
+            len: chunk.len(),
+            chunks: BodyChunks::One(chunk),
+        }
+    }
+}
+
+/// Two bodies are equal when they hold the same bytes, however these are chunked.
+impl PartialEq for Body {
+    fn eq(&self, other: &Body) -> bool {
+        let bytes = |body: &Body| {
+            body.chunks()
+                .iter()
+                .flat_map(|chunk| chunk.iter().copied())
+                .collect::<Vec<u8>>()
+        };
+        self.len == other.len && bytes(self) == bytes(other)
+    }
 }
 
 /// What can go wrong.

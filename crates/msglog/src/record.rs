@@ -132,7 +132,7 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Record, String> {
                     producer_id,
                     base_sequence,
                     count,
-                    body: Bytes::copy_from_slice(body),
+                    body: Bytes::copy_from_slice(body).into(),
                 },
             ))
         }
@@ -201,7 +201,7 @@ mod tests {
                     producer_id,
                     base_sequence,
                     count,
-                    body: Bytes::from(body),
+                    body: Bytes::from(body).into(),
                 },
             )
     }
@@ -211,7 +211,9 @@ mod tests {
         fn entries_round_trip(entry in entry_strategy(), sent in any::<bool>()) {
             let kind = if sent { EntryKind::Sent } else { EntryKind::Received };
             let mut frame = entry_head(kind, &entry);
-            frame.extend_from_slice(&entry.body);
+            for chunk in entry.body.chunks() {
+                frame.extend_from_slice(chunk);
+            }
             prop_assert_eq!(
                 frame.len() as u64 + runnel_log::FRAME_HEADER_LEN,
                 entry_frame_len(&entry.destination.topic, entry.body.len())
@@ -243,7 +245,7 @@ mod tests {
             producer_id: 9,
             base_sequence: 0,
             count: 1,
-            body: Bytes::from_static(b"x"),
+            body: Bytes::from_static(b"x").into(),
         };
         let head = entry_head(EntryKind::Received, &entry);
         for cut in 0..head.len() {

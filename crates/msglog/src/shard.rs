@@ -15,10 +15,10 @@ use crate::forward::{self, Downstream, Outbound, ToForwarder};
 use crate::record::{self, EntryKind};
 use crate::segment::Segments;
 use crate::{
-    Budget, Destination, Entry, Error, LogConfig, LoggedSender, Mode, Part, PartWaiter,
+    Body, Budget, Destination, Entry, Error, LogConfig, LoggedSender, Mode, Part, PartWaiter,
     StoredTicket, TraceHeaders,
 };
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use runnel_log::{FsyncPolicy, SyncHandle};
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -265,6 +265,7 @@ pub(crate) fn start<D: Downstream>(
         max_batch_messages: config.max_batch_messages,
         max_call_bytes: config.max_call_bytes,
         call_timeout: config.call_timeout,
+        joiner: forward::Joiner::default(),
     }));
     Ok((
         ShardHandle {
@@ -432,15 +433,9 @@ impl Building {
         }
     }
 
-    fn body(&mut self) -> Bytes {
-        if self.chunks.len() == 1 {
-            return self.chunks.pop().unwrap_or_default();
-        }
-        let mut body = BytesMut::with_capacity(self.bytes);
-        for chunk in &self.chunks {
-            body.extend_from_slice(chunk);
-        }
-        body.freeze()
+    /// The entry's messages: the parts' chunks as they are, not concatenated (see [`Body`]).
+    fn body(&mut self) -> Body {
+        Body::from_chunks(std::mem::take(&mut self.chunks))
     }
 }
 
@@ -696,14 +691,15 @@ impl Writer {
             .iter()
             .map(|e| record::entry_head(kind, e))
             .collect();
-        let mut frames: Vec<(&[u8], &[u8])> = Vec::with_capacity(entries.len() + 1);
+        let mut frames: Vec<(&[u8], &[Bytes])> = Vec::with_capacity(entries.len() + 1);
         if let Some(skipped) = &skipped {
             frames.push((skipped, &[]));
         }
         for (head, entry) in heads.iter().zip(entries) {
-            frames.push((head, &entry.body));
+            frames.push((head, entry.body.chunks()));
         }
-        let bytes: usize = frames.iter().map(|(h, b)| h.len() + b.len()).sum();
+        let bytes: usize = frames.iter().map(|(h, _)| h.len()).sum::<usize>()
+            + entries.iter().map(|e| e.body.len()).sum::<usize>();
         match segments.append(&frames) {
             Ok(()) => {
                 self.unwritten = None;
@@ -823,7 +819,7 @@ impl Writer {
         };
         let skipped = self.unwritten.map(|(a, b)| record::skipped(a, b));
         let marker = record::released(through.max(self.released_written));
-        let mut frames: Vec<(&[u8], &[u8])> = Vec::with_capacity(2);
+        let mut frames: Vec<(&[u8], &[Bytes])> = Vec::with_capacity(2);
         if let Some(skipped) = &skipped {
             frames.push((skipped, &[]));
         }
