@@ -22,7 +22,11 @@
 //! partition), so its messages keep their order. A shard has a writer thread that owns its
 //! segment files, takes everything queued since its last write as one group (one vectored
 //! write — group commit), and a syncer thread that fsyncs behind it, so that the next
-//! group is written while the last one is being synced. A delivery task per shard sends
+//! group is written while the last one is being synced. The messages are not copied on
+//! the way to the file: an entry merged from several submissions is written as their
+//! chunks (its frame's checksum computed over them), and copied once, when the delivery
+//! task joins a batch of several chunks for the downstream, into a buffer reused from
+//! call to call. A delivery task per shard sends
 //! one call at a time downstream, taking everything ready. Submitters never wait on a
 //! disk: a submission is queued (or refused when the log is full), and the caller awaits
 //! the [`AckLevel`] it asked for.
@@ -36,7 +40,9 @@
 //! **Bounds.** Every message not yet acknowledged downstream is held in memory for
 //! delivery and counted against `max_bytes`; a submission that does not fit is refused
 //! with [`Error::Full`], and after a failed write (a full disk) with [`Error::DiskFull`]
-//! until the log can write again.
+//! until the log can write again. Outside that budget, each delivery task keeps one
+//! buffer for joining batches, as large as the largest call it made (at most
+//! `max_call_bytes` and one entry).
 
 mod forward;
 #[cfg(feature = "fuzzing")]
