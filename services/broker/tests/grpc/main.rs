@@ -47,6 +47,7 @@ mod cluster;
 mod groups;
 mod log;
 mod security;
+mod stream;
 
 /// What a test's brokers share across restarts: the data directory and, for JetStream,
 /// the NATS server.
