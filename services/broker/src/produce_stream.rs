@@ -53,20 +53,30 @@ pub(crate) async fn serve(
         };
         let mut run = match first {
             Ok(Some(request)) => vec![request],
-            // The client closed its side, or went away: everything it sent is answered.
-            Ok(None) | Err(_) => return,
+            // The client closed its side: everything it sent is answered.
+            Ok(None) => return,
+            // A message that could not be read (too large, say), or the client went away.
+            Err(status) => {
+                let _ = answers.send(Err(status)).await;
+                return;
+            }
         };
         // Take whatever else is already waiting, up to the bounds.
         let mut bytes = run[0].encoded_len();
-        let mut ended = false;
+        // How the client's side ended, if it did while this run was taken.
+        let mut ended: Option<Option<Status>> = None;
         while run.len() < MAX_RUN_REQUESTS && bytes < max_run_bytes {
             match requests.message().now_or_never() {
                 Some(Ok(Some(request))) => {
                     bytes += request.encoded_len();
                     run.push(request);
                 }
-                Some(Ok(None) | Err(_)) => {
-                    ended = true;
+                Some(Ok(None)) => {
+                    ended = Some(None);
+                    break;
+                }
+                Some(Err(status)) => {
+                    ended = Some(Some(status));
                     break;
                 }
                 None => break,
@@ -82,8 +92,13 @@ pub(crate) async fn serve(
             let _ = answers.send(Err(status)).await;
             return;
         }
-        if ended {
-            return;
+        match ended {
+            None => {}
+            Some(None) => return,
+            Some(Some(status)) => {
+                let _ = answers.send(Err(status)).await;
+                return;
+            }
         }
     }
 }

@@ -230,3 +230,45 @@ async fn an_invalid_request_mid_stream_ends_it_after_the_earlier_ones_are_stored
     assert_eq!(fetch_all(&mut client, "pipe", 0).await.len(), 21);
     stop(broker).await;
 }
+
+both_engines!(a_request_larger_than_a_message_ends_the_stream_with_an_error_after_the_earlier_ones);
+async fn a_request_larger_than_a_message_ends_the_stream_with_an_error_after_the_earlier_ones(
+    engine: Engine,
+) {
+    let Some(harness) = Harness::new(engine).await else {
+        return;
+    };
+    let (addr, broker) = harness
+        .spawn_with(|config| config.server.max_message_bytes = 64 * 1024)
+        .await;
+    let mut client = connect(addr).await;
+    create(&mut client, "pipe", 1).await.unwrap();
+    let request = |sequence: u64, payload: &[u8]| ProduceStreamRequest {
+        sequence,
+        request: Some(ProduceRequest {
+            topic: "pipe".into(),
+            events: vec![event(&format!("e-{sequence}"), "", payload)],
+            ..ProduceRequest::default()
+        }),
+    };
+    let (answers, ended) = pipeline(
+        &mut client,
+        vec![
+            request(1, b"small"),
+            request(2, b"small"),
+            request(3, &vec![b'x'; 100 * 1024]),
+            request(4, b"small"),
+        ],
+    )
+    .await;
+    let status = ended.expect_err("a stream cut short does not end as if all was answered");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    covered(&answers, &[1, 2]);
+    let ids: Vec<String> = fetch_all(&mut client, "pipe", 0)
+        .await
+        .into_iter()
+        .map(|r| r.event.unwrap().id)
+        .collect();
+    assert_eq!(ids, ["e-1", "e-2"]);
+    stop(broker).await;
+}
