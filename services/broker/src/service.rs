@@ -1229,6 +1229,8 @@ mod tests {
     struct MemoryStorage {
         /// Put a foreign record after the first record of every batch of two or more.
         scatter: bool,
+        /// Refuse every append to this partition of the first topic.
+        broken: Option<u32>,
         /// Per (topic, partition): the stored event ids, and how many appends there were.
         logs: Mutex<BTreeMap<(String, u32), PartitionLog>>,
     }
@@ -1267,6 +1269,9 @@ mod tests {
                 .map(|b| Event::decode(b).map(|e| e.id))
                 .collect::<std::result::Result<_, _>>()
                 .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+            if topic == TOPICS[0].0 && self.broken == Some(partition) {
+                return Err(BrokerError::Engine("the disk is on fire".into()));
+            }
             let mut logs = self.logs.lock().unwrap();
             let (log, appends) = logs.entry((topic.to_owned(), partition)).or_default();
             *appends += 1;
@@ -1422,6 +1427,45 @@ mod tests {
             shutdown,
         );
         (service, trigger)
+    }
+
+    /// A failed append answers the requests before the earliest one it leaves unsure, and
+    /// names that one; a later request stored elsewhere is not acknowledged past it.
+    #[tokio::test]
+    async fn a_failed_append_answers_only_the_requests_before_it() {
+        let storage = Arc::new(MemoryStorage {
+            broken: Some(1),
+            ..MemoryStorage::default()
+        });
+        let (service, _trigger) = service(Arc::clone(&storage));
+        let to = |r: usize, partition: u32| {
+            request(
+                r,
+                &Sent::Batch {
+                    topic: 0,
+                    partition,
+                    records: 1,
+                    idempotent: false,
+                },
+            )
+            .0
+        };
+        let mut planned = Vec::new();
+        for (r, partition) in [(0, 0), (1, 2), (2, 1), (3, 0)] {
+            planned.push(service.prepare_produce(to(r, partition)).await.unwrap());
+        }
+        let stored = service.store(planned).await;
+        assert_eq!(
+            stored.answers.len(),
+            2,
+            "requests 0 and 1, before the failed one"
+        );
+        let (failed, error) = stored.failure.expect("the append to partition 1 failed");
+        assert_eq!(failed, 2);
+        assert!(error.to_string().contains("on fire"), "{error}");
+        // Request 3 went to a healthy partition and is stored, just not acknowledged.
+        let logs = storage.logs.lock().unwrap();
+        assert_eq!(logs[&("alpha".to_owned(), 0)].0, ["r0-0", "r3-0"]);
     }
 
     proptest! {
