@@ -21,6 +21,11 @@
 //! ordered consumer for JetStream). Before the runs, `dd … conv=fdatasync` measures what
 //! the disk under `--data-dir` does on its own. Every shape runs `--runs` times, Runnel and
 //! JetStream alternately, and every figure is min / median / max over the runs.
+//!
+//! With `--stream`, each Runnel producer sends on one `ProduceStream` instead: its batches
+//! (single records with `--batch 1`) pipelined, at most [`STREAM_WINDOW`] unacknowledged,
+//! latency per batch from send to the cumulative ack that covers it (JetStream runs as
+//! without it).
 
 use anyhow::{Context, Result, bail};
 use async_nats::jetstream;
@@ -31,7 +36,8 @@ use runnel_broker::BrokerConfig;
 use runnel_proto::stored::StoredBatch;
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::{
-    Acks, CreateTopicRequest, Event, FetchRequest, ProduceRequest, RecordBatch,
+    Acks, CreateTopicRequest, Event, FetchRequest, ProduceRequest, ProduceStreamRequest,
+    RecordBatch,
 };
 use runnel_server::ServiceConfig;
 use runnel_testkit::Services;
@@ -51,6 +57,9 @@ const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 /// engine does. With every message of a 1000-message batch pending, eight producer tasks
 /// stalled nats-server 2.9 for good.
 const JETSTREAM_WINDOW: usize = 256;
+
+/// Batches a `--stream` producer keeps sent but not yet acknowledged.
+const STREAM_WINDOW: usize = 1024;
 
 /// The most messages in one JetStream atomic batch (the server's limit).
 const ATOMIC_BATCH_MAX: u32 = 1000;
@@ -103,8 +112,13 @@ pub struct BrokerArgs {
     /// max over them.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     runs: u32,
+    /// Runnel producers pipeline their batches on one `ProduceStream` each (cumulative
+    /// acks) instead of `--in-flight` unary calls.
+    #[arg(long)]
+    stream: bool,
     /// Run the whole matrix (100 B and 1 KiB; batches of 1, 100, 1000; 1 and 2 producers;
-    /// LEADER and DURABLE) instead of one run, and print a markdown table.
+    /// LEADER and DURABLE; batches of 1 also streamed) instead of one run, and print a
+    /// markdown table.
     #[arg(long)]
     matrix: bool,
     /// Where the broker and nats-server keep their files (default: a temporary directory
@@ -123,6 +137,8 @@ struct Spec {
     acks: AckMode,
     messages: u64,
     partitions: u32,
+    /// Runnel on `ProduceStream` (see `--stream`).
+    stream: bool,
 }
 
 /// One run's figures.
@@ -284,7 +300,17 @@ pub(crate) async fn run(args: BrokerArgs) -> Result<ExitCode> {
                             acks,
                             messages,
                             partitions: args.partitions,
+                            stream: false,
                         });
+                        // Unbatched produce is what the stream is for: streamed rows beside
+                        // the unary ones.
+                        if batch == 1 {
+                            specs.push(Spec {
+                                messages: 100_000,
+                                stream: true,
+                                ..specs[specs.len() - 1]
+                            });
+                        }
                     }
                 }
             }
@@ -298,6 +324,7 @@ pub(crate) async fn run(args: BrokerArgs) -> Result<ExitCode> {
             acks: AckMode::Leader,
             messages: 1 << 20,
             partitions: args.partitions,
+            stream: false,
         });
         specs
     } else {
@@ -309,6 +336,7 @@ pub(crate) async fn run(args: BrokerArgs) -> Result<ExitCode> {
             acks: args.acks,
             messages: args.messages,
             partitions: args.partitions,
+            stream: args.stream,
         }]
     };
 
@@ -376,7 +404,10 @@ pub(crate) async fn run(args: BrokerArgs) -> Result<ExitCode> {
                 spec.size,
                 spec.batch,
                 spec.producers,
-                target.name(),
+                match target {
+                    Target::Runnel { .. } if spec.stream => "runnel stream",
+                    _ => target.name(),
+                },
                 of(Figures::produce_rate, 0),
                 crate::spread(figures.iter().map(|f| mb(f.produce_rate())).collect(), 0),
                 of(|f| f.ms(0.5), 2),
@@ -667,6 +698,14 @@ async fn load(target: &Target, topic: &str, spec: Spec, url: Option<String>) -> 
             } => Some((context.as_ref().clone(), *atomic_batches && spec.batch > 1)),
             Target::Runnel { .. } => None,
         };
+        if let (true, Some(client)) = (spec.stream, &connection) {
+            let (client, topic) = (client.clone(), topic.to_owned());
+            let (next, progress) = (next.clone(), progress.clone());
+            producers.spawn(send_runnel_stream(
+                client, topic, spec, batches, next, progress,
+            ));
+            continue;
+        }
         for _ in 0..spec.in_flight {
             let (next, progress, topic) = (next.clone(), progress.clone(), topic.to_owned());
             let (connection, context) = (connection.clone(), context.clone());
@@ -773,6 +812,83 @@ async fn send_runnel(
     };
     client.produce(request).await?;
     Ok(())
+}
+
+/// One producer's share of the `batches` batches, pipelined on one `ProduceStream` with at
+/// most [`STREAM_WINDOW`] unacknowledged; each batch's latency runs from its send to the
+/// cumulative ack that covers it.
+async fn send_runnel_stream(
+    mut client: BrokerClient<Channel>,
+    topic: String,
+    spec: Spec,
+    batches: u64,
+    next: Arc<AtomicU64>,
+    progress: Arc<AtomicU64>,
+) -> Result<Histogram<u64>> {
+    let body = runnel_body(spec.batch, spec.size);
+    let acks = match spec.acks {
+        AckMode::Leader => Acks::Leader,
+        AckMode::Durable => Acks::Durable,
+    } as i32;
+    let window = Arc::new(tokio::sync::Semaphore::new(STREAM_WINDOW));
+    // Send times of the unacknowledged batches, oldest first: acks come in order.
+    let sent = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+    let (requests, outgoing) = tokio::sync::mpsc::channel(STREAM_WINDOW);
+    let sender = {
+        let (window, sent) = (window.clone(), sent.clone());
+        tokio::spawn(async move {
+            let mut sequence = 0u64;
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= batches {
+                    return anyhow::Ok(());
+                }
+                window.acquire().await?.forget();
+                let request = ProduceStreamRequest {
+                    sequence,
+                    request: Some(ProduceRequest {
+                        topic: topic.clone(),
+                        acks,
+                        batches: vec![RecordBatch {
+                            partition: (n % u64::from(spec.partitions)) as u32,
+                            record_count: spec.batch,
+                            records: body.clone(),
+                            ..RecordBatch::default()
+                        }],
+                        ..ProduceRequest::default()
+                    }),
+                };
+                if let Ok(mut sent) = sent.lock() {
+                    sent.push_back(Instant::now());
+                }
+                sequence += 1;
+                // The stream ended: its status comes out of the answers.
+                if requests.send(request).await.is_err() {
+                    return Ok(());
+                }
+            }
+        })
+    };
+    let mut answers = client
+        .produce_stream(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+        .await?
+        .into_inner();
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    while let Some(answer) = answers.message().await? {
+        let acked = answer.answers.len();
+        let now = Instant::now();
+        if let Ok(mut sent) = sent.lock() {
+            let covered = acked.min(sent.len());
+            for at in sent.drain(..covered) {
+                let micros = u64::try_from((now - at).as_micros()).unwrap_or(u64::MAX);
+                latency.record(micros.max(1))?;
+            }
+        }
+        window.add_permits(acked);
+        progress.fetch_add(acked as u64 * u64::from(spec.batch), Ordering::Relaxed);
+    }
+    sender.await??;
+    Ok(latency)
 }
 
 /// Publishes `batch` messages with at most [`JETSTREAM_WINDOW`] acks pending, and waits for

@@ -8,16 +8,24 @@
 //! its original offsets, so every event is stored exactly once, across broker crashes
 //! included. One call is in flight per producer at a time, which keeps each partition's
 //! sequence in order.
+//!
+//! Calls go over one long-lived `ProduceStream` (each call one request on it, answered by
+//! its own ack) rather than one unary `Produce` each: no HTTP/2 stream to open per call.
+//! A call that fails or times out drops the stream, and its retry opens a new one and sends
+//! the same batches; a call cancelled while its answer was outstanding leaves the stream
+//! to be dropped too, so no stale answer is ever taken for a later call. Against a broker
+//! that does not know `ProduceStream` (UNIMPLEMENTED) the producer uses `Produce`.
 
 use crate::{ClientError, retriable};
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::{
     Acks, BatchAck, Compression, CreateTopicRequest, DescribeTopicRequest, Event, GroupFence,
-    ProduceRequest, RecordBatch, RecordPosition,
+    ProduceRequest, ProduceStreamRequest, ProduceStreamResponse, RecordBatch, RecordPosition,
 };
 use runnel_proto::{partition_for_key, records};
 use runnel_security::Peer;
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 use tonic::{Code, Status};
 
 /// How a [`Producer`] sends.
@@ -66,6 +74,67 @@ pub struct Producer {
     /// they go again, unchanged, before anything new: a later batch must never reuse those
     /// sequences (the broker would take it for the retry and drop it).
     unfinished: Option<ProduceRequest>,
+    /// The open `ProduceStream`, if any.
+    link: Option<ProduceLink>,
+    /// The broker answered `ProduceStream` with UNIMPLEMENTED: calls go as `Produce`.
+    unary: bool,
+}
+
+/// One `ProduceStream`, one request on it at a time.
+#[derive(Debug)]
+struct ProduceLink {
+    requests: mpsc::Sender<ProduceStreamRequest>,
+    answers: tonic::Streaming<ProduceStreamResponse>,
+    next_sequence: u64,
+    /// A request went out and its answer was not read (its call was cancelled): the link
+    /// is not used again, lest that answer be taken for a later call's.
+    awaiting: bool,
+}
+
+impl ProduceLink {
+    async fn open(broker: &mut BrokerClient<Peer>) -> Result<ProduceLink, Status> {
+        // One request at a time goes through: nothing waits here but the one being sent.
+        let (requests, outgoing) = mpsc::channel(1);
+        let outgoing = futures::stream::unfold(outgoing, |mut outgoing| async move {
+            outgoing.recv().await.map(|request| (request, outgoing))
+        });
+        let answers = broker.produce_stream(outgoing).await?.into_inner();
+        Ok(ProduceLink {
+            requests,
+            answers,
+            next_sequence: 0,
+            awaiting: false,
+        })
+    }
+
+    /// Sends `request` and waits for its answer's batch acks.
+    async fn exchange(&mut self, request: &ProduceRequest) -> Result<Vec<BatchAck>, Status> {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        self.awaiting = true;
+        self.requests
+            .send(ProduceStreamRequest {
+                sequence,
+                request: Some(request.clone()),
+            })
+            .await
+            .map_err(|_| Status::unavailable("the produce stream is closed"))?;
+        let answer = self
+            .answers
+            .message()
+            .await?
+            .ok_or_else(|| Status::unavailable("the broker ended the produce stream"))?;
+        self.awaiting = false;
+        match answer.answers.as_slice() {
+            [one] if one.sequence == sequence && answer.acknowledged == sequence => {
+                Ok(one.response.clone().unwrap_or_default().batch_acks)
+            }
+            _ => Err(Status::internal(format!(
+                "the broker acknowledged up to request {} for request {sequence}",
+                answer.acknowledged
+            ))),
+        }
+    }
 }
 
 impl Producer {
@@ -115,6 +184,8 @@ impl Producer {
             options,
             fence: None,
             unfinished: None,
+            link: None,
+            unary: false,
         })
     }
 
@@ -128,6 +199,13 @@ impl Producer {
     /// This producer's id.
     pub fn producer_id(&self) -> u64 {
         self.producer_id
+    }
+
+    /// Whether calls go over a `ProduceStream` now: a stream is open (the last call went
+    /// over it) — false before the first call, after a failed one, and against a broker
+    /// without `ProduceStream`.
+    pub fn on_stream(&self) -> bool {
+        self.link.is_some()
     }
 
     /// The topic's partition count.
@@ -253,10 +331,8 @@ impl Producer {
         let deadline = Instant::now() + self.options.retry_for;
         let mut delay = Duration::from_millis(20);
         let acks = loop {
-            let mut call = tonic::Request::new(request.clone());
-            call.set_timeout(self.options.call_timeout);
-            match self.broker.produce(call).await {
-                Ok(response) => break response.into_inner().batch_acks,
+            match self.attempt(request).await {
+                Ok(acks) => break acks,
                 Err(status) if retriable(status.code()) && Instant::now() < deadline => {
                     tracing::debug!(code = ?status.code(), error = status.message(), "produce failed; sending the same batches again");
                     tokio::time::sleep(delay).await;
@@ -273,6 +349,50 @@ impl Producer {
             ))));
         }
         Ok(acks)
+    }
+
+    /// Makes `request` once: on the produce stream (opened first if need be), or as a unary
+    /// `Produce` when the broker has no stream.
+    async fn attempt(&mut self, request: &ProduceRequest) -> Result<Vec<BatchAck>, Status> {
+        if !self.unary {
+            let timeout = self.options.call_timeout;
+            let outcome = tokio::time::timeout(timeout, self.attempt_on_stream(request))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Status::deadline_exceeded(
+                        "no answer on the produce stream within the call timeout",
+                    ))
+                });
+            match outcome {
+                Ok(acks) => return Ok(acks),
+                Err(status) => {
+                    // Whatever is left on this stream is not this call's to read.
+                    self.link = None;
+                    if status.code() != Code::Unimplemented {
+                        return Err(status);
+                    }
+                    tracing::debug!("the broker has no ProduceStream; producing call by call");
+                    self.unary = true;
+                }
+            }
+        }
+        let mut call = tonic::Request::new(request.clone());
+        call.set_timeout(self.options.call_timeout);
+        Ok(self.broker.produce(call).await?.into_inner().batch_acks)
+    }
+
+    async fn attempt_on_stream(
+        &mut self,
+        request: &ProduceRequest,
+    ) -> Result<Vec<BatchAck>, Status> {
+        if self.link.as_ref().is_some_and(|link| link.awaiting) {
+            self.link = None;
+        }
+        let link = match &mut self.link {
+            Some(link) => link,
+            None => self.link.insert(ProduceLink::open(&mut self.broker).await?),
+        };
+        link.exchange(request).await
     }
 
     /// Sends `batches` until acknowledged; then moves each partition's sequence past them.

@@ -23,6 +23,7 @@ mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod groups;
+mod produce_stream;
 mod service;
 mod storage;
 mod subscribe;

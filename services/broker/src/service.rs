@@ -1,16 +1,22 @@
 //! The `runnel.v1.Broker` gRPC service: request checks, partition choice, acks, and the
 //! hand-off of every disk operation to blocking threads.
 //!
-//! `Produce` is atomic per batch, not per request: events are stored as one batch per
-//! partition, pre-encoded batches as they come, partitions in parallel and each partition's
-//! batches in request order. If one fails, others may already be stored; the call fails,
-//! and only an idempotent producer's retry is then free of duplicates (events carry ids so
-//! that consumers can recognise them otherwise).
+//! `Produce` is atomic per batch, not per request: everything in a request is checked
+//! before anything is written; then events are stored as one batch per partition,
+//! pre-encoded batches as they come, partitions in parallel and each partition's batches in
+//! request order. If one fails, others may already be stored; the call fails, and only an
+//! idempotent producer's retry is then free of duplicates (events carry ids so that
+//! consumers can recognise them otherwise).
+//!
+//! The unary `Produce` and each run of a `ProduceStream` (see [`crate::produce_stream`])
+//! share the same two steps: [`BrokerService::prepare_produce`] checks one request,
+//! [`BrokerService::store`] stores any number of checked requests together.
 
 use crate::batch::{self, StoredBatch};
 use crate::config::{BrokerConfig, MAX_SESSION_TIMEOUT};
 use crate::error::{BrokerError, Result};
 use crate::groups::{self, Coordinator};
+use crate::produce_stream;
 use crate::storage::{Appended, Committed, Incoming, MAX_COMMIT_METADATA, Storage};
 use crate::subscribe::{MemberStream, stream_partition};
 use crate::topic::{self, RetentionOverride};
@@ -23,8 +29,8 @@ use runnel_proto::v1::{
     Acks, BatchAck, CommitOffsetsRequest, CommitOffsetsResponse, Compression, CreateTopicRequest,
     CreateTopicResponse, DescribeTopicRequest, Event, FetchRequest, FetchResponse, GroupFence,
     GroupMember, GroupStatus, ListTopicsRequest, ListTopicsResponse, PartitionLag, PartitionOffset,
-    ProduceRequest, ProduceResponse, Record, RecordBatch, RecordPosition, SubscribeRequest,
-    SubscribeResponse, TopicDescription,
+    ProduceRequest, ProduceResponse, ProduceStreamRequest, ProduceStreamResponse, Record,
+    RecordBatch, RecordPosition, SubscribeRequest, SubscribeResponse, TopicDescription,
 };
 use runnel_security::{Action, Caller, Resource, authorize};
 use runnel_server::Shutdown;
@@ -34,7 +40,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 /// Records per `Fetch` when the request does not say.
@@ -51,13 +57,13 @@ const INLINE_CHECK_BYTES: usize = 16 * 1024;
 /// an event when deciding whether the event is small enough to store.
 const RECORD_OVERHEAD: usize = 64;
 
-/// The broker's gRPC handlers.
-#[derive(Debug)]
+/// The broker's gRPC handlers. Clones share everything (a `ProduceStream` runs on one).
+#[derive(Debug, Clone)]
 pub(crate) struct BrokerService {
     storage: Arc<dyn Storage>,
     coordinator: Arc<Coordinator>,
-    /// The next round-robin turn for events without a key.
-    round_robin: AtomicU32,
+    /// The next round-robin turn for events without a key (shared by every clone).
+    round_robin: Arc<AtomicU32>,
     auto_create_topics: bool,
     default_partitions: u32,
     max_batch_events: usize,
@@ -70,16 +76,57 @@ pub(crate) struct BrokerService {
     shutdown: Shutdown,
 }
 
-/// One stored unit of a `Produce` request: a batch for one partition, and where its answer
-/// goes.
+/// A `Produce` request checked and split into the units it stores, nothing written yet.
+#[derive(Debug)]
+pub(crate) struct PlannedProduce {
+    topic: String,
+    durable: bool,
+    event_count: usize,
+    batch_count: usize,
+    units: Vec<Unit>,
+}
+
+/// What [`BrokerService::store`] did with a run of requests.
+#[derive(Debug)]
+pub(crate) struct StoredRun {
+    /// The answers of the leading requests stored at their acks level, in order.
+    pub(crate) answers: Vec<ProduceResponse>,
+    /// The earliest request (by its index in the run) one of whose units failed, and why.
+    pub(crate) failure: Option<(usize, BrokerError)>,
+}
+
+/// One stored unit: a batch for one partition, and where the answers of its records go.
+#[derive(Debug)]
 struct Unit {
     partition: u32,
     batch: Incoming,
     /// Check the records body first (pre-encoded batches only).
     validate: bool,
-    origin: Origin,
+    /// More than one when [`coalesce`] joined units of several requests.
+    parts: Vec<Part>,
 }
 
+/// A unit's records that came from one place of one request.
+#[derive(Debug)]
+struct Part {
+    /// The request's index in the run being stored.
+    request: usize,
+    origin: Origin,
+    /// How many of the unit's records, in order, are this part's.
+    records: u32,
+}
+
+/// What happened to one partition's units.
+struct PartitionOutcome {
+    name: String,
+    partition: u32,
+    stored: Vec<(Vec<Part>, Appended, u64, u64)>,
+    /// The first request of the failed unit, the error, and every request whose units are
+    /// not known to be stored at their acks level.
+    failure: Option<(usize, BrokerError, Vec<usize>)>,
+}
+
+#[derive(Debug)]
 enum Origin {
     /// These indexes of `events`, in order.
     Events(Vec<usize>),
@@ -99,7 +146,7 @@ impl BrokerService {
         BrokerService {
             storage,
             coordinator,
-            round_robin: AtomicU32::new(0),
+            round_robin: Arc::new(AtomicU32::new(0)),
             auto_create_topics: config.auto_create_topics,
             default_partitions: config.default_partitions,
             max_batch_events: config.max_batch_events,
@@ -108,6 +155,11 @@ impl BrokerService {
             max_read_bytes: max_message - FETCH_HEADROOM.min(max_message / 2),
             shutdown,
         }
+    }
+
+    /// Fires when the broker stops.
+    pub(crate) fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
     }
 
     /// An existing topic's partition count, checking the name first.
@@ -305,7 +357,11 @@ impl BrokerService {
                             .then(|| indexes.iter().map(|&i| identities[i]).collect()),
                     },
                     validate: false,
-                    origin: Origin::Events(indexes),
+                    parts: vec![Part {
+                        request: 0,
+                        origin: Origin::Events(indexes),
+                        records: chosen.len() as u32,
+                    }],
                 });
             }
         }
@@ -347,7 +403,11 @@ impl BrokerService {
                     identities: None,
                 },
                 validate: true,
-                origin: Origin::Batch(i),
+                parts: vec![Part {
+                    request: 0,
+                    origin: Origin::Batch(i),
+                    records: batch.record_count,
+                }],
             });
         }
         Ok(units)
@@ -355,7 +415,18 @@ impl BrokerService {
 
     #[tracing::instrument(name = "produce", skip_all, fields(topic = %request.topic, events = request.events.len(), batches = request.batches.len()))]
     async fn serve_produce(&self, request: ProduceRequest) -> Result<ProduceResponse> {
-        let started = Instant::now();
+        let planned = self.prepare_produce(request).await?;
+        let mut stored = self.store(vec![planned]).await;
+        match stored.failure {
+            Some((_, error)) => Err(error),
+            // With no failure, the one request is answered.
+            None => Ok(stored.answers.pop().unwrap_or_default()),
+        }
+    }
+
+    /// Everything `Produce` checks before writing: the topic (created if allowed), the
+    /// fence, the acks, every event and every pre-encoded batch. Nothing is written.
+    pub(crate) async fn prepare_produce(&self, request: ProduceRequest) -> Result<PlannedProduce> {
         let ProduceRequest {
             topic: name,
             events,
@@ -387,66 +458,132 @@ impl BrokerService {
         let event_count = events.len();
         let batch_count = batches.len();
         let count = self.produce_target(&name).await?;
-        let units = self.plan(&name, count, events, partition, batches, deduplicate)?;
-
-        // Each partition's units in request order; partitions in parallel.
-        let mut per_partition: BTreeMap<u32, Vec<Unit>> = BTreeMap::new();
-        for unit in units {
-            per_partition.entry(unit.partition).or_default().push(unit);
-        }
+        let mut units = self.plan(&name, count, events, partition, batches, deduplicate)?;
+        // Pre-encoded bodies are decoded to be checked: CPU work, off the runtime unless
+        // there is little of it (a hand-off costs more than a few records).
         let max_len = self.max_read_bytes;
-        let appends = per_partition.into_iter().map(|(p, units)| {
-            let storage = Arc::clone(&self.storage);
-            let name = name.clone();
-            async move {
-                // Pre-encoded bodies are decoded to be checked: CPU work, off the runtime
-                // unless there is little of it (a hand-off costs more than a few records).
-                let checked: usize = units
-                    .iter()
-                    .filter(|u| u.validate)
-                    .map(|u| u.batch.records.len())
-                    .sum();
-                let units = if checked <= INLINE_CHECK_BYTES {
-                    let mut units = units;
-                    validate_units(&mut units, max_len, deduplicate)?;
-                    units
-                } else {
-                    tokio::task::spawn_blocking(move || {
-                        let mut units = units;
-                        validate_units(&mut units, max_len, deduplicate).map(|()| units)
-                    })
-                    .await
-                    .map_err(BrokerError::from)
-                    .and_then(|units| units)?
-                };
-                let last = units.len() - 1;
-                let mut stored = Vec::with_capacity(units.len());
-                for (i, unit) in units.into_iter().enumerate() {
-                    let count = u64::from(unit.batch.record_count);
-                    let bytes = unit.batch.records.len() as u64;
-                    // One durable wait per partition: the last batch's covers the others.
-                    let appended = storage
-                        .append(&name, p, unit.batch, durable && i == last)
-                        .await?;
-                    stored.push((unit.origin, appended, count, bytes));
-                }
-                Ok::<_, BrokerError>((p, stored))
-            }
-        });
-        let results = futures::future::join_all(appends).await;
+        let checked: usize = units
+            .iter()
+            .filter(|u| u.validate)
+            .map(|u| u.batch.records.len())
+            .sum();
+        if checked <= INLINE_CHECK_BYTES {
+            validate_units(&mut units, max_len, deduplicate)?;
+        } else {
+            units = tokio::task::spawn_blocking(move || {
+                validate_units(&mut units, max_len, deduplicate).map(|()| units)
+            })
+            .await??;
+        }
+        Ok(PlannedProduce {
+            topic: name,
+            durable,
+            event_count,
+            batch_count,
+            units,
+        })
+    }
 
-        let mut positions = vec![RecordPosition::default(); event_count];
-        let mut batch_acks = vec![BatchAck::default(); batch_count];
-        let (mut records, mut bytes, mut duplicates, mut first_error) = (0u64, 0u64, 0u64, None);
-        for result in results {
-            let (p, stored) = match result {
-                Ok(done) => done,
-                Err(error) => {
-                    first_error.get_or_insert(error);
-                    continue;
+    /// Stores checked requests in order and answers them.
+    ///
+    /// Each partition's units are appended in request order, partitions (of any topic) in
+    /// parallel; adjacent plain batches of one partition are appended as one (see
+    /// [`coalesce`]), and a partition waits for durability once, after its last append,
+    /// if any request writing to it asked for durable acks. Requests answered are the
+    /// leading ones whose every unit was stored at its acks level; the failure, if any, is
+    /// the error of the earliest request one of whose units failed.
+    pub(crate) async fn store(&self, run: Vec<PlannedProduce>) -> StoredRun {
+        let started = Instant::now();
+        let mut answers: Vec<ProduceResponse> = run
+            .iter()
+            .map(|planned| ProduceResponse {
+                positions: vec![RecordPosition::default(); planned.event_count],
+                batch_acks: vec![BatchAck::default(); planned.batch_count],
+                duplicates: 0,
+            })
+            .collect();
+        let any_durable = run.iter().any(|planned| planned.durable);
+        // Per (topic, partition): whether to wait for durability, and the units in order.
+        let mut per_partition: BTreeMap<(String, u32), (bool, Vec<Unit>)> = BTreeMap::new();
+        for (request, planned) in run.into_iter().enumerate() {
+            for mut unit in planned.units {
+                for part in &mut unit.parts {
+                    part.request = request;
                 }
-            };
-            for (origin, appended, count, size) in stored {
+                let entry = per_partition
+                    .entry((planned.topic.clone(), unit.partition))
+                    .or_default();
+                entry.0 |= planned.durable;
+                entry.1.push(unit);
+            }
+        }
+        let (max_bytes, max_records) = (self.max_read_bytes, self.max_batch_events);
+        let appends = per_partition
+            .into_iter()
+            .map(|((name, p), (durable, units))| {
+                let storage = Arc::clone(&self.storage);
+                async move {
+                    let units = coalesce(units, max_bytes, max_records);
+                    let last = units.len().saturating_sub(1);
+                    let mut stored = Vec::with_capacity(units.len());
+                    let mut units = units.into_iter().enumerate();
+                    while let Some((i, unit)) = units.next() {
+                        let count = u64::from(unit.batch.record_count);
+                        let bytes = unit.batch.records.len() as u64;
+                        // One durable wait per partition: the last batch's covers the others.
+                        match storage
+                            .append(&name, p, unit.batch, durable && i == last)
+                            .await
+                        {
+                            Ok(appended) => stored.push((unit.parts, appended, count, bytes)),
+                            Err(error) => {
+                                let owner = unit.parts.iter().map(|part| part.request).min();
+                                // Not stored, or not known to be: the failed unit's requests,
+                                // the later ones, and — the durable wait never came — the
+                                // earlier ones too when they asked for durability.
+                                let mut unsure: Vec<usize> =
+                                    unit.parts.iter().map(|part| part.request).collect();
+                                for (_, later) in units {
+                                    unsure.extend(later.parts.iter().map(|part| part.request));
+                                }
+                                if durable {
+                                    for (parts, ..) in &stored {
+                                        unsure.extend(parts.iter().map(|part| part.request));
+                                    }
+                                }
+                                return PartitionOutcome {
+                                    name,
+                                    partition: p,
+                                    stored,
+                                    failure: Some((owner.unwrap_or(0), error, unsure)),
+                                };
+                            }
+                        }
+                    }
+                    PartitionOutcome {
+                        name,
+                        partition: p,
+                        stored,
+                        failure: None,
+                    }
+                }
+            });
+        let outcomes = futures::future::join_all(appends).await;
+
+        let mut confirmed = vec![true; answers.len()];
+        let mut failure: Option<(usize, BrokerError)> = None;
+        for outcome in outcomes {
+            let (p, name) = (outcome.partition, outcome.name);
+            if let Some((owner, error, unsure)) = outcome.failure {
+                for request in unsure {
+                    confirmed[request] = false;
+                }
+                if failure.as_ref().is_none_or(|(first, _)| owner < *first) {
+                    failure = Some((owner, error));
+                }
+            }
+            let (mut records, mut bytes) = (0u64, 0u64);
+            for (parts, appended, count, size) in outcome.stored {
                 let (base_offset, duplicate, scattered) = match appended {
                     Appended::Stored {
                         base_offset,
@@ -455,53 +592,67 @@ impl BrokerService {
                         ..
                     } => {
                         records += count - u64::from(retried);
-                        duplicates += u64::from(retried);
                         // A batch partly stored counts its share of the bytes.
                         bytes += size * (count - u64::from(retried)) / count.max(1);
+                        // Only a unit of one part can hold retries (see `coalesce`).
+                        if let Some(part) = parts.first() {
+                            answers[part.request].duplicates += u64::from(retried);
+                        }
                         (base_offset, false, scattered)
                     }
                     Appended::Duplicate { base_offset } => (base_offset, true, None),
                 };
-                match origin {
-                    Origin::Events(indexes) => {
-                        let offsets = scattered
-                            .unwrap_or_else(|| (base_offset..base_offset + count).collect());
-                        for (i, offset) in indexes.into_iter().zip(offsets) {
-                            positions[i] = RecordPosition {
-                                topic: name.clone(),
-                                partition: p,
-                                offset,
-                            };
-                        }
-                    }
-                    Origin::Batch(i) => {
-                        batch_acks[i] = BatchAck {
-                            partition: p,
-                            base_offset,
-                            duplicate,
-                            offsets: scattered.unwrap_or_default(),
-                        };
-                    }
+                if let [part] = parts.as_slice() {
+                    let dense = scattered.is_none();
+                    let offsets =
+                        scattered.unwrap_or_else(|| (base_offset..base_offset + count).collect());
+                    answer_part(
+                        &mut answers[part.request],
+                        &name,
+                        p,
+                        &part.origin,
+                        base_offset,
+                        duplicate,
+                        offsets,
+                        dense,
+                    );
+                    continue;
+                }
+                // A coalesced unit: each part has its share of the offsets, in order.
+                let was_scattered = scattered.is_some();
+                let mut offsets = scattered
+                    .unwrap_or_else(|| (base_offset..base_offset + count).collect())
+                    .into_iter();
+                for part in &parts {
+                    let share: Vec<u64> = offsets.by_ref().take(part.records as usize).collect();
+                    let base = share.first().copied().unwrap_or(base_offset);
+                    answer_part(
+                        &mut answers[part.request],
+                        &name,
+                        p,
+                        &part.origin,
+                        base,
+                        duplicate,
+                        share,
+                        !was_scattered,
+                    );
                 }
             }
+            metrics::counter!("runnel_broker_records_appended_total", "topic" => name.clone())
+                .increment(records);
+            metrics::counter!("runnel_broker_bytes_appended_total", "topic" => name)
+                .increment(bytes);
         }
-        metrics::counter!("runnel_broker_records_appended_total", "topic" => name.clone())
-            .increment(records);
-        metrics::counter!("runnel_broker_bytes_appended_total", "topic" => name.clone())
-            .increment(bytes);
-        metrics::histogram!("runnel_broker_produce_seconds", "acks" => if durable { "durable" } else { "leader" })
+        metrics::histogram!("runnel_broker_produce_seconds", "acks" => if any_durable { "durable" } else { "leader" })
             .record(started.elapsed().as_secs_f64());
-        if let Some(error) = first_error {
-            if records > 0 {
-                tracing::warn!(records, %error, "produce failed after some partitions stored their batches");
-            }
-            return Err(error);
+        let answered = confirmed.iter().take_while(|c| **c).count();
+        answers.truncate(answered);
+        if let Some((_, error)) = &failure
+            && answered > 0
+        {
+            tracing::warn!(answered, %error, "produce failed after earlier requests were stored");
         }
-        Ok(ProduceResponse {
-            positions,
-            batch_acks,
-            duplicates,
-        })
+        StoredRun { answers, failure }
     }
 
     #[tracing::instrument(name = "fetch", skip_all, fields(topic = %request.topic, partition = request.partition, offset = request.offset))]
@@ -739,7 +890,6 @@ impl BrokerService {
     }
 }
 
-/// Checks every pre-encoded batch of `units`.
 /// Checks the pre-encoded batches among `units`; with `deduplicate`, also gives each its
 /// records' identities.
 fn validate_units(units: &mut [Unit], max_len: usize, deduplicate: bool) -> Result<()> {
@@ -761,6 +911,108 @@ fn validate_units(units: &mut [Unit], max_len: usize, deduplicate: bool) -> Resu
         unit.batch.identities = identities;
     }
     Ok(())
+}
+
+/// Joins adjacent plain units of one partition — no producer id, no deduplication, not
+/// compressed: nothing the broker must recognise per batch — into one batch each, as long
+/// as the batch stays within `max_bytes` and `max_records`. Order is kept: the records of a
+/// joined unit are its parts' records one after the other.
+fn coalesce(units: Vec<Unit>, max_bytes: usize, max_records: usize) -> Vec<Unit> {
+    fn plain(batch: &Incoming) -> bool {
+        batch.producer_id == 0
+            && batch.identities.is_none()
+            && batch.compression == Compression::None
+    }
+    let mut runs: Vec<Vec<Unit>> = Vec::new();
+    let (mut run_bytes, mut run_records) = (0usize, 0usize);
+    for unit in units {
+        let (bytes, records) = (unit.batch.records.len(), unit.batch.record_count as usize);
+        match runs.last_mut() {
+            Some(run)
+                if plain(&unit.batch)
+                    && run.first().is_some_and(|u| plain(&u.batch))
+                    && run_bytes + bytes <= max_bytes
+                    && run_records + records <= max_records =>
+            {
+                run_bytes += bytes;
+                run_records += records;
+                run.push(unit);
+            }
+            _ => {
+                (run_bytes, run_records) = (bytes, records);
+                runs.push(vec![unit]);
+            }
+        }
+    }
+    runs.into_iter()
+        .filter_map(|mut run| {
+            if run.len() < 2 {
+                return run.pop();
+            }
+            let bytes: usize = run.iter().map(|u| u.batch.records.len()).sum();
+            let mut records = bytes::BytesMut::with_capacity(bytes);
+            let mut parts = Vec::with_capacity(run.len());
+            let mut record_count = 0;
+            let partition = run[0].partition;
+            for unit in run {
+                records.extend_from_slice(&unit.batch.records);
+                record_count += unit.batch.record_count;
+                parts.extend(unit.parts);
+            }
+            Some(Unit {
+                partition,
+                batch: Incoming {
+                    compression: Compression::None,
+                    record_count,
+                    records: records.freeze(),
+                    producer_id: 0,
+                    base_sequence: 0,
+                    identities: None,
+                },
+                validate: false,
+                parts,
+            })
+        })
+        .collect()
+}
+
+/// Writes where one part's records were stored into its request's answer: `offsets` are
+/// its records' offsets, in order; `dense` says they are `base_offset`, `base_offset + 1`,
+/// … (a batch ack then leaves them out).
+#[allow(clippy::too_many_arguments)]
+fn answer_part(
+    answer: &mut ProduceResponse,
+    topic: &str,
+    partition: u32,
+    origin: &Origin,
+    base_offset: u64,
+    duplicate: bool,
+    offsets: Vec<u64>,
+    dense: bool,
+) {
+    match origin {
+        Origin::Events(indexes) => {
+            for (&i, offset) in indexes.iter().zip(offsets) {
+                if let Some(position) = answer.positions.get_mut(i) {
+                    *position = RecordPosition {
+                        topic: topic.to_owned(),
+                        partition,
+                        offset,
+                    };
+                }
+            }
+        }
+        Origin::Batch(i) => {
+            if let Some(ack) = answer.batch_acks.get_mut(*i) {
+                *ack = BatchAck {
+                    partition,
+                    base_offset,
+                    duplicate,
+                    offsets: if dense { Vec::new() } else { offsets },
+                };
+            }
+        }
+    }
 }
 
 /// The records of `batches` from `from` on: at most `max_records`, and no more than
@@ -811,6 +1063,21 @@ fn authorize_group<T>(
 ) -> std::result::Result<(), Status> {
     authorize(request, Action::Consume, Resource::Topic(topic))?;
     authorize(request, Action::Consume, Resource::Group(group))
+}
+
+/// Checks that `caller` may make `request`: produce on its topic, and — a fenced write is
+/// a heartbeat of the group's member — consume through the fence's group (the store, which
+/// relays the analyzer's fenced results, has that permission too). `Produce` and every
+/// request of a `ProduceStream` go through here.
+pub(crate) fn authorize_produce(
+    caller: &Caller,
+    request: &ProduceRequest,
+) -> std::result::Result<(), Status> {
+    caller.authorize(Action::Produce, Resource::Topic(&request.topic))?;
+    if let Some(fence) = &request.fence {
+        caller.authorize(Action::Consume, Resource::Group(&fence.group))?;
+    }
+    Ok(())
 }
 
 /// Whether `caller` may do anything with `topic`: produce, consume or manage it.
@@ -872,19 +1139,32 @@ impl Broker for BrokerService {
         &self,
         request: Request<ProduceRequest>,
     ) -> std::result::Result<Response<ProduceResponse>, Status> {
-        authorize(
-            &request,
-            Action::Produce,
-            Resource::Topic(&request.get_ref().topic),
-        )?;
-        // A fenced write is a heartbeat of the group's member: it needs the group's own
-        // permission (the store, which relays the analyzer's fenced results, has it too).
-        if let Some(fence) = &request.get_ref().fence {
-            authorize(&request, Action::Consume, Resource::Group(&fence.group))?;
-        }
+        authorize_produce(runnel_security::caller(&request)?, request.get_ref())?;
         Ok(Response::new(
             self.serve_produce(request.into_inner()).await?,
         ))
+    }
+
+    type ProduceStreamStream = ReceiverStream<std::result::Result<ProduceStreamResponse, Status>>;
+
+    async fn produce_stream(
+        &self,
+        request: Request<Streaming<ProduceStreamRequest>>,
+    ) -> std::result::Result<Response<Self::ProduceStreamStream>, Status> {
+        // Each request on the stream is authorized on its own, by this caller.
+        let caller = runnel_security::caller(&request)?.clone();
+        let (answers, receiver) = mpsc::channel(produce_stream::ANSWER_BUFFER);
+        tokio::spawn(
+            produce_stream::serve(
+                self.clone(),
+                caller,
+                request.into_inner(),
+                answers,
+                self.max_read_bytes,
+            )
+            .in_current_span(),
+        );
+        Ok(Response::new(ReceiverStream::new(receiver)))
     }
 
     async fn fetch(
@@ -926,5 +1206,336 @@ impl Broker for BrokerService {
         Ok(Response::new(
             self.serve_commit(request.into_inner()).await?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! [`BrokerService::store`] over a storage engine in memory that can scatter a batch
+    //! (as JetStream does when two brokers append at once): for any mix of requests, each
+    //! partition holds its records in send order, every answer points at its own records,
+    //! and adjacent plain units of a partition were appended as one.
+
+    use super::*;
+    use crate::storage::{Follow, Read};
+    use proptest::prelude::*;
+    use runnel_proto::v1::TopicInfo;
+    use std::sync::Mutex;
+
+    const TOPICS: [(&str, u32); 2] = [("alpha", 3), ("beta", 2)];
+
+    /// Topics in memory; each append is counted per partition.
+    #[derive(Debug, Default)]
+    struct MemoryStorage {
+        /// Put a foreign record after the first record of every batch of two or more.
+        scatter: bool,
+        /// Refuse every append to this partition of the first topic.
+        broken: Option<u32>,
+        /// Per (topic, partition): the stored event ids, and how many appends there were.
+        logs: Mutex<BTreeMap<(String, u32), PartitionLog>>,
+    }
+
+    /// A partition's stored event ids and its number of appends.
+    type PartitionLog = (Vec<String>, usize);
+
+    fn not_here<T>() -> Result<T> {
+        Err(BrokerError::Engine("not in this test".into()))
+    }
+
+    #[tonic::async_trait]
+    impl Storage for MemoryStorage {
+        async fn create_topic(&self, _: &str, _: u32, _: RetentionOverride) -> Result<TopicInfo> {
+            not_here()
+        }
+        async fn partitions(&self, topic: &str) -> Result<Option<u32>> {
+            Ok(TOPICS.iter().find(|(t, _)| *t == topic).map(|(_, n)| *n))
+        }
+        async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
+            not_here()
+        }
+        async fn topic_info(&self, _: &str) -> Result<TopicInfo> {
+            not_here()
+        }
+        async fn append(
+            &self,
+            topic: &str,
+            partition: u32,
+            batch: Incoming,
+            _durable: bool,
+        ) -> Result<Appended> {
+            let ids: Vec<String> = batch
+                .split_records(usize::MAX)?
+                .into_iter()
+                .map(|b| Event::decode(b).map(|e| e.id))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+            if topic == TOPICS[0].0 && self.broken == Some(partition) {
+                return Err(BrokerError::Engine("the disk is on fire".into()));
+            }
+            let mut logs = self.logs.lock().unwrap();
+            let (log, appends) = logs.entry((topic.to_owned(), partition)).or_default();
+            *appends += 1;
+            let base_offset = log.len() as u64;
+            let mut offsets = Vec::new();
+            for (i, id) in ids.into_iter().enumerate() {
+                if self.scatter && i == 1 {
+                    log.push("foreign".into());
+                }
+                offsets.push(log.len() as u64);
+                log.push(id);
+            }
+            let scattered = offsets.windows(2).any(|w| w[1] != w[0] + 1);
+            Ok(Appended::Stored {
+                base_offset,
+                next_offset: log.len() as u64,
+                scattered: scattered.then_some(offsets),
+                duplicates: 0,
+            })
+        }
+        async fn read(&self, _: &str, _: u32, _: u64, _: usize) -> Result<Read> {
+            not_here()
+        }
+        async fn offset_for_time(&self, _: &str, _: u32, _: Millis) -> Result<u64> {
+            not_here()
+        }
+        async fn bounds(&self, _: &str, _: u32) -> Result<(u64, u64)> {
+            not_here()
+        }
+        async fn follow(&self, _: &str, _: u32, _: u64, _: usize, _: Shutdown) -> Result<Follow> {
+            not_here()
+        }
+        async fn commit(
+            &self,
+            _: &str,
+            _: &str,
+            _: BTreeMap<u32, Committed>,
+        ) -> Result<BTreeMap<u32, Committed>> {
+            not_here()
+        }
+        async fn committed(&self, _: &str, _: &str) -> Result<BTreeMap<u32, Committed>> {
+            not_here()
+        }
+        async fn groups_of(&self, _: &str) -> Result<BTreeMap<String, BTreeMap<u32, u64>>> {
+            not_here()
+        }
+    }
+
+    /// One request of a generated run.
+    #[derive(Debug, Clone)]
+    enum Sent {
+        /// Keyed events: the broker picks each one's partition.
+        Events { topic: usize, keys: Vec<u8> },
+        /// A pre-encoded batch, from an idempotent producer or not.
+        Batch {
+            topic: usize,
+            partition: u32,
+            records: usize,
+            idempotent: bool,
+        },
+    }
+
+    fn sent() -> impl Strategy<Value = Sent> {
+        prop_oneof![
+            (0..2usize, proptest::collection::vec(0..8u8, 1..5))
+                .prop_map(|(topic, keys)| Sent::Events { topic, keys }),
+            (0..2usize, 0..3u32, 1..4usize, any::<bool>()).prop_map(
+                |(topic, partition, records, idempotent)| Sent::Batch {
+                    topic,
+                    partition: partition % TOPICS[topic].1,
+                    records,
+                    idempotent,
+                }
+            ),
+        ]
+    }
+
+    fn event(id: String, key: String) -> Event {
+        Event {
+            id,
+            key,
+            source: "test".into(),
+            ..Event::default()
+        }
+    }
+
+    /// The request for `sent`, the `r`th of the run, and where each of its records must go
+    /// (topic, partition, id) with whether it is plain (may share an append).
+    fn request(r: usize, sent: &Sent) -> (ProduceRequest, Vec<(String, u32, String, bool)>) {
+        match sent {
+            Sent::Events { topic, keys } => {
+                let (name, count) = TOPICS[*topic];
+                let events: Vec<Event> = keys
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| event(format!("r{r}-{i}"), format!("key-{k}")))
+                    .collect();
+                let placed = events
+                    .iter()
+                    .map(|e| {
+                        let p = runnel_proto::partition_for_key(&e.key, count);
+                        (name.to_owned(), p, e.id.clone(), true)
+                    })
+                    .collect();
+                let request = ProduceRequest {
+                    topic: name.into(),
+                    events,
+                    acks: if r.is_multiple_of(2) {
+                        Acks::Durable
+                    } else {
+                        Acks::Leader
+                    } as i32,
+                    ..ProduceRequest::default()
+                };
+                (request, placed)
+            }
+            Sent::Batch {
+                topic,
+                partition,
+                records: n,
+                idempotent,
+            } => {
+                let name = TOPICS[*topic].0;
+                let events: Vec<Event> = (0..*n)
+                    .map(|i| event(format!("r{r}-{i}"), String::new()))
+                    .collect();
+                let placed = events
+                    .iter()
+                    .map(|e| (name.to_owned(), *partition, e.id.clone(), !idempotent))
+                    .collect();
+                let request = ProduceRequest {
+                    topic: name.into(),
+                    batches: vec![RecordBatch {
+                        partition: *partition,
+                        record_count: *n as u32,
+                        records: runnel_proto::records::encode(&events),
+                        producer_id: if *idempotent { 7 + r as u64 } else { 0 },
+                        ..RecordBatch::default()
+                    }],
+                    ..ProduceRequest::default()
+                };
+                (request, placed)
+            }
+        }
+    }
+
+    fn service(storage: Arc<MemoryStorage>) -> (BrokerService, runnel_server::ShutdownTrigger) {
+        let (trigger, shutdown) = Shutdown::new();
+        let service = BrokerService::new(
+            storage,
+            Coordinator::in_memory(),
+            &BrokerConfig::default(),
+            shutdown,
+        );
+        (service, trigger)
+    }
+
+    /// A failed append answers the requests before the earliest one it leaves unsure, and
+    /// names that one; a later request stored elsewhere is not acknowledged past it.
+    #[tokio::test]
+    async fn a_failed_append_answers_only_the_requests_before_it() {
+        let storage = Arc::new(MemoryStorage {
+            broken: Some(1),
+            ..MemoryStorage::default()
+        });
+        let (service, _trigger) = service(Arc::clone(&storage));
+        let to = |r: usize, partition: u32| {
+            request(
+                r,
+                &Sent::Batch {
+                    topic: 0,
+                    partition,
+                    records: 1,
+                    idempotent: false,
+                },
+            )
+            .0
+        };
+        let mut planned = Vec::new();
+        for (r, partition) in [(0, 0), (1, 2), (2, 1), (3, 0)] {
+            planned.push(service.prepare_produce(to(r, partition)).await.unwrap());
+        }
+        let stored = service.store(planned).await;
+        assert_eq!(
+            stored.answers.len(),
+            2,
+            "requests 0 and 1, before the failed one"
+        );
+        let (failed, error) = stored.failure.expect("the append to partition 1 failed");
+        assert_eq!(failed, 2);
+        assert!(error.to_string().contains("on fire"), "{error}");
+        // Request 3 went to a healthy partition and is stored, just not acknowledged.
+        let logs = storage.logs.lock().unwrap();
+        assert_eq!(logs[&("alpha".to_owned(), 0)].0, ["r0-0", "r3-0"]);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn a_stored_run_keeps_each_partitions_send_order_and_answers_each_request_with_its_own_records(
+            run in proptest::collection::vec(sent(), 1..30),
+            scatter in any::<bool>(),
+        ) {
+            let storage = Arc::new(MemoryStorage { scatter, ..MemoryStorage::default() });
+            let (service, _trigger) = service(Arc::clone(&storage));
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let (requests, placed): (Vec<_>, Vec<_>) =
+                run.iter().enumerate().map(|(r, s)| request(r, s)).unzip();
+            let stored = runtime.block_on(async {
+                let mut planned = Vec::new();
+                for request in requests.iter().cloned() {
+                    planned.push(service.prepare_produce(request).await.unwrap());
+                }
+                service.store(planned).await
+            });
+            prop_assert!(stored.failure.is_none());
+            prop_assert_eq!(stored.answers.len(), run.len());
+            let logs = storage.logs.lock().unwrap();
+
+            // Send order per partition, and the appends coalescing must have left.
+            let mut expected: BTreeMap<(String, u32), (Vec<String>, usize, bool)> = BTreeMap::new();
+            for (name, p, id, plain) in placed.iter().flatten() {
+                let (ids, appends, last_plain) =
+                    expected.entry((name.clone(), *p)).or_insert((Vec::new(), 0, false));
+                // A record starts a new append unless it and the one before are both plain
+                // and came from different requests (one request's records for a partition
+                // are one unit already).
+                let same_unit = ids.last().is_some_and(|last: &String| {
+                    last.split('-').next() == id.split('-').next()
+                });
+                if !(same_unit || *plain && *last_plain) {
+                    *appends += 1;
+                }
+                *last_plain = *plain;
+                ids.push(id.clone());
+            }
+            for (key, (ids, appends, _)) in &expected {
+                let (log, made) = &logs[key];
+                let kept: Vec<&String> = log.iter().filter(|id| *id != "foreign").collect();
+                prop_assert_eq!(kept, ids.iter().collect::<Vec<_>>(), "order in {:?}", key);
+                prop_assert_eq!(made, appends, "appends to {:?}", key);
+            }
+
+            // Every answer points at its own request's records.
+            for (r, (answer, request)) in stored.answers.iter().zip(&requests).enumerate() {
+                for (event, position) in request.events.iter().zip(&answer.positions) {
+                    let log = &logs[&(position.topic.clone(), position.partition)].0;
+                    prop_assert_eq!(&log[position.offset as usize], &event.id, "request {}", r);
+                }
+                prop_assert_eq!(answer.batch_acks.len(), request.batches.len());
+                for (batch, ack) in request.batches.iter().zip(&answer.batch_acks) {
+                    let log = &logs[&(request.topic.clone(), ack.partition)].0;
+                    let offsets: Vec<u64> = if ack.offsets.is_empty() {
+                        (ack.base_offset..ack.base_offset + u64::from(batch.record_count)).collect()
+                    } else {
+                        ack.offsets.clone()
+                    };
+                    let ids: Vec<&String> = offsets.iter().map(|&o| &log[o as usize]).collect();
+                    let sent: Vec<String> = (0..batch.record_count).map(|i| format!("r{r}-{i}")).collect();
+                    prop_assert_eq!(ids, sent.iter().collect::<Vec<_>>(), "request {}", r);
+                    prop_assert_eq!(ack.base_offset, offsets[0]);
+                }
+            }
+        }
     }
 }

@@ -866,6 +866,80 @@ async fn a_producer_whose_sends_are_cancelled_midway_never_loses_a_later_batch(e
     stop(broker).await;
 }
 
+both_engines!(a_producer_on_the_stream_has_its_resends_recognised_across_broker_restarts);
+/// The idempotent producer sends over `ProduceStream`; a send cancelled midway (its batches
+/// perhaps stored, never acknowledged) is followed by a broker restart, and the producer's
+/// next send first sends those batches again — on a new stream, to the new broker, which
+/// recognises what it already has. Every completed send is stored, nothing twice.
+async fn a_producer_on_the_stream_has_its_resends_recognised_across_broker_restarts(
+    engine: Engine,
+) {
+    let Some(harness) = Harness::new(engine).await else {
+        return;
+    };
+    let (addr, mut broker) = harness.spawn().await;
+    let mut client = connect(addr).await;
+    create(&mut client, "restarts", 2).await.unwrap();
+    let mut producer = Producer::new(client.clone(), "restarts", ProducerOptions::default())
+        .await
+        .unwrap();
+    let round = |name: String| -> Vec<Event> {
+        (0..4)
+            .map(|i| event(&format!("{name}-{i}"), &format!("k{i}"), b"x"))
+            .collect()
+    };
+    producer.send(round("first".into())).await.unwrap();
+    assert!(
+        producer.on_stream(),
+        "the producer sends on a ProduceStream"
+    );
+    let mut completed: BTreeSet<String> = (0..4).map(|i| format!("first-{i}")).collect();
+    let mut attempted = completed.clone();
+    let mut restarts = 0;
+    for r in 0..16u64 {
+        let events = round(format!("r{r:02}"));
+        let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+        attempted.extend(ids.iter().cloned());
+        // From no time at all to about a durable round trip, in 100 µs steps.
+        let patience = std::time::Duration::from_micros(100 * (r % 8));
+        match tokio::time::timeout(patience, producer.send(events)).await {
+            Ok(sent) => {
+                sent.expect("a send that completes succeeds");
+                completed.extend(ids);
+            }
+            Err(_) => {
+                stop(broker).await;
+                broker = harness.respawn_at(addr).await;
+                restarts += 1;
+            }
+        }
+    }
+    producer.send(round("last".into())).await.unwrap();
+    assert!(producer.on_stream(), "back on a stream after the restarts");
+    completed.extend((0..4).map(|i| format!("last-{i}")));
+    attempted.extend((0..4).map(|i| format!("last-{i}")));
+
+    let mut stored = Vec::new();
+    for partition in 0..2 {
+        stored.extend(
+            fetch_all(&mut client, "restarts", partition)
+                .await
+                .into_iter()
+                .map(|r| r.event.unwrap().id),
+        );
+    }
+    let unique: BTreeSet<String> = stored.iter().cloned().collect();
+    assert_eq!(unique.len(), stored.len(), "nothing stored twice");
+    let lost: Vec<&String> = completed.difference(&unique).collect();
+    assert!(lost.is_empty(), "acknowledged but not stored: {lost:?}");
+    assert!(unique.is_subset(&attempted));
+    assert!(
+        restarts > 0,
+        "some sends were cancelled (else the test tested nothing)"
+    );
+    stop(broker).await;
+}
+
 /// A full disk refuses a batch — UNAVAILABLE, saying so, nothing of it stored — and the
 /// partition takes the next batch as soon as the disk does, rather than staying disabled
 /// until a restart; a restart then finds exactly what was acknowledged.

@@ -47,6 +47,7 @@ mod cluster;
 mod groups;
 mod log;
 mod security;
+mod stream;
 
 /// What a test's brokers share across restarts: the data directory and, for JetStream,
 /// the NATS server.
@@ -84,6 +85,32 @@ impl Harness {
         &self,
         configure: impl FnOnce(&mut BrokerConfig),
     ) -> (SocketAddr, Services) {
+        let mut config = self.config();
+        configure(&mut config);
+        let mut broker = Services::new();
+        let addrs = broker
+            .start_on_loopback("broker", runnel_broker::run, config)
+            .await;
+        (addrs.grpc, broker)
+    }
+
+    /// Starts a broker again where a stopped one served gRPC (`grpc`, the address it was
+    /// given on an ephemeral port), so that clients of the old one reach the new one.
+    async fn respawn_at(&self, grpc: SocketAddr) -> Services {
+        let listeners = runnel_server::Listeners {
+            grpc: tokio::net::TcpListener::bind(grpc).await.unwrap(),
+            admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            http: None,
+        };
+        let mut broker = Services::new();
+        broker
+            .start("broker", runnel_broker::run, self.config(), listeners)
+            .unwrap();
+        broker
+    }
+
+    /// A broker on this harness's data directory and engine.
+    fn config(&self) -> BrokerConfig {
         let mut config = BrokerConfig {
             data_dir: self.dir.path().join("broker"),
             ..BrokerConfig::default()
@@ -92,12 +119,7 @@ impl Harness {
             config.storage = runnel_broker::StorageEngine::Jetstream;
             config.jetstream.servers = vec![nats.url.clone()];
         }
-        configure(&mut config);
-        let mut broker = Services::new();
-        let addrs = broker
-            .start_on_loopback("broker", runnel_broker::run, config)
-            .await;
-        (addrs.grpc, broker)
+        config
     }
 }
 

@@ -305,6 +305,124 @@ async fn consuming_a_topic_is_not_enough_to_join_commit_to_or_see_a_group(engine
     stop(broker).await;
 }
 
+both_engines!(every_request_on_a_produce_stream_is_authorized_for_its_own_topic_and_group);
+/// A stream is not a pass: each request on it needs produce on its own topic (and, fenced,
+/// the group's permission), and the first one refused ends the stream after the ones
+/// before it are stored.
+async fn every_request_on_a_produce_stream_is_authorized_for_its_own_topic_and_group(
+    engine: Engine,
+) {
+    use runnel_proto::v1::{GroupFence, ProduceStreamRequest};
+    let Some(harness) = Harness::new(engine).await else {
+        return;
+    };
+    let (addr, broker) = harness
+        .spawn_with(|config| {
+            config.server.auth = AuthConfig {
+                enabled: true,
+                tokens: tokens(&["ops", "sensors", "reader"]),
+                grants: vec![
+                    grant("ops", &[Action::Manage], &["*"]),
+                    grant("sensors", &[Action::Produce], &["sensors.*"]),
+                    grant("reader", &[Action::Consume], &["*"]),
+                ],
+                ..AuthConfig::default()
+            };
+        })
+        .await;
+    let mut ops = as_principal(addr, "rnl_ops").await;
+    let sensors = as_principal(addr, "rnl_sensors").await;
+    let reader = as_principal(addr, "rnl_reader").await;
+    for name in ["sensors.a", "billing"] {
+        ops.create_topic(CreateTopicRequest {
+            name: name.into(),
+            partitions: 1,
+            retention: None,
+        })
+        .await
+        .unwrap();
+    }
+    let to = |sequence: u64, topic: &str, fence: Option<GroupFence>| ProduceStreamRequest {
+        sequence,
+        request: Some(ProduceRequest {
+            topic: topic.into(),
+            events: vec![event(&format!("e-{sequence}"), "k", b"{}")],
+            fence,
+            ..Default::default()
+        }),
+    };
+    let stream_of = |requests: Vec<ProduceStreamRequest>| {
+        let mut sensors = sensors.clone();
+        async move {
+            let mut answers = sensors
+                .produce_stream(tokio_stream::iter(requests))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut acknowledged = Vec::new();
+            loop {
+                match answers.message().await {
+                    Ok(Some(answer)) => {
+                        acknowledged.extend(answer.answers.iter().map(|a| a.sequence));
+                    }
+                    Ok(None) => panic!("the stream ended without a refusal"),
+                    Err(status) => return (acknowledged, status),
+                }
+            }
+        }
+    };
+
+    let (acknowledged, status) = stream_of(vec![
+        to(1, "sensors.a", None),
+        to(2, "billing", None),
+        to(3, "sensors.a", None),
+    ])
+    .await;
+    assert_eq!(acknowledged, [1]);
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().starts_with("request 2: "), "{status:?}");
+    assert!(status.message().contains("\"billing\""), "{status:?}");
+
+    let fence = GroupFence {
+        group: "dashboards".into(),
+        topic: "sensors.a".into(),
+        member_id: "m-1".into(),
+        generation: 1,
+        partitions: vec![0],
+    };
+    let (acknowledged, status) = stream_of(vec![
+        to(4, "sensors.a", None),
+        to(5, "sensors.a", Some(fence)),
+    ])
+    .await;
+    assert_eq!(acknowledged, [4]);
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("dashboards"), "{status:?}");
+
+    let stored = |topic: &str| {
+        let mut reader = reader.clone();
+        let topic = topic.to_owned();
+        async move {
+            reader
+                .fetch(FetchRequest {
+                    topic,
+                    partition: 0,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .records
+                .into_iter()
+                .map(|r| r.event.unwrap().id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(stored("sensors.a").await, ["e-1", "e-4"]);
+    assert!(stored("billing").await.is_empty());
+    stop(broker).await;
+}
+
 /// The broker's link to NATS over TLS with client certificates: against a real
 /// `nats-server` that requires TLS and verifies clients, a broker with the CA and its
 /// certificate creates topics and stores and reads records; one without a certificate gets
