@@ -17,6 +17,7 @@ pub mod v1 {
     tonic::include_proto!("runnel.v1");
 }
 
+pub mod consistency;
 pub mod filter;
 pub mod json;
 pub mod names;

@@ -19,6 +19,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
+/// The minimum sequence a read's metadata names (`runnel-min-sequence`), if any.
+fn min_sequence<T>(request: &Request<T>) -> Result<Option<u64>, Status> {
+    runnel_proto::consistency::min_sequence(request.metadata()).map_err(Status::invalid_argument)
+}
+
 /// A live stream of results, as the gRPC `Watch` serves it.
 pub(crate) type Live = Pin<Box<dyn Stream<Item = Result<QueryResult, Status>> + Send>>;
 
@@ -66,8 +71,14 @@ impl Gateway for GatewayService {
             Resource::Query(&request.get_ref().query),
         )?;
         let caller = runnel_security::caller(&request)?.clone();
-        let result = self.results.get(request.into_inner(), &caller).await?;
-        Ok(Response::new(GetResponse { result }))
+        let min_sequence = min_sequence(&request)?;
+        let found = self
+            .results
+            .get(request.into_inner(), min_sequence, &caller)
+            .await?;
+        Ok(Response::new(GetResponse {
+            result: found.map(|found| QueryResult::clone(&found)),
+        }))
     }
 
     async fn range(
@@ -80,7 +91,11 @@ impl Gateway for GatewayService {
             Resource::Query(&request.get_ref().query),
         )?;
         let caller = runnel_security::caller(&request)?.clone();
-        let results = self.results.range(request.into_inner(), &caller).await?;
+        let min_sequence = min_sequence(&request)?;
+        let results = self
+            .results
+            .range(request.into_inner(), min_sequence, &caller)
+            .await?;
         Ok(Response::new(RangeResponse { results }))
     }
 
@@ -109,8 +124,11 @@ impl Gateway for GatewayService {
             Resource::Query(&request.get_ref().query),
         )?;
         let caller = runnel_security::caller(&request)?.clone();
+        let min_sequence = min_sequence(&request)?;
         Ok(Response::new(
-            self.results.top_k(request.into_inner(), &caller).await?,
+            self.results
+                .top_k(request.into_inner(), min_sequence, &caller)
+                .await?,
         ))
     }
 }

@@ -220,12 +220,28 @@ impl LiveParams {
     }
 }
 
+fn min_sequence(text: &str) -> Result<u64, ApiError> {
+    runnel_proto::consistency::parse_min_sequence(text).map_err(bad)
+}
+
 async fn latest(
     State(api): State<Api>,
     Extension(caller): Extension<Caller>,
     Path((query, key)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     allow(&caller, Action::ReadResults, Resource::Query(&query))?;
+    let mut at_least = None;
+    for (name, value) in pairs(raw)? {
+        match name.as_str() {
+            "min_sequence" => at_least = Some(min_sequence(&value)?),
+            other => {
+                return Err(bad(format!(
+                    "unknown parameter {other:?}; use min_sequence"
+                )));
+            }
+        }
+    }
     match api
         .results
         .get(
@@ -233,11 +249,17 @@ async fn latest(
                 query: query.clone(),
                 key: key.clone(),
             },
+            at_least,
             &caller,
         )
         .await?
     {
-        Some(result) => Ok(Json(result_json(&result)).into_response()),
+        // The result's JSON was made once, when it was cached or read.
+        Some(found) => Ok((
+            [(header::CONTENT_TYPE, "application/json")],
+            found.json.clone(),
+        )
+            .into_response()),
         None => Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("no result yet for query {query:?} and key {key:?}"),
@@ -252,16 +274,17 @@ async fn range(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     allow(&caller, Action::ReadResults, Resource::Query(&query))?;
-    let (mut from, mut to, mut limit) = (None, None, 0);
+    let (mut from, mut to, mut limit, mut at_least) = (None, None, 0, None);
     for (name, value) in pairs(raw)? {
         let time = |text: &str| parse_time(text).map_err(|e| bad(format!("{name}: {e}")));
         match name.as_str() {
             "from" => from = Some(time(&value)?),
             "to" => to = Some(time(&value)?),
             "limit" => limit = number("limit", &value)?,
+            "min_sequence" => at_least = Some(min_sequence(&value)?),
             other => {
                 return Err(bad(format!(
-                    "unknown parameter {other:?}; use from, to, limit"
+                    "unknown parameter {other:?}; use from, to, limit, min_sequence"
                 )));
             }
         }
@@ -276,6 +299,7 @@ async fn range(
                 to: to.map(Into::into),
                 limit,
             },
+            at_least,
             &caller,
         )
         .await?;
@@ -290,11 +314,16 @@ async fn top_k(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     allow(&caller, Action::ReadResults, Resource::Query(&query))?;
-    let mut k = 0;
+    let (mut k, mut at_least) = (0, None);
     for (name, value) in pairs(raw)? {
         match name.as_str() {
             "k" => k = number("k", &value)?,
-            other => return Err(bad(format!("unknown parameter {other:?}; use k"))),
+            "min_sequence" => at_least = Some(min_sequence(&value)?),
+            other => {
+                return Err(bad(format!(
+                    "unknown parameter {other:?}; use k, min_sequence"
+                )));
+            }
         }
     }
     let top = api
@@ -304,6 +333,7 @@ async fn top_k(
                 query: query.clone(),
                 k,
             },
+            at_least,
             &caller,
         )
         .await?;

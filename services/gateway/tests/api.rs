@@ -1539,3 +1539,228 @@ async fn https_webhooks_are_delivered_to_trusted_receivers_only() {
     assert_eq!(*untrusted.attempts.lock().unwrap(), 0);
     stack.stop().await;
 }
+
+/// A `Get` of `query`/`key` that must reflect every write up to `min_sequence`.
+fn get_after(query: &str, key: &str, min_sequence: Option<u64>) -> tonic::Request<GetRequest> {
+    let mut request = tonic::Request::new(GetRequest {
+        query: query.into(),
+        key: key.into(),
+    });
+    if let Some(sequence) = min_sequence {
+        runnel_proto::consistency::set_min_sequence(request.metadata_mut(), sequence);
+    }
+    request
+}
+
+/// The sequence of the store's latest result of `query`/`key`.
+async fn stored_sequence(store: &mut StoreClient<Channel>, query: &str, key: &str) -> u64 {
+    store
+        .get(get_after(query, key, None))
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .expect("the store holds a result")
+        .sequence
+}
+
+/// The gateway answers `Get` from its cache, which its live stream keeps current: a client
+/// naming the sequence of a write it knows of (gRPC metadata `runnel-min-sequence`, HTTP
+/// `min_sequence=`) gets that write or a newer one, never the older version the cache held
+/// — whether the write opened a new window or rewrote the current one.
+#[tokio::test]
+async fn a_get_naming_a_sequence_never_answers_with_an_older_version() {
+    let mut stack = start(|_| {}).await;
+    let t0 = 1_714_564_800_000;
+    let mut gateway = stack.gateway.clone();
+    for i in 0..40_i32 {
+        // Even steps open a new window, odd ones rewrite the one just opened.
+        let window = t0 + i64::from(i / 2) * 10_000;
+        stack
+            .put(vec![result("q", "k", window, f64::from(i))])
+            .await;
+        let sequence = stored_sequence(&mut stack.store, "q", "k").await;
+        let over_grpc = gateway
+            .get(get_after("q", "k", Some(sequence)))
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+            .unwrap();
+        assert_eq!(
+            (over_grpc.sequence, over_grpc.values["count"]),
+            (sequence, f64::from(i)),
+            "step {i}"
+        );
+        let over_http = stack
+            .json(&format!("/v1/results/q/k?min_sequence={sequence}"))
+            .await;
+        assert_eq!(over_http["sequence"], sequence, "step {i}");
+        assert_eq!(over_http["values"]["count"], f64::from(i), "step {i}");
+    }
+    // Range and TopK pass the minimum on to the store.
+    let mut range = tonic::Request::new(RangeRequest {
+        query: "q".into(),
+        key: "k".into(),
+        ..Default::default()
+    });
+    runnel_proto::consistency::set_min_sequence(range.metadata_mut(), 40);
+    assert_eq!(
+        gateway
+            .range(range)
+            .await
+            .unwrap()
+            .into_inner()
+            .results
+            .len(),
+        20
+    );
+    let top = stack.json("/v1/topk/q?k=1&min_sequence=40").await;
+    assert_eq!(top["results"][0]["values"]["count"], 39.0);
+
+    let mut malformed = get_after("q", "k", None);
+    malformed.metadata_mut().insert(
+        runnel_proto::consistency::MIN_SEQUENCE_METADATA,
+        tonic::metadata::MetadataValue::from_static("soon"),
+    );
+    let status = gateway.get(malformed).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("min_sequence"), "{status:?}");
+    let (status, body) = http_read(&stack, "/v1/results/q/k?min_sequence=-3").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = http_read(&stack, "/v1/results/q/k?fresh=1").await;
+    assert_eq!(status, 400, "{body}");
+    stack.stop().await;
+}
+
+/// Watchers are not told of a query's deletion, but it takes a sequence no result has: a
+/// gateway whose stream skips a sequence forgets what it cached, so a client that has seen
+/// a later write never gets the deleted result from the cache.
+#[tokio::test]
+async fn a_query_deleted_behind_the_gateways_back_is_not_served_from_its_cache() {
+    let mut stack = start(|_| {}).await;
+    let t0 = 1_714_564_800_000;
+    let mut gateway = stack.gateway.clone();
+    stack.put(vec![result("q", "k", t0, 1.0)]).await;
+    let cached = gateway.get(get_after("q", "k", Some(1))).await.unwrap();
+    assert_eq!(cached.into_inner().result.map(|r| r.sequence), Some(1));
+    stack
+        .store
+        .delete_query(runnel_proto::v1::DeleteQueryRequest { query: "q".into() })
+        .await
+        .unwrap();
+    // A write of another query carries the stream past the deletion.
+    stack.put(vec![result("other", "x", t0, 1.0)]).await;
+    let later = stored_sequence(&mut stack.store, "other", "x").await;
+    assert_eq!(later, 3, "the deletion took sequence 2");
+    let after = gateway
+        .get(get_after("q", "k", Some(later)))
+        .await
+        .unwrap()
+        .into_inner()
+        .result;
+    assert_eq!(after, None);
+    let (status, _) = http_read(&stack, &format!("/v1/results/q/k?min_sequence={later}")).await;
+    assert_eq!(status, 404);
+    stack.stop().await;
+}
+
+/// While the gateway's stream from the store is down nothing is answered from its cache,
+/// and once the stream is back the cache starts over: a query deleted in between is not
+/// served from it.
+#[tokio::test]
+async fn the_cache_is_not_served_while_the_stream_is_down_and_starts_over_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = 1_714_564_800_000;
+    let store_config = || StoreConfig {
+        data_dir: dir.path().join("store"),
+        fsync: runnel_log::FsyncPolicy::Never,
+        ..StoreConfig::default()
+    };
+    let mut first = Services::new();
+    let store = first
+        .start_on_loopback("store", runnel_store::run, store_config())
+        .await;
+    let mut gateway_services = Services::new();
+    let gateway = gateway_services
+        .start_on_loopback(
+            "gateway",
+            runnel_gateway::run,
+            GatewayConfig {
+                store: format!("http://{}", store.grpc),
+                ..GatewayConfig::default()
+            },
+        )
+        .await;
+    let http = gateway.http.unwrap();
+    let stream_is = |state: &'static str| {
+        let url = format!("http://{http}/v1/pipeline");
+        async move {
+            eventually(WAIT, "the gateway's stream from the store", || async {
+                match reqwest::get(&url).await {
+                    Ok(response) => response
+                        .json::<serde_json::Value>()
+                        .await
+                        .is_ok_and(|json| json["gateway"]["store_stream"] == state),
+                    Err(_) => false,
+                }
+            })
+            .await;
+        }
+    };
+    stream_is("connected").await;
+    let mut store_client = StoreClient::connect(format!("http://{}", store.grpc))
+        .await
+        .unwrap();
+    store_client
+        .put(PutRequest {
+            results: vec![result("q", "k", t0, 1.0)],
+            fence: None,
+        })
+        .await
+        .unwrap();
+    let mut client = GatewayClient::connect(format!("http://{}", gateway.grpc))
+        .await
+        .unwrap();
+    let cached = client.get(get_after("q", "k", Some(1))).await.unwrap();
+    assert_eq!(cached.into_inner().result.map(|r| r.sequence), Some(1));
+
+    first.stop(WAIT).await.unwrap();
+    stream_is("reconnecting").await;
+    let status = client.get(get_after("q", "k", None)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    // Meanwhile, the query is deleted: watchers are never told.
+    let mut elsewhere = Services::new();
+    let other = elsewhere
+        .start_on_loopback("store", runnel_store::run, store_config())
+        .await;
+    StoreClient::connect(format!("http://{}", other.grpc))
+        .await
+        .unwrap()
+        .delete_query(runnel_proto::v1::DeleteQueryRequest { query: "q".into() })
+        .await
+        .unwrap();
+    elsewhere.stop(WAIT).await.unwrap();
+
+    // The store is back where the gateway looks for it.
+    let mut back = Services::new();
+    let bind = |addr: SocketAddr| async move { tokio::net::TcpListener::bind(addr).await.unwrap() };
+    let listeners = runnel_server::Listeners {
+        grpc: bind(store.grpc).await,
+        admin: bind("127.0.0.1:0".parse().unwrap()).await,
+        http: None,
+    };
+    back.start("store", runnel_store::run, store_config(), listeners)
+        .unwrap();
+    stream_is("connected").await;
+    let after = client
+        .get(get_after("q", "k", None))
+        .await
+        .unwrap()
+        .into_inner()
+        .result;
+    assert_eq!(after, None);
+    gateway_services.stop(WAIT).await.unwrap();
+    back.stop(WAIT).await.unwrap();
+}
