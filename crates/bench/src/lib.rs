@@ -9,6 +9,7 @@ mod analyzer;
 mod broker;
 mod gateway;
 mod ingest;
+mod redis_peer;
 mod store_catchup;
 mod stream;
 
