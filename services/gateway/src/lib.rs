@@ -33,7 +33,6 @@ mod webhooks;
 pub use config::{CacheConfig, GatewayConfig, SlowClientPolicy, WebhookConfig};
 pub use error::GatewayError;
 
-use runnel_proto::v1::gateway_server::GatewayServer;
 use runnel_server::{Listeners, ServeError, ServiceConfig, Shutdown};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -138,7 +137,7 @@ pub async fn run(
 
     let grace = shutdown.clone();
     let served = runnel_server::serve_grpc!(
-        GatewayServer::new(grpc::GatewayService::new(results, hub)),
+        grpc::GatewayRoutes::new(grpc::GatewayService::new(results, hub)),
         listeners,
         &config.server,
         shutdown

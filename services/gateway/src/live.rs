@@ -21,12 +21,13 @@ use crate::cache::Latest;
 use crate::config::SlowClientPolicy;
 use crate::error::GatewayError;
 use crate::results::Store;
+use bytes::Bytes;
 use runnel_proto::filter::ResultFilter;
 use runnel_proto::v1::{QueryResult, WatchRequest};
 use runnel_server::Shutdown;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast};
 use tonic::Status;
@@ -35,19 +36,32 @@ use tonic::Status;
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
-/// A result as the hub shares it: the result, and its JSON, made once for every client
-/// (serialising per client per result was most of the cost of fanning out to thousands).
+/// A result as the hub shares it: the result, its JSON and its protobuf encoding, each
+/// made once for every client (serialising per client per result was most of the cost of
+/// fanning out to thousands).
 #[derive(Debug)]
 pub(crate) struct Published {
     result: QueryResult,
     /// [`runnel_proto::json::result_json`] of the result, as text.
     pub(crate) json: String,
+    /// The protobuf encoding, made by the first gRPC watcher that sends the result.
+    encoded: OnceLock<Bytes>,
 }
 
 impl Published {
     pub(crate) fn new(result: QueryResult) -> Published {
         let json = runnel_proto::json::result_json(&result).to_string();
-        Published { result, json }
+        Published {
+            result,
+            json,
+            encoded: OnceLock::new(),
+        }
+    }
+
+    /// The result's protobuf encoding, shared by every gRPC watcher that sends it.
+    pub(crate) fn encoded(&self) -> &Bytes {
+        self.encoded
+            .get_or_init(|| Bytes::from(prost::Message::encode_to_vec(&self.result)))
     }
 }
 

@@ -25,6 +25,7 @@ struct Stack {
     dir: tempfile::TempDir,
     store: StoreClient<Channel>,
     gateway: GatewayClient<Channel>,
+    gateway_grpc: SocketAddr,
     http: SocketAddr,
     services: Services,
 }
@@ -69,6 +70,7 @@ async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut GatewayCon
         gateway: GatewayClient::connect(format!("http://{}", gateway.grpc))
             .await
             .unwrap(),
+        gateway_grpc: gateway.grpc,
         http: gateway.http.unwrap(),
         services,
     };
@@ -1763,4 +1765,88 @@ async fn the_cache_is_not_served_while_the_stream_is_down_and_starts_over_after(
     assert_eq!(after, None);
     gateway_services.stop(WAIT).await.unwrap();
     back.stop(WAIT).await.unwrap();
+}
+
+/// Many watchers of one filter over each protocol get every result of a burst — the
+/// results of one `Put` queue up at once, so each watcher's are written in batches (gRPC:
+/// tonic's DATA frames; WebSocket: several messages, one flush; SSE: hyper's write buffer)
+/// — in order, none lost, none twice, and gRPC watchers decode the shared encoding.
+#[tokio::test]
+async fn many_watchers_of_one_filter_get_every_result_of_a_burst_in_order() {
+    const WATCHERS: usize = 12;
+    const BURSTS: u64 = 3;
+    const PER_BURST: u64 = 150;
+    let mut stack = start(|_| {}).await;
+    let request = WatchRequest {
+        query: "burst".into(),
+        ..Default::default()
+    };
+    let mut grpc = Vec::new();
+    let mut sse = Vec::new();
+    let mut ws = Vec::new();
+    for _ in 0..WATCHERS {
+        // A connection per gRPC watcher, as separate clients have.
+        let mut client = GatewayClient::connect(format!("http://{}", stack.gateway_grpc))
+            .await
+            .unwrap();
+        grpc.push(client.watch(request.clone()).await.unwrap().into_inner());
+        let response = reqwest::get(stack.url("/v1/watch?query=burst"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        sse.push(SseReader::new(response));
+        let (socket, _) =
+            tokio_tungstenite::connect_async(format!("ws://{}/v1/ws?query=burst", stack.http))
+                .await
+                .unwrap();
+        ws.push(socket);
+    }
+    for burst in 0..BURSTS {
+        let results = (0..PER_BURST)
+            .map(|i| {
+                let start = i64::try_from(burst * PER_BURST + i).unwrap() * 10_000;
+                result("burst", &format!("k{i}"), start, 1.0)
+            })
+            .collect();
+        stack.put(results).await;
+    }
+    let wanted: Vec<u64> = (1..=BURSTS * PER_BURST).collect();
+    for stream in &mut grpc {
+        let mut got = Vec::new();
+        while got.len() < wanted.len() {
+            let result = tokio::time::timeout(WAIT, stream.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert_eq!(result.query, "burst");
+            got.push(result.sequence);
+        }
+        assert_eq!(got, wanted);
+    }
+    for reader in &mut sse {
+        let mut got = Vec::new();
+        while got.len() < wanted.len() {
+            let event = reader.next().await;
+            assert_eq!(event.name, "result");
+            got.push(event.data["sequence"].as_u64().unwrap());
+        }
+        assert_eq!(got, wanted);
+    }
+    for socket in &mut ws {
+        let mut got = Vec::new();
+        while got.len() < wanted.len() {
+            let message = tokio::time::timeout(WAIT, socket.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            let json: serde_json::Value = serde_json::from_str(message.to_text().unwrap()).unwrap();
+            assert_eq!(json["type"], "result");
+            got.push(json["sequence"].as_u64().unwrap());
+        }
+        assert_eq!(got, wanted);
+        socket.close(None).await.unwrap();
+    }
+    stack.stop().await;
 }
