@@ -1850,3 +1850,239 @@ async fn many_watchers_of_one_filter_get_every_result_of_a_burst_in_order() {
     }
     stack.stop().await;
 }
+
+/// Readers hammer `Get` while a writer rewrites a few series, each reader naming the
+/// greatest sequence it has seen: no answer is older than the last write of its key up to
+/// that sequence, and no reader ever sees a key go back — whether the answer came from the
+/// gateway's cache, a fill, or the store.
+#[tokio::test]
+async fn concurrent_readers_naming_what_they_saw_never_read_backwards() {
+    const KEYS: u64 = 4;
+    const WRITES: u64 = 300;
+    const READERS: u64 = 4;
+    let stack = start(|_| {}).await;
+    // The store numbers writes itself: the i-th result written has sequence i + 1. Every
+    // third write of a key rewrites its current window; the others open a new one.
+    let write = |i: u64| {
+        let key = format!("k{}", i % KEYS);
+        let j = i / KEYS;
+        let window = i64::try_from(j - j % 3 / 2).unwrap() * 10_000;
+        (key, window)
+    };
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = tokio::task::JoinSet::new();
+    for reader in 0..READERS {
+        let mut gateway = stack.gateway.clone();
+        let done = Arc::clone(&done);
+        readers.spawn(async move {
+            let mut seen_max = 0_u64;
+            let mut seen: std::collections::BTreeMap<String, (i64, u64)> = Default::default();
+            let mut reads = 0_u64;
+            let mut n = reader;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) || reads < 50 {
+                n = n.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                let key = format!("k{}", (n >> 33) % KEYS);
+                let named = (seen_max > 0).then_some(seen_max);
+                let answer = gateway
+                    .get(get_after("q", &key, named))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .result;
+                reads += 1;
+                let Some(answer) = answer else {
+                    assert!(!seen.contains_key(&key), "{key} disappeared");
+                    continue;
+                };
+                let rank = (
+                    Millis::from(answer.window_start.unwrap()).0,
+                    answer.sequence,
+                );
+                // The latest write of this key among those up to the named sequence.
+                let floor = (0..named.unwrap_or(0))
+                    .map(|i| (write(i), i + 1))
+                    .filter(|((k, _), _)| *k == key)
+                    .map(|((_, window), sequence)| (window, sequence))
+                    .max();
+                assert!(Some(rank) >= floor, "{key}: {rank:?} older than {floor:?}");
+                let before = seen.entry(key.clone()).or_insert(rank);
+                assert!(
+                    rank >= *before,
+                    "{key} went back: {rank:?} after {before:?}"
+                );
+                *before = rank;
+                seen_max = seen_max.max(answer.sequence);
+            }
+            reads
+        });
+    }
+    let mut store = stack.store.clone();
+    for i in 0..WRITES {
+        let (key, window) = write(i);
+        store
+            .put(PutRequest {
+                results: vec![result("q", &key, window, i as f64)],
+                fence: None,
+            })
+            .await
+            .unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    while let Some(reads) = readers.join_next().await {
+        assert!(reads.unwrap() >= 50);
+    }
+    stack.stop().await;
+}
+
+/// A store in front of the real one whose change feed the test can hold back: what it
+/// relays to a watcher (the gateway's hub) waits while `held` is true.
+#[derive(Clone)]
+struct LaggingStore {
+    real: StoreClient<Channel>,
+    held: tokio::sync::watch::Receiver<bool>,
+}
+
+#[tonic::async_trait]
+impl runnel_proto::v1::store_server::Store for LaggingStore {
+    async fn put(
+        &self,
+        request: tonic::Request<PutRequest>,
+    ) -> Result<tonic::Response<runnel_proto::v1::PutResponse>, tonic::Status> {
+        self.real.clone().put(request.into_inner()).await
+    }
+
+    async fn get(
+        &self,
+        request: tonic::Request<GetRequest>,
+    ) -> Result<tonic::Response<runnel_proto::v1::GetResponse>, tonic::Status> {
+        self.real.clone().get(request.into_inner()).await
+    }
+
+    async fn range(
+        &self,
+        request: tonic::Request<RangeRequest>,
+    ) -> Result<tonic::Response<runnel_proto::v1::RangeResponse>, tonic::Status> {
+        self.real.clone().range(request.into_inner()).await
+    }
+
+    type WatchStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<QueryResult, tonic::Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<WatchRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        let stream = self
+            .real
+            .clone()
+            .watch(request.into_inner())
+            .await?
+            .into_inner();
+        let held = self.held.clone();
+        let relayed =
+            futures::stream::unfold((stream, held), |(mut stream, mut held)| async move {
+                let item = stream.message().await.transpose()?;
+                let _ = held.wait_for(|held| !*held).await;
+                Some((item, (stream, held)))
+            });
+        Ok(tonic::Response::new(Box::pin(relayed)))
+    }
+
+    async fn top_k(
+        &self,
+        request: tonic::Request<TopKRequest>,
+    ) -> Result<tonic::Response<runnel_proto::v1::TopKResponse>, tonic::Status> {
+        self.real.clone().top_k(request.into_inner()).await
+    }
+
+    async fn delete_query(
+        &self,
+        request: tonic::Request<runnel_proto::v1::DeleteQueryRequest>,
+    ) -> Result<tonic::Response<runnel_proto::v1::DeleteQueryResponse>, tonic::Status> {
+        self.real.clone().delete_query(request.into_inner()).await
+    }
+}
+
+/// With the gateway's stream from the store held back, its cache still holds the older
+/// version: a `Get` naming the newer write's sequence waits for the stream a little, then
+/// asks the store, and gets the newer version; one that names nothing gets the cache's.
+#[tokio::test]
+async fn a_get_naming_a_sequence_the_stream_has_not_reached_asks_the_store() {
+    let mut stack = start(|_| {}).await;
+    let (hold, held) = tokio::sync::watch::channel(false);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lagging_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(runnel_proto::v1::store_server::StoreServer::new(
+                LaggingStore {
+                    real: stack.store.clone(),
+                    held,
+                },
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let gateway = stack
+        .services
+        .start_on_loopback(
+            "lagging gateway",
+            runnel_gateway::run,
+            GatewayConfig {
+                store: lagging_url,
+                // Long enough for a loaded machine's stream to bring the first write, so
+                // that the first read is cached; the held one waits this long, then asks
+                // the store.
+                cache: runnel_gateway::CacheConfig {
+                    wait: Duration::from_secs(3),
+                    ..Default::default()
+                },
+                ..GatewayConfig::default()
+            },
+        )
+        .await;
+    let mut client = GatewayClient::connect(format!("http://{}", gateway.grpc))
+        .await
+        .unwrap();
+    let pipeline = format!("http://{}/v1/pipeline", gateway.http.unwrap());
+    eventually(WAIT, "the lagging gateway to follow the store", || async {
+        match reqwest::get(&pipeline).await {
+            Ok(response) => response
+                .json::<serde_json::Value>()
+                .await
+                .is_ok_and(|json| json["gateway"]["store_stream"] == "connected"),
+            Err(_) => false,
+        }
+    })
+    .await;
+    let t0 = 1_714_564_800_000;
+    stack.put(vec![result("q", "k", t0, 1.0)]).await;
+    let first = stored_sequence(&mut stack.store, "q", "k").await;
+    // Cached once the stream has brought the first write (the read waits for it).
+    let cached = client.get(get_after("q", "k", Some(first))).await.unwrap();
+    assert_eq!(cached.into_inner().result.unwrap().sequence, first);
+
+    hold.send_replace(true);
+    stack.put(vec![result("q", "k", t0 + 10_000, 2.0)]).await;
+    let second = stored_sequence(&mut stack.store, "q", "k").await;
+    let named = client
+        .get(get_after("q", "k", Some(second)))
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!((named.sequence, named.values["count"]), (second, 2.0));
+    let unnamed = client
+        .get(get_after("q", "k", None))
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!(
+        unnamed.sequence, first,
+        "served from the cache, behind the store"
+    );
+    hold.send_replace(false);
+    stack.stop().await;
+}
