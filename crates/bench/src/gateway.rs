@@ -297,8 +297,9 @@ async fn gets(args: &GatewayArgs, running: &Running) -> Result<()> {
         // Each run's ratio, so that a slow moment of the machine hits both sides of it.
         let ratios = grpc.iter().zip(&peer).map(|(g, r)| g.rate / r.rate);
         let http_ratios = http.iter().zip(&peer).map(|(h, r)| h.rate / r.rate);
+        println!();
         println!(
-            "| Runnel ÷ Redis, calls/s | gRPC {} | HTTP {} |",
+            "Runnel ÷ Redis, calls/s per run, min / median / max: gRPC {}, HTTP {}",
             spread(ratios, 2),
             spread(http_ratios, 2)
         );
