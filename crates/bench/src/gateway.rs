@@ -8,7 +8,13 @@
 //!    call `Gateway/Get` for random keys, one call in flight each, for `--seconds`;
 //! 2. **Get over HTTP**: the same through `GET /v1/results/{query}/{key}` (HTTP/1.1
 //!    keep-alive, one connection per caller);
-//! 3. **fan-out**: opens `--watchers` live streams (`--protocol sse` or `ws`), then writes
+//! 3. **Redis, the peer**: `redis-benchmark -t get -c <concurrency>` against a
+//!    `redis-server` the harness starts on a free loopback port (and stops), when both are
+//!    installed ([`crate::redis_peer`]);
+//!
+//!    the three alternate, `--runs` times, and each figure is printed as min / median /
+//!    max over the runs, with Runnel's gRPC `Get` over Redis's GET as a ratio;
+//! 4. **fan-out**: opens `--watchers` live streams (`--protocol sse`, `ws` or `grpc`), then writes
 //!    `--events` results one at a time, each stamped with the time just before its `Put`,
 //!    and measures the delay from that stamp to each watcher's receipt (the store's commit
 //!    included).
@@ -23,7 +29,7 @@ use runnel_gateway::GatewayConfig;
 use runnel_proto::Millis;
 use runnel_proto::v1::gateway_client::GatewayClient;
 use runnel_proto::v1::store_client::StoreClient;
-use runnel_proto::v1::{GetRequest, PutRequest, QueryResult};
+use runnel_proto::v1::{GetRequest, PutRequest, QueryResult, WatchRequest};
 use runnel_server::ServiceConfig;
 use runnel_store::StoreConfig;
 use runnel_testkit::Services;
@@ -46,6 +52,8 @@ pub(crate) enum Protocol {
     Sse,
     /// WebSockets (`/v1/ws`).
     Ws,
+    /// gRPC `Gateway/Watch`, one HTTP/2 connection per watcher.
+    Grpc,
 }
 
 /// Arguments of `runnel bench gateway`.
@@ -78,6 +86,10 @@ pub struct GatewayArgs {
     /// Skip the Get phases.
     #[arg(long)]
     fanout_only: bool,
+    /// Runs of the Get phases (gRPC, HTTP and Redis alternately); figures are min /
+    /// median / max over them.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=50))]
+    runs: u64,
 }
 
 fn now_micros() -> u64 {
@@ -177,13 +189,120 @@ async fn measure(args: &GatewayArgs, running: &Running) -> Result<()> {
             .await?;
     }
     if !args.fanout_only {
-        let (rate, latency, errors) = get_grpc(args, &running.gateway).await?;
-        report("Get over gRPC", args, rate, &latency, errors);
-        let (rate, latency, errors) = get_http(args, running.http).await?;
-        report("Get over HTTP", args, rate, &latency, errors);
+        gets(args, running).await?;
     }
     if args.watchers > 0 {
-        fan_out(args, running.http, &mut store).await?;
+        fan_out(args, running, &mut store).await?;
+    }
+    Ok(())
+}
+
+/// One run's figures of one system: calls per second and p99 in ms.
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    rate: f64,
+    p99_ms: Option<f64>,
+}
+
+/// `min / median / max` of `values` (the median of an even count is the upper middle one).
+fn spread(values: impl IntoIterator<Item = f64>, decimals: usize) -> String {
+    let mut values: Vec<f64> = values.into_iter().collect();
+    if values.is_empty() {
+        return "n/a".into();
+    }
+    values.sort_by(f64::total_cmp);
+    let (min, median, max) = (
+        values[0],
+        values[values.len() / 2],
+        values[values.len() - 1],
+    );
+    format!("{min:.decimals$} / {median:.decimals$} / {max:.decimals$}")
+}
+
+/// The Get phases, `--runs` times: Runnel over gRPC and HTTP and, when it is installed,
+/// Redis — alternately, so that all three meet the same machine — then the spreads.
+async fn gets(args: &GatewayArgs, running: &Running) -> Result<()> {
+    let redis = match crate::redis_peer::RedisPeer::start().await {
+        Ok(redis) => redis,
+        Err(error) => {
+            eprintln!(
+                "bench: cannot start redis-server ({error:#}); measuring without the Redis peer"
+            );
+            None
+        }
+    };
+    // About as many requests as Redis serves in `--seconds` on this machine kind.
+    let redis_requests = (args.seconds * 150_000).max(10_000);
+    let (mut grpc, mut http, mut peer) = (Vec::new(), Vec::new(), Vec::new());
+    let measured = async {
+        for run in 1..=args.runs {
+            eprintln!("bench: run {run} of {}", args.runs);
+            let (rate, latency, errors) = get_grpc(args, &running.gateway).await?;
+            report("Get over gRPC", args, rate, &latency, errors);
+            grpc.push(Figures {
+                rate,
+                p99_ms: Some(ms(&latency, 0.99)),
+            });
+            let (rate, latency, errors) = get_http(args, running.http).await?;
+            report("Get over HTTP", args, rate, &latency, errors);
+            http.push(Figures {
+                rate,
+                p99_ms: Some(ms(&latency, 0.99)),
+            });
+            if let Some(redis) = &redis {
+                eprintln!(
+                    "bench: redis-benchmark -t get -c {} -n {redis_requests}",
+                    args.concurrency
+                );
+                let figures = redis.get(args.concurrency, redis_requests).await?;
+                println!(
+                    "Redis GET      {:.0} calls/s  p99 {} ms  ({} clients)",
+                    figures.rate,
+                    figures.p99_ms.map_or("n/a".into(), |p| format!("{p:.3}")),
+                    args.concurrency
+                );
+                peer.push(Figures {
+                    rate: figures.rate,
+                    p99_ms: figures.p99_ms,
+                });
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Some(redis) = redis {
+        redis.stop().await?;
+    }
+    measured?;
+    let runs = args.runs;
+    println!();
+    println!(
+        "| Get, {} callers, {runs} runs | calls/s: min / median / max | p99 ms: min / median / max |",
+        args.concurrency
+    );
+    println!("|---|---:|---:|");
+    let row = |name: &str, figures: &[Figures]| {
+        println!(
+            "| {name} | {} | {} |",
+            spread(figures.iter().map(|f| f.rate), 0),
+            spread(figures.iter().filter_map(|f| f.p99_ms), 3)
+        );
+    };
+    row("Runnel gateway, gRPC", &grpc);
+    row("Runnel gateway, HTTP", &http);
+    if peer.is_empty() {
+        println!("| Redis GET (redis-benchmark) | not measured | not measured |");
+    } else {
+        row("Redis GET (redis-benchmark)", &peer);
+        // Each run's ratio, so that a slow moment of the machine hits both sides of it.
+        let ratios = grpc.iter().zip(&peer).map(|(g, r)| g.rate / r.rate);
+        let http_ratios = http.iter().zip(&peer).map(|(h, r)| h.rate / r.rate);
+        println!();
+        println!(
+            "Runnel ÷ Redis, calls/s per run, min / median / max: gRPC {}, HTTP {}",
+            spread(ratios, 2),
+            spread(http_ratios, 2)
+        );
     }
     Ok(())
 }
@@ -319,7 +438,7 @@ type Deliveries = Vec<u64>;
 
 async fn fan_out(
     args: &GatewayArgs,
-    http: SocketAddr,
+    running: &Running,
     store: &mut StoreClient<tonic::transport::Channel>,
 ) -> Result<()> {
     // Each watcher is a client socket and a server socket in this process.
@@ -344,8 +463,9 @@ async fn fan_out(
         let opened = opened.clone();
         let mut ready = ready.clone();
         let protocol = args.protocol;
+        let (http, grpc) = (running.http, running.gateway.clone());
         tasks.spawn(async move {
-            let watched = watch(protocol, http, total, &opened, &mut ready).await;
+            let watched = watch(protocol, http, &grpc, total, &opened, &mut ready).await;
             if let Err(error) = &watched
                 && i == 0
             {
@@ -427,6 +547,7 @@ async fn fan_out(
 async fn watch(
     protocol: Protocol,
     http: SocketAddr,
+    grpc: &str,
     total: u64,
     opened: &AtomicU64,
     ready: &mut tokio::sync::watch::Receiver<bool>,
@@ -434,6 +555,7 @@ async fn watch(
     match protocol {
         Protocol::Sse => watch_sse(http, total, opened, ready).await,
         Protocol::Ws => watch_ws(http, total, opened, ready).await,
+        Protocol::Grpc => watch_grpc(grpc, total, opened, ready).await,
     }
 }
 
@@ -500,6 +622,37 @@ async fn watch_sse(
             break;
         }
         buffer.extend_from_slice(&chunk[..n]);
+    }
+    Ok(delays)
+}
+
+async fn watch_grpc(
+    url: &str,
+    total: u64,
+    opened: &AtomicU64,
+    ready: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<Deliveries> {
+    // Its own connection, as each SSE or WebSocket watcher has.
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let mut client = GatewayClient::new(channel);
+    let request = WatchRequest {
+        query: FANOUT_QUERY.into(),
+        ..Default::default()
+    };
+    let mut stream = client.watch(request).await?.into_inner();
+    opened.fetch_add(1, Ordering::Relaxed);
+    let _ = ready.wait_for(|open| *open).await;
+    let mut delays = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    while (delays.len() as u64) < total {
+        let Some(result) = stream.message().await? else {
+            break;
+        };
+        if let Some(sent_at) = result.values.get(SENT_AT) {
+            delays.push(now_micros().saturating_sub(*sent_at as u64));
+        }
     }
     Ok(delays)
 }

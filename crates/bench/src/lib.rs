@@ -10,6 +10,7 @@ mod broker;
 mod e2e;
 mod gateway;
 mod ingest;
+mod redis_peer;
 mod store_catchup;
 mod stream;
 

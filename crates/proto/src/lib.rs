@@ -18,6 +18,7 @@ pub mod v1 {
 }
 
 pub mod codec;
+pub mod consistency;
 pub mod filter;
 pub mod json;
 pub mod names;

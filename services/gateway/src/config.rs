@@ -76,6 +76,29 @@ impl Default for WebhookConfig {
     }
 }
 
+/// The gateway's cache of latest results, under `[gateway.cache]` (see `cache.rs` and
+/// `docs/access.md`, "Reads served by the gateway").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// About how much memory the cached results may take; the least valuable series are
+    /// evicted past it. 0 turns the cache off: every `Get` asks the store.
+    pub max_bytes: u64,
+    /// How long a `Get` naming a minimum sequence the live stream has not reached yet
+    /// waits for it before asking the store instead.
+    #[serde(with = "humantime_serde")]
+    pub wait: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_bytes: 64 * 1024 * 1024,
+            wait: Duration::from_millis(20),
+        }
+    }
+}
+
 /// Where the gateway listens, where it reads results, and how it serves live clients.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -124,6 +147,8 @@ pub struct GatewayConfig {
     /// allows any page. A request with another `Origin` is refused with 403. Requests
     /// without one (curl, servers) are not affected.
     pub allowed_origins: Vec<String>,
+    /// The cache of latest results that answers `Get` without asking the store.
+    pub cache: CacheConfig,
 }
 
 impl Default for GatewayConfig {
@@ -142,6 +167,7 @@ impl Default for GatewayConfig {
             pipeline: BTreeMap::new(),
             webhooks: WebhookConfig::default(),
             allowed_origins: Vec::new(),
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -208,6 +234,12 @@ impl ServiceConfig for GatewayConfig {
                 return invalid(&format!("allowed_origins[{i}]"), reason);
             }
         }
+        if self.cache.max_bytes > 1 << 40 {
+            return invalid("cache.max_bytes", "must be at most 1 TiB".into());
+        }
+        if self.cache.wait > Duration::from_secs(10) {
+            return invalid("cache.wait", "must be at most 10s".into());
+        }
         let hooks = &self.webhooks;
         if !(1..=8192).contains(&hooks.max_hooks) {
             return invalid("webhooks.max_hooks", "must be between 1 and 8192".into());
@@ -260,7 +292,11 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         type Case = (fn(&mut GatewayConfig), &'static str);
-        let cases: [Case; 10] = [
+        let cases: [Case; 11] = [
+            (
+                |c| c.cache.wait = Duration::from_secs(60),
+                "gateway.cache.wait",
+            ),
             (|c| c.store = "127.0.0.1:7104".into(), "gateway.store"),
             (|c| c.broker = "localhost:7102".into(), "gateway.broker"),
             (|c| c.max_watchers = 0, "gateway.max_watchers"),

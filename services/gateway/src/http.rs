@@ -220,12 +220,28 @@ impl LiveParams {
     }
 }
 
+fn min_sequence(text: &str) -> Result<u64, ApiError> {
+    runnel_proto::consistency::parse_min_sequence(text).map_err(bad)
+}
+
 async fn latest(
     State(api): State<Api>,
     Extension(caller): Extension<Caller>,
     Path((query, key)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     allow(&caller, Action::ReadResults, Resource::Query(&query))?;
+    let mut at_least = None;
+    for (name, value) in pairs(raw)? {
+        match name.as_str() {
+            "min_sequence" => at_least = Some(min_sequence(&value)?),
+            other => {
+                return Err(bad(format!(
+                    "unknown parameter {other:?}; use min_sequence"
+                )));
+            }
+        }
+    }
     match api
         .results
         .get(
@@ -233,11 +249,17 @@ async fn latest(
                 query: query.clone(),
                 key: key.clone(),
             },
+            at_least,
             &caller,
         )
         .await?
     {
-        Some(result) => Ok(Json(result_json(&result)).into_response()),
+        // The result's JSON was made once, when it was cached or read.
+        Some(found) => Ok((
+            [(header::CONTENT_TYPE, "application/json")],
+            found.json.clone(),
+        )
+            .into_response()),
         None => Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("no result yet for query {query:?} and key {key:?}"),
@@ -252,16 +274,17 @@ async fn range(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     allow(&caller, Action::ReadResults, Resource::Query(&query))?;
-    let (mut from, mut to, mut limit) = (None, None, 0);
+    let (mut from, mut to, mut limit, mut at_least) = (None, None, 0, None);
     for (name, value) in pairs(raw)? {
         let time = |text: &str| parse_time(text).map_err(|e| bad(format!("{name}: {e}")));
         match name.as_str() {
             "from" => from = Some(time(&value)?),
             "to" => to = Some(time(&value)?),
             "limit" => limit = number("limit", &value)?,
+            "min_sequence" => at_least = Some(min_sequence(&value)?),
             other => {
                 return Err(bad(format!(
-                    "unknown parameter {other:?}; use from, to, limit"
+                    "unknown parameter {other:?}; use from, to, limit, min_sequence"
                 )));
             }
         }
@@ -276,6 +299,7 @@ async fn range(
                 to: to.map(Into::into),
                 limit,
             },
+            at_least,
             &caller,
         )
         .await?;
@@ -290,11 +314,16 @@ async fn top_k(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     allow(&caller, Action::ReadResults, Resource::Query(&query))?;
-    let mut k = 0;
+    let (mut k, mut at_least) = (0, None);
     for (name, value) in pairs(raw)? {
         match name.as_str() {
             "k" => k = number("k", &value)?,
-            other => return Err(bad(format!("unknown parameter {other:?}; use k"))),
+            "min_sequence" => at_least = Some(min_sequence(&value)?),
+            other => {
+                return Err(bad(format!(
+                    "unknown parameter {other:?}; use k, min_sequence"
+                )));
+            }
         }
     }
     let top = api
@@ -304,6 +333,7 @@ async fn top_k(
                 query: query.clone(),
                 k,
             },
+            at_least,
             &caller,
         )
         .await?;
@@ -401,36 +431,66 @@ async fn websocket(
         .on_upgrade(move |socket| relay_websocket(socket, subscription)))
 }
 
+/// Results already queued for a WebSocket client that go out in one socket write.
+const WEBSOCKET_BATCH: usize = 64;
+
+/// A live item as a WebSocket message, and whether it ends the stream.
+fn websocket_message(
+    item: Result<LiveItem, tonic::Status>,
+    subscription: &Subscription,
+) -> (String, bool) {
+    match item {
+        // The result's JSON is shared: splice it in rather than build it again.
+        Ok(LiveItem::Result(result)) => (
+            format!(
+                r#"{{"type":"result","sequence":{},"result":{}}}"#,
+                result.sequence, result.json
+            ),
+            false,
+        ),
+        Ok(gap @ LiveItem::Gap { .. }) => {
+            let (kind, mut json) = live_json(&gap);
+            json["type"] = kind.into();
+            (json.to_string(), false)
+        }
+        Err(status) => (
+            serde_json::json!({
+                "type": "error",
+                "error": status.message(),
+                "after_sequence": subscription.last_sequence(),
+            })
+            .to_string(),
+            true,
+        ),
+    }
+}
+
+/// Relays a subscription to a WebSocket client. Each result is its own message, but the
+/// results already queued when one arrives (up to [`WEBSOCKET_BATCH`]) are written with it
+/// and flushed once: one socket write for a burst instead of one per result.
 async fn relay_websocket(socket: WebSocket, mut subscription: Subscription) {
     let (mut outgoing, mut incoming) = socket.split();
-    loop {
+    'relay: loop {
         tokio::select! {
             item = subscription.next() => {
-                let (message, last) = match item {
-                    // The result's JSON is shared: splice it in rather than build it again.
-                    Ok(LiveItem::Result(result)) => (
-                        format!(
-                            r#"{{"type":"result","sequence":{},"result":{}}}"#,
-                            result.sequence, result.json
-                        ),
-                        false,
-                    ),
-                    Ok(gap @ LiveItem::Gap { .. }) => {
-                        let (kind, mut json) = live_json(&gap);
-                        json["type"] = kind.into();
-                        (json.to_string(), false)
+                let (message, mut last) = websocket_message(item, &subscription);
+                if outgoing.feed(Message::Text(message.into())).await.is_err() {
+                    break;
+                }
+                let mut batched = 1;
+                while !last && batched < WEBSOCKET_BATCH {
+                    // `next` is cancel-safe: a poll that finds nothing queued loses nothing.
+                    let Some(item) = subscription.next().now_or_never() else {
+                        break;
+                    };
+                    let (message, ends) = websocket_message(item, &subscription);
+                    last = ends;
+                    if outgoing.feed(Message::Text(message.into())).await.is_err() {
+                        break 'relay;
                     }
-                    Err(status) => (
-                        serde_json::json!({
-                            "type": "error",
-                            "error": status.message(),
-                            "after_sequence": subscription.last_sequence(),
-                        })
-                        .to_string(),
-                        true,
-                    ),
-                };
-                if outgoing.send(Message::Text(message.into())).await.is_err() || last {
+                    batched += 1;
+                }
+                if outgoing.flush().await.is_err() || last {
                     break;
                 }
             }

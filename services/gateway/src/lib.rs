@@ -10,14 +10,16 @@
 //! number of replicas share the work. A dashboard at
 //! `/dashboard/` shows the pipeline's live results and health.
 //!
-//! Reads go to the store; live results come from one stream from the store that every
-//! live client of this gateway shares ([`live`]), so any number of gateways can serve one
-//! store, a client resumes after the last sequence it saw without a gap, and a slow client
+//! Live results come from one stream from the store that every live client of this
+//! gateway shares ([`live`]); the same stream keeps a cache of each read series' latest
+//! result current ([`cache`]), which answers `Get` without asking the store, and other
+//! reads go to the store ([`results`]). So any number of gateways can serve one store, a client resumes after the last sequence it saw without a gap, and a slow client
 //! is bounded and told (or cut off) instead of slowing the pipeline or anyone else.
 //!
 //! [`run`] is the whole service, runnable in-process (tests, the all-in-one CLI) as well as
 //! from the `runnel-gateway` binary.
 
+mod cache;
 pub mod config;
 mod dashboard;
 mod error;
@@ -28,10 +30,9 @@ mod origin;
 mod results;
 mod webhooks;
 
-pub use config::{GatewayConfig, SlowClientPolicy, WebhookConfig};
+pub use config::{CacheConfig, GatewayConfig, SlowClientPolicy, WebhookConfig};
 pub use error::GatewayError;
 
-use runnel_proto::v1::gateway_server::GatewayServer;
 use runnel_server::{Listeners, ServeError, ServiceConfig, Shutdown};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -60,6 +61,7 @@ pub async fn run(
         config.resume_buffer,
         config.max_watchers,
         config.slow_clients,
+        (config.cache.max_bytes > 0).then(|| cache::Latest::new(config.cache.max_bytes)),
         shutdown.clone(),
     );
     let follower = tokio::spawn(Arc::clone(&hub).follow());
@@ -107,7 +109,13 @@ pub async fn run(
         results::Analyzer::new(channel.clone())
             .max_decoding_message_size(config.server.max_message_bytes)
     });
-    let results = results::Results::new(store, analyzer, config.server.request_timeout);
+    let results = results::Results::new(
+        store,
+        analyzer,
+        config.server.request_timeout,
+        Arc::clone(&hub),
+        config.cache.wait,
+    );
 
     let app = http::router(http::Api {
         results: results.clone(),
@@ -129,7 +137,7 @@ pub async fn run(
 
     let grace = shutdown.clone();
     let served = runnel_server::serve_grpc!(
-        GatewayServer::new(grpc::GatewayService::new(results, hub)),
+        grpc::GatewayRoutes::new(grpc::GatewayService::new(results, hub)),
         listeners,
         &config.server,
         shutdown

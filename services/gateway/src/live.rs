@@ -11,37 +11,57 @@
 //! after). Either way the hub and every other client go on at full speed: nobody waits
 //! for a slow client. A client that resumes from further back than the hub remembers gets
 //! a stream of its own from the store's change feed.
+//!
+//! The hub also keeps the gateway's cache of latest results current ([`Latest`]): every
+//! result reaches the cache before the hub counts it as observed, and whenever the stream
+//! may have missed a write — it broke or came back, the store's feed no longer reached the
+//! hub's cursor, or sequences skipped a number — the cache is cleared.
 
+use crate::cache::Latest;
 use crate::config::SlowClientPolicy;
 use crate::error::GatewayError;
 use crate::results::Store;
+use bytes::Bytes;
 use runnel_proto::filter::ResultFilter;
 use runnel_proto::v1::{QueryResult, WatchRequest};
 use runnel_server::Shutdown;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast};
 use tonic::Status;
 
 /// The first reconnection delay after the store's stream broke; doubled up to the max.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
-/// A result as the hub shares it: the result, and its JSON, made once for every client
-/// (serialising per client per result was most of the cost of fanning out to thousands).
+/// A result as the hub shares it: the result, its JSON and its protobuf encoding, each
+/// made once for every client (serialising per client per result was most of the cost of
+/// fanning out to thousands).
 #[derive(Debug)]
 pub(crate) struct Published {
     result: QueryResult,
     /// [`runnel_proto::json::result_json`] of the result, as text.
     pub(crate) json: String,
+    /// The protobuf encoding, made by the first gRPC watcher that sends the result.
+    encoded: OnceLock<Bytes>,
 }
 
 impl Published {
-    fn new(result: QueryResult) -> Published {
+    pub(crate) fn new(result: QueryResult) -> Published {
         let json = runnel_proto::json::result_json(&result).to_string();
-        Published { result, json }
+        Published {
+            result,
+            json,
+            encoded: OnceLock::new(),
+        }
+    }
+
+    /// The result's protobuf encoding, shared by every gRPC watcher that sends it.
+    pub(crate) fn encoded(&self) -> &Bytes {
+        self.encoded
+            .get_or_init(|| Bytes::from(prost::Message::encode_to_vec(&self.result)))
     }
 }
 
@@ -82,6 +102,13 @@ pub(crate) struct Hub {
     live_buffer: usize,
     /// The last sequence received from the store.
     last: AtomicU64,
+    /// The last sequence received and brought into the cache: a read that names a minimum
+    /// sequence is answered from the cache once this has reached it.
+    observed: AtomicU64,
+    /// Wakes reads waiting for `observed` to reach their minimum sequence.
+    progress: Notify,
+    /// The cache of latest results (absent when `cache.max_bytes` is 0).
+    latest: Option<Latest>,
     connected: AtomicBool,
     store: Store,
     watchers: Arc<Semaphore>,
@@ -109,12 +136,14 @@ pub(crate) enum Start {
 
 impl Hub {
     /// A hub over `store`; [`Hub::follow`] must run for it to receive anything.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         store: Store,
         live_buffer: usize,
         resume_buffer: usize,
         max_watchers: usize,
         policy: SlowClientPolicy,
+        latest: Option<Latest>,
         shutdown: Shutdown,
     ) -> Arc<Hub> {
         Arc::new(Hub {
@@ -125,6 +154,9 @@ impl Hub {
             }),
             live_buffer,
             last: AtomicU64::new(0),
+            observed: AtomicU64::new(0),
+            progress: Notify::new(),
+            latest,
             connected: AtomicBool::new(false),
             store,
             watchers: Arc::new(Semaphore::new(max_watchers)),
@@ -136,12 +168,38 @@ impl Hub {
 
     /// The last sequence the hub received (0 before the first).
     pub(crate) fn last_sequence(&self) -> u64 {
-        self.last.load(Ordering::Acquire)
+        self.last.load(Ordering::SeqCst)
     }
 
     /// Whether the hub's stream from the store is up.
     pub(crate) fn connected(&self) -> bool {
         self.connected.load(Ordering::Acquire)
+    }
+
+    /// The cache of latest results, while the stream that keeps it current is up.
+    pub(crate) fn latest(&self) -> Option<&Latest> {
+        self.latest.as_ref().filter(|_| self.connected())
+    }
+
+    /// Whether every result up to `sequence` has reached the cache, waiting at most `wait`
+    /// for the stream to get there.
+    pub(crate) async fn observed_through(&self, sequence: u64, wait: Duration) -> bool {
+        let reached = async {
+            loop {
+                let progress = self.progress.notified();
+                if self.observed.load(Ordering::SeqCst) >= sequence {
+                    return;
+                }
+                progress.await;
+            }
+        };
+        tokio::time::timeout(wait, reached).await.is_ok()
+    }
+
+    pub(crate) fn clear_cache(&self, why: &'static str) {
+        if let Some(latest) = &self.latest {
+            latest.clear(why);
+        }
     }
 
     /// Live streams open.
@@ -166,6 +224,10 @@ impl Hub {
             };
             match stream {
                 Ok(stream) => {
+                    // What happened while the stream was down (a query's deletion, a
+                    // switch to a replica behind the last one) is not in what it resumes
+                    // with: the cache starts over.
+                    self.clear_cache("reconnected");
                     self.connected.store(true, Ordering::Release);
                     delay = RECONNECT_MIN;
                     let mut stream = stream.into_inner();
@@ -201,14 +263,17 @@ impl Hub {
                     if let Ok(mut recent) = self.recent.lock() {
                         recent.results.clear();
                         recent.sender = broadcast::Sender::new(self.live_buffer);
-                        self.last.store(0, Ordering::Release);
+                        self.last.store(0, Ordering::SeqCst);
+                        self.observed.store(0, Ordering::SeqCst);
                     }
+                    self.clear_cache("feed trimmed");
                 }
                 Err(status) => {
                     tracing::debug!(code = ?status.code(), message = status.message(), "cannot watch the store");
                 }
             }
             self.connected.store(false, Ordering::Release);
+            self.clear_cache("disconnected");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = shutdown.wait() => return,
@@ -219,8 +284,14 @@ impl Hub {
 
     fn publish(&self, result: QueryResult) {
         let sequence = result.sequence;
-        if sequence <= self.last_sequence() {
+        let previous = self.last_sequence();
+        if sequence <= previous {
             return;
+        }
+        if previous > 0 && sequence != previous + 1 {
+            // A sequence no result of the stream had: a query's deletion (watchers are not
+            // told of it), a write the store's feed skipped, or one this stream missed.
+            self.clear_cache("sequence skipped");
         }
         // The result's trace ends here: handed to this gateway's clients.
         let span = tracing::info_span!("gateway.deliver", query = %result.query, key = %result.key, sequence);
@@ -234,10 +305,17 @@ impl Hub {
             recent.results.pop_front();
         }
         recent.results.push_back(Arc::clone(&result));
-        self.last.store(sequence, Ordering::Release);
+        // Received before it reaches the cache: a miss that reads `last` after adding its
+        // entry gets every later write through the cache (see `cache`).
+        self.last.store(sequence, Ordering::SeqCst);
         // No subscribers is not an error.
-        let _ = recent.sender.send(result);
+        let _ = recent.sender.send(Arc::clone(&result));
         drop(recent);
+        if let Some(latest) = &self.latest {
+            latest.observe(&result);
+        }
+        self.observed.store(sequence, Ordering::SeqCst);
+        self.progress.notify_waiters();
         metrics::gauge!("runnel_gateway_last_sequence").set(sequence as f64);
         metrics::counter!("runnel_gateway_results_received_total").increment(1);
     }

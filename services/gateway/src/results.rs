@@ -1,4 +1,18 @@
-//! The unary reads that the gRPC and HTTP APIs share: checks, then calls to the store.
+//! The unary reads that the gRPC and HTTP APIs share: checks, then answers from the
+//! gateway's cache or calls to the store.
+//!
+//! Where each read is answered:
+//!
+//! - `Get`: from the gateway's cache of latest results ([`crate::cache`]) when the series
+//!   is in it and the live stream that keeps it current is up; otherwise from the store,
+//!   and the answer is cached. A `Get` naming a minimum sequence (gRPC metadata
+//!   `runnel-min-sequence`, HTTP `min_sequence=`) is answered from the cache only once the
+//!   stream has brought it every result up to that sequence — it waits up to
+//!   `cache.wait` for that, then asks the store, passing the minimum on.
+//! - `Range` and `TopK`: from the store, with the minimum sequence passed on. The stream
+//!   carries writes, not a series' history or a query's every key, so neither can be
+//!   answered exactly from what it delivers after the gateway started: a `Range` needs the
+//!   windows written before, and a `TopK` the ranking of keys the gateway never saw.
 //!
 //! A read that finds nothing tells a query that exists but has no result (yet) for what
 //! was asked from a query that does not exist at all, which is answered `NOT_FOUND`
@@ -8,7 +22,9 @@
 //! (`pipeline.analyzer`) can tell; one that does not, or whose analyzer does not answer,
 //! answers an empty read as it always has, rather than turn a quiet query into an error.
 
+use crate::cache::Lookup;
 use crate::error::GatewayError;
+use crate::live::{Hub, Published};
 use runnel_proto::filter::MAX_KEY_BYTES;
 use runnel_proto::v1::analyzer_client::AnalyzerClient;
 use runnel_proto::v1::store_client::StoreClient;
@@ -17,6 +33,7 @@ use runnel_proto::v1::{
     QueryResult, RangeRequest, TopKRequest, TopKResponse,
 };
 use runnel_security::{Action, Caller, ConnectConfig, Peer, Resource};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The store's gRPC client, as every part of the gateway uses it.
@@ -53,6 +70,11 @@ pub(crate) struct Results {
     /// be told from one that does not exist.
     analyzer: Option<Analyzer>,
     request_timeout: Duration,
+    /// The live stream, and the cache it keeps current.
+    hub: Arc<Hub>,
+    /// How long a `Get` naming a minimum sequence waits for the stream to reach it before
+    /// it asks the store.
+    cache_wait: Duration,
 }
 
 pub(crate) fn check_query(query: &str) -> Result<(), GatewayError> {
@@ -75,17 +97,31 @@ impl Results {
         store: Store,
         analyzer: Option<Analyzer>,
         request_timeout: Duration,
+        hub: Arc<Hub>,
+        cache_wait: Duration,
     ) -> Results {
         Results {
             store,
             analyzer,
             request_timeout,
+            hub,
+            cache_wait,
         }
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.set_timeout(self.request_timeout);
+        request
+    }
+
+    /// A request to the store that is answered only once the store has applied
+    /// `min_sequence` (when there is one).
+    fn request_after<T>(&self, message: T, min_sequence: Option<u64>) -> tonic::Request<T> {
+        let mut request = self.request(message);
+        if let Some(sequence) = min_sequence.filter(|&s| s > 0) {
+            runnel_proto::consistency::set_min_sequence(request.metadata_mut(), sequence);
+        }
         request
     }
 
@@ -105,30 +141,63 @@ impl Results {
         Ok(answer)
     }
 
-    /// The latest result for `query` and `key`, if there is one.
+    /// The latest result for `query` and `key`, if there is one, reflecting at least every
+    /// write up to `min_sequence`.
     pub(crate) async fn get(
         &self,
         request: GetRequest,
+        min_sequence: Option<u64>,
         caller: &Caller,
-    ) -> Result<Option<QueryResult>, GatewayError> {
+    ) -> Result<Option<Arc<Published>>, GatewayError> {
         check_query(&request.query)?;
         check_key(&request.key)?;
+        let cached = match (self.hub.latest(), min_sequence) {
+            (None, _) => None,
+            (Some(latest), None) => Some(latest),
+            (Some(latest), Some(min)) => self
+                .hub
+                .observed_through(min, self.cache_wait)
+                .await
+                .then_some(latest),
+        };
+        let Some(latest) = cached else {
+            metrics::counter!("runnel_gateway_cache_bypassed_total").increment(1);
+            return self.get_from_store(request, min_sequence, caller).await;
+        };
+        let fill = match latest.lookup(&request.query, &request.key) {
+            Lookup::Hit(found) => return Ok(Some(found)),
+            Lookup::Miss(fill) => fill,
+        };
+        // Read after the entry was added: every later write reaches it through the stream,
+        // and the store's answer reflects every earlier one.
+        let position = self.hub.last_sequence().max(min_sequence.unwrap_or(0));
+        let found = self.get_from_store(request, Some(position), caller).await?;
+        Ok(latest.fill(fill, found))
+    }
+
+    async fn get_from_store(
+        &self,
+        request: GetRequest,
+        min_sequence: Option<u64>,
+        caller: &Caller,
+    ) -> Result<Option<Arc<Published>>, GatewayError> {
         let (query, mut store) = (request.query.clone(), self.store.clone());
-        let answer = store.get(self.request(request));
+        let answer = store.get(self.request_after(request, min_sequence));
         let found = self.read(&query, caller, answer, |r| r.result.is_none());
-        Ok(found.await?.result)
+        Ok(found.await?.result.map(|r| Arc::new(Published::new(r))))
     }
 
     /// Results for one query and key by window start.
     pub(crate) async fn range(
         &self,
         request: RangeRequest,
+        min_sequence: Option<u64>,
         caller: &Caller,
     ) -> Result<Vec<QueryResult>, GatewayError> {
         check_query(&request.query)?;
         check_key(&request.key)?;
         let (query, mut store) = (request.query.clone(), self.store.clone());
-        let answer = store.range(self.request(request));
+        let answer = store.range(self.request_after(request, min_sequence));
         let found = self.read(&query, caller, answer, |r| r.results.is_empty());
         Ok(found.await?.results)
     }
@@ -137,6 +206,7 @@ impl Results {
     pub(crate) async fn top_k(
         &self,
         request: TopKRequest,
+        min_sequence: Option<u64>,
         caller: &Caller,
     ) -> Result<TopKResponse, GatewayError> {
         check_query(&request.query)?;
@@ -147,7 +217,7 @@ impl Results {
             )));
         }
         let (query, mut store) = (request.query.clone(), self.store.clone());
-        let answer = store.top_k(self.request(request));
+        let answer = store.top_k(self.request_after(request, min_sequence));
         // No ranked window: the store holds no result of the query.
         self.read(&query, caller, answer, |r| r.window_start.is_none())
             .await
@@ -198,12 +268,14 @@ impl Results {
             .into_inner())
     }
 
-    /// Drops a created query through the analyzer; the results deleted.
+    /// Drops a created query through the analyzer; the results deleted. This gateway's
+    /// cache forgets them at once (others when their streams next skip a sequence).
     pub(crate) async fn drop_query(&self, request: DropQueryRequest) -> Result<u64, GatewayError> {
         let mut analyzer = self.analyzer.clone().ok_or(GatewayError::NoAnalyzer)?;
-        Ok(analyzer
-            .drop_query(self.request(request))
-            .await
+        let dropped = analyzer.drop_query(self.request(request)).await;
+        // Even a failed call may have deleted results before it failed.
+        self.hub.clear_cache("query dropped");
+        Ok(dropped
             .map_err(GatewayError::Analyzer)?
             .into_inner()
             .results_deleted)

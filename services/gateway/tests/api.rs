@@ -25,6 +25,7 @@ struct Stack {
     dir: tempfile::TempDir,
     store: StoreClient<Channel>,
     gateway: GatewayClient<Channel>,
+    gateway_grpc: SocketAddr,
     http: SocketAddr,
     services: Services,
 }
@@ -69,6 +70,7 @@ async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut GatewayCon
         gateway: GatewayClient::connect(format!("http://{}", gateway.grpc))
             .await
             .unwrap(),
+        gateway_grpc: gateway.grpc,
         http: gateway.http.unwrap(),
         services,
     };
@@ -1537,5 +1539,550 @@ async fn https_webhooks_are_delivered_to_trusted_receivers_only() {
         "{failed}"
     );
     assert_eq!(*untrusted.attempts.lock().unwrap(), 0);
+    stack.stop().await;
+}
+
+/// A `Get` of `query`/`key` that must reflect every write up to `min_sequence`.
+fn get_after(query: &str, key: &str, min_sequence: Option<u64>) -> tonic::Request<GetRequest> {
+    let mut request = tonic::Request::new(GetRequest {
+        query: query.into(),
+        key: key.into(),
+    });
+    if let Some(sequence) = min_sequence {
+        runnel_proto::consistency::set_min_sequence(request.metadata_mut(), sequence);
+    }
+    request
+}
+
+/// The sequence of the store's latest result of `query`/`key`.
+async fn stored_sequence(store: &mut StoreClient<Channel>, query: &str, key: &str) -> u64 {
+    store
+        .get(get_after(query, key, None))
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .expect("the store holds a result")
+        .sequence
+}
+
+/// The gateway answers `Get` from its cache, which its live stream keeps current: a client
+/// naming the sequence of a write it knows of (gRPC metadata `runnel-min-sequence`, HTTP
+/// `min_sequence=`) gets that write or a newer one, never the older version the cache held
+/// — whether the write opened a new window or rewrote the current one.
+#[tokio::test]
+async fn a_get_naming_a_sequence_never_answers_with_an_older_version() {
+    let mut stack = start(|_| {}).await;
+    let t0 = 1_714_564_800_000;
+    let mut gateway = stack.gateway.clone();
+    for i in 0..40_i32 {
+        // Even steps open a new window, odd ones rewrite the one just opened.
+        let window = t0 + i64::from(i / 2) * 10_000;
+        stack
+            .put(vec![result("q", "k", window, f64::from(i))])
+            .await;
+        let sequence = stored_sequence(&mut stack.store, "q", "k").await;
+        let over_grpc = gateway
+            .get(get_after("q", "k", Some(sequence)))
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+            .unwrap();
+        assert_eq!(
+            (over_grpc.sequence, over_grpc.values["count"]),
+            (sequence, f64::from(i)),
+            "step {i}"
+        );
+        let over_http = stack
+            .json(&format!("/v1/results/q/k?min_sequence={sequence}"))
+            .await;
+        assert_eq!(over_http["sequence"], sequence, "step {i}");
+        assert_eq!(over_http["values"]["count"], f64::from(i), "step {i}");
+    }
+    // Range and TopK pass the minimum on to the store.
+    let mut range = tonic::Request::new(RangeRequest {
+        query: "q".into(),
+        key: "k".into(),
+        ..Default::default()
+    });
+    runnel_proto::consistency::set_min_sequence(range.metadata_mut(), 40);
+    assert_eq!(
+        gateway
+            .range(range)
+            .await
+            .unwrap()
+            .into_inner()
+            .results
+            .len(),
+        20
+    );
+    let top = stack.json("/v1/topk/q?k=1&min_sequence=40").await;
+    assert_eq!(top["results"][0]["values"]["count"], 39.0);
+
+    let mut malformed = get_after("q", "k", None);
+    malformed.metadata_mut().insert(
+        runnel_proto::consistency::MIN_SEQUENCE_METADATA,
+        tonic::metadata::MetadataValue::from_static("soon"),
+    );
+    let status = gateway.get(malformed).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("min_sequence"), "{status:?}");
+    let (status, body) = http_read(&stack, "/v1/results/q/k?min_sequence=-3").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = http_read(&stack, "/v1/results/q/k?fresh=1").await;
+    assert_eq!(status, 400, "{body}");
+    stack.stop().await;
+}
+
+/// Watchers are not told of a query's deletion, but it takes a sequence no result has: a
+/// gateway whose stream skips a sequence forgets what it cached, so a client that has seen
+/// a later write never gets the deleted result from the cache.
+#[tokio::test]
+async fn a_query_deleted_behind_the_gateways_back_is_not_served_from_its_cache() {
+    let mut stack = start(|_| {}).await;
+    let t0 = 1_714_564_800_000;
+    let mut gateway = stack.gateway.clone();
+    stack.put(vec![result("q", "k", t0, 1.0)]).await;
+    let cached = gateway.get(get_after("q", "k", Some(1))).await.unwrap();
+    assert_eq!(cached.into_inner().result.map(|r| r.sequence), Some(1));
+    stack
+        .store
+        .delete_query(runnel_proto::v1::DeleteQueryRequest { query: "q".into() })
+        .await
+        .unwrap();
+    // A write of another query carries the stream past the deletion.
+    stack.put(vec![result("other", "x", t0, 1.0)]).await;
+    let later = stored_sequence(&mut stack.store, "other", "x").await;
+    assert_eq!(later, 3, "the deletion took sequence 2");
+    let after = gateway
+        .get(get_after("q", "k", Some(later)))
+        .await
+        .unwrap()
+        .into_inner()
+        .result;
+    assert_eq!(after, None);
+    let (status, _) = http_read(&stack, &format!("/v1/results/q/k?min_sequence={later}")).await;
+    assert_eq!(status, 404);
+    stack.stop().await;
+}
+
+/// While the gateway's stream from the store is down nothing is answered from its cache,
+/// and once the stream is back the cache starts over: a query deleted in between is not
+/// served from it.
+#[tokio::test]
+async fn the_cache_is_not_served_while_the_stream_is_down_and_starts_over_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = 1_714_564_800_000;
+    let store_config = || StoreConfig {
+        data_dir: dir.path().join("store"),
+        fsync: runnel_log::FsyncPolicy::Never,
+        ..StoreConfig::default()
+    };
+    let mut first = Services::new();
+    let store = first
+        .start_on_loopback("store", runnel_store::run, store_config())
+        .await;
+    let mut gateway_services = Services::new();
+    let gateway = gateway_services
+        .start_on_loopback(
+            "gateway",
+            runnel_gateway::run,
+            GatewayConfig {
+                store: format!("http://{}", store.grpc),
+                ..GatewayConfig::default()
+            },
+        )
+        .await;
+    let http = gateway.http.unwrap();
+    let stream_is = |state: &'static str| {
+        let url = format!("http://{http}/v1/pipeline");
+        async move {
+            eventually(WAIT, "the gateway's stream from the store", || async {
+                match reqwest::get(&url).await {
+                    Ok(response) => response
+                        .json::<serde_json::Value>()
+                        .await
+                        .is_ok_and(|json| json["gateway"]["store_stream"] == state),
+                    Err(_) => false,
+                }
+            })
+            .await;
+        }
+    };
+    stream_is("connected").await;
+    let mut store_client = StoreClient::connect(format!("http://{}", store.grpc))
+        .await
+        .unwrap();
+    store_client
+        .put(PutRequest {
+            results: vec![result("q", "k", t0, 1.0)],
+            fence: None,
+        })
+        .await
+        .unwrap();
+    let mut client = GatewayClient::connect(format!("http://{}", gateway.grpc))
+        .await
+        .unwrap();
+    let cached = client.get(get_after("q", "k", Some(1))).await.unwrap();
+    assert_eq!(cached.into_inner().result.map(|r| r.sequence), Some(1));
+
+    first.stop(WAIT).await.unwrap();
+    stream_is("reconnecting").await;
+    let status = client.get(get_after("q", "k", None)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    // Meanwhile, the query is deleted: watchers are never told.
+    let mut elsewhere = Services::new();
+    let other = elsewhere
+        .start_on_loopback("store", runnel_store::run, store_config())
+        .await;
+    StoreClient::connect(format!("http://{}", other.grpc))
+        .await
+        .unwrap()
+        .delete_query(runnel_proto::v1::DeleteQueryRequest { query: "q".into() })
+        .await
+        .unwrap();
+    elsewhere.stop(WAIT).await.unwrap();
+
+    // The store is back where the gateway looks for it.
+    let mut back = Services::new();
+    let bind = |addr: SocketAddr| async move { tokio::net::TcpListener::bind(addr).await.unwrap() };
+    let listeners = runnel_server::Listeners {
+        grpc: bind(store.grpc).await,
+        admin: bind("127.0.0.1:0".parse().unwrap()).await,
+        http: None,
+    };
+    back.start("store", runnel_store::run, store_config(), listeners)
+        .unwrap();
+    stream_is("connected").await;
+    let after = client
+        .get(get_after("q", "k", None))
+        .await
+        .unwrap()
+        .into_inner()
+        .result;
+    assert_eq!(after, None);
+    gateway_services.stop(WAIT).await.unwrap();
+    back.stop(WAIT).await.unwrap();
+}
+
+/// Many watchers of one filter over each protocol get every result of a burst — the
+/// results of one `Put` queue up at once, so each watcher's are written in batches (gRPC:
+/// tonic's DATA frames; WebSocket: several messages, one flush; SSE: hyper's write buffer)
+/// — in order, none lost, none twice, and gRPC watchers decode the shared encoding.
+#[tokio::test]
+async fn many_watchers_of_one_filter_get_every_result_of_a_burst_in_order() {
+    const WATCHERS: usize = 12;
+    const BURSTS: u64 = 3;
+    const PER_BURST: u64 = 150;
+    let mut stack = start(|_| {}).await;
+    let request = WatchRequest {
+        query: "burst".into(),
+        ..Default::default()
+    };
+    let mut grpc = Vec::new();
+    let mut sse = Vec::new();
+    let mut ws = Vec::new();
+    for _ in 0..WATCHERS {
+        // A connection per gRPC watcher, as separate clients have.
+        let mut client = GatewayClient::connect(format!("http://{}", stack.gateway_grpc))
+            .await
+            .unwrap();
+        grpc.push(client.watch(request.clone()).await.unwrap().into_inner());
+        let response = reqwest::get(stack.url("/v1/watch?query=burst"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        sse.push(SseReader::new(response));
+        let (socket, _) =
+            tokio_tungstenite::connect_async(format!("ws://{}/v1/ws?query=burst", stack.http))
+                .await
+                .unwrap();
+        ws.push(socket);
+    }
+    for burst in 0..BURSTS {
+        let results = (0..PER_BURST)
+            .map(|i| {
+                let start = i64::try_from(burst * PER_BURST + i).unwrap() * 10_000;
+                result("burst", &format!("k{i}"), start, 1.0)
+            })
+            .collect();
+        stack.put(results).await;
+    }
+    let wanted: Vec<u64> = (1..=BURSTS * PER_BURST).collect();
+    for stream in &mut grpc {
+        let mut got = Vec::new();
+        while got.len() < wanted.len() {
+            let result = tokio::time::timeout(WAIT, stream.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert_eq!(result.query, "burst");
+            got.push(result.sequence);
+        }
+        assert_eq!(got, wanted);
+    }
+    for reader in &mut sse {
+        let mut got = Vec::new();
+        while got.len() < wanted.len() {
+            let event = reader.next().await;
+            assert_eq!(event.name, "result");
+            got.push(event.data["sequence"].as_u64().unwrap());
+        }
+        assert_eq!(got, wanted);
+    }
+    for socket in &mut ws {
+        let mut got = Vec::new();
+        while got.len() < wanted.len() {
+            let message = tokio::time::timeout(WAIT, socket.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            let json: serde_json::Value = serde_json::from_str(message.to_text().unwrap()).unwrap();
+            assert_eq!(json["type"], "result");
+            got.push(json["sequence"].as_u64().unwrap());
+        }
+        assert_eq!(got, wanted);
+        socket.close(None).await.unwrap();
+    }
+    stack.stop().await;
+}
+
+/// Readers hammer `Get` while a writer rewrites a few series, each reader naming the
+/// greatest sequence it has seen: no answer is older than the last write of its key up to
+/// that sequence, and no reader ever sees a key go back — whether the answer came from the
+/// gateway's cache, a fill, or the store.
+#[tokio::test]
+async fn concurrent_readers_naming_what_they_saw_never_read_backwards() {
+    const KEYS: u64 = 4;
+    const WRITES: u64 = 300;
+    const READERS: u64 = 4;
+    let stack = start(|_| {}).await;
+    // The store numbers writes itself: the i-th result written has sequence i + 1. Every
+    // third write of a key rewrites its current window; the others open a new one.
+    let write = |i: u64| {
+        let key = format!("k{}", i % KEYS);
+        let j = i / KEYS;
+        let window = i64::try_from(j - j % 3 / 2).unwrap() * 10_000;
+        (key, window)
+    };
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = tokio::task::JoinSet::new();
+    for reader in 0..READERS {
+        let mut gateway = stack.gateway.clone();
+        let done = Arc::clone(&done);
+        readers.spawn(async move {
+            let mut seen_max = 0_u64;
+            let mut seen: std::collections::BTreeMap<String, (i64, u64)> = Default::default();
+            let mut reads = 0_u64;
+            let mut n = reader;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) || reads < 50 {
+                n = n.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                let key = format!("k{}", (n >> 33) % KEYS);
+                let named = (seen_max > 0).then_some(seen_max);
+                let answer = gateway
+                    .get(get_after("q", &key, named))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .result;
+                reads += 1;
+                let Some(answer) = answer else {
+                    assert!(!seen.contains_key(&key), "{key} disappeared");
+                    continue;
+                };
+                let rank = (
+                    Millis::from(answer.window_start.unwrap()).0,
+                    answer.sequence,
+                );
+                // The latest write of this key among those up to the named sequence.
+                let floor = (0..named.unwrap_or(0))
+                    .map(|i| (write(i), i + 1))
+                    .filter(|((k, _), _)| *k == key)
+                    .map(|((_, window), sequence)| (window, sequence))
+                    .max();
+                assert!(Some(rank) >= floor, "{key}: {rank:?} older than {floor:?}");
+                let before = seen.entry(key.clone()).or_insert(rank);
+                assert!(
+                    rank >= *before,
+                    "{key} went back: {rank:?} after {before:?}"
+                );
+                *before = rank;
+                seen_max = seen_max.max(answer.sequence);
+            }
+            reads
+        });
+    }
+    let mut store = stack.store.clone();
+    for i in 0..WRITES {
+        let (key, window) = write(i);
+        store
+            .put(PutRequest {
+                results: vec![result("q", &key, window, i as f64)],
+                fence: None,
+            })
+            .await
+            .unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    while let Some(reads) = readers.join_next().await {
+        assert!(reads.unwrap() >= 50);
+    }
+    stack.stop().await;
+}
+
+/// A store in front of the real one whose change feed the test can hold back: what it
+/// relays to a watcher (the gateway's hub) waits while `held` is true.
+#[derive(Clone)]
+struct LaggingStore {
+    real: StoreClient<Channel>,
+    held: tokio::sync::watch::Receiver<bool>,
+}
+
+#[tonic::async_trait]
+impl runnel_proto::v1::store_server::Store for LaggingStore {
+    async fn put(
+        &self,
+        request: tonic::Request<PutRequest>,
+    ) -> Result<tonic::Response<runnel_proto::v1::PutResponse>, tonic::Status> {
+        self.real.clone().put(request.into_inner()).await
+    }
+
+    async fn get(
+        &self,
+        request: tonic::Request<GetRequest>,
+    ) -> Result<tonic::Response<runnel_proto::v1::GetResponse>, tonic::Status> {
+        self.real.clone().get(request.into_inner()).await
+    }
+
+    async fn range(
+        &self,
+        request: tonic::Request<RangeRequest>,
+    ) -> Result<tonic::Response<runnel_proto::v1::RangeResponse>, tonic::Status> {
+        self.real.clone().range(request.into_inner()).await
+    }
+
+    type WatchStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<QueryResult, tonic::Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<WatchRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        let stream = self
+            .real
+            .clone()
+            .watch(request.into_inner())
+            .await?
+            .into_inner();
+        let held = self.held.clone();
+        let relayed =
+            futures::stream::unfold((stream, held), |(mut stream, mut held)| async move {
+                let item = stream.message().await.transpose()?;
+                let _ = held.wait_for(|held| !*held).await;
+                Some((item, (stream, held)))
+            });
+        Ok(tonic::Response::new(Box::pin(relayed)))
+    }
+
+    async fn top_k(
+        &self,
+        request: tonic::Request<TopKRequest>,
+    ) -> Result<tonic::Response<runnel_proto::v1::TopKResponse>, tonic::Status> {
+        self.real.clone().top_k(request.into_inner()).await
+    }
+
+    async fn delete_query(
+        &self,
+        request: tonic::Request<runnel_proto::v1::DeleteQueryRequest>,
+    ) -> Result<tonic::Response<runnel_proto::v1::DeleteQueryResponse>, tonic::Status> {
+        self.real.clone().delete_query(request.into_inner()).await
+    }
+}
+
+/// With the gateway's stream from the store held back, its cache still holds the older
+/// version: a `Get` naming the newer write's sequence waits for the stream a little, then
+/// asks the store, and gets the newer version; one that names nothing gets the cache's.
+#[tokio::test]
+async fn a_get_naming_a_sequence_the_stream_has_not_reached_asks_the_store() {
+    let mut stack = start(|_| {}).await;
+    let (hold, held) = tokio::sync::watch::channel(false);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lagging_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(runnel_proto::v1::store_server::StoreServer::new(
+                LaggingStore {
+                    real: stack.store.clone(),
+                    held,
+                },
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let gateway = stack
+        .services
+        .start_on_loopback(
+            "lagging gateway",
+            runnel_gateway::run,
+            GatewayConfig {
+                store: lagging_url,
+                // Long enough for a loaded machine's stream to bring the first write, so
+                // that the first read is cached; the held one waits this long, then asks
+                // the store.
+                cache: runnel_gateway::CacheConfig {
+                    wait: Duration::from_secs(3),
+                    ..Default::default()
+                },
+                ..GatewayConfig::default()
+            },
+        )
+        .await;
+    let mut client = GatewayClient::connect(format!("http://{}", gateway.grpc))
+        .await
+        .unwrap();
+    let pipeline = format!("http://{}/v1/pipeline", gateway.http.unwrap());
+    eventually(WAIT, "the lagging gateway to follow the store", || async {
+        match reqwest::get(&pipeline).await {
+            Ok(response) => response
+                .json::<serde_json::Value>()
+                .await
+                .is_ok_and(|json| json["gateway"]["store_stream"] == "connected"),
+            Err(_) => false,
+        }
+    })
+    .await;
+    let t0 = 1_714_564_800_000;
+    stack.put(vec![result("q", "k", t0, 1.0)]).await;
+    let first = stored_sequence(&mut stack.store, "q", "k").await;
+    // Cached once the stream has brought the first write (the read waits for it).
+    let cached = client.get(get_after("q", "k", Some(first))).await.unwrap();
+    assert_eq!(cached.into_inner().result.unwrap().sequence, first);
+
+    hold.send_replace(true);
+    stack.put(vec![result("q", "k", t0 + 10_000, 2.0)]).await;
+    let second = stored_sequence(&mut stack.store, "q", "k").await;
+    let named = client
+        .get(get_after("q", "k", Some(second)))
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!((named.sequence, named.values["count"]), (second, 2.0));
+    let unnamed = client
+        .get(get_after("q", "k", None))
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!(
+        unnamed.sequence, first,
+        "served from the cache, behind the store"
+    );
+    hold.send_replace(false);
     stack.stop().await;
 }

@@ -13,6 +13,11 @@
 //! store, or as a tombstone in the results log that every replica applies at its position,
 //! answering once this replica has applied it. Watchers are not told of it: they receive
 //! nothing for the deletion, and a resumed watch skips the deleted results.
+//!
+//! A `Get`, `Range` or `TopK` whose metadata names a minimum sequence
+//! ([`runnel_proto::consistency`]) waits, like a `Watch` cursor from another replica, until
+//! this replica has applied it: a client (or a gateway filling its cache) that has seen a
+//! write on one replica reads it on every other.
 
 use crate::apply::Applier;
 use crate::durable::Durable;
@@ -177,6 +182,15 @@ impl<H: HotTier> StoreService<H> {
             }
         };
         Ok(DeleteQueryResponse { deleted })
+    }
+
+    /// Waits until this replica has applied the minimum sequence `metadata` names.
+    async fn reach_min_sequence(&self, metadata: &tonic::metadata::MetadataMap) -> Result<()> {
+        match runnel_proto::consistency::min_sequence(metadata) {
+            Ok(Some(sequence)) => self.reach_cursor(sequence).await,
+            Ok(None) => Ok(()),
+            Err(message) => Err(StoreError::InvalidArgument(message)),
+        }
     }
 
     async fn serve_get(&self, request: GetRequest) -> Result<GetResponse> {
@@ -418,6 +432,7 @@ impl<H: HotTier> Store for StoreService<H> {
             Action::ReadResults,
             Resource::Query(&request.get_ref().query),
         )?;
+        self.reach_min_sequence(request.metadata()).await?;
         Ok(Response::new(self.serve_get(request.into_inner()).await?))
     }
 
@@ -430,6 +445,7 @@ impl<H: HotTier> Store for StoreService<H> {
             Action::ReadResults,
             Resource::Query(&request.get_ref().query),
         )?;
+        self.reach_min_sequence(request.metadata()).await?;
         Ok(Response::new(self.serve_range(request.into_inner()).await?))
     }
 
@@ -453,6 +469,7 @@ impl<H: HotTier> Store for StoreService<H> {
             Action::ReadResults,
             Resource::Query(&request.get_ref().query),
         )?;
+        self.reach_min_sequence(request.metadata()).await?;
         Ok(Response::new(self.serve_top_k(request.into_inner()).await?))
     }
 }

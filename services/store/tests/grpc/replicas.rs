@@ -538,3 +538,45 @@ async fn fenced_put(
         .await
         .map(|r| r.into_inner().written)
 }
+
+/// A read naming a minimum sequence (metadata `runnel-min-sequence`) that another replica
+/// has applied waits until this one has applied it too: a client, or a gateway filling its
+/// cache, that saw a write through one replica reads it on every other.
+#[tokio::test]
+async fn a_read_naming_a_sequence_waits_until_this_replica_has_applied_it() {
+    let broker = Broker::start().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = Replica::start(&broker, dir_a.path(), &Backend::Memory).await;
+    let mut b = Replica::start(&broker, dir_b.path(), &Backend::Memory).await;
+    let named = |query: &str, key: &str, sequence: u64| {
+        let mut request = tonic::Request::new(runnel_proto::v1::GetRequest {
+            query: query.into(),
+            key: key.into(),
+        });
+        runnel_proto::consistency::set_min_sequence(request.metadata_mut(), sequence);
+        request
+    };
+    for i in 0..30 {
+        put(&mut a.client, vec![result("q", "k", i * 1000, i as f64)])
+            .await
+            .unwrap();
+        let written = get(&mut a.client, "q", "k").await.unwrap().sequence;
+        let on_b = b
+            .client
+            .get(named("q", "k", written))
+            .await
+            .unwrap()
+            .into_inner()
+            .result;
+        assert_eq!(on_b.map(|r| r.sequence), Some(written), "write {i}");
+    }
+    let mut malformed = named("q", "k", 1);
+    malformed.metadata_mut().insert(
+        runnel_proto::consistency::MIN_SEQUENCE_METADATA,
+        tonic::metadata::MetadataValue::from_static("later"),
+    );
+    let status = b.client.get(malformed).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    a.stop().await;
+    b.stop().await;
+}
