@@ -411,7 +411,7 @@ async fn assert_chart_latest(page: &mut Browser, want: &str) {
 
 /// `target/dashboard.png`, next to the build's profile directories.
 fn screenshot_path() -> std::path::PathBuf {
-    let profile_dir = runnel_e2e::process::binary_dir();
+    let profile_dir = runnel_e2e::binary_dir();
     profile_dir
         .parent()
         .unwrap_or(Path::new("."))

@@ -2,7 +2,7 @@
 //! and `get`; and a service binary refusing a bad configuration before it binds anything.
 
 use crate::{T0, clock_events};
-use runnel_e2e::process::binary_dir;
+use runnel_e2e::binary_dir;
 use runnel_proto::Millis;
 use runnel_proto::v1::gateway_client::GatewayClient;
 use runnel_proto::v1::{Event, WatchRequest};

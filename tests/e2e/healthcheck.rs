@@ -2,7 +2,7 @@
 //! configuration as the service, exit 0 while it serves, 1 otherwise.
 
 use crate::ANALYZER_TOML;
-use runnel_e2e::process::binary_dir;
+use runnel_e2e::binary_dir;
 use runnel_e2e::{Pipeline, ServiceProcess};
 use std::collections::BTreeMap;
 use std::path::Path;

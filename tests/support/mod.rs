@@ -11,4 +11,5 @@ pub mod compose;
 pub mod otlp;
 pub mod process;
 
-pub use process::{PARTITIONS, Pipeline, ServiceProcess, binary_dir};
+pub use process::{PARTITIONS, Pipeline};
+pub use runnel_testkit::process::{ServiceProcess, binary_dir};

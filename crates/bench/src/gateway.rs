@@ -33,6 +33,8 @@ use runnel_proto::v1::{GetRequest, PutRequest, QueryResult, WatchRequest};
 use runnel_server::ServiceConfig;
 use runnel_store::StoreConfig;
 use runnel_testkit::Services;
+use runnel_testkit::process::ServiceProcess;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -90,6 +92,12 @@ pub struct GatewayArgs {
     /// median / max over them.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=50))]
     runs: u64,
+    /// Run the store and the gateway as processes of their own (the `runnel-store` and
+    /// `runnel-gateway` binaries beside this one, which `cargo build --release --workspace
+    /// --bins` makes) instead of in this one: each fan-out watcher is then one socket here
+    /// and one there, so 10 000 of them fit an open-file limit of 20 000 on each side.
+    #[arg(long)]
+    processes: bool,
 }
 
 fn now_micros() -> u64 {
@@ -111,10 +119,51 @@ struct Running {
     store: String,
     gateway: String,
     http: SocketAddr,
+    /// With `--processes`: the store and the gateway (killed when dropped).
+    _processes: Vec<ServiceProcess>,
     _dir: tempfile::TempDir,
 }
 
+/// Starts the store and the gateway as processes of their own, configured as [`start`]
+/// configures them in process.
+async fn start_processes(args: &GatewayArgs) -> Result<Running> {
+    let dir = tempfile::Builder::new().prefix("runnel-bench-").tempdir()?;
+    let config = dir.path().join("runnel.toml");
+    let server = |section: &str| {
+        format!("[{section}.server]\ngrpc = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n")
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\ndata_dir = {:?}\n{}[gateway]\nhttp = \"127.0.0.1:0\"\ndata_dir = {:?}\nmax_watchers = {}\n{}",
+            dir.path().join("store"),
+            server("store"),
+            dir.path().join("gateway"),
+            args.watchers + args.concurrency + 16,
+            server("gateway"),
+        ),
+    )?;
+    let store =
+        ServiceProcess::start("runnel-store", &config, &BTreeMap::new(), dir.path()).await?;
+    let env = BTreeMap::from([("RUNNEL_GATEWAY__STORE".to_owned(), store.url())]);
+    let gateway = ServiceProcess::start("runnel-gateway", &config, &env, dir.path()).await?;
+    eprintln!(
+        "bench: the store and the gateway run as processes {} and {}",
+        store.grpc, gateway.grpc
+    );
+    Ok(Running {
+        store: store.url(),
+        gateway: gateway.url(),
+        http: gateway.http.context("the gateway's http listener")?,
+        _processes: vec![gateway, store],
+        _dir: dir,
+    })
+}
+
 async fn start(args: &GatewayArgs, services: &mut Services) -> Result<Running> {
+    if args.processes {
+        return start_processes(args).await;
+    }
     let dir = tempfile::Builder::new().prefix("runnel-bench-").tempdir()?;
     let store = StoreConfig {
         server: runnel_server::ServerConfig::loopback(0, 0),
@@ -143,6 +192,7 @@ async fn start(args: &GatewayArgs, services: &mut Services) -> Result<Running> {
         store: store_url,
         gateway: gateway_url,
         http,
+        _processes: Vec::new(),
         _dir: dir,
     })
 }
@@ -441,11 +491,13 @@ async fn fan_out(
     running: &Running,
     store: &mut StoreClient<tonic::transport::Channel>,
 ) -> Result<()> {
-    // Each watcher is a client socket and a server socket in this process.
-    let wanted = args.watchers * 2 + 1024;
+    // Each watcher is a client socket here, and a server socket here too unless the
+    // gateway runs as its own process.
+    let per_watcher = if args.processes { 1 } else { 2 };
+    let wanted = args.watchers * per_watcher + 1024;
     let limit = raise_file_limit(wanted);
     let watchers = if limit < wanted {
-        let fit = limit.saturating_sub(1024) / 2;
+        let fit = limit.saturating_sub(1024) / per_watcher;
         eprintln!(
             "bench: the open-file limit is {limit}; holding {fit} watchers instead of {}",
             args.watchers

@@ -17,6 +17,7 @@
 pub mod browser;
 pub mod eventually;
 pub mod nats;
+pub mod process;
 pub mod redis;
 pub mod services;
 pub mod skip;
