@@ -40,6 +40,7 @@ use crate::plan::Plan;
 use crate::rekey;
 use crate::task::{Clock, Counters, Outputs, Task};
 use crate::window::Emission;
+use futures::FutureExt;
 use runnel_client::{
     ClientError, ConsumerOptions, GroupConsumer, GroupEvent, Producer, ProducerOptions,
 };
@@ -61,6 +62,13 @@ use tonic::Code;
 
 pub(crate) type Store = StoreClient<Peer>;
 
+/// Records messages one step takes from the group stream at most, when more are there.
+const DRAIN_MESSAGES: usize = 256;
+
+/// Outputs (results, re-keyed and late events) after which a step stops draining the
+/// stream: what it writes at once stays bounded.
+const DRAIN_OUTPUTS: usize = 8 * PUT_CHUNK;
+
 /// Results per `Put` call.
 const PUT_CHUNK: usize = 1000;
 
@@ -76,6 +84,9 @@ pub(crate) struct StageStatus {
 
 /// A stage's membership of its group, events left encoded until a task reads them.
 type Member = GroupConsumer<RawSubscribeResponse>;
+
+/// What the group stream gave: an assignment, records, its end, or why it broke.
+type Next = Result<Option<GroupEvent<RawRecordChunk>>, ClientError>;
 
 /// Retries with exponential backoff, giving up only at shutdown.
 pub(crate) struct Backoff {
@@ -266,19 +277,26 @@ impl StageRunner {
                     .min(Duration::from_millis(500)),
             );
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // A message taken from the stream while draining it that is not records: it
+            // is handled after the step that writes out what the drained records made.
+            let mut held = None;
             loop {
-                let next = tokio::select! {
-                    // The stream before the ticker: a new assignment waiting there must
-                    // change this member's fence before a checkpoint goes out under the old
-                    // one. (A busy stream starves no checkpoint: every message is a step.)
-                    biased;
-                    () = self.context.shutdown.wait() => {
-                        self.checkpoint(&mut state, &checkpoints, &mut member).await?;
-                        self.publish(&state);
-                        return Ok(());
-                    }
-                    next = member.next() => Some(next),
-                    _ = ticker.tick() => None,
+                let next = match held.take() {
+                    Some(next) => Some(next),
+                    None => tokio::select! {
+                        // The stream before the ticker: a new assignment waiting there must
+                        // change this member's fence before a checkpoint goes out under the
+                        // old one. (A busy stream starves no checkpoint: every drained batch
+                        // of messages is a step.)
+                        biased;
+                        () = self.context.shutdown.wait() => {
+                            self.checkpoint(&mut state, &checkpoints, &mut member).await?;
+                            self.publish(&state);
+                            return Ok(());
+                        }
+                        next = member.next() => Some(next),
+                        _ = ticker.tick() => None,
+                    },
                 };
                 let flow = match next {
                     None => Flow::Continue,
@@ -292,6 +310,10 @@ impl StageRunner {
                     Some(Ok(Some(GroupEvent::Records { records: chunk, .. }))) => {
                         backoff.reset();
                         self.consume(&mut state, &chunk)?;
+                        // Taking the stream's next message is cancel-safe (the select
+                        // above relies on it too): when none is there yet, nothing is lost
+                        // by not waiting for it.
+                        held = self.drain(&mut state, || member.next().now_or_never())?;
                         Flow::Continue
                     }
                     Some(Ok(None)) => {
@@ -498,8 +520,35 @@ impl StageRunner {
         Ok(())
     }
 
-    /// After every message: fire and drop windows, write out what is due, and checkpoint
-    /// when the interval has passed.
+    /// Feeds the tasks the records messages the stream holds already (up to
+    /// [`DRAIN_MESSAGES`] of them, or until [`DRAIN_OUTPUTS`] outputs wait), so that one
+    /// step — one store `Put`, one produce per output topic — covers them all: a stage that
+    /// fell behind catches up in bigger writes instead of staying one write per message
+    /// behind, and with `EMIT ON UPDATE` a window changed by many of them is written once.
+    /// Returns the first message that is not records, to be handled after that step.
+    /// `ready` is the stream's next message if it is there already.
+    fn drain(
+        &self,
+        state: &mut Running,
+        mut ready: impl FnMut() -> Option<Next>,
+    ) -> Result<Option<Next>, AnalyzerError> {
+        for _ in 1..DRAIN_MESSAGES {
+            if state.pending.len() >= DRAIN_OUTPUTS {
+                break;
+            }
+            match ready() {
+                None => break,
+                Some(Ok(Some(GroupEvent::Records { records: chunk, .. }))) => {
+                    self.consume(state, &chunk)?;
+                }
+                Some(other) => return Ok(Some(other)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// After every drained batch of messages: fire and drop windows, write out what is due,
+    /// and checkpoint when the interval has passed.
     async fn step(
         &self,
         state: &mut Running,
@@ -1002,6 +1051,7 @@ mod tests {
     use crate::config::QueryConfig;
     use crate::event::RawRecord;
     use prost::Message;
+    use std::collections::VecDeque;
 
     fn runner(stage: Stage) -> StageRunner {
         let plan = toml::from_str::<QueryConfig>("name = \"q\"\n")
@@ -1082,6 +1132,61 @@ mod tests {
         let task = &state.tasks[&2];
         assert_eq!(task.next_offset, 7);
         assert_eq!(task.counters.processed, 2, "offsets 3 and 4 were replays");
+    }
+
+    fn records(partition: u32, offsets: &[u64]) -> Next {
+        Ok(Some(GroupEvent::Records {
+            partition,
+            records: chunk(partition, offsets),
+        }))
+    }
+
+    #[tokio::test]
+    async fn a_drain_takes_the_ready_records_and_holds_back_the_first_other_message() {
+        let runner = runner(Stage::Source);
+        let mut state = running(&runner, 0, 0);
+        let assigned = GroupEvent::Assigned {
+            generation: 2,
+            partitions: vec![0],
+            starts: Vec::new(),
+        };
+        let mut stream = VecDeque::from([
+            records(0, &[0, 1]),
+            records(0, &[2]),
+            Ok(Some(assigned.clone())),
+            records(0, &[3]),
+        ]);
+        let held = runner
+            .drain(&mut state, || stream.pop_front())
+            .unwrap()
+            .expect("the assignment is held back");
+        assert_eq!(held.unwrap(), Some(assigned));
+        assert_eq!(
+            state.tasks[&0].next_offset, 3,
+            "both records messages applied"
+        );
+        assert_eq!(stream.len(), 1, "nothing after the assignment was taken");
+
+        // Nothing ready: the drain ends without waiting and holds nothing.
+        let mut nothing = || None;
+        assert!(runner.drain(&mut state, &mut nothing).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_drain_stops_at_its_bound_and_leaves_the_rest_in_the_stream() {
+        let runner = runner(Stage::Source);
+        let mut state = running(&runner, 0, 0);
+        let mut offered = 0;
+        let held = runner
+            .drain(&mut state, || {
+                offered += 1;
+                Some(records(0, &[offered - 1]))
+            })
+            .unwrap();
+        assert!(held.is_none());
+        // The message before the drain counts as its first.
+        assert_eq!(offered, DRAIN_MESSAGES as u64 - 1);
+        assert_eq!(state.tasks[&0].next_offset, offered);
     }
 
     #[tokio::test]

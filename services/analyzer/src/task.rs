@@ -88,6 +88,11 @@ impl Outputs {
     pub(crate) fn is_empty(&self) -> bool {
         self.results.is_empty() && self.late.is_empty() && self.keyed.is_empty()
     }
+
+    /// Outputs waiting, of every kind.
+    pub(crate) fn len(&self) -> usize {
+        self.results.len() + self.late.len() + self.keyed.len()
+    }
 }
 
 /// A task's checkpointed form.
