@@ -17,7 +17,9 @@ pub struct StoreConfig {
     /// The directory holding long-term storage (`<data_dir>/results.redb`).
     pub data_dir: PathBuf,
     /// When written results reach the disk: `"always"` (before `Put` answers), an interval
-    /// such as `"100ms"`, or `"never"` (left to the OS).
+    /// such as `"100ms"`, or `"never"` (left to the OS). With `broker` set the results log is
+    /// what `Put` makes durable, and `"always"` makes this replica's view of it durable every
+    /// second.
     pub fsync: FsyncPolicy,
     /// Results accepted in one `Put` call.
     pub max_batch_results: usize,

@@ -249,11 +249,19 @@ impl Durable {
         let durable = Durable {
             path,
             db: RwLock::new(db),
-            durability: match policy {
-                FsyncPolicy::Always => Durability::Immediate,
+            durability: match (policy, sequencing) {
+                (FsyncPolicy::Always, Sequencing::Local) => Durability::Immediate,
+                // A view of the results log commits without fsync: the log is what is
+                // durable (a `Put` is acknowledged after the broker's DURABLE ack), and the
+                // applied position is committed with the results, so after a crash the
+                // view reads the log on from its last durable commit and applies the same
+                // results with the same sequences again. A background task makes the view
+                // durable every `VIEW_SYNC_INTERVAL` (`always`) or at the policy's interval,
+                // which only bounds how much of the log a restart reads again.
+                (FsyncPolicy::Always, Sequencing::Log) => Durability::None,
                 // An interval policy commits without fsync and a background task makes them
                 // durable with `sync`; `never` leaves it to the clean shutdown.
-                FsyncPolicy::Interval(_) | FsyncPolicy::Never => Durability::None,
+                (FsyncPolicy::Interval(_) | FsyncPolicy::Never, _) => Durability::None,
             },
             feed_entries,
         };
