@@ -6,13 +6,11 @@
 //! the harness says so and measures Runnel alone.
 
 use anyhow::{Context, Result, bail};
+use runnel_testkit::redis::spawn_redis_server;
+use std::ffi::OsString;
 use std::process::Stdio;
-use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// How long `redis-server` may take to accept connections.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Tries at a free port: another process may take the one found before Redis binds it.
 const START_ATTEMPTS: usize = 3;
 
@@ -67,37 +65,10 @@ impl RedisPeer {
     }
 
     async fn start_on(port: u16) -> Result<RedisPeer> {
-        let mut child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawn redis-server")?;
-        let stdout = child.stdout.take().context("piped stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let ready = tokio::time::timeout(START_TIMEOUT, async {
-            while let Some(line) = lines.next_line().await? {
-                if line
-                    .to_ascii_lowercase()
-                    .contains("ready to accept connections")
-                {
-                    return anyhow::Ok(true);
-                }
-            }
-            anyhow::Ok(false)
-        })
-        .await;
-        match ready {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => bail!("redis-server exited before it was ready (port {port} taken?)"),
-            Ok(Err(error)) => bail!("reading redis-server's output: {error}"),
-            Err(_) => bail!("redis-server not ready within {START_TIMEOUT:?}"),
-        }
-        // Keep draining its output so that it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let args = ["--bind", "127.0.0.1", "--port", &port.to_string()].map(OsString::from);
+        let child = spawn_redis_server(&args)
+            .await
+            .with_context(|| format!("redis-server on port {port} (taken?)"))?;
         eprintln!("bench: redis-server on 127.0.0.1:{port}");
         Ok(RedisPeer { port, child })
     }

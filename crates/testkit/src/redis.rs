@@ -6,6 +6,7 @@
 //! `RUNNEL_REQUIRE_REDIS=1`).
 
 use anyhow::{Context, Result, bail};
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -28,52 +29,63 @@ impl RedisServer {
     pub async fn start() -> Result<RedisServer> {
         let dir = tempfile::tempdir()?;
         let socket: PathBuf = dir.path().join("redis.sock");
-        let mut child = Command::new("redis-server")
-            .args(["--port", "0", "--unixsocket"])
-            .arg(&socket)
-            .args([
+        let mut args: Vec<OsString> = ["--port", "0", "--unixsocket"].map(OsString::from).into();
+        args.push(socket.clone().into());
+        args.extend(
+            [
                 "--unixsocketperm",
                 "700",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawn redis-server")?;
-        let stdout = child.stdout.take().context("piped stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let ready = tokio::time::timeout(START_TIMEOUT, async {
-            while let Some(line) = lines.next_line().await? {
-                if line
-                    .to_ascii_lowercase()
-                    .contains("ready to accept connections")
-                {
-                    return anyhow::Ok(true);
-                }
-            }
-            anyhow::Ok(false)
-        })
-        .await;
-        match ready {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => bail!("redis-server exited before it was ready"),
-            Ok(Err(error)) => bail!("reading redis-server's output: {error}"),
-            Err(_) => bail!("redis-server not ready within {START_TIMEOUT:?}"),
-        }
-        // Keep draining its output so that it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+                "--maxmemory",
+                "64mb",
+                "--maxmemory-policy",
+                "allkeys-lru",
+                "--dir",
+            ]
+            .map(OsString::from),
+        );
+        args.push(dir.path().into());
+        let child = spawn_redis_server(&args).await?;
         Ok(RedisServer {
             url: format!("redis+unix://{}", socket.display()),
             _dir: dir,
             _child: child,
         })
     }
+}
+
+/// Spawns `redis-server` with `args`, without persistence (no RDB snapshots, no AOF), and
+/// waits until it accepts connections; its output is drained from then on, so it never
+/// blocks on a full pipe. The child is killed when dropped.
+pub async fn spawn_redis_server(args: &[OsString]) -> Result<Child> {
+    let mut child = Command::new("redis-server")
+        .args(args)
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawn redis-server")?;
+    let stdout = child.stdout.take().context("piped stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let ready = tokio::time::timeout(START_TIMEOUT, async {
+        while let Some(line) = lines.next_line().await? {
+            if line
+                .to_ascii_lowercase()
+                .contains("ready to accept connections")
+            {
+                return anyhow::Ok(true);
+            }
+        }
+        anyhow::Ok(false)
+    })
+    .await;
+    match ready {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => bail!("redis-server exited before it was ready"),
+        Ok(Err(error)) => bail!("reading redis-server's output: {error}"),
+        Err(_) => bail!("redis-server not ready within {START_TIMEOUT:?}"),
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(child)
 }
