@@ -44,11 +44,17 @@ use runnel_proto::v1::QueryResult;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 /// The database's file name inside the data directory.
 pub(crate) const DATABASE_FILE: &str = "results.redb";
 /// The result log of the store's first version, which this one does not read.
 const OLD_RESULT_LOG: &str = "results.log";
+
+/// How often a replica's view of the results log is made durable under `fsync = "always"`
+/// (its commits are not fsync'd one by one: the log is what is durable). It bounds how much
+/// of the log a replica reads again after a crash.
+const VIEW_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 const RESULTS: TableDefinition<(&str, &str, i64), &[u8]> = TableDefinition::new("results");
 const WINDOWS: TableDefinition<(&str, i64, &str), u64> = TableDefinition::new("windows");
@@ -178,6 +184,9 @@ pub(crate) struct Durable {
     /// the database to itself.
     db: RwLock<Database>,
     durability: Durability,
+    /// How often [`Durable::sync`] must run to make the commits durable that
+    /// `durability` does not; `None`: every commit is, or only the clean shutdown syncs.
+    sync_every: Option<Duration>,
     feed_entries: u64,
 }
 
@@ -246,23 +255,26 @@ impl Durable {
         }
         let path = dir.join(DATABASE_FILE);
         let db = Database::create(&path).map_err(|e| StoreError::db(&path, e))?;
+        // What each commit makes durable, and how often a background `sync` does the rest.
+        let (durability, sync_every) = match (policy, sequencing) {
+            (FsyncPolicy::Always, Sequencing::Local) => (Durability::Immediate, None),
+            // A view of the results log commits without fsync: the log is what is durable (a
+            // `Put` is acknowledged after the broker's DURABLE ack), and the applied position
+            // is committed with the results, so after a crash the view reads the log on from
+            // its last durable commit and applies the same results with the same sequences
+            // again. Syncing it every `VIEW_SYNC_INTERVAL` only bounds how much of the log a
+            // restart reads again.
+            (FsyncPolicy::Always, Sequencing::Log) => (Durability::None, Some(VIEW_SYNC_INTERVAL)),
+            // An interval policy commits without fsync and syncs at its interval; `never`
+            // leaves it to the clean shutdown.
+            (FsyncPolicy::Interval(every), _) => (Durability::None, Some(every)),
+            (FsyncPolicy::Never, _) => (Durability::None, None),
+        };
         let durable = Durable {
             path,
             db: RwLock::new(db),
-            durability: match (policy, sequencing) {
-                (FsyncPolicy::Always, Sequencing::Local) => Durability::Immediate,
-                // A view of the results log commits without fsync: the log is what is
-                // durable (a `Put` is acknowledged after the broker's DURABLE ack), and the
-                // applied position is committed with the results, so after a crash the
-                // view reads the log on from its last durable commit and applies the same
-                // results with the same sequences again. A background task makes the view
-                // durable every `VIEW_SYNC_INTERVAL` (`always`) or at the policy's interval,
-                // which only bounds how much of the log a restart reads again.
-                (FsyncPolicy::Always, Sequencing::Log) => Durability::None,
-                // An interval policy commits without fsync and a background task makes them
-                // durable with `sync`; `never` leaves it to the clean shutdown.
-                (FsyncPolicy::Interval(_) | FsyncPolicy::Never, _) => Durability::None,
-            },
+            durability,
+            sync_every,
             feed_entries,
         };
         // Create every table, so that readers never meet a missing one.
@@ -529,7 +541,13 @@ impl Durable {
         })
     }
 
-    /// Forces every commit so far to disk (the interval policy's tick, and shutdown).
+    /// How often [`Durable::sync`] must run in the background; `None`: never (every commit
+    /// is durable, or `fsync = "never"` leaves it to the clean shutdown).
+    pub(crate) fn sync_every(&self) -> Option<Duration> {
+        self.sync_every
+    }
+
+    /// Forces every commit so far to disk (the background tick, and shutdown).
     pub(crate) fn sync(&self) -> Result<()> {
         // An empty durable commit makes every earlier non-durable one durable too.
         self.write(Durability::Immediate, |_| Ok(()))
@@ -847,6 +865,29 @@ mod tests {
 
     fn open(dir: &Path) -> Durable {
         Durable::open(dir, FsyncPolicy::Never, 1000, Sequencing::Local).unwrap()
+    }
+
+    #[test]
+    fn only_a_view_of_the_results_log_and_an_interval_are_synced_in_the_background() {
+        let cases = [
+            (FsyncPolicy::Always, Sequencing::Local, None),
+            (
+                FsyncPolicy::Always,
+                Sequencing::Log,
+                Some(VIEW_SYNC_INTERVAL),
+            ),
+            (
+                FsyncPolicy::Interval(Duration::from_millis(100)),
+                Sequencing::Log,
+                Some(Duration::from_millis(100)),
+            ),
+            (FsyncPolicy::Never, Sequencing::Log, None),
+        ];
+        for (policy, sequencing, expected) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Durable::open(dir.path(), policy, 1000, sequencing).unwrap();
+            assert_eq!(store.sync_every(), expected, "{policy:?} {sequencing:?}");
+        }
     }
 
     fn starts(results: &[QueryResult]) -> Vec<i64> {

@@ -40,7 +40,6 @@ use apply::Applier;
 use durable::{Durable, Sequencing};
 use hot::{HotTier, Memory, Redis};
 use results_log::ResultsLog;
-use runnel_log::FsyncPolicy;
 use runnel_proto::v1::store_server::StoreServer;
 use runnel_server::{Listeners, ServiceConfig, Shutdown};
 use service::Writes;
@@ -48,11 +47,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tiers::Tiers;
 use tokio::sync::watch;
-
-/// How often a replica's view of the results log is made durable under `fsync = "always"`
-/// (its commits are not fsync'd one by one: the log is what is durable). It bounds how much
-/// of the log a replica reads again after a crash.
-const VIEW_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often the Redis backend's memory and eviction figures are exported.
 const REDIS_STATS_INTERVAL: Duration = Duration::from_secs(5);
@@ -205,13 +199,7 @@ async fn serve<H: HotTier>(
                 .await;
         }));
     }
-    let sync_every = match (config.fsync, config.broker.is_empty()) {
-        (FsyncPolicy::Interval(every), _) => Some(every),
-        // A view of the results log commits without fsync (see `Durable::open`).
-        (FsyncPolicy::Always, false) => Some(VIEW_SYNC_INTERVAL),
-        (FsyncPolicy::Always, true) | (FsyncPolicy::Never, _) => None,
-    };
-    if let Some(every) = sync_every {
+    if let Some(every) = durable.sync_every() {
         let (durable, shutdown) = (Arc::clone(&durable), local.clone());
         background.push(tokio::spawn(async move {
             shutdown
