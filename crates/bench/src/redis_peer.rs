@@ -7,7 +7,6 @@
 
 use anyhow::{Context, Result, bail};
 use runnel_testkit::redis::spawn_redis_server;
-use std::ffi::OsString;
 use std::process::Stdio;
 use tokio::process::{Child, Command};
 
@@ -65,8 +64,7 @@ impl RedisPeer {
     }
 
     async fn start_on(port: u16) -> Result<RedisPeer> {
-        let args = ["--bind", "127.0.0.1", "--port", &port.to_string()].map(OsString::from);
-        let child = spawn_redis_server(&args)
+        let child = spawn_redis_server(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .await
             .with_context(|| format!("redis-server on port {port} (taken?)"))?;
         eprintln!("bench: redis-server on 127.0.0.1:{port}");

@@ -6,7 +6,7 @@
 //! `RUNNEL_REQUIRE_REDIS=1`).
 
 use anyhow::{Context, Result, bail};
-use std::ffi::OsString;
+use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -29,22 +29,21 @@ impl RedisServer {
     pub async fn start() -> Result<RedisServer> {
         let dir = tempfile::tempdir()?;
         let socket: PathBuf = dir.path().join("redis.sock");
-        let mut args: Vec<OsString> = ["--port", "0", "--unixsocket"].map(OsString::from).into();
-        args.push(socket.clone().into());
-        args.extend(
-            [
-                "--unixsocketperm",
-                "700",
-                "--maxmemory",
-                "64mb",
-                "--maxmemory-policy",
-                "allkeys-lru",
-                "--dir",
-            ]
-            .map(OsString::from),
-        );
-        args.push(dir.path().into());
-        let child = spawn_redis_server(&args).await?;
+        let args = [
+            OsStr::new("--port"),
+            OsStr::new("0"),
+            OsStr::new("--unixsocket"),
+            socket.as_os_str(),
+            OsStr::new("--unixsocketperm"),
+            OsStr::new("700"),
+            OsStr::new("--maxmemory"),
+            OsStr::new("64mb"),
+            OsStr::new("--maxmemory-policy"),
+            OsStr::new("allkeys-lru"),
+            OsStr::new("--dir"),
+            dir.path().as_os_str(),
+        ];
+        let child = spawn_redis_server(args).await?;
         Ok(RedisServer {
             url: format!("redis+unix://{}", socket.display()),
             _dir: dir,
@@ -56,7 +55,9 @@ impl RedisServer {
 /// Spawns `redis-server` with `args`, without persistence (no RDB snapshots, no AOF), and
 /// waits until it accepts connections; its output is drained from then on, so it never
 /// blocks on a full pipe. The child is killed when dropped.
-pub async fn spawn_redis_server(args: &[OsString]) -> Result<Child> {
+pub async fn spawn_redis_server(
+    args: impl IntoIterator<Item = impl AsRef<OsStr>>,
+) -> Result<Child> {
     let mut child = Command::new("redis-server")
         .args(args)
         .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
