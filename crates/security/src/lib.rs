@@ -34,7 +34,8 @@ pub use config::{
     LimitsConfig, TlsConfig, TokenConfig,
 };
 pub use connect::{
-    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, Peer, connect, connect_lazy, connect_lazy_with_token,
+    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME_BYTES, Peer, connect, connect_lazy,
+    connect_lazy_with_token,
 };
 pub use guard::{Guard, GuardLayer};
 pub use incoming::{AcceptOptions, Incoming, PeerInfo, SecureStream, accept};

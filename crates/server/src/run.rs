@@ -165,6 +165,9 @@ pub async fn serve_when_ready(
         // many minutes later.
         .http2_keepalive_interval(Some(runnel_security::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(runnel_security::KEEPALIVE_TIMEOUT))
+        // Large `Produce` batches arrive in fewer frames (clients choose the size of the
+        // frames they receive: `runnel_security::connect` asks for the same).
+        .max_frame_size(Some(runnel_security::MAX_FRAME_BYTES))
         .layer(GuardLayer::new(guard))
         .add_routes(routes)
         .add_service(health_service)

@@ -1,5 +1,5 @@
 //! `serve` (through `serve_grpc!`, as every service calls it) over real sockets: health,
-//! reflection, the admin port, message limits, and the bounded drain.
+//! reflection, the admin port, message limits, HTTP/2 frame sizes, and the bounded drain.
 
 use runnel_proto::v1::analyzer_server::{Analyzer, AnalyzerServer};
 use runnel_proto::v1::{
@@ -8,7 +8,8 @@ use runnel_proto::v1::{
 use runnel_server::{ServerConfig, Shutdown};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -60,6 +61,7 @@ impl Analyzer for Stuck {
 
 struct Running {
     channel: Channel,
+    grpc: std::net::SocketAddr,
     admin: std::net::SocketAddr,
     entered: Arc<Notify>,
     trigger: runnel_server::ShutdownTrigger,
@@ -96,6 +98,7 @@ async fn start(drain_timeout: Duration) -> Running {
         .unwrap();
     Running {
         channel,
+        grpc: grpc_addr,
         admin: admin_addr,
         entered,
         trigger,
@@ -257,5 +260,75 @@ async fn shutdown_drains_in_flight_calls_for_at_most_the_drain_timeout() {
         .expect("serve returns after the drain timeout")
         .unwrap()
         .unwrap();
+    call.abort();
+}
+
+/// What a client sends first on an HTTP/2 connection (RFC 9113, section 3.4).
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// `SETTINGS_MAX_FRAME_SIZE`'s identifier.
+const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
+
+/// The parameters of the first SETTINGS frame (not an acknowledgement) that the peer on
+/// `stream` sends, read frame by frame off the raw connection.
+async fn peer_settings(stream: &mut TcpStream) -> Vec<(u16, u32)> {
+    loop {
+        let mut head = [0u8; 9];
+        stream.read_exact(&mut head).await.unwrap();
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, flags) = (head[3], head[4]);
+        let mut payload = vec![0u8; len];
+        stream.read_exact(&mut payload).await.unwrap();
+        if kind == 0x4 && flags & 0x1 == 0 {
+            return payload
+                .chunks_exact(6)
+                .map(|p| {
+                    (
+                        u16::from_be_bytes([p[0], p[1]]),
+                        u32::from_be_bytes([p[2], p[3], p[4], p[5]]),
+                    )
+                })
+                .collect();
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_server_takes_http2_frames_of_the_shared_maximum() {
+    let running = start(Duration::from_secs(5)).await;
+    let mut raw = TcpStream::connect(running.grpc).await.unwrap();
+    raw.write_all(HTTP2_PREFACE).await.unwrap();
+    // An empty SETTINGS frame: this side keeps every default.
+    raw.write_all(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]).await.unwrap();
+    let settings = peer_settings(&mut raw).await;
+    assert!(
+        settings.contains(&(SETTINGS_MAX_FRAME_SIZE, runnel_security::MAX_FRAME_BYTES)),
+        "{settings:?}"
+    );
+    drop(raw);
+    running.trigger.trigger();
+    running.served.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_runnel_client_asks_for_http2_frames_of_the_shared_maximum() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let peer =
+        runnel_security::connect_lazy(&url, &runnel_security::ConnectConfig::default()).unwrap();
+    // The call never gets an answer: it only makes the client connect and say its settings.
+    let call = tokio::spawn(async move {
+        HealthClient::new(peer)
+            .check(HealthCheckRequest::default())
+            .await
+    });
+    let (mut raw, _) = listener.accept().await.unwrap();
+    let mut preface = [0u8; HTTP2_PREFACE.len()];
+    raw.read_exact(&mut preface).await.unwrap();
+    assert_eq!(&preface[..], HTTP2_PREFACE);
+    let settings = peer_settings(&mut raw).await;
+    assert!(
+        settings.contains(&(SETTINGS_MAX_FRAME_SIZE, runnel_security::MAX_FRAME_BYTES)),
+        "{settings:?}"
+    );
     call.abort();
 }
