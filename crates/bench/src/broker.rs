@@ -33,6 +33,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use runnel_broker::BrokerConfig;
+use runnel_client::{ConnectConfig, Peer};
 use runnel_proto::stored::StoredBatch;
 use runnel_proto::v1::broker_client::BrokerClient;
 use runnel_proto::v1::{
@@ -47,7 +48,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tonic::transport::Channel;
 
 /// The largest message either side sends: a batch of 10 000 1 KiB messages fits, and so
 /// do fetch answers that carry several.
@@ -593,6 +593,12 @@ async fn disk_fdatasync_mb_s(dir: &Path) -> Result<f64> {
     Ok(536_870_912.0 / secs / 1e6)
 }
 
+/// A connection to the broker at `url` made as `runnel-client` makes one (its HTTP/2
+/// settings included), so that the figures are what a client of the library gets.
+async fn broker_peer(url: &str) -> Result<Peer> {
+    Ok(runnel_client::connect(url, &ConnectConfig::default(), None).await?)
+}
+
 /// The records body of `batch` messages of `size` payload bytes, encoded once.
 fn runnel_body(batch: u32, size: usize) -> Bytes {
     let events: Vec<Event> = (0..batch)
@@ -680,13 +686,9 @@ async fn load(target: &Target, topic: &str, spec: Spec, url: Option<String>) -> 
     for _ in 0..spec.producers {
         let connection = match &url {
             Some(url) => Some(
-                BrokerClient::new(
-                    tonic::transport::Endpoint::from_shared(url.clone())?
-                        .connect()
-                        .await?,
-                )
-                .max_encoding_message_size(MAX_MESSAGE)
-                .max_decoding_message_size(MAX_MESSAGE),
+                BrokerClient::new(broker_peer(url).await?)
+                    .max_encoding_message_size(MAX_MESSAGE)
+                    .max_decoding_message_size(MAX_MESSAGE),
             ),
             None => None,
         };
@@ -790,7 +792,7 @@ async fn report(progress: Arc<AtomicU64>, total: u64, name: &'static str) {
 }
 
 async fn send_runnel(
-    mut client: BrokerClient<Channel>,
+    mut client: BrokerClient<Peer>,
     topic: &str,
     partition: u32,
     spec: Spec,
@@ -818,7 +820,7 @@ async fn send_runnel(
 /// most [`STREAM_WINDOW`] unacknowledged; each batch's latency runs from its send to the
 /// cumulative ack that covers it.
 async fn send_runnel_stream(
-    mut client: BrokerClient<Channel>,
+    mut client: BrokerClient<Peer>,
     topic: String,
     spec: Spec,
     batches: u64,
@@ -999,9 +1001,8 @@ async fn consume_runnel(url: &str, topic: &str, partitions: u32) -> Result<u64> 
     for partition in 0..partitions {
         let (url, topic) = (url.to_owned(), topic.to_owned());
         readers.spawn(async move {
-            let mut client = BrokerClient::connect(url)
-                .await?
-                .max_decoding_message_size(MAX_MESSAGE);
+            let mut client =
+                BrokerClient::new(broker_peer(&url).await?).max_decoding_message_size(MAX_MESSAGE);
             let (mut offset, mut count) = (0u64, 0u64);
             loop {
                 let page = client
