@@ -26,6 +26,13 @@
 //! (single records with `--batch 1`) pipelined, at most [`STREAM_WINDOW`] unacknowledged,
 //! latency per batch from send to the cumulative ack that covers it (JetStream runs as
 //! without it).
+//!
+//! The broker runs with its own defaults but for `--segment-bytes` and `--writeback-bytes`:
+//! a broker fsyncs a segment when it seals it and, under LEADER acks, every
+//! `writeback_bytes` per partition, so on a disk slower than the producers a burst runs at
+//! the disk's speed. `--segment-bytes 1073741824 --writeback-bytes 0` fsyncs nothing during
+//! a burst of up to a GiB per partition, as a peer that leaves writeback to the kernel
+//! runs (what docs/benchmarks.md compares Iggy with).
 
 use anyhow::{Context, Result, bail};
 use async_nats::jetstream;
@@ -125,6 +132,22 @@ pub struct BrokerArgs {
     /// under the current one, so the disk measured is the one the repository is on).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// The broker's `segment_bytes` (default: the broker's own, 128 MiB). A segment is
+    /// fsync'd when it is sealed, so a burst that fills segments waits for the disk.
+    #[arg(long)]
+    segment_bytes: Option<u64>,
+    /// The broker's `writeback_bytes` (default: the broker's own, 8 MiB). `0` leaves
+    /// writeback of LEADER-acked records to the kernel: with a `--segment-bytes` larger than
+    /// a partition's share of the burst, nothing is fsync'd during the run.
+    #[arg(long)]
+    writeback_bytes: Option<u64>,
+}
+
+/// What of the broker's configuration a run overrides.
+#[derive(Debug, Clone, Copy)]
+struct BrokerTuning {
+    segment_bytes: Option<u64>,
+    writeback_bytes: Option<u64>,
 }
 
 /// One run's shape.
@@ -167,7 +190,10 @@ impl Figures {
 /// What a benchmark drives.
 enum Target {
     /// A broker started for each run in a directory of its own, removed after the run.
-    Runnel { data_dir: PathBuf },
+    Runnel {
+        data_dir: PathBuf,
+        tuning: BrokerTuning,
+    },
     JetStream {
         context: Box<jetstream::Context>,
         /// The server fsyncs every write before acknowledging it (`sync_interval: always`).
@@ -232,8 +258,21 @@ pub(crate) async fn run(args: BrokerArgs) -> Result<ExitCode> {
         Err(error) => eprintln!("bench: dd failed: {error:#}"),
     }
 
+    let tuning = BrokerTuning {
+        segment_bytes: args.segment_bytes,
+        writeback_bytes: args.writeback_bytes,
+    };
+    if args.segment_bytes.is_some() || args.writeback_bytes.is_some() {
+        let defaults = BrokerConfig::default();
+        println!(
+            "runnel: segment_bytes {}, writeback_bytes {}",
+            tuning.segment_bytes.unwrap_or(defaults.segment_bytes),
+            tuning.writeback_bytes.unwrap_or(defaults.writeback_bytes)
+        );
+    }
     let mut targets = vec![Target::Runnel {
         data_dir: dir.path().join("broker"),
+        tuning,
     }];
     let mut nats = Vec::new();
     if args.jetstream {
@@ -512,7 +551,12 @@ fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
 }
 
 /// Starts a broker in `services` on an ephemeral port; returns its URL.
-async fn start_broker(data_dir: &Path, services: &mut Services) -> Result<String> {
+async fn start_broker(
+    data_dir: &Path,
+    tuning: BrokerTuning,
+    services: &mut Services,
+) -> Result<String> {
+    let defaults = BrokerConfig::default();
     let config = BrokerConfig {
         server: runnel_server::ServerConfig {
             max_message_bytes: MAX_MESSAGE,
@@ -522,7 +566,9 @@ async fn start_broker(data_dir: &Path, services: &mut Services) -> Result<String
         // LEADER runs write to the page cache only; DURABLE runs ask for fsyncs themselves.
         fsync: runnel_log::FsyncPolicy::Never,
         max_batch_events: 10_000,
-        ..BrokerConfig::default()
+        segment_bytes: tuning.segment_bytes.unwrap_or(defaults.segment_bytes),
+        writeback_bytes: tuning.writeback_bytes.unwrap_or(defaults.writeback_bytes),
+        ..defaults
     };
     config.validate()?;
     let broker = services
@@ -617,9 +663,9 @@ async fn measure(target: &Target, topic: &str, spec: Spec) -> Result<Figures> {
     let mut services = Services::new();
     let mut broker_dir = None;
     let url = match target {
-        Target::Runnel { data_dir } => {
+        Target::Runnel { data_dir, tuning } => {
             let dir = data_dir.join(topic);
-            let url = start_broker(&dir, &mut services).await?;
+            let url = start_broker(&dir, *tuning, &mut services).await?;
             broker_dir = Some(dir);
             let mut admin = BrokerClient::connect(url.clone()).await?;
             admin
@@ -1087,6 +1133,54 @@ async fn consume_jetstream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_broker_runs_with_the_segment_size_it_is_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut services = Services::new();
+        let tuning = BrokerTuning {
+            segment_bytes: Some(64 * 1024),
+            writeback_bytes: Some(0),
+        };
+        let url = start_broker(dir.path(), tuning, &mut services)
+            .await
+            .unwrap();
+        let mut client = BrokerClient::new(broker_peer(&url).await.unwrap());
+        client
+            .create_topic(CreateTopicRequest {
+                name: "tuned".into(),
+                partitions: 1,
+                retention: None,
+            })
+            .await
+            .unwrap();
+        let spec = Spec {
+            size: 1024,
+            batch: 40,
+            producers: 1,
+            in_flight: 1,
+            acks: AckMode::Leader,
+            messages: 200,
+            partitions: 1,
+            stream: false,
+        };
+        // Five batches of about 40 KiB: past 64 KiB, every other one seals a segment.
+        for _ in 0..5 {
+            send_runnel(client.clone(), "tuned", 0, spec, runnel_body(40, 1024))
+                .await
+                .unwrap();
+        }
+        let segments = std::fs::read_dir(dir.path().join("topics/tuned/0"))
+            .unwrap()
+            .filter(|entry| {
+                entry
+                    .as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "log"))
+            })
+            .count();
+        assert!(segments >= 2, "{segments} segment(s) with 64 KiB segments");
+        assert_eq!(consume_runnel(&url, "tuned", 1).await.unwrap(), 200);
+    }
 
     #[test]
     fn versions_are_read_from_what_nats_server_says() {
