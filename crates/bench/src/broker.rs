@@ -143,11 +143,11 @@ pub struct BrokerArgs {
     writeback_bytes: Option<u64>,
 }
 
-/// What of the broker's configuration a run overrides.
+/// The broker settings a run may change, resolved against the broker's defaults.
 #[derive(Debug, Clone, Copy)]
 struct BrokerTuning {
-    segment_bytes: Option<u64>,
-    writeback_bytes: Option<u64>,
+    segment_bytes: u64,
+    writeback_bytes: u64,
 }
 
 /// One run's shape.
@@ -258,16 +258,15 @@ pub(crate) async fn run(args: BrokerArgs) -> Result<ExitCode> {
         Err(error) => eprintln!("bench: dd failed: {error:#}"),
     }
 
+    let defaults = BrokerConfig::default();
     let tuning = BrokerTuning {
-        segment_bytes: args.segment_bytes,
-        writeback_bytes: args.writeback_bytes,
+        segment_bytes: args.segment_bytes.unwrap_or(defaults.segment_bytes),
+        writeback_bytes: args.writeback_bytes.unwrap_or(defaults.writeback_bytes),
     };
     if args.segment_bytes.is_some() || args.writeback_bytes.is_some() {
-        let defaults = BrokerConfig::default();
         println!(
             "runnel: segment_bytes {}, writeback_bytes {}",
-            tuning.segment_bytes.unwrap_or(defaults.segment_bytes),
-            tuning.writeback_bytes.unwrap_or(defaults.writeback_bytes)
+            tuning.segment_bytes, tuning.writeback_bytes
         );
     }
     let mut targets = vec![Target::Runnel {
@@ -556,7 +555,6 @@ async fn start_broker(
     tuning: BrokerTuning,
     services: &mut Services,
 ) -> Result<String> {
-    let defaults = BrokerConfig::default();
     let config = BrokerConfig {
         server: runnel_server::ServerConfig {
             max_message_bytes: MAX_MESSAGE,
@@ -566,9 +564,9 @@ async fn start_broker(
         // LEADER runs write to the page cache only; DURABLE runs ask for fsyncs themselves.
         fsync: runnel_log::FsyncPolicy::Never,
         max_batch_events: 10_000,
-        segment_bytes: tuning.segment_bytes.unwrap_or(defaults.segment_bytes),
-        writeback_bytes: tuning.writeback_bytes.unwrap_or(defaults.writeback_bytes),
-        ..defaults
+        segment_bytes: tuning.segment_bytes,
+        writeback_bytes: tuning.writeback_bytes,
+        ..BrokerConfig::default()
     };
     config.validate()?;
     let broker = services
@@ -667,7 +665,7 @@ async fn measure(target: &Target, topic: &str, spec: Spec) -> Result<Figures> {
             let dir = data_dir.join(topic);
             let url = start_broker(&dir, *tuning, &mut services).await?;
             broker_dir = Some(dir);
-            let mut admin = BrokerClient::connect(url.clone()).await?;
+            let mut admin = BrokerClient::new(broker_peer(&url).await?);
             admin
                 .create_topic(CreateTopicRequest {
                     name: topic.to_owned(),
@@ -1139,8 +1137,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut services = Services::new();
         let tuning = BrokerTuning {
-            segment_bytes: Some(64 * 1024),
-            writeback_bytes: Some(0),
+            segment_bytes: 64 * 1024,
+            writeback_bytes: 0,
         };
         let url = start_broker(dir.path(), tuning, &mut services)
             .await
